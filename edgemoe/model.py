@@ -1,0 +1,170 @@
+"""`edgemoe.load(...)` and the `Model` users hold: logits, generation, tokenizer, statistics."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .arch import GLOBAL_TENSORS
+from .container import Container, open_container
+from .errors import EdgeMoEError
+from .tokenizer import Tokenizer
+from .units import format_bytes, parse_bytes
+
+ENGINES = ("auto", "c", "numpy")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Model:
+    def __init__(self, container: Container, memory_budget=None, threads: int | None = None, engine: str = "auto",
+                 max_ctx: int | None = None):
+        if engine not in ENGINES:
+            raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
+        self.container = container
+        self.spec = container.spec
+        self.memory_budget = parse_bytes(memory_budget)
+        self.threads = threads
+        self.max_ctx = int(max_ctx or min(self.spec.max_position, 4096))
+        tensors = {n: container.array(n) for n, t in container.tensors.items() if t.kind != "blob"}
+        dtypes = {n: t.dtype for n, t in container.tensors.items()}
+        shapes = {n: t.shape for n, t in container.tensors.items()}
+        self.dense_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "dense")
+        self.expert_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "expert")
+        if self.memory_budget is not None and self.memory_budget < self.dense_bytes:
+            raise EdgeMoEError(
+                f"memory budget {format_bytes(self.memory_budget)} is smaller than the dense part of "
+                f"{container.path.name} ({format_bytes(self.dense_bytes)}), which must stay resident"
+            )
+        self.engine_name, self._engine = self._make_engine(engine, tensors, dtypes, shapes)
+        tok = container.tensors.get("tokenizer.json")
+        self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
+        self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+    def _make_engine(self, engine, tensors, dtypes, shapes):
+        if engine in ("auto", "c"):
+            try:
+                from .engine_c import CEngine
+
+                return "c", CEngine(self.spec, tensors, dtypes, threads=self.threads or 1, max_ctx=self.max_ctx)
+            except Exception as e:  # noqa: BLE001 - the C core may be missing in a partial build
+                if engine == "c":
+                    raise EdgeMoEError(f"the C engine is not available: {e}") from None
+        from .engine_numpy import NumpyEngine
+
+        return "numpy", NumpyEngine(self.spec, tensors, dtypes, shapes)
+
+    # --- the verbs ------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        cfg = self.spec.to_json()
+        cfg.update(self.container.metadata)
+        return cfg
+
+    def logits(self, ids) -> np.ndarray:
+        """float32 [len(ids), vocab] for a fresh sequence (all positions)."""
+        ids = self._check_ids(ids)
+        t0 = time.perf_counter()
+        out = self._engine.logits(ids)
+        self._stats["prefill_tokens"] += len(ids)
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        return out
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        if not ids:
+            raise EdgeMoEError("empty token sequence")
+        bad = [i for i in ids if not 0 <= i < self.spec.vocab]
+        if bad:
+            raise EdgeMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab - 1})")
+        if len(ids) > self.max_ctx:
+            raise EdgeMoEError(f"{len(ids)} tokens exceed the context of {self.max_ctx}")
+        return ids
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = 0,
+                 stream: bool = False, stop_at_eos: bool = True):
+        """Continue `prompt` (a string, or a list of token ids). Returns the new text, or an iterator of pieces."""
+        pieces = self._generate(prompt, max_new_tokens, temperature, seed, stop_at_eos)
+        return pieces if stream else "".join(pieces)
+
+    def _generate(self, prompt, max_new_tokens, temperature, seed, stop_at_eos) -> Iterator[str]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EdgeMoEError(f"{self.container.path}: no tokenizer embedded; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        ids = self._check_ids(ids)
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        logits = self._engine.prefill(ids)
+        self._stats["prefill_tokens"] += len(ids)
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        out: list[int] = []
+        emitted = ""
+        for _ in range(max_new_tokens):
+            tok = self._sample(logits, temperature, rng)
+            if stop_at_eos and tok == self.spec.eos_token_id:
+                break
+            out.append(tok)
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(out)
+                if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
+                    yield text[len(emitted):]
+                    emitted = text
+            else:
+                yield f" {tok}"
+            if len(ids) + len(out) >= self.max_ctx:
+                break
+            t1 = time.perf_counter()
+            logits = self._engine.decode(tok)
+            self._stats["decode_tokens"] += 1
+            self._stats["decode_s"] += time.perf_counter() - t1
+
+    @staticmethod
+    def _sample(logits: np.ndarray, temperature: float, rng) -> int:
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
+
+    @property
+    def stats(self) -> dict:
+        s = self._stats
+        return {
+            "engine": self.engine_name,
+            "prefill_tokens": s["prefill_tokens"],
+            "prefill_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
+            "decode_tokens": s["decode_tokens"],
+            "decode_tok_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "memory_budget_bytes": self.memory_budget,
+            "dense_bytes": self.dense_bytes,
+            "expert_bytes": self.expert_bytes,
+        }
+
+    def close(self) -> None:
+        self._engine.close()
+        self.container.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
+         max_ctx: int | None = None, verify: bool = True) -> Model:
+    """Open a `.emoe` container. `memory_budget` ("512MB", bytes, or None for unlimited)."""
+    return Model(open_container(path, verify=verify), memory_budget, threads, engine, max_ctx)
+
+
+__all__ = ["GLOBAL_TENSORS", "Model", "load"]

@@ -1,0 +1,129 @@
+"""The NumPy reference forward pass (fp32 math, a fresh sequence, all positions).
+
+It is deliberately plain: the C core is tested against it, and it is tested against transformers. It follows the
+architecture description in `arch.py`; nothing here is specific to one family.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+
+WeightFn = Callable[[str], np.ndarray]  # container name -> float32 array with the logical shape
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + eps)).astype(np.float32) * w
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, kind: str) -> np.ndarray:
+    """Rotate the first `rope_dim` dims of each head. x: [T, heads, head_dim]."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float32) / rope_dim))
+    freqs = positions[:, None].astype(np.float32) * inv_freq[None, :]  # [T, rope_dim/2]
+    cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]
+    out = x.copy()
+    r = x[..., :rope_dim]
+    if kind == "neox":  # pairs (i, i + d/2): HF rotate_half
+        a, b = r[..., : rope_dim // 2], r[..., rope_dim // 2 :]
+        out[..., : rope_dim // 2] = a * cos - b * sin
+        out[..., rope_dim // 2 : rope_dim] = b * cos + a * sin
+    else:  # norm: adjacent pairs (2i, 2i+1)
+        a, b = r[..., 0::2], r[..., 1::2]
+        out[..., 0:rope_dim:2] = a * cos - b * sin
+        out[..., 1:rope_dim:2] = b * cos + a * sin
+    return out
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def route(spec: ArchSpec, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits [T, E] -> (expert ids [T, k], weights [T, k]), chosen by probability."""
+    probs = softmax(logits) if spec.router_fn == "softmax" else 1.0 / (1.0 + np.exp(-logits))
+    # stable sort on -probs: ties go to the lower expert id, like torch.topk on CPU in practice
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, : spec.top_k]
+    weights = np.take_along_axis(probs, ids, axis=-1)
+    if spec.norm_topk:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return ids, weights.astype(np.float32)
+
+
+def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    g = x @ gate.T
+    act = silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)
+    return (act * (x @ up.T)) @ down.T
+
+
+def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    T = x.shape[0]
+    nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    q, k, v = x @ w(names["wq"]).T, x @ w(names["wk"]).T, x @ w(names["wv"]).T
+    if spec.qkv_bias:
+        q, k, v = q + w(names["bq"]), k + w(names["bk"]), v + w(names["bv"])
+    if spec.qk_norm == "full":
+        q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
+    q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+    if spec.qk_norm == "head":
+        q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
+    if layer not in spec.nope_layers:
+        pos = np.arange(T)
+        q = rope(q, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
+        k = rope(k, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
+    rep = nh // nkv
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [T, nh, hd]
+    scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    mask = j > i
+    if spec.sliding_window and layer in spec.swa_layers:
+        mask |= j <= i - spec.sliding_window
+    scores = np.where(mask[None], -np.inf, scores)
+    out = np.einsum("hts,shd->thd", softmax(scores), v).reshape(T, nh * hd)
+    return out @ w(names["wo"]).T
+
+
+def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
+        on_route: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+    """Routed experts (one at a time, over the tokens routed to each) plus the optional shared expert."""
+    ids, weights = route(spec, router_x @ w(names["router"]).T)
+    if on_route is not None:
+        on_route(layer, ids, weights)
+    out = np.zeros_like(x)
+    for e in np.unique(ids):
+        rows, slot = np.nonzero(ids == e)
+        gate, up, down = (w(expert_tensor_name(layer, int(e), m)) for m in ("gate", "up", "down"))
+        out[rows] += weights[rows, slot][:, None] * ffn(spec, x[rows], gate, up, down)
+    if spec.shared_ffn:
+        sh = ffn(spec, x, w(names["sh_gate"]), w(names["sh_up"]), w(names["sh_down"]))
+        if spec.shared_gate:
+            sh = sh / (1.0 + np.exp(-(x @ w(names["sh_gate_inp"]))))[:, None]
+        out += sh
+    return out
+
+
+def reference_logits(spec: ArchSpec, w: WeightFn, ids, on_route=None) -> np.ndarray:
+    """Logits [T, vocab] for the token ids of a fresh sequence."""
+    ids = np.asarray(ids, dtype=np.int64)
+    x = w(GLOBAL_TENSORS["embed"])[ids].astype(np.float32)
+    for layer in range(spec.n_layers):
+        names = dense_tensor_names(spec, layer)
+        layer_input = x
+        x = x + attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
+        h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
+        if spec.is_moe_layer(layer):
+            router_x = layer_input if spec.router_input == "layer_input" else h
+            x = x + moe(spec, layer, h, router_x, w, names, on_route)
+        else:
+            x = x + ffn(spec, h, w(names["mlp_gate"]), w(names["mlp_up"]), w(names["mlp_down"]))
+    x = rms_norm(x, w(GLOBAL_TENSORS["final_norm"]), spec.norm_eps)
+    head = w(GLOBAL_TENSORS["embed"] if spec.tie_embeddings else GLOBAL_TENSORS["lm_head"])
+    return (x @ head.T).astype(np.float32)

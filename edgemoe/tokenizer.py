@@ -1,0 +1,20 @@
+"""The tokenizer embedded in a container, through the `tokenizers` library."""
+
+from __future__ import annotations
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: bytes):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_str(tokenizer_json.decode("utf-8"))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()

@@ -1,0 +1,38 @@
+"""Parsing human sizes ("512MB", "1.5GiB") into bytes."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import EdgeMoEError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(value) -> int | None:
+    """None/"none"/"unlimited" -> None; ints pass through; "512MB" -> 512_000_000; "1GiB" -> 1073741824."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise EdgeMoEError(f"memory budget must be positive, got {value}")
+        return int(value)
+    s = str(value).strip().lower()
+    if s in ("none", "unlimited", "inf"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise EdgeMoEError(f"cannot read size {value!r}; use e.g. 512MB, 1.5GB or 2GiB")
+    n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if n <= 0:
+        raise EdgeMoEError(f"memory budget must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

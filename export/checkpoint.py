@@ -1,0 +1,120 @@
+"""Open a Hugging Face MoE checkpoint directory lazily: config -> ArchSpec, tensors one layer at a time.
+
+Tensors are memory-mapped (see safetensors_lazy); only what a caller asks for is materialized, so exporting a
+checkpoint larger than RAM works layer by layer. Every tensor handed out is checked against the shape the
+config implies, so a checkpoint that disagrees with its config is reported by name instead of failing later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from edgemoe.errors import FormatError
+
+from .families import Family, dense_hf_names, family_for
+from .safetensors_lazy import SafetensorsSet
+
+
+def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
+    """Role -> logical shape [out, in] (or [n]) of each dense tensor of one layer."""
+    H, hd, nh, nkv = spec.hidden, spec.head_dim, spec.n_heads, spec.n_kv_heads
+    shapes = {
+        "attn_norm": (H,), "ffn_norm": (H,), "wq": (nh * hd, H), "wk": (nkv * hd, H), "wv": (nkv * hd, H),
+        "wo": (H, nh * hd), "bq": (nh * hd,), "bk": (nkv * hd,), "bv": (nkv * hd,),
+        "q_norm": (hd,) if spec.qk_norm == "head" else (nh * hd,),
+        "k_norm": (hd,) if spec.qk_norm == "head" else (nkv * hd,),
+        "router": (spec.n_experts, H),
+        "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H), "sh_down": (H, spec.shared_ffn),
+        "sh_gate_inp": (H,),
+        "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),
+    }
+    return shapes
+
+
+def expert_shape(spec: ArchSpec, matrix: str) -> tuple[int, int]:
+    return (spec.hidden, spec.expert_ffn) if matrix == "down" else (spec.expert_ffn, spec.hidden)
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.exists():
+            raise FormatError(f"{path}: no such file or directory")
+        if not path.is_dir():
+            raise FormatError(f"{path}: expected a Hugging Face model directory (with config.json and *.safetensors)")
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise FormatError(f"{path}: no config.json; expected a Hugging Face model directory")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.path = path
+        self.family: Family = family_for(self.config, str(cfg_path))
+        try:
+            self.spec: ArchSpec = self.family.spec(self.config)
+        except KeyError as e:
+            raise FormatError(f"{cfg_path}: missing key {e} for a {self.family.name} config") from None
+        self.tensors = SafetensorsSet(path)
+        tok = path / "tokenizer.json"
+        self.tokenizer_json: bytes | None = tok.read_bytes() if tok.exists() else None
+
+    # --- tensor access with shape checks -----------------------------------------------------------------
+    def _get(self, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if hf_name not in self.tensors:
+            raise FormatError(f"{self.path}: checkpoint is missing tensor '{hf_name}'")
+        arr = self.tensors.get(hf_name)
+        if arr.shape != shape:
+            if arr.size == int(np.prod(shape)) and len(shape) == 1:  # e.g. shared_expert_gate [1, H] -> [H]
+                return arr.reshape(shape)
+            raise FormatError(
+                f"{self.tensors.file_of(hf_name)}: tensor '{hf_name}' has shape {list(arr.shape)}, "
+                f"but config.json implies {list(shape)}"
+            )
+        return arr
+
+    def global_tensors(self) -> dict[str, np.ndarray]:
+        """Container name -> f32 array for embeddings, final norm and lm_head."""
+        s = self.spec
+        out = {
+            GLOBAL_TENSORS["embed"]: self._get("model.embed_tokens.weight", (s.vocab, s.hidden)),
+            GLOBAL_TENSORS["final_norm"]: self._get("model.norm.weight", (s.hidden,)),
+        }
+        if not s.tie_embeddings:
+            out[GLOBAL_TENSORS["lm_head"]] = self._get("lm_head.weight", (s.vocab, s.hidden))
+        return out
+
+    def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
+        """Container name -> f32 array for one layer's attention, norms, router and shared expert."""
+        hf = dense_hf_names(self.family, self.spec, layer)
+        ours = dense_tensor_names(self.spec, layer)
+        shapes = expected_shapes(self.spec, layer)
+        if "router" in hf and hf["router"] not in self.tensors:
+            hf["router"] = f"model.layers.{layer}.mlp.gate.weight"  # transformers 5 fused layout (Mixtral too)
+        return {ours[role]: self._get(hf[role], shapes[role]) for role in ours}
+
+    def layer_experts(self, layer: int):
+        """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
+        s = self.spec
+        fused_gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        if fused_gu in self.tensors:  # transformers 5 in-memory layout: gate rows first, then up
+            gu = self._get(fused_gu, (s.n_experts, 2 * s.expert_ffn, s.hidden))
+            down = self._get(f"model.layers.{layer}.mlp.experts.down_proj", (s.n_experts, s.hidden, s.expert_ffn))
+            for e in range(s.n_experts):
+                yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[e, : s.expert_ffn])
+                yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e, s.expert_ffn :])
+                yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(down[e])
+            return
+        prefix = f"model.layers.{layer}.{self.family.moe_prefix}.experts"
+        for e in range(s.n_experts):
+            for matrix, hf_leaf in zip(EXPERT_MATRICES, self.family.expert_names):
+                name = f"{prefix}.{e}.{hf_leaf}.weight"
+                yield expert_tensor_name(layer, e, matrix), self._get(name, expert_shape(s, matrix))
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    return Checkpoint(path)

@@ -1,0 +1,188 @@
+"""Hugging Face checkpoint families: config.json -> ArchSpec, and the HF tensor-name table of each family.
+
+Adding a family means adding a `Family` entry here; the forward passes never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from edgemoe.arch import ArchSpec
+from edgemoe.errors import UnsupportedModelError
+
+
+def _rope_theta(cfg: dict, default: float) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if isinstance(params, dict) and params.get("rope_type", "default") not in ("default", None):
+        raise UnsupportedModelError(f"RoPE scaling type {params.get('rope_type')!r} is not supported yet")
+    return float(params.get("rope_theta") or cfg.get("rope_theta") or default)
+
+
+def _common(cfg: dict, family: str, theta_default: float) -> dict:
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return dict(
+        family=family,
+        n_layers=int(cfg["num_hidden_layers"]),
+        hidden=hidden,
+        vocab=int(cfg["vocab_size"]),
+        n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_kind="neox",  # HF applies rotate_half to every family (Mixtral's checkpoint rows are pre-permuted)
+        rope_theta=_rope_theta(cfg, theta_default),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        bos_token_id=_first_id(cfg.get("bos_token_id")),
+        eos_token_id=_first_id(cfg.get("eos_token_id")),
+    )
+
+
+def _first_id(v):
+    if isinstance(v, list):
+        return int(v[0]) if v else None
+    return None if v is None else int(v)
+
+
+def _qwen_dense_layers(cfg: dict) -> list[int]:
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    only = set(cfg.get("mlp_only_layers") or [])
+    n_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    return [i for i in range(int(cfg["num_hidden_layers"])) if i in only or n_experts == 0 or (i + 1) % step]
+
+
+def _no_sliding(cfg: dict, family: str) -> None:
+    if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
+        # Sliding-window attention only matters beyond the window; we refuse rather than silently differ.
+        if family != "mixtral" or int(cfg.get("sliding_window") or 0) < int(cfg.get("max_position_embeddings", 0)):
+            raise UnsupportedModelError(f"{family} with sliding-window attention is not supported yet")
+
+
+def olmoe_spec(cfg: dict) -> ArchSpec:
+    if cfg.get("clip_qkv") is not None:
+        raise UnsupportedModelError("OLMoE with clip_qkv is not supported yet")
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError("OLMoE with attention_bias is not supported yet")
+    return ArchSpec(
+        **_common(cfg, "olmoe", 10000.0), n_experts=int(cfg["num_experts"]), top_k=int(cfg["num_experts_per_tok"]),
+        expert_ffn=int(cfg["intermediate_size"]), qk_norm="full", router_fn="softmax",
+        norm_topk=bool(cfg.get("norm_topk_prob", False)),
+    )
+
+
+def qwen2moe_spec(cfg: dict) -> ArchSpec:
+    _no_sliding(cfg, "qwen2moe")
+    return ArchSpec(
+        **_common(cfg, "qwen2moe", 10000.0), n_experts=int(cfg["num_experts"]), top_k=int(cfg["num_experts_per_tok"]),
+        expert_ffn=int(cfg["moe_intermediate_size"]), qkv_bias=bool(cfg.get("qkv_bias", True)), router_fn="softmax",
+        norm_topk=bool(cfg.get("norm_topk_prob", False)),
+        shared_ffn=int(cfg.get("shared_expert_intermediate_size") or 0),
+        shared_gate=bool(cfg.get("shared_expert_intermediate_size")),
+        dense_ffn=int(cfg.get("intermediate_size", 0)), dense_layers=_qwen_dense_layers(cfg),
+    )
+
+
+def qwen3moe_spec(cfg: dict) -> ArchSpec:
+    _no_sliding(cfg, "qwen3moe")
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError("Qwen3-MoE with attention_bias is not supported yet")
+    n_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts"))
+    return ArchSpec(
+        **_common(cfg, "qwen3moe", 10000.0), n_experts=n_experts, top_k=int(cfg["num_experts_per_tok"]),
+        expert_ffn=int(cfg["moe_intermediate_size"]), qk_norm="head", router_fn="softmax",
+        norm_topk=bool(cfg.get("norm_topk_prob", False)),
+        dense_ffn=int(cfg.get("intermediate_size", 0)), dense_layers=_qwen_dense_layers(cfg),
+    )
+
+
+def mixtral_spec(cfg: dict) -> ArchSpec:
+    _no_sliding(cfg, "mixtral")
+    return ArchSpec(
+        **_common(cfg, "mixtral", 1e6), n_experts=int(cfg["num_local_experts"]),
+        top_k=int(cfg["num_experts_per_tok"]), expert_ffn=int(cfg["intermediate_size"]), router_fn="softmax",
+        norm_topk=True,
+    )
+
+
+def smallthinker_spec(cfg: dict) -> ArchSpec:
+    """SmallThinker (PowerInfer): not in transformers; keys from its published configuration_smallthinker.py."""
+    n_layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    sliding = cfg.get("sliding_window_layout") or []
+    window = int(cfg.get("sliding_window_size") or 0)
+    rope_layout = cfg.get("rope_layout") or [1] * n_layers
+    return ArchSpec(
+        family="smallthinker", n_layers=n_layers, hidden=hidden, vocab=int(cfg["vocab_size"]), n_heads=heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(cfg.get("head_dim") or hidden // heads),
+        n_experts=int(cfg["moe_num_primary_experts"]), top_k=int(cfg["moe_num_active_primary_experts"]),
+        expert_ffn=int(cfg["moe_ffn_hidden_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_kind="neox", rope_theta=float(cfg.get("rope_theta", 1e6)),
+        router_fn="softmax" if cfg.get("moe_primary_router_apply_softmax", False) else "sigmoid",
+        norm_topk=True, router_input="layer_input", activation="reglu",
+        nope_layers=[i for i in range(n_layers) if i < len(rope_layout) and not rope_layout[i]],
+        sliding_window=window if any(sliding) else 0,
+        swa_layers=[i for i, s in enumerate(sliding) if s] if window else [],
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        bos_token_id=_first_id(cfg.get("bos_token_id")), eos_token_id=_first_id(cfg.get("eos_token_id")),
+    )
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    spec: Callable[[dict], ArchSpec]
+    moe_prefix: str  # module holding the router and experts, under model.layers.{i}.
+    router: str  # router weight name under moe_prefix
+    expert_names: tuple[str, str, str]  # per-expert (gate, up, down) names under {moe_prefix}.experts.{e}.
+
+
+FAMILIES: dict[str, Family] = {
+    "olmoe": Family("olmoe", olmoe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": Family("qwen2moe", qwen2moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": Family("qwen3moe", qwen3moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": Family("mixtral", mixtral_spec, "block_sparse_moe", "gate.weight", ("w1", "w3", "w2")),
+    "smallthinker": Family("smallthinker", smallthinker_spec, "block_sparse_moe", "primary_router.weight",
+                           ("gate", "up", "down")),
+}
+
+SUPPORTED = "OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker (smallthinker)"
+
+
+def family_for(cfg: dict, where: str) -> Family:
+    model_type = cfg.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{where}: model_type {model_type!r} is not supported; edgemoe reads {SUPPORTED}"
+        )
+    return FAMILIES[model_type]
+
+
+def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
+    """Role -> HF tensor name for the dense tensors of one layer (roles as in edgemoe.arch.dense_tensor_names)."""
+    p = f"model.layers.{layer}."
+    a = p + "self_attn."
+    names = {
+        "attn_norm": p + "input_layernorm.weight",
+        "wq": a + "q_proj.weight", "wk": a + "k_proj.weight", "wv": a + "v_proj.weight", "wo": a + "o_proj.weight",
+        "ffn_norm": p + "post_attention_layernorm.weight",
+    }
+    if spec.qkv_bias:
+        names.update(bq=a + "q_proj.bias", bk=a + "k_proj.bias", bv=a + "v_proj.bias")
+    if spec.qk_norm != "none":
+        names.update(q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight")
+    m = p + fam.moe_prefix + "."
+    if spec.is_moe_layer(layer):
+        names["router"] = m + fam.router
+        if spec.shared_ffn:
+            names.update(sh_gate=m + "shared_expert.gate_proj.weight", sh_up=m + "shared_expert.up_proj.weight",
+                         sh_down=m + "shared_expert.down_proj.weight")
+            if spec.shared_gate:
+                names["sh_gate_inp"] = m + "shared_expert_gate.weight"
+    else:
+        names.update(mlp_gate=p + "mlp.gate_proj.weight", mlp_up=p + "mlp.up_proj.weight",
+                     mlp_down=p + "mlp.down_proj.weight")
+    return names
