@@ -50,6 +50,9 @@ class ArchSpec:
     sliding_window: int = 0  # window size for layers in swa_layers (0 = none)
     swa_layers: list[int] = field(default_factory=list)
     tie_embeddings: bool = False
+    # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
+    # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
+    expert_map: list[list[int]] = field(default_factory=list)
     max_position: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -74,6 +77,16 @@ class ArchSpec:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
+
+    def layer_expert_map(self, layer: int) -> list[int] | None:
+        """e -> stored expert (or -1 when pruned) for a merged layer; None when experts are stored one to one."""
+        if self.expert_map and layer < len(self.expert_map) and self.expert_map[layer]:
+            return self.expert_map[layer]
+        return None
+
+    def stored_experts(self, layer: int) -> int:
+        m = self.layer_expert_map(layer)
+        return self.n_experts if m is None else max(m) + 1
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

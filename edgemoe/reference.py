@@ -93,15 +93,25 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
 
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
         on_route: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
-    """Routed experts (one at a time, over the tokens routed to each) plus the optional shared expert."""
-    ids, weights = route(spec, router_x @ w(names["router"]).T)
+    """Routed experts (one at a time, over the tokens routed to each) plus the optional shared expert.
+
+    With a merge map, experts mapped to -1 are masked out of routing, and when top-k selects several members of
+    one merged group their weights are summed and the group's expert runs once.
+    """
+    logits = router_x @ w(names["router"]).T
+    emap = spec.layer_expert_map(layer)
+    if emap is not None:
+        logits = np.where(np.asarray(emap)[None, :] < 0, -np.inf, logits)
+    ids, weights = route(spec, logits)
     if on_route is not None:
         on_route(layer, ids, weights)
+    stored = ids if emap is None else np.asarray(emap)[ids]
     out = np.zeros_like(x)
-    for e in np.unique(ids):
-        rows, slot = np.nonzero(ids == e)
+    for e in np.unique(stored):
+        rows = np.nonzero((stored == e).any(axis=1))[0]
+        gate_w = np.where(stored[rows] == e, weights[rows], 0.0).sum(axis=1)
         gate, up, down = (w(expert_tensor_name(layer, int(e), m)) for m in ("gate", "up", "down"))
-        out[rows] += weights[rows, slot][:, None] * ffn(spec, x[rows], gate, up, down)
+        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, x[rows], gate, up, down)
     if spec.shared_ffn:
         sh = ffn(spec, x, w(names["sh_gate"]), w(names["sh_up"]), w(names["sh_down"]))
         if spec.shared_gate:
