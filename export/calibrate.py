@@ -71,7 +71,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
               collect_grams: bool = True, show_progress: bool = True) -> Iterator[LayerCalibration]:
     """Yield one LayerCalibration per layer, in order. The caller may modify `experts` before the next layer."""
     spec: ArchSpec = ckpt.spec
-    embed = ckpt.global_tensors()[GLOBAL_TENSORS["embed"]]
+    embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
     hidden = [embed[s].astype(np.float32) for s in seqs]
     del embed
     lengths = [len(s) for s in seqs]

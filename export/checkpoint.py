@@ -77,16 +77,17 @@ class Checkpoint:
             )
         return arr
 
+    def global_tensor_items(self):
+        """Yield (container name, f32 array) for embeddings, final norm and lm_head, one at a time."""
+        s = self.spec
+        yield GLOBAL_TENSORS["embed"], self._get("model.embed_tokens.weight", (s.vocab, s.hidden))
+        yield GLOBAL_TENSORS["final_norm"], self._get("model.norm.weight", (s.hidden,))
+        if not s.tie_embeddings:
+            yield GLOBAL_TENSORS["lm_head"], self._get("lm_head.weight", (s.vocab, s.hidden))
+
     def global_tensors(self) -> dict[str, np.ndarray]:
         """Container name -> f32 array for embeddings, final norm and lm_head."""
-        s = self.spec
-        out = {
-            GLOBAL_TENSORS["embed"]: self._get("model.embed_tokens.weight", (s.vocab, s.hidden)),
-            GLOBAL_TENSORS["final_norm"]: self._get("model.norm.weight", (s.hidden,)),
-        }
-        if not s.tie_embeddings:
-            out[GLOBAL_TENSORS["lm_head"]] = self._get("lm_head.weight", (s.vocab, s.hidden))
-        return out
+        return dict(self.global_tensor_items())
 
     def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
         """Container name -> f32 array for one layer's attention, norms, router and shared expert."""

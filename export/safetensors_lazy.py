@@ -60,7 +60,22 @@ class SafetensorsFile:
             _NP_DTYPES[e["dtype"]]).itemsize, offset=self._base + start)
         if e["dtype"] == "BF16":  # bf16 is the top half of an f32
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32).reshape(e["shape"])
+        out = arr.astype(np.float32).reshape(e["shape"])  # always a copy
+        del arr
+        self._release(self._base + start, end - start)
+        return out
+
+    def _release(self, offset: int, length: int) -> None:
+        """Drop the mapped pages of a tensor already copied out, so reading a checkpoint layer by layer keeps the
+        process's resident memory at one layer rather than letting the whole file accumulate in RSS."""
+        page = mmap.PAGESIZE
+        lo = (offset + page - 1) // page * page
+        hi = (offset + length) // page * page
+        if hi > lo and hasattr(self._mm, "madvise"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                pass
 
 
 class SafetensorsSet:
