@@ -107,26 +107,52 @@ def mixtral_spec(cfg: dict) -> ArchSpec:
 
 
 def smallthinker_spec(cfg: dict) -> ArchSpec:
-    """SmallThinker (PowerInfer): not in transformers; keys from its published configuration_smallthinker.py."""
+    """SmallThinker (PowerInfer): not in transformers; keys and defaults from its published
+    configuration_smallthinker.py / modeling_smallthinker.py (SmallThinker-4BA0.6B, -21BA3B).
+
+    Semantics (checked against that modeling code and against llama.cpp's `smallthinker` graph):
+    - the router reads the raw layer input (before input_layernorm), the experts the post-attention-normed state;
+    - routing: top-k on the router logits, then softmax over the k (moe_primary_router_apply_softmax) or sigmoid
+      of the k normalized to sum 1 (the default) -- i.e. softmax/sigmoid, top-k, renormalize;
+    - experts are ReGLU: down(relu(gate(x)) * up(x)); no shared expert, no dense layers, no QKV bias, no QK-norm;
+    - rope_layout[i] == 0: layer i applies no RoPE; sliding_window_layout[i] == 1: layer i attends to the last
+      sliding_window_size positions;
+    - tie_word_embeddings defaults to true (then there is no lm_head.weight).
+    """
     n_layers = int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    sliding = cfg.get("sliding_window_layout") or []
-    window = int(cfg.get("sliding_window_size") or 0)
-    rope_layout = cfg.get("rope_layout") or [1] * n_layers
+    sliding = list(cfg.get("sliding_window_layout") or [])
+    rope_layout = list(cfg.get("rope_layout") or [1] * n_layers)
+    for key, layout in (("rope_layout", rope_layout), ("sliding_window_layout", sliding)):
+        if layout and len(layout) != n_layers:
+            raise UnsupportedModelError(f"SmallThinker config: {key} has {len(layout)} entries for {n_layers} layers")
+    # Options of PowerInfer's internal configuration that the published model code does not implement.
+    if cfg.get("use_qk_norm"):
+        raise UnsupportedModelError("SmallThinker with use_qk_norm is not supported yet")
+    if cfg.get("moe_enable_secondary_experts"):
+        raise UnsupportedModelError("SmallThinker with secondary experts is not supported yet")
+    if int(cfg.get("moe_shared_primary_experts") or 0):
+        raise UnsupportedModelError("SmallThinker with shared primary experts is not supported yet")
+    if cfg.get("moe_enable_early_router") is False:
+        raise UnsupportedModelError("SmallThinker with moe_enable_early_router=false is not supported yet")
+    if 0 in (cfg.get("moe_layer_layout") or []):
+        raise UnsupportedModelError("SmallThinker with dense layers (moe_layer_layout) is not supported yet")
+    window = int(cfg.get("sliding_window_size") or 4096)
+    swa_layers = [i for i, s in enumerate(sliding) if s]
     return ArchSpec(
         family="smallthinker", n_layers=n_layers, hidden=hidden, vocab=int(cfg["vocab_size"]), n_heads=heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(cfg.get("head_dim") or hidden // heads),
+        n_kv_heads=int(cfg.get("num_key_value_heads") or 2), head_dim=int(cfg.get("head_dim") or 128),
         n_experts=int(cfg["moe_num_primary_experts"]), top_k=int(cfg["moe_num_active_primary_experts"]),
         expert_ffn=int(cfg["moe_ffn_hidden_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_kind="neox", rope_theta=float(cfg.get("rope_theta", 1e6)),
+        rope_kind="neox", rope_theta=_rope_theta(cfg, 1e6),
         router_fn="softmax" if cfg.get("moe_primary_router_apply_softmax", False) else "sigmoid",
         norm_topk=True, router_input="layer_input", activation="reglu",
-        nope_layers=[i for i in range(n_layers) if i < len(rope_layout) and not rope_layout[i]],
-        sliding_window=window if any(sliding) else 0,
-        swa_layers=[i for i, s in enumerate(sliding) if s] if window else [],
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        nope_layers=[i for i in range(n_layers) if not rope_layout[i]],
+        sliding_window=window if swa_layers else 0,
+        swa_layers=swa_layers,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_position=int(cfg.get("max_position_embeddings", 4096 * 32)),
         bos_token_id=_first_id(cfg.get("bos_token_id")), eos_token_id=_first_id(cfg.get("eos_token_id")),
     )
 

@@ -1,0 +1,467 @@
+"""`edgemoe export --gguf`: a Hugging Face MoE checkpoint -> a GGUF file that llama.cpp loads.
+
+Written with gguf-py's `GGUFWriter` (never `convert_hf_to_gguf.py`, which rejects locally trained tokenizers), and
+streamed: tensor infos are planned from the architecture description, then the checkpoint is read one layer at a
+time, each layer's experts stacked into `blk.N.ffn_{gate,up,down}_exps` ([E, out, in] in NumPy order, which ggml
+reads as {in, out, E}).
+
+llama.cpp architectures: olmoe, qwen2moe, qwen3moe, llama (Mixtral; Q/K rows permuted to llama.cpp's adjacent-pair
+RoPE), smallthinker. Whatever llama.cpp's graph for the architecture cannot express (GQA in `olmoe`, top-k
+renormalization it does not do, dense layers, SmallThinker layouts other than the one it hard-codes) is refused with
+an `EdgeMoEError` rather than written as a file that loads and computes something else.
+
+Types: F32, F16 (1-D tensors and routers stay F32), Q8_0 and Q4_0 (gguf-py's quantizer, for matrices whose rows are a
+multiple of 32 values; other matrices are stored F16 and listed in a warning; Q4_0 keeps `output.weight` at Q8_0
+as llama.cpp's own quantizer keeps the output head at higher precision), Q4_K_M (an F16 GGUF re-quantized by
+llama.cpp's `llama_model_quantize`, which needs llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from edgemoe.errors import EdgeMoEError
+
+from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
+from .progress import progress
+
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M")
+
+# edgemoe family -> llama.cpp architecture name
+LLAMA_CPP_ARCH = {
+    "olmoe": "olmoe",
+    "qwen2moe": "qwen2moe",
+    "qwen3moe": "qwen3moe",
+    "mixtral": "llama",
+    "smallthinker": "smallthinker",
+}
+
+# Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
+_SPLIT_REGEX_PRE = {
+    # Qwen2 / Qwen2.5 / Qwen3 / SmallThinker (single digits)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    # Llama 3 (digits in groups of up to three)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
+
+# llama.cpp's `smallthinker` hard-codes its hybrid layout: with `attention.sliding_window` present, layers
+# i % 4 != 0 use sliding-window attention with a window of 4096 (the key's value is not used) and layers i % 4 == 0
+# use full attention without RoPE; without the key, every layer uses RoPE and full attention.
+_SMALLTHINKER_SWA_PERIOD = 4
+_SMALLTHINKER_SWA_WINDOW = 4096
+
+
+@dataclass
+class _Planned:
+    name: str  # GGUF tensor name
+    shape: tuple[int, ...]  # logical NumPy shape
+    qtype: object  # gguf.GGMLQuantizationType
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks: what llama.cpp's graph for each architecture can express
+
+
+def _check_supported(spec: ArchSpec, arch: str) -> None:
+    fam = spec.family
+    where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
+    if spec.rope_dim != spec.head_dim:
+        raise EdgeMoEError(f"{where}: partial RoPE (rope_dim={spec.rope_dim} < head_dim={spec.head_dim}) is not "
+                           "supported")
+    if arch != "smallthinker" and (spec.nope_layers or spec.swa_layers):
+        raise EdgeMoEError(f"{where}: NoPE or sliding-window layers are not supported by llama.cpp's '{arch}'")
+    if arch in ("olmoe", "qwen3moe", "llama", "smallthinker") and spec.dense_layers:
+        raise EdgeMoEError(f"{where}: dense (non-MoE) layers {spec.dense_layers} are not supported by llama.cpp's "
+                           f"'{arch}' graph, which makes every layer an MoE layer")
+    if arch == "olmoe":
+        if spec.n_kv_heads != spec.n_heads:
+            raise EdgeMoEError(
+                f"{where}: llama.cpp's olmoe cannot run grouped-query attention: its attn_k_norm is n_embd wide, "
+                f"so num_key_value_heads ({spec.n_kv_heads}) must equal num_attention_heads ({spec.n_heads}). "
+                "Export this model to the edgemoe container instead, which supports it."
+            )
+        if spec.n_heads * spec.head_dim != spec.hidden:
+            raise EdgeMoEError(f"{where}: llama.cpp's olmoe needs num_attention_heads * head_dim == hidden_size "
+                               f"({spec.n_heads}*{spec.head_dim} != {spec.hidden})")
+        if spec.norm_topk:
+            raise EdgeMoEError(f"{where}: norm_topk_prob=true is not supported: llama.cpp's olmoe does not "
+                               "renormalize the top-k weights")
+    if arch == "qwen2moe":
+        if spec.norm_topk:
+            raise EdgeMoEError(f"{where}: norm_topk_prob=true is not supported: llama.cpp's qwen2moe does not "
+                               "renormalize the top-k weights")
+        if spec.dense_layers:
+            raise EdgeMoEError(f"{where}: dense layers (decoder_sparse_step > 1 or mlp_only_layers) "
+                               f"{spec.dense_layers} are not supported by llama.cpp's qwen2moe")
+        if spec.n_heads * spec.head_dim != spec.hidden:
+            raise EdgeMoEError(f"{where}: llama.cpp's qwen2moe sizes attn_q as n_embd x n_embd, so it needs "
+                               f"num_attention_heads * head_dim == hidden_size ({spec.n_heads}*{spec.head_dim} != "
+                               f"{spec.hidden})")
+        if not spec.shared_ffn or not spec.shared_gate:
+            raise EdgeMoEError(f"{where}: llama.cpp's qwen2moe expects a gated shared expert "
+                               "(shared_expert_intermediate_size > 0)")
+    if arch == "qwen3moe" and not spec.norm_topk:
+        raise EdgeMoEError(f"{where}: norm_topk_prob=false is not supported: llama.cpp's qwen3moe always "
+                           "renormalizes the top-k weights")
+    if arch in ("llama", "smallthinker") and not spec.norm_topk:
+        raise EdgeMoEError(f"{where}: llama.cpp's '{arch}' always renormalizes the top-k weights")
+    if arch != "smallthinker" and (spec.activation != "swiglu" or spec.router_input != "ffn_norm"
+                                   or spec.router_fn != "softmax"):
+        raise EdgeMoEError(f"{where}: llama.cpp's '{arch}' uses SwiGLU experts and a softmax router on the "
+                           "normed FFN input")
+    if arch != "qwen2moe" and spec.shared_ffn:
+        raise EdgeMoEError(f"{where}: shared experts are not supported by llama.cpp's '{arch}'")
+    if arch == "smallthinker":
+        if spec.activation != "reglu" or spec.router_input != "layer_input":
+            raise EdgeMoEError(f"{where}: llama.cpp's smallthinker uses ReGLU experts routed on the layer input")
+        if spec.qkv_bias or spec.qk_norm != "none":
+            raise EdgeMoEError(f"{where}: QKV bias / QK-norm are not supported by llama.cpp's smallthinker")
+        _smallthinker_swa(spec, where)
+
+
+def _smallthinker_swa(spec: ArchSpec, where: str) -> bool:
+    """True when the model uses llama.cpp's hybrid layout (SWA + NoPE), False for RoPE + full attention throughout;
+    raises for any other layout, which llama.cpp's smallthinker cannot express."""
+    swa = sorted(spec.swa_layers) if spec.sliding_window else []
+    nope = sorted(spec.nope_layers)
+    if not swa and not nope:
+        return False
+    p = _SMALLTHINKER_SWA_PERIOD
+    want_swa = [i for i in range(spec.n_layers) if i % p != 0]
+    want_nope = [i for i in range(spec.n_layers) if i % p == 0]
+    if swa != want_swa or nope != want_nope or spec.sliding_window != _SMALLTHINKER_SWA_WINDOW:
+        raise EdgeMoEError(
+            f"{where}: llama.cpp's smallthinker hard-codes its hybrid attention layout: sliding-window attention "
+            f"with a window of {_SMALLTHINKER_SWA_WINDOW} on layers i % {p} != 0 and full attention without RoPE "
+            f"on layers i % {p} == 0 (or RoPE and full attention everywhere). This model has sliding-window "
+            f"layers {swa} (window {spec.sliding_window}) and NoPE layers {nope}; export it to the edgemoe "
+            "container instead."
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer metadata
+
+
+def _pre_tokenizer_name(tok: dict) -> str:
+    pt = tok.get("pre_tokenizer") or {}
+    norm = tok.get("normalizer")
+    if norm is not None and norm.get("type") not in ("NFC",):
+        raise EdgeMoEError(f"tokenizer.json: normalizer {norm.get('type')!r} is not supported for GGUF; "
+                           "use tokenizer='none'")
+    if pt.get("type") == "ByteLevel":
+        if pt.get("add_prefix_space"):
+            raise EdgeMoEError("tokenizer.json: ByteLevel(add_prefix_space=true) has no llama.cpp equivalent; "
+                               "use tokenizer='none'")
+        if pt.get("use_regex", True):
+            return "gpt-2"
+    if pt.get("type") == "Sequence":
+        items = pt.get("pretokenizers") or []
+        if (len(items) == 2 and items[0].get("type") == "Split" and items[1].get("type") == "ByteLevel"
+                and not items[1].get("use_regex", True) and not items[1].get("add_prefix_space")):
+            regex = (items[0].get("pattern") or {}).get("Regex")
+            if regex in _SPLIT_REGEX_PRE:
+                return _SPLIT_REGEX_PRE[regex]
+    raise EdgeMoEError(
+        f"tokenizer.json: pre-tokenizer {json.dumps(pt)[:200]} is not one llama.cpp knows "
+        "(supported: ByteLevel with the GPT-2 regex, Qwen2 and Llama-3 Split regexes); "
+        "use tokenizer='none' to write the GGUF without a tokenizer"
+    )
+
+
+def _tokenizer_fields(tokenizer_json: bytes, n_vocab: int) -> dict:
+    """tokenizer.json (byte-level BPE) -> the gpt2-model GGUF tokenizer fields."""
+    import gguf
+
+    try:
+        tok = json.loads(tokenizer_json)
+    except ValueError as e:
+        raise EdgeMoEError(f"tokenizer.json: not valid JSON ({e})") from None
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise EdgeMoEError(
+            f"tokenizer.json: model type {model.get('type')!r}{' with byte_fallback' if model.get('byte_fallback') else ''}"
+            " is not supported for GGUF export (only byte-level BPE); use tokenizer='none'"
+        )
+    pre = _pre_tokenizer_name(tok)
+    by_id: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
+    types: dict[int, int] = {i: int(gguf.TokenType.NORMAL) for i in by_id}
+    for added in tok.get("added_tokens") or []:
+        i = int(added["id"])
+        by_id[i] = added["content"]
+        types[i] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+    top = max(by_id) + 1 if by_id else 0
+    if top > n_vocab:
+        raise EdgeMoEError(f"tokenizer.json has token id {top - 1}, but the model's vocabulary has {n_vocab} rows")
+    tokens, token_types = [], []
+    for i in range(n_vocab):
+        if i in by_id:
+            tokens.append(by_id[i])
+            token_types.append(types[i])
+        else:  # embedding rows without a token (vocabularies padded to a round size)
+            tokens.append(f"[PAD{i}]")
+            token_types.append(int(gguf.TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if not merges:
+        raise EdgeMoEError("tokenizer.json: BPE model has no merges; llama.cpp cannot load a gpt2 tokenizer without")
+    return dict(pre=pre, tokens=tokens, types=token_types, merges=merges)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor plan
+
+
+def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp NORM (adjacent pairs) row order, per head (Mixtral's q/k)."""
+    out_dim = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_head, 2, out_dim // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: list[str]):
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):  # norms, biases, routers: exact
+        return Q.F32
+    if gguf_type == "F32":
+        return Q.F32
+    if gguf_type in ("F16", "Q4_K_M"):  # Q4_K_M: written F16, then re-quantized by llama.cpp
+        return Q.F16
+    want = Q.Q8_0 if gguf_type == "Q8_0" or name == GLOBAL_TENSORS["lm_head"] else Q.Q4_0
+    if shape[-1] % 32:
+        fallbacks.append(f"{name} {list(shape)}")
+        return Q.F16
+    return want
+
+
+def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tuple[list[_Planned], list[str]]:
+    fallbacks: list[str] = []
+    plan: list[_Planned] = []
+
+    def add(name, shape):
+        plan.append(_Planned(name, tuple(shape), _storage_type(name, tuple(shape), gguf_type, fallbacks)))
+
+    add(GLOBAL_TENSORS["embed"], (spec.vocab, spec.hidden))
+    add(GLOBAL_TENSORS["final_norm"], (spec.hidden,))
+    if write_output:
+        add(GLOBAL_TENSORS["lm_head"], (spec.vocab, spec.hidden))
+    for layer in range(spec.n_layers):
+        shapes = expected_shapes(spec, layer)
+        for role, name in dense_tensor_names(spec, layer).items():
+            add(name, shapes[role])
+        if spec.is_moe_layer(layer):
+            for m in EXPERT_MATRICES:
+                add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
+    return plan, fallbacks
+
+
+def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progress: bool):
+    """Yield (GGUF name, f32 array) in plan order, one layer in memory at a time."""
+    spec = ckpt.spec
+    glob = ckpt.global_tensors()
+    yield GLOBAL_TENSORS["embed"], glob[GLOBAL_TENSORS["embed"]]
+    yield GLOBAL_TENSORS["final_norm"], glob[GLOBAL_TENSORS["final_norm"]]
+    if write_output:
+        yield GLOBAL_TENSORS["lm_head"], glob.get(GLOBAL_TENSORS["lm_head"], glob[GLOBAL_TENSORS["embed"]])
+    del glob
+    for layer in progress(range(spec.n_layers), "GGUF layers", show_progress):
+        names = dense_tensor_names(spec, layer)
+        dense = ckpt.layer_dense(layer)
+        for role, name in names.items():
+            arr = dense[name]
+            if arch == "llama" and role in ("wq", "wk"):
+                arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
+            yield name, arr
+        del dense
+        if spec.is_moe_layer(layer):
+            stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
+            where = {expert_tensor_name(layer, e, m): (e, m) for e in range(spec.n_experts) for m in EXPERT_MATRICES}
+            for name, arr in ckpt.layer_experts(layer):
+                e, m = where[name]
+                stacks[m][e] = arr
+            for m in EXPERT_MATRICES:
+                yield f"blk.{layer}.ffn_{m}_exps.weight", stacks[m]
+            del stacks
+
+
+def _encode(arr: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    if qtype == Q.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(arr, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writer
+
+
+def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: str, tok: dict | None) -> None:
+    import gguf
+
+    w.add_name(Path(ckpt.path).resolve().name)
+    w.add_block_count(spec.n_layers)
+    w.add_context_length(spec.max_position)
+    w.add_embedding_length(spec.hidden)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_rope_dimension_count(spec.rope_dim)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.vocab)
+    w.add_expert_count(spec.n_experts)
+    w.add_expert_used_count(spec.top_k)
+    # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
+    # expert_feed_forward_length. Writing both is what the upstream converters do.
+    w.add_feed_forward_length(spec.expert_ffn if arch != "qwen2moe" else (spec.dense_ffn or spec.expert_ffn))
+    w.add_expert_feed_forward_length(spec.expert_ffn)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if arch == "smallthinker":
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
+                                 else gguf.ExpertGatingFuncType.SIGMOID)
+        if _smallthinker_swa(spec, "GGUF export"):
+            w.add_sliding_window(spec.sliding_window)
+    ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+             "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "Q4_K_M": gguf.LlamaFileType.MOSTLY_F16}[gguf_type]
+    w.add_file_type(int(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tok is None:
+        w.add_tokenizer_model("none")
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tok["pre"])
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        w.add_add_bos_token(False)
+    if spec.bos_token_id is not None and 0 <= spec.bos_token_id < spec.vocab:
+        w.add_bos_token_id(spec.bos_token_id)
+    if spec.eos_token_id is not None and 0 <= spec.eos_token_id < spec.vocab:
+        w.add_eos_token_id(spec.eos_token_id)
+    pad = ckpt.config.get("pad_token_id")
+    if isinstance(pad, int) and 0 <= pad < spec.vocab:
+        w.add_pad_token_id(pad)
+
+
+def _write_gguf(ckpt: Checkpoint, path: Path, gguf_type: str, tokenizer: str, show_progress: bool) -> list[str]:
+    import gguf
+
+    spec = ckpt.spec
+    arch = LLAMA_CPP_ARCH[spec.family]
+    tok = None
+    if tokenizer == "auto" and ckpt.tokenizer_json is not None:
+        tok = _tokenizer_fields(ckpt.tokenizer_json, spec.vocab)
+    # llama.cpp falls back to token_embd for a missing output.weight in smallthinker; the other graphs are
+    # given the (tied) head explicitly.
+    write_output = not (spec.tie_embeddings and arch == "smallthinker")
+    plan, fallbacks = _plan(spec, arch, gguf_type, write_output)
+    w = gguf.GGUFWriter(path, arch)
+    try:
+        _write_metadata(w, spec, arch, ckpt, gguf_type, tok)
+        for p in plan:
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype), raw_dtype=p.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        it = iter(plan)
+        for name, arr in _tensor_stream(ckpt, arch, write_output, show_progress):
+            p = next(it)
+            if p.name != name or tuple(arr.shape) != p.shape:
+                raise EdgeMoEError(f"internal: GGUF plan expected {p.name} {list(p.shape)}, got {name} "
+                                   f"{list(arr.shape)}")
+            w.write_tensor_data(_encode(arr, p.qtype))
+        if next(it, None) is not None:
+            raise EdgeMoEError("internal: GGUF plan has tensors the checkpoint did not produce")
+    finally:
+        w.close()
+    return fallbacks
+
+
+def _quantize_with_llama_cpp(src: Path, dst: Path, gguf_type: str) -> None:
+    try:
+        import ctypes
+
+        import llama_cpp
+    except ImportError:
+        raise EdgeMoEError(f"GGUF type {gguf_type} needs llama.cpp's quantizer: pip install llama-cpp-python") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]
+    params.nthread = max(1, os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise EdgeMoEError(f"llama.cpp's llama_model_quantize failed ({rc}) writing {gguf_type}")
+
+
+def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = True, *,
+                tokenizer: str = "auto") -> Path:
+    """Write a llama.cpp GGUF of a Hugging Face MoE checkpoint (a directory or an opened `Checkpoint`).
+
+    tokenizer: "auto" embeds tokenizer.json as a gpt2 (byte-level BPE) vocabulary when there is one;
+    "none" writes `tokenizer.ggml.model = "none"` (llama.cpp then evaluates token ids only).
+    """
+    gguf_type = str(gguf_type).upper()
+    if gguf_type not in GGUF_TYPES:
+        raise EdgeMoEError(f"GGUF type {gguf_type!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
+    if tokenizer not in ("auto", "none"):
+        raise EdgeMoEError(f"tokenizer={tokenizer!r}: expected 'auto' or 'none'")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise EdgeMoEError("GGUF export needs gguf-py: pip install gguf") from None
+    out = Path(out_path)
+    if out.is_dir():
+        raise EdgeMoEError(f"{out}: is a directory; give the output file name, e.g. {out / 'model.gguf'}")
+    if not out.parent.exists():
+        raise EdgeMoEError(f"{out.parent}: output directory does not exist")
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    spec = ckpt.spec
+    if spec.family not in LLAMA_CPP_ARCH:
+        raise EdgeMoEError(f"GGUF export: family {spec.family!r} has no llama.cpp architecture")
+    _check_supported(spec, LLAMA_CPP_ARCH[spec.family])
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp_f16 = out.with_name(f".{out.name}.{os.getpid()}.f16.tmp")
+    try:
+        if gguf_type == "Q4_K_M":
+            _write_gguf(ckpt, tmp_f16, gguf_type, tokenizer, show_progress)
+            _quantize_with_llama_cpp(tmp_f16, tmp, gguf_type)
+            fallbacks: list[str] = []
+        else:
+            fallbacks = _write_gguf(ckpt, tmp, gguf_type, tokenizer, show_progress)
+        os.replace(tmp, out)
+    finally:
+        for t in (tmp, tmp_f16):
+            if t.exists():
+                t.unlink()
+    if fallbacks:
+        warnings.warn(
+            f"{out.name}: {len(fallbacks)} matrices have rows that are not a multiple of 32 values and were stored "
+            f"as F16 instead of {gguf_type}: {', '.join(fallbacks[:8])}{' ...' if len(fallbacks) > 8 else ''}",
+            stacklevel=2,
+        )
+    return out
