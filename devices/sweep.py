@@ -1,0 +1,102 @@
+"""What the ssh and adb runners share: the sweep's command-line options, the edgemoe-bench arguments of one
+configuration, result file names, and annotating/saving the JSON a run printed. Standard library only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_results import markdown_table, parse_results
+
+
+def add_sweep_options(ap: argparse.ArgumentParser, default_binary: str) -> None:
+    ap.add_argument("--model", required=True, help="the .emoe container to copy and run")
+    ap.add_argument("--binary", default=default_binary, help=f"edgemoe-bench for the device (default {default_binary})")
+    ap.add_argument("--budgets", default="none",
+                    help="comma-separated memory budgets to sweep, e.g. none,512MB,1GB (passed as --budget; "
+                         "edgemoe-bench reports whether it enforces them)")
+    ap.add_argument("--threads", default="1", help="comma-separated thread counts to sweep, e.g. 1,2,4")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp test)")
+    ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg test)")
+    ap.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test")
+    ap.add_argument("--prompt-file", help="token ids to use as the prompt (copied too); default: random ids, seed 42")
+    ap.add_argument("--bench-args", default="", help="more edgemoe-bench arguments, e.g. '--kv-f16 --print-tokens'")
+    ap.add_argument("--device", help="label of this device in the results (default: derived from the host/serial)")
+    ap.add_argument("--out", help="local directory for the JSON results (default results/DEVICE)")
+    ap.add_argument("--dry-run", action="store_true", help="print the exact commands and run nothing")
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise SystemExit(f"--{what}: empty list")
+    return items
+
+
+def safe_label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "device"
+
+
+@dataclass
+class Config:
+    threads: int
+    budget: str  # "none" or a size the binary parses
+
+    @property
+    def tag(self) -> str:
+        return f"t{self.threads}_b{safe_label(self.budget)}"
+
+
+def configs(args) -> list[Config]:
+    threads = []
+    for t in parse_list(args.threads, "threads"):
+        if not t.isdigit() or int(t) < 1:
+            raise SystemExit(f"--threads: {t!r} is not a positive integer")
+        threads.append(int(t))
+    return [Config(t, b) for b in parse_list(args.budgets, "budgets") for t in threads]
+
+
+def bench_argv(args, model_name: str, prompt_name: str | None, cfg: Config) -> list[str]:
+    """The edgemoe-bench arguments of one configuration (after the binary)."""
+    argv = [model_name, "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", str(args.repetitions),
+            "-t", str(cfg.threads)]
+    if cfg.budget.lower() != "none":
+        argv += ["--budget", cfg.budget]
+    if prompt_name:
+        argv += ["--prompt-file", prompt_name]
+    argv += shlex.split(args.bench_args)
+    argv.append("--json")
+    return argv
+
+
+def save_results(text: str, path: Path, device: str, command: str) -> list[dict]:
+    """Parse one run's JSON, add the device label and the command that produced it, write it to `path`."""
+    records = parse_results(text, str(path))
+    for r in records:
+        r["device"] = device
+        r["command"] = command
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return records
+
+
+def show(argv: list[str], stdout_to: str | None = None) -> str:
+    line = shlex.join(argv)
+    return line + (f" > {shlex.quote(stdout_to)}" if stdout_to else "")
+
+
+def run(argv: list[str], capture: bool = False) -> subprocess.CompletedProcess:
+    print("+ " + shlex.join(argv), file=sys.stderr)
+    return subprocess.run(argv, check=True, text=True, capture_output=capture)
+
+
+def print_table(records: list[dict]) -> None:
+    if records:
+        print(markdown_table(records))

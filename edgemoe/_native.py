@@ -1,0 +1,320 @@
+"""Private ctypes binding of the C core (`native/include/edgemoe.h`): library lookup, argtypes, errors -> exceptions.
+
+Thin on purpose: one Python function per C function, numpy arrays passed by pointer without copies. The friendly
+surface is `engine_c.CEngine`. The shared library is looked up in this order:
+
+1. `EDGEMOE_NATIVE_LIB`: a path to the library file, or a directory containing it (a development CMake build dir);
+2. next to this file (where scikit-build-core installs it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeMoEError
+
+_LIB_NAMES = {"darwin": "libedgemoe_core.dylib", "win32": "edgemoe_core.dll"}
+LIB_NAME = _LIB_NAMES.get(sys.platform, "libedgemoe_core.so")
+
+# status codes (emoe_status)
+OK, ERR_ARG, ERR_NOMEM, ERR_NOT_READY, ERR_CTX, ERR_ISA, ERR_THREAD = 0, -1, -2, -3, -4, -5, -6
+# weight types
+F32, F16, Q8_0 = 0, 1, 2
+MATMUL_F32_ACT = 0x100  # or-ed into a Q8_0 wtype for emoe_matmul: keep activations f32 (exact path)
+DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0}
+Q8_0_BLOCK, Q8_0_BLOCK_BYTES = 32, 34
+# instruction sets
+ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_COUNT = -1, 0, 1, 2, 3, 4
+# config enums
+ROPE_KINDS = {"neox": 0, "norm": 1}
+QK_NORM_KINDS = {"none": 0, "head": 1, "full": 2}
+ROUTER_FNS = {"softmax": 0, "sigmoid": 1}
+ROUTER_INPUTS = {"ffn_norm": 0, "layer_input": 1}
+ACTIVATIONS = {"swiglu": 0, "reglu": 1}
+
+
+class NativeLibraryNotFound(ImportError):
+    pass
+
+
+class NativeError(EdgeMoEError):
+    """An error returned by the C core; `status` is the emoe_status code."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _find_library() -> Path:
+    tried = []
+    env = os.environ.get("EDGEMOE_NATIVE_LIB")
+    if env:
+        p = Path(env)
+        p = p / LIB_NAME if p.is_dir() else p
+        if p.is_file():
+            return p
+        tried.append(str(p))
+    p = Path(__file__).resolve().parent / LIB_NAME
+    if p.is_file():
+        return p
+    tried.append(str(p))
+    raise NativeLibraryNotFound(
+        f"edgemoe's C core ({LIB_NAME}) was not found (tried: {', '.join(tried)}). Install the package with pip "
+        "(it builds native/ with CMake), or build it yourself (cmake -S native -B build && cmake --build build) and "
+        "set EDGEMOE_NATIVE_LIB=build/" + LIB_NAME
+    )
+
+
+_lib = ctypes.CDLL(str(_find_library()))
+LIB_PATH = _lib._name
+
+_i32, _i64, _f32, _u32, _sz, _vp, _cp = (ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32,
+                                         ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p)
+_int = ctypes.c_int
+_P_i32 = ctypes.POINTER(ctypes.c_int32)
+
+
+class Config(ctypes.Structure):
+    """emoe_config: the C mirror of ArchSpec (field order must match edgemoe.h)."""
+
+    _fields_ = [(n, _i32) for n in ("n_layers", "hidden", "vocab", "n_heads", "n_kv_heads", "head_dim", "n_experts",
+                                    "top_k", "expert_ffn")] + [
+        ("norm_eps", _f32), ("rope_kind", _i32), ("rope_theta", _f32)] + [
+        (n, _i32) for n in ("rope_dim", "qkv_bias", "qk_norm", "router_fn", "norm_topk", "router_input", "activation",
+                            "shared_ffn", "shared_gate", "dense_ffn", "sliding_window", "tie_embeddings",
+                            "n_dense_layers", "n_nope_layers", "n_swa_layers")] + [
+        ("dense_layers", _P_i32), ("nope_layers", _P_i32), ("swa_layers", _P_i32), ("expert_map", _P_i32)]
+
+
+def _sig(name, restype, *argtypes):
+    f = getattr(_lib, name)
+    f.restype, f.argtypes = restype, list(argtypes)
+    return f
+
+
+_version = _sig("emoe_version", _cp)
+_status_string = _sig("emoe_status_string", _cp, _int)
+_crc32 = _sig("emoe_crc32", _u32, _u32, _vp, _sz)
+_row_bytes = _sig("emoe_row_bytes", _sz, _int, _i64)
+_quantize_q8_0 = _sig("emoe_quantize_q8_0", _int, _vp, _vp, _i64)
+_dequantize_q8_0 = _sig("emoe_dequantize_q8_0", _int, _vp, _vp, _i64)
+_isa_supported = _sig("emoe_isa_supported", _int, _int)
+_isa_best = _sig("emoe_isa_best", _int)
+_isa_name = _sig("emoe_isa_name", _cp, _int)
+_pool_new = _sig("emoe_pool_new", _vp, _int)
+_pool_free = _sig("emoe_pool_free", None, _vp)
+_matmul = _sig("emoe_matmul", _int, _vp, _int, _int, _vp, _i64, _i64, _vp, _i64, _vp)
+_quantize_act = _sig("emoe_quantize_act", _int, _int, _vp, _vp, _i64)
+_axpy = _sig("emoe_axpy", _int, _int, _int, _f32, _vp, _vp, _i64)
+_convert_f16 = _sig("emoe_convert_f16", _int, _int, _int, _vp, _vp, _i64)
+_model_new = _sig("emoe_model_new", _vp, ctypes.POINTER(Config), _int, _int, _int)
+_model_free = _sig("emoe_model_free", None, _vp)
+_model_status = _sig("emoe_model_status", _int, _vp)
+_model_last_error = _sig("emoe_model_last_error", _cp, _vp)
+_model_set_tensor = _sig("emoe_model_set_tensor", _int, _vp, _cp, _int, _vp, _i64, _i64)
+_model_expected_shape = _sig("emoe_model_expected_shape", _int, _vp, _cp, ctypes.POINTER(_i64), ctypes.POINTER(_i64))
+_model_ready = _sig("emoe_model_ready", _int, _vp)
+_model_set_isa = _sig("emoe_model_set_isa", _int, _vp, _int)
+_model_set_q8_f32_act = _sig("emoe_model_set_q8_f32_act", _int, _vp, _int)
+_model_isa = _sig("emoe_model_isa", _int, _vp)
+_forward = _sig("emoe_forward", _int, _vp, _vp, _int, _vp, _int)
+_model_n_past = _sig("emoe_model_n_past", _int, _vp)
+_model_reset = _sig("emoe_model_reset", None, _vp)
+
+# The activation block of the Q8_0 matmul path: {float d; int8 qs[32]} (36 bytes).
+Q8_ACT_DTYPE = np.dtype([("d", "<f4"), ("qs", "i1", (32,))])
+
+
+def version() -> str:
+    return _version().decode()
+
+
+def status_string(status: int) -> str:
+    return _status_string(status).decode()
+
+
+def _check(status: int, what: str) -> None:
+    if status != OK:
+        raise NativeError(f"{what}: {status_string(status)}", status)
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def crc32(data, crc: int = 0) -> int:
+    """zlib-compatible CRC-32 of a bytes-like object or an array (continuing from `crc`)."""
+    if isinstance(data, np.ndarray):
+        buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    else:
+        buf = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    return int(_crc32(crc, _ptr(buf) if buf.size else None, buf.size))
+
+
+def isa_supported(isa: int) -> bool:
+    return bool(_isa_supported(isa))
+
+
+def isa_best() -> int:
+    return int(_isa_best())
+
+
+def isa_name(isa: int) -> str | None:
+    n = _isa_name(isa)
+    return n.decode() if n else None
+
+
+def supported_isas() -> list[int]:
+    return [i for i in range(ISA_COUNT) if isa_supported(i)]
+
+
+def row_bytes(dtype: int, cols: int) -> int:
+    return int(_row_bytes(dtype, cols))
+
+
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """f32 [..., n] (n % 32 == 0) -> raw Q8_0 blocks (uint8), exactly ggml's reference quantizer."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    out = np.empty(w.size // Q8_0_BLOCK * Q8_0_BLOCK_BYTES, dtype=np.uint8)
+    _check(_quantize_q8_0(_ptr(w), _ptr(out), w.size), "quantize_q8_0")
+    return out
+
+
+def dequantize_q8_0(raw: np.ndarray, shape) -> np.ndarray:
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.empty(shape, dtype=np.float32)
+    if raw.size != out.size // Q8_0_BLOCK * Q8_0_BLOCK_BYTES:
+        raise ValueError(f"{raw.size} bytes of Q8_0 do not hold shape {tuple(shape)}")
+    _check(_dequantize_q8_0(_ptr(raw), _ptr(out), out.size), "dequantize_q8_0")
+    return out
+
+
+class Pool:
+    """A persistent thread pool (for the kernel entry points; each model owns its own)."""
+
+    def __init__(self, threads: int):
+        self._p = _pool_new(int(threads))
+        if not self._p:
+            raise NativeError(f"could not start a pool of {threads} threads", ERR_THREAD)
+        self.threads = int(threads)
+
+    def close(self) -> None:
+        if getattr(self, "_p", None):
+            _pool_free(self._p)
+            self._p = None
+
+    def __del__(self):
+        self.close()
+
+
+def matmul(w: np.ndarray, wtype: int, x: np.ndarray, rows: int, cols: int, isa: int = ISA_AUTO,
+           pool: Pool | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Y [n_tok, rows] = X [n_tok, cols] @ W^T, W stored as wtype (f32/f16 [rows, cols] or raw Q8_0 bytes)."""
+    w = np.ascontiguousarray(w)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
+    if w.nbytes != rows * row_bytes(wtype & ~MATMUL_F32_ACT, cols):
+        raise ValueError(f"weights of {w.nbytes} bytes do not match [{rows}, {cols}] of type {wtype}")
+    y = np.empty((x.shape[0], rows), dtype=np.float32) if out is None else out
+    if y.dtype != np.float32 or not y.flags.c_contiguous or y.size != x.shape[0] * rows:
+        raise ValueError("out must be a C-contiguous float32 array of n_tok * rows values")
+    _check(_matmul(pool._p if pool else None, isa, wtype, _ptr(w), rows, cols, _ptr(x), x.shape[0], _ptr(y)),
+           "matmul")
+    return y
+
+
+def quantize_act(x: np.ndarray, isa: int = ISA_AUTO) -> np.ndarray:
+    """The activation quantizer of the Q8_0 path: f32 [n] -> structured blocks (d f32, qs int8[32])."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    out = np.empty(x.size // 32, dtype=Q8_ACT_DTYPE)
+    _check(_quantize_act(isa, _ptr(x), _ptr(out), x.size), "quantize_act")
+    return out
+
+
+def axpy(a: float, x: np.ndarray, y: np.ndarray, isa: int = ISA_AUTO) -> np.ndarray:
+    """y += a * x in place (x f32 or f16, y f32 contiguous)."""
+    x = np.ascontiguousarray(x)
+    xtype = F16 if x.dtype == np.float16 else F32
+    x = x if xtype == F16 else x.astype(np.float32, copy=False)
+    if y.dtype != np.float32 or not y.flags.c_contiguous or y.size != x.size:
+        raise ValueError("y must be a C-contiguous float32 array of x.size values")
+    _check(_axpy(isa, xtype, a, _ptr(x), _ptr(y), x.size), "axpy")
+    return y
+
+
+def convert_f16(x: np.ndarray, isa: int = ISA_AUTO) -> np.ndarray:
+    """f32 -> f16, or f16 -> f32, with the given ISA's kernel."""
+    x = np.ascontiguousarray(x)
+    to_f16 = x.dtype != np.float16
+    x = x.astype(np.float32, copy=False) if to_f16 else x
+    out = np.empty(x.shape, dtype=np.float16 if to_f16 else np.float32)
+    _check(_convert_f16(isa, int(to_f16), _ptr(x), _ptr(out), x.size), "convert_f16")
+    return out
+
+
+class ModelHandle:
+    """Owns one emoe_model. Every failed call raises NativeError with the model's message."""
+
+    def __init__(self, cfg: Config, max_ctx: int, kv_f16: bool, threads: int):
+        self._m = _model_new(ctypes.byref(cfg), int(max_ctx), int(bool(kv_f16)), int(threads))
+        if not self._m:
+            raise MemoryError("emoe_model_new: out of memory (the KV cache takes 2 * n_layers * max_ctx * kv_dim "
+                              "values; lower max_ctx or use kv_f16)")
+        st = _model_status(self._m)
+        if st != OK:
+            msg = self.last_error()
+            self.close()
+            raise NativeError(msg, st)
+
+    def last_error(self) -> str:
+        return _model_last_error(self._m).decode(errors="replace")
+
+    def _check(self, status: int) -> None:
+        if status != OK:
+            raise NativeError(f"{self.last_error()} ({status_string(status)})", status)
+
+    def set_tensor(self, name: str, dtype: int, data: np.ndarray, rows: int, cols: int) -> None:
+        """Borrow `data` (the caller keeps it alive) as tensor `name`."""
+        self._check(_model_set_tensor(self._m, name.encode(), dtype, _ptr(data), rows, cols))
+
+    def expected_shape(self, name: str) -> tuple[int, int]:
+        r, c = _i64(), _i64()
+        self._check(_model_expected_shape(self._m, name.encode(), ctypes.byref(r), ctypes.byref(c)))
+        return r.value, c.value
+
+    def ready(self) -> None:
+        self._check(_model_ready(self._m))
+
+    def set_isa(self, isa: int) -> None:
+        self._check(_model_set_isa(self._m, isa))
+
+    @property
+    def isa(self) -> int:
+        return int(_model_isa(self._m))
+
+    def set_q8_f32_act(self, on: bool) -> None:
+        self._check(_model_set_q8_f32_act(self._m, int(bool(on))))
+
+    def forward(self, tokens: np.ndarray, logits: np.ndarray | None, all_logits: bool) -> None:
+        """tokens: int32 C-contiguous; logits: None or float32 C-contiguous of the right size (written in place)."""
+        self._check(_forward(self._m, _ptr(tokens), tokens.size, None if logits is None else _ptr(logits),
+                             int(all_logits)))
+
+    @property
+    def n_past(self) -> int:
+        return int(_model_n_past(self._m))
+
+    def reset(self) -> None:
+        _model_reset(self._m)
+
+    def close(self) -> None:
+        if getattr(self, "_m", None):
+            _model_free(self._m)
+            self._m = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,174 @@
+"""The C engine: the native forward pass (KV cache, threads, SIMD kernels) behind the same verbs as NumpyEngine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _native as N
+from .arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+
+
+def native_config(spec: ArchSpec) -> tuple[N.Config, list[np.ndarray]]:
+    """ArchSpec -> emoe_config. Also returns the int32 arrays the config points to (keep them alive until the model
+    is created; the C side copies them)."""
+
+    def arr(values) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(list(values), dtype=np.int32).reshape(-1))
+
+    keep = [arr(spec.dense_layers), arr(spec.nope_layers), arr(spec.swa_layers)]
+    emap = None
+    if any(spec.layer_expert_map(layer) is not None for layer in range(spec.n_layers)):
+        rows = []
+        for layer in range(spec.n_layers):
+            m = spec.layer_expert_map(layer)
+            rows.append(list(range(spec.n_experts)) if m is None else list(m))
+        emap = arr(v for row in rows for v in row)
+        keep.append(emap)
+
+    def ptr(a: np.ndarray | None):
+        return a.ctypes.data_as(N._P_i32) if a is not None and a.size else None
+
+    cfg = N.Config(
+        n_layers=spec.n_layers, hidden=spec.hidden, vocab=spec.vocab, n_heads=spec.n_heads,
+        n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, n_experts=spec.n_experts, top_k=spec.top_k,
+        expert_ffn=spec.expert_ffn, norm_eps=spec.norm_eps, rope_kind=N.ROPE_KINDS[spec.rope_kind],
+        rope_theta=spec.rope_theta, rope_dim=spec.rope_dim, qkv_bias=int(spec.qkv_bias),
+        qk_norm=N.QK_NORM_KINDS[spec.qk_norm], router_fn=N.ROUTER_FNS[spec.router_fn], norm_topk=int(spec.norm_topk),
+        router_input=N.ROUTER_INPUTS[spec.router_input], activation=N.ACTIVATIONS[spec.activation],
+        shared_ffn=spec.shared_ffn, shared_gate=int(spec.shared_gate), dense_ffn=spec.dense_ffn,
+        sliding_window=spec.sliding_window, tie_embeddings=int(spec.tie_embeddings),
+        n_dense_layers=keep[0].size, n_nope_layers=keep[1].size, n_swa_layers=keep[2].size,
+        dense_layers=ptr(keep[0]), nope_layers=ptr(keep[1]), swa_layers=ptr(keep[2]), expert_map=ptr(emap),
+    )
+    return cfg, keep
+
+
+def model_tensor_names(spec: ArchSpec) -> list[str]:
+    """Every tensor name the forward pass reads (arch.py's tables), lm_head included even when tied."""
+    names = list(GLOBAL_TENSORS.values())
+    for layer in range(spec.n_layers):
+        names += dense_tensor_names(spec, layer).values()
+        if spec.is_moe_layer(layer):
+            names += [expert_tensor_name(layer, e, m) for e in range(spec.stored_experts(layer))
+                      for m in ("gate", "up", "down")]
+    return names
+
+
+class CEngine:
+    """The native engine over borrowed tensors.
+
+    tensors: name -> numpy array (possibly an np.memmap / mmap view): f32/f16 with the logical shape, or for "q8_0"
+    the raw uint8 blocks (rows*cols/32*34 bytes). The arrays are borrowed, not copied (except 1-D f16 tensors, which
+    the core wants in f32, and misaligned views), and kept referenced here so they outlive the C model.
+
+    kv_f16: f16 KV cache (half the memory; logits move by ~5e-4 relative). q8_f32_act: Q8_0 matmuls keep f32
+    activations (exact against the dequantized weights, about half the speed) instead of quantizing them to int8
+    per block of 32 (the default: ~0.2-0.5% error per dot product, like llama.cpp). isa: force the kernels.
+    """
+
+    def __init__(self, spec: ArchSpec, tensors: dict[str, np.ndarray], dtypes: dict[str, str], threads: int = 1,
+                 max_ctx: int = 4096, kv_f16: bool = False, isa: int | str | None = None, q8_f32_act: bool = False):
+        self.spec = spec
+        self.max_ctx = int(max_ctx)
+        cfg, keep = native_config(spec)
+        self._h = N.ModelHandle(cfg, self.max_ctx, kv_f16, max(1, int(threads)))
+        del keep  # copied by emoe_model_new
+        self._arrays: list[np.ndarray] = []
+        for name in model_tensor_names(spec):
+            if name in tensors:
+                self._set(name, tensors[name], dtypes.get(name, _dtype_of(tensors[name])))
+        self._h.ready()  # names the first missing tensor
+        if isa is not None:
+            self.set_isa(isa)
+        self._h.set_q8_f32_act(q8_f32_act)
+
+    def _set(self, name: str, arr: np.ndarray, dtype: str) -> None:
+        rows, cols = self._h.expected_shape(name)
+        if dtype not in N.DTYPES:
+            raise N.NativeError(f"tensor '{name}': dtype {dtype!r} is not supported by the C engine "
+                                f"(expected one of {sorted(N.DTYPES)})", N.ERR_ARG)
+        arr = np.asarray(arr)
+        if dtype == "q8_0":
+            need = rows * N.row_bytes(N.Q8_0, cols)
+            if arr.dtype != np.uint8 or arr.nbytes != need:
+                raise N.NativeError(f"tensor '{name}': q8_0 data must be {need} raw bytes (uint8) for [{rows}, {cols}],"
+                                    f" got {arr.dtype} with {arr.nbytes} bytes", N.ERR_ARG)
+        else:
+            want = np.float32 if dtype == "f32" else np.float16
+            if arr.dtype != want:
+                raise N.NativeError(f"tensor '{name}': declared {dtype} but the array is {arr.dtype}", N.ERR_ARG)
+            if arr.size != rows * cols:
+                raise N.NativeError(f"tensor '{name}': shape {arr.shape}, expected [{rows}, {cols}]", N.ERR_ARG)
+            if arr.ndim == 1 and dtype == "f16":  # norms and biases: the core reads them as f32
+                arr, dtype = arr.astype(np.float32), "f32"
+        if not arr.flags.c_contiguous or arr.ctypes.data % arr.itemsize:
+            arr = np.ascontiguousarray(arr).copy()
+        self._arrays.append(arr)
+        self._h.set_tensor(name, N.DTYPES[dtype], arr, rows, cols)
+
+    # ---- the verbs --------------------------------------------------------------------------------------------
+    def logits(self, ids) -> np.ndarray:
+        """float32 [len(ids), vocab] for a fresh sequence (all positions)."""
+        tok = _tokens(ids)
+        out = np.empty((tok.size, self.spec.vocab), dtype=np.float32)
+        self._h.reset()
+        self._h.forward(tok, out, True)
+        return out
+
+    def prefill(self, ids) -> np.ndarray:
+        """Start a fresh sequence with `ids`; returns the last position's logits [vocab]."""
+        self._h.reset()
+        return self.extend(ids)
+
+    def extend(self, ids) -> np.ndarray:
+        """Append `ids` to the current sequence; returns the last position's logits [vocab]."""
+        tok = _tokens(ids)
+        out = np.empty(self.spec.vocab, dtype=np.float32)
+        self._h.forward(tok, out, False)
+        return out
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits [vocab]."""
+        return self.extend([token])
+
+    def reset(self) -> None:
+        self._h.reset()
+
+    @property
+    def n_past(self) -> int:
+        return self._h.n_past
+
+    def set_isa(self, isa: int | str) -> None:
+        """Force the kernels: an N.ISA_* value or a name ("scalar", "avx2", "neon", "neon_dotprod", "auto")."""
+        if isinstance(isa, str):
+            names = {N.isa_name(i): i for i in range(N.ISA_COUNT)} | {"auto": N.ISA_AUTO}
+            if isa not in names:
+                raise N.NativeError(f"unknown instruction set {isa!r}; expected one of {sorted(names)}", N.ERR_ISA)
+            isa = names[isa]
+        self._h.set_isa(int(isa))
+
+    @property
+    def isa(self) -> str:
+        return N.isa_name(self._h.isa)
+
+    def close(self) -> None:
+        self._h.close()
+        self._arrays.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tokens(ids) -> np.ndarray:
+    tok = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if tok.size and (tok.min() < 0 or tok.max() > np.iinfo(np.int32).max):
+        bad = tok[(tok < 0) | (tok > np.iinfo(np.int32).max)][0]
+        raise N.NativeError(f"token id {bad} is outside the vocabulary", N.ERR_ARG)
+    return np.ascontiguousarray(tok.astype(np.int32))
+
+
+def _dtype_of(arr: np.ndarray) -> str:
+    return {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint8): "q8_0"}.get(arr.dtype, "?")

@@ -1,0 +1,165 @@
+/* edgemoe C core: public API.
+ *
+ * A model is a description (emoe_config, the C mirror of edgemoe/arch.py's ArchSpec) plus borrowed weight pointers
+ * (usually into an mmap of the container), a KV cache, scratch buffers and a persistent thread pool. Any number of
+ * models may be open at once; the library keeps no mutable global state except the result of CPU feature detection.
+ *
+ * Errors: every function that can fail returns an emoe_status (0 = ok, negative = error). Model functions also keep a
+ * human-readable message, emoe_model_last_error(m). Nothing here calls exit() or abort().
+ *
+ * Threads: a model runs its work on its own pool; call each model from one thread at a time (different models may
+ * be used from different threads concurrently).
+ *
+ * Matrices are row-major [out, in] (the Hugging Face orientation): y[o] = sum_i W[o,i] x[i].
+ * Weight types: f32, f16 (IEEE half), Q8_0 (ggml's layout: blocks of 32 along the input dim, each
+ * {uint16 f16 scale d; int8 qs[32]} = 34 bytes, value = d * q). Norm weights and biases are always f32.
+ */
+#ifndef EDGEMOE_H
+#define EDGEMOE_H
+#include <stddef.h>
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status codes ---- */
+typedef enum {
+    EMOE_OK = 0,
+    EMOE_ERR_ARG = -1,       /* an argument is invalid (bad name, shape, dtype, token id, ...) */
+    EMOE_ERR_NOMEM = -2,     /* allocation failed */
+    EMOE_ERR_NOT_READY = -3, /* a required tensor has not been set */
+    EMOE_ERR_CTX = -4,       /* the KV cache (max_ctx) is full */
+    EMOE_ERR_ISA = -5,       /* the requested instruction set is not supported by this CPU/build */
+    EMOE_ERR_THREAD = -6,    /* thread creation failed */
+} emoe_status;
+
+const char *emoe_version(void);
+const char *emoe_status_string(int status);
+
+/* CRC-32 (IEEE 802.3, zlib-compatible), continuing from `crc` (0 to start). */
+uint32_t emoe_crc32(uint32_t crc, const void *data, size_t len);
+
+/* ---- weight types ---- */
+enum { EMOE_F32 = 0, EMOE_F16 = 1, EMOE_Q8_0 = 2 };
+#define EMOE_QK8_0 32            /* values per Q8_0 block */
+#define EMOE_Q8_0_BLOCK_BYTES 34 /* bytes per Q8_0 block */
+
+/* Bytes of one row of `cols` values of type `dtype` (cols % 32 == 0 for Q8_0), or 0 if invalid. */
+size_t emoe_row_bytes(int dtype, int64_t cols);
+
+/* Quantize n f32 values (n % 32 == 0) to Q8_0, exactly like ggml's reference quantizer:
+ * d = max|x| / 127, q = roundf(x / d) (round half away from zero), d stored as f16. dst holds n/32*34 bytes. */
+int emoe_quantize_q8_0(const float *src, void *dst, int64_t n);
+/* dst[i] = d * q (f32). */
+int emoe_dequantize_q8_0(const void *src, float *dst, int64_t n);
+/* IEEE half <-> single (round to nearest even), n values. */
+void emoe_f32_to_f16(const float *src, uint16_t *dst, int64_t n);
+void emoe_f16_to_f32(const uint16_t *src, float *dst, int64_t n);
+
+/* ---- instruction sets ---- */
+enum {
+    EMOE_ISA_AUTO = -1,  /* the best one this CPU supports */
+    EMOE_ISA_SCALAR = 0, /* portable C reference */
+    EMOE_ISA_AVX2 = 1,   /* x86-64 AVX2 + FMA + F16C */
+    EMOE_ISA_NEON = 2,   /* aarch64 Advanced SIMD (base armv8-a) */
+    EMOE_ISA_NEON_DOTPROD = 3, /* aarch64 NEON + SDOT (armv8.2-a dotprod), selected only if HWCAP says so */
+    EMOE_ISA_COUNT = 4,
+};
+int emoe_isa_supported(int isa);    /* 1 if this CPU + build can run it */
+int emoe_isa_best(void);            /* what EMOE_ISA_AUTO resolves to (env EDGEMOE_ISA=scalar|avx2|neon|neon_dotprod overrides) */
+const char *emoe_isa_name(int isa); /* "scalar", "avx2", ... or NULL */
+
+/* ---- thread pool ----
+ * Persistent pthreads; the calling thread is worker 0, so n_threads=1 creates no thread. */
+typedef struct emoe_pool emoe_pool;
+emoe_pool *emoe_pool_new(int n_threads); /* NULL on failure */
+void emoe_pool_free(emoe_pool *pool);
+int emoe_pool_threads(const emoe_pool *pool);
+
+/* ---- kernels (for tests and benchmarks; the forward pass uses the same code) ----
+ * Y[t, o] = sum_i W[o, i] X[t, i] for o < rows, t < n_tok; W is `rows` rows of `cols` values of type wtype,
+ * X is [n_tok, cols] f32 and Y is [n_tok, rows] f32. pool may be NULL (single thread).
+ * For Q8_0 weights X is first quantized per block of 32 to int8 with an f32 scale (see emoe_quantize_act) and the
+ * dot products are integer; with wtype = EMOE_Q8_0 | EMOE_MATMUL_F32_ACT the weights are dequantized on the fly and
+ * multiplied with f32 activations instead (exact, about half the speed). Other types: f32 products and sums. */
+#define EMOE_MATMUL_F32_ACT 0x100
+int emoe_matmul(emoe_pool *pool, int isa, int wtype, const void *w, int64_t rows, int64_t cols, const float *x,
+                int64_t n_tok, float *y);
+/* The activation quantizer of the Q8_0 path: per block of 32, d = max|x|/127 (f32), q = round-half-even(x/d).
+ * dst receives n/32 blocks of {float d; int8 q[32]} (36 bytes each). Exposed so tests can check SIMD == scalar. */
+int emoe_quantize_act(int isa, const float *src, void *dst, int64_t n);
+/* y[i] += a * x[i] with x of type xtype (EMOE_F32 or EMOE_F16): the attention value accumulation kernel. */
+int emoe_axpy(int isa, int xtype, float a, const void *x, float *y, int64_t n);
+/* f32 <-> f16 row conversion with a given ISA (for tests). */
+int emoe_convert_f16(int isa, int to_f16, const void *src, void *dst, int64_t n);
+
+/* ---- model ---- */
+enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
+enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
+enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
+enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
+enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1 };
+
+/* Mirror of ArchSpec (edgemoe/arch.py); field meanings are documented there. Layer lists and expert_map are borrowed
+ * only during emoe_model_new (copied). */
+typedef struct {
+    int32_t n_layers, hidden, vocab, n_heads, n_kv_heads, head_dim, n_experts, top_k, expert_ffn;
+    float norm_eps;
+    int32_t rope_kind; /* EMOE_ROPE_* */
+    float rope_theta;
+    int32_t rope_dim;  /* rotated dims per head; 0 = head_dim */
+    int32_t qkv_bias;  /* bool */
+    int32_t qk_norm;   /* EMOE_QK_NORM_* */
+    int32_t router_fn; /* EMOE_ROUTER_* */
+    int32_t norm_topk; /* bool */
+    int32_t router_input; /* EMOE_ROUTER_IN_* */
+    int32_t activation;   /* EMOE_ACT_* */
+    int32_t shared_ffn;   /* 0 = no shared expert */
+    int32_t shared_gate;  /* bool */
+    int32_t dense_ffn;
+    int32_t sliding_window; /* 0 = none */
+    int32_t tie_embeddings; /* bool */
+    int32_t n_dense_layers, n_nope_layers, n_swa_layers;
+    const int32_t *dense_layers, *nope_layers, *swa_layers;
+    /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
+     * expert_map[l * n_experts + e], or -1 = pruned (masked out of routing). NULL = identity for every layer. A layer
+     * stores max(map) + 1 experts; when top-k picks several members of one group their weights are summed and the
+     * group's expert runs once. */
+    const int32_t *expert_map;
+} emoe_config;
+
+typedef struct emoe_model emoe_model;
+
+/* Create a model for cfg with a KV cache of max_ctx positions (f16 if kv_f16, else f32) and a pool of n_threads.
+ * Returns NULL only when memory runs out; otherwise check emoe_model_status(m) / emoe_model_last_error(m) (an invalid
+ * config gives a model whose other calls all fail with that message). */
+emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads);
+void emoe_model_free(emoe_model *m);
+int emoe_model_status(const emoe_model *m);         /* the creation status (EMOE_OK if usable) */
+const char *emoe_model_last_error(const emoe_model *m); /* message of the last failed call ("" if none) */
+
+/* Register a tensor by its container name (edgemoe/arch.py tables). The pointer is borrowed: it must stay valid until
+ * the model is freed. Matrices: rows x cols as in the table, dtype EMOE_F32/F16/Q8_0 (Q8_0 needs cols % 32 == 0).
+ * 1-D tensors (norms, biases, ffn_gate_inp_shexp): rows = 1, cols = length, dtype EMOE_F32. */
+int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void *data, int64_t rows, int64_t cols);
+/* The shape the model expects for `name` (1-D tensors: rows = 1). EMOE_ERR_ARG if the name is not one of its tensors. */
+int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols);
+/* EMOE_OK if every required tensor is set, else EMOE_ERR_NOT_READY naming the first missing one. */
+int emoe_model_ready(emoe_model *m);
+/* Q8_0 matmuls: 0 = quantize activations to int8 per block of 32 (default: fast, llama.cpp-like, adds ~0.2-0.5%
+ * error per dot product), 1 = keep activations f32 (exact w.r.t. the dequantized weights, about half the speed). */
+int emoe_model_set_q8_f32_act(emoe_model *m, int on);
+/* Choose the kernels (EMOE_ISA_AUTO = best); EMOE_ERR_ISA if unsupported. */
+int emoe_model_set_isa(emoe_model *m, int isa);
+int emoe_model_isa(const emoe_model *m);
+
+/* Run n_tokens tokens at positions n_past.. (appending to the KV cache). Long inputs are processed in blocks.
+ * logits_out: NULL, or [n_tokens, vocab] if all_logits, else [vocab] (the last token's). */
+int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits);
+int emoe_model_n_past(const emoe_model *m);
+void emoe_model_reset(emoe_model *m); /* clear the KV cache (n_past = 0) */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

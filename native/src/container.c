@@ -1,0 +1,897 @@
+/* The `.emoe` container reader (docs/FORMAT.md): preamble, read-only mapping, JSON index -> tensor table and
+ * emoe_config, CRC checks, and model creation with every tensor pointer borrowed from the mapping.
+ *
+ * Everything read from the file is treated as hostile: every size is checked for overflow and every range against the
+ * file before it is touched, and every failure returns a message naming the file and what was expected. */
+#define _POSIX_C_SOURCE 200809L
+#include "edgemoe_container.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "json.h"
+
+#define MAX_PLANES 16             /* MWQ: base plane + up to 15 residual planes */
+#define MAX_LAYER_EXPERTS (1 << 26) /* bound on n_layers * n_experts for the expert map */
+
+struct emoe_container {
+    char *path;
+    const unsigned char *map; /* the whole file, read-only */
+    size_t size;
+    int version;
+    uint64_t index_offset, index_nbytes;
+    json_doc *doc; /* the parsed index, only while opening (its nodes take ~10x the index size) */
+    int metadata;  /* node of the metadata object, or JSON_NONE (while opening) */
+    char *strings; /* every string kept after opening: names, family, nesting, string-valued metadata */
+    const char **meta; /* [2 * n_meta]: key, value of each string-valued metadata entry */
+    size_t n_meta;
+    emoe_config cfg;
+    int32_t *lists;      /* dense_layers | nope_layers | swa_layers, back to back (cfg points into it) */
+    int32_t *expert_map; /* [n_layers * n_experts] or NULL */
+    const char *family;
+    int64_t max_position, bos, eos;
+    emoe_tensor_info *tensors; /* [n_tensors], file (index) order */
+    size_t n_tensors;
+    emoe_plane *planes; /* all MWQ planes, back to back */
+    size_t *by_name;    /* tensor indices sorted by name */
+    void **owned;       /* buffers made by load_model (f16 -> f32 1-D tensors, realigned copies) */
+    size_t n_owned;
+};
+
+/* ---- errors ---- */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- little helpers ---- */
+
+static uint32_t rd_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t rd_u64(const unsigned char *p) { return (uint64_t)rd_u32(p) | (uint64_t)rd_u32(p + 4) << 32; }
+
+/* a * b, or 0 with *ovf set when it does not fit in uint64. */
+static uint64_t mul_u64(uint64_t a, uint64_t b, int *ovf) {
+    if (a && b > UINT64_MAX / a) {
+        *ovf = 1;
+        return 0;
+    }
+    return a * b;
+}
+
+/* [off, off + n) inside [lo, hi), without overflow */
+static int range_ok(uint64_t off, uint64_t n, uint64_t lo, uint64_t hi) {
+    return off >= lo && off <= hi && n <= hi - off;
+}
+
+static char *dup_str(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* ---- the arch object -> emoe_config ---- */
+
+typedef struct {
+    const json_doc *d;
+    int obj;
+    const char *path;
+    char *err;
+    size_t errlen;
+} arch_reader;
+
+/* Integer field in lo..hi; absent -> def (or an error if required). */
+static int arch_int(arch_reader *a, const char *key, int required, int64_t def, int64_t lo, int64_t hi, int64_t *out) {
+    int n = json_get(a->d, a->obj, key);
+    if (n == JSON_NONE) {
+        if (required) {
+            set_err(a->err, a->errlen, "%s: arch: required field '%s' is missing", a->path, key);
+            return -1;
+        }
+        *out = def;
+        return 0;
+    }
+    int64_t v;
+    if (!json_int64(a->d, n, &v) || v < lo || v > hi) {
+        set_err(a->err, a->errlen, "%s: arch: '%s' must be an integer in %lld..%lld", a->path, key, (long long)lo,
+                (long long)hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int arch_i32(arch_reader *a, const char *key, int required, int32_t def, int32_t lo, int32_t *out) {
+    int64_t v;
+    if (arch_int(a, key, required, def, lo, INT32_MAX, &v)) return -1;
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int arch_bool(arch_reader *a, const char *key, int32_t *out) {
+    int n = json_get(a->d, a->obj, key);
+    json_type t = json_kind(a->d, n);
+    int64_t v;
+    if (n == JSON_NONE) *out = 0;
+    else if (t == JSON_TRUE || t == JSON_FALSE) *out = t == JSON_TRUE;
+    else if (json_int64(a->d, n, &v) && (v == 0 || v == 1)) *out = (int32_t)v;
+    else {
+        set_err(a->err, a->errlen, "%s: arch: '%s' must be true or false", a->path, key);
+        return -1;
+    }
+    return 0;
+}
+
+static int arch_float(arch_reader *a, const char *key, double def, float *out) {
+    int n = json_get(a->d, a->obj, key);
+    double v = def;
+    if (n != JSON_NONE && !json_double(a->d, n, &v)) {
+        set_err(a->err, a->errlen, "%s: arch: '%s' must be a number", a->path, key);
+        return -1;
+    }
+    if (v > 3.0e38 || v < -3.0e38) {
+        set_err(a->err, a->errlen, "%s: arch: '%s' = %g does not fit in a float", a->path, key, v);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+/* String field that must be one of names[0..n) (absent -> index 0, the ArchSpec default). */
+static int arch_enum(arch_reader *a, const char *key, const char *const *names, int n_names, int32_t *out) {
+    int n = json_get(a->d, a->obj, key);
+    if (n == JSON_NONE) {
+        *out = 0;
+        return 0;
+    }
+    const char *s = json_str(a->d, n, NULL);
+    for (int i = 0; s && i < n_names; i++)
+        if (!strcmp(s, names[i])) {
+            *out = i;
+            return 0;
+        }
+    char allowed[128] = "";
+    for (int i = 0; i < n_names; i++) {
+        size_t used = strlen(allowed);
+        snprintf(allowed + used, sizeof(allowed) - used, "%s'%s'", i ? ", " : "", names[i]);
+    }
+    set_err(a->err, a->errlen, "%s: arch: '%s' = '%s' is not one of %s", a->path, key, s ? s : "(not a string)",
+            allowed);
+    return -1;
+}
+
+/* An int list of layer numbers: absent -> empty. Values are checked by emoe_model_new (named there). */
+static int arch_list(arch_reader *a, const char *key, int *node, int32_t *n_out) {
+    *node = json_get(a->d, a->obj, key);
+    *n_out = 0;
+    if (*node == JSON_NONE) return 0;
+    if (json_kind(a->d, *node) != JSON_ARRAY) {
+        set_err(a->err, a->errlen, "%s: arch: '%s' must be a list of layer numbers", a->path, key);
+        return -1;
+    }
+    for (int e = json_first(a->d, *node); e != JSON_NONE; e = json_next(a->d, e)) {
+        int64_t v;
+        if (!json_int64(a->d, e, &v) || v < INT32_MIN || v > INT32_MAX) {
+            set_err(a->err, a->errlen, "%s: arch: '%s' must be a list of integers", a->path, key);
+            return -1;
+        }
+    }
+    *n_out = (int32_t)json_len(a->d, *node);
+    return 0;
+}
+
+static void fill_list(const json_doc *d, int node, int32_t *dst) {
+    size_t i = 0;
+    for (int e = json_first(d, node); e != JSON_NONE; e = json_next(d, e)) {
+        int64_t v = 0;
+        json_int64(d, e, &v);
+        dst[i++] = (int32_t)v;
+    }
+}
+
+static int read_expert_map(emoe_container *c, arch_reader *a) {
+    const emoe_config *cfg = &c->cfg;
+    int node = json_get(a->d, a->obj, "expert_map");
+    if (node == JSON_NONE || json_kind(a->d, node) == JSON_NULL) return 0;
+    if (json_kind(a->d, node) != JSON_ARRAY) {
+        set_err(a->err, a->errlen, "%s: arch: 'expert_map' must be a list (one list per layer)", a->path);
+        return -1;
+    }
+    if (json_len(a->d, node) > (size_t)cfg->n_layers) {
+        set_err(a->err, a->errlen, "%s: arch: 'expert_map' has %zu rows, more than n_layers = %d", a->path,
+                json_len(a->d, node), cfg->n_layers);
+        return -1;
+    }
+    int any = 0;
+    for (int row = json_first(a->d, node); row != JSON_NONE; row = json_next(a->d, row)) {
+        if (json_kind(a->d, row) != JSON_ARRAY) {
+            set_err(a->err, a->errlen, "%s: arch: every row of 'expert_map' must be a list", a->path);
+            return -1;
+        }
+        const size_t n = json_len(a->d, row);
+        if (n && n != (size_t)cfg->n_experts) {
+            set_err(a->err, a->errlen, "%s: arch: an 'expert_map' row has %zu entries, expected 0 or n_experts = %d",
+                    a->path, n, cfg->n_experts);
+            return -1;
+        }
+        any |= n > 0;
+    }
+    if (!any) return 0; /* every layer identity */
+    if (cfg->n_experts <= 0 || (uint64_t)cfg->n_layers * (uint64_t)cfg->n_experts > MAX_LAYER_EXPERTS) {
+        set_err(a->err, a->errlen, "%s: arch: 'expert_map' with n_layers = %d, n_experts = %d is out of range",
+                a->path, cfg->n_layers, cfg->n_experts);
+        return -1;
+    }
+    c->expert_map = malloc((size_t)cfg->n_layers * (size_t)cfg->n_experts * sizeof(int32_t));
+    if (!c->expert_map) {
+        set_err(a->err, a->errlen, "%s: out of memory", a->path);
+        return -1;
+    }
+    for (int l = 0; l < cfg->n_layers; l++)
+        for (int e = 0; e < cfg->n_experts; e++) c->expert_map[(size_t)l * cfg->n_experts + e] = e;
+    int l = 0;
+    for (int row = json_first(a->d, node); row != JSON_NONE; row = json_next(a->d, row), l++) {
+        int e = 0;
+        for (int v = json_first(a->d, row); v != JSON_NONE; v = json_next(a->d, v), e++) {
+            int64_t g;
+            if (!json_int64(a->d, v, &g) || g < -1 || g >= cfg->n_experts) {
+                set_err(a->err, a->errlen, "%s: arch: expert_map[%d][%d] must be an integer in -1..%d", a->path, l, e,
+                        cfg->n_experts - 1);
+                return -1;
+            }
+            c->expert_map[(size_t)l * cfg->n_experts + e] = (int32_t)g;
+        }
+    }
+    c->cfg.expert_map = c->expert_map;
+    return 0;
+}
+
+static int read_arch(emoe_container *c, int arch, char *err, size_t errlen) {
+    arch_reader a = {c->doc, arch, c->path, err, errlen};
+    emoe_config *cfg = &c->cfg;
+    memset(cfg, 0, sizeof(*cfg));
+    static const char *const rope_kinds[] = {"neox", "norm"};
+    static const char *const qk_norms[] = {"none", "head", "full"};
+    static const char *const router_fns[] = {"softmax", "sigmoid"};
+    static const char *const router_inputs[] = {"ffn_norm", "layer_input"};
+    static const char *const activations[] = {"swiglu", "reglu"};
+    if (arch_i32(&a, "n_layers", 1, 0, 1, &cfg->n_layers) || arch_i32(&a, "hidden", 1, 0, 1, &cfg->hidden) ||
+        arch_i32(&a, "vocab", 1, 0, 1, &cfg->vocab) || arch_i32(&a, "n_heads", 1, 0, 1, &cfg->n_heads) ||
+        arch_i32(&a, "n_kv_heads", 1, 0, 1, &cfg->n_kv_heads) || arch_i32(&a, "head_dim", 1, 0, 1, &cfg->head_dim) ||
+        arch_i32(&a, "n_experts", 1, 0, 0, &cfg->n_experts) || arch_i32(&a, "top_k", 1, 0, 0, &cfg->top_k) ||
+        arch_i32(&a, "expert_ffn", 1, 0, 0, &cfg->expert_ffn) || arch_float(&a, "norm_eps", 1e-6, &cfg->norm_eps) ||
+        arch_enum(&a, "rope_kind", rope_kinds, 2, &cfg->rope_kind) ||
+        arch_float(&a, "rope_theta", 10000.0, &cfg->rope_theta) || arch_i32(&a, "rope_dim", 0, 0, 0, &cfg->rope_dim) ||
+        arch_bool(&a, "qkv_bias", &cfg->qkv_bias) || arch_enum(&a, "qk_norm", qk_norms, 3, &cfg->qk_norm) ||
+        arch_enum(&a, "router_fn", router_fns, 2, &cfg->router_fn) || arch_bool(&a, "norm_topk", &cfg->norm_topk) ||
+        arch_enum(&a, "router_input", router_inputs, 2, &cfg->router_input) ||
+        arch_enum(&a, "activation", activations, 2, &cfg->activation) ||
+        arch_i32(&a, "shared_ffn", 0, 0, 0, &cfg->shared_ffn) || arch_bool(&a, "shared_gate", &cfg->shared_gate) ||
+        arch_i32(&a, "dense_ffn", 0, 0, 0, &cfg->dense_ffn) ||
+        arch_i32(&a, "sliding_window", 0, 0, 0, &cfg->sliding_window) ||
+        arch_bool(&a, "tie_embeddings", &cfg->tie_embeddings) ||
+        arch_int(&a, "max_position", 0, 4096, 0, INT64_MAX, &c->max_position))
+        return -1;
+    if (cfg->rope_dim == 0) cfg->rope_dim = cfg->head_dim; /* ArchSpec.__post_init__ */
+    /* bos/eos are informational here (the forward pass does not use them): a non-negative integer, else -1. */
+    const char *ids[2] = {"bos_token_id", "eos_token_id"};
+    int64_t *dst[2] = {&c->bos, &c->eos};
+    for (int i = 0; i < 2; i++)
+        if (!json_int64(c->doc, json_get(c->doc, arch, ids[i]), dst[i]) || *dst[i] < 0) *dst[i] = -1;
+    int fam = json_get(c->doc, arch, "family");
+    c->family = json_str(c->doc, fam, NULL);
+    if (!c->family) c->family = "";
+    int nodes[3];
+    int32_t counts[3];
+    const char *lists[3] = {"dense_layers", "nope_layers", "swa_layers"};
+    for (int i = 0; i < 3; i++)
+        if (arch_list(&a, lists[i], &nodes[i], &counts[i])) return -1;
+    c->lists = malloc(((size_t)counts[0] + (size_t)counts[1] + (size_t)counts[2] + 1) * sizeof(int32_t));
+    if (!c->lists) {
+        set_err(err, errlen, "%s: out of memory", c->path);
+        return -1;
+    }
+    int32_t *p = c->lists;
+    const int32_t **ptrs[3] = {&cfg->dense_layers, &cfg->nope_layers, &cfg->swa_layers};
+    int32_t *ns[3] = {&cfg->n_dense_layers, &cfg->n_nope_layers, &cfg->n_swa_layers};
+    for (int i = 0; i < 3; i++) {
+        fill_list(c->doc, nodes[i], p);
+        *ptrs[i] = counts[i] ? p : NULL;
+        *ns[i] = counts[i];
+        p += counts[i];
+    }
+    return read_expert_map(c, &a);
+}
+
+/* ---- the tensor table ---- */
+
+static const struct {
+    const char *name;
+    int dtype;
+    uint64_t block_bytes, block_values;
+} DTYPES[] = {
+    {"f32", EMOE_F32, 4, 1},  {"f16", EMOE_F16, 2, 1},    {"q8_0", EMOE_Q8_0, EMOE_Q8_0_BLOCK_BYTES, EMOE_QK8_0},
+    {"bytes", EMOE_BYTES, 1, 1}, {"mwq", EMOE_MWQ, 0, 0},
+};
+static const char *const KINDS[] = {"dense", "expert", "blob"};
+
+typedef struct {
+    emoe_container *c;
+    size_t idx; /* entry number, for messages */
+    const char *name;
+    char *err;
+    size_t errlen;
+} entry_ctx;
+
+static int entry_fail(entry_ctx *e, const char *what) {
+    if (e->name) set_err(e->err, e->errlen, "%s: tensor '%s': %s", e->c->path, e->name, what);
+    else set_err(e->err, e->errlen, "%s: tensor entry %zu: %s", e->c->path, e->idx, what);
+    return -1;
+}
+
+static int get_u64(const json_doc *d, int obj, const char *key, uint64_t max, uint64_t *out) {
+    int64_t v;
+    int n = json_get(d, obj, key);
+    if (!json_int64(d, n, &v) || v < 0 || (uint64_t)v > max) return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* MWQ plane sizes (edgemoe/mwq.py plane_nbytes): P1 = f16 scales + f16 mins + packed codes, Pk = f16 scales + signs. */
+static int read_planes(entry_ctx *e, int entry, emoe_tensor_info *t, emoe_plane *planes) {
+    const json_doc *d = e->c->doc;
+    char msg[200];
+    int q = json_get(d, entry, "quant");
+    if (json_kind(d, q) != JSON_OBJECT) return entry_fail(e, "MWQ tensor without a 'quant' object");
+    uint64_t bb, gs;
+    if (get_u64(d, q, "base_bits", 8, &bb) || (bb != 2 && bb != 4 && bb != 8))
+        return entry_fail(e, "quant.base_bits must be 2, 4 or 8");
+    if (get_u64(d, q, "group_size", 1 << 20, &gs) || gs == 0 || gs % 8)
+        return entry_fail(e, "quant.group_size must be a positive multiple of 8");
+    t->mwq_base_bits = (int32_t)bb;
+    t->mwq_group_size = (int32_t)gs;
+    const char *nesting = json_str(d, json_get(d, q, "nesting"), NULL);
+    t->mwq_nesting = nesting ? nesting : "";
+    if (t->ndim != 2 || t->shape[0] <= 0 || t->shape[1] <= 0 || (uint64_t)t->shape[1] % gs)
+        return entry_fail(e, "MWQ tensors must be 2-D [out, in] with in a multiple of quant.group_size");
+    const uint64_t out = (uint64_t)t->shape[0], in = (uint64_t)t->shape[1], ng = in / gs;
+    int pl = json_get(d, entry, "planes");
+    if (json_kind(d, pl) != JSON_ARRAY || json_len(d, pl) == 0 || json_len(d, pl) > MAX_PLANES) {
+        snprintf(msg, sizeof msg, "MWQ tensor needs a 'planes' list of 1..%d planes", MAX_PLANES);
+        return entry_fail(e, msg);
+    }
+    int k = 0;
+    for (int p = json_first(d, pl); p != JSON_NONE; p = json_next(d, p), k++) {
+        emoe_plane *P = &planes[k];
+        uint64_t crc, bits;
+        if (json_kind(d, p) != JSON_OBJECT || get_u64(d, p, "offset", UINT64_MAX >> 1, &P->offset) ||
+            get_u64(d, p, "nbytes", UINT64_MAX >> 1, &P->nbytes) || get_u64(d, p, "crc32", 0xFFFFFFFFu, &crc) ||
+            get_u64(d, p, "bits", 8, &bits)) {
+            snprintf(msg, sizeof msg, "plane %d needs integer 'offset', 'nbytes', 'crc32' and 'bits'", k + 1);
+            return entry_fail(e, msg);
+        }
+        P->crc32 = (uint32_t)crc;
+        P->bits = (int32_t)bits;
+        if (bits != (k == 0 ? bb : 1)) {
+            snprintf(msg, sizeof msg, "plane %d has bits = %d, expected %d", k + 1, (int)bits, k == 0 ? (int)bb : 1);
+            return entry_fail(e, msg);
+        }
+        int ovf = 0;
+        const uint64_t scales = mul_u64(out, ng, &ovf), weights = mul_u64(out, in, &ovf);
+        const uint64_t want = k == 0 ? mul_u64(scales, 4, &ovf) + mul_u64(weights, bb, &ovf) / 8
+                                     : mul_u64(scales, 2, &ovf) + weights / 8;
+        if (ovf || P->nbytes != want) {
+            snprintf(msg, sizeof msg, "plane %d has %llu bytes, expected %llu for [%llu, %llu] with base_bits %d, "
+                     "group_size %d", k + 1, (unsigned long long)P->nbytes, (unsigned long long)want,
+                     (unsigned long long)out, (unsigned long long)in, (int)bb, (int)gs);
+            return entry_fail(e, msg);
+        }
+        /* Plane 1 starts the tensor's span; each later plane starts at the next 64-byte boundary (FORMAT.md). */
+        const uint64_t want_off = k == 0 ? t->offset : (planes[k - 1].offset + planes[k - 1].nbytes + 63) / 64 * 64;
+        if (P->offset != want_off || !range_ok(P->offset, P->nbytes, t->offset, t->offset + t->nbytes)) {
+            snprintf(msg, sizeof msg, "plane %d (bytes %llu..%llu) should start at byte %llu and lie inside the "
+                     "tensor's span %llu..%llu", k + 1, (unsigned long long)P->offset,
+                     (unsigned long long)(P->offset + P->nbytes), (unsigned long long)want_off,
+                     (unsigned long long)t->offset, (unsigned long long)(t->offset + t->nbytes));
+            return entry_fail(e, msg);
+        }
+    }
+    if (planes[k - 1].offset + planes[k - 1].nbytes != t->offset + t->nbytes)
+        return entry_fail(e, "'nbytes' must end where the last plane ends");
+    t->n_planes = k;
+    return 0;
+}
+
+static int read_entry(emoe_container *c, int entry, size_t idx, emoe_tensor_info *t, emoe_plane *planes, char *err,
+                      size_t errlen) {
+    const json_doc *d = c->doc;
+    entry_ctx e = {c, idx, NULL, err, errlen};
+    char msg[256];
+    memset(t, 0, sizeof(*t));
+    t->mwq_nesting = "";
+    if (json_kind(d, entry) != JSON_OBJECT) return entry_fail(&e, "not an object");
+    size_t nlen;
+    const char *name = json_str(d, json_get(d, entry, "name"), &nlen);
+    if (!name || !nlen || nlen != strlen(name)) return entry_fail(&e, "'name' must be a non-empty string");
+    t->name = e.name = name;
+    const char *dt = json_str(d, json_get(d, entry, "dtype"), NULL);
+    t->dtype = -1;
+    for (size_t i = 0; dt && i < sizeof(DTYPES) / sizeof(DTYPES[0]); i++)
+        if (!strcmp(dt, DTYPES[i].name)) t->dtype = DTYPES[i].dtype, t->dtype_name = DTYPES[i].name;
+    if (t->dtype < 0) {
+        snprintf(msg, sizeof msg, "unknown dtype '%.40s' (this reader knows f32, f16, q8_0, bytes, mwq)",
+                 dt ? dt : "(not a string)");
+        return entry_fail(&e, msg);
+    }
+    int kn = json_get(d, entry, "kind");
+    const char *kind = kn == JSON_NONE ? "dense" : json_str(d, kn, NULL);
+    t->kind = -1;
+    for (int i = 0; kind && i < 3; i++)
+        if (!strcmp(kind, KINDS[i])) t->kind = i;
+    if (t->kind < 0) return entry_fail(&e, "'kind' must be \"dense\", \"expert\" or \"blob\"");
+    int sh = json_get(d, entry, "shape");
+    if (json_kind(d, sh) != JSON_ARRAY || json_len(d, sh) > EMOE_MAX_DIMS) {
+        snprintf(msg, sizeof msg, "'shape' must be a list of at most %d integers", EMOE_MAX_DIMS);
+        return entry_fail(&e, msg);
+    }
+    uint64_t count = 1;
+    int ovf = 0;
+    for (int s = json_first(d, sh); s != JSON_NONE; s = json_next(d, s)) {
+        int64_t v;
+        if (!json_int64(d, s, &v) || v < 0) return entry_fail(&e, "'shape' must hold non-negative integers");
+        t->shape[t->ndim++] = v;
+        count = mul_u64(count, (uint64_t)v, &ovf);
+    }
+    if (ovf) return entry_fail(&e, "'shape' is too large");
+    uint64_t crc;
+    if (get_u64(d, entry, "offset", UINT64_MAX >> 1, &t->offset) ||
+        get_u64(d, entry, "nbytes", UINT64_MAX >> 1, &t->nbytes) || get_u64(d, entry, "crc32", 0xFFFFFFFFu, &crc))
+        return entry_fail(&e, "'offset', 'nbytes' must be non-negative integers and 'crc32' a 32-bit unsigned integer");
+    t->crc32 = (uint32_t)crc;
+    if (!range_ok(t->offset, t->nbytes, EMOE_CONTAINER_PREAMBLE_SIZE, c->index_offset)) {
+        snprintf(msg, sizeof msg, "bytes %llu..%llu lie outside the data region %d..%llu",
+                 (unsigned long long)t->offset, (unsigned long long)t->offset + t->nbytes, EMOE_CONTAINER_PREAMBLE_SIZE,
+                 (unsigned long long)c->index_offset);
+        return entry_fail(&e, msg);
+    }
+    if (t->dtype == EMOE_MWQ) {
+        if (c->version < 2) return entry_fail(&e, "dtype 'mwq' needs container version 2");
+        return read_planes(&e, entry, t, planes);
+    }
+    if (json_get(d, entry, "planes") != JSON_NONE && json_kind(d, json_get(d, entry, "planes")) != JSON_NULL)
+        return entry_fail(&e, "'planes' given for a tensor that is not 'mwq'");
+    for (size_t i = 0; i < sizeof(DTYPES) / sizeof(DTYPES[0]); i++) {
+        if (DTYPES[i].dtype != t->dtype) continue;
+        if (count % DTYPES[i].block_values) {
+            snprintf(msg, sizeof msg, "%s needs a multiple of %llu values, shape has %llu", t->dtype_name,
+                     (unsigned long long)DTYPES[i].block_values, (unsigned long long)count);
+            return entry_fail(&e, msg);
+        }
+        const uint64_t want = mul_u64(count / DTYPES[i].block_values, DTYPES[i].block_bytes, &ovf);
+        if (ovf || want != t->nbytes) {
+            snprintf(msg, sizeof msg, "nbytes = %llu, but %s with %llu values takes %llu bytes",
+                     (unsigned long long)t->nbytes, t->dtype_name, (unsigned long long)count, (unsigned long long)want);
+            return entry_fail(&e, msg);
+        }
+    }
+    return 0;
+}
+
+static int cmp_names_of(const emoe_container *c, size_t a, size_t b) {
+    return strcmp(c->tensors[a].name, c->tensors[b].name);
+}
+
+/* Insertion into a sorted index would be O(n^2); a heap sort keeps it O(n log n) without qsort's global context. */
+static void sift(const emoe_container *c, size_t *v, size_t root, size_t n) {
+    for (;;) {
+        size_t child = 2 * root + 1;
+        if (child >= n) return;
+        if (child + 1 < n && cmp_names_of(c, v[child], v[child + 1]) < 0) child++;
+        if (cmp_names_of(c, v[root], v[child]) >= 0) return;
+        size_t tmp = v[root];
+        v[root] = v[child];
+        v[child] = tmp;
+        root = child;
+    }
+}
+static void sort_by_name(const emoe_container *c, size_t *v, size_t n) {
+    for (size_t i = n / 2; i-- > 0;) sift(c, v, i, n);
+    for (size_t end = n; end-- > 1;) {
+        size_t tmp = v[0];
+        v[0] = v[end];
+        v[end] = tmp;
+        sift(c, v, 0, end);
+    }
+}
+
+static int read_tensors(emoe_container *c, int arr, char *err, size_t errlen) {
+    const json_doc *d = c->doc;
+    if (json_kind(d, arr) != JSON_ARRAY) {
+        set_err(err, errlen, "%s: index: 'tensors' must be a list", c->path);
+        return -1;
+    }
+    const size_t n = json_len(d, arr);
+    size_t n_planes = 0;
+    for (int e = json_first(d, arr); e != JSON_NONE; e = json_next(d, e)) {
+        int pl = json_get(d, e, "planes");
+        if (json_kind(d, pl) == JSON_ARRAY) n_planes += json_len(d, pl) < MAX_PLANES ? json_len(d, pl) : MAX_PLANES;
+    }
+    c->tensors = calloc(n ? n : 1, sizeof(emoe_tensor_info));
+    c->by_name = calloc(n ? n : 1, sizeof(size_t));
+    c->planes = calloc(n_planes ? n_planes : 1, sizeof(emoe_plane));
+    if (!c->tensors || !c->by_name || !c->planes) {
+        set_err(err, errlen, "%s: out of memory reading %zu tensor entries", c->path, n);
+        return -1;
+    }
+    size_t i = 0, used_planes = 0;
+    for (int e = json_first(d, arr); e != JSON_NONE; e = json_next(d, e), i++) {
+        if (read_entry(c, e, i, &c->tensors[i], c->planes + used_planes, err, errlen)) return -1;
+        c->tensors[i].planes = c->tensors[i].n_planes ? c->planes + used_planes : NULL;
+        used_planes += (size_t)c->tensors[i].n_planes;
+        c->by_name[i] = i;
+    }
+    c->n_tensors = n;
+    sort_by_name(c, c->by_name, n);
+    for (size_t k = 1; k < n; k++)
+        if (!cmp_names_of(c, c->by_name[k - 1], c->by_name[k])) {
+            set_err(err, errlen, "%s: index: tensor '%s' appears twice", c->path, c->tensors[c->by_name[k]].name);
+            return -1;
+        }
+    return 0;
+}
+
+/* ---- open / close ---- */
+
+static int read_index(emoe_container *c, char *err, size_t errlen) {
+    const unsigned char *idx = c->map + c->index_offset;
+    const uint32_t want = rd_u32(c->map + 24);
+    if (emoe_crc32(0, idx, (size_t)c->index_nbytes) != want) {
+        set_err(err, errlen, "%s: checksum mismatch in the tensor index (the file is corrupt; re-export it)", c->path);
+        return -1;
+    }
+    char jerr[200];
+    if (json_parse((const char *)idx, (size_t)c->index_nbytes, JSON_DEFAULT_MAX_DEPTH, &c->doc, jerr, sizeof jerr)) {
+        set_err(err, errlen, "%s: the tensor index (file bytes %llu..%llu) is not valid JSON: %s", c->path,
+                (unsigned long long)c->index_offset, (unsigned long long)(c->index_offset + c->index_nbytes), jerr);
+        return -1;
+    }
+    const json_doc *d = c->doc;
+    if (json_kind(d, 0) != JSON_OBJECT) {
+        set_err(err, errlen, "%s: the tensor index must be a JSON object", c->path);
+        return -1;
+    }
+    int f = json_get(d, 0, "format");
+    const char *fmt = json_str(d, f, NULL);
+    if (f != JSON_NONE && (!fmt || strcmp(fmt, "edgemoe"))) {
+        set_err(err, errlen, "%s: index: format is '%s', expected 'edgemoe'", c->path, fmt ? fmt : "(not a string)");
+        return -1;
+    }
+    int v = json_get(d, 0, "version");
+    int64_t iv;
+    if (v != JSON_NONE && (!json_int64(d, v, &iv) || iv != c->version)) {
+        set_err(err, errlen, "%s: index: version does not match the preamble's version %d", c->path, c->version);
+        return -1;
+    }
+    int arch = json_get(d, 0, "arch");
+    if (json_kind(d, arch) != JSON_OBJECT) {
+        set_err(err, errlen, "%s: index: 'arch' (the architecture description) is missing or not an object", c->path);
+        return -1;
+    }
+    c->metadata = json_get(d, 0, "metadata");
+    if (c->metadata != JSON_NONE && json_kind(d, c->metadata) != JSON_OBJECT) {
+        set_err(err, errlen, "%s: index: 'metadata' must be an object", c->path);
+        return -1;
+    }
+    int tensors = json_get(d, 0, "tensors");
+    if (tensors == JSON_NONE) {
+        set_err(err, errlen, "%s: index: 'tensors' is missing", c->path);
+        return -1;
+    }
+    if (read_arch(c, arch, err, errlen)) return -1;
+    return read_tensors(c, tensors, err, errlen);
+}
+
+/* Copy the strings that outlive opening into one block and drop the parsed index (the tensor table, config and
+ * these strings are all a container keeps; for a large MoE the JSON nodes would be tens of MB). */
+static int compact(emoe_container *c, char *err, size_t errlen) {
+    const json_doc *d = c->doc;
+    size_t total = strlen(c->family) + 1;
+    for (size_t i = 0; i < c->n_tensors; i++)
+        total += strlen(c->tensors[i].name) + 1 + strlen(c->tensors[i].mwq_nesting) + 1;
+    for (int m = json_first(d, c->metadata); m != JSON_NONE; m = json_next(d, m))
+        if (json_kind(d, m) == JSON_STRING) total += strlen(json_key(d, m)) + 1 + strlen(json_str(d, m, NULL)) + 1,
+                                            c->n_meta++;
+    c->strings = malloc(total);
+    c->meta = malloc((c->n_meta ? c->n_meta : 1) * 2 * sizeof(char *));
+    if (!c->strings || !c->meta) {
+        set_err(err, errlen, "%s: out of memory", c->path);
+        return -1;
+    }
+    char *p = c->strings;
+#define KEEP(dst, src)                                                                                                \
+    do {                                                                                                              \
+        const size_t n_ = strlen(src) + 1;                                                                            \
+        memcpy(p, (src), n_);                                                                                         \
+        (dst) = p;                                                                                                    \
+        p += n_;                                                                                                      \
+    } while (0)
+    KEEP(c->family, c->family);
+    for (size_t i = 0; i < c->n_tensors; i++) {
+        KEEP(c->tensors[i].name, c->tensors[i].name);
+        KEEP(c->tensors[i].mwq_nesting, c->tensors[i].mwq_nesting);
+    }
+    size_t k = 0;
+    for (int m = json_first(d, c->metadata); m != JSON_NONE; m = json_next(d, m))
+        if (json_kind(d, m) == JSON_STRING) {
+            KEEP(c->meta[2 * k], json_key(d, m));
+            KEEP(c->meta[2 * k + 1], json_str(d, m, NULL));
+            k++;
+        }
+#undef KEEP
+    json_free(c->doc);
+    c->doc = NULL;
+    c->metadata = JSON_NONE;
+    return 0;
+}
+
+emoe_container *emoe_container_open(const char *path, int verify, char *err, size_t errlen) {
+    set_err(err, errlen, "%s", "");
+    if (!path) {
+        set_err(err, errlen, "emoe_container_open: path is NULL");
+        return NULL;
+    }
+    emoe_container *c = calloc(1, sizeof(*c));
+    if (!c || !(c->path = dup_str(path))) {
+        free(c);
+        set_err(err, errlen, "%s: out of memory", path);
+        return NULL;
+    }
+    c->metadata = JSON_NONE;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        set_err(err, errlen, "%s: %s", path, errno == ENOENT ? "no such file" : strerror(errno));
+        goto fail;
+    }
+    struct stat st;
+    if (fstat(fd, &st)) {
+        set_err(err, errlen, "%s: %s", path, strerror(errno));
+        close(fd);
+        goto fail;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        set_err(err, errlen, "%s: is a directory, expected an .emoe container file", path);
+        close(fd);
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        set_err(err, errlen, "%s: not a regular file, expected an .emoe container file", path);
+        close(fd);
+        goto fail;
+    }
+    if (st.st_size < EMOE_CONTAINER_PREAMBLE_SIZE) {
+        set_err(err, errlen, "%s: truncated (%lld bytes; a container is at least %d)", path, (long long)st.st_size,
+                EMOE_CONTAINER_PREAMBLE_SIZE);
+        close(fd);
+        goto fail;
+    }
+    if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
+        set_err(err, errlen, "%s: %lld bytes do not fit in this process's address space", path, (long long)st.st_size);
+        close(fd);
+        goto fail;
+    }
+    c->size = (size_t)st.st_size;
+    void *map = mmap(NULL, c->size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) {
+        set_err(err, errlen, "%s: mmap of %zu bytes failed: %s", path, c->size, strerror(errno));
+        goto fail;
+    }
+    c->map = map;
+    if (memcmp(c->map, "EMOE", 4)) {
+        char shown[20];
+        for (int i = 0; i < 4; i++) shown[i] = c->map[i] >= 0x20 && c->map[i] < 0x7F ? (char)c->map[i] : '?';
+        shown[4] = '\0';
+        set_err(err, errlen, "%s: not an edgemoe container (magic '%s', expected 'EMOE')", path, shown);
+        goto fail;
+    }
+    const uint32_t version = rd_u32(c->map + 4);
+    if (version < 1 || version > EMOE_CONTAINER_MAX_VERSION) {
+        set_err(err, errlen, "%s: container version %u, this edgemoe reads versions 1..%d (a newer edgemoe wrote it?)",
+                path, version, EMOE_CONTAINER_MAX_VERSION);
+        goto fail;
+    }
+    c->version = (int)version;
+    c->index_offset = rd_u64(c->map + 8);
+    c->index_nbytes = rd_u64(c->map + 16);
+    if (c->index_offset > c->size || c->index_nbytes > c->size - c->index_offset) {
+        set_err(err, errlen, "%s: truncated (index ends at byte %llu, file has %zu)", path,
+                (unsigned long long)c->index_offset + (unsigned long long)c->index_nbytes, c->size);
+        goto fail;
+    }
+    if (c->index_offset < EMOE_CONTAINER_PREAMBLE_SIZE) {
+        set_err(err, errlen, "%s: the index offset %llu lies inside the %d-byte preamble (corrupt preamble)", path,
+                (unsigned long long)c->index_offset, EMOE_CONTAINER_PREAMBLE_SIZE);
+        goto fail;
+    }
+    if (read_index(c, err, errlen) || compact(c, err, errlen)) goto fail;
+    if (verify && emoe_container_verify(c, err, errlen)) goto fail;
+    return c;
+fail:
+    emoe_container_close(c);
+    return NULL;
+}
+
+void emoe_container_close(emoe_container *c) {
+    if (!c) return;
+    if (c->map) munmap((void *)c->map, c->size);
+    json_free(c->doc);
+    free(c->strings);
+    free(c->meta);
+    for (size_t i = 0; i < c->n_owned; i++) free(c->owned[i]);
+    free(c->owned);
+    free(c->tensors);
+    free(c->by_name);
+    free(c->planes);
+    free(c->lists);
+    free(c->expert_map);
+    free(c->path);
+    free(c);
+}
+
+int emoe_container_verify(const emoe_container *c, char *err, size_t errlen) {
+    if (!c) return EMOE_ERR_ARG;
+    for (size_t i = 0; i < c->n_tensors; i++) {
+        const emoe_tensor_info *t = &c->tensors[i];
+        for (int k = 0; k < t->n_planes; k++) /* per-plane checksums first: they say which plane is damaged */
+            if (emoe_crc32(0, c->map + t->planes[k].offset, (size_t)t->planes[k].nbytes) != t->planes[k].crc32) {
+                set_err(err, errlen, "%s: checksum mismatch in plane %d of %d of tensor '%s' (the file is corrupt; "
+                        "re-export it)", c->path, k + 1, t->n_planes, t->name);
+                return EMOE_ERR_ARG;
+            }
+        if (emoe_crc32(0, c->map + t->offset, (size_t)t->nbytes) != t->crc32) {
+            set_err(err, errlen, "%s: checksum mismatch in tensor '%s' (the file is corrupt; re-export it)", c->path,
+                    t->name);
+            return EMOE_ERR_ARG;
+        }
+    }
+    return EMOE_OK;
+}
+
+/* ---- accessors ---- */
+
+int emoe_container_version(const emoe_container *c) { return c ? c->version : 0; }
+const char *emoe_container_path(const emoe_container *c) { return c ? c->path : NULL; }
+uint64_t emoe_container_file_size(const emoe_container *c) { return c ? c->size : 0; }
+const emoe_config *emoe_container_config(const emoe_container *c) { return c ? &c->cfg : NULL; }
+const char *emoe_container_family(const emoe_container *c) { return c ? c->family : NULL; }
+int64_t emoe_container_max_position(const emoe_container *c) { return c ? c->max_position : 0; }
+int64_t emoe_container_bos_token_id(const emoe_container *c) { return c ? c->bos : -1; }
+int64_t emoe_container_eos_token_id(const emoe_container *c) { return c ? c->eos : -1; }
+size_t emoe_container_n_tensors(const emoe_container *c) { return c ? c->n_tensors : 0; }
+
+const char *emoe_container_metadata_string(const emoe_container *c, const char *key) {
+    const char *found = NULL;
+    for (size_t i = 0; c && key && i < c->n_meta; i++)
+        if (!strcmp(c->meta[2 * i], key)) found = c->meta[2 * i + 1]; /* the last one, like Python's json */
+    return found;
+}
+
+const emoe_tensor_info *emoe_container_tensor(const emoe_container *c, size_t i) {
+    return c && i < c->n_tensors ? &c->tensors[i] : NULL;
+}
+
+const emoe_tensor_info *emoe_container_find(const emoe_container *c, const char *name) {
+    if (!c || !name) return NULL;
+    size_t lo = 0, hi = c->n_tensors;
+    while (lo < hi) {
+        const size_t mid = lo + (hi - lo) / 2;
+        const int r = strcmp(c->tensors[c->by_name[mid]].name, name);
+        if (!r) return &c->tensors[c->by_name[mid]];
+        if (r < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    return NULL;
+}
+
+const void *emoe_container_data(const emoe_container *c, const emoe_tensor_info *t) {
+    return c && t ? c->map + t->offset : NULL;
+}
+
+uint64_t emoe_container_kind_bytes(const emoe_container *c, int kind) {
+    uint64_t s = 0;
+    for (size_t i = 0; c && i < c->n_tensors; i++)
+        if (c->tensors[i].kind == kind) s += c->tensors[i].nbytes;
+    return s;
+}
+
+/* ---- model creation ---- */
+
+static void *own(emoe_container *c, size_t nbytes) {
+    void **grown = realloc(c->owned, (c->n_owned + 1) * sizeof(void *));
+    if (!grown) return NULL;
+    c->owned = grown;
+    void *p = malloc(nbytes ? nbytes : 1);
+    if (p) c->owned[c->n_owned++] = p;
+    return p;
+}
+
+emoe_model *emoe_container_load_model(emoe_container *c, int max_ctx, int kv_f16, int n_threads, char *err,
+                                      size_t errlen) {
+    set_err(err, errlen, "%s", "");
+    if (!c) {
+        set_err(err, errlen, "emoe_container_load_model: container is NULL");
+        return NULL;
+    }
+    emoe_model *m = emoe_model_new(&c->cfg, max_ctx, kv_f16, n_threads);
+    if (!m) {
+        set_err(err, errlen, "%s: out of memory creating the model (max_ctx = %d, %d threads)", c->path, max_ctx,
+                n_threads);
+        return NULL;
+    }
+    if (emoe_model_status(m)) {
+        set_err(err, errlen, "%s: %s", c->path, emoe_model_last_error(m));
+        goto fail;
+    }
+    for (size_t i = 0; i < c->n_tensors; i++) {
+        const emoe_tensor_info *t = &c->tensors[i];
+        int64_t rows, cols;
+        if (t->kind == EMOE_KIND_BLOB || emoe_model_expected_shape(m, t->name, &rows, &cols)) continue;
+        if (t->dtype != EMOE_F32 && t->dtype != EMOE_F16 && t->dtype != EMOE_Q8_0) {
+            set_err(err, errlen, "%s: tensor '%s' is stored as %s, which this C core cannot run yet%s", c->path,
+                    t->name, t->dtype_name,
+                    t->dtype == EMOE_MWQ ? " (MWQ bit planes, container v2); use the NumPy engine or export with "
+                                           "f32/f16/q8_0 experts" : "");
+            goto fail;
+        }
+        if (t->ndim != 1 && t->ndim != 2) {
+            set_err(err, errlen, "%s: tensor '%s' has %d dimensions, expected 1 or 2", c->path, t->name, t->ndim);
+            goto fail;
+        }
+        const int64_t r = t->ndim == 2 ? t->shape[0] : 1, k = t->ndim == 2 ? t->shape[1] : t->shape[0];
+        const void *data = c->map + t->offset;
+        int dtype = t->dtype;
+        const size_t align = dtype == EMOE_F32 ? 4 : 2; /* f16 and q8_0 (its f16 scale) need 2 */
+        if (t->ndim == 1 && dtype == EMOE_F16 && k == cols) { /* the core reads norms and biases as f32 */
+            float *f = own(c, (size_t)k * sizeof(float));
+            uint16_t *h = own(c, (size_t)k * sizeof(uint16_t));
+            if (!f || !h) goto nomem;
+            memcpy(h, data, (size_t)k * sizeof(uint16_t)); /* the mapping may be only 1-aligned here */
+            emoe_f16_to_f32(h, f, k);
+            data = f;
+            dtype = EMOE_F32;
+        } else if ((uintptr_t)data % align) { /* a hand-made file: copy to an aligned buffer */
+            void *p = own(c, (size_t)t->nbytes);
+            if (!p) goto nomem;
+            memcpy(p, data, (size_t)t->nbytes);
+            data = p;
+        }
+        if (emoe_model_set_tensor(m, t->name, dtype, data, r, k)) {
+            set_err(err, errlen, "%s: %s", c->path, emoe_model_last_error(m));
+            goto fail;
+        }
+    }
+    if (emoe_model_ready(m)) {
+        set_err(err, errlen, "%s: %s", c->path, emoe_model_last_error(m));
+        goto fail;
+    }
+    return m;
+nomem:
+    set_err(err, errlen, "%s: out of memory", c->path);
+fail:
+    emoe_model_free(m);
+    return NULL;
+}

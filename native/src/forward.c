@@ -1,0 +1,341 @@
+/* The forward pass: one function of the architecture description (emoe_config), matching Hugging Face transformers.
+ *
+ * Per layer (residual stream x, one block of T tokens at positions n_past .. n_past+T-1):
+ *   h   = x + wo(attention(rope(qk_norm(wq xa + bq), wk xa + bk), wv xa + bv))   with xa = attn_norm(x)
+ *   out = h + ffn(ffn_norm(h))
+ * ffn is a dense MLP (dense_layers) or the MoE block: router logits W_r r (r = ffn_norm(h), or the layer input x for
+ * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (ties: lower index),
+ * optional renormalization; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
+ * when shared_gate). Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
+ * weights can later be loaded just in time (expert_weights() is the single lookup point).
+ * All arithmetic is f32; only the KV cache (kv_f16) and the Q8_0 activation quantization (unless q8_f32_act) round
+ * further.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "model.h"
+
+/* ---- small f32 helpers (serial; the matmuls dominate) ---- */
+
+/* HF RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in f32 (the mean is accumulated in double). */
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * (double)x[i];
+    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+static void embed_row(const emoe_kernels *k, const tensor_ref *t, int64_t row, float *out) {
+    const char *p = (const char *)t->data + (size_t)row * emoe_row_bytes(t->dtype, t->cols);
+    if (t->dtype == EMOE_F32) memcpy(out, p, (size_t)t->cols * sizeof(float));
+    else if (t->dtype == EMOE_F16) k->f16_to_f32((const uint16_t *)p, out, t->cols);
+    else emoe_dequantize_q8_0(p, out, t->cols);
+}
+
+static void matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy) {
+    mm_job j = {.wtype = w->dtype, .w = w->data, .rows = w->rows, .y = y, .ldy = ldy};
+    mm_run(m->pool, m->k, &j, 1, x, w->cols, n_tok, m->s.qbuf, m->q8_f32_act);
+}
+
+static void add_bias(float *y, const tensor_ref *b, int n_tok, int dim) {
+    const float *bv = b->data;
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < dim; i++) y[(size_t)t * dim + i] += bv[i];
+}
+
+/* ---- RoPE ---- */
+
+/* cos/sin for the block's positions, computed like HF's f32 path: inv_freq = 1 / theta^(2j/d) (f32),
+ * angle = f32(pos * inv_freq), then cos/sin of that f32 angle. cs: (T, rope_dim/2, 2). */
+static void rope_tables(emoe_model *m, int n_tok) {
+    const int half = m->cfg.rope_dim / 2;
+    for (int j = 0; j < half; j++) {
+        const float e = (float)(2 * j) / (float)m->cfg.rope_dim;
+        const float inv = 1.0f / (float)pow((double)m->cfg.rope_theta, (double)e);
+        for (int t = 0; t < n_tok; t++) {
+            const float angle = (float)(m->n_past + t) * inv;
+            m->s.rope_cs[((size_t)t * half + j) * 2] = (float)cos((double)angle);
+            m->s.rope_cs[((size_t)t * half + j) * 2 + 1] = (float)sin((double)angle);
+        }
+    }
+}
+
+/* Rotate the first rope_dim dims of each head of one token's projection vec (n_heads x head_dim).
+ * NEOX (HF rotate_half): pairs (j, j + rope_dim/2). NORM (GPT-J / llama.cpp "norm"): pairs (2j, 2j+1). */
+static void rope(const emoe_config *c, float *vec, int n_heads, const float *cs) {
+    const int half = c->rope_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = vec + (size_t)h * c->head_dim;
+        for (int j = 0; j < half; j++) {
+            const float co = cs[2 * j], si = cs[2 * j + 1];
+            const int a = c->rope_kind == EMOE_ROPE_NEOX ? j : 2 * j;
+            const int b = c->rope_kind == EMOE_ROPE_NEOX ? j + half : 2 * j + 1;
+            const float x0 = v[a], x1 = v[b];
+            v[a] = x0 * co - x1 * si;
+            v[b] = x1 * co + x0 * si;
+        }
+    }
+}
+
+/* ---- attention ---- */
+
+typedef struct {
+    emoe_model *m;
+    int layer, swa;
+} att_ctx;
+
+/* One task = one token x one KV head: scores of the group's query heads against positions lo..pos (the K rows are
+ * streamed once for the whole group: they are the "weights" of a matmul whose "tokens" are the group's queries),
+ * softmax, then the weighted sum of V rows. */
+static void att_task(void *arg, int task, int thread) {
+    const att_ctx *a = arg;
+    emoe_model *m = a->m;
+    const emoe_config *c = &m->cfg;
+    const int t = task / c->n_kv_heads, g = task % c->n_kv_heads;
+    const int grp = c->n_heads / c->n_kv_heads, hd = c->head_dim;
+    const int pos = m->n_past + t;
+    const int lo = a->swa && pos - c->sliding_window + 1 > 0 ? pos - c->sliding_window + 1 : 0;
+    const int n = pos - lo + 1;
+    const size_t esz = m->kv_f16 ? 2 : 4;
+    const size_t row_bytes = (size_t)m->kv_dim * esz;
+    const size_t off = ((size_t)a->layer * (size_t)m->max_ctx + (size_t)lo) * row_bytes + (size_t)g * hd * esz;
+    const char *kb = (const char *)m->key_cache + off, *vb = (const char *)m->value_cache + off;
+    float *S = m->s.scores + (size_t)thread * (size_t)grp * (size_t)m->max_ctx; /* (grp, n) */
+    const float *qg = m->s.q + (size_t)t * m->q_dim + (size_t)g * grp * hd;
+    m->k->matmul[m->kv_f16 ? EMOE_F16 : EMOE_F32](hd, kb, row_bytes, qg, (size_t)hd * sizeof(float), S, (size_t)n,
+                                                  grp, 0, n);
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int h = 0; h < grp; h++) {
+        float *sr = S + (size_t)h * n;
+        float mx = -INFINITY;
+        for (int p = 0; p < n; p++) {
+            sr[p] *= scale;
+            mx = sr[p] > mx ? sr[p] : mx;
+        }
+        float sum = 0.0f;
+        for (int p = 0; p < n; p++) {
+            sr[p] = expf(sr[p] - mx);
+            sum += sr[p];
+        }
+        for (int p = 0; p < n; p++) sr[p] /= sum;
+        float *out = m->s.att + (size_t)t * m->q_dim + (size_t)(g * grp + h) * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int p = 0; p < n; p++) {
+            const void *vr = vb + (size_t)p * row_bytes;
+            if (m->kv_f16) m->k->axpy_f16(sr[p], vr, out, hd);
+            else m->k->axpy_f32(sr[p], vr, out, hd);
+        }
+    }
+}
+
+static void attention(emoe_model *m, int l, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[l];
+    run_state *s = &m->s;
+    const int H = c->hidden, hd = c->head_dim;
+    for (int t = 0; t < n_tok; t++) rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->attn_norm.data, H, c->norm_eps);
+    mm_job jobs[3] = {
+        {.wtype = L->wq.dtype, .w = L->wq.data, .rows = L->wq.rows, .y = s->q, .ldy = (size_t)m->q_dim},
+        {.wtype = L->wk.dtype, .w = L->wk.data, .rows = L->wk.rows, .y = s->k, .ldy = (size_t)m->kv_dim},
+        {.wtype = L->wv.dtype, .w = L->wv.data, .rows = L->wv.rows, .y = s->v, .ldy = (size_t)m->kv_dim},
+    };
+    mm_run(m->pool, m->k, jobs, 3, s->xn, H, n_tok, s->qbuf, m->q8_f32_act);
+    if (c->qkv_bias) {
+        add_bias(s->q, &L->bq, n_tok, m->q_dim);
+        add_bias(s->k, &L->bk, n_tok, m->kv_dim);
+        add_bias(s->v, &L->bv, n_tok, m->kv_dim);
+    }
+    for (int t = 0; t < n_tok; t++) {
+        float *q = s->q + (size_t)t * m->q_dim, *k = s->k + (size_t)t * m->kv_dim;
+        if (c->qk_norm == EMOE_QK_NORM_FULL) { /* OLMoE: over the whole projection, before splitting heads */
+            rmsnorm(q, q, L->q_norm.data, m->q_dim, c->norm_eps);
+            rmsnorm(k, k, L->k_norm.data, m->kv_dim, c->norm_eps);
+        } else if (c->qk_norm == EMOE_QK_NORM_HEAD) { /* Qwen3: over each head */
+            for (int h = 0; h < c->n_heads; h++) rmsnorm(q + (size_t)h * hd, q + (size_t)h * hd, L->q_norm.data, hd, c->norm_eps);
+            for (int h = 0; h < c->n_kv_heads; h++)
+                rmsnorm(k + (size_t)h * hd, k + (size_t)h * hd, L->k_norm.data, hd, c->norm_eps);
+        }
+        if (L->use_rope) {
+            const float *cs = s->rope_cs + (size_t)t * (c->rope_dim / 2) * 2;
+            rope(c, q, c->n_heads, cs);
+            rope(c, k, c->n_kv_heads, cs);
+        }
+        /* append k, v to the cache; attention then reads the current tokens back from it, so with an f16 cache
+         * prefill and decode see exactly the same (rounded) keys and values */
+        const size_t pos_off = ((size_t)l * (size_t)m->max_ctx + (size_t)(m->n_past + t)) * (size_t)m->kv_dim;
+        if (m->kv_f16) {
+            m->k->f32_to_f16(k, (uint16_t *)m->key_cache + pos_off, m->kv_dim);
+            m->k->f32_to_f16(s->v + (size_t)t * m->kv_dim, (uint16_t *)m->value_cache + pos_off, m->kv_dim);
+        } else {
+            memcpy((float *)m->key_cache + pos_off, k, (size_t)m->kv_dim * sizeof(float));
+            memcpy((float *)m->value_cache + pos_off, s->v + (size_t)t * m->kv_dim, (size_t)m->kv_dim * sizeof(float));
+        }
+    }
+    att_ctx a = {.m = m, .layer = l, .swa = L->swa};
+    pool_run(m->pool, att_task, &a, n_tok * c->n_kv_heads);
+    matmul(m, &L->wo, s->att, n_tok, s->tmp, (size_t)H);
+    for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] += s->tmp[i];
+}
+
+/* ---- feed-forward ---- */
+
+/* y (n_tok, H) = down(act(gate x) * up x), act = silu (SwiGLU) or relu (ReGLU). x: (n_tok, H). */
+static void gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
+                      const float *x, int n_tok, float *y) {
+    run_state *s = &m->s;
+    const int F = (int)gate->rows;
+    mm_job jobs[2] = {
+        {.wtype = gate->dtype, .w = gate->data, .rows = F, .y = s->hg, .ldy = (size_t)F},
+        {.wtype = up->dtype, .w = up->data, .rows = F, .y = s->hu, .ldy = (size_t)F},
+    };
+    mm_run(m->pool, m->k, jobs, 2, x, gate->cols, n_tok, s->qbuf, m->q8_f32_act);
+    const size_t n = (size_t)n_tok * F;
+    if (m->cfg.activation == EMOE_ACT_SWIGLU)
+        for (size_t i = 0; i < n; i++) s->hg[i] = s->hg[i] / (1.0f + expf(-s->hg[i])) * s->hu[i];
+    else
+        for (size_t i = 0; i < n; i++) s->hg[i] = (s->hg[i] > 0.0f ? s->hg[i] : 0.0f) * s->hu[i];
+    matmul(m, down, s->hg, n_tok, y, (size_t)down->rows);
+}
+
+/* Router probabilities -> top-k indices and weights per token, from s->logits_r (n_tok, E). Experts pruned by the
+ * merge map get probability 0 (logit -inf) and are never chosen (validate_config keeps at least top_k alive). */
+static void route(emoe_model *m, const int32_t *emap, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    run_state *s = &m->s;
+    const int E = c->n_experts, K = c->top_k;
+    for (int t = 0; t < n_tok; t++) {
+        float *p = s->logits_r + (size_t)t * E;
+        if (emap)
+            for (int e = 0; e < E; e++)
+                if (emap[e] < 0) p[e] = -INFINITY;
+        if (c->router_fn == EMOE_ROUTER_SOFTMAX) {
+            float mx = -INFINITY, sum = 0.0f;
+            for (int e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+            for (int e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
+            for (int e = 0; e < E; e++) p[e] /= sum;
+        } else {
+            for (int e = 0; e < E; e++) p[e] = 1.0f / (1.0f + expf(-p[e]));
+        }
+        int *idx = s->topk_idx + (size_t)t * K;
+        float *w = s->topk_w + (size_t)t * K;
+        float wsum = 0.0f;
+        for (int j = 0; j < K; j++) { /* k is small: repeated arg-max, ties to the lower index */
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                if (emap && emap[e] < 0) continue;
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= idx[i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            idx[j] = best;
+            w[j] = p[best];
+            wsum += w[j];
+        }
+        if (c->norm_topk)
+            for (int j = 0; j < K; j++) w[j] /= wsum;
+        if (emap)
+            for (int j = 0; j < K; j++) idx[j] = emap[idx[j]]; /* routed -> stored expert */
+    }
+}
+
+static void moe(emoe_model *m, int l, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[l];
+    run_state *s = &m->s;
+    const int H = c->hidden, E = c->n_experts, K = c->top_k;
+    if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
+    route(m, L->emap, n_tok);
+    memset(s->tmp, 0, (size_t)n_tok * H * sizeof(float));
+    for (int e = 0; e < L->n_stored; e++) {
+        int n_e = 0;
+        for (int t = 0; t < n_tok; t++) {
+            int hit = 0;
+            float w = 0.0f; /* merged: the weights of all selected members of the group, summed in slot order */
+            for (int j = 0; j < K; j++)
+                if (s->topk_idx[(size_t)t * K + j] == e) hit = 1, w += s->topk_w[(size_t)t * K + j];
+            if (hit) {
+                s->etok[n_e] = t;
+                s->ew[n_e++] = w;
+            }
+        }
+        if (!n_e) continue;
+        for (int i = 0; i < n_e; i++)
+            memcpy(s->xg + (size_t)i * H, s->xn + (size_t)s->etok[i] * H, (size_t)H * sizeof(float));
+        const expert_mats em = expert_weights(m, l, e);
+        gated_ffn(m, em.gate, em.up, em.down, s->xg, n_e, s->yg);
+        for (int i = 0; i < n_e; i++) {
+            float *dst = s->tmp + (size_t)s->etok[i] * H;
+            const float *src = s->yg + (size_t)i * H;
+            for (int d = 0; d < H; d++) dst[d] += s->ew[i] * src[d];
+        }
+    }
+    if (c->shared_ffn) {
+        gated_ffn(m, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, n_tok, s->yg);
+        for (int t = 0; t < n_tok; t++) {
+            const float *xt = s->xn + (size_t)t * H, *src = s->yg + (size_t)t * H;
+            float *dst = s->tmp + (size_t)t * H;
+            if (c->shared_gate) {
+                const float *wg = L->sh_gate_inp.data;
+                float z = 0.0f;
+                for (int d = 0; d < H; d++) z += wg[d] * xt[d];
+                const float gsc = 1.0f / (1.0f + expf(-z));
+                for (int d = 0; d < H; d++) dst[d] += gsc * src[d];
+            } else {
+                for (int d = 0; d < H; d++) dst[d] += src[d];
+            }
+        }
+    }
+}
+
+/* ---- one block of tokens ---- */
+
+static void forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float *logits, int all_logits) {
+    const emoe_config *c = &m->cfg;
+    run_state *s = &m->s;
+    const int H = c->hidden;
+    for (int t = 0; t < n_tok; t++) embed_row(m->k, &m->embed, tokens[t], s->x + (size_t)t * H);
+    rope_tables(m, n_tok);
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_weights *L = &m->layers[l];
+        if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
+            matmul(m, &L->router, s->x, n_tok, s->logits_r, (size_t)c->n_experts);
+        attention(m, l, n_tok);
+        for (int t = 0; t < n_tok; t++)
+            rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
+        if (L->is_moe) moe(m, l, n_tok);
+        else gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->tmp);
+        for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] += s->tmp[i];
+    }
+    if (!logits) return;
+    const int first = all_logits ? 0 : n_tok - 1, n_out = n_tok - first;
+    for (int t = first; t < n_tok; t++)
+        rmsnorm(s->xn + (size_t)(t - first) * H, s->x + (size_t)t * H, m->final_norm.data, H, c->norm_eps);
+    const tensor_ref *head = m->lm_head.data ? &m->lm_head : &m->embed;
+    matmul(m, head, s->xn, n_out, logits, (size_t)c->vocab);
+}
+
+int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (n_tokens < 0 || (n_tokens > 0 && !tokens))
+        return model_error(m, EMOE_ERR_ARG, "emoe_forward: bad tokens (n_tokens=%d)", n_tokens);
+    int st = emoe_model_ready(m);
+    if (st) return st;
+    for (int i = 0; i < n_tokens; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab)
+            return model_error(m, EMOE_ERR_ARG, "token %d at index %d is outside the vocabulary 0..%d", (int)tokens[i],
+                               i, m->cfg.vocab - 1);
+    if (n_tokens > m->max_ctx - m->n_past)
+        return model_error(m, EMOE_ERR_CTX, "context full: %d positions used + %d new > max_ctx %d", m->n_past,
+                           n_tokens, m->max_ctx);
+    for (int b = 0; b < n_tokens; b += EMOE_BLOCK) {
+        const int n = n_tokens - b < EMOE_BLOCK ? n_tokens - b : EMOE_BLOCK;
+        float *out = NULL;
+        if (logits_out && all_logits) out = logits_out + (size_t)b * (size_t)m->cfg.vocab;
+        else if (logits_out && b + n == n_tokens) out = logits_out;
+        forward_block(m, tokens + b, n, out, all_logits);
+        m->n_past += n;
+    }
+    return EMOE_OK;
+}

@@ -1,0 +1,405 @@
+/* Model lifetime: config validation, buffers, KV cache, thread pool, tensor registration by container name, errors. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "model.h"
+
+int model_error(emoe_model *m, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->err, sizeof(m->err), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static int in_list(const int32_t *list, int n, int layer) {
+    for (int i = 0; i < n; i++)
+        if (list[i] == layer) return 1;
+    return 0;
+}
+
+static int check_list(emoe_model *m, const char *what, const int32_t *list, int n) {
+    if (n < 0 || (n > 0 && !list)) return model_error(m, EMOE_ERR_ARG, "config: %s: bad list (n=%d)", what, n);
+    for (int i = 0; i < n; i++)
+        if (list[i] < 0 || list[i] >= m->cfg.n_layers)
+            return model_error(m, EMOE_ERR_ARG, "config: %s contains layer %d, outside 0..%d", what, (int)list[i],
+                               (int)m->cfg.n_layers - 1);
+    return EMOE_OK;
+}
+
+static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int n_threads) {
+#define REQUIRE(cond, ...)                                                                                            \
+    do {                                                                                                              \
+        if (!(cond)) return model_error(m, EMOE_ERR_ARG, __VA_ARGS__);                                                \
+    } while (0)
+    REQUIRE(c->n_layers > 0 && c->hidden > 0 && c->vocab > 0 && c->n_heads > 0 && c->n_kv_heads > 0 &&
+                c->head_dim > 0,
+            "config: n_layers, hidden, vocab, n_heads, n_kv_heads, head_dim must be positive");
+    REQUIRE(c->n_heads % c->n_kv_heads == 0, "config: n_heads=%d is not a multiple of n_kv_heads=%d", c->n_heads,
+            c->n_kv_heads);
+    REQUIRE(c->rope_dim >= 0 && c->rope_dim <= c->head_dim && c->rope_dim % 2 == 0,
+            "config: rope_dim=%d must be even and in 0..head_dim=%d", c->rope_dim, c->head_dim);
+    REQUIRE(c->rope_kind == EMOE_ROPE_NEOX || c->rope_kind == EMOE_ROPE_NORM, "config: bad rope_kind %d", c->rope_kind);
+    REQUIRE(c->qk_norm >= EMOE_QK_NORM_NONE && c->qk_norm <= EMOE_QK_NORM_FULL, "config: bad qk_norm %d", c->qk_norm);
+    REQUIRE(c->router_fn == EMOE_ROUTER_SOFTMAX || c->router_fn == EMOE_ROUTER_SIGMOID, "config: bad router_fn %d",
+            c->router_fn);
+    REQUIRE(c->router_input == EMOE_ROUTER_IN_FFN_NORM || c->router_input == EMOE_ROUTER_IN_LAYER_INPUT,
+            "config: bad router_input %d", c->router_input);
+    REQUIRE(c->activation == EMOE_ACT_SWIGLU || c->activation == EMOE_ACT_REGLU, "config: bad activation %d",
+            c->activation);
+    REQUIRE(c->norm_eps >= 0.0f && c->rope_theta > 0.0f, "config: norm_eps must be >= 0 and rope_theta > 0");
+    REQUIRE(c->shared_ffn >= 0 && c->dense_ffn >= 0 && c->sliding_window >= 0,
+            "config: shared_ffn, dense_ffn, sliding_window must be >= 0");
+    REQUIRE(max_ctx > 0, "max_ctx=%d must be positive", max_ctx);
+    REQUIRE(n_threads >= 1 && n_threads <= 1024, "n_threads=%d must be in 1..1024", n_threads);
+    int st;
+    if ((st = check_list(m, "dense_layers", c->dense_layers, c->n_dense_layers))) return st;
+    if ((st = check_list(m, "nope_layers", c->nope_layers, c->n_nope_layers))) return st;
+    if ((st = check_list(m, "swa_layers", c->swa_layers, c->n_swa_layers))) return st;
+    int n_moe = c->n_layers - 0;
+    for (int l = 0; l < c->n_layers; l++) n_moe -= in_list(c->dense_layers, c->n_dense_layers, l);
+    if (n_moe > 0)
+        REQUIRE(c->n_experts > 0 && c->top_k >= 1 && c->top_k <= c->n_experts && c->expert_ffn > 0,
+                "config: MoE layers need n_experts > 0, 1 <= top_k <= n_experts, expert_ffn > 0 (got %d, %d, %d)",
+                c->n_experts, c->top_k, c->expert_ffn);
+    if (n_moe < c->n_layers) REQUIRE(c->dense_ffn > 0, "config: dense_layers given but dense_ffn = 0");
+    if (c->expert_map && n_moe > 0)
+        for (int l = 0; l < c->n_layers; l++) {
+            if (in_list(c->dense_layers, c->n_dense_layers, l)) continue;
+            int live = 0;
+            for (int e = 0; e < c->n_experts; e++) {
+                const int32_t g = c->expert_map[(size_t)l * c->n_experts + e];
+                REQUIRE(g >= -1 && g < c->n_experts, "config: expert_map[%d][%d] = %d is outside -1..%d", l, e, (int)g,
+                        c->n_experts - 1);
+                live += g >= 0;
+            }
+            REQUIRE(live >= c->top_k, "config: layer %d keeps %d experts after pruning, fewer than top_k = %d", l, live,
+                    c->top_k);
+        }
+    return EMOE_OK;
+#undef REQUIRE
+}
+
+static void *xcalloc(size_t n, size_t size, int *fail) {
+    if (n == 0) n = 1;
+    void *p = calloc(n, size);
+    if (!p) *fail = 1;
+    return p;
+}
+
+static int alloc_buffers(emoe_model *m) {
+    const emoe_config *c = &m->cfg;
+    const size_t B = EMOE_BLOCK, H = (size_t)c->hidden;
+    const int group = c->n_heads / c->n_kv_heads;
+    int fail = 0;
+    run_state *s = &m->s;
+    s->x = xcalloc(B * H, sizeof(float), &fail);
+    s->xn = xcalloc(B * H, sizeof(float), &fail);
+    s->q = xcalloc(B * (size_t)m->q_dim, sizeof(float), &fail);
+    s->k = xcalloc(B * (size_t)m->kv_dim, sizeof(float), &fail);
+    s->v = xcalloc(B * (size_t)m->kv_dim, sizeof(float), &fail);
+    s->att = xcalloc(B * (size_t)m->q_dim, sizeof(float), &fail);
+    s->tmp = xcalloc(B * H, sizeof(float), &fail);
+    s->logits_r = xcalloc(B * (size_t)(c->n_experts > 0 ? c->n_experts : 1), sizeof(float), &fail);
+    s->topk_idx = xcalloc(B * (size_t)(c->top_k > 0 ? c->top_k : 1), sizeof(int), &fail);
+    s->topk_w = xcalloc(B * (size_t)(c->top_k > 0 ? c->top_k : 1), sizeof(float), &fail);
+    s->etok = xcalloc(B, sizeof(int), &fail);
+    s->ew = xcalloc(B, sizeof(float), &fail);
+    s->xg = xcalloc(B * H, sizeof(float), &fail);
+    s->hg = xcalloc(B * (size_t)m->ffn_max, sizeof(float), &fail);
+    s->hu = xcalloc(B * (size_t)m->ffn_max, sizeof(float), &fail);
+    s->yg = xcalloc(B * H, sizeof(float), &fail);
+    s->rope_cs = xcalloc(B * (size_t)(c->rope_dim / 2 + 1) * 2, sizeof(float), &fail);
+    s->scores = xcalloc((size_t)emoe_pool_threads(m->pool) * (size_t)group * (size_t)m->max_ctx, sizeof(float), &fail);
+    s->qbuf = xcalloc(B * (size_t)((m->in_max + QK - 1) / QK), sizeof(block_q8_act), &fail);
+    const size_t kv_elems = (size_t)c->n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
+    const size_t esz = m->kv_f16 ? 2 : 4;
+    m->key_cache = xcalloc(kv_elems, esz, &fail);
+    m->value_cache = xcalloc(kv_elems, esz, &fail);
+    return fail ? EMOE_ERR_NOMEM : EMOE_OK;
+}
+
+static void free_buffers(emoe_model *m) {
+    run_state *s = &m->s;
+    void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
+                    s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, m->key_cache,
+                    m->value_cache};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
+    memset(s, 0, sizeof(*s));
+    m->key_cache = m->value_cache = NULL;
+}
+
+emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads) {
+    emoe_model *m = calloc(1, sizeof(*m));
+    if (!m) return NULL;
+    if (!cfg) {
+        m->status = model_error(m, EMOE_ERR_ARG, "emoe_model_new: cfg is NULL");
+        return m;
+    }
+    m->cfg = *cfg;
+    if (m->cfg.rope_dim == 0) m->cfg.rope_dim = m->cfg.head_dim;
+    if ((m->status = validate_config(m, &m->cfg, max_ctx, n_threads))) return m;
+    const emoe_config *c = &m->cfg;
+    m->max_ctx = max_ctx;
+    m->kv_f16 = kv_f16 ? 1 : 0;
+    m->q_dim = c->n_heads * c->head_dim;
+    m->kv_dim = c->n_kv_heads * c->head_dim;
+    m->ffn_max = c->expert_ffn;
+    if (c->shared_ffn > m->ffn_max) m->ffn_max = c->shared_ffn;
+    if (c->dense_ffn > m->ffn_max) m->ffn_max = c->dense_ffn;
+    if (m->ffn_max < 1) m->ffn_max = 1;
+    m->in_max = c->hidden > m->q_dim ? c->hidden : m->q_dim;
+    if (m->ffn_max > m->in_max) m->in_max = m->ffn_max;
+    m->k = emoe_kernels_get(EMOE_ISA_AUTO);
+
+    m->layers = calloc((size_t)c->n_layers, sizeof(layer_weights));
+    if (!m->layers) goto nomem;
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_weights *L = &m->layers[l];
+        L->is_moe = !in_list(c->dense_layers, c->n_dense_layers, l);
+        L->use_rope = !in_list(c->nope_layers, c->n_nope_layers, l);
+        L->swa = c->sliding_window > 0 && in_list(c->swa_layers, c->n_swa_layers, l);
+        if (L->is_moe) {
+            L->n_stored = c->n_experts;
+            if (c->expert_map) {
+                const int32_t *row = c->expert_map + (size_t)l * c->n_experts;
+                int identity = 1, mx = -1;
+                for (int e = 0; e < c->n_experts; e++) identity &= row[e] == e, mx = row[e] > mx ? row[e] : mx;
+                if (!identity) {
+                    L->emap = malloc((size_t)c->n_experts * sizeof(int32_t));
+                    if (!L->emap) goto nomem;
+                    memcpy(L->emap, row, (size_t)c->n_experts * sizeof(int32_t));
+                    L->n_stored = mx + 1;
+                }
+            }
+            L->experts = calloc((size_t)(L->n_stored > 0 ? L->n_stored : 1) * 3, sizeof(tensor_ref));
+            if (!L->experts) goto nomem;
+        }
+    }
+    m->cfg.dense_layers = m->cfg.nope_layers = m->cfg.swa_layers = NULL; /* borrowed during this call only */
+    m->cfg.expert_map = NULL;
+    m->cfg.n_dense_layers = m->cfg.n_nope_layers = m->cfg.n_swa_layers = 0;
+
+    m->pool = emoe_pool_new(n_threads);
+    if (!m->pool) {
+        m->status = model_error(m, EMOE_ERR_THREAD, "could not start %d threads", n_threads);
+        return m;
+    }
+    if (alloc_buffers(m)) goto nomem;
+    return m;
+nomem:
+    emoe_model_free(m);
+    return NULL;
+}
+
+void emoe_model_free(emoe_model *m) {
+    if (!m) return;
+    if (m->layers)
+        for (int l = 0; l < m->cfg.n_layers; l++) free(m->layers[l].experts), free(m->layers[l].emap);
+    free(m->layers);
+    free_buffers(m);
+    emoe_pool_free(m->pool);
+    free(m);
+}
+
+int emoe_model_status(const emoe_model *m) { return m ? m->status : EMOE_ERR_ARG; }
+const char *emoe_model_last_error(const emoe_model *m) { return m ? m->err : "model is NULL"; }
+int emoe_model_n_past(const emoe_model *m) { return m ? m->n_past : 0; }
+void emoe_model_reset(emoe_model *m) {
+    if (m) m->n_past = 0;
+}
+
+int emoe_model_set_isa(emoe_model *m, int isa) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    const emoe_kernels *k = emoe_kernels_get(isa);
+    if (!k) return model_error(m, EMOE_ERR_ISA, "instruction set %d (%s) is not supported on this CPU/build", isa,
+                               emoe_isa_name(isa) ? emoe_isa_name(isa) : "?");
+    m->k = k;
+    return EMOE_OK;
+}
+int emoe_model_set_q8_f32_act(emoe_model *m, int on) {
+    if (!m) return EMOE_ERR_ARG;
+    m->q8_f32_act = on ? 1 : 0;
+    return EMOE_OK;
+}
+int emoe_model_isa(const emoe_model *m) { return m && m->k ? m->k->isa : EMOE_ISA_SCALAR; }
+
+expert_mats expert_weights(emoe_model *m, int layer, int expert) {
+    tensor_ref *e = &m->layers[layer].experts[(size_t)expert * 3];
+    return (expert_mats){&e[0], &e[1], &e[2]};
+}
+
+/* ---- tensor names (edgemoe/arch.py: dense_tensor_names, expert_tensor_name, GLOBAL_TENSORS) ---- */
+
+enum { ONE_D = 1, MATRIX = 2 };
+
+/* Resolve a container name to the slot it fills and the shape it must have. Returns EMOE_OK or an error (with the
+ * message saying why the name does not belong to this config). */
+static int resolve(emoe_model *m, const char *name, tensor_ref **slot, int64_t *rows, int64_t *cols, int *one_d) {
+    const emoe_config *c = &m->cfg;
+    const int64_t H = c->hidden, V = c->vocab, Q = m->q_dim, KV = m->kv_dim, hd = c->head_dim;
+    *one_d = 0;
+    if (!strcmp(name, "token_embd.weight")) return *slot = &m->embed, *rows = V, *cols = H, EMOE_OK;
+    if (!strcmp(name, "output_norm.weight"))
+        return *slot = &m->final_norm, *rows = 1, *cols = H, *one_d = 1, EMOE_OK;
+    if (!strcmp(name, "output.weight")) return *slot = &m->lm_head, *rows = V, *cols = H, EMOE_OK;
+    if (strncmp(name, "blk.", 4)) return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
+    const char *p = name + 4;
+    long layer = 0;
+    if (*p < '0' || *p > '9') return model_error(m, EMOE_ERR_ARG, "bad layer number in tensor name '%s'", name);
+    while (*p >= '0' && *p <= '9' && layer <= 1000000) layer = layer * 10 + (*p++ - '0');
+    if (*p++ != '.' || layer >= c->n_layers)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': layer out of range 0..%d", name, c->n_layers - 1);
+    layer_weights *L = &m->layers[layer];
+    if (!strncmp(p, "expert.", 7)) {
+        if (!L->is_moe) return model_error(m, EMOE_ERR_ARG, "tensor '%s': layer %ld is a dense layer", name, layer);
+        p += 7;
+        long e = 0;
+        if (*p < '0' || *p > '9') return model_error(m, EMOE_ERR_ARG, "bad expert number in tensor name '%s'", name);
+        while (*p >= '0' && *p <= '9' && e <= 1000000) e = e * 10 + (*p++ - '0');
+        if (e >= L->n_stored)
+            return model_error(m, EMOE_ERR_ARG, "tensor '%s': expert out of range 0..%d (stored experts of layer %ld)",
+                               name, L->n_stored - 1, layer);
+        tensor_ref *er = &L->experts[(size_t)e * 3];
+        if (!strcmp(p, ".ffn_gate.weight")) return *slot = &er[0], *rows = c->expert_ffn, *cols = H, EMOE_OK;
+        if (!strcmp(p, ".ffn_up.weight")) return *slot = &er[1], *rows = c->expert_ffn, *cols = H, EMOE_OK;
+        if (!strcmp(p, ".ffn_down.weight")) return *slot = &er[2], *rows = H, *cols = c->expert_ffn, EMOE_OK;
+        return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
+    }
+    /* suffix, slot, rows, cols, condition under which the config has this tensor */
+    const int qkn = c->qk_norm;
+    const struct {
+        const char *suffix;
+        tensor_ref *slot;
+        int64_t rows, cols;
+        int one_d;
+        int present;
+        const char *why; /* config condition, for the error message */
+    } table[] = {
+        {"attn_norm.weight", &L->attn_norm, 1, H, 1, 1, ""},
+        {"ffn_norm.weight", &L->ffn_norm, 1, H, 1, 1, ""},
+        {"attn_q.weight", &L->wq, Q, H, 0, 1, ""},
+        {"attn_k.weight", &L->wk, KV, H, 0, 1, ""},
+        {"attn_v.weight", &L->wv, KV, H, 0, 1, ""},
+        {"attn_output.weight", &L->wo, H, Q, 0, 1, ""},
+        {"attn_q.bias", &L->bq, 1, Q, 1, c->qkv_bias, "qkv_bias"},
+        {"attn_k.bias", &L->bk, 1, KV, 1, c->qkv_bias, "qkv_bias"},
+        {"attn_v.bias", &L->bv, 1, KV, 1, c->qkv_bias, "qkv_bias"},
+        {"attn_q_norm.weight", &L->q_norm, 1, qkn == EMOE_QK_NORM_FULL ? Q : hd, 1, qkn != EMOE_QK_NORM_NONE,
+         "qk_norm"},
+        {"attn_k_norm.weight", &L->k_norm, 1, qkn == EMOE_QK_NORM_FULL ? KV : hd, 1, qkn != EMOE_QK_NORM_NONE,
+         "qk_norm"},
+        {"ffn_gate_inp.weight", &L->router, c->n_experts, H, 0, L->is_moe, "a MoE layer"},
+        {"ffn_gate_shexp.weight", &L->sh_gate, c->shared_ffn, H, 0, L->is_moe && c->shared_ffn > 0, "shared_ffn"},
+        {"ffn_up_shexp.weight", &L->sh_up, c->shared_ffn, H, 0, L->is_moe && c->shared_ffn > 0, "shared_ffn"},
+        {"ffn_down_shexp.weight", &L->sh_down, H, c->shared_ffn, 0, L->is_moe && c->shared_ffn > 0, "shared_ffn"},
+        {"ffn_gate_inp_shexp.weight", &L->sh_gate_inp, 1, H, 1, L->is_moe && c->shared_ffn > 0 && c->shared_gate,
+         "shared_gate"},
+        {"ffn_gate.weight", &L->mlp_gate, c->dense_ffn, H, 0, !L->is_moe, "a dense layer"},
+        {"ffn_up.weight", &L->mlp_up, c->dense_ffn, H, 0, !L->is_moe, "a dense layer"},
+        {"ffn_down.weight", &L->mlp_down, H, c->dense_ffn, 0, !L->is_moe, "a dense layer"},
+    };
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
+        if (strcmp(p, table[i].suffix)) continue;
+        if (!table[i].present)
+            return model_error(m, EMOE_ERR_ARG, "tensor '%s' is not used by this config (needs %s)", name,
+                               table[i].why);
+        *slot = table[i].slot;
+        *rows = table[i].rows;
+        *cols = table[i].cols;
+        *one_d = table[i].one_d;
+        return EMOE_OK;
+    }
+    return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
+}
+
+int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols) {
+    if (!m || !name || !rows || !cols) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    tensor_ref *slot;
+    int one_d;
+    return resolve(m, name, &slot, rows, cols, &one_d);
+}
+
+static const char *dtype_name(int dtype) {
+    return dtype == EMOE_F32 ? "f32" : dtype == EMOE_F16 ? "f16" : dtype == EMOE_Q8_0 ? "q8_0" : "?";
+}
+
+int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void *data, int64_t rows, int64_t cols) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (!name || !data) return model_error(m, EMOE_ERR_ARG, "emoe_model_set_tensor: name and data must not be NULL");
+    tensor_ref *slot;
+    int64_t er, ec;
+    int one_d;
+    int st = resolve(m, name, &slot, &er, &ec, &one_d);
+    if (st) return st;
+    if (rows != er || cols != ec)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': shape [%lld, %lld], expected [%lld, %lld]%s", name,
+                           (long long)rows, (long long)cols, (long long)er, (long long)ec,
+                           one_d ? " (1-D tensors are passed as rows=1)" : "");
+    if (one_d && dtype != EMOE_F32)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': 1-D tensors must be f32, got %s", name, dtype_name(dtype));
+    if (dtype != EMOE_F32 && dtype != EMOE_F16 && dtype != EMOE_Q8_0)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': unknown dtype %d", name, dtype);
+    if (dtype == EMOE_Q8_0 && cols % QK)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': q8_0 needs cols %% 32 == 0, cols = %lld", name,
+                           (long long)cols);
+    *slot = (tensor_ref){.data = data, .dtype = dtype, .rows = rows, .cols = cols};
+    return EMOE_OK;
+}
+
+int emoe_model_ready(emoe_model *m) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    const emoe_config *c = &m->cfg;
+#define NEED(ref, ...)                                                                                                \
+    do {                                                                                                              \
+        if (!(ref).data) return model_error(m, EMOE_ERR_NOT_READY, "missing tensor " __VA_ARGS__);                    \
+    } while (0)
+    NEED(m->embed, "'token_embd.weight'");
+    NEED(m->final_norm, "'output_norm.weight'");
+    if (!c->tie_embeddings) NEED(m->lm_head, "'output.weight' (tie_embeddings is off)");
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_weights *L = &m->layers[l];
+        NEED(L->attn_norm, "'blk.%d.attn_norm.weight'", l);
+        NEED(L->ffn_norm, "'blk.%d.ffn_norm.weight'", l);
+        NEED(L->wq, "'blk.%d.attn_q.weight'", l);
+        NEED(L->wk, "'blk.%d.attn_k.weight'", l);
+        NEED(L->wv, "'blk.%d.attn_v.weight'", l);
+        NEED(L->wo, "'blk.%d.attn_output.weight'", l);
+        if (c->qkv_bias) {
+            NEED(L->bq, "'blk.%d.attn_q.bias'", l);
+            NEED(L->bk, "'blk.%d.attn_k.bias'", l);
+            NEED(L->bv, "'blk.%d.attn_v.bias'", l);
+        }
+        if (c->qk_norm != EMOE_QK_NORM_NONE) {
+            NEED(L->q_norm, "'blk.%d.attn_q_norm.weight'", l);
+            NEED(L->k_norm, "'blk.%d.attn_k_norm.weight'", l);
+        }
+        if (!L->is_moe) {
+            NEED(L->mlp_gate, "'blk.%d.ffn_gate.weight'", l);
+            NEED(L->mlp_up, "'blk.%d.ffn_up.weight'", l);
+            NEED(L->mlp_down, "'blk.%d.ffn_down.weight'", l);
+            continue;
+        }
+        NEED(L->router, "'blk.%d.ffn_gate_inp.weight'", l);
+        if (c->shared_ffn) {
+            NEED(L->sh_gate, "'blk.%d.ffn_gate_shexp.weight'", l);
+            NEED(L->sh_up, "'blk.%d.ffn_up_shexp.weight'", l);
+            NEED(L->sh_down, "'blk.%d.ffn_down_shexp.weight'", l);
+            if (c->shared_gate) NEED(L->sh_gate_inp, "'blk.%d.ffn_gate_inp_shexp.weight'", l);
+        }
+        static const char *const mats[3] = {"gate", "up", "down"};
+        for (int e = 0; e < L->n_stored; e++) {
+            int used = !L->emap; /* a stored expert no routed expert maps to is never run */
+            for (int r = 0; L->emap && r < c->n_experts; r++) used |= L->emap[r] == e;
+            for (int j = 0; used && j < 3; j++)
+                NEED(L->experts[(size_t)e * 3 + (size_t)j], "'blk.%d.expert.%d.ffn_%s.weight'", l, e, mats[j]);
+        }
+    }
+#undef NEED
+    return EMOE_OK;
+}

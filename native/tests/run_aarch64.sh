@@ -1,0 +1,32 @@
+#!/bin/sh
+# Cross-build the C core + its C test program for aarch64 (base armv8-a, static) and run it under qemu-user twice:
+# with qemu's default CPU (has dotprod: tests the SDOT path) and with -cpu cortex-a53 (no dotprod: the runtime check
+# must fall back, any SDOT instruction would SIGILL). Exit status nonzero on any failure.
+# Needs: apt-get install -y gcc-aarch64-linux-gnu qemu-user
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+NATIVE=$(dirname "$HERE")
+CC=${CC_AARCH64:-aarch64-linux-gnu-gcc}
+QEMU=${QEMU_AARCH64:-qemu-aarch64}
+OUT=${1:-${TMPDIR:-/tmp}/edgemoe_aarch64_$$}
+for tool in "$CC" "$QEMU"; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "missing $tool (apt-get install -y gcc-aarch64-linux-gnu qemu-user)" >&2; exit 2; }
+done
+mkdir -p "$OUT"
+# the core's sources (EDGEMOE_SOURCES in native/CMakeLists.txt)
+SOURCES=""
+for f in core crc32 quant dispatch kernels_scalar kernels_avx2 kernels_neon threadpool matmul model forward; do
+    SOURCES="$SOURCES $NATIVE/src/$f.c"
+done
+BIN="$OUT/test_kernels"
+echo "== build $BIN (march=armv8-a, static)"
+"$CC" -std=c11 -O2 -march=armv8-a -static -Wall -Wextra -Werror -ffp-contract=off \
+    -I"$NATIVE/include" -I"$NATIVE/src" "$NATIVE/tests/test_kernels.c" $SOURCES -o "$BIN" -lpthread -lm
+status=0
+echo "== qemu-aarch64 (default cpu: neon + dotprod)"
+"$QEMU" -L /usr/aarch64-linux-gnu "$BIN" || status=1
+echo "== qemu-aarch64 -cpu cortex-a53 (no dotprod)"
+"$QEMU" -L /usr/aarch64-linux-gnu -cpu cortex-a53 "$BIN" || status=1
+[ "${1:-}" ] || rm -rf "$OUT"
+if [ $status -eq 0 ]; then echo "aarch64: all passed"; else echo "aarch64: FAILED"; fi
+exit $status
