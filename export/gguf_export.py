@@ -438,8 +438,12 @@ def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = Tru
         raise EdgeMoEError(f"{out}: is a directory; give the output file name, e.g. {out / 'model.gguf'}")
     if not out.parent.exists():
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
-    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    # any Checkpoint-like source (Checkpoint, GGUF reader, an expanded container from export_gguf_from_container)
+    ckpt = src if isinstance(src, Checkpoint) or hasattr(src, "layer_experts") else open_checkpoint(src)
     spec = ckpt.spec
+    if spec.expert_map:
+        raise EdgeMoEError("GGUF export: this source has merged experts (expert_map); write it with "
+                           "export_gguf_from_container / export_gguf_merged, which expand the map for llama.cpp")
     if spec.family not in LLAMA_CPP_ARCH:
         raise EdgeMoEError(f"GGUF export: family {spec.family!r} has no llama.cpp architecture")
     _check_supported(spec, LLAMA_CPP_ARCH[spec.family])
@@ -465,3 +469,40 @@ def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = Tru
             stacklevel=2,
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merged models (MC-SMoE expert_map): llama.cpp has no e -> g map
+
+
+def export_gguf_merged(spec: ArchSpec, weights, out_path, gguf_type: str = "F32", show_progress: bool = True, *,
+                       tokenizer_json: bytes | None = None, tokenizer: str = "auto", name: str = "merged") -> Path:
+    """Write a GGUF of a merged model given as (spec with `expert_map`, weights: container name -> f32 array or a
+    callable name -> array), with every group's expert tensors duplicated into each member's slot.
+
+    That is the same function: edgemoe sums the top-k weights of the members of a group and runs the group once
+    (sum_{e in top-k, map[e]=g} w_e) f_g(x); llama.cpp runs each selected slot's copy with its own weight,
+    sum_{e in top-k} w_e f_{map[e]}(x) -- equal term by term; the router rows and so the routing are unchanged.
+    Cost: the GGUF stores n_experts expert copies per layer instead of the merged model's stored experts, i.e. it
+    is as large as the unmerged model (the merged container is smaller by (E - G) / E of the expert bytes).
+    Pruned experts (-1) are refused: see `sources.WeightSource` for why no router row can mask them.
+    """
+    from .sources import WeightSource
+
+    get = weights if callable(weights) else weights.__getitem__
+    src = WeightSource(spec, get, tokenizer_json, Path(str(name)), expand_merged=True, allow_pruned=False)
+    return export_gguf(src, out_path, gguf_type, show_progress, tokenizer=tokenizer)
+
+
+def export_gguf_from_container(container_path, out_path, gguf_type: str = "F32", show_progress: bool = True, *,
+                               tokenizer: str = "auto") -> Path:
+    """Write a llama.cpp GGUF from an edgemoe container (`.emoe`): f16 / q8_0 / MWQ tensors are dequantized to f32
+    first (then stored as `gguf_type`), and a merged model's expert_map is expanded by duplicating each group's
+    experts into its members' slots (same function; see `export_gguf_merged`). Pruned experts are refused."""
+    from .sources import ContainerSource
+
+    src = ContainerSource(container_path, expand_merged=True, allow_pruned=False)
+    try:
+        return export_gguf(src, out_path, gguf_type, show_progress, tokenizer=tokenizer)
+    finally:
+        src.close()

@@ -1,0 +1,401 @@
+"""A GGUF file as an export source: `edgemoe export model.gguf -o model.emoe`.
+
+`open_gguf(path)` returns an object with the interface of `checkpoint.Checkpoint` (`.spec`, `.config`, `.family`,
+`.tokenizer_json`, `.global_tensor_items()`, `.global_tensors()`, `.layer_dense(layer)`, `.layer_experts(layer)`),
+so every consumer of a Hugging Face checkpoint (the container pipeline, the GGUF and ONNX writers, calibration)
+reads a GGUF the same way. Tensors are memory-mapped by gguf-py and dequantized to f32 one at a time.
+
+llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker -- the
+same table `gguf_export.LLAMA_CPP_ARCH` writes, read backwards. Metadata is turned into a Hugging Face-style
+config (`.config`) and the ArchSpec comes from the same `families.py` function that reads a real config.json, so
+a GGUF and the checkpoint it was converted from give the same description.
+
+Mixtral (`llama`): llama.cpp applies NORM (adjacent-pair) RoPE, so converters permute the rows of attn_q/attn_k
+per head. The reader undoes that permutation and keeps `rope_kind = "neox"`. Both choices compute the same
+function (a row permutation of W_q/W_k paired with the matching RoPE pairing), but only this one gives the same
+ArchSpec and the same tensors as an HF-sourced Mixtral: every downstream writer assumes HF row order for Mixtral
+(the GGUF writer permutes again when it writes `llama`, the ONNX writer rotates halves), so keeping the rows
+permuted with rope_kind "norm" would make a GGUF -> container -> GGUF round trip permute twice.
+
+Refused before anything is written, each by name: an architecture not in the table (or `llama` without experts),
+a tensor type gguf-py cannot dequantize (or an integer type), a tensor the architecture does not have, a missing
+tensor, and any tensor whose shape disagrees with what the metadata implies.
+
+Experts are read from the stacked `blk.N.ffn_{gate,up,down}_exps` tensors, or from the per-expert
+`blk.N.ffn_{gate,up,down}.E.weight` tensors of Mixtral GGUFs converted before llama.cpp stacked them.
+
+Dequantized types: F32, F16, BF16 and every type `gguf.quants.dequantize` implements (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q2_K..Q6_K, IQ*, TQ*, MXFP4, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from edgemoe.errors import FormatError, UnsupportedModelError
+
+from .checkpoint import expected_shapes, expert_shape
+from .families import FAMILIES, Family
+from .gguf_export import _SMALLTHINKER_SWA_PERIOD, _SPLIT_REGEX_PRE, LLAMA_CPP_ARCH
+
+# llama.cpp architecture -> edgemoe family (the writer's table read backwards)
+GGUF_ARCH_TO_FAMILY = {arch: family for family, arch in LLAMA_CPP_ARCH.items()}
+# edgemoe family -> HF model_type (the key of families.FAMILIES)
+_MODEL_TYPE = {fam.name: model_type for model_type, fam in FAMILIES.items()}
+
+_MISSING = object()
+
+# tokenizer.ggml.pre -> (pre_tokenizer, normalizer) of a byte-level BPE tokenizer.json
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_PRE_REGEX = {pre: regex for regex, pre in _SPLIT_REGEX_PRE.items()}
+
+
+def _pre_tokenizer(pre: str) -> tuple[dict, dict | None] | None:
+    if pre in ("gpt-2", "gpt2"):
+        return dict(_BYTE_LEVEL), None
+    if pre in _PRE_REGEX:
+        seq = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _PRE_REGEX[pre]}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ]}
+        return seq, ({"type": "NFC"} if pre == "qwen2" else None)  # Qwen2's tokenizer.json normalizes to NFC
+    return None
+
+
+def _f32_value(v) -> float:
+    """A GGUF float32 value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06), so a
+    config read back from GGUF equals the one written."""
+    return float(str(np.float32(v)))
+
+
+def _dequantizable_types() -> set:
+    """Every GGMLQuantizationType this reader turns into f32: F32, F16, BF16 and what gguf.quants dequantizes."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    return {Q.F32, Q.F16, Q.BF16, *getattr(gguf.quants, "_type_traits", {})}
+
+
+class GGUFCheckpoint:
+    """A GGUF file read like a Hugging Face checkpoint (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import gguf
+        except ImportError:
+            raise FormatError("reading GGUF needs gguf-py: pip install gguf") from None
+        path = Path(path)
+        if not path.exists():
+            raise FormatError(f"{path}: no such file")
+        if path.is_dir():
+            raise FormatError(f"{path}: is a directory, expected a .gguf file")
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except (ValueError, KeyError, IndexError, OSError) as e:
+            raise FormatError(f"{path}: not a readable GGUF file ({e})") from None
+        self.path = path
+        self._fields = self._reader.fields
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        n_split = self._kv("split.count", 1)
+        if int(n_split) > 1:
+            raise UnsupportedModelError(f"{path}: one part of a split GGUF ({n_split} files); merge them first "
+                                        "(llama-gguf-split --merge)")
+        arch = self._kv("general.architecture", None)
+        if arch not in GGUF_ARCH_TO_FAMILY:
+            raise UnsupportedModelError(
+                f"{path}: GGUF architecture {arch!r} is not supported; edgemoe reads the MoE architectures "
+                f"{', '.join(sorted(GGUF_ARCH_TO_FAMILY))} (llama only with experts, i.e. Mixtral)"
+            )
+        self.arch = arch
+        family_name = GGUF_ARCH_TO_FAMILY[arch]
+        self.family: Family = FAMILIES[_MODEL_TYPE[family_name]]
+        self._check_types()
+        self.config = self._config()
+        try:
+            spec = self.family.spec(self.config)
+        except (KeyError, ValueError, TypeError) as e:
+            raise FormatError(f"{path}: GGUF metadata does not describe a valid {arch} model ({e})") from None
+        rope_dim = int(self._kv(f"{arch}.rope.dimension_count", spec.head_dim))
+        if rope_dim != spec.head_dim:
+            if arch == "llama":
+                raise UnsupportedModelError(f"{path}: partial RoPE ({rope_dim} of {spec.head_dim} dims) with "
+                                            "llama's row permutation is not supported")
+            spec.rope_dim = rope_dim
+        self.spec: ArchSpec = spec
+        self._expected = self._expected_shapes()
+        self._check_tensors()
+        self.tokenizer_json: bytes | None = self._tokenizer_json()
+
+    # --- metadata ------------------------------------------------------------------------------------------
+    def _kv(self, key: str, default=_MISSING):
+        f = self._fields.get(key)
+        if f is None:
+            if default is _MISSING:
+                raise FormatError(f"{self.path}: GGUF metadata key '{key}' is missing")
+            return default
+        v = f.contents()
+        return v
+
+    def _kv_int(self, key: str, default=_MISSING) -> int:
+        v = self._kv(key, default)
+        if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv): only uniform ones are supported
+            if len(set(v)) != 1:
+                raise UnsupportedModelError(f"{self.path}: '{key}' differs between layers ({v[:8]}...); "
+                                            "per-layer shapes are not supported")
+            v = v[0]
+        return int(v)
+
+    def _config(self) -> dict:
+        """GGUF metadata -> a Hugging Face-style config.json dict for this family."""
+        a = self.arch
+        p = a + "."
+        n_layers = self._kv_int(p + "block_count")
+        hidden = self._kv_int(p + "embedding_length")
+        heads = self._kv_int(p + "attention.head_count")
+        kv_heads = self._kv_int(p + "attention.head_count_kv", heads)
+        head_dim = self._kv_int(p + "attention.key_length", hidden // heads if heads else 0)
+        v_len = self._kv_int(p + "attention.value_length", head_dim)
+        if v_len != head_dim:
+            raise UnsupportedModelError(f"{self.path}: key_length {head_dim} != value_length {v_len} is not supported")
+        n_experts = self._kv_int(p + "expert_count", 0)
+        if n_experts <= 0:
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF architecture '{a}' without experts ({p}expert_count missing or 0) is a dense "
+                "model; edgemoe reads Mixture-of-Experts models only"
+            )
+        top_k = self._kv_int(p + "expert_used_count")
+        if self._kv_int(p + "leading_dense_block_count", 0):
+            raise UnsupportedModelError(f"{self.path}: leading dense blocks are not supported for '{a}'")
+        scaling = self._kv(p + "rope.scaling.type", "none")
+        if scaling not in ("none", None, ""):
+            raise UnsupportedModelError(f"{self.path}: RoPE scaling type {scaling!r} is not supported yet")
+        theta = _f32_value(self._kv(p + "rope.freq_base", 10000.0))
+        eps = _f32_value(self._kv(p + "attention.layer_norm_rms_epsilon"))
+        ffn = self._kv_int(p + "feed_forward_length", 0)
+        ffn_exp = self._kv_int(p + "expert_feed_forward_length", 0)
+        # llama.cpp's olmoe and llama size experts by feed_forward_length; the others by expert_feed_forward_length
+        expert_ffn = ffn if a in ("olmoe", "llama") else (ffn_exp or ffn)
+        if not expert_ffn:
+            raise FormatError(f"{self.path}: GGUF metadata gives no expert width ({p}feed_forward_length)")
+        emb = self._tensors.get(GLOBAL_TENSORS["embed"])
+        if emb is None:
+            raise FormatError(f"{self.path}: GGUF has no tensor '{GLOBAL_TENSORS['embed']}'")
+        vocab = int(emb.shape[-1]) if len(emb.shape) == 2 else 0
+        meta_vocab = self._kv_int(p + "vocab_size", vocab)
+        if meta_vocab != vocab:
+            raise FormatError(f"{self.path}: metadata {p}vocab_size = {meta_vocab}, but tensor 'token_embd.weight' "
+                              f"has {vocab} rows")
+        tie = GLOBAL_TENSORS["lm_head"] not in self._tensors
+        cfg = {
+            "model_type": _MODEL_TYPE[GGUF_ARCH_TO_FAMILY[a]],
+            "num_hidden_layers": n_layers, "hidden_size": hidden, "vocab_size": vocab,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+            "rms_norm_eps": eps, "rope_theta": theta,
+            "max_position_embeddings": self._kv_int(p + "context_length", 4096),
+            "tie_word_embeddings": tie,
+        }
+        for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):
+            v = self._kv(f"tokenizer.ggml.{key}", None)
+            if v is not None:
+                cfg[hf] = int(v)
+        if a == "olmoe":
+            cfg.update(intermediate_size=expert_ffn, num_experts=n_experts, num_experts_per_tok=top_k,
+                       norm_topk_prob=False)  # llama.cpp's olmoe graph does not renormalize
+        elif a == "qwen2moe":
+            sh = self._kv_int(p + "expert_shared_feed_forward_length", 0)
+            if not sh and "blk.0.ffn_up_shexp.weight" in self._tensors:
+                sh = int(self._tensors["blk.0.ffn_up_shexp.weight"].shape[-1])
+            cfg.update(intermediate_size=ffn or expert_ffn, moe_intermediate_size=expert_ffn,
+                       shared_expert_intermediate_size=sh, num_experts=n_experts, num_experts_per_tok=top_k,
+                       decoder_sparse_step=1, norm_topk_prob=False,
+                       qkv_bias="blk.0.attn_q.bias" in self._tensors)
+        elif a == "qwen3moe":
+            cfg.update(intermediate_size=ffn or expert_ffn, moe_intermediate_size=expert_ffn, num_experts=n_experts,
+                       num_experts_per_tok=top_k, decoder_sparse_step=1, norm_topk_prob=True)
+        elif a == "llama":
+            cfg.update(intermediate_size=expert_ffn, num_local_experts=n_experts, num_experts_per_tok=top_k)
+        elif a == "smallthinker":
+            import gguf
+
+            gating = self._kv_int(p + "expert_gating_func", int(gguf.ExpertGatingFuncType.SOFTMAX))
+            if gating not in (int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)):
+                raise UnsupportedModelError(f"{self.path}: smallthinker expert_gating_func {gating} is not supported")
+            hybrid = self._kv(p + "attention.sliding_window", None) is not None
+            period = _SMALLTHINKER_SWA_PERIOD
+            cfg.update(
+                moe_num_primary_experts=n_experts, moe_num_active_primary_experts=top_k, moe_ffn_hidden_size=expert_ffn,
+                moe_primary_router_apply_softmax=gating == int(gguf.ExpertGatingFuncType.SOFTMAX),
+                # llama.cpp's smallthinker hard-codes its hybrid layout when the key is present (see gguf_export)
+                rope_layout=[int(i % period != 0) if hybrid else 1 for i in range(n_layers)],
+                sliding_window_layout=[int(i % period != 0) if hybrid else 0 for i in range(n_layers)],
+                sliding_window_size=4096,
+            )
+        return cfg
+
+    # --- tensor checks -------------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        ok = _dequantizable_types()
+        for t in self._reader.tensors:
+            if t.tensor_type not in ok:
+                raise UnsupportedModelError(
+                    f"{self.path}: tensor '{t.name}' has type {t.tensor_type.name}, which edgemoe cannot read as "
+                    f"weights (it reads F32, F16, BF16 and the types gguf-py dequantizes: Q8_0, Q4_0, Q4_K, ...)"
+                )
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """GGUF tensor name -> logical NumPy shape the metadata implies (every tensor the file must hold)."""
+        s = self.spec
+        exp: dict[str, tuple[int, ...]] = {
+            GLOBAL_TENSORS["embed"]: (s.vocab, s.hidden), GLOBAL_TENSORS["final_norm"]: (s.hidden,),
+        }
+        if not s.tie_embeddings:
+            exp[GLOBAL_TENSORS["lm_head"]] = (s.vocab, s.hidden)
+        for layer in range(s.n_layers):
+            shapes = expected_shapes(s, layer)
+            for role, name in dense_tensor_names(s, layer).items():
+                exp[name] = shapes[role]
+            if s.is_moe_layer(layer):
+                for m in EXPERT_MATRICES:
+                    if self._legacy_experts(layer):  # blk.N.ffn_{gate,up,down}.E.weight, one tensor per expert
+                        for e in range(s.n_experts):
+                            exp[f"blk.{layer}.ffn_{m}.{e}.weight"] = expert_shape(s, m)
+                    else:
+                        exp[f"blk.{layer}.ffn_{m}_exps.weight"] = (s.n_experts, *expert_shape(s, m))
+        return exp
+
+    def _legacy_experts(self, layer: int) -> bool:
+        """Mixtral GGUFs converted before llama.cpp stacked experts (early 2024) store one tensor per expert."""
+        return (f"blk.{layer}.ffn_gate_exps.weight" not in self._tensors
+                and f"blk.{layer}.ffn_gate.0.weight" in self._tensors)
+
+    def _check_tensors(self) -> None:
+        unknown = sorted(set(self._tensors) - set(self._expected))
+        if unknown:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor '{unknown[0]}'{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} "
+                f"is not part of a {self.arch} model as edgemoe reads it (layers per the metadata: "
+                f"{self.spec.n_layers}); refusing rather than dropping weights"
+            )
+        missing = [n for n in self._expected if n not in self._tensors]
+        if missing:
+            raise FormatError(f"{self.path}: GGUF is missing tensor '{missing[0]}'"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+        for name, want in self._expected.items():
+            got = tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+            if got != want and not (len(want) == 1 and int(np.prod(got)) == want[0] and max(got) == want[0]):
+                raise FormatError(
+                    f"{self.path}: tensor '{name}' has shape {list(got)} (NumPy order; ggml ne "
+                    f"{list(reversed(got))}), but the GGUF metadata implies {list(want)}"
+                )
+
+    # --- tensor access -------------------------------------------------------------------------------------
+    def _get(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self._tensors[name]
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:  # pragma: no cover - filtered by _check_types
+            raise UnsupportedModelError(f"{self.path}: tensor '{name}': {e}") from None
+        arr = np.asarray(arr, dtype=np.float32).reshape(self._expected[name])
+        return np.ascontiguousarray(arr)
+
+    def _unpermute(self, arr: np.ndarray, n_head: int) -> np.ndarray:
+        """llama.cpp NORM row order -> HF rotate-half order (inverse of gguf_export._permute_rope_rows)."""
+        return np.ascontiguousarray(
+            arr.reshape(n_head, arr.shape[0] // n_head // 2, 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
+        )
+
+    def global_tensor_items(self):
+        s = self.spec
+        yield GLOBAL_TENSORS["embed"], self._get(GLOBAL_TENSORS["embed"])
+        yield GLOBAL_TENSORS["final_norm"], self._get(GLOBAL_TENSORS["final_norm"])
+        if not s.tie_embeddings:
+            yield GLOBAL_TENSORS["lm_head"], self._get(GLOBAL_TENSORS["lm_head"])
+
+    def global_tensors(self) -> dict[str, np.ndarray]:
+        return dict(self.global_tensor_items())
+
+    def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
+        s = self.spec
+        out = {}
+        for role, name in dense_tensor_names(s, layer).items():
+            arr = self._get(name)
+            if self.arch == "llama" and role in ("wq", "wk", "bq", "bk"):
+                arr = self._unpermute(arr, s.n_heads if role in ("wq", "bq") else s.n_kv_heads)
+            out[name] = arr
+        return out
+
+    def layer_experts(self, layer: int):
+        """Yield (container name, f32 [out, in]) expert by expert; each stacked GGUF tensor is dequantized once."""
+        s = self.spec
+        if self._legacy_experts(layer):
+            for e in range(s.n_experts):
+                for m in EXPERT_MATRICES:
+                    yield expert_tensor_name(layer, e, m), self._get(f"blk.{layer}.ffn_{m}.{e}.weight")
+            return
+        stacks = {m: self._get(f"blk.{layer}.ffn_{m}_exps.weight") for m in EXPERT_MATRICES}
+        for e in range(s.n_experts):
+            for m in EXPERT_MATRICES:
+                yield expert_tensor_name(layer, e, m), np.ascontiguousarray(stacks[m][e])
+
+    def tensor_types(self) -> dict[str, str]:
+        """GGUF tensor name -> ggml type name (F32, Q8_0, Q4_K, ...)."""
+        return {n: t.tensor_type.name for n, t in self._tensors.items()}
+
+    # --- tokenizer -----------------------------------------------------------------------------------------
+    def _tokenizer_json(self) -> bytes | None:
+        """Rebuild a Hugging Face tokenizer.json from a gpt2 (byte-level BPE) GGUF vocabulary; None otherwise."""
+        model = self._kv("tokenizer.ggml.model", "none")
+        if model in ("none", None, ""):
+            return None
+        if model != "gpt2":
+            warnings.warn(f"{self.path.name}: tokenizer model {model!r} is not rebuilt (only gpt2 byte-level BPE "
+                          "is); the container will have no tokenizer", stacklevel=3)
+            return None
+        pre_name = self._kv("tokenizer.ggml.pre", "gpt-2")
+        pre = _pre_tokenizer(pre_name)
+        if pre is None:
+            warnings.warn(f"{self.path.name}: pre-tokenizer {pre_name!r} is not one edgemoe can rebuild (gpt-2, "
+                          f"{', '.join(sorted(_PRE_REGEX))}); the container will have no tokenizer", stacklevel=3)
+            return None
+        tokens = self._kv("tokenizer.ggml.tokens")
+        types = self._kv("tokenizer.ggml.token_type", [1] * len(tokens))
+        merges = self._kv("tokenizer.ggml.merges", [])
+        if len(types) != len(tokens):
+            raise FormatError(f"{self.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} "
+                              "tokens")
+        if len(tokens) > self.spec.vocab:
+            raise FormatError(f"{self.path}: {len(tokens)} tokens, but token_embd.weight has {self.spec.vocab} rows")
+        vocab: dict[str, int] = {}
+        added = []
+        for i, (tok, ty) in enumerate(zip(tokens, types)):
+            if ty == 5:  # UNUSED: embedding rows without a token (padded vocabularies)
+                continue
+            if ty in (3, 4):  # CONTROL, USER_DEFINED: added tokens, matched before the BPE model
+                added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": ty == 3})
+            vocab.setdefault(tok, i)
+        pre_tok, normalizer = pre
+        doc = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": normalizer, "pre_tokenizer": pre_tok, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {
+                "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                "vocab": vocab, "merges": [m.split(" ", 1) for m in merges],
+            },
+        }
+        return json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+def open_gguf(path: str | Path) -> GGUFCheckpoint:
+    """Open a GGUF MoE model as an export source (see the module docstring for what is read and refused)."""
+    return GGUFCheckpoint(path)
