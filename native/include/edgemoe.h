@@ -66,7 +66,8 @@ enum {
     EMOE_ISA_COUNT = 4,
 };
 int emoe_isa_supported(int isa);    /* 1 if this CPU + build can run it */
-int emoe_isa_best(void);            /* what EMOE_ISA_AUTO resolves to (env EDGEMOE_ISA=scalar|avx2|neon|neon_dotprod overrides) */
+/* what EMOE_ISA_AUTO resolves to; env EDGEMOE_ISA=scalar|avx2|neon|neon_dotprod overrides (if supported) */
+int emoe_isa_best(void);
 const char *emoe_isa_name(int isa); /* "scalar", "avx2", ... or NULL */
 
 /* ---- thread pool ----
@@ -142,7 +143,8 @@ const char *emoe_model_last_error(const emoe_model *m); /* message of the last f
  * the model is freed. Matrices: rows x cols as in the table, dtype EMOE_F32/F16/Q8_0 (Q8_0 needs cols % 32 == 0).
  * 1-D tensors (norms, biases, ffn_gate_inp_shexp): rows = 1, cols = length, dtype EMOE_F32. */
 int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void *data, int64_t rows, int64_t cols);
-/* The shape the model expects for `name` (1-D tensors: rows = 1). EMOE_ERR_ARG if the name is not one of its tensors. */
+/* The shape the model expects for `name` (1-D tensors: rows = 1); EMOE_ERR_ARG if the name is not one of its
+ * tensors. */
 int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols);
 /* EMOE_OK if every required tensor is set, else EMOE_ERR_NOT_READY naming the first missing one. */
 int emoe_model_ready(emoe_model *m);

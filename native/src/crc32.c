@@ -1,5 +1,6 @@
 /* CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), bit-compatible with zlib's crc32(): the container's
- * checksum. The table is an immutable constant (entry i: c = i; 8 times: c = c & 1 ? 0xEDB88320 ^ (c >> 1) : c >> 1). */
+ * checksum. The table is an immutable constant; entry i is
+ *     c = i; 8 times: c = c & 1 ? 0xEDB88320 ^ (c >> 1) : c >> 1. */
 #include "edgemoe.h"
 
 static const uint32_t crc_table[256] = {

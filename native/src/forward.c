@@ -134,7 +134,8 @@ static void attention(emoe_model *m, int l, int n_tok) {
     const layer_weights *L = &m->layers[l];
     run_state *s = &m->s;
     const int H = c->hidden, hd = c->head_dim;
-    for (int t = 0; t < n_tok; t++) rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->attn_norm.data, H, c->norm_eps);
+    for (int t = 0; t < n_tok; t++)
+        rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->attn_norm.data, H, c->norm_eps);
     mm_job jobs[3] = {
         {.wtype = L->wq.dtype, .w = L->wq.data, .rows = L->wq.rows, .y = s->q, .ldy = (size_t)m->q_dim},
         {.wtype = L->wk.dtype, .w = L->wk.data, .rows = L->wk.rows, .y = s->k, .ldy = (size_t)m->kv_dim},
@@ -152,7 +153,8 @@ static void attention(emoe_model *m, int l, int n_tok) {
             rmsnorm(q, q, L->q_norm.data, m->q_dim, c->norm_eps);
             rmsnorm(k, k, L->k_norm.data, m->kv_dim, c->norm_eps);
         } else if (c->qk_norm == EMOE_QK_NORM_HEAD) { /* Qwen3: over each head */
-            for (int h = 0; h < c->n_heads; h++) rmsnorm(q + (size_t)h * hd, q + (size_t)h * hd, L->q_norm.data, hd, c->norm_eps);
+            for (int h = 0; h < c->n_heads; h++)
+                rmsnorm(q + (size_t)h * hd, q + (size_t)h * hd, L->q_norm.data, hd, c->norm_eps);
             for (int h = 0; h < c->n_kv_heads; h++)
                 rmsnorm(k + (size_t)h * hd, k + (size_t)h * hd, L->k_norm.data, hd, c->norm_eps);
         }

@@ -12,6 +12,8 @@
 #include <arm_neon.h>
 
 #define NEON_INLINE static inline __attribute__((always_inline))
+/* decode tiles prefetch the next tile when rows are short: see PREFETCH_MAX_STRIDE in kernels_avx2.c */
+#define PREFETCH_MAX_STRIDE 4096
 #if defined(__clang__)
 #define DOTPROD_TARGET __attribute__((target("dotprod")))
 #else
@@ -38,6 +40,11 @@ NEON_INLINE void tile_float(int f16, int R, int TT, int64_t cols, const char *w,
         for (int t = 0; t < TT; t++) acc[r][t] = vdupq_n_f32(0.0f);
     int64_t i = 0;
     for (; i + 4 <= cols; i += 4) {
+        if (TT == 1 && w_stride <= PREFETCH_MAX_STRIDE && i % 16 == 0) {
+            const uintptr_t next = (uintptr_t)w + (size_t)R * w_stride + (size_t)i * esz * R;
+            for (int k = 0; k < R * 16 * (int)esz; k += 64)
+                __builtin_prefetch((const void *)(next + (uintptr_t)k));
+        }
         float32x4_t wv[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) wv[r] = load4(f16, w + (size_t)r * w_stride + (size_t)i * esz);
@@ -116,6 +123,11 @@ NEON_INLINE int32x4_t dot_block_nodot(int8x16_t w0, int8x16_t w1, int8x16_t x0, 
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                                               \
         _Pragma("GCC unroll 4") for (int t = 0; t < TT; t++) acc[r][t] = vdupq_n_f32(0.0f);                           \
     for (int64_t b = 0; b < nb; b++) {                                                                                \
+        if (TT == 1 && w_stride <= PREFETCH_MAX_STRIDE) {                                                             \
+            const uintptr_t next = (uintptr_t)w + (size_t)R * w_stride + (size_t)b * R * sizeof(block_q8_0);         \
+            for (int k = 0; k < R * (int)sizeof(block_q8_0); k += 64)                                                 \
+                __builtin_prefetch((const void *)(next + (uintptr_t)k));                                              \
+        }                                                                                                             \
         int8x16_t w0[8], w1[8];                                                                                       \
         float dw[8];                                                                                                  \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                         \

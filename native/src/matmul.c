@@ -54,7 +54,8 @@ void mm_run(emoe_pool *pool, const emoe_kernels *k, const mm_job *jobs, int n_jo
     }
     if (any_q8 && !q8_f32_act) {
         const int64_t nb = cols / QK;
-        for (int t = 0; t < n_tok; t++) k->quantize_act(x + (size_t)t * (size_t)cols, qbuf + (size_t)t * (size_t)nb, cols);
+        for (int t = 0; t < n_tok; t++)
+            k->quantize_act(x + (size_t)t * (size_t)cols, qbuf + (size_t)t * (size_t)nb, cols);
         c.qx = qbuf;
     }
     const int nt = emoe_pool_threads(pool);

@@ -72,8 +72,8 @@ struct emoe_model {
 };
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-/* The matrices of stored expert e of layer l. The single point where expert weights are looked up, so a later expert cache
- * can load them just in time; today it returns the pointers given to emoe_model_set_tensor. */
+/* The matrices of stored expert e of layer l. The single point where expert weights are looked up, so a later expert
+ * cache can load them just in time; today it returns the pointers given to emoe_model_set_tensor. */
 expert_mats expert_weights(emoe_model *m, int layer, int expert);
 
 #endif

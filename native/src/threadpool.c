@@ -90,7 +90,8 @@ static void *worker_main(void *arg) {
         if (g == seen) {
             pthread_mutex_lock(&p->mu);
             p->n_sleeping++;
-            while ((g = atomic_load(&p->ready)) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv_work, &p->mu);
+            while ((g = atomic_load(&p->ready)) == seen && !atomic_load(&p->stop))
+                pthread_cond_wait(&p->cv_work, &p->mu);
             p->n_sleeping--;
             pthread_mutex_unlock(&p->mu);
         }

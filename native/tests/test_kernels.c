@@ -54,7 +54,8 @@ static void *make_weights(int wtype, const float *wf, int64_t rows, int64_t cols
 }
 
 static void test_matmul_vs_scalar(int isa, emoe_pool *pool) { /* with a pool: every third case (the same kernels) */
-    static const int64_t shapes[][2] = {{1, 32}, {3, 64}, {4, 96}, {7, 128}, {17, 256}, {33, 160}, {64, 512}, {5, 2048}};
+    static const int64_t shapes[][2] = {{1, 32},   {3, 64},   {4, 96},   {7, 128}, {17, 256},
+                                        {33, 160}, {64, 512}, {5, 2048}, {9, 1024}};
     static const int toks[] = {1, 2, 3, 4, 5, 7, 8, 9, 13};
     for (int wtype = 0; wtype < 4; wtype++) /* 3 = Q8_0 with f32 activations */
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++)
@@ -62,7 +63,8 @@ static void test_matmul_vs_scalar(int isa, emoe_pool *pool) { /* with a pool: ev
                 if (pool && (si + ti) % 3) continue;
                 int64_t rows = shapes[si][0], cols = shapes[si][1];
                 if (wtype < EMOE_Q8_0 && ti % 2) cols += 3; /* odd widths exercise the float tails */
-                const int wt = wtype == 3 ? EMOE_Q8_0 : wtype, api_wtype = wtype == 3 ? EMOE_Q8_0 | EMOE_MATMUL_F32_ACT : wtype;
+                const int wt = wtype == 3 ? EMOE_Q8_0 : wtype;
+                const int api_wtype = wtype == 3 ? EMOE_Q8_0 | EMOE_MATMUL_F32_ACT : wtype;
                 const int T = toks[ti];
                 float *wf = malloc((size_t)(rows * cols) * 4), *x = malloc((size_t)(T * cols) * 4);
                 float *y0 = malloc((size_t)(T * rows) * 4), *y1 = malloc((size_t)(T * rows) * 4);
@@ -89,7 +91,8 @@ static void test_q8_integer_exact(int isa) {
     const int64_t rows = 13, cols = 1024; /* 1024 * 127 * 128 < 2^24 */
     const int T = 6;
     block_q8_0 *w = malloc(sizeof(block_q8_0) * (size_t)(rows * cols / QK));
-    float *x = malloc((size_t)(T * cols) * 4), *y0 = malloc((size_t)(T * rows) * 4), *y1 = malloc((size_t)(T * rows) * 4);
+    float *x = malloc((size_t)(T * cols) * 4);
+    float *y0 = malloc((size_t)(T * rows) * 4), *y1 = malloc((size_t)(T * rows) * 4);
     for (int64_t b = 0; b < rows * cols / QK; b++) {
         w[b].d = 0x3C00; /* 1.0 */
         for (int j = 0; j < QK; j++) w[b].qs[j] = (int8_t)((int)(rnd_u32() % 256) - 128); /* includes -128 */
@@ -119,10 +122,11 @@ static void test_quantize_act(int isa) {
     for (int j = 0; j < 32; j++) x[32 + j] = 0.0f;                 /* an all-zero block */
     for (int j = 0; j < 32; j++) x[64 + j] = (float)(j - 16) * 0.5f; /* exact ties at x/d = k + 0.5 */
     x[64] = 127.0f * 0.5f;
-    block_q8_act *a = malloc(sizeof(block_q8_act) * (size_t)(n / 32)), *b = malloc(sizeof(block_q8_act) * (size_t)(n / 32));
+    const size_t qbytes = sizeof(block_q8_act) * (size_t)(n / 32);
+    block_q8_act *a = malloc(qbytes), *b = malloc(qbytes);
     emoe_quantize_act(EMOE_ISA_SCALAR, x, a, n);
     emoe_quantize_act(isa, x, b, n);
-    CHECK(!memcmp(a, b, sizeof(block_q8_act) * (size_t)(n / 32)), "quantize_act isa=%s differs from scalar", emoe_isa_name(isa));
+    CHECK(!memcmp(a, b, qbytes), "quantize_act isa=%s differs from scalar", emoe_isa_name(isa));
     int ok = 1;
     for (int64_t i = 0; i < n; i++) {
         const float err = fabsf(a[i / 32].qs[i % 32] * a[i / 32].d - x[i]);
