@@ -15,11 +15,12 @@ def quantize_q8_0(w: np.ndarray) -> np.ndarray:
         raise ValueError(f"Q8_0 needs the input dimension to be a multiple of {Q8_0_BLOCK}, got {w.shape[-1]}")
     blocks = w.reshape(-1, Q8_0_BLOCK)
     amax = np.abs(blocks).max(axis=1)
-    d = (amax / 127.0).astype(np.float16)
-    inv = np.divide(1.0, d.astype(np.float32), out=np.zeros_like(amax), where=d != 0)
+    d = (amax / np.float32(127.0)).astype(np.float32)  # like ggml: the unrounded f32 scale quantizes,
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)  # its f16 rounding is stored
+    v = blocks * inv[:, None]
     out = np.empty(blocks.shape[0], dtype=Q8_0_DTYPE)
-    out["d"] = d
-    out["qs"] = np.clip(np.rint(blocks * inv[:, None]), -127, 127).astype(np.int8)
+    out["d"] = d.astype(np.float16)
+    out["qs"] = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int8)  # roundf: half away
     return out.view(np.uint8)
 
 

@@ -57,3 +57,15 @@ def test_preamble_is_documented_layout(tmp_path):
     head = (tmp_path / "m.emoe").read_bytes()[:28]
     magic, version, index_offset, index_nbytes, _ = struct.unpack("<4sIQQI", head)
     assert magic == b"EMOE" and version == 1 and index_offset + index_nbytes == (tmp_path / "m.emoe").stat().st_size
+
+
+def test_numpy_q8_0_quantizer_is_byte_identical_to_gguf_py():
+    import gguf
+
+    from edgemoe.quant import dequantize_q8_0, quantize_q8_0
+
+    w = np.random.default_rng(3).standard_normal((48, 256)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block
+    ours = quantize_q8_0(w)
+    assert ours.tobytes() == gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).tobytes()
+    assert np.abs(dequantize_q8_0(ours, w.shape) - w).max() <= np.abs(w).max() / 127  # half a step per block max
