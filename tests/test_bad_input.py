@@ -95,9 +95,11 @@ def test_unsupported_bits_and_bad_budget(capsys, tmp_path, tiny_dir, tiny_emoe):
     assert code == 1 and "smaller than the dense part" in err
 
 
-def test_cli_entry_point_help():
+def test_cli_entry_point_help(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "edgemoe", "export", "--help"], capture_output=True, text=True)
+    # cwd elsewhere: from the repository root, `python -m` would import the source tree instead of the installed package
+    out = subprocess.run([sys.executable, "-m", "edgemoe", "export", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert out.returncode == 0 and "--bits" in out.stdout and "Hugging Face" in out.stdout
