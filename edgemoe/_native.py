@@ -28,6 +28,7 @@ F32, F16, Q8_0 = 0, 1, 2
 MATMUL_F32_ACT = 0x100  # or-ed into a Q8_0 wtype for emoe_matmul: keep activations f32 (exact path)
 DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0}
 Q8_0_BLOCK, Q8_0_BLOCK_BYTES = 32, 34
+MWQ_MAX_PLANES = 8  # EMOE_MWQ_MAX_PLANES: MWQ expert matrices (bit planes) go through set_expert_mwq / matmul_mwq
 # instruction sets
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_COUNT = -1, 0, 1, 2, 3, 4
 # config enums
@@ -112,6 +113,8 @@ _matmul = _sig("emoe_matmul", _int, _vp, _int, _int, _vp, _i64, _i64, _vp, _i64,
 _quantize_act = _sig("emoe_quantize_act", _int, _int, _vp, _vp, _i64)
 _axpy = _sig("emoe_axpy", _int, _int, _int, _f32, _vp, _vp, _i64)
 _convert_f16 = _sig("emoe_convert_f16", _int, _int, _int, _vp, _vp, _i64)
+_mwq_plane_bytes = _sig("emoe_mwq_plane_bytes", _i64, _int, _int, _int, _i64, _i64)
+_matmul_mwq = _sig("emoe_matmul_mwq", _int, _vp, _int, _vp, _vp, _int, _int, _int, _i64, _i64, _vp, _i64, _vp)
 _model_new = _sig("emoe_model_new", _vp, ctypes.POINTER(Config), _int, _int, _int)
 _model_free = _sig("emoe_model_free", None, _vp)
 _model_status = _sig("emoe_model_status", _int, _vp)
@@ -121,6 +124,9 @@ _model_expected_shape = _sig("emoe_model_expected_shape", _int, _vp, _cp, ctypes
 _model_ready = _sig("emoe_model_ready", _int, _vp)
 _model_set_isa = _sig("emoe_model_set_isa", _int, _vp, _int)
 _model_set_q8_f32_act = _sig("emoe_model_set_q8_f32_act", _int, _vp, _int)
+_model_set_expert_mwq = _sig("emoe_model_set_expert_mwq", _int, _vp, _cp, _vp, _vp, _int, _int, _int, _i64, _i64)
+_model_set_precision = _sig("emoe_model_set_precision", _int, _vp, _int)
+_model_precision = _sig("emoe_model_precision", _int, _vp)
 _model_isa = _sig("emoe_model_isa", _int, _vp)
 _forward = _sig("emoe_forward", _int, _vp, _vp, _int, _vp, _int)
 _model_n_past = _sig("emoe_model_n_past", _int, _vp)
@@ -227,6 +233,43 @@ def matmul(w: np.ndarray, wtype: int, x: np.ndarray, rows: int, cols: int, isa: 
     return y
 
 
+def mwq_plane_bytes(plane: int, base_bits: int, group: int, rows: int, cols: int) -> int:
+    """Bytes of MWQ plane `plane` (1 = base) of a [rows, cols] matrix, scales included (0 if invalid)."""
+    return int(_mwq_plane_bytes(plane, base_bits, group, rows, cols))
+
+
+def plane_offsets(planes) -> tuple[np.ndarray, np.ndarray]:
+    """(base array, int64 offsets) for a list of plane byte arrays: plane p at base.ctypes.data + offsets[p-1]. The
+    arrays are used in place (keep them alive while the C side may read them)."""
+    planes = [np.asarray(p) for p in planes]
+    if not planes or any(not p.flags.c_contiguous for p in planes):
+        raise ValueError("planes must be a non-empty list of C-contiguous arrays")
+    base = planes[0]
+    return base, np.array([p.ctypes.data - base.ctypes.data for p in planes], dtype=np.int64)
+
+
+def matmul_mwq(planes, k: int, base_bits: int, group: int, x: np.ndarray, rows: int, cols: int,
+               isa: int = ISA_AUTO, pool: Pool | None = None, out: np.ndarray | None = None,
+               f32_act: bool = False) -> np.ndarray:
+    """Y [n_tok, rows] = X [n_tok, cols] @ W_hat_k^T straight from the bit planes (a list of the K plane byte arrays,
+    of which the first k are read). f32_act: keep the activations f32 instead of int8 per block of 32."""
+    planes = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in planes]
+    if not 1 <= k <= len(planes):
+        raise ValueError(f"k={k}: expected 1..{len(planes)}")
+    for i, p in enumerate(planes[:k], start=1):
+        if p.nbytes != mwq_plane_bytes(i, base_bits, group, rows, cols):
+            raise ValueError(f"plane {i} has {p.nbytes} bytes, expected {mwq_plane_bytes(i, base_bits, group, rows, cols)}")
+    base, offs = plane_offsets(planes)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
+    y = np.empty((x.shape[0], rows), dtype=np.float32) if out is None else out
+    if y.dtype != np.float32 or not y.flags.c_contiguous or y.size != x.shape[0] * rows:
+        raise ValueError("out must be a C-contiguous float32 array of n_tok * rows values")
+    bb = base_bits | (MATMUL_F32_ACT if f32_act else 0)
+    _check(_matmul_mwq(pool._p if pool else None, isa, _ptr(base), _ptr(offs), k, bb, group, rows, cols, _ptr(x),
+                       x.shape[0], _ptr(y)), "matmul_mwq")
+    return y
+
+
 def quantize_act(x: np.ndarray, isa: int = ISA_AUTO) -> np.ndarray:
     """The activation quantizer of the Q8_0 path: f32 [n] -> structured blocks (d f32, qs int8[32])."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
@@ -280,6 +323,20 @@ class ModelHandle:
     def set_tensor(self, name: str, dtype: int, data: np.ndarray, rows: int, cols: int) -> None:
         """Borrow `data` (the caller keeps it alive) as tensor `name`."""
         self._check(_model_set_tensor(self._m, name.encode(), dtype, _ptr(data), rows, cols))
+
+    def set_expert_mwq(self, name: str, base: np.ndarray, offsets, n_planes: int, base_bits: int, group: int,
+                       rows: int, cols: int) -> None:
+        """Borrow MWQ planes (plane p at base + offsets[p-1]; the caller keeps base alive) as expert matrix `name`."""
+        offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        self._check(_model_set_expert_mwq(self._m, name.encode(), _ptr(base), _ptr(offs), n_planes, base_bits, group,
+                                          rows, cols))
+
+    def set_precision(self, k: int) -> None:
+        self._check(_model_set_precision(self._m, int(k)))
+
+    @property
+    def precision(self) -> int:
+        return int(_model_precision(self._m))
 
     def expected_shape(self, name: str) -> tuple[int, int]:
         r, c = _i64(), _i64()

@@ -26,7 +26,8 @@ def cmd_export(args) -> int:
     exporter = _need_exporter()
     t0 = time.perf_counter()
     out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
-                          show_progress=not args.quiet)
+                          show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
+                          nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens)
     print(f"wrote {out} ({format_bytes(out.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -41,8 +42,11 @@ def cmd_info(args) -> int:
     for t in c.tensors.values():
         parts[t.kind] = parts.get(t.kind, 0) + t.nbytes
         dtypes[f"{t.kind}:{t.dtype}"] = dtypes.get(f"{t.kind}:{t.dtype}", 0) + 1
-    info = {"file": str(c.path), "arch": s.to_json(), "metadata": c.metadata,
+    info = {"file": str(c.path), "version": c.version, "arch": s.to_json(), "metadata": c.metadata,
             "bytes": {**parts, "file": c.path.stat().st_size}, "tensors": dtypes}
+    planes = _plane_summary(c)
+    if planes:
+        info["mwq_planes"] = planes
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -55,9 +59,40 @@ def cmd_info(args) -> int:
     for kind, n in sorted(parts.items()):
         print(f"  {kind:7s} {format_bytes(n)}")
     print("  tensors " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    if planes:
+        m = c.metadata
+        print(f"  MWQ experts: {len(planes)} planes (base {m.get('base_bits')} bits + {len(planes) - 1} residual), "
+              f"group {m.get('group_size')}, nesting {m.get('nesting')}; precision k reads planes 1..k")
+        for p in planes:
+            print(f"    plane {p['plane']} ({p['bits']} bit{'s' if p['bits'] > 1 else ''}): "
+                  f"{format_bytes(p['bytes'])}, {p['bits_per_weight']:.3f} bits/weight with scales; "
+                  f"k={p['plane']}: {p['bits'] if p['plane'] == 1 else planes[0]['bits'] + p['plane'] - 1}-bit "
+                  f"experts, {p['cumulative_bits_per_weight']:.3f} bits/weight, {format_bytes(p['cumulative_bytes'])}")
     print("  metadata " + json.dumps(c.metadata))
     c.close()
     return 0
+
+
+def _plane_summary(c) -> list[dict]:
+    """Per plane index over all MWQ tensors: bytes, bits per weight (scales included, padding excluded)."""
+    rows: dict[int, dict] = {}
+    weights = 0
+    for t in c.tensors.values():
+        if t.dtype != "mwq":
+            continue
+        weights += t.shape[0] * t.shape[1]
+        for i, p in enumerate(t.planes, start=1):
+            r = rows.setdefault(i, {"plane": i, "bits": p["bits"], "bytes": 0})
+            r["bytes"] += p["nbytes"]
+    out, total = [], 0
+    for i in sorted(rows):
+        r = rows[i]
+        total += r["bytes"]
+        r["bits_per_weight"] = 8 * r["bytes"] / weights
+        r["cumulative_bytes"] = total
+        r["cumulative_bits_per_weight"] = 8 * total / weights
+        out.append(r)
+    return out
 
 
 def cmd_run(args) -> int:
@@ -115,9 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokenizer.json) layer by layer and write an .emoe container atomically.")
     e.add_argument("src", help="Hugging Face model directory")
     e.add_argument("-o", "--output", required=True, help="output .emoe file")
-    e.add_argument("--bits", type=int, default=16, help="storage bits: 32 (exact fp32) or 16 (fp16); default 16")
-    e.add_argument("--dense-bits", type=int, default=None,
-                   help="storage for dense matrices: 32, 16 or 8 (Q8_0); default = --bits")
+    e.add_argument("--bits", type=int, default=16, metavar="{32,16,8..2}",
+                   help="expert storage: 32 (exact fp32), 16 (fp16), or 8..2 = MWQ nested bit planes with this many "
+                        "bits in all (a --base-bits base plane plus one binary residual plane per extra bit; the "
+                        "runtime can read any prefix, see `edgemoe info`); 4 is the usual choice; default 16")
+    e.add_argument("--dense-bits", type=int, default=None, metavar="{32,16,8}",
+                   help="storage for dense matrices: 32, 16 or 8 (Q8_0); default = --bits for 32/16, 8 when the "
+                        "experts are MWQ")
+    e.add_argument("--base-bits", type=int, default=2, metavar="{2,4,8}",
+                   help="MWQ: bits of the base plane (per-group asymmetric codes); default 2")
+    e.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="MWQ: weights per group along the input dimension, one scale per group and plane; a "
+                        "multiple of 8 dividing the expert input sizes; default 128, or the largest power of two "
+                        "below it that divides them")
+    e.add_argument("--nesting", default="mwq", metavar="{mwq,msb}",
+                   help="MWQ: how the planes are fitted: mwq = residual planes fitted to each expert's "
+                        "calibration inputs (default); msb = most-significant-bit slices of per-group 8-bit codes "
+                        "(comparison mode, no calibration)")
+    e.add_argument("--calib", default=None, metavar="FILE",
+                   help="MWQ: UTF-8 calibration text (like the training data, not the evaluation text); default: "
+                        "calib.txt in the model directory")
+    e.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
+                   help="MWQ: calibration tokens to stream through the model (default 16384)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_export)
 

@@ -4,6 +4,10 @@ Layout: a 4 KiB preamble, the tensor data (dense part first, then one 4 KiB-alig
 and a JSON index at the end. The index is written last so the exporter can stream tensors layer by layer and
 record each checksum as it goes; the preamble, which points at the index, is rewritten after everything else and
 the file is only renamed into place after an fsync, so an interrupted export never leaves a file that looks valid.
+
+Version 2 adds MWQ expert matrices (dtype "mwq"): bit planes P1 | P2 | ... | PK stored back to back, each with its
+own checksum, so reading precision k is one contiguous byte range. A writer stamps version 2 only on files that
+contain such a tensor; everything else is still written (and read) as version 1.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from .arch import ArchSpec
 from .errors import FormatError
 
 MAGIC = b"EMOE"
-VERSION = 1
+VERSION = 2  # the newest version this code reads and writes
+READABLE_VERSIONS = (1, 2)
 PREAMBLE_SIZE = 4096
 PREAMBLE = struct.Struct("<4sIQQI")  # magic, version, index_offset, index_nbytes, index_crc32
 DENSE_ALIGN = 64
 EXPERT_ALIGN = 4096
+PLANE_ALIGN = 64  # each MWQ plane after the first starts 64-byte aligned (zero padding in between)
 
 # dtype name -> (numpy dtype of the stored elements, bytes per block, weights per block)
 DTYPES = {
@@ -54,7 +60,8 @@ class TensorInfo:
     nbytes: int
     crc32: int
     kind: str = "dense"  # dense | expert | blob
-    planes: list[dict] | None = None  # reserved for MWQ (container v2): per-plane offset/nbytes/crc32
+    planes: list[dict] | None = None  # MWQ (container v2): per plane {offset, nbytes, crc32, bits}
+    quant: dict | None = None  # MWQ parameters: base_bits, group_size, nesting (and how it was fitted)
 
     def to_json(self) -> dict:
         d = {
@@ -63,6 +70,8 @@ class TensorInfo:
         }
         if self.planes is not None:
             d["planes"] = self.planes
+        if self.quant is not None:
+            d["quant"] = self.quant
         return d
 
     @classmethod
@@ -70,7 +79,12 @@ class TensorInfo:
         return cls(
             name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), offset=int(d["offset"]),
             nbytes=int(d["nbytes"]), crc32=int(d["crc32"]), kind=d.get("kind", "dense"), planes=d.get("planes"),
+            quant=d.get("quant"),
         )
+
+    @property
+    def n_planes(self) -> int:
+        return len(self.planes or ())
 
 
 class ContainerWriter:
@@ -114,10 +128,53 @@ class ContainerWriter:
         self._names.add(name)
         return info
 
+    def add_planes(self, name: str, planes: list[np.ndarray], shape: tuple[int, int], kind: str = "expert",
+                   quant: dict | None = None) -> TensorInfo:
+        """Append one MWQ matrix as P1 | P2 | ... | PK (dtype "mwq"): the region starts 4 KiB aligned (experts),
+        later planes 64-byte aligned, each plane checked against the size `shape` and `quant` imply.
+
+        quant: {"base_bits", "group_size", "nesting", ...}; extra keys are stored as given.
+        """
+        from .mwq import plane_bits, plane_nbytes
+
+        if name in self._names:
+            raise ValueError(f"duplicate tensor {name}")
+        quant = dict(quant or {})
+        missing = {"base_bits", "group_size", "nesting"} - set(quant)
+        if missing:
+            raise ValueError(f"{name}: quant parameters {sorted(missing)} missing")
+        if not planes:
+            raise ValueError(f"{name}: no planes")
+        out, in_ = (int(s) for s in shape)
+        self._align(EXPERT_ALIGN if kind == "expert" else DENSE_ALIGN)
+        raws = [np.ascontiguousarray(p).view(np.uint8).reshape(-1) for p in planes]
+        for i, raw in enumerate(raws, start=1):
+            want = plane_nbytes(i, out, in_, quant["base_bits"], quant["group_size"])
+            if raw.nbytes != want:
+                raise ValueError(f"{name}: plane {i} has {raw.nbytes} bytes, expected {want}")
+        start = self._pos
+        entries = []
+        span_crc = 0  # the tensor-level checksum covers the whole span, padding included
+        for i, raw in enumerate(raws, start=1):
+            if i > 1:
+                pad = (-self._pos) % PLANE_ALIGN
+                span_crc = zlib.crc32(b"\0" * pad, span_crc)
+                self._align(PLANE_ALIGN)
+            crc = zlib.crc32(raw)
+            span_crc = zlib.crc32(raw, span_crc)
+            entries.append({"offset": self._pos, "nbytes": raw.nbytes, "crc32": crc,
+                            "bits": plane_bits(i, quant["base_bits"])})
+            self._f.write(memoryview(raw))
+            self._pos += raw.nbytes
+        info = TensorInfo(name, "mwq", (out, in_), start, self._pos - start, span_crc, kind, entries, quant)
+        self.tensors.append(info)
+        self._names.add(name)
+        return info
+
     def close(self) -> Path:
         index = {
             "format": "edgemoe",
-            "version": VERSION,
+            "version": self.version,
             "arch": self.spec.to_json(),
             "metadata": self.metadata,
             "tensors": [t.to_json() for t in self.tensors],
@@ -127,12 +184,17 @@ class ContainerWriter:
         index_offset = self._pos
         self._f.write(blob)
         self._f.seek(0)
-        self._f.write(PREAMBLE.pack(MAGIC, VERSION, index_offset, len(blob), zlib.crc32(blob)))
+        self._f.write(PREAMBLE.pack(MAGIC, self.version, index_offset, len(blob), zlib.crc32(blob)))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp_path, self.path)
         return self.path
+
+    @property
+    def version(self) -> int:
+        """2 when the file holds MWQ planes, else 1 (readers of version 1 can still open it)."""
+        return 2 if any(t.planes for t in self.tensors) else 1
 
     def abort(self) -> None:
         if not self._f.closed:
@@ -158,6 +220,8 @@ class Container:
     metadata: dict
     tensors: dict[str, TensorInfo]
     _mm: mmap.mmap = field(repr=False)
+    version: int = 1
+    _verified_planes: set = field(default_factory=set, repr=False)  # (name, plane index) whose CRC was checked
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of one tensor as a uint8 view into the mapping (no copy)."""
@@ -167,12 +231,38 @@ class Container:
     def array(self, name: str) -> np.ndarray:
         """The stored elements with their logical shape (f32/f16 views; q8_0 stays raw blocks)."""
         t = self.tensors[name]
+        if t.dtype == "mwq":
+            return self.raw(name)  # planes P1..PK; read them with planes()
         np_dtype, _, block = DTYPES[t.dtype]
         arr = self.raw(name).view(np_dtype)
         return arr.reshape(t.shape) if block == 1 else arr
 
+    def planes(self, name: str, k: int | None = None) -> list[np.ndarray]:
+        """Views of the first k planes (default: all) of an MWQ tensor. Each plane's CRC-32 is checked the first
+        time it is read; a mismatch raises FormatError naming the tensor and the plane."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise FormatError(f"{self.path}: no tensor '{name}'")
+        if not t.planes:
+            raise FormatError(f"{self.path}: tensor '{name}' ({t.dtype}) has no bit planes")
+        k = t.n_planes if k is None else int(k)
+        if not 1 <= k <= t.n_planes:
+            raise FormatError(f"{self.path}: tensor '{name}' has {t.n_planes} planes, cannot read {k}")
+        views = []
+        for i, p in enumerate(t.planes[:k], start=1):
+            view = np.frombuffer(self._mm, dtype=np.uint8, count=p["nbytes"], offset=p["offset"])
+            if (name, i) not in self._verified_planes:
+                if zlib.crc32(view) != p["crc32"]:
+                    raise FormatError(f"{self.path}: checksum mismatch in plane {i} of {t.n_planes} of tensor "
+                                      f"'{name}' (the file is corrupt; re-export it)")
+                self._verified_planes.add((name, i))
+            views.append(view)
+        return views
+
     def verify(self, name: str) -> None:
         t = self.tensors[name]
+        if t.planes:
+            self.planes(name)  # per-plane checksums first: they say which plane is damaged
         if zlib.crc32(self.raw(name)) != t.crc32:
             raise FormatError(f"{self.path}: checksum mismatch in tensor '{name}' (the file is corrupt; re-export it)")
 
@@ -204,8 +294,9 @@ def open_container(path: str | os.PathLike, verify: bool = True) -> Container:
         magic, version, index_offset, index_nbytes, index_crc = PREAMBLE.unpack(f.read(PREAMBLE.size))
         if magic != MAGIC:
             raise FormatError(f"{path}: not an edgemoe container (magic {magic!r}, expected {MAGIC!r})")
-        if version != VERSION:
-            raise FormatError(f"{path}: container version {version}, this edgemoe reads version {VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise FormatError(f"{path}: container version {version}, this edgemoe reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))} (a newer edgemoe wrote it?)")
         if index_offset + index_nbytes > size:
             raise FormatError(f"{path}: truncated (index ends at byte {index_offset + index_nbytes}, file has {size})")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -217,11 +308,21 @@ def open_container(path: str | os.PathLike, verify: bool = True) -> Container:
     tensors = {}
     for d in index["tensors"]:
         t = TensorInfo.from_json(d)
-        if t.offset + t.nbytes > index_offset:
+        spans = [(t.offset, t.nbytes)] + [(int(p["offset"]), int(p["nbytes"])) for p in t.planes or ()]
+        if any(off < 0 or off + n > index_offset for off, n in spans):
             mm.close()
             raise FormatError(f"{path}: tensor '{t.name}' lies outside the data region")
+        ends = [t.offset] + [int(p["offset"]) + int(p["nbytes"]) for p in t.planes or ()]
+        starts = [int(p["offset"]) for p in t.planes or ()] + [t.offset + t.nbytes]
+        if t.planes and (any(b < a for a, b in zip(ends, starts)) or ends[-1] != t.offset + t.nbytes
+                         or starts[0] != t.offset):
+            mm.close()
+            raise FormatError(f"{path}: the planes of tensor '{t.name}' are not stored in order within its span")
+        if t.dtype == "mwq" and (not t.planes or not t.quant or version < 2):
+            mm.close()
+            raise FormatError(f"{path}: MWQ tensor '{t.name}' without planes or quant parameters")
         tensors[t.name] = t
-    c = Container(path, ArchSpec.from_json(index["arch"]), index.get("metadata", {}), tensors, mm)
+    c = Container(path, ArchSpec.from_json(index["arch"]), index.get("metadata", {}), tensors, mm, version)
     if verify:
         try:
             c.verify_all()

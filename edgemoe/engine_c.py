@@ -60,27 +60,93 @@ class CEngine:
     tensors: name -> numpy array (possibly an np.memmap / mmap view): f32/f16 with the logical shape, or for "q8_0"
     the raw uint8 blocks (rows*cols/32*34 bytes). The arrays are borrowed, not copied (except 1-D f16 tensors, which
     the core wants in f32, and misaligned views), and kept referenced here so they outlive the C model.
+    Expert matrices of dtype "mwq" (bit planes, docs/FORMAT.md): either the list of the K plane arrays, or the raw
+    uint8 span of the planes with quant[name] = {"base_bits", "group_size", "n_planes", "plane_offsets" (bytes from
+    the span's start)} (what edgemoe.load passes for a container).
 
-    kv_f16: f16 KV cache (half the memory; logits move by ~5e-4 relative). q8_f32_act: Q8_0 matmuls keep f32
-    activations (exact against the dequantized weights, about half the speed) instead of quantizing them to int8
-    per block of 32 (the default: ~0.2-0.5% error per dot product, like llama.cpp). isa: force the kernels.
+    kv_f16: f16 KV cache (half the memory; logits move by ~5e-4 relative). q8_f32_act: Q8_0 and MWQ matmuls keep f32
+    activations (exact against the dequantized weights, slower) instead of quantizing them to int8 per block of 32
+    (the default: ~0.2-0.5% error per dot product, like llama.cpp). isa: force the kernels.
+    precision: MWQ experts run at this many planes (None = all stored). planes: a reader (name, k) -> the first k
+    plane views that checks each plane's checksum on first read (Container.planes); when given, the planes a
+    precision uses are read through it (so a corrupt plane is reported before the C core touches it).
     """
 
+    supports_mwq = True
+
     def __init__(self, spec: ArchSpec, tensors: dict[str, np.ndarray], dtypes: dict[str, str], threads: int = 1,
-                 max_ctx: int = 4096, kv_f16: bool = False, isa: int | str | None = None, q8_f32_act: bool = False):
+                 max_ctx: int = 4096, kv_f16: bool = False, isa: int | str | None = None, q8_f32_act: bool = False,
+                 precision: int | None = None, planes=None, quant: dict[str, dict] | None = None):
         self.spec = spec
         self.max_ctx = int(max_ctx)
         cfg, keep = native_config(spec)
         self._h = N.ModelHandle(cfg, self.max_ctx, kv_f16, max(1, int(threads)))
         del keep  # copied by emoe_model_new
         self._arrays: list[np.ndarray] = []
+        self._plane_reader, self._quant = planes, dict(quant or {})
+        self._mwq: dict[str, int] = {}  # MWQ tensor -> planes stored
+        self._checked: dict[str, int] = {}  # MWQ tensor -> planes read through the checksum-checking reader
         for name in model_tensor_names(spec):
             if name in tensors:
-                self._set(name, tensors[name], dtypes.get(name, _dtype_of(tensors[name])))
+                dtype = dtypes.get(name, _dtype_of(tensors[name]))
+                if dtype == "mwq":
+                    self._set_mwq(name, tensors[name])
+                else:
+                    self._set(name, tensors[name], dtype)
+        self.set_precision(precision)
         self._h.ready()  # names the first missing tensor
         if isa is not None:
             self.set_isa(isa)
         self._h.set_q8_f32_act(q8_f32_act)
+
+    def _set_mwq(self, name: str, value) -> None:
+        rows, cols = self._h.expected_shape(name)
+        q = self._quant.get(name, {})
+        if "base_bits" not in q or "group_size" not in q:
+            raise N.NativeError(f"tensor '{name}': MWQ planes need quant parameters base_bits and group_size",
+                                N.ERR_ARG)
+        b1, g = int(q["base_bits"]), int(q["group_size"])
+        if isinstance(value, (list, tuple)):
+            arrs = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in value]
+            base, offs = N.plane_offsets(arrs)
+            self._arrays.extend(arrs)
+        else:
+            base = np.asarray(value)
+            if base.dtype != np.uint8 or not base.flags.c_contiguous or "plane_offsets" not in q:
+                raise N.NativeError(f"tensor '{name}': MWQ data must be the list of planes, or the uint8 span with "
+                                    f"quant['plane_offsets']", N.ERR_ARG)
+            offs = np.asarray(q["plane_offsets"], dtype=np.int64)
+            end = max(int(o) + N.mwq_plane_bytes(i, b1, g, rows, cols) for i, o in enumerate(offs, start=1))
+            if offs.min() < 0 or end > base.nbytes:
+                raise N.NativeError(f"tensor '{name}': MWQ planes end at byte {end}, the span has {base.nbytes}",
+                                    N.ERR_ARG)
+            self._arrays.append(base)
+            arrs = None
+        if arrs is not None:
+            for i, a in enumerate(arrs, start=1):
+                if a.nbytes != N.mwq_plane_bytes(i, b1, g, rows, cols):
+                    raise N.NativeError(f"tensor '{name}': MWQ plane {i} has {a.nbytes} bytes, expected "
+                                        f"{N.mwq_plane_bytes(i, b1, g, rows, cols)} for [{rows}, {cols}]", N.ERR_ARG)
+        self._h.set_expert_mwq(name, base, offs, len(offs), b1, g, rows, cols)
+        self._mwq[name] = len(offs)
+
+    def set_precision(self, k: int | None) -> None:
+        """Run every MWQ expert at k planes (None = all stored). The planes this needs are read (checksums checked)
+        through the plane reader first, when the engine has one."""
+        if k is not None and (int(k) != k or not 1 <= int(k) <= N.MWQ_MAX_PLANES):
+            raise N.NativeError(f"precision {k!r}: expected a number of planes 1..{N.MWQ_MAX_PLANES}", N.ERR_ARG)
+        if self._plane_reader is not None:
+            for name, stored in self._mwq.items():
+                need = min(stored, int(k)) if k is not None else stored
+                if self._checked.get(name, 0) < need:
+                    self._plane_reader(name, need)  # raises FormatError naming the tensor and the plane
+                    self._checked[name] = need
+        self._h.set_precision(0 if k is None else int(k))
+
+    @property
+    def precision(self) -> int | None:
+        k = self._h.precision
+        return k or None
 
     def _set(self, name: str, arr: np.ndarray, dtype: str) -> None:
         rows, cols = self._h.expected_shape(name)
@@ -170,5 +236,7 @@ def _tokens(ids) -> np.ndarray:
     return np.ascontiguousarray(tok.astype(np.int32))
 
 
-def _dtype_of(arr: np.ndarray) -> str:
+def _dtype_of(arr) -> str:
+    if isinstance(arr, (list, tuple)):
+        return "mwq"
     return {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint8): "q8_0"}.get(arr.dtype, "?")

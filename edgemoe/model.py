@@ -11,7 +11,7 @@ import numpy as np
 
 from .arch import GLOBAL_TENSORS
 from .container import Container, open_container
-from .errors import EdgeMoEError
+from .errors import EdgeMoEError, FormatError
 from .tokenizer import Tokenizer
 from .units import format_bytes, parse_bytes
 
@@ -24,13 +24,14 @@ def _peak_rss_bytes() -> int:
 
 class Model:
     def __init__(self, container: Container, memory_budget=None, threads: int | None = None, engine: str = "auto",
-                 max_ctx: int | None = None):
+                 max_ctx: int | None = None, precision: int | None = None):
         if engine not in ENGINES:
             raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
         self.container = container
         self.spec = container.spec
         self.memory_budget = parse_bytes(memory_budget)
         self.threads = threads
+        self.precision, self.stored_planes = self._check_precision(container, precision)
         self.max_ctx = int(max_ctx or min(self.spec.max_position, 4096))
         tensors = {n: container.array(n) for n, t in container.tensors.items() if t.kind != "blob"}
         dtypes = {n: t.dtype for n, t in container.tensors.items()}
@@ -47,18 +48,51 @@ class Model:
         self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
+    @staticmethod
+    def _check_precision(container: Container, precision) -> tuple[int | None, int | None]:
+        """-> (planes each MWQ expert runs at or None, planes stored). precision None = all stored planes."""
+        counts = {t.n_planes for t in container.tensors.values() if t.dtype == "mwq"}
+        stored = min(counts) if counts else None
+        if precision is None:
+            return None, stored
+        if stored is None:
+            raise EdgeMoEError(f"{container.path.name}: precision={precision} needs MWQ experts (export with "
+                               f"--bits 2..8); this container stores none")
+        try:
+            k = int(precision)
+        except (TypeError, ValueError):
+            raise EdgeMoEError(f"precision {precision!r}: expected a number of planes 1..{stored}") from None
+        if k != precision or not 1 <= k <= stored:
+            base = next(t.quant["base_bits"] for t in container.tensors.values() if t.dtype == "mwq")
+            raise EdgeMoEError(f"precision {precision!r}: {container.path.name} stores {stored} planes per expert "
+                               f"(base {base} bits + {stored - 1} residual); choose 1..{stored} "
+                               f"({base}..{base + stored - 1} bits)")
+        return k, stored
+
     def _make_engine(self, engine, tensors, dtypes, shapes):
+        has_mwq = self.stored_planes is not None
+        quant = {n: {**t.quant, "n_planes": t.n_planes,
+                     "plane_offsets": [int(p["offset"]) - t.offset for p in t.planes]}
+                 for n, t in self.container.tensors.items() if t.planes}
         if engine in ("auto", "c"):
             try:
                 from .engine_c import CEngine
 
-                return "c", CEngine(self.spec, tensors, dtypes, threads=self.threads or 1, max_ctx=self.max_ctx)
+                if has_mwq and not getattr(CEngine, "supports_mwq", False):
+                    raise EdgeMoEError("it does not run MWQ experts yet (use engine='numpy')")
+                kwargs = ({"precision": self.precision, "planes": self.container.planes, "quant": quant}
+                          if has_mwq else {})
+                return "c", CEngine(self.spec, tensors, dtypes, threads=self.threads or 1, max_ctx=self.max_ctx,
+                                    **kwargs)
+            except FormatError:  # a corrupt plane, found when the C engine read it: no fallback hides that
+                raise
             except Exception as e:  # noqa: BLE001 - the C core may be missing in a partial build
                 if engine == "c":
                     raise EdgeMoEError(f"the C engine is not available: {e}") from None
         from .engine_numpy import NumpyEngine
 
-        return "numpy", NumpyEngine(self.spec, tensors, dtypes, shapes)
+        return "numpy", NumpyEngine(self.spec, tensors, dtypes, shapes, precision=self.precision,
+                                    planes=self.container.planes, quant=quant)
 
     # --- the verbs ------------------------------------------------------------------------------------------
     @property
@@ -162,9 +196,18 @@ class Model:
 
 
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
-         max_ctx: int | None = None, verify: bool = True) -> Model:
-    """Open a `.emoe` container. `memory_budget` ("512MB", bytes, or None for unlimited)."""
-    return Model(open_container(path, verify=verify), memory_budget, threads, engine, max_ctx)
+         max_ctx: int | None = None, verify: bool = True, precision: int | None = None) -> Model:
+    """Open a `.emoe` container. `memory_budget` ("512MB", bytes, or None for unlimited).
+
+    precision: for MWQ containers, the number of bit planes every expert runs at (1 = the base plane only;
+    default: all stored planes). Bits per weight = base bits + precision - 1.
+    """
+    container = open_container(path, verify=verify)
+    try:
+        return Model(container, memory_budget, threads, engine, max_ctx, precision)
+    except BaseException:
+        container.close()
+        raise
 
 
 __all__ = ["GLOBAL_TENSORS", "Model", "load"]

@@ -13,6 +13,8 @@
  * Matrices are row-major [out, in] (the Hugging Face orientation): y[o] = sum_i W[o,i] x[i].
  * Weight types: f32, f16 (IEEE half), Q8_0 (ggml's layout: blocks of 32 along the input dim, each
  * {uint16 f16 scale d; int8 qs[32]} = 34 bytes, value = d * q). Norm weights and biases are always f32.
+ * Expert matrices may also be MWQ bit planes (docs/FORMAT.md "MWQ bit planes"), run at any precision k: see
+ * emoe_matmul_mwq and emoe_model_set_expert_mwq.
  */
 #ifndef EDGEMOE_H
 #define EDGEMOE_H
@@ -31,6 +33,9 @@ typedef enum {
     EMOE_ERR_CTX = -4,       /* the KV cache (max_ctx) is full */
     EMOE_ERR_ISA = -5,       /* the requested instruction set is not supported by this CPU/build */
     EMOE_ERR_THREAD = -6,    /* thread creation failed */
+    EMOE_ERR_IO = -7,        /* reading expert weights failed (I/O error, file truncated or replaced) */
+    EMOE_ERR_CORRUPT = -8,   /* expert weights failed their CRC-32 (the file is damaged) */
+    EMOE_ERR_BUDGET = -9,    /* the memory budget is below the minimum this model and context need */
 } emoe_status;
 
 const char *emoe_version(void);
@@ -94,6 +99,31 @@ int emoe_axpy(int isa, int xtype, float a, const void *x, float *y, int64_t n);
 /* f32 <-> f16 row conversion with a given ISA (for tests). */
 int emoe_convert_f16(int isa, int to_f16, const void *src, void *dst, int64_t n);
 
+/* ---- MWQ bit planes ----
+ * An [rows, cols] matrix in groups of `group` inputs (ng = cols / group per row) stored as planes P1..PK
+ * (docs/FORMAT.md "MWQ bit planes"):
+ *   P1 = s1 f16[rows*ng] | m1 f16[rows*ng] | codes (base_bits bits each, little-endian within bytes, row-major)
+ *   Pp = s_p f16[rows*ng] | signs (1 bit per weight, bit j of a byte = weight j, 1 -> +1, 0 -> -1)   (p >= 2)
+ * and run at precision k <= K: W_hat_k = s1*q + m1 + sum_{p=2..k} s_p*B_p (only planes 1..k are read).
+ * base_bits in {2, 4, 8}; group a multiple of 8 that divides cols; K <= EMOE_MWQ_MAX_PLANES. Plane p lives at
+ * (const char *)planes_base + plane_offsets[p-1] (each 2-byte aligned). Containers store the planes in order and
+ * adjacent (64-byte aligned), so precision k is the byte range [0, plane_offsets[k-1] + emoe_mwq_plane_bytes(k, ...)).
+ *
+ * Like Q8_0, the default path quantizes the activations to int8 per block of 32 inputs (d = max|x|/127, the last
+ * block of a row may be shorter when cols % 32 != 0) and uses integer dot products: per (row, group, block) the base
+ * plane gives sum q*x_q, every residual plane 2*sum_{bit=1} x_q - sum x_q (sign flips of x), combined with the f32
+ * scales. The result is the exact product of W_hat_k with the quantized activations up to f32 rounding.
+ * base_bits | EMOE_MATMUL_F32_ACT keeps the activations f32 (W_hat_k is rebuilt 8 weights at a time in registers,
+ * bit-identical to edgemoe/mwq.py's dequantize, then f32 fma; slower).
+ * SIMD kernels run when 256/base_bits (the inputs of 32 code bytes) and group divide one another (every power-of-two
+ * group >= 16, and >= 8 for base_bits 4 and 8); other groups run the scalar kernel on every ISA. */
+#define EMOE_MWQ_MAX_PLANES 8
+/* Bytes of plane `plane` (1 = base) of an MWQ matrix, scales included; 0 if a parameter is invalid. */
+int64_t emoe_mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, int64_t cols);
+/* Y[t, o] = sum_i W_hat_k[o, i] X[t, i]: X is [n_tok, cols] f32, Y is [n_tok, rows] f32, pool may be NULL. */
+int emoe_matmul_mwq(emoe_pool *pool, int isa, const void *planes_base, const int64_t *plane_offsets, int k,
+                    int base_bits, int group, int64_t rows, int64_t cols, const float *x, int64_t n_tok, float *y);
+
 /* ---- model ---- */
 enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
 enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
@@ -148,8 +178,17 @@ int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void
 int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols);
 /* EMOE_OK if every required tensor is set, else EMOE_ERR_NOT_READY naming the first missing one. */
 int emoe_model_ready(emoe_model *m);
-/* Q8_0 matmuls: 0 = quantize activations to int8 per block of 32 (default: fast, llama.cpp-like, adds ~0.2-0.5%
- * error per dot product), 1 = keep activations f32 (exact w.r.t. the dequantized weights, about half the speed). */
+/* Register an expert matrix (blk.L.expert.E.ffn_{gate,up,down}.weight) stored as MWQ bit planes: n_planes planes at
+ * base + plane_offsets[p-1] (see emoe_matmul_mwq; the offsets are copied, the planes borrowed until the model is
+ * freed). Replaces any earlier registration of that name. */
+int emoe_model_set_expert_mwq(emoe_model *m, const char *name, const void *base, const int64_t *plane_offsets,
+                              int n_planes, int base_bits, int group, int64_t rows, int64_t cols);
+/* Run every MWQ expert at k planes (1..EMOE_MWQ_MAX_PLANES; 0 = all its stored planes, the default). An expert
+ * storing fewer than k planes is an error at emoe_model_ready / emoe_forward. */
+int emoe_model_set_precision(emoe_model *m, int k);
+int emoe_model_precision(const emoe_model *m); /* 0 = all stored planes */
+/* Q8_0 and MWQ matmuls: 0 = quantize activations to int8 per block of 32 (default: fast, llama.cpp-like, adds
+ * ~0.2-0.5% error per dot product), 1 = keep activations f32 (exact w.r.t. the dequantized weights, slower). */
 int emoe_model_set_q8_f32_act(emoe_model *m, int on);
 /* Choose the kernels (EMOE_ISA_AUTO = best); EMOE_ERR_ISA if unsupported. */
 int emoe_model_set_isa(emoe_model *m, int isa);
@@ -160,6 +199,66 @@ int emoe_model_isa(const emoe_model *m);
 int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits);
 int emoe_model_n_past(const emoe_model *m);
 void emoe_model_reset(emoe_model *m); /* clear the KV cache (n_past = 0) */
+
+/* ---- a hard memory budget: dense weights resident, experts streamed through a byte-budgeted cache ----
+ * emoe_container_load_streaming reads the dense weights (embeddings, attention, routers, norms, shared experts) once
+ * into anonymous memory, and gives every expert matrix's planes (f32/f16/q8_0: one piece per matrix; MWQ: one per
+ * plane) to an expert cache of `budget - dense - KV cache - scratch` bytes, filled by a dedicated I/O thread with
+ * pread (never through an mmap of the file). Per MoE layer the routed experts' pieces are loaded in HEBF order
+ * (base planes first, hottest experts first) and each expert is computed as soon as its pieces have landed; before a
+ * layer's attention its experts are predicted (the layer's router, or a fitted `blk.L.ffn_gate_inp_pre.weight`, on
+ * attn_norm(layer input); SmallThinker: its own pre-attention router) and their reads queued.
+ * Modes: EXACT (default) computes every expert at the model's precision, so output is bit-identical to the
+ * all-resident model; ADAPTIVE computes an expert at whatever planes are resident rather than wait for a refinement
+ * plane (MWQ only; base planes are always waited for); ONDEMAND is the baseline: no prefetch, each expert loaded
+ * when it is reached and computed before the next is requested. */
+typedef struct emoe_container emoe_container; /* edgemoe_container.h */
+enum { EMOE_MODE_EXACT = 0, EMOE_MODE_ADAPTIVE = 1, EMOE_MODE_ONDEMAND = 2 };
+enum { EMOE_VERIFY_READS_NEVER = 0, EMOE_VERIFY_READS_FIRST = 1, EMOE_VERIFY_READS_ALWAYS = 2 };
+typedef struct {
+    int64_t budget_bytes; /* everything the model holds: dense + KV cache + scratch + expert cache; <= 0: no limit */
+    int32_t mode;           /* EMOE_MODE_* */
+    int32_t prefetch;       /* 0 = none, 1 = before each layer's attention (default), 2 = also layer l+1 from layer
+                               l's post-attention state while layer l's experts run */
+    int32_t prefetch_extra; /* predict each token's top-(k + extra) experts (default 1) */
+    int32_t precision;      /* MWQ experts: planes to run at (0 = all stored) */
+    int32_t io_threads;     /* reader threads (default 1) */
+    int32_t direct;         /* 1: O_DIRECT reads (falls back to buffered if the file system refuses) */
+    int32_t drop_cache;     /* 1: posix_fadvise(DONTNEED) after each buffered read */
+    int32_t verify;         /* EMOE_VERIFY_READS_*: CRC-32 of each piece on its first read (default) or every read;
+                               dense weights are checked once at load unless NEVER */
+} emoe_stream_options;
+void emoe_stream_options_init(emoe_stream_options *o);
+
+#define EMOE_STATS_LEVELS 8 /* plane levels with their own hit/miss counters (level 0 = base plane) */
+typedef struct {
+    int64_t budget_bytes, minimum_bytes; /* as given (0 = no limit); the least this model + context can run in */
+    int64_t dense_bytes, kv_bytes, scratch_bytes; /* resident parts counted against the budget */
+    int64_t cache_capacity_bytes, cache_used_bytes, cache_peak_bytes, expert_bytes; /* expert_bytes: on disk */
+    int32_t mode, direct, n_planes, run_planes;
+    uint64_t hits[EMOE_STATS_LEVELS], misses[EMOE_STATS_LEVELS]; /* pieces found resident / read on demand */
+    uint64_t late[EMOE_STATS_LEVELS];    /* pieces demanded while their prefetch was still in flight */
+    uint64_t bytes_read, demand_bytes, read_syscalls, pieces_read, evictions, evicted_bytes, cancelled;
+    uint64_t prefetch_issued, prefetch_used, prefetch_wasted; /* pieces */
+    uint64_t pred_experts, pred_hits, pred_hits_k, true_experts; /* (token, layer, expert) counts of the
+        pre-attention prediction: precision = pred_hits / pred_experts, recall = pred_hits / true_experts
+        (pred_hits_k: hits among the first top_k predicted) */
+    uint64_t ahead_experts, ahead_hits; /* the same for the layer-ahead prediction (prefetch = 2) */
+    uint64_t experts_run, experts_at_planes[EMOE_STATS_LEVELS]; /* expert computations, by planes used */
+    uint64_t tokens, forward_calls, crc_checked, crc_failures, read_errors;
+    double stall_s, io_busy_s, forward_s; /* compute waiting for pieces; reader busy; inside emoe_forward */
+} emoe_stats;
+
+/* Open a model from a container under a memory budget (see above). The model copies what it needs: the container
+ * may be closed right after. NULL on failure with a message in err; a budget below the minimum fails with
+ * EMOE_ERR_BUDGET's message stating the minimum and its parts. */
+emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
+                                          const emoe_stream_options *opts, char *err, size_t errlen);
+/* Statistics since the last reset (all zero for a model without streaming, mode = -1). */
+int emoe_model_stats(emoe_model *m, emoe_stats *out);
+void emoe_model_reset_stats(emoe_model *m);
+/* Drop every expert piece not in use (a cold cache, for benchmarks). */
+int emoe_model_drop_cache(emoe_model *m);
 
 #ifdef __cplusplus
 }

@@ -8,15 +8,23 @@
  * optional renormalization; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
  * when shared_gate). Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
  * weights can later be loaded just in time (expert_weights() is the single lookup point).
- * All arithmetic is f32; only the KV cache (kv_f16) and the Q8_0 activation quantization (unless q8_f32_act) round
- * further.
+ * All arithmetic is f32; only the KV cache (kv_f16) and the Q8_0 / MWQ activation quantization (unless q8_f32_act)
+ * round further.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "model.h"
 
 /* ---- small f32 helpers (serial; the matmuls dominate) ---- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 /* HF RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in f32 (the mean is accumulated in double). */
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -182,22 +190,21 @@ static void attention(emoe_model *m, int l, int n_tok) {
 
 /* ---- feed-forward ---- */
 
-/* y (n_tok, H) = down(act(gate x) * up x), act = silu (SwiGLU) or relu (ReGLU). x: (n_tok, H). */
+/* y (n_tok, H) = down(act(gate x) * up x), act = silu (SwiGLU) or relu (ReGLU). x: (n_tok, H). MWQ matrices run at
+ * k planes (0 = all stored). */
 static void gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
-                      const float *x, int n_tok, float *y) {
+                      const float *x, int n_tok, float *y, int k) {
     run_state *s = &m->s;
     const int F = (int)gate->rows;
-    mm_job jobs[2] = {
-        {.wtype = gate->dtype, .w = gate->data, .rows = F, .y = s->hg, .ldy = (size_t)F},
-        {.wtype = up->dtype, .w = up->data, .rows = F, .y = s->hu, .ldy = (size_t)F},
-    };
-    mm_run(m->pool, m->k, jobs, 2, x, gate->cols, n_tok, s->qbuf, m->q8_f32_act);
+    const tensor_ref *gu[2] = {gate, up};
+    float *const hgu[2] = {s->hg, s->hu};
+    model_matmuls(m, 2, gu, hgu, k, x, n_tok);
     const size_t n = (size_t)n_tok * F;
     if (m->cfg.activation == EMOE_ACT_SWIGLU)
         for (size_t i = 0; i < n; i++) s->hg[i] = s->hg[i] / (1.0f + expf(-s->hg[i])) * s->hu[i];
     else
         for (size_t i = 0; i < n; i++) s->hg[i] = (s->hg[i] > 0.0f ? s->hg[i] : 0.0f) * s->hu[i];
-    matmul(m, down, s->hg, n_tok, y, (size_t)down->rows);
+    model_matmuls(m, 1, &down, &y, k, s->hg, n_tok);
 }
 
 /* Router probabilities -> top-k indices and weights per token, from s->logits_r (n_tok, E). Experts pruned by the
@@ -241,6 +248,30 @@ static void route(emoe_model *m, const int32_t *emap, int n_tok) {
     }
 }
 
+/* s->tmp += the shared expert (scaled by sigmoid(w_sh . x) when shared_gate) on s->xn. */
+static void shared_expert(emoe_model *m, int l, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[l];
+    run_state *s = &m->s;
+    const int H = c->hidden;
+    if (c->shared_ffn) {
+        gated_ffn(m, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, n_tok, s->yg, 0);
+        for (int t = 0; t < n_tok; t++) {
+            const float *xt = s->xn + (size_t)t * H, *src = s->yg + (size_t)t * H;
+            float *dst = s->tmp + (size_t)t * H;
+            if (c->shared_gate) {
+                const float *wg = L->sh_gate_inp.data;
+                float z = 0.0f;
+                for (int d = 0; d < H; d++) z += wg[d] * xt[d];
+                const float gsc = 1.0f / (1.0f + expf(-z));
+                for (int d = 0; d < H; d++) dst[d] += gsc * src[d];
+            } else {
+                for (int d = 0; d < H; d++) dst[d] += src[d];
+            }
+        }
+    }
+}
+
 static void moe(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
@@ -265,34 +296,19 @@ static void moe(emoe_model *m, int l, int n_tok) {
         for (int i = 0; i < n_e; i++)
             memcpy(s->xg + (size_t)i * H, s->xn + (size_t)s->etok[i] * H, (size_t)H * sizeof(float));
         const expert_mats em = expert_weights(m, l, e);
-        gated_ffn(m, em.gate, em.up, em.down, s->xg, n_e, s->yg);
+        gated_ffn(m, em.gate, em.up, em.down, s->xg, n_e, s->yg, em.k);
         for (int i = 0; i < n_e; i++) {
             float *dst = s->tmp + (size_t)s->etok[i] * H;
             const float *src = s->yg + (size_t)i * H;
             for (int d = 0; d < H; d++) dst[d] += s->ew[i] * src[d];
         }
     }
-    if (c->shared_ffn) {
-        gated_ffn(m, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, n_tok, s->yg);
-        for (int t = 0; t < n_tok; t++) {
-            const float *xt = s->xn + (size_t)t * H, *src = s->yg + (size_t)t * H;
-            float *dst = s->tmp + (size_t)t * H;
-            if (c->shared_gate) {
-                const float *wg = L->sh_gate_inp.data;
-                float z = 0.0f;
-                for (int d = 0; d < H; d++) z += wg[d] * xt[d];
-                const float gsc = 1.0f / (1.0f + expf(-z));
-                for (int d = 0; d < H; d++) dst[d] += gsc * src[d];
-            } else {
-                for (int d = 0; d < H; d++) dst[d] += src[d];
-            }
-        }
-    }
+    shared_expert(m, l, n_tok);
 }
 
 /* ---- one block of tokens ---- */
 
-static void forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float *logits, int all_logits) {
+static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float *logits, int all_logits) {
     const emoe_config *c = &m->cfg;
     run_state *s = &m->s;
     const int H = c->hidden;
@@ -302,19 +318,26 @@ static void forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float
         const layer_weights *L = &m->layers[l];
         if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
             matmul(m, &L->router, s->x, n_tok, s->logits_r, (size_t)c->n_experts);
+        if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
         attention(m, l, n_tok);
         for (int t = 0; t < n_tok; t++)
             rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
-        if (L->is_moe) moe(m, l, n_tok);
-        else gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->tmp);
+        if (L->is_moe && m->stream) {
+            const int st = m->stream_ops->moe(m, l, n_tok);
+            if (st) return st;
+        } else if (L->is_moe) {
+            moe(m, l, n_tok);
+        } else
+            gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->tmp, 0);
         for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] += s->tmp[i];
     }
-    if (!logits) return;
+    if (!logits) return EMOE_OK;
     const int first = all_logits ? 0 : n_tok - 1, n_out = n_tok - first;
     for (int t = first; t < n_tok; t++)
         rmsnorm(s->xn + (size_t)(t - first) * H, s->x + (size_t)t * H, m->final_norm.data, H, c->norm_eps);
     const tensor_ref *head = m->lm_head.data ? &m->lm_head : &m->embed;
     matmul(m, head, s->xn, n_out, logits, (size_t)c->vocab);
+    return EMOE_OK;
 }
 
 int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits) {
@@ -336,8 +359,24 @@ int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logi
         float *out = NULL;
         if (logits_out && all_logits) out = logits_out + (size_t)b * (size_t)m->cfg.vocab;
         else if (logits_out && b + n == n_tokens) out = logits_out;
-        forward_block(m, tokens + b, n, out, all_logits);
+        const double t0 = m->stream ? now_s() : 0.0;
+        const int st = forward_block(m, tokens + b, n, out, all_logits);
+        if (m->stream) m->stream_ops->forward_done(m, st ? 0 : n, now_s() - t0);
+        if (st) return st; /* n_past stays: the block's KV entries are overwritten by the next call */
         m->n_past += n;
     }
     return EMOE_OK;
 }
+
+/* ---- building blocks for the streaming MoE block (hebf.c) ---- */
+
+void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps) { rmsnorm(out, x, w, n, eps); }
+void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy) {
+    matmul(m, w, x, n_tok, y, ldy);
+}
+void fwd_route(emoe_model *m, const int32_t *emap, int n_tok) { route(m, emap, n_tok); }
+void fwd_gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down, const float *x,
+                   int n_tok, float *y, int k) {
+    gated_ffn(m, gate, up, down, x, n_tok, y, k);
+}
+void fwd_shared_expert(emoe_model *m, int l, int n_tok) { shared_expert(m, l, n_tok); }

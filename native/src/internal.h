@@ -128,4 +128,101 @@ typedef struct {
 void mm_run(emoe_pool *pool, const emoe_kernels *k, const mm_job *jobs, int n_jobs, const float *x, int64_t cols,
             int n_tok, block_q8_act *qbuf, int q8_f32_act);
 
+/* ---- MWQ bit planes (mwq.c, kernels_mwq_*.c; byte layout: docs/FORMAT.md "MWQ bit planes") ----
+ * An [rows, cols] matrix in groups of g along the input dimension (ng = cols / g per row), stored as planes
+ * P1 = s1 f16[rows*ng] | m1 f16[rows*ng] | codes (b1 bits each, little-endian within bytes) and
+ * Pp (p >= 2) = s_p f16[rows*ng] | signs (1 bit, bit j of a byte = weight j, 1 -> +1, 0 -> -1).
+ * W_hat_k = s1*q + m1 + sum_{p=2..k} s_p*B_p. The kernels compute Y = W_hat_k X from the planes without ever
+ * forming W_hat in memory. */
+#define MWQ_MAX_PLANES EMOE_MWQ_MAX_PLANES
+#define MWQ_SEG_GROUPS 128 /* SIMD kernels convert a row's scales to f32 in segments of at most this many groups */
+
+/* One MWQ matrix at precision k, its planes resolved to pointers. */
+typedef struct {
+    int64_t rows, cols;
+    int k;         /* planes used, 1..MWQ_MAX_PLANES */
+    int base_bits; /* b1: 2, 4 or 8 */
+    int group;     /* g: a multiple of 8 that divides cols */
+    const uint16_t *s1, *m1;                 /* [rows * ng] f16 */
+    const uint8_t *codes;                    /* [rows * cols * b1 / 8] */
+    const uint16_t *rs[MWQ_MAX_PLANES - 1];  /* plane p = 2..k: rs[p - 2] = s_p [rows * ng] f16 */
+    const uint8_t *signs[MWQ_MAX_PLANES - 1]; /* plane p = 2..k: signs[p - 2] [rows * cols / 8] */
+} mwq_matrix;
+
+/* The activations of one call, prepared once for all rows.
+ * Int8 path: each token's row is quantized per block of 32 inputs exactly like the Q8_0 path (d = max|x|/127,
+ * q = round-half-even(x/d)); when cols % 32 != 0 the last block holds the remaining cols % 32 values (its d is their
+ * max), zero padded. The SIMD kernels also read `xp`, the same int8 values rearranged per chunk of 256/b1 inputs
+ * (the 32 code bytes of a row's chunk) so that unpacking the codes by shifts lines up with them:
+ *   chunk c, P = 8/b1 vectors of 32 bytes: vector s, byte i = q[c*32P + P*i + s]; then float d[8], float sx[8]:
+ *   for "lane" L (bytes 4L..4L+3 of every vector, i.e. inputs c*32P + 4PL .. + 4P - 1, all in one block of 32):
+ *   d[L] = that block's scale, sx[L] = the sum of the lane's int8 values (as a float).
+ * Only full chunks are in xp; the remaining cols % (32P) inputs are read from xq. */
+typedef struct {
+    int n_tok;
+    const float *x;         /* f32 path: [n_tok][x_stride floats] */
+    size_t x_stride;
+    const block_q8_act *xq; /* int8 path: [n_tok][xq_stride blocks], natural order */
+    size_t xq_stride;
+    const uint8_t *xp;      /* int8 path, SIMD layout (32-byte aligned), or NULL */
+    size_t xp_stride;       /* bytes between tokens */
+} mwq_act;
+
+#define MWQ_XP_CHUNK_BYTES(b1) (32 * (8 / (b1)) + 64) /* bytes of one chunk of 256/b1 inputs in xp */
+/* Bytes of one token's xp for cols inputs. */
+static inline size_t mwq_xp_bytes(int base_bits, int64_t cols) {
+    return (size_t)(cols / (256 / base_bits)) * MWQ_XP_CHUNK_BYTES(base_bits);
+}
+
+/* y[t*ldy + o] for rows o in [r0, r1) and all tokens of a. */
+typedef void (*mwq_fn)(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1);
+typedef struct {
+    int isa;
+    const char *name;
+    int uses_xp;      /* matmul_q8 reads a->xp when mwq_simd_ok(b1, g) */
+    mwq_fn matmul_q8; /* int8 activations: integer dot products per plane */
+    mwq_fn matmul_f32; /* f32 activations: each 8 weights dequantized in registers (bit-exact W_hat), f32 fma */
+} mwq_kernels;
+
+extern const mwq_kernels mwq_kernels_scalar;
+#if defined(EMOE_HAVE_AVX2)
+extern const mwq_kernels mwq_kernels_avx2;
+#endif
+#if defined(EMOE_HAVE_NEON)
+extern const mwq_kernels mwq_kernels_neon;
+extern const mwq_kernels mwq_kernels_neon_dotprod;
+#endif
+const mwq_kernels *mwq_kernels_get(int isa); /* NULL if unsupported */
+
+/* The SIMD int8 kernels handle (b1, g) when every 4P-input lane of a chunk lies in one group and chunks and groups
+ * nest: g % (32P) == 0, or 32P % g == 0 and g % (4P) == 0 (P = 8/b1). Other g use the scalar kernel. */
+static inline int mwq_simd_ok(int base_bits, int group) {
+    const int P = 8 / base_bits, C = 32 * P;
+    return group % C == 0 || (C % group == 0 && group % (4 * P) == 0);
+}
+/* Scalar building blocks (kernels_mwq_scalar.c), also used by the SIMD kernels for the inputs past the last full
+ * chunk: the contribution of inputs [i0, i1) (multiples of 8) of row o to one token's output. */
+float mwq_dot_q8_scalar(const mwq_matrix *w, int64_t o, const block_q8_act *xq, int64_t i0, int64_t i1);
+float mwq_dot_f32_scalar(const mwq_matrix *w, int64_t o, const float *x, int64_t i0, int64_t i1);
+
+/* Bytes of plane p (1 = base) of an MWQ matrix, or 0 if the parameters are invalid. */
+int64_t mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, int64_t cols);
+/* Resolve planes (plane p at base + off[p-1]) into m at precision k. Returns 0, or EMOE_ERR_ARG if invalid. */
+int mwq_matrix_init(mwq_matrix *m, const void *base, const int64_t *off, int k, int base_bits, int group,
+                    int64_t rows, int64_t cols);
+
+/* ---- threaded MWQ driver (mwq.c) ---- */
+typedef struct {
+    mwq_matrix w;
+    float *y;   /* [n_tok, ldy] */
+    size_t ldy;
+} mwq_job;
+/* Run several MWQ matmuls that share the input X [n_tok, cols] f32 in one dispatch (kernels of isa).
+ * Int8 path (f32_act = 0): X is quantized into qbuf (n_tok * ceil(cols/32) blocks) and, for the SIMD kernels, laid
+ * out into xpbuf (n_tok * mwq_xp_bytes(b1, cols) bytes, 32-byte aligned; may be NULL when f32_act). */
+void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_jobs, const float *x, int64_t cols,
+             int n_tok, block_q8_act *qbuf, uint8_t *xpbuf, int f32_act);
+/* Bytes of xpbuf mwq_run needs for n_tok tokens of cols inputs, any b1 (+ 32 for alignment). */
+size_t mwq_xpbuf_bytes(int64_t cols, int n_tok);
+
 #endif

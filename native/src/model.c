@@ -120,11 +120,24 @@ static int alloc_buffers(emoe_model *m) {
     return fail ? EMOE_ERR_NOMEM : EMOE_OK;
 }
 
+size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
+    const emoe_config *c = &m->cfg;
+    const size_t B = EMOE_BLOCK, H = (size_t)c->hidden, E = (size_t)(c->n_experts > 0 ? c->n_experts : 1);
+    const size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), F = (size_t)m->ffn_max;
+    const size_t group = (size_t)(c->n_heads / c->n_kv_heads);
+    size_t f = B * H * 5 + B * (size_t)m->q_dim * 2 + B * (size_t)m->kv_dim * 2 + B * E + B * K + B + B * F * 2 +
+               B * (size_t)(c->rope_dim / 2 + 1) * 2 + (size_t)emoe_pool_threads(m->pool) * group * (size_t)m->max_ctx;
+    size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * sizeof(int) +
+                   B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
+    if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
+    return bytes;
+}
+
 static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
-                    s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, m->key_cache,
-                    m->value_cache};
+                    s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
+                    m->key_cache, m->value_cache};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
     m->key_cache = m->value_cache = NULL;
@@ -195,8 +208,11 @@ nomem:
 
 void emoe_model_free(emoe_model *m) {
     if (!m) return;
+    if (m->stream) m->stream_ops->free(m->stream); /* stops the I/O thread before the buffers go */
+    m->stream = NULL;
     if (m->layers)
-        for (int l = 0; l < m->cfg.n_layers; l++) free(m->layers[l].experts), free(m->layers[l].emap);
+        for (int l = 0; l < m->cfg.n_layers; l++)
+            free(m->layers[l].experts), free(m->layers[l].experts_mwq), free(m->layers[l].emap);
     free(m->layers);
     free_buffers(m);
     emoe_pool_free(m->pool);
@@ -228,7 +244,33 @@ int emoe_model_isa(const emoe_model *m) { return m && m->k ? m->k->isa : EMOE_IS
 
 expert_mats expert_weights(emoe_model *m, int layer, int expert) {
     tensor_ref *e = &m->layers[layer].experts[(size_t)expert * 3];
-    return (expert_mats){&e[0], &e[1], &e[2]};
+    const int mwq = e[0].dtype == TENSOR_MWQ || e[1].dtype == TENSOR_MWQ || e[2].dtype == TENSOR_MWQ;
+    return (expert_mats){&e[0], &e[1], &e[2], mwq ? m->precision : 0};
+}
+
+void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *const *y, int k, const float *x,
+                   int n_tok) {
+    enum { MAXN = 8 };
+    for (; n > MAXN; n -= MAXN, w += MAXN, y += MAXN) model_matmuls(m, MAXN, w, y, k, x, n_tok);
+    mm_job dj[MAXN];
+    mwq_job qj[MAXN];
+    int nd = 0, nq = 0;
+    const int64_t cols = w[0]->cols;
+    for (int j = 0; j < n; j++) {
+        const tensor_ref *t = w[j];
+        if (t->dtype != TENSOR_MWQ) {
+            dj[nd++] = (mm_job){.wtype = t->dtype, .w = t->data, .rows = t->rows, .y = y[j], .ldy = (size_t)t->rows};
+            continue;
+        }
+        const mwq_layout *L = t->mwq;
+        const int kk = k <= 0 || k > L->n_planes ? L->n_planes : k;
+        /* validated by emoe_model_set_expert_mwq, cannot fail */
+        (void)mwq_matrix_init(&qj[nq].w, t->data, L->plane_off, kk, L->base_bits, L->group, t->rows, t->cols);
+        qj[nq].y = y[j];
+        qj[nq++].ldy = (size_t)t->rows;
+    }
+    if (nd) mm_run(m->pool, m->k, dj, nd, x, cols, n_tok, m->s.qbuf, m->q8_f32_act);
+    if (nq) mwq_run(m->pool, m->k, qj, nq, x, cols, n_tok, m->s.qbuf, m->s.mwq_xp, m->q8_f32_act);
 }
 
 /* ---- tensor names (edgemoe/arch.py: dense_tensor_names, expert_tensor_name, GLOBAL_TENSORS) ---- */
@@ -351,6 +393,101 @@ int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void
     return EMOE_OK;
 }
 
+int model_mwq_buffers(emoe_model *m) {
+    if (!m->s.mwq_xp) m->s.mwq_xp = malloc(mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK));
+    return m->s.mwq_xp ? EMOE_OK : EMOE_ERR_NOMEM;
+}
+
+/* Find the layer and slot index of an expert slot returned by resolve(), or -1. */
+static int expert_slot(emoe_model *m, const tensor_ref *slot, int *layer) {
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const layer_weights *L = &m->layers[l];
+        if (L->experts && slot >= L->experts && slot < L->experts + (size_t)L->n_stored * 3) {
+            *layer = l;
+            return (int)(slot - L->experts);
+        }
+    }
+    return -1;
+}
+
+int emoe_model_set_expert_mwq(emoe_model *m, const char *name, const void *base, const int64_t *plane_offsets,
+                              int n_planes, int base_bits, int group, int64_t rows, int64_t cols) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (!name || !base || !plane_offsets)
+        return model_error(m, EMOE_ERR_ARG, "emoe_model_set_expert_mwq: name, base and plane_offsets must not be NULL");
+    tensor_ref *slot;
+    int64_t er, ec;
+    int one_d, layer = 0;
+    int st = resolve(m, name, &slot, &er, &ec, &one_d);
+    if (st) return st;
+    const int idx = expert_slot(m, slot, &layer);
+    if (idx < 0)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': only expert matrices can be MWQ bit planes", name);
+    if (rows != er || cols != ec)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': shape [%lld, %lld], expected [%lld, %lld]", name,
+                           (long long)rows, (long long)cols, (long long)er, (long long)ec);
+    if (n_planes < 1 || n_planes > MWQ_MAX_PLANES)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': %d MWQ planes, expected 1..%d", name, n_planes,
+                           MWQ_MAX_PLANES);
+    if (base_bits != 2 && base_bits != 4 && base_bits != 8)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': MWQ base_bits %d, expected 2, 4 or 8", name, base_bits);
+    if (group <= 0 || group % 8 || cols % group)
+        return model_error(m, EMOE_ERR_ARG,
+                           "tensor '%s': MWQ group size %d must be a multiple of 8 dividing the %lld inputs", name,
+                           group, (long long)cols);
+    for (int p = 0; p < n_planes; p++)
+        if ((uintptr_t)((const char *)base + plane_offsets[p]) % 2)
+            return model_error(m, EMOE_ERR_ARG, "tensor '%s': MWQ plane %d is not 2-byte aligned", name, p + 1);
+    layer_weights *L = &m->layers[layer];
+    if (!L->experts_mwq) {
+        L->experts_mwq = calloc((size_t)L->n_stored * 3, sizeof(mwq_layout));
+        if (!L->experts_mwq) return model_error(m, EMOE_ERR_NOMEM, "out of memory");
+    }
+    if (model_mwq_buffers(m)) return model_error(m, EMOE_ERR_NOMEM, "out of memory");
+    mwq_layout *ly = &L->experts_mwq[idx];
+    memset(ly, 0, sizeof(*ly));
+    ly->n_planes = n_planes;
+    ly->base_bits = base_bits;
+    ly->group = group;
+    memcpy(ly->plane_off, plane_offsets, (size_t)n_planes * sizeof(int64_t));
+    *slot = (tensor_ref){.data = base, .dtype = TENSOR_MWQ, .rows = rows, .cols = cols, .mwq = ly};
+    return EMOE_OK;
+}
+
+/* The first MWQ expert matrix storing fewer than k planes, or NULL; its name in buf. */
+static const tensor_ref *mwq_short_of(emoe_model *m, int k, char *buf, size_t n) {
+    static const char *const mats[3] = {"gate", "up", "down"};
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const layer_weights *L = &m->layers[l];
+        if (!L->is_moe) continue;
+        for (int e = 0; e < L->n_stored * 3; e++) {
+            const tensor_ref *t = &L->experts[e];
+            if (t->dtype == TENSOR_MWQ && t->mwq->n_planes < k) {
+                snprintf(buf, n, "blk.%d.expert.%d.ffn_%s.weight", l, e / 3, mats[e % 3]);
+                return t;
+            }
+        }
+    }
+    return NULL;
+}
+
+int emoe_model_set_precision(emoe_model *m, int k) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (k < 0 || k > MWQ_MAX_PLANES)
+        return model_error(m, EMOE_ERR_ARG, "precision %d: expected 1..%d planes (0 = all stored)", k, MWQ_MAX_PLANES);
+    char name[96];
+    const tensor_ref *t = mwq_short_of(m, k, name, sizeof(name));
+    if (t)
+        return model_error(m, EMOE_ERR_ARG, "precision %d: tensor '%s' stores only %d MWQ planes", k, name,
+                           t->mwq->n_planes);
+    m->precision = k;
+    return EMOE_OK;
+}
+
+int emoe_model_precision(const emoe_model *m) { return m ? m->precision : 0; }
+
 int emoe_model_ready(emoe_model *m) {
     if (!m) return EMOE_ERR_ARG;
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
@@ -393,7 +530,7 @@ int emoe_model_ready(emoe_model *m) {
             if (c->shared_gate) NEED(L->sh_gate_inp, "'blk.%d.ffn_gate_inp_shexp.weight'", l);
         }
         static const char *const mats[3] = {"gate", "up", "down"};
-        for (int e = 0; e < L->n_stored; e++) {
+        for (int e = 0; e < L->n_stored && !m->stream; e++) { /* streamed experts come from the cache */
             int used = !L->emap; /* a stored expert no routed expert maps to is never run */
             for (int r = 0; L->emap && r < c->n_experts; r++) used |= L->emap[r] == e;
             for (int j = 0; used && j < 3; j++)
@@ -401,5 +538,10 @@ int emoe_model_ready(emoe_model *m) {
         }
     }
 #undef NEED
+    char name[96];
+    const tensor_ref *t = mwq_short_of(m, m->precision, name, sizeof(name));
+    if (t)
+        return model_error(m, EMOE_ERR_ARG, "precision %d: tensor '%s' stores only %d MWQ planes", m->precision, name,
+                           t->mwq->n_planes);
     return EMOE_OK;
 }

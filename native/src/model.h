@@ -7,10 +7,22 @@
 #define EMOE_BLOCK 64 /* tokens per forward block (prefill runs in blocks of this many tokens) */
 #define EMOE_ERR_LEN 512
 
+#define TENSOR_MWQ 1001 /* tensor_ref.dtype of MWQ bit planes (the value of EMOE_MWQ in edgemoe_container.h) */
+
+/* Where the bit planes of one MWQ matrix are, relative to its tensor_ref.data (emoe_model_set_expert_mwq). */
 typedef struct {
-    const void *data; /* borrowed; NULL = not set */
-    int dtype;        /* EMOE_F32 / EMOE_F16 / EMOE_Q8_0 */
+    int n_planes;  /* K stored */
+    int base_bits; /* 2, 4, 8 */
+    int group;     /* inputs per group */
+    int64_t plane_off[MWQ_MAX_PLANES]; /* plane p (1..K) at (const char *)data + plane_off[p-1] */
+} mwq_layout;
+
+typedef struct {
+    const void *data; /* borrowed; NULL = not set. MWQ: the base every plane offset is relative to */
+    int dtype;        /* EMOE_F32 / EMOE_F16 / EMOE_Q8_0 / TENSOR_MWQ */
     int64_t rows, cols;
+    const mwq_layout *mwq; /* TENSOR_MWQ only (NULL otherwise): the planes. Offsets are relative to data, so a copy of
+                            * the planes' bytes elsewhere is described by the same layout with another data pointer. */
 } tensor_ref;
 
 /* One expert's matrices, as returned by expert_weights(). */
@@ -18,6 +30,8 @@ typedef struct {
     const tensor_ref *gate; /* [expert_ffn, hidden] */
     const tensor_ref *up;   /* [expert_ffn, hidden] */
     const tensor_ref *down; /* [hidden, expert_ffn] */
+    int k; /* MWQ matrices: run at planes 1..k (1 <= k <= their n_planes; only those planes' bytes are read, i.e.
+            * [data, data + plane_off[k-1] + mwq_plane_bytes(k, ...)) for a container layout). 0 if not MWQ. */
 } expert_mats;
 
 typedef struct {
@@ -33,6 +47,7 @@ typedef struct {
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
     tensor_ref *experts;                         /* [n_stored][3]: gate, up, down (MoE layers) */
+    mwq_layout *experts_mwq;                     /* [n_stored][3], allocated at the first MWQ registration */
 } layer_weights;
 
 /* Activation buffers of one forward block of up to EMOE_BLOCK tokens (B). */
@@ -53,15 +68,30 @@ typedef struct {
     float *yg;       /* (B, H) expert output */
     float *rope_cs;  /* (B, rope_dim/2, 2) cos, sin per position */
     float *scores;   /* (n_threads, group, max_ctx) attention scores, per thread */
-    block_q8_act *qbuf; /* (B, max_in/32) quantized activations for Q8_0 matmuls */
+    block_q8_act *qbuf; /* (B, max_in/32) quantized activations for Q8_0 and MWQ matmuls */
+    uint8_t *mwq_xp;    /* (B, ...) MWQ activation layout: allocated by model_mwq_buffers (first MWQ expert) */
 } run_state;
+
+/* Expert streaming under a memory budget (hebf.c: emoe_container_load_streaming). The model reaches it only through
+ * these hooks, so the core (and test_kernels) builds without the streaming sources. */
+typedef struct emoe_stream emoe_stream;
+typedef struct {
+    /* before layer l's attention (s->x = the layer input; for router_input = layer_input, s->logits_r holds the
+     * true router logits): predict the layer's experts and queue their reads */
+    void (*before_attention)(emoe_model *m, int layer, int n_tok);
+    /* the MoE block of layer l with experts from the cache: s->xn = ffn_norm(h) in, s->tmp = the block's output */
+    int (*moe)(emoe_model *m, int layer, int n_tok);
+    void (*forward_done)(emoe_model *m, int n_tok, double seconds);
+    void (*free)(emoe_stream *st);
+} emoe_stream_ops;
 
 struct emoe_model {
     emoe_config cfg; /* layer-list pointers cleared; lists live in layers[].is_moe / use_rope / swa */
     int status;
     char err[EMOE_ERR_LEN];
     int max_ctx, kv_f16, n_past;
-    int q8_f32_act; /* Q8_0 matmuls keep f32 activations (emoe_model_set_q8_f32_act) */
+    int q8_f32_act; /* Q8_0 and MWQ matmuls keep f32 activations (emoe_model_set_q8_f32_act) */
+    int precision;  /* MWQ experts run at this many planes (0 = all stored; emoe_model_set_precision) */
     int q_dim, kv_dim, ffn_max, in_max; /* nh*hd, nkv*hd, widest ffn, widest matmul input */
     emoe_pool *pool;
     const emoe_kernels *k;
@@ -69,11 +99,33 @@ struct emoe_model {
     layer_weights *layers;                 /* [n_layers] */
     void *key_cache, *value_cache;         /* (n_layers, max_ctx, kv_dim) f32 or f16 */
     run_state s;
+    emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
+    const emoe_stream_ops *stream_ops;
 };
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* The matrices of stored expert e of layer l. The single point where expert weights are looked up, so a later expert
- * cache can load them just in time; today it returns the pointers given to emoe_model_set_tensor. */
+ * cache can load them just in time; today it returns the pointers given to emoe_model_set_tensor /
+ * emoe_model_set_expert_mwq, and for MWQ experts k = the model's precision (0 = all stored planes). */
 expert_mats expert_weights(emoe_model *m, int layer, int expert);
+/* Allocate the MWQ activation buffer if not done yet (emoe_model_set_expert_mwq calls it; any other code that installs
+ * MWQ tensor_refs must call it before the forward pass). EMOE_OK or EMOE_ERR_NOMEM. */
+int model_mwq_buffers(emoe_model *m);
+/* Y_j = W_j X for n matrices sharing the input X [n_tok, cols] (cols = w[j]->cols): dense ones in one mm_run
+ * dispatch, MWQ ones at k planes (k = 0: all stored) in one mwq_run dispatch. y[j] has ldy = w[j]->rows. */
+void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *const *y, int k, const float *x,
+                   int n_tok);
+/* Bytes of the buffers emoe_model_new allocated (activations, KV cache excluded) plus the MWQ activation buffer. */
+size_t model_scratch_bytes(const emoe_model *m, int with_mwq);
+
+/* forward.c's building blocks, shared with the streaming MoE block (hebf.c) */
+void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy);
+/* s->logits_r (n_tok, E) -> s->topk_idx (stored experts) and s->topk_w */
+void fwd_route(emoe_model *m, const int32_t *emap, int n_tok);
+void fwd_gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down, const float *x,
+                   int n_tok, float *y, int k);
+/* s->tmp += the shared expert of layer l on s->xn (no-op without one) */
+void fwd_shared_expert(emoe_model *m, int l, int n_tok);
 
 #endif

@@ -15,18 +15,22 @@ done
 mkdir -p "$OUT"
 # the core's sources (EDGEMOE_SOURCES in native/CMakeLists.txt)
 SOURCES=""
-for f in core crc32 quant dispatch kernels_scalar kernels_avx2 kernels_neon threadpool matmul model forward; do
+for f in core crc32 quant dispatch kernels_scalar kernels_avx2 kernels_neon kernels_mwq_scalar kernels_mwq_avx2 \
+    kernels_mwq_neon mwq threadpool matmul model forward; do
     SOURCES="$SOURCES $NATIVE/src/$f.c"
 done
-BIN="$OUT/test_kernels"
-echo "== build $BIN (march=armv8-a, static)"
-"$CC" -std=c11 -O2 -march=armv8-a -static -Wall -Wextra -Werror -ffp-contract=off \
-    -I"$NATIVE/include" -I"$NATIVE/src" "$NATIVE/tests/test_kernels.c" $SOURCES -o "$BIN" -lpthread -lm
 status=0
-echo "== qemu-aarch64 (default cpu: neon + dotprod)"
-"$QEMU" -L /usr/aarch64-linux-gnu "$BIN" || status=1
-echo "== qemu-aarch64 -cpu cortex-a53 (no dotprod)"
-"$QEMU" -L /usr/aarch64-linux-gnu -cpu cortex-a53 "$BIN" || status=1
+# test_kernels: the core's kernels and forward pass; test_mwq: the MWQ plane kernels and MWQ experts
+for prog in test_kernels test_mwq; do
+    BIN="$OUT/$prog"
+    echo "== build $BIN (march=armv8-a, static)"
+    "$CC" -std=c11 -O2 -march=armv8-a -static -Wall -Wextra -Werror -ffp-contract=off \
+        -I"$NATIVE/include" -I"$NATIVE/src" "$NATIVE/tests/$prog.c" $SOURCES -o "$BIN" -lpthread -lm
+    echo "== qemu-aarch64 $prog (default cpu: neon + dotprod)"
+    "$QEMU" -L /usr/aarch64-linux-gnu "$BIN" || status=1
+    echo "== qemu-aarch64 -cpu cortex-a53 $prog (no dotprod)"
+    "$QEMU" -L /usr/aarch64-linux-gnu -cpu cortex-a53 "$BIN" || status=1
+done
 [ "${1:-}" ] || rm -rf "$OUT"
 if [ $status -eq 0 ]; then echo "aarch64: all passed"; else echo "aarch64: FAILED"; fi
 exit $status

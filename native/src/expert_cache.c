@@ -1,0 +1,702 @@
+/* The expert cache: slots, piece states, eviction, byte accounting, statistics. See expert_cache.h. */
+#define _GNU_SOURCE
+#include "expert_cache.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "edgemoe.h"
+
+enum { L_NONE = 0, L_REF, L_BASE, L_QUEUED, N_LISTS };
+
+typedef struct {
+    uint64_t off, nbytes;
+    uint64_t slot, slot_bytes; /* arena offset and charged bytes; slot_bytes = 0: no slot */
+    uint64_t key;              /* queue priority while QUEUED */
+    uint64_t last_use;
+    const char *name;
+    uint32_t crc, tag;
+    int32_t pins;
+    int prev, next; /* links of the list the piece is on */
+    int16_t level;
+    uint8_t state, list;
+    uint8_t verified; /* passed its CRC once */
+    uint8_t pf;       /* queued/loaded by a prefetch and not yet acquired */
+    uint8_t demand;   /* its current read was demanded (a miss or a late prefetch) */
+    uint8_t checking; /* its current read checks the CRC */
+    uint8_t entry;    /* state when the current emoe_cache_acquire reached it */
+    int8_t status;    /* the error of its last read (ERROR state) */
+} piece;
+
+typedef struct {
+    uint64_t off, len;
+} extent;
+
+typedef struct {
+    int head, tail; /* head = least recently used */
+} plist;
+
+struct emoe_cache {
+    pthread_mutex_t mu;
+    pthread_cond_t cv_done;
+    emoe_io *io;
+    int verify;
+    unsigned char *arena;
+    uint64_t arena_bytes, used, peak_used;
+    extent *free_ext; /* sorted by offset, coalesced */
+    size_t n_free, cap_free;
+    piece *p;
+    int n;
+    plist lists[N_LISTS];
+    uint64_t clock;
+    emoe_cache_stats st;
+    char err[EMOE_IO_MSG_LEN + 128];
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+uint64_t emoe_cache_slot_bytes(uint64_t nbytes) {
+    return (nbytes + EMOE_IO_ALIGN - 1) / EMOE_IO_ALIGN * EMOE_IO_ALIGN;
+}
+
+/* ---- extent allocator over [0, arena_bytes) ---- */
+
+static int ext_alloc(emoe_cache *c, uint64_t size, uint64_t *off) {
+    for (size_t i = 0; i < c->n_free; i++) { /* first fit: keeps the touched part of the arena compact */
+        extent *e = &c->free_ext[i];
+        if (e->len < size) continue;
+        *off = e->off;
+        e->off += size, e->len -= size;
+        if (!e->len) {
+            memmove(e, e + 1, (c->n_free - i - 1) * sizeof(extent));
+            c->n_free--;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+static int ext_free(emoe_cache *c, uint64_t off, uint64_t len) {
+    size_t lo = 0, hi = c->n_free; /* first extent with offset > off */
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (c->free_ext[mid].off > off) hi = mid;
+        else lo = mid + 1;
+    }
+    const size_t i = lo;
+    const int join_prev = i > 0 && c->free_ext[i - 1].off + c->free_ext[i - 1].len == off;
+    const int join_next = i < c->n_free && off + len == c->free_ext[i].off;
+    if (join_prev && join_next) {
+        c->free_ext[i - 1].len += len + c->free_ext[i].len;
+        memmove(&c->free_ext[i], &c->free_ext[i + 1], (c->n_free - i - 1) * sizeof(extent));
+        c->n_free--;
+    } else if (join_prev) {
+        c->free_ext[i - 1].len += len;
+    } else if (join_next) {
+        c->free_ext[i].off = off, c->free_ext[i].len += len;
+    } else {
+        if (c->n_free == c->cap_free) { /* cannot happen: there are never more holes than pieces + 1 */
+            size_t cap = c->cap_free ? 2 * c->cap_free : 64;
+            extent *g = realloc(c->free_ext, cap * sizeof(extent));
+            if (!g) return EMOE_ERR_NOMEM;
+            c->free_ext = g, c->cap_free = cap;
+        }
+        memmove(&c->free_ext[i + 1], &c->free_ext[i], (c->n_free - i) * sizeof(extent));
+        c->free_ext[i] = (extent){off, len};
+        c->n_free++;
+    }
+    return EMOE_OK;
+}
+
+/* ---- lists ---- */
+
+static void list_remove(emoe_cache *c, int id) {
+    piece *p = &c->p[id];
+    if (p->list == L_NONE) return;
+    plist *l = &c->lists[p->list];
+    if (p->prev >= 0) c->p[p->prev].next = p->next;
+    else l->head = p->next;
+    if (p->next >= 0) c->p[p->next].prev = p->prev;
+    else l->tail = p->prev;
+    p->prev = p->next = -1;
+    p->list = L_NONE;
+}
+
+static void list_append(emoe_cache *c, int id, int which) {
+    piece *p = &c->p[id];
+    plist *l = &c->lists[which];
+    p->list = (uint8_t)which;
+    p->prev = l->tail, p->next = -1;
+    if (l->tail >= 0) c->p[l->tail].next = id;
+    else l->head = id;
+    l->tail = id;
+}
+
+static int wanted_list(const piece *p) {
+    if (p->pins) return L_NONE;
+    if (p->state == EMOE_PIECE_READY) return p->level > 0 ? L_REF : L_BASE;
+    if (p->state == EMOE_PIECE_QUEUED) return L_QUEUED;
+    return L_NONE;
+}
+
+/* Put the piece on the list its state says, at the most recently used end when touch (or when it moves). */
+static void relist(emoe_cache *c, int id, int touch) {
+    piece *p = &c->p[id];
+    const int w = wanted_list(p);
+    if (w == p->list && !touch) return;
+    list_remove(c, id);
+    if (w != L_NONE) list_append(c, id, w);
+}
+
+/* ---- slots ---- */
+
+static void drop_slot(emoe_cache *c, piece *p) {
+    if (!p->slot_bytes) return;
+    ext_free(c, p->slot, p->slot_bytes);
+    c->used -= p->slot_bytes;
+    p->slot_bytes = 0;
+}
+
+/* Evict or cancel piece id (READY unpinned, or QUEUED unpinned). */
+static void evict(emoe_cache *c, int id) {
+    piece *p = &c->p[id];
+    if (p->state == EMOE_PIECE_READY) c->st.evictions++, c->st.evicted_bytes += p->nbytes;
+    else c->st.cancelled++;
+    if (p->pf) c->st.prefetch_wasted++, p->pf = 0;
+    list_remove(c, id);
+    drop_slot(c, p);
+    p->state = EMOE_PIECE_EMPTY;
+    p->tag++; /* a queued entry of it in the I/O queue is now stale */
+    p->demand = 0;
+}
+
+enum { FOR_DEMAND, FOR_PREFETCH };
+
+static int pick_victim(emoe_cache *c, int why) {
+    if (why == FOR_DEMAND && c->lists[L_QUEUED].head >= 0) { /* the lowest-priority queued request */
+        int best = -1;
+        for (int id = c->lists[L_QUEUED].head; id >= 0; id = c->p[id].next)
+            if (best < 0 || c->p[id].key >= c->p[best].key) best = id;
+        return best;
+    }
+    for (int l = L_REF; l <= L_BASE; l++)
+        for (int id = c->lists[l].head; id >= 0; id = c->p[id].next)
+            if (why == FOR_DEMAND || !c->p[id].pf) return id; /* a prefetch never evicts another's unused bet */
+    return -1;
+}
+
+/* Give piece id a slot, evicting as needed. 1 = done, 0 = no victim left. */
+static int alloc_slot(emoe_cache *c, int id, int why) {
+    piece *p = &c->p[id];
+    const uint64_t need = emoe_cache_slot_bytes(p->nbytes);
+    if (need > c->arena_bytes) return 0;
+    for (;;) {
+        uint64_t off;
+        if (ext_alloc(c, need, &off)) {
+            p->slot = off, p->slot_bytes = need;
+            c->used += need;
+            if (c->used > c->peak_used) c->peak_used = c->used;
+            return 1;
+        }
+        const int v = pick_victim(c, why);
+        if (v < 0) return 0;
+        evict(c, v);
+    }
+}
+
+static int queue_piece(emoe_cache *c, int id, uint64_t key) {
+    piece *p = &c->p[id];
+    p->state = EMOE_PIECE_QUEUED;
+    p->key = key;
+    p->tag++;
+    return emoe_io_submit(c->io, id, p->tag, key);
+}
+
+/* ---- I/O callbacks (mutex held) ---- */
+
+static int io_start(void *ctx, int id, uint32_t tag, int commit, emoe_io_job *job) {
+    emoe_cache *c = ctx;
+    if (id < 0 || id >= c->n) return 0;
+    piece *p = &c->p[id];
+    if (p->state != EMOE_PIECE_QUEUED || p->tag != tag) return 0;
+    const int check = c->verify == EMOE_VERIFY_ALWAYS || (c->verify == EMOE_VERIFY_FIRST && !p->verified);
+    *job = (emoe_io_job){.dst = c->arena + p->slot, .dst_cap = p->slot_bytes, .off = p->off, .len = p->nbytes,
+                         .crc32 = p->crc, .check_crc = check, .what = p->name};
+    if (commit) {
+        p->state = EMOE_PIECE_LOADING;
+        p->checking = (uint8_t)check;
+        relist(c, id, 0);
+    }
+    return 1;
+}
+
+static void io_done(void *ctx, int id, int status, const char *msg, double seconds, uint64_t bytes) {
+    emoe_cache *c = ctx;
+    piece *p = &c->p[id];
+    c->st.io_busy_s += seconds;
+    if (p->checking) c->st.crc_checked++;
+    if (!status) {
+        p->state = EMOE_PIECE_READY;
+        if (p->checking) p->verified = 1;
+        c->st.bytes_read += bytes;
+        c->st.pieces_read++;
+        if (p->demand) c->st.demand_bytes += bytes;
+    } else {
+        if (status == EMOE_ERR_CORRUPT) c->st.crc_failures++;
+        else c->st.read_errors++;
+        snprintf(c->err, sizeof c->err, "%s (piece: plane %d of tensor '%s')", msg, p->level + 1,
+                 p->name ? p->name : "?");
+        p->state = EMOE_PIECE_ERROR;
+        p->status = (int8_t)status;
+        drop_slot(c, p);
+        if (p->pf) c->st.prefetch_wasted++, p->pf = 0;
+    }
+    p->demand = 0;
+    p->checking = 0;
+    relist(c, id, 1);
+}
+
+/* ---- lifetime ---- */
+
+size_t emoe_cache_overhead_bytes(const emoe_cache_config *cfg) {
+    emoe_io_config io = {.n_threads = cfg->io_threads, .direct = cfg->direct};
+    return sizeof(struct emoe_cache) + (size_t)cfg->n_pieces * (sizeof(piece) + 2 * sizeof(extent)) +
+           emoe_io_overhead_bytes(&io);
+}
+
+emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errlen) {
+    if (err && errlen) err[0] = '\0';
+    if (!cfg || !cfg->path || cfg->n_pieces < 0 || (cfg->n_pieces && !cfg->pieces)) {
+        if (err) snprintf(err, errlen, "emoe_cache_new: bad configuration");
+        return NULL;
+    }
+    emoe_cache *c = calloc(1, sizeof(*c));
+    if (!c) goto nomem;
+    c->verify = cfg->verify;
+    c->n = cfg->n_pieces;
+    c->p = calloc((size_t)(c->n ? c->n : 1), sizeof(piece));
+    c->cap_free = (size_t)c->n + 2;
+    c->free_ext = calloc(c->cap_free, sizeof(extent));
+    if (!c->p || !c->free_ext) goto nomem;
+    for (int i = 0; i < c->n; i++) {
+        const emoe_piece_desc *d = &cfg->pieces[i];
+        c->p[i] = (piece){.off = d->off, .nbytes = d->nbytes, .crc = d->crc32, .name = d->name, .prev = -1,
+                          .next = -1, .level = (int16_t)(d->level < 0 ? 0 : d->level)};
+    }
+    for (int l = 0; l < N_LISTS; l++) c->lists[l] = (plist){-1, -1};
+    c->arena_bytes = cfg->capacity / EMOE_IO_ALIGN * EMOE_IO_ALIGN;
+    if (c->arena_bytes) {
+        void *a = mmap(NULL, (size_t)c->arena_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (a == MAP_FAILED) {
+            if (err) snprintf(err, errlen, "expert cache: cannot reserve %llu bytes of address space",
+                              (unsigned long long)c->arena_bytes);
+            goto fail;
+        }
+        c->arena = a;
+        c->free_ext[0] = (extent){0, c->arena_bytes};
+        c->n_free = 1;
+    }
+    c->st.capacity = c->arena_bytes;
+    if (pthread_mutex_init(&c->mu, NULL)) goto nomem;
+    if (pthread_cond_init(&c->cv_done, NULL)) {
+        pthread_mutex_destroy(&c->mu);
+        goto nomem;
+    }
+    emoe_io_config io = {.path = cfg->path, .n_threads = cfg->io_threads > 0 ? cfg->io_threads : 1,
+                         .direct = cfg->direct, .drop_cache = cfg->drop_cache, .max_merge_bytes = (size_t)64 << 20,
+                         .mu = &c->mu, .cv_done = &c->cv_done, .start = io_start, .done = io_done, .ctx = c};
+    c->io = emoe_io_new(&io, err, errlen);
+    if (!c->io) {
+        pthread_cond_destroy(&c->cv_done);
+        pthread_mutex_destroy(&c->mu);
+        goto fail;
+    }
+    c->st.direct = emoe_io_direct(c->io);
+    return c;
+nomem:
+    if (err) snprintf(err, errlen, "out of memory creating the expert cache");
+fail:
+    if (c) {
+        if (c->arena) munmap(c->arena, (size_t)c->arena_bytes);
+        free(c->p);
+        free(c->free_ext);
+        free(c);
+    }
+    return NULL;
+}
+
+void emoe_cache_free(emoe_cache *c) {
+    if (!c) return;
+    emoe_io_free(c->io); /* joins the threads: nothing touches the arena after this */
+    pthread_cond_destroy(&c->cv_done);
+    pthread_mutex_destroy(&c->mu);
+    if (c->arena) munmap(c->arena, (size_t)c->arena_bytes);
+    free(c->p);
+    free(c->free_ext);
+    free(c);
+}
+
+/* ---- the compute thread's calls ---- */
+
+static int valid_id(const emoe_cache *c, int id) { return id >= 0 && id < c->n && c->p[id].nbytes > 0; }
+
+int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *keys) {
+    if (!c || n < 0 || (n && (!ids || !keys))) return EMOE_ERR_ARG;
+    for (int i = 0; i < n; i++)
+        if (!valid_id(c, ids[i])) {
+            snprintf(c->err, sizeof c->err, "emoe_cache_acquire: piece %d does not exist", ids[i]);
+            return EMOE_ERR_ARG;
+        }
+    pthread_mutex_lock(&c->mu);
+    int i, rc = EMOE_OK;
+    for (i = 0; i < n; i++) {
+        piece *p = &c->p[ids[i]];
+        p->entry = p->state;
+        if (p->state == EMOE_PIECE_EMPTY || p->state == EMOE_PIECE_ERROR) {
+            p->pins++; /* pinned first so that evictions for this request's later pieces spare it */
+            if (!alloc_slot(c, ids[i], FOR_DEMAND)) {
+                p->pins--;
+                rc = EMOE_CACHE_FULL;
+                break;
+            }
+            p->demand = 1;
+            if (queue_piece(c, ids[i], keys[i])) {
+                drop_slot(c, p);
+                p->state = EMOE_PIECE_EMPTY;
+                p->pins--;
+                rc = EMOE_ERR_NOMEM;
+                break;
+            }
+        } else {
+            p->pins++;
+            if (p->state == EMOE_PIECE_QUEUED || p->state == EMOE_PIECE_LOADING) p->demand = 1;
+            if (p->state == EMOE_PIECE_QUEUED && keys[i] < p->key && queue_piece(c, ids[i], keys[i])) {
+                p->pins--;
+                rc = EMOE_ERR_NOMEM;
+                break;
+            }
+        }
+        relist(c, ids[i], 0);
+    }
+    if (rc) { /* roll back pieces 0..i-1: cancel the reads this call queued, unpin the rest */
+        for (int j = 0; j < i; j++) {
+            piece *p = &c->p[ids[j]];
+            p->pins--;
+            const uint8_t was = p->entry;
+            if ((was == EMOE_PIECE_EMPTY || was == EMOE_PIECE_ERROR) && p->state == EMOE_PIECE_QUEUED && !p->pins) {
+                list_remove(c, ids[j]);
+                drop_slot(c, p);
+                p->state = EMOE_PIECE_EMPTY;
+                p->tag++;
+                p->demand = 0;
+            }
+            relist(c, ids[j], 0);
+        }
+        if (rc == EMOE_CACHE_FULL) {
+            uint64_t need = 0, busy = 0;
+            for (int j = 0; j < n; j++) need += emoe_cache_slot_bytes(c->p[ids[j]].nbytes);
+            for (int j = 0; j < c->n; j++)
+                if (c->p[j].slot_bytes && (c->p[j].pins || c->p[j].state == EMOE_PIECE_LOADING)) busy++;
+            if (need > c->arena_bytes || !busy) { /* nothing will ever free up: it cannot fit */
+                snprintf(c->err, sizeof c->err, "expert cache: %d pieces of %llu bytes do not fit in the cache of "
+                         "%llu bytes (raise the memory budget)", n, (unsigned long long)need,
+                         (unsigned long long)c->arena_bytes);
+                rc = EMOE_ERR_BUDGET;
+            }
+        }
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    const uint64_t t = ++c->clock;
+    for (i = 0; i < n; i++) {
+        piece *p = &c->p[ids[i]];
+        const int lv = p->level < EMOE_CACHE_MAX_LEVELS ? p->level : EMOE_CACHE_MAX_LEVELS - 1;
+        if (p->entry == EMOE_PIECE_READY) c->st.hits[lv]++;
+        else if (p->pf) c->st.late[lv]++;
+        else c->st.misses[lv]++;
+        if (p->pf) c->st.prefetch_used++, p->pf = 0;
+        p->last_use = t;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return EMOE_OK;
+}
+
+int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key) {
+    if (!c || n <= 0 || !ids) return 0;
+    int queued = 0;
+    pthread_mutex_lock(&c->mu);
+    const uint64_t t = ++c->clock;
+    for (int i = 0; i < n; i++) {
+        if (!valid_id(c, ids[i])) continue;
+        piece *p = &c->p[ids[i]];
+        if (p->state == EMOE_PIECE_READY) {
+            p->last_use = t;
+            relist(c, ids[i], 1);
+        } else if (p->state == EMOE_PIECE_QUEUED) {
+            if (key < p->key && !queue_piece(c, ids[i], key)) relist(c, ids[i], 0);
+        } else if (p->state == EMOE_PIECE_EMPTY || p->state == EMOE_PIECE_ERROR) {
+            if (!alloc_slot(c, ids[i], FOR_PREFETCH)) break; /* no room without hurting: stop here */
+            if (queue_piece(c, ids[i], key)) {
+                drop_slot(c, p);
+                p->state = EMOE_PIECE_EMPTY;
+                break;
+            }
+            p->pf = 1;
+            p->last_use = t;
+            c->st.prefetch_issued++;
+            relist(c, ids[i], 1);
+            queued++;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    return queued;
+}
+
+void emoe_cache_release(emoe_cache *c, const int *ids, int n) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < n; i++) {
+        if (!valid_id(c, ids[i]) || c->p[ids[i]].pins <= 0) continue;
+        c->p[ids[i]].pins--;
+        relist(c, ids[i], 1);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+void emoe_cache_requeue(emoe_cache *c, const int *ids, int n, uint64_t key) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < n; i++)
+        if (valid_id(c, ids[i]) && c->p[ids[i]].state == EMOE_PIECE_QUEUED && c->p[ids[i]].key != key &&
+            !queue_piece(c, ids[i], key))
+            relist(c, ids[i], 0);
+    pthread_mutex_unlock(&c->mu);
+}
+
+int emoe_cache_cancel_queued(emoe_cache *c, uint64_t lo, uint64_t hi) {
+    if (!c) return 0;
+    int n = 0;
+    pthread_mutex_lock(&c->mu);
+    for (int id = c->lists[L_QUEUED].head; id >= 0;) {
+        const int next = c->p[id].next;
+        if (c->p[id].key >= lo && c->p[id].key < hi) evict(c, id), n++;
+        id = next;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+int emoe_cache_wait_groups(emoe_cache *c, const int *ids, const int *starts, const int *n_required, int n_groups,
+                           const unsigned char *done, int partial) {
+    if (!c || n_groups < 0 || (n_groups && (!ids || !starts))) return EMOE_ERR_ARG;
+    pthread_mutex_lock(&c->mu);
+    double t0 = -1.0;
+    int result;
+    for (;;) {
+        int any = 0, full = -1, part = -1, fail = 0;
+        for (int g = 0; g < n_groups && full < 0 && !fail; g++) {
+            if (done && done[g]) continue;
+            any = 1;
+            const int req = n_required ? n_required[g] : starts[g + 1] - starts[g];
+            int all = 1, req_ok = 1;
+            for (int j = starts[g]; j < starts[g + 1]; j++) {
+                const piece *p = &c->p[ids[j]];
+                if (p->state == EMOE_PIECE_ERROR) {
+                    fail = p->status ? p->status : EMOE_ERR_IO;
+                    break;
+                }
+                if (p->state != EMOE_PIECE_READY) {
+                    all = 0;
+                    if (j - starts[g] < req) req_ok = 0;
+                }
+            }
+            if (fail) break;
+            if (all) full = g;
+            else if (req_ok && part < 0) part = g;
+        }
+        if (fail) {
+            result = fail;
+            break;
+        }
+        if (!any) {
+            result = -1;
+            break;
+        }
+        if (full >= 0) {
+            result = full;
+            break;
+        }
+        if (partial && part >= 0) {
+            result = part;
+            break;
+        }
+        if (t0 < 0) t0 = now_s();
+        pthread_cond_wait(&c->cv_done, &c->mu);
+    }
+    if (t0 >= 0) c->st.stall_s += now_s() - t0;
+    pthread_mutex_unlock(&c->mu);
+    return result;
+}
+
+void emoe_cache_wait_io(emoe_cache *c) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    int busy = 0;
+    for (int i = 0; i < c->n && !busy; i++)
+        busy = c->p[i].state == EMOE_PIECE_QUEUED || c->p[i].state == EMOE_PIECE_LOADING;
+    if (busy) {
+        const double t0 = now_s();
+        pthread_cond_wait(&c->cv_done, &c->mu);
+        c->st.stall_s += now_s() - t0;
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+int emoe_cache_state(emoe_cache *c, int id) {
+    if (!c || id < 0 || id >= c->n) return EMOE_PIECE_EMPTY;
+    pthread_mutex_lock(&c->mu);
+    const int s = c->p[id].state;
+    pthread_mutex_unlock(&c->mu);
+    return s;
+}
+
+const void *emoe_cache_data(emoe_cache *c, int id) {
+    if (!c || id < 0 || id >= c->n) return NULL;
+    pthread_mutex_lock(&c->mu);
+    const piece *p = &c->p[id];
+    const void *d = p->state == EMOE_PIECE_READY && p->slot_bytes ? c->arena + p->slot : NULL;
+    pthread_mutex_unlock(&c->mu);
+    return d;
+}
+
+const char *emoe_cache_error(emoe_cache *c) { return c ? c->err : "cache is NULL"; }
+
+void emoe_cache_get_stats(emoe_cache *c, emoe_cache_stats *out) {
+    if (!c || !out) return;
+    pthread_mutex_lock(&c->mu);
+    *out = c->st;
+    out->used = c->used;
+    out->peak_used = c->peak_used;
+    out->read_syscalls = emoe_io_syscalls(c->io);
+    uint64_t pinned = 0;
+    for (int i = 0; i < c->n; i++)
+        if (c->p[i].pins) pinned += c->p[i].slot_bytes;
+    out->pinned_bytes = pinned;
+    pthread_mutex_unlock(&c->mu);
+}
+
+void emoe_cache_reset_stats(emoe_cache *c) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    const int direct = c->st.direct;
+    memset(&c->st, 0, sizeof c->st);
+    c->st.capacity = c->arena_bytes;
+    c->st.direct = direct;
+    c->peak_used = c->used;
+    pthread_mutex_unlock(&c->mu);
+}
+
+void emoe_cache_clear(emoe_cache *c) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n; i++) {
+        piece *p = &c->p[i];
+        if (p->pins) continue;
+        if (p->state == EMOE_PIECE_READY || p->state == EMOE_PIECE_QUEUED) {
+            const uint64_t ev = c->st.evictions, eb = c->st.evicted_bytes, ca = c->st.cancelled;
+            evict(c, i);
+            c->st.evictions = ev, c->st.evicted_bytes = eb, c->st.cancelled = ca; /* not policy evictions */
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+void emoe_cache_pause_io(emoe_cache *c, int paused) {
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    emoe_io_pause(c->io, paused);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static int cmp_extent(const void *a, const void *b) {
+    const extent *x = a, *y = b;
+    return (x->off > y->off) - (x->off < y->off);
+}
+
+int emoe_cache_check(emoe_cache *c, char *err, size_t errlen) {
+    if (!c) return EMOE_ERR_ARG;
+    pthread_mutex_lock(&c->mu);
+    int rc = EMOE_OK;
+    size_t n_ext = 0;
+    extent *all = malloc(((size_t)c->n + c->n_free + 1) * sizeof(extent));
+    if (!all) {
+        pthread_mutex_unlock(&c->mu);
+        return EMOE_ERR_NOMEM;
+    }
+    uint64_t used = 0, free_bytes = 0;
+#define FAIL(...)                                                                                                     \
+    do {                                                                                                              \
+        if (err) snprintf(err, errlen, __VA_ARGS__);                                                                  \
+        rc = EMOE_ERR_ARG;                                                                                            \
+        goto out;                                                                                                     \
+    } while (0)
+    for (int i = 0; i < c->n; i++) {
+        const piece *p = &c->p[i];
+        const int has = p->slot_bytes > 0;
+        const int should = p->state == EMOE_PIECE_QUEUED || p->state == EMOE_PIECE_LOADING ||
+                           p->state == EMOE_PIECE_READY;
+        if (has != should) FAIL("piece %d: state %d but %s slot", i, p->state, has ? "a" : "no");
+        if (p->pins < 0) FAIL("piece %d: negative pin count %d", i, p->pins);
+        if (p->list != wanted_list(p)) FAIL("piece %d: on list %d, expected %d", i, p->list, wanted_list(p));
+        if (!has) continue;
+        if (p->slot_bytes != emoe_cache_slot_bytes(p->nbytes)) FAIL("piece %d: slot of %llu bytes for %llu", i,
+                                                                   (unsigned long long)p->slot_bytes,
+                                                                   (unsigned long long)p->nbytes);
+        all[n_ext++] = (extent){p->slot, p->slot_bytes};
+        used += p->slot_bytes;
+    }
+    for (size_t i = 0; i < c->n_free; i++) {
+        if (i && c->free_ext[i - 1].off + c->free_ext[i - 1].len >= c->free_ext[i].off)
+            FAIL("free extents %zu and %zu are not sorted, disjoint and coalesced", i - 1, i);
+        all[n_ext++] = c->free_ext[i];
+        free_bytes += c->free_ext[i].len;
+    }
+    if (used != c->used) FAIL("used = %llu but the slots add up to %llu", (unsigned long long)c->used,
+                              (unsigned long long)used);
+    if (used > c->arena_bytes) FAIL("used %llu > capacity %llu", (unsigned long long)used,
+                                    (unsigned long long)c->arena_bytes);
+    if (used + free_bytes != c->arena_bytes)
+        FAIL("slots %llu + free %llu != arena %llu", (unsigned long long)used, (unsigned long long)free_bytes,
+             (unsigned long long)c->arena_bytes);
+    qsort(all, n_ext, sizeof(extent), cmp_extent);
+    for (size_t i = 0; i < n_ext; i++) {
+        if (all[i].off + all[i].len > c->arena_bytes) FAIL("extent at %llu runs past the arena",
+                                                           (unsigned long long)all[i].off);
+        if (i && all[i - 1].off + all[i - 1].len > all[i].off)
+            FAIL("extents at %llu and %llu overlap", (unsigned long long)all[i - 1].off,
+                 (unsigned long long)all[i].off);
+    }
+    for (int l = 1; l < N_LISTS; l++) { /* lists are consistent both ways */
+        int prev = -1, count = 0;
+        for (int id = c->lists[l].head; id >= 0; id = c->p[id].next) {
+            if (c->p[id].list != l || c->p[id].prev != prev) FAIL("list %d is broken at piece %d", l, id);
+            prev = id;
+            if (++count > c->n) FAIL("list %d has a cycle", l);
+        }
+        if (c->lists[l].tail != prev) FAIL("list %d: tail %d, expected %d", l, c->lists[l].tail, prev);
+    }
+#undef FAIL
+out:
+    free(all);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}

@@ -1,0 +1,125 @@
+/* The expert cache: a byte-budgeted, plane-granular cache of expert pieces in anonymous memory, filled by the I/O
+ * thread.
+ *
+ * A piece is one plane of one expert matrix: (layer, stored expert, matrix gate|up|down, plane). f32/f16/q8_0
+ * experts have one plane (the whole matrix); MWQ experts have K (P1 = base, P2.. = residual planes), each its own
+ * piece, so eviction can drop refinement planes and keep base planes. Reading precision k of a matrix is still one
+ * system call: the I/O thread merges the adjacent planes of a queue run into one preadv.
+ *
+ * Memory: one anonymous mapping of `capacity` bytes (MAP_NORESERVE: pages count in RSS only once touched), carved
+ * into 4 KiB-aligned slots by a first-fit extent allocator with coalescing. Nothing goes through the page cache's
+ * mapping of the file: RSS of the cache <= capacity, whatever the access pattern. emoe_cache_check() recomputes the
+ * accounting from scratch (slots disjoint, inside the arena, used == sum of slots <= capacity).
+ *
+ * Piece states: EMPTY -> QUEUED (slot allocated, request in the I/O queue) -> LOADING (being read) -> READY, or
+ * ERROR (read error / checksum mismatch; the slot is freed and the next request retries). Pinned pieces (acquired by
+ * the compute thread and not yet released) and LOADING pieces are never evicted.
+ *
+ * Eviction, when a slot is needed: (1) demand requests first cancel queued, unpinned prefetches (no I/O spent yet),
+ * lowest priority first; then (2) READY refinement planes, least recently used first; then (3) READY base planes,
+ * least recently used first. Prefetches only take free memory or evict (2)/(3), never cancel other prefetches.
+ *
+ * Thread safety: every function takes the cache's mutex; the compute thread and the I/O thread(s) share it.
+ */
+#ifndef EDGEMOE_EXPERT_CACHE_H
+#define EDGEMOE_EXPERT_CACHE_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io_thread.h"
+
+#define EMOE_CACHE_FULL 1     /* emoe_cache_acquire: not now (everything evictable is pinned or loading) */
+
+#define EMOE_CACHE_MAX_LEVELS 16 /* plane levels with their own statistics */
+
+enum { EMOE_PIECE_EMPTY = 0, EMOE_PIECE_QUEUED, EMOE_PIECE_LOADING, EMOE_PIECE_READY, EMOE_PIECE_ERROR };
+enum { EMOE_VERIFY_NEVER = 0, EMOE_VERIFY_FIRST = 1, EMOE_VERIFY_ALWAYS = 2 };
+
+typedef struct {
+    uint64_t off, nbytes; /* absolute file range; nbytes = 0: no such piece (never requested) */
+    uint32_t crc32;       /* CRC-32 of the range */
+    int32_t level;        /* 0 = base plane (or the only plane), 1.. = refinement planes */
+    const char *name;     /* tensor name for messages (borrowed: must outlive the cache), or NULL */
+} emoe_piece_desc;
+
+typedef struct {
+    const char *path;
+    uint64_t capacity;              /* bytes for slots (the expert cache's share of the budget) */
+    int n_pieces;
+    const emoe_piece_desc *pieces;  /* [n_pieces], copied */
+    int io_threads;                 /* >= 1 */
+    int direct;                     /* O_DIRECT reads */
+    int drop_cache;                 /* fadvise(DONTNEED) after buffered reads */
+    int verify;                     /* EMOE_VERIFY_* (FIRST: each piece's first read; FORMAT.md's rule) */
+} emoe_cache_config;
+
+typedef struct {
+    uint64_t hits[EMOE_CACHE_MAX_LEVELS];   /* acquired while READY */
+    uint64_t misses[EMOE_CACHE_MAX_LEVELS]; /* acquired while absent (a demand read) */
+    uint64_t late[EMOE_CACHE_MAX_LEVELS];   /* acquired while a prefetch of it was still queued or loading */
+    uint64_t bytes_read, pieces_read, read_syscalls;
+    uint64_t demand_bytes;                  /* bytes of demand reads (misses) */
+    uint64_t evictions, evicted_bytes;      /* READY pieces dropped for space */
+    uint64_t cancelled;                     /* queued requests dropped before any I/O */
+    uint64_t prefetch_issued, prefetch_used, prefetch_wasted; /* pieces; wasted = evicted/cancelled unused */
+    uint64_t crc_checked, crc_failures, read_errors;
+    uint64_t capacity, used, peak_used, pinned_bytes;
+    double stall_s;   /* time the compute thread waited for pieces (emoe_cache_wait_groups) */
+    double io_busy_s; /* time the I/O threads spent reading */
+    int direct;       /* O_DIRECT in effect */
+} emoe_cache_stats;
+
+typedef struct emoe_cache emoe_cache;
+
+emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errlen);
+void emoe_cache_free(emoe_cache *c);
+/* Memory the cache needs besides `capacity`: the piece table, the I/O thread's buffers. */
+size_t emoe_cache_overhead_bytes(const emoe_cache_config *cfg);
+/* Bytes a piece of nbytes takes in the arena (rounded up to the slot alignment). */
+uint64_t emoe_cache_slot_bytes(uint64_t nbytes);
+
+/* Demand: pin every piece of ids[0..n) (all or nothing). READY pieces are hits; absent ones get a slot (evicting as
+ * described above) and are queued at priority keys[i] (lower = sooner); queued prefetches are moved up to keys[i].
+ * Returns EMOE_OK, EMOE_CACHE_FULL (nothing pinned: wait for pins to be released, then retry), or an error
+ * (EMOE_ERR_BUDGET when the pieces cannot fit even in an empty cache). */
+int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *keys);
+/* Prefetch: queue absent pieces at priority key without pinning them (READY ones are marked recently used).
+ * Uses free memory or evicts unpinned READY pieces, never cancels queued requests. Returns pieces queued. */
+int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key);
+/* Unpin. Pieces still in flight keep loading (and are evictable once READY). */
+void emoe_cache_release(emoe_cache *c, const int *ids, int n);
+/* Move queued (not yet loading) pieces to priority key (e.g. a background key for skipped refinement planes). */
+void emoe_cache_requeue(emoe_cache *c, const int *ids, int n, uint64_t key);
+
+/* Cancel queued, unpinned requests with lo <= key < hi (e.g. prefetches for layers already computed). Returns how
+ * many were cancelled. */
+int emoe_cache_cancel_queued(emoe_cache *c, uint64_t lo, uint64_t hi);
+
+/* Wait for a group of pinned pieces to be READY. Groups are ids[starts[g] .. starts[g+1]) for g < n_groups, the first
+ * n_required[g] of each required, the rest optional; done[g] != 0 skips a group. Returns the index of the first
+ * unskipped group whose pieces are all READY; if none and partial != 0, the first whose required pieces are READY;
+ * otherwise blocks until one is (time counted as stall). Returns -1 if no group is left, or a negative status below
+ * -1 (EMOE_ERR_IO / EMOE_ERR_CORRUPT, message in emoe_cache_error) if a required piece of an unskipped group failed. */
+int emoe_cache_wait_groups(emoe_cache *c, const int *ids, const int *starts, const int *n_required, int n_groups,
+                           const unsigned char *done, int partial);
+/* Block until the next read completes (returns at once if nothing is queued or loading); counted as stall. Use it
+ * after EMOE_CACHE_FULL when the caller holds no pins: in-flight prefetches become evictable once they land. */
+void emoe_cache_wait_io(emoe_cache *c);
+/* State of a piece (EMOE_PIECE_*). */
+int emoe_cache_state(emoe_cache *c, int id);
+/* Data of a READY piece (pinned by the caller), else NULL. */
+const void *emoe_cache_data(emoe_cache *c, int id);
+/* The message of the last error (I/O, checksum, budget). */
+const char *emoe_cache_error(emoe_cache *c);
+
+void emoe_cache_get_stats(emoe_cache *c, emoe_cache_stats *out);
+void emoe_cache_reset_stats(emoe_cache *c);
+/* Drop every unpinned READY piece and cancel queued ones (cold start for benchmarks). */
+void emoe_cache_clear(emoe_cache *c);
+/* Recompute the byte accounting from scratch; EMOE_OK or EMOE_ERR_ARG with a message (tests call it often). */
+int emoe_cache_check(emoe_cache *c, char *err, size_t errlen);
+
+/* Tests: hold / release the I/O threads (requests queue up meanwhile). */
+void emoe_cache_pause_io(emoe_cache *c, int paused);
+
+#endif

@@ -1,0 +1,224 @@
+/* MWQ bit planes: plane sizes, plane resolution, the activation preparation, the threaded driver and the public
+ * kernel entry point. The kernels are in kernels_mwq_{scalar,avx2,neon}.c; the layout is docs/FORMAT.md
+ * "MWQ bit planes". */
+#include <math.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+#define MIN_CHUNK_ROWS 16
+#define TASKS_PER_THREAD 8
+#define MAX_JOBS 8
+
+int64_t mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, int64_t cols) {
+    if (plane < 1 || plane > MWQ_MAX_PLANES || (base_bits != 2 && base_bits != 4 && base_bits != 8)) return 0;
+    if (group <= 0 || group % 8 || rows < 0 || cols <= 0 || cols % group) return 0;
+    const int64_t ng = cols / group;
+    if (plane == 1) return 4 * rows * ng + rows * cols / 8 * base_bits;
+    return 2 * rows * ng + rows * cols / 8;
+}
+
+int64_t emoe_mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, int64_t cols) {
+    return mwq_plane_bytes(plane, base_bits, group, rows, cols);
+}
+
+int mwq_matrix_init(mwq_matrix *m, const void *base, const int64_t *off, int k, int base_bits, int group,
+                    int64_t rows, int64_t cols) {
+    if (!base || !off || k < 1 || k > MWQ_MAX_PLANES || !mwq_plane_bytes(1, base_bits, group, rows, cols))
+        return EMOE_ERR_ARG;
+    memset(m, 0, sizeof(*m));
+    m->rows = rows;
+    m->cols = cols;
+    m->k = k;
+    m->base_bits = base_bits;
+    m->group = group;
+    const size_t n = (size_t)(rows * (cols / group));
+    for (int p = 0; p < k; p++) {
+        const char *pl = (const char *)base + off[p];
+        if ((uintptr_t)pl % 2) return EMOE_ERR_ARG; /* f16 scales */
+        if (p == 0) {
+            m->s1 = (const uint16_t *)pl;
+            m->m1 = m->s1 + n;
+            m->codes = (const uint8_t *)(m->m1 + n);
+        } else {
+            m->rs[p - 1] = (const uint16_t *)pl;
+            m->signs[p - 1] = (const uint8_t *)(m->rs[p - 1] + n);
+        }
+    }
+    return EMOE_OK;
+}
+
+const mwq_kernels *mwq_kernels_get(int isa) {
+    if (isa == EMOE_ISA_AUTO) isa = emoe_isa_best();
+    if (!emoe_isa_supported(isa)) return NULL;
+    switch (isa) {
+    case EMOE_ISA_SCALAR: return &mwq_kernels_scalar;
+#if defined(EMOE_HAVE_AVX2)
+    case EMOE_ISA_AVX2: return &mwq_kernels_avx2;
+#endif
+#if defined(EMOE_HAVE_NEON)
+    case EMOE_ISA_NEON: return &mwq_kernels_neon;
+    case EMOE_ISA_NEON_DOTPROD: return &mwq_kernels_neon_dotprod;
+#endif
+    default: return NULL;
+    }
+}
+
+/* ---- activation preparation ---- */
+
+/* One token: per block of 32 with the ISA's quantizer (bit-exact across ISAs), the last partial block (cols % 32
+ * values, zero padded) with the same formula in scalar code. */
+static void quantize_row(const emoe_kernels *k, const float *x, int64_t cols, block_q8_act *q) {
+    const int64_t nfull = cols / QK, rem = cols % QK;
+    if (nfull) k->quantize_act(x, q, nfull * QK);
+    if (!rem) return;
+    const float *xb = x + nfull * QK;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < rem; j++) {
+        const float a = xb[j] < 0 ? -xb[j] : xb[j];
+        amax = a > amax ? a : amax;
+    }
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    block_q8_act *b = &q[nfull];
+    b->d = d;
+    memset(b->qs, 0, sizeof(b->qs));
+    for (int64_t j = 0; j < rem; j++) b->qs[j] = (int8_t)(int)nearbyintf(xb[j] * id);
+}
+
+/* The SIMD layout of one token (see mwq_act in internal.h). */
+static void prep_xp(int base_bits, int64_t cols, const block_q8_act *q, uint8_t *xp) {
+    const int P = 8 / base_bits, C = 32 * P;
+    const int64_t nch = cols / C;
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t base = c * C;
+        int8_t *out = (int8_t *)(xp + (size_t)c * MWQ_XP_CHUNK_BYTES(base_bits));
+        for (int s = 0; s < P; s++)
+            for (int i = 0; i < 32; i++) {
+                const int64_t idx = base + (int64_t)P * i + s;
+                out[32 * s + i] = q[idx / QK].qs[idx % QK];
+            }
+        float *d = (float *)(out + 32 * P), *sx = d + 8;
+        for (int L = 0; L < 8; L++) {
+            const int64_t i0 = base + 4 * P * L;
+            int32_t sum = 0;
+            for (int64_t i = i0; i < i0 + 4 * P; i++) sum += q[i / QK].qs[i % QK];
+            d[L] = q[i0 / QK].d;
+            sx[L] = (float)sum;
+        }
+    }
+}
+
+size_t mwq_xpbuf_bytes(int64_t cols, int n_tok) {
+    size_t mx = 0;
+    for (int b1 = 2; b1 <= 8; b1 *= 2) mx = mwq_xp_bytes(b1, cols) > mx ? mwq_xp_bytes(b1, cols) : mx;
+    return mx * (size_t)(n_tok > 0 ? n_tok : 1) + 32;
+}
+
+/* ---- threaded driver ---- */
+
+typedef struct {
+    const mwq_kernels *mk;
+    const mwq_job *jobs;
+    const mwq_act *act;
+    int f32_act;
+    int64_t chunk;
+    int task_start[MAX_JOBS + 1];
+} mwq_ctx;
+
+static void mwq_task(void *arg, int task, int thread) {
+    (void)thread;
+    const mwq_ctx *c = arg;
+    int j = 0;
+    while (task >= c->task_start[j + 1]) j++;
+    const mwq_job *jb = &c->jobs[j];
+    const int64_t r0 = (int64_t)(task - c->task_start[j]) * c->chunk;
+    const int64_t r1 = r0 + c->chunk < jb->w.rows ? r0 + c->chunk : jb->w.rows;
+    const mwq_fn fn = c->f32_act ? c->mk->matmul_f32 : c->mk->matmul_q8;
+    fn(&jb->w, c->act, jb->y, jb->ldy, r0, r1);
+}
+
+/* Jobs [0, n) all have the same base_bits (the xp layout is ready for it). */
+static void dispatch(emoe_pool *pool, const mwq_kernels *mk, const mwq_job *jobs, int n, const mwq_act *act,
+                     int f32_act) {
+    while (n > 0) {
+        const int nj = n < MAX_JOBS ? n : MAX_JOBS;
+        mwq_ctx c = {.mk = mk, .jobs = jobs, .act = act, .f32_act = f32_act};
+        int64_t total = 0;
+        for (int j = 0; j < nj; j++) total += jobs[j].w.rows;
+        const int nt = emoe_pool_threads(pool);
+        int64_t chunk = (total + (int64_t)nt * TASKS_PER_THREAD - 1) / ((int64_t)nt * TASKS_PER_THREAD);
+        if (chunk < MIN_CHUNK_ROWS) chunk = MIN_CHUNK_ROWS;
+        c.chunk = (chunk + 3) & ~(int64_t)3;
+        c.task_start[0] = 0;
+        for (int j = 0; j < nj; j++)
+            c.task_start[j + 1] = c.task_start[j] + (int)((jobs[j].w.rows + c.chunk - 1) / c.chunk);
+        if (c.task_start[nj] > 0) pool_run(pool, mwq_task, &c, c.task_start[nj]);
+        jobs += nj;
+        n -= nj;
+    }
+}
+
+void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_jobs, const float *x, int64_t cols,
+             int n_tok, block_q8_act *qbuf, uint8_t *xpbuf, int f32_act) {
+    if (n_tok <= 0 || n_jobs <= 0) return;
+    const mwq_kernels *mk = mwq_kernels_get(k->isa);
+    if (!mk) mk = &mwq_kernels_scalar;
+    mwq_act act = {.n_tok = n_tok, .x = x, .x_stride = (size_t)cols};
+    if (f32_act) {
+        dispatch(pool, mk, jobs, n_jobs, &act, 1);
+        return;
+    }
+    const size_t nb = (size_t)((cols + QK - 1) / QK);
+    for (int t = 0; t < n_tok; t++) quantize_row(k, x + (size_t)t * (size_t)cols, cols, qbuf + (size_t)t * nb);
+    act.xq = qbuf;
+    act.xq_stride = nb;
+    uint8_t *xp = xpbuf ? (uint8_t *)(((uintptr_t)xpbuf + 31) & ~(uintptr_t)31) : NULL;
+    /* one dispatch per base_bits (the xp layout depends on it); consecutive jobs with the same b1 share it */
+    for (int j0 = 0; j0 < n_jobs;) {
+        const int b1 = jobs[j0].w.base_bits;
+        int j1 = j0 + 1;
+        while (j1 < n_jobs && jobs[j1].w.base_bits == b1) j1++;
+        int need_xp = 0;
+        for (int j = j0; j < j1; j++) need_xp |= mk->uses_xp && mwq_simd_ok(b1, jobs[j].w.group);
+        act.xp = NULL;
+        act.xp_stride = 0;
+        if (need_xp && xp) {
+            act.xp_stride = mwq_xp_bytes(b1, cols);
+            for (int t = 0; t < n_tok; t++) prep_xp(b1, cols, qbuf + (size_t)t * nb, xp + (size_t)t * act.xp_stride);
+            act.xp = xp;
+        }
+        dispatch(pool, act.xp || !need_xp ? mk : &mwq_kernels_scalar, jobs + j0, j1 - j0, &act, 0);
+        j0 = j1;
+    }
+}
+
+/* ---- public entry point ---- */
+
+int emoe_matmul_mwq(emoe_pool *pool, int isa, const void *planes_base, const int64_t *plane_offsets, int k,
+                    int base_bits, int group, int64_t rows, int64_t cols, const float *x, int64_t n_tok, float *y) {
+    const int f32_act = (base_bits & EMOE_MATMUL_F32_ACT) != 0;
+    base_bits &= ~EMOE_MATMUL_F32_ACT;
+    const emoe_kernels *kt = emoe_kernels_get(isa);
+    if (!kt) return EMOE_ERR_ISA;
+    if (!x || !y || n_tok < 0 || n_tok > INT32_MAX) return EMOE_ERR_ARG;
+    mwq_job job = {.y = y, .ldy = (size_t)rows};
+    int st = mwq_matrix_init(&job.w, planes_base, plane_offsets, k, base_bits, group, rows, cols);
+    if (st) return st;
+    if (n_tok == 0 || rows == 0) return EMOE_OK;
+    block_q8_act *q = NULL;
+    uint8_t *xp = NULL;
+    if (!f32_act) {
+        q = malloc((size_t)n_tok * (size_t)((cols + QK - 1) / QK) * sizeof(block_q8_act));
+        xp = malloc(mwq_xpbuf_bytes(cols, (int)n_tok));
+        if (!q || !xp) {
+            free(q);
+            free(xp);
+            return EMOE_ERR_NOMEM;
+        }
+    }
+    mwq_run(pool, kt, &job, 1, x, cols, (int)n_tok, q, xp, f32_act);
+    free(q);
+    free(xp);
+    return EMOE_OK;
+}
