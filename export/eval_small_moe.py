@@ -241,6 +241,11 @@ def render_report(ev: dict, model_dir: Path) -> str:
              f"machine shared with other jobs); whole script {tl['total_seconds'] / 60:.1f} min")
     L.append(f"- final training LM loss (mean of the last 50 steps) {tl['final_train_lm_loss_last50']:.3f} nats, "
              f"load-balancing aux loss {tl['final_aux_loss_last50']:.3f} ({cfg['num_experts_per_tok']}.0 = balanced)")
+    if a.get("balance") == "per-layer":
+        L.append("- load balancing: Switch loss computed per layer and averaged. transformers' built-in `aux_loss` "
+                 "pools expert usage over layers; a first run trained with it (654 steps, otherwise identical) "
+                 "reached held-out ppl 75.2 overall but left 1-3 experts per layer below 1.2 % of assignments "
+                 "(layer 3: three experts below 0.5 %)")
     if tl.get("stop_reason") == "time budget":
         L.append(f"- training was ended by the {a['time_budget_min']} min wall-time budget before the "
                  f"{a['steps']}-step "

@@ -698,6 +698,9 @@ def write_readme(out: str | os.PathLike) -> None:
              "documents separated by `<|endoftext|>`; attribution in `heldout/NOTICE.md` |")
     L.append("| `train_token_counts.json` | per-domain token counts of the training split (unigram baseline) |")
     L.append("| `train_log.json` | arguments, versions, corpus sizes, per-step losses |")
+    if (out / "calib.txt").exists():
+        L.append("| `calib.txt` | calibration text for quantization/merging, sampled from the *training* split of the "
+                 "two redistributable domains (written by `export/make_calib_text.py`, not by this script) |")
     if ev:
         L.append("| `eval_results.json` | held-out perplexity and routing statistics (`export/eval_small_moe.py`) |")
     L.append("")
