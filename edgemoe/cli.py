@@ -29,6 +29,18 @@ def cmd_export(args) -> int:
                           show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
                           nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens)
     print(f"wrote {out} ({format_bytes(out.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
+    if args.gguf:  # from the container, so merged / quantized experts reach llama.cpp as edgemoe computes them
+        from edgemoe_export.gguf_export import export_gguf_from_container
+
+        t1 = time.perf_counter()
+        g = export_gguf_from_container(out, args.gguf, args.gguf_type, show_progress=not args.quiet)
+        print(f"wrote {g} ({format_bytes(Path(g).stat().st_size)}, {args.gguf_type}) in {time.perf_counter() - t1:.1f} s")
+    if args.onnx:
+        from edgemoe_export.onnx_export import export_onnx
+
+        t1 = time.perf_counter()
+        o = export_onnx(out, args.onnx, weights=args.onnx_weights, show_progress=not args.quiet)
+        print(f"wrote {o} ({args.onnx_weights}) in {time.perf_counter() - t1:.1f} s")
     return 0
 
 
@@ -148,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="convert a Hugging Face MoE checkpoint into an .emoe container",
                        description="Read a Hugging Face MoE checkpoint directory (config.json, *.safetensors, "
                                    "tokenizer.json) layer by layer and write an .emoe container atomically.")
-    e.add_argument("src", help="Hugging Face model directory")
+    e.add_argument("src", help="Hugging Face model directory, or a llama.cpp .gguf file")
     e.add_argument("-o", "--output", required=True, help="output .emoe file")
     e.add_argument("--bits", type=int, default=16, metavar="{32,16,8..2}",
                    help="expert storage: 32 (exact fp32), 16 (fp16), or 8..2 = MWQ nested bit planes with this many "
@@ -172,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "calib.txt in the model directory")
     e.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
                    help="MWQ: calibration tokens to stream through the model (default 16384)")
+    e.add_argument("--gguf", metavar="OUT.gguf", default=None,
+                   help="also write a GGUF that llama.cpp runs (from the container's weights; a merged model's "
+                        "groups are copied into every member's slot, since llama.cpp has no expert map, so the file "
+                        "is as large as the unmerged model; pruned experts cannot be written)")
+    e.add_argument("--gguf-type", default="F16", choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"),
+                   help="GGUF tensor type (default F16; Q4_K_M needs llama-cpp-python)")
+    e.add_argument("--onnx", metavar="OUT_DIR", default=None,
+                   help="also write an ONNX decoder with a KV cache (runs in onnxruntime; experts via com.microsoft.MoE)")
+    e.add_argument("--onnx-weights", default="fp32", choices=("fp32", "int8", "int4"),
+                   help="ONNX weights: fp32, or dense MatMuls compressed by NNCF with QMoE experts (default fp32)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_export)
 
@@ -203,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     runtime_opts(q)
     q.set_defaults(func=cmd_ppl)
+
+    from .cli_tools import add_tool_parsers
+
+    add_tool_parsers(sub, runtime_opts)
 
     d = sub.add_parser("demo", help="export the shipped small model, run it under a memory budget, print statistics")
     d.add_argument("--budget", default="64MB", help="memory budget (default 64MB)")

@@ -25,7 +25,7 @@ from edgemoe.container import ContainerWriter
 from edgemoe.errors import EdgeMoEError
 from edgemoe.quant import Q8_0_BLOCK, quantize_q8_0
 
-from .checkpoint import open_checkpoint
+from .sources import open_source as open_checkpoint  # HF directory or .gguf
 from .mwq import NESTINGS, check_bits, choose_group_size, quantize_matrix
 from .progress import progress
 
@@ -85,7 +85,7 @@ def _plan(ckpt, src: Path, bits, dense_bits, base_bits, group_size, nesting, cal
     plan = Plan(bits, dense_bits or 8, base_bits, g, nesting, None, calib_tokens)
     if nesting == "msb":
         return plan  # MSB slicing is min/max per group: no calibration
-    calib_path = Path(calib) if calib else src / CALIB_FILE
+    calib_path = Path(calib) if calib else (src if src.is_dir() else src.parent) / CALIB_FILE
     if not calib_path.exists():
         where = f"{calib}: no such file" if calib else f"{src} has no {CALIB_FILE}"
         raise EdgeMoEError(f"--bits {bits} fits the expert planes to calibration text ({where}): pass --calib FILE, "

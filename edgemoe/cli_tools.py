@@ -1,0 +1,174 @@
+"""The `edgemoe` subcommands for measuring and deciding: bench, analyze, chat."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeMoEError
+from .units import format_bytes
+
+
+def cmd_bench(args) -> int:
+    from .bench import EdgeMoERunner, LlamaCppRunner, format_table, run_bench
+    from .model import load
+
+    with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
+              max_ctx=args.p + args.n + 8) as m:
+        runners = [EdgeMoERunner(m)]
+        if args.vs_llama_cpp:
+            if not Path(args.vs_llama_cpp).exists():
+                raise EdgeMoEError(f"{args.vs_llama_cpp}: no such GGUF file")
+            runners.append(LlamaCppRunner(args.vs_llama_cpp, args.threads or 1, args.p + args.n + 8))
+        say = None if args.json else (lambda s: print(s, file=sys.stderr))
+        results = run_bench(runners, m.spec.vocab, n_prompt=args.p, n_gen=args.n, reps=args.r,
+                            threads=args.threads or 1, progress=say)
+        stats = m.stats
+    name = Path(args.model).name
+    if args.json:
+        print(json.dumps({"model_filename": name, "engine_c": stats["engine"], "prompt": "random token ids, seed 0",
+                          "peak_rss_bytes": stats["peak_rss_bytes"], "results": [r.to_json() for r in results]},
+                         indent=2))
+    else:
+        print(format_table(results, name))
+        print(f"(prompt: random token ids, seed 0; edgemoe engine {stats['engine']}; "
+              f"peak RSS {format_bytes(stats['peak_rss_bytes'])})")
+    return 0
+
+
+def collect_routes(model, ids: list[int], ctx: int) -> list[np.ndarray]:
+    """Experts chosen per token and layer over a text, with the NumPy engine's routing hook."""
+    from .engine_numpy import NumpyEngine
+
+    c = model.container
+    engine = NumpyEngine(model.spec, {n: c.array(n) for n, t in c.tensors.items() if t.kind != "blob"},
+                         {n: t.dtype for n, t in c.tensors.items()}, {n: t.shape for n, t in c.tensors.items()})
+    routes: dict[int, list[np.ndarray]] = {}
+    for start in range(0, len(ids), ctx):
+        window = ids[start : start + ctx]
+        engine.logits(window, on_route=lambda layer, e, w: routes.setdefault(layer, []).append(e))
+    return [np.concatenate(routes[layer]) for layer in sorted(routes)]
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import entropy_bits, lru_hit_rate, recommend_capacity, segment_cache_hit_rate, \
+        segment_routing_best_f1, usage
+    from .model import load
+    from .png import heatmap, write_png
+
+    text_path = Path(args.text)
+    if not text_path.exists():
+        raise EdgeMoEError(f"{text_path}: no such file")
+    with load(args.model, engine="numpy") as m:
+        if m.tokenizer is None:
+            raise EdgeMoEError(f"{args.model}: no tokenizer embedded; analyze needs one")
+        ids = m.tokenizer.encode(text_path.read_text(encoding="utf-8", errors="replace"))[: args.max_tokens]
+        routes = collect_routes(m, ids, args.ctx)
+        s = m.spec
+        expert_bytes = m.expert_bytes / max(1, sum(s.stored_experts(layer) for layer in range(s.n_layers)
+                                                  if s.is_moe_layer(layer)))
+        dense_bytes = m.dense_bytes
+    u = usage(routes, s.n_experts)
+    out_png = Path(args.heatmap or Path(args.model).with_suffix(".routing.png"))
+    write_png(out_png, heatmap(u))
+    k, m_seg = s.top_k, args.segment
+    layers = []
+    for layer, r in enumerate(routes):
+        f1, size = segment_routing_best_f1(r, s.n_experts, m_seg)
+        layers.append({
+            "layer": layer, "usage": [round(float(x), 4) for x in u[layer]],
+            "entropy_bits": round(float(entropy_bits(u[layer])), 3),
+            "lru_hit_rate": {c: round(lru_hit_rate(r, c), 3) for c in sorted({k, 2 * k, 3 * k, s.n_experts})
+                             if c <= s.n_experts},
+            "sch_rho2": round(segment_cache_hit_rate(r, min(2 * k, s.n_experts), m_seg), 3),
+            "srp_f1": round(f1, 3), "srp_size_ratio": round(size, 2),
+        })
+    cap, rate = recommend_capacity(routes, s.n_experts, target=args.target)
+    n_moe = sum(1 for layer in range(s.n_layers) if s.is_moe_layer(layer))
+    budget = dense_bytes + cap * n_moe * expert_bytes
+    report = {"model": str(args.model), "tokens": len(ids), "segment": m_seg, "layers": layers, "heatmap": str(out_png),
+              "recommendation": {"lru_experts_per_layer": cap, "expected_hit_rate": round(rate, 3),
+                                 "memory_budget_bytes": int(budget), "target_hit_rate": args.target}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{len(ids)} tokens of {text_path.name}; heatmap -> {out_png}")
+    print("| layer | entropy (bits) | LRU hit rate by experts cached | SCH (rho=2) | SRP F1 (size) |")
+    print("|---|---|---|---|---|")
+    for d in layers:
+        lru = ", ".join(f"{c}: {v:.2f}" for c, v in d["lru_hit_rate"].items())
+        print(f"| {d['layer']} | {d['entropy_bits']:.2f} | {lru} | {d['sch_rho2']:.2f} | "
+              f"{d['srp_f1']:.2f} ({d['srp_size_ratio']:.1f}x k) |")
+    print(f"recommendation: cache {cap} experts per layer (expected LRU hit rate {rate:.0%} >= {args.target:.0%}): "
+          f"memory budget ~ {format_bytes(budget)} (dense {format_bytes(dense_bytes)} + experts; add KV cache)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .model import load
+
+    with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine) as m:
+        if m.tokenizer is None:
+            raise EdgeMoEError(f"{args.model}: no tokenizer embedded; chat needs one")
+        history = ""
+        print("edgemoe chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history += f"{line}\n"
+            ids = m.tokenizer.encode(history)
+            if len(ids) + args.n >= m.max_ctx:  # keep the most recent context that fits
+                history = m.tokenizer.decode(ids[-(m.max_ctx - args.n - 1):])
+            reply = []
+            for piece in m.generate(history, max_new_tokens=args.n, temperature=args.temperature, stream=True):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            history += "".join(reply) + "\n"
+    return 0
+
+
+def add_tool_parsers(sub, runtime_opts) -> None:
+    b = sub.add_parser("bench", help="llama-bench-shaped prompt (pp) and generation (tg) speed",
+                       description="Measure prompt processing (ppN) and generation (tgN) tokens/s, 5 repetitions "
+                                   "after a warm-up; with --vs-llama-cpp, run llama.cpp on a GGUF of the same model "
+                                   "interleaved in the same process and print the ratio. "
+                                   "Example: edgemoe bench m.emoe -p 512 -n 128 --threads 2 --vs-llama-cpp m.gguf")
+    b.add_argument("model", help=".emoe file")
+    b.add_argument("-p", type=int, default=512, help="prompt tokens (pp test; 0 = skip; default 512)")
+    b.add_argument("-n", type=int, default=128, help="generated tokens (tg test; 0 = skip; default 128)")
+    b.add_argument("-r", type=int, default=5, help="repetitions (default 5)")
+    b.add_argument("--vs-llama-cpp", metavar="GGUF", default=None, help="also run llama.cpp on this GGUF")
+    b.add_argument("--json", action="store_true", help="JSON with llama-bench field names")
+    runtime_opts(b)
+    b.set_defaults(func=cmd_bench)
+
+    a = sub.add_parser("analyze", help="routing statistics to decide how to deploy (cache size, budget)",
+                       description="Route a text through the model and report per-layer expert usage (a heatmap "
+                                   "PNG), the hit rate an LRU expert cache would reach, the local routing consistency "
+                                   "metrics SCH and SRP (arXiv 2505.16056), and the smallest cache / memory budget "
+                                   "whose expected hit rate passes the target. "
+                                   "Example: edgemoe analyze m.emoe --text held_out.txt")
+    a.add_argument("model", help=".emoe file")
+    a.add_argument("--text", required=True, help="UTF-8 text (real text: random ids make routing uniform)")
+    a.add_argument("--max-tokens", type=int, default=4096, help="tokens to analyze (default 4096)")
+    a.add_argument("--ctx", type=int, default=256, help="window length (default 256)")
+    a.add_argument("--segment", type=int, default=16, help="segment length m for SCH/SRP (default 16)")
+    a.add_argument("--target", type=float, default=0.8, help="target hit rate (default 0.8)")
+    a.add_argument("--heatmap", default=None, help="PNG path (default: MODEL.routing.png)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_analyze)
+
+    c = sub.add_parser("chat", help="interactive chat loop with history")
+    c.add_argument("model", help=".emoe file")
+    c.add_argument("-n", type=int, default=64, help="max tokens per reply")
+    c.add_argument("--temperature", type=float, default=0.0)
+    runtime_opts(c)
+    c.set_defaults(func=cmd_chat)
