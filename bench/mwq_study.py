@@ -61,6 +61,36 @@ def evaluate(model, wins, ref_lp=None) -> dict:
     return out
 
 
+def make_calib_text(path: Path, per_domain_chars: int = 60_000, doc_chars: int = 4000) -> Path:
+    """A calibration text from the small model's TRAINING split (never its held-out documents), for when the model
+    directory ships no calib.txt: the corpus is rebuilt with the trainer's own deterministic loader and split
+    (export/train_small_moe.py, default arguments), then seeded samples of each domain's training documents are
+    interleaved document by document so the first tokens already cover all domains."""
+    import random
+
+    sys.path.insert(0, str(REPO))
+    from export.train_small_moe import DOMAINS, build_corpus, build_parser
+
+    corpus = build_corpus(build_parser().parse_args(["--out", str(path.parent)]))
+    per = {}
+    for i, d in enumerate(DOMAINS):
+        docs = list(corpus[d]["train"])
+        random.Random(7 + i).shuffle(docs)
+        chunks, size = [], 0
+        for _, t in docs:
+            if size > per_domain_chars:
+                break
+            chunks.append(t.strip()[:doc_chars])
+            size += len(chunks[-1])
+        per[d] = chunks
+    out = [per[d][j] for j in range(max(map(len, per.values()))) for d in DOMAINS if j < len(per[d])]
+    text = "\n\n".join(out)
+    for d in DOMAINS:  # by construction, but check: no held-out document's opening in the calibration text
+        assert not any(t.strip()[:200] in text for _, t in corpus[d]["test"])
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def expert_bits_per_weight(container, k: int | None = None) -> float:
     """Bits per expert weight on disk, scales included (MWQ: the first k planes, padding excluded)."""
     bits, weights = 0, 0
@@ -100,10 +130,17 @@ def main(argv=None) -> int:
         print(f"no held-out text found ({args.heldout or model_dir / 'heldout/*.txt'})", file=sys.stderr)
         return 1
     text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
-    calib = args.calib or str(model_dir / "calib.txt")
     tmp = tempfile.TemporaryDirectory()
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
+    calib = Path(args.calib) if args.calib else model_dir / "calib.txt"
+    calib_note = f"`{calib.name}` shipped with the model"
+    if not calib.exists():
+        calib = make_calib_text(work / "calib_from_train_split.txt")
+        calib_note = (f"`{calib.name}`: {calib.stat().st_size // 1000} KB sampled from the training split by "
+                      f"`make_calib_text` in this script (the model ships no calib.txt)")
+    elif args.calib:
+        calib_note = f"`{calib.name}`"
     common = {"dense_bits": args.dense_bits, "show_progress": False}
     timings = {}
 
@@ -167,9 +204,8 @@ def main(argv=None) -> int:
         f"Model `{model_dir.name}`: {c8.spec.n_layers} layers, {c8.spec.n_experts} experts (top-{c8.spec.top_k}), "
         f"hidden {c8.spec.hidden}, expert ffn {c8.spec.expert_ffn}. Held-out text: {len(files)} file(s), "
         f"{ref['tokens']} tokens in windows of {args.ctx}. Dense weights {dense} in every row. Group size {g}, "
-        f"MWQ base plane {base} bits, calibration {c8.metadata.get('calib_tokens')} tokens of "
-        f"`{c8.metadata.get('calib_source')}` ({weight_only} of {n_experts} experts fell back to the weight-only "
-        f"fit). NumPy engine."
+        f"MWQ base plane {base} bits, calibration {c8.metadata.get('calib_tokens')} tokens of {calib_note} "
+        f"({weight_only} of {n_experts} experts fell back to the weight-only fit). NumPy engine."
     )
     lines = [
         header,

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import EdgeMoEError
 from .units import format_bytes
 
-PROMPTS = ("ROMEO. ", "The dictionary ", "def ")
+PROMPTS = ("KING. My lord, I", "The :func:`len` function returns the", "HAMLET. To be, or not to be,")
 
 
 def shipped_model_dir() -> Path:
@@ -34,8 +34,8 @@ def run_demo(budget: str | None = "64MB", threads: int | None = None, n: int = 4
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(workdir or tmp) / "small-moe.emoe"
         t0 = time.perf_counter()
-        export(src, out, bits=16, show_progress=False)
-        print(f"exported {src.name} -> {out} ({format_bytes(out.stat().st_size)}, fp16) "
+        export(src, out, bits=4, calib_tokens=4096, show_progress=False)  # MWQ: 2-bit base plane + 2 residual planes, Q8_0 dense
+        print(f"exported {src.name} -> {out} ({format_bytes(out.stat().st_size)}, MWQ 4-bit experts, Q8_0 dense) "
               f"in {time.perf_counter() - t0:.1f} s")
         with load(out, memory_budget=budget, threads=threads) as m:
             s = m.spec

@@ -43,7 +43,7 @@ def gram_blocks(x: np.ndarray, group: int) -> np.ndarray:
     """[n, d] -> [d/group, group, group] diagonal blocks of x^T x (float64 accumulation)."""
     n, d = x.shape
     xb = x.reshape(n, d // group, group).astype(np.float64)
-    return np.einsum("ngi,ngj->gij", xb, xb)
+    return np.matmul(xb.transpose(1, 2, 0), xb.transpose(1, 0, 2))  # batched BLAS; einsum here was 10x slower
 
 
 def load_calibration_ids(tokenizer_json: bytes | None, path: str | Path | None, n_tokens: int, seq_len: int,
