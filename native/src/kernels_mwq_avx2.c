@@ -75,94 +75,101 @@ AVX2_INLINE void load_scales(const mwq_matrix *w, int64_t o, int64_t g0, int n, 
     }
 }
 
-/* Constants, read from memory (as instruction operands) instead of being rebuilt in registers inside the loops. */
-static const uint8_t K_ONES8[32] __attribute__((aligned(32))) = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                                 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-static const int16_t K_ONES16[16] __attribute__((aligned(32))) = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-/* sign bit masks: byte i of vector s selects bit P*(i % b1) + s (b1 = 8/P) */
+/* Constants, read from memory as instruction operands. The table's address goes through an empty asm so the compiler
+ * cannot see the values: otherwise GCC rebuilds each one inside the loop (mov + vmovd + vpbroadcast, 2 ALU ops). */
 #define M4(s) 1 << (s), 16 << (s)
 #define M4ROW(s) M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s), M4(s)
-static const uint8_t K_BITS4[4][32] __attribute__((aligned(32))) = {{M4ROW(0)}, {M4ROW(1)}, {M4ROW(2)}, {M4ROW(3)}};
 #define M2(s) 1 << (s), 4 << (s), 16 << (s), 64 << (s)
 #define M2ROW(s) M2(s), M2(s), M2(s), M2(s), M2(s), M2(s), M2(s), M2(s)
-static const uint8_t K_BITS2[2][32] __attribute__((aligned(32))) = {{M2ROW(0)}, {M2ROW(1)}};
 #define M1ROW 1, 2, 4, 8, 16, 32, 64, 128
-static const uint8_t K_BITS1[32] __attribute__((aligned(32))) = {M1ROW, M1ROW, M1ROW, M1ROW};
-static const uint8_t K_REP4[32] __attribute__((aligned(32))) = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7,
-                                                                8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15};
-static const uint8_t K_REP2[32] __attribute__((aligned(32))) = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
-                                                                4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7};
-static const uint8_t K_REP1[32] __attribute__((aligned(32))) = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-#define LD(p) _mm256_load_si256((const __m256i *)(const void *)(p))
-
-/* The per-lane scale vector: one group for the whole chunk (broadcast), or lane L -> group idx[L]. */
-AVX2_INLINE __m256 svec(int single, const float *p, __m256i idx) {
-    return single ? _mm256_broadcast_ss(p) : _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
+#define B32(v) v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v
+typedef struct {
+    uint8_t ones8[32], ones16[32], m3[32], m15[32], x80[32];
+    uint8_t bits4[4][32], bits2[2][32], bits1[32]; /* sign bit masks: byte i of vector s: bit P*(i % b1) + s */
+    uint8_t rep4[32], rep2[32], rep1[32];          /* pshufb: byte i <- sign byte i / b1 */
+} kconst;
+static const kconst KC __attribute__((aligned(32))) = {
+    .ones8 = {B32(1)},
+    .ones16 = {1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0},
+    .m3 = {B32(3)},
+    .m15 = {B32(15)},
+    .x80 = {B32(0x80)},
+    .bits4 = {{M4ROW(0)}, {M4ROW(1)}, {M4ROW(2)}, {M4ROW(3)}},
+    .bits2 = {{M2ROW(0)}, {M2ROW(1)}},
+    .bits1 = {M1ROW, M1ROW, M1ROW, M1ROW},
+    .rep4 = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15},
+    .rep2 = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    .rep1 = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+};
+static inline const kconst *kconst_opaque(void) {
+    const kconst *k = &KC;
+    __asm__("" : "+r"(k));
+    return k;
 }
+#define LD(p) _mm256_load_si256((const __m256i *)(const void *)(p))
 
 /* 32 code bytes -> P vectors of byte codes (vector s, byte i = code of input P*i + s). b1 = 8: sub[0] = q - 128 as
  * int8, sub[1] = |q - 128| (the maddubs operands of the abs/sign trick). */
-AVX2_INLINE void expand_codes(int P, const uint8_t *codes, __m256i sub[4]) {
+AVX2_INLINE void expand_codes(int P, const kconst *kc, const uint8_t *codes, __m256i sub[4]) {
     const __m256i v = _mm256_loadu_si256((const __m256i *)codes);
     if (P == 4) {
-        const __m256i m = _mm256_set1_epi8(3);
+        const __m256i m = LD(kc->m3);
         sub[0] = _mm256_and_si256(v, m);
         sub[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m);
         sub[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
         sub[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m);
     } else if (P == 2) {
-        const __m256i m = _mm256_set1_epi8(15);
+        const __m256i m = LD(kc->m15);
         sub[0] = _mm256_and_si256(v, m);
         sub[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
     } else {
-        sub[0] = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+        sub[0] = _mm256_xor_si256(v, LD(kc->x80));
         sub[1] = _mm256_abs_epi8(sub[0]);
     }
 }
 
 /* 4P sign bytes -> P vectors of 0/1 bytes in the same order: byte i of vector s = bit P*(i % b1) + s of sign byte
  * i / b1 (b1 = 8/P). One pshufb replicates the bytes, and + min per vector extracts the bits. */
-AVX2_INLINE void expand_signs(int P, const uint8_t *sp, __m256i sub[4]) {
+AVX2_INLINE void expand_signs(int P, const kconst *kc, const uint8_t *sp, __m256i sub[4]) {
     __m256i r;
     if (P == 4) {
-        r = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)sp)), LD(K_REP4));
+        r = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)sp)), LD(kc->rep4));
     } else if (P == 2) {
         uint64_t u;
         memcpy(&u, sp, 8);
-        r = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), LD(K_REP2));
+        r = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)u), LD(kc->rep2));
     } else {
         uint32_t u;
         memcpy(&u, sp, 4);
-        r = _mm256_shuffle_epi8(_mm256_set1_epi32((int)u), LD(K_REP1));
+        r = _mm256_shuffle_epi8(_mm256_set1_epi32((int)u), LD(kc->rep1));
     }
     for (int s = 0; s < P; s++) {
-        const __m256i m = P == 4 ? LD(K_BITS4[s]) : P == 2 ? LD(K_BITS2[s]) : LD(K_BITS1);
-        sub[s] = _mm256_min_epu8(_mm256_and_si256(r, m), LD(K_ONES8));
+        const __m256i m = P == 4 ? LD(kc->bits4[s]) : P == 2 ? LD(kc->bits2[s]) : LD(kc->bits1);
+        sub[s] = _mm256_min_epu8(_mm256_and_si256(r, m), LD(kc->ones8));
     }
 }
 
 /* sum_s maddubs(sub[s] (unsigned), x_s (signed)) in int16, widened to 8 int32 lanes */
-AVX2_INLINE __m256i dot_u(int P, const __m256i sub[4], const int8_t *xt) {
+AVX2_INLINE __m256i dot_u(int P, const kconst *kc, const __m256i sub[4], const int8_t *xt) {
     __m256i s = _mm256_maddubs_epi16(sub[0], _mm256_load_si256((const __m256i *)xt));
     for (int j = 1; j < P; j++)
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(sub[j], _mm256_load_si256((const __m256i *)(xt + 32 * j))));
-    return _mm256_madd_epi16(s, LD(K_ONES16));
+    return _mm256_madd_epi16(s, LD(kc->ones16));
 }
 
-/* One chunk of one row for TT tokens (xc: the chunk of the first token in xp, xs: bytes between tokens). The planes
- * are streamed with a software prefetch PF_CHUNKS chunks ahead (each plane is its own sequential stream; measured
- * +60% GB/s over relying on the hardware prefetcher alone). */
-#define PF_CHUNKS 16
+/* The per-lane scale vector: one group for the whole chunk (broadcast), or lane L -> group idx[L]. */
+AVX2_INLINE __m256 svec(int single, const float *p, __m256i idx) {
+    return single ? _mm256_broadcast_ss(p) : _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
+}
+
+/* One chunk of one row for TT tokens (xc: the chunk of the first token in xp, xs: bytes between tokens). */
 AVX2_INLINE void chunk_q8(const int P, const int TT, const int single, int nr, const uint8_t *codes,
                           const uint8_t *const *signs, size_t soff, const uint8_t *xc, size_t xs, const float *ts1,
                           const float *tc, const float *tr, __m256i idx, __m256 *acc) {
+    const kconst *kc = kconst_opaque();
     __m256i sub[4];
     __m256 t[4];
-    if (((uintptr_t)codes & 63) == 0) _mm_prefetch((const char *)codes + 32 * PF_CHUNKS, _MM_HINT_T0);
-    if ((soff & 63) == 0)
-        for (int p = 0; p < nr; p++) _mm_prefetch((const char *)signs[p] + soff + 4 * P * PF_CHUNKS, _MM_HINT_T0);
-    expand_codes(P, codes, sub);
+    expand_codes(P, kc, codes, sub);
     const __m256 S1 = svec(single, ts1, idx);
 #pragma GCC unroll 4
     for (int u = 0; u < TT; u++) {
@@ -171,18 +178,18 @@ AVX2_INLINE void chunk_q8(const int P, const int TT, const int single, int nr, c
         if (P == 1)
             iq = _mm256_madd_epi16(
                 _mm256_maddubs_epi16(sub[1], _mm256_sign_epi8(_mm256_load_si256((const __m256i *)xt), sub[0])),
-                LD(K_ONES16));
+                LD(kc->ones16));
         else
-            iq = dot_u(P, sub, xt);
+            iq = dot_u(P, kc, sub, xt);
         t[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(iq), S1);
     }
     for (int p = 0; p < nr; p++) {
-        expand_signs(P, signs[p] + soff, sub);
+        expand_signs(P, kc, signs[p] + soff, sub);
         const __m256 S = svec(single, tr + (size_t)p * TABW, idx);
 #pragma GCC unroll 4
         for (int u = 0; u < TT; u++) {
             const int8_t *xt = (const int8_t *)(xc + (size_t)u * xs);
-            t[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u(P, sub, xt)), S, t[u]);
+            t[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u(P, kc, sub, xt)), S, t[u]);
         }
     }
     const __m256 Cv = svec(single, tc, idx);
@@ -192,6 +199,15 @@ AVX2_INLINE void chunk_q8(const int P, const int TT, const int single, int nr, c
         t[u] = _mm256_fmadd_ps(Cv, _mm256_load_ps(xf + 8), t[u]);
         acc[u] = _mm256_fmadd_ps(t[u], _mm256_load_ps(xf), acc[u]);
     }
+}
+
+/* The planes are streamed with a software prefetch, each plane being its own sequential stream: issued every 16/P
+ * chunks (64 bytes of each sign plane, 512/P bytes of codes), PF_CHUNKS chunks ahead. (Measured: a plane-by-plane
+ * loop order with a next-row prefetch streams ~25% slower than this chunk-by-chunk order.) */
+#define PF_CHUNKS 16
+AVX2_INLINE void prefetch_planes(int P, int nr, const uint8_t *codes, const uint8_t *const *signs, size_t soff) {
+    for (int j = 0; j < 512 / P; j += 64) _mm_prefetch((const char *)codes + 32 * PF_CHUNKS + j, _MM_HINT_T0);
+    for (int p = 0; p < nr; p++) _mm_prefetch((const char *)signs[p] + soff + 4 * P * PF_CHUNKS, _MM_HINT_T0);
 }
 
 /* Row o, tokens t0 .. t0+TT-1. single: g % 32P == 0 (a chunk lies in one group), else 32P % g == 0. */
@@ -208,18 +224,19 @@ AVX2_INLINE void row_q8(const int P, const int TT, const int single, const mwq_m
                                                    (int)(28 * P / g));
     const size_t cb = (size_t)MWQ_XP_CHUNK_BYTES(8 / P);
     const int64_t rw = o * cols;
-    const uint8_t *xc0 = a->xp + (size_t)t0 * a->xp_stride;
     seg_tab tab;
     __m256 acc[4];
 #pragma GCC unroll 4
     for (int u = 0; u < TT; u++) acc[u] = _mm256_setzero_ps();
-    const uint8_t *cp = w->codes + (size_t)(rw / P), *xc = xc0;
+    const uint8_t *cp = w->codes + (size_t)(rw / P), *xc = a->xp + (size_t)t0 * a->xp_stride;
     size_t soff = (size_t)(rw / 8);
+    int64_t ci = 0; /* chunk index in the row */
     for (int64_t s0 = 0; s0 < cols_full; s0 += seg_w) {
         const int64_t s1e = s0 + seg_w < cols_full ? s0 + seg_w : cols_full;
         load_scales(w, o, s0 / g, (int)((s1e - s0) / g), &tab);
         int64_t gl = 0, cig = 0;
-        for (int64_t c0 = s0; c0 < s1e; c0 += C, cp += 32, soff += (size_t)(4 * P), xc += cb) {
+        for (int64_t c0 = s0; c0 < s1e; c0 += C, cp += 32, soff += (size_t)(4 * P), xc += cb, ci++) {
+            if (ci % (16 / P) == 0) prefetch_planes(P, nr, cp, w->signs, soff);
             chunk_q8(P, TT, single, nr, cp, w->signs, soff, xc, a->xp_stride, tab.s1 + gl, tab.c + gl, tab.r[0] + gl,
                      idx, acc);
             if (!single) gl += gpc;

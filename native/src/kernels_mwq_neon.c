@@ -146,6 +146,13 @@ static inline __attribute__((always_inline)) DOTPROD_TARGET int32x4_t dot_sdot(i
     return s;
 }
 
+/* Software prefetch of the plane streams, as in kernels_mwq_avx2.c: every 16/P chunks, PF_CHUNKS chunks ahead. */
+#define PF_CHUNKS 16
+NEON_INLINE void prefetch_planes(int P, int nr, const uint8_t *codes, const uint8_t *const *signs, size_t soff) {
+    for (int j = 0; j < 512 / P; j += 64) __builtin_prefetch(codes + 32 * PF_CHUNKS + j);
+    for (int p = 0; p < nr; p++) __builtin_prefetch(signs[p] + soff + 4 * P * PF_CHUNKS);
+}
+
 /* The row code, instantiated without (nodot) and with SDOT (sdot). */
 #define DEFINE_MWQ_Q8(SFX, ATTR, DOT)                                                                                 \
     static inline __attribute__((always_inline)) ATTR void chunk_q8_##SFX(                                           \
@@ -206,9 +213,11 @@ static inline __attribute__((always_inline)) DOTPROD_TARGET int32x4_t dot_sdot(i
             load_scales(w, o, s0 / g, (int)((s1e - s0) / g), &tab);                                                   \
             int64_t gl = 0, cig = 0;                                                                                  \
             for (int64_t c0 = s0; c0 < s1e; c0 += C) {                                                                \
-                chunk_q8_##SFX(P, TT, single, nr, w->codes + (size_t)((rw + c0) / P), w->signs,                       \
-                               (size_t)((rw + c0) / 8), xc0 + (size_t)(c0 / C) * cb, a->xp_stride, tab.s1 + gl,       \
-                               tab.c + gl, tab.r[0] + gl, blo, bhi, acc);                                             \
+                const uint8_t *cp = w->codes + (size_t)((rw + c0) / P);                                               \
+                const size_t soff = (size_t)((rw + c0) / 8);                                                          \
+                if ((c0 / C) % (16 / P) == 0) prefetch_planes(P, nr, cp, w->signs, soff);                             \
+                chunk_q8_##SFX(P, TT, single, nr, cp, w->signs, soff, xc0 + (size_t)(c0 / C) * cb, a->xp_stride,      \
+                               tab.s1 + gl, tab.c + gl, tab.r[0] + gl, blo, bhi, acc);                                \
                 if (!single) gl += gpc;                                                                               \
                 else if (++cig == cpg) cig = 0, gl++;                                                                 \
             }                                                                                                         \

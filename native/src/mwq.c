@@ -86,26 +86,33 @@ static void quantize_row(const emoe_kernels *k, const float *x, int64_t cols, bl
     for (int64_t j = 0; j < rem; j++) b->qs[j] = (int8_t)(int)nearbyintf(xb[j] * id);
 }
 
-/* The SIMD layout of one token (see mwq_act in internal.h). */
+/* The SIMD layout of one token (see mwq_act in internal.h): per chunk of 32P inputs (P blocks of 32), vector s byte i
+ * = q[P*i + s], then the lanes' block scales and sums. */
+static inline void prep_chunk(const int P, const block_q8_act *q, uint8_t *out) {
+    int8_t v[128];
+    for (int j = 0; j < P; j++) memcpy(v + 32 * j, q[j].qs, 32);
+    int8_t *o = (int8_t *)out;
+    for (int s = 0; s < P; s++)
+        for (int i = 0; i < 32; i++) o[32 * s + i] = v[P * i + s];
+    float *d = (float *)(out + 32 * P), *sx = d + 8;
+    for (int L = 0; L < 8; L++) {
+        int32_t sum = 0;
+        for (int m = 4 * P * L; m < 4 * P * (L + 1); m++) sum += v[m];
+        d[L] = q[4 * P * L / 32].d;
+        sx[L] = (float)sum;
+    }
+}
+
 static void prep_xp(int base_bits, int64_t cols, const block_q8_act *q, uint8_t *xp) {
-    const int P = 8 / base_bits, C = 32 * P;
-    const int64_t nch = cols / C;
+    const int P = 8 / base_bits;
+    const int64_t nch = cols / (32 * P);
+    const size_t cb = MWQ_XP_CHUNK_BYTES(base_bits);
     for (int64_t c = 0; c < nch; c++) {
-        const int64_t base = c * C;
-        int8_t *out = (int8_t *)(xp + (size_t)c * MWQ_XP_CHUNK_BYTES(base_bits));
-        for (int s = 0; s < P; s++)
-            for (int i = 0; i < 32; i++) {
-                const int64_t idx = base + (int64_t)P * i + s;
-                out[32 * s + i] = q[idx / QK].qs[idx % QK];
-            }
-        float *d = (float *)(out + 32 * P), *sx = d + 8;
-        for (int L = 0; L < 8; L++) {
-            const int64_t i0 = base + 4 * P * L;
-            int32_t sum = 0;
-            for (int64_t i = i0; i < i0 + 4 * P; i++) sum += q[i / QK].qs[i % QK];
-            d[L] = q[i0 / QK].d;
-            sx[L] = (float)sum;
-        }
+        const block_q8_act *qc = q + c * P;
+        uint8_t *out = xp + (size_t)c * cb;
+        if (P == 4) prep_chunk(4, qc, out);
+        else if (P == 2) prep_chunk(2, qc, out);
+        else prep_chunk(1, qc, out);
     }
 }
 

@@ -1,0 +1,192 @@
+"""MWQ plane-kernel benchmark: GB/s of bit planes streamed by the C core's matvec (decode) at precision k, next to the
+dense Q8_0 (int8) kernel and the machine's measured read bandwidth, all in the same run.
+
+    EDGEMOE_NATIVE_LIB=/tmp/native_build/libedgemoe_core.so PYTHONPATH=. python bench/bench_mwq.py [--quick]
+        [--ks 2,3,4] [--base-bits 2] [--group 128] [--threads 1,2] [--json out.json] [--isa avx2]
+
+Bytes counted for MWQ are the bytes actually read at precision k: planes 1..k, scales included (P1 = s1, m1 and the
+codes; each residual plane = its scales and sign bits): b1 + 32/g + (k - 1) (1 + 16/g) bits per weight, for b1 = 2,
+g = 128: 3.375 / 4.5 / 5.625 bits per weight at k = 2 / 3 / 4. Q8_0 reads 8.5 bits per weight.
+Matrices are larger than the last-level cache (MWQ: 16384 x 8192 = 54-90 MiB of planes at k = 2..4; Q8_0: 136
+MiB), so a matvec streams its weights from DRAM. Kernels are timed round-robin (Q8_0, then each k, repeatedly) so
+the machine's load drifts affect them alike, together with the numpy read-bandwidth probe (a sum over 1 GiB; with 2
+threads each sums half); best and median of each are shown. "vs q8_0" is the plane kernel's GB/s divided by the
+Q8_0 kernel's GB/s (the goal: >= 0.8, i.e. within 80% of the dense int8 kernel's bandwidth efficiency), from the
+best times and, more robust on a shared machine, as the median over rounds of the ratio within a round (likewise
+"% of BW"); "ns/weight" compares the time per weight (what decode speed depends on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgemoe import _native as N
+
+GiB = 1 << 30
+
+
+def memory_reader(threads: int, a: np.ndarray, ex: ThreadPoolExecutor | None):
+    """numpy read bandwidth probe: sum over a float64 array (split across threads; numpy releases the GIL)."""
+    parts = np.array_split(a, threads)
+
+    def run():
+        if ex:
+            list(ex.map(np.sum, parts))
+        else:
+            a.sum()
+
+    return run
+
+
+def make_planes(rows: int, cols: int, b1: int, g: int, K: int, rng) -> list[np.ndarray]:
+    """K planes in one buffer, laid out like a container (each plane 64-byte aligned), random codes and signs and
+    sane f16 scales (the kernels' speed does not depend on the values)."""
+    sizes = [N.mwq_plane_bytes(p, b1, g, rows, cols) for p in range(1, K + 1)]
+    offs, pos = [], 0
+    for s in sizes:
+        offs.append(pos)
+        pos += (s + 63) // 64 * 64
+    buf = np.empty(pos + 4096, np.uint8)
+    start = (-buf.ctypes.data) % 4096
+    ng = rows * (cols // g)
+    planes = []
+    for p, (o, s) in enumerate(zip(offs, sizes), start=1):
+        v = buf[start + o : start + o + s]
+        v[:] = rng.integers(0, 256, s, dtype=np.uint8)
+        n_scales = 2 * ng if p == 1 else ng
+        sc = v[: 2 * n_scales].view(np.float16)
+        sc[:] = (0.01 + 0.02 * rng.random(n_scales)).astype(np.float16)
+        if p == 1:
+            sc[ng:] = -sc[:ng] * 1.5
+        planes.append(v)
+    return planes
+
+
+def timed_round_robin(fns: dict, rounds: int, min_time: float) -> dict[str, list[float]]:
+    for f in fns.values():
+        f()  # warm up (page faults, pool threads)
+    out = {k: [] for k in fns}
+    t_start = time.perf_counter()
+    r = 0
+    while r < rounds or time.perf_counter() - t_start < min_time:
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t0)
+        r += 1
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller matrices and fewer repetitions")
+    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | neon | neon_dotprod")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--ks", default="2,3,4", help="precisions (planes) to time")
+    ap.add_argument("--base-bits", type=int, default=2)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    isa = N.ISA_AUTO if args.isa == "auto" else {N.isa_name(i): i for i in range(N.ISA_COUNT)}[args.isa]
+    isa_used = N.isa_name(N.isa_best() if isa == N.ISA_AUTO else isa)
+    threads_list = [int(t) for t in args.threads.split(",")]
+    ks = [int(k) for k in args.ks.split(",")]
+    b1, g = args.base_bits, args.group
+    rng = np.random.default_rng(0)
+    s = 2 if args.quick else 1
+    rows_q8, cols = 16384 // s, 8192
+    rows_mwq = 16384 // s
+    rounds, min_time = (5, 1.0) if args.quick else (9, 3.0)
+
+    mem_array = np.ones(((GiB // 2) if args.quick else GiB) // 8, dtype=np.float64)
+    mem = {}
+    wq8 = N.quantize_q8_0(rng.standard_normal((rows_q8, cols), dtype=np.float32))
+    planes = make_planes(rows_mwq, cols, b1, g, max(ks), rng)
+    x1 = rng.standard_normal((1, cols), dtype=np.float32)
+    y_q8 = np.empty((1, rows_q8), np.float32)
+    y_mwq = np.empty((1, rows_mwq), np.float32)
+    n_pre, pre_rows = 64, 2048
+    xp = rng.standard_normal((n_pre, cols), dtype=np.float32)
+    yp = np.empty((n_pre, pre_rows), np.float32)
+    pre_planes = make_planes(pre_rows, cols, b1, g, max(ks), rng)
+    wq8_pre = wq8[: pre_rows * N.row_bytes(N.Q8_0, cols)]
+    mwq_bytes = {k: sum(p.nbytes for p in planes[:k]) for k in ks}
+
+    rows_out = []
+    for t in threads_list:
+        pool = N.Pool(t) if t > 1 else None
+        ex = ThreadPoolExecutor(t) if t > 1 else None
+        fns = {"read": memory_reader(t, mem_array, ex),
+               "q8_0": lambda: N.matmul(wq8, N.Q8_0, x1, rows_q8, cols, isa=isa, pool=pool, out=y_q8)}
+        for k in ks:
+            fns[f"mwq k={k}"] = (lambda k=k: N.matmul_mwq(planes, k, b1, g, x1, rows_mwq, cols, isa=isa, pool=pool,
+                                                          out=y_mwq))
+        times = timed_round_robin(fns, rounds, min_time)
+        rd = times.pop("read")
+        mem[t] = {"threads": t, "best_gbs": mem_array.nbytes / min(rd) / 1e9,
+                  "median_gbs": mem_array.nbytes / statistics.median(rd) / 1e9}
+        if ex:
+            ex.shutdown()
+        pre = {"q8_0": lambda: N.matmul(wq8_pre, N.Q8_0, xp, pre_rows, cols, isa=isa, pool=pool, out=yp)}
+        for k in ks:
+            pre[f"mwq k={k}"] = (lambda k=k: N.matmul_mwq(pre_planes, k, b1, g, xp, pre_rows, cols, isa=isa,
+                                                         pool=pool, out=yp))
+        pre_times = timed_round_robin(pre, 3, 0.0)
+        bw = mem[t]["best_gbs"]
+        q8_best = wq8.nbytes / min(times["q8_0"]) / 1e9
+        for name, ts in times.items():
+            nbytes = wq8.nbytes if name == "q8_0" else mwq_bytes[int(name.split("=")[1])]
+            rows = rows_q8 if name == "q8_0" else rows_mwq
+            best = nbytes / min(ts) / 1e9
+            # GB/s relative to q8_0 and to the read bandwidth, round by round (the three ran within a second of each
+            # other, under the same machine load): the median of those ratios
+            per_round = [(nbytes / a) / (wq8.nbytes / b) for a, b in zip(ts, times["q8_0"])]
+            per_round_bw = [(nbytes / a) / (mem_array.nbytes / b) for a, b in zip(ts, rd)]
+            rows_out.append({
+                "kernel": name, "threads": t, "bits_per_weight": round(8 * nbytes / (rows * cols), 3),
+                "mib": round(nbytes / 2**20, 1), "best_gbs": round(best, 2),
+                "median_gbs": round(nbytes / statistics.median(ts) / 1e9, 2), "mem_read_gbs": round(bw, 2),
+                "fraction_of_bw": round(best / bw, 3), "vs_q8_0": round(best / q8_best, 3),
+                "fraction_of_bw_median_round": round(statistics.median(per_round_bw), 3),
+                "vs_q8_0_median_round": round(statistics.median(per_round), 3),
+                "ns_per_weight": round(min(ts) / (rows * cols) * 1e9, 4),
+                "prefill64_gflops": round(2 * n_pre * pre_rows * cols / min(pre_times[name]) / 1e9, 1),
+            })
+        if pool:
+            pool.close()
+
+    info = {"machine": platform.machine(), "isa": isa_used, "base_bits": b1, "group": g, "shape_mwq": [rows_mwq, cols],
+            "shape_q8_0": [rows_q8, cols], "numpy_read_bandwidth": list(mem.values()), "kernels": rows_out}
+    print(f"edgemoe {N.version()} MWQ plane kernels, isa={isa_used}, {platform.machine()}, base {b1} bits, group {g}\n")
+    print("| threads | numpy read GB/s (best) | median |")
+    print("|---|---|---|")
+    for m in mem.values():
+        print(f"| {m['threads']} | {m['best_gbs']:.1f} | {m['median_gbs']:.1f} |")
+    print()
+    print("| kernel | threads | bits/weight | MiB read | GB/s (best) | GB/s (median) | read BW GB/s (best) |"
+          " % of BW (best) | vs q8_0 (best) | % of BW (round median) | vs q8_0 (round median) | ns/weight (best) |"
+          " prefill 64 tok GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['kernel']} | {r['threads']} | {r['bits_per_weight']:.3f} | {r['mib']} | {r['best_gbs']:.1f} |"
+              f" {r['median_gbs']:.1f} | {r['mem_read_gbs']:.1f} | {100 * r['fraction_of_bw']:.0f}% |"
+              f" {r['vs_q8_0']:.2f} | {100 * r['fraction_of_bw_median_round']:.0f}% |"
+              f" {r['vs_q8_0_median_round']:.2f} | {r['ns_per_weight']:.4f} | {r['prefill64_gflops']:.1f} |")
+    print()
+    print(json.dumps(info, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
