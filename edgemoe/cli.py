@@ -25,9 +25,19 @@ def _need_exporter():
 def cmd_export(args) -> int:
     exporter = _need_exporter()
     t0 = time.perf_counter()
-    out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
-                          show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
-                          nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens)
+    if args.merge_ratio is not None or args.experts_per_layer is not None:
+        from edgemoe_export.merge_stage import export_merged
+
+        out = export_merged(args.src, args.output, merge_ratio=args.merge_ratio,
+                            experts_per_layer=args.experts_per_layer, method=args.merge_method,
+                            calib_path=args.calib, calib_tokens=args.calib_tokens, bits=args.bits,
+                            dense_bits=args.dense_bits, low_rank=args.low_rank, group_size=args.group_size,
+                            base_bits=args.base_bits, show_progress=not args.quiet)
+        out = Path(out)
+    else:
+        out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
+                              show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
+                              nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens)
     print(f"wrote {out} ({format_bytes(out.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
     if args.gguf:  # from the container, so merged / quantized experts reach llama.cpp as edgemoe computes them
         from edgemoe_export.gguf_export import export_gguf_from_container
@@ -184,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "calib.txt in the model directory")
     e.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
                    help="MWQ: calibration tokens to stream through the model (default 16384)")
+    e.add_argument("--merge-ratio", type=float, default=None, metavar="R",
+                   help="MC-SMoE: keep this fraction of all experts (per-layer counts by routing frequency); "
+                        "members of a group share one merged expert, the router keeps every row")
+    e.add_argument("--experts-per-layer", type=int, default=None, metavar="N", help="merge to N experts per layer")
+    e.add_argument("--merge-method", default="mcsmoe", choices=("mcsmoe", "average", "prune"),
+                   help="mcsmoe: align + frequency-weighted merge (default); average: plain mean; prune: drop the "
+                        "least-used experts")
+    e.add_argument("--low-rank", type=int, default=None, metavar="r", help="approximate merged experts at rank r")
     e.add_argument("--gguf", metavar="OUT.gguf", default=None,
                    help="also write a GGUF that llama.cpp runs (from the container's weights; a merged model's "
                         "groups are copied into every member's slot, since llama.cpp has no expert map, so the file "

@@ -79,3 +79,17 @@ def test_streaming_yields_the_same_text_as_non_streaming(tiny_emoe):
         full = m.generate("the quick brown fox", max_new_tokens=12, stop_at_eos=False)
         pieces = list(m.generate("the quick brown fox", max_new_tokens=12, stream=True, stop_at_eos=False))
         assert "".join(pieces) == full and len(pieces) > 1
+
+
+def test_export_with_merge_ratio_runs(tmp_path, tiny_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog, to be or not to be. " * 200)
+    out = tmp_path / "merged.emoe"
+    r = edgemoe(tmp_path, "export", tiny_dir("mixtral"), "-o", out, "--merge-ratio", "0.5", "--calib", text,
+                "--calib-tokens", "1024", "-q")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(edgemoe(tmp_path, "info", out, "--json").stdout)
+    emap = info["arch"]["expert_map"]
+    assert any(layer and max(layer) + 1 < 4 for layer in emap)  # fewer stored experts than routed ones
+    r = edgemoe(tmp_path, "run", out, "-p", "the quick", "-n", "4")
+    assert r.returncode == 0, r.stderr
