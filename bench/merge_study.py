@@ -220,8 +220,7 @@ def configs(have_mwq: bool, hidden: int, ffn: int) -> list[dict]:
             out.append(_cfg(group="merge (f16)", method=method, ratio=r))
     out.append(_cfg(group="ablation", method="mcsmoe", ratio=0.5, align=False, label="mcsmoe, no alignment"))
     for r in (0.75, 0.5, 0.25):  # experimental: data-aware merge on the calibration Grams (merge.py, "regmean")
-        out.append(_cfg(group="ablation", method="regmean", ratio=r, label="regmean (mcsmoe groups + aligned, "
-                        "block-diagonal least squares on calibration Grams)"))
+        out.append(_cfg(group="ablation", method="regmean", ratio=r))
     # low rank alone, at the bytes of a merge: rank r_bits(8) = half the f16 bytes, i.e. the bytes of ratio 0.5
     out.append(_cfg(group="low rank (f16 factors) vs merging at equal bytes", method="mcsmoe", ratio=1.0,
                     lr=r_bits(8)))
@@ -235,8 +234,13 @@ def configs(have_mwq: bool, hidden: int, ffn: int) -> list[dict]:
         out.append(_cfg(group=g, method="mcsmoe", ratio=1.0, lr=r_bits(4)))
         for r in (1.0, 0.75, 0.5, 0.25):
             out.append(_cfg(group="merge + MWQ-4", method="mcsmoe", ratio=r, quant="mwq", planes=3))
-        for method in ("average", "prune"):
+        for method in ("average", "prune", "regmean"):
             out.append(_cfg(group="merge + MWQ-4", method=method, ratio=0.5, quant="mwq", planes=3))
+        # below the smallest MWQ (2 bits + scales), only fewer experts make the experts smaller
+        g = "below the MWQ-2 floor: merge + MWQ-2"
+        for r in (0.75, 0.5):
+            for method in ("mcsmoe", "prune", "regmean"):
+                out.append(_cfg(group=g, method=method, ratio=r, quant="mwq", planes=1))
         for r in (1.0, 0.5):
             g = f"low rank + MWQ residual vs more MWQ planes, ratio {r}"
             out.append(_cfg(group=g, method="mcsmoe", ratio=r, quant="mwq", planes=2))  # MWQ-3
