@@ -60,11 +60,14 @@ def load_calibration_ids(tokenizer_json: bytes | None, path: str | Path | None, 
 
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     ids = np.array(tok.encode(p.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False).ids)
-    ids = ids[ids < vocab][:n_tokens]
+    ids = ids[ids < vocab]
     if len(ids) < seq_len:
         raise EdgeMoEError(f"{p}: only {len(ids)} tokens; calibration needs at least {seq_len}")
-    n_seq = len(ids) // seq_len
-    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n_seq)]
+    chunks = len(ids) // seq_len
+    n_seq = max(1, min(chunks, n_tokens // seq_len))
+    # evenly spaced windows over the whole file: a text made of several domains is sampled from all of them
+    starts = np.linspace(0, chunks - 1, n_seq).round().astype(int) * seq_len
+    return [ids[s : s + seq_len] for s in starts]
 
 
 def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, sample_tokens: int = 8192,
