@@ -107,30 +107,47 @@ def drop_caches() -> bool:
         return False
 
 
-def storage_bandwidth(path: Path, nbytes: int = 1 << 30, block: int = 4 << 20) -> dict:
-    """Cold sequential read bandwidth of `path` (page cache dropped; O_DIRECT when possible, else buffered)."""
+def storage_bandwidth(path: Path, nbytes: int = 1 << 30, block: int = 4 << 20, threads: int = 1) -> dict:
+    """Cold read bandwidth of `path` (page cache dropped first; O_DIRECT when possible, else buffered), `threads`
+    readers of `block`-byte reads (the engine's I/O threads and largest read)."""
+    import threading
+
     size = path.stat().st_size
     nbytes = min(nbytes, size // block * block)
     dropped = drop_caches()
-    buf = mmap.mmap(-1, block)
     direct = hasattr(os, "O_DIRECT")
-    try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-    except OSError:
-        fd, direct = os.open(path, os.O_RDONLY), False
-    off = (size // 2 - nbytes // 2) // block * block  # the middle of the file: expert data
+    off0 = (size // 2 - nbytes // 2) // block * block  # the middle of the file: expert data
+    n_blocks = nbytes // block
+    state = {"next": 0, "done": 0}
+    lock = threading.Lock()
+
+    def reader():
+        buf = mmap.mmap(-1, block)
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+        while True:
+            with lock:
+                i = state["next"]
+                state["next"] += 1
+            if i >= n_blocks:
+                break
+            n = os.preadv(fd, [buf], off0 + i * block)
+            with lock:
+                state["done"] += max(n, 0)
+        os.close(fd)
+        buf.close()
+
     t0 = time.perf_counter()
-    done = 0
-    while done < nbytes:
-        n = os.preadv(fd, [buf], off + done)
-        if n <= 0:
-            break
-        done += n
+    ts = [threading.Thread(target=reader) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
     dt = time.perf_counter() - t0
-    os.close(fd)
-    buf.close()
-    return {"bytes": done, "seconds": dt, "gb_s": done / dt / 1e9, "direct": direct, "cold": dropped,
-            "block": block}
+    return {"bytes": state["done"], "seconds": dt, "gb_s": state["done"] / dt / 1e9, "direct": direct,
+            "cold": dropped, "block": block, "threads": threads}
 
 
 def memory_bandwidth() -> float:
@@ -148,21 +165,38 @@ def _timed(fn, *a) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # models
 
-def ensure_models(work: Path, layers: int) -> dict[str, Path]:
-    ckpt = Path("/tmp/olmoe8")
-    out = {"ckpt": ckpt, "f16": work / "olmoe8_q8f16.emoe", "mwq4": work / "olmoe8_mwq4.emoe",
-           "gguf": work / "olmoe8_f16.gguf"}
-    env = {**os.environ, "PYTHONPATH": f"{work / 'devpath'}:{ROOT}"}
+def child_env(work: Path) -> dict:
+    """Environment for child processes: the source tree's edgemoe, and export/ importable as edgemoe_export (how the
+    wheel installs it)."""
     (work / "devpath").mkdir(parents=True, exist_ok=True)
     link = work / "devpath" / "edgemoe_export"
     if not link.exists():
         link.symlink_to(ROOT / "export")
+    return {**os.environ, "PYTHONPATH": f"{work / 'devpath'}:{ROOT}"}
+
+
+def ensure_models(work: Path, layers: int) -> dict[str, Path]:
+    """The random OLMoE-shaped checkpoint and its exports (made once, kept in `work`): q8_0 dense + f16 experts, the
+    same with a fitted pre-attention predictor, q8_0 dense + MWQ-4 experts, and an F16 GGUF for llama.cpp."""
+    ckpt = Path("/tmp/olmoe8")
+    out = {"ckpt": ckpt, "f16": work / "olmoe8_q8f16.emoe", "f16_pre": work / "olmoe8_q8f16_pre.emoe",
+           "mwq4": work / "olmoe8_mwq4.emoe", "gguf": work / "olmoe8_f16.gguf"}
+    env = child_env(work)
     if not (ckpt / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "bench/make_random_model.py"), str(ckpt), "--layers",
                         str(layers)], check=True, env=env)
     jobs = {
         "f16": f"from edgemoe_export import export; export({str(ckpt)!r}, {str(out['f16'])!r}, bits=16, "
                f"dense_bits=8, show_progress=False)",
+        # the predictor: calibrated on 4096 tokens of text the benchmark's prompt does not use, 1024 more held out
+        "f16_pre": "import sys; sys.path.insert(0, {bench!r}); import numpy as np, bench_budget as B\n"
+                   "from edgemoe_export.predictor import fit_predictors, add_predictors\n"
+                   "ids = np.array(B.prompt_ids(7000, 50304))\n"
+                   "seqs = [ids[1000 + 256 * i:1256 + 256 * i] for i in range(16)] + "
+                   "[ids[5500 + 256 * i:5756 + 256 * i] for i in range(4)]\n"
+                   "p, rep = fit_predictors({ckpt!r}, None, seqs=seqs, show_progress=False)\n"
+                   "add_predictors({src!r}, {dst!r}, p, rep)\n".format(bench=str(ROOT / "bench"), ckpt=str(ckpt),
+                                                                       src=str(out["f16"]), dst=str(out["f16_pre"])),
         "mwq4": f"from edgemoe_export import export; export({str(ckpt)!r}, {str(out['mwq4'])!r}, bits=4, "
                 f"base_bits=2, nesting='msb', show_progress=False)",
         "gguf": f"from edgemoe_export.gguf_export import export_gguf; export_gguf({str(ckpt)!r}, "
@@ -170,14 +204,15 @@ def ensure_models(work: Path, layers: int) -> dict[str, Path]:
     }
     for key, code in jobs.items():
         if not out[key].exists():
-            print(f"exporting {out[key]} ...", flush=True)
+            print(f"preparing {out[key]} ...", flush=True)
             subprocess.run([sys.executable, "-c", code], check=True, env=env)
     return out
 
 
 def prompt_ids(n: int, vocab: int) -> list[int]:
-    """Token ids of real text (held-out Shakespeare or the Python docs, the small model's byte-level BPE), so routing
-    follows text rather than random ids."""
+    """n token ids of real text: the prompt, then the tokens decoded one at a time (teacher forcing)."""
+    # held-out Shakespeare or the Python docs in the small model's byte-level BPE: routing follows text, neither random
+    # ids nor the loops a random model's greedy decoding falls into
     texts = [ROOT / "export/assets/small-moe/heldout/shakespeare.txt", Path("/tmp/smallmoe/run3/heldout/shakespeare.txt"),
              Path("/usr/share/doc/python3.11/html/_sources/tutorial/introduction.rst.txt")]
     toks = [ROOT / "export/assets/small-moe/tokenizer.json", Path("/tmp/smallmoe/run3/tokenizer.json")]
@@ -204,10 +239,11 @@ def bench_binary() -> Path:
     raise SystemExit("edgemoe-bench not found: build native/ (cmake) or set EDGEMOE_BENCH")
 
 
-def run_child(cmd: list[str], cg: MemCgroup | None, timeout: float) -> tuple[dict | None, str]:
+def run_child(cmd: list[str], cg: MemCgroup | None, timeout: float, env: dict | None = None
+              ) -> tuple[dict | None, str]:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           preexec_fn=cg.preexec() if cg else None)
+                           preexec_fn=cg.preexec() if cg else None, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout:.0f} s"
     if p.returncode != 0:
@@ -219,33 +255,38 @@ def run_child(cmd: list[str], cg: MemCgroup | None, timeout: float) -> tuple[dic
         return None, f"unparsable output: {p.stdout[-300:]} {p.stderr[-300:]}"
 
 
-def run_edgemoe(model: Path, budget: int | None, mode: str, prefetch: int, args, ids_file: Path,
-                cg: MemCgroup | None) -> dict:
+def run_edgemoe(model: Path, budget: int | None, sysdef: dict, args, ids_file: Path, cg: MemCgroup | None) -> dict:
     cmd = [str(bench_binary()), str(model), "-p", str(args.prompt), "-n", str(args.n), "-t", str(args.threads),
-           "-r", "1", "--prompt-file", str(ids_file), "--tg-prompt", "--json"]
+           "-r", "1", "--prompt-file", str(ids_file), "--tg-prompt", "--tg-text", "--json"]
     if budget is not None:
-        cmd += ["--budget", str(budget), "--mode", mode, "--prefetch", str(prefetch)]
-        if args.direct:
+        cmd += ["--budget", str(budget), "--mode", sysdef["mode"], "--prefetch", str(sysdef.get("prefetch", 1)),
+                "--prefetch-extra", str(sysdef.get("extra", 0)), "--io-threads", str(args.io_threads)]
+        if sysdef.get("direct", True):
             cmd += ["--direct"]
-    out, err = run_child(cmd, cg, args.timeout)
+    out, err = run_child(cmd, cg, args.timeout, sysdef.get("env"))
     if out is None:
         return {"error": err}
     tg = next((r for r in out if r["test"].startswith("tg")), None)
-    return tg if tg else {"error": "no tg result"}
+    if not tg:
+        return {"error": "no tg result"}
+    if tg.get("demand_bytes") is not None:
+        tg["demand_bytes_per_token"] = tg["demand_bytes"] / max(1, tg["n_gen"])
+    return tg
 
 
 LLAMA_CHILD = r"""
 import json, sys, time
 from llama_cpp import Llama
-path, ids, n_gen, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, ids, n_prompt, n_gen, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
+    int(sys.argv[5])
 t0 = time.perf_counter()
-llm = Llama(model_path=path, n_ctx=len(ids) + n_gen + 8, n_threads=threads, n_threads_batch=threads, n_batch=64,
+llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads, n_batch=64,
             verbose=False, use_mmap=True, logits_all=False)
 load_s = time.perf_counter() - t0
-llm.eval(ids)
+llm.eval(ids[:n_prompt])
 lat, toks = [], []
-for _ in range(n_gen):
-    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+for i in range(n_gen):  # teacher forcing: the text's next token, like edgemoe-bench --tg-text
+    tok = ids[n_prompt + i]
     toks.append(tok)
     t = time.perf_counter()
     llm.eval([tok])
@@ -257,7 +298,8 @@ print(json.dumps({"load_s": load_s, "latencies_s": lat, "peak_rss_bytes": hwm, "
 
 
 def run_llama(gguf: Path, ids: list[int], args, cg: MemCgroup | None) -> dict:
-    cmd = [sys.executable, "-c", LLAMA_CHILD, str(gguf), json.dumps(ids), str(args.n_llama), str(args.threads)]
+    cmd = [sys.executable, "-c", LLAMA_CHILD, str(gguf), json.dumps(ids), str(args.prompt), str(args.n_llama),
+           str(args.threads)]
     out, err = run_child(cmd, cg, args.timeout)
     if out is None:
         return {"error": err}
@@ -268,10 +310,99 @@ def run_llama(gguf: Path, ids: list[int], args, cg: MemCgroup | None) -> dict:
 
 
 def summarize(r: dict) -> dict:
-    keys = ("avg_ts", "p50_ms", "p95_ms", "peak_rss_bytes", "bytes_read_per_token", "stall_fraction",
-            "cache_hit_rate", "prefetch_recall", "prefetch_precision", "minimum_bytes", "cache_capacity_bytes",
-            "error")
+    keys = ("avg_ts", "p50_ms", "p95_ms", "peak_rss_bytes", "bytes_read_per_token", "demand_bytes_per_token",
+            "stall_fraction", "cache_hit_rate", "prefetch_recall", "prefetch_recall_at_k", "prefetch_precision",
+            "minimum_bytes", "cache_capacity_bytes", "experts_at_planes", "cgroup_max_usage", "n_gen", "error")
     return {k: r.get(k) for k in keys if k in r}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quality on the trained small model: prefetch recall on real routing, the perplexity cost of `adaptive`
+
+TRAINED_CODE = r"""
+import json, sys, time
+from pathlib import Path
+import numpy as np
+import edgemoe
+from edgemoe.perplexity import perplexity
+
+small, small_pre, heldout, budget_frac = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:-1], float(sys.argv[-1])
+texts = {Path(h).stem: Path(h).read_text(encoding="utf-8") for h in heldout}
+out = {}
+
+def minimum(path, max_ctx, **kw):
+    try:
+        edgemoe.load(path, memory_budget=1, max_ctx=max_ctx, **kw)
+    except edgemoe.EdgeMoEError as e:
+        return int(str(e).split("below the minimum ")[1].split("(")[1].split(" bytes")[0])
+
+def recall(path, budget):
+    rows = {}
+    for name, text in texts.items():
+        m = edgemoe.load(path, memory_budget=budget, max_ctx=520, prefetch=1, prefetch_extra=1)
+        ids = m.tokenizer.encode(text)[:513]
+        m._engine.prefill(ids[:1])
+        m.reset_stats()
+        for t in ids[1:]:
+            m._engine.decode(t)  # teacher forcing: one held-out token at a time, as decoding sees them
+        st = m.stats
+        c = m._engine.stats()
+        rows[name] = {"recall_k_plus_1": st["prefetch_recall"], "precision": st["prefetch_precision"],
+                      "recall_k": c["pred_hits_k"] / max(1, c["true_experts"]), "hit_rate": st["cache_hit_rate"]}
+        m.close()
+    return rows
+
+def ppl(path, **kw):
+    rows = {}
+    for name, text in texts.items():
+        with edgemoe.load(path, max_ctx=130, **kw) as m:
+            r = perplexity(m, text, ctx=128, max_tokens=1024)
+            st = m.stats
+            rows[name] = {"ppl": r["ppl"], "tokens": r["tokens"], "experts_at_planes": st.get("experts_at_planes")}
+    return rows
+
+size = small.stat().st_size
+b = max(minimum(small_pre, 520), int(size * budget_frac))
+out["budget_bytes"], out["file_bytes"] = b, size
+out["recall_router"] = recall(small, b)
+out["recall_fitted"] = recall(small_pre, b)
+bp = max(minimum(small, 130, direct=True), int(size * budget_frac))
+out["ppl_budget_bytes"] = bp
+out["ppl_resident"] = ppl(small)
+out["ppl_exact_budget"] = ppl(small, memory_budget=bp, mode="exact", direct=True)
+out["ppl_adaptive_budget"] = ppl(small, memory_budget=bp, mode="adaptive", direct=True)
+for k in (1, 2):
+    out[f"ppl_precision_{k}"] = ppl(small, precision=k)
+print(json.dumps(out))
+"""
+
+
+def trained_model_study(work: Path, budget_frac: float, timeout: float) -> dict:
+    """The shipped trained small model as MWQ-4 (fitted to its calibration text), with and without a fitted
+    pre-attention predictor: prefetch recall@(k+1) on held-out text, and perplexity exact / adaptive / fixed precision.
+    """
+    src = ROOT / "export/assets/small-moe"
+    if not (src / "model.safetensors").exists():
+        return {"error": f"{src}: the trained small model is missing"}
+    small, small_pre = work / "small_mwq4.emoe", work / "small_mwq4_pre.emoe"
+    env = child_env(work)
+    if not small_pre.exists():
+        code = (f"from edgemoe_export import export\n"
+                f"from edgemoe_export.predictor import fit_predictors, add_predictors\n"
+                f"export({str(src)!r}, {str(small)!r}, bits=4, show_progress=False)\n"
+                f"p, rep = fit_predictors({str(src)!r}, {str(src / 'calib.txt')!r}, show_progress=False)\n"
+                f"add_predictors({str(small)!r}, {str(small_pre)!r}, p, rep)\n")
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    heldout = sorted(str(p) for p in (src / "heldout").glob("*.txt"))
+    p = subprocess.run([sys.executable, "-c", TRAINED_CODE, str(small), str(small_pre), *heldout, str(budget_frac)],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode:
+        return {"error": p.stderr[-2000:]}
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    c = __import__("edgemoe.container", fromlist=["open_container"]).open_container(small_pre, verify=False)
+    out["predictor_fit_report"] = c.metadata.get("predictor", {}).get("report")
+    c.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,97 +412,136 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=DEFAULT_DIR)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--budgets", default="100,70,50,35", help="percent of the .emoe file size")
-    p.add_argument("-n", type=int, default=24, help="decoded tokens per edgemoe run")
-    p.add_argument("--n-llama", type=int, default=12, help="decoded tokens per llama.cpp run")
+    p.add_argument("-n", type=int, default=32, help="decoded tokens per edgemoe run")
+    p.add_argument("--n-llama", type=int, default=8, help="decoded tokens per llama.cpp run")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (real text), prefilled before timing")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=1, help="interleaved repetitions of every capped run")
-    p.add_argument("--direct", action="store_true", help="edgemoe reads with O_DIRECT")
+    p.add_argument("--io-threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of edgemoe exact / on-demand LRU")
     p.add_argument("--no-llama", action="store_true")
-    p.add_argument("--no-adaptive", action="store_true")
-    p.add_argument("--warm", action="store_true", help="also run every configuration warm (no drop_caches)")
-    p.add_argument("--timeout", type=float, default=240)
+    p.add_argument("--no-mwq", action="store_true")
+    p.add_argument("--no-trained", action="store_true", help="skip the trained small model (recall, perplexity)")
+    p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--json", type=Path, default=ROOT / "bench/budget.json")
     p.add_argument("--png", type=Path, default=ROOT / "bench/budget.png")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     models = ensure_models(args.work, args.layers)
-    size = models["f16"].stat().st_size
+    t_prep = time.perf_counter() - t_start
+    f16 = models["f16_pre"]
+    size = f16.stat().st_size
     from edgemoe.container import open_container
 
-    c = open_container(models["f16"], verify=False)
+    c = open_container(f16, verify=False)
     vocab = c.spec.vocab
+    dense = sum(t.nbytes for t in c.tensors.values() if t.kind == "dense")
     c.close()
-    ids = prompt_ids(args.prompt, vocab)
+    ids = prompt_ids(args.prompt + max(args.n, args.n_llama) + 1, vocab)
     ids_file = args.work / "prompt_ids.txt"
     ids_file.write_text(" ".join(map(str, ids)))
     no_cg = cgroup_available()
     if no_cg:
-        print(f"NOTE: {no_cg}; llama.cpp runs uncapped and is reported as such", flush=True)
-    can_drop = drop_caches()
-    env = {"cpu": _cpu(), "threads": args.threads, "cgroup": no_cg or "cgroup v1 memory.limit_in_bytes = budget * 1.05",
-           "drop_caches": can_drop, "model": str(models["f16"]), "model_bytes": size,
-           "gguf": str(models["gguf"]), "gguf_bytes": models["gguf"].stat().st_size,
-           "mwq4": str(models["mwq4"]), "mwq4_bytes": models["mwq4"].stat().st_size, "prompt_tokens": len(ids),
-           "n_gen": args.n, "n_gen_llama": args.n_llama}
-    print("storage bandwidth (cold) ...", flush=True)
-    env["storage"] = storage_bandwidth(models["f16"])
+        print(f"NOTE: {no_cg}; runs are not capped and say so", flush=True)
+    env = {"cpu": _cpu(), "threads": args.threads, "io_threads": args.io_threads,
+           "cgroup": no_cg or "cgroup v1 memory.limit_in_bytes = budget * 1.05 (edgemoe and llama.cpp alike)",
+           "drop_caches": drop_caches(), "model": str(f16), "model_bytes": size, "dense_bytes": dense,
+           "gguf": str(models["gguf"]), "gguf_bytes": models["gguf"].stat().st_size, "mwq4": str(models["mwq4"]),
+           "mwq4_bytes": models["mwq4"].stat().st_size, "prompt_tokens": args.prompt, "n_gen": args.n,
+           "n_gen_llama": args.n_llama, "decode": "teacher-forced held-out text (--tg-text)", "prep_s": t_prep}
+    print("storage bandwidth (cold, O_DIRECT 4 MiB reads) ...", flush=True)
+    env["storage_qd1"] = storage_bandwidth(f16, 512 << 20)
+    env["storage"] = storage_bandwidth(f16, 1 << 30, threads=args.io_threads)
     env["memory_gb_s"] = memory_bandwidth()
     print(json.dumps(env, indent=1), flush=True)
 
     results = []
 
-    def record(system: str, budget_pct, budget, cold: bool, r: dict):
-        row = {"system": system, "budget_pct": budget_pct, "budget_bytes": budget, "cold": cold, **summarize(r)}
+    def record(system: str, budget_pct, budget, r: dict):
+        row = {"system": system, "budget_pct": budget_pct, "budget_bytes": budget, "cold": True, **summarize(r)}
         results.append(row)
         print(json.dumps(row), flush=True)
 
     # all-resident reference (no cap): the .emoe mapped, warm
-    r = run_edgemoe(models["f16"], None, "exact", 0, args, ids_file, None)
-    record("edgemoe all-resident", None, None, False, r)
+    for _ in range(args.reps):
+        record("edgemoe all-resident", None, None, run_edgemoe(f16, None, {}, args, ids_file, None))
 
-    budgets = [int(x) for x in args.budgets.split(",")]
-    for pct in budgets:
+    EXACT = {"mode": "exact", "prefetch": 1, "extra": 0}
+    EXACT_NOPF = {"mode": "exact", "prefetch": 0}
+    LRU = {"mode": "ondemand", "prefetch": 0}
+    for pct in [int(x) for x in args.budgets.split(",")]:
         budget = int(size * pct / 100)
-        systems = [("edgemoe exact", models["f16"], "exact", 2), ("edgemoe on-demand LRU", models["f16"], "ondemand", 0)]
-        if not args.no_adaptive:
+        runs = []
+        for _ in range(args.reps):  # A B C A B C: the runs the speed-ups are claimed on
+            runs += [("edgemoe exact", f16, EXACT, budget), ("edgemoe exact, no prefetch", f16, EXACT_NOPF, budget),
+                     ("edgemoe on-demand LRU", f16, LRU, budget)]
+        if pct in (50, 35):  # what each part is worth: the cache policy alone, and O_DIRECT
+            runs.append(("edgemoe exact, no prefetch, LRU eviction", f16,
+                         {**EXACT_NOPF, "env": {"EDGEMOE_EVICT": "lru"}}, budget))
+        if pct == 50:
+            runs.append(("edgemoe exact, buffered reads", f16, {**EXACT, "direct": False}, budget))
+        if not args.no_mwq:
             b4 = int(models["mwq4"].stat().st_size * pct / 100)
-            systems += [("edgemoe exact mwq4", models["mwq4"], "exact", 2, b4),
-                        ("edgemoe adaptive mwq4", models["mwq4"], "adaptive", 2, b4)]
+            runs += [("edgemoe exact mwq4", models["mwq4"], EXACT, b4),
+                     ("edgemoe adaptive mwq4", models["mwq4"], {**EXACT, "mode": "adaptive"}, b4)]
         if not args.no_llama:
-            systems.append(("llama.cpp f16 (mmap)", None, None, None))
-        for rep in range(args.reps):
-            for sysdef in systems:
-                name = sysdef[0]
-                b = sysdef[4] if len(sysdef) > 4 else budget
-                for cold in ((True, False) if args.warm else (True,)):
-                    cg = None if no_cg else MemCgroup(int(b * 1.05), name.split()[0] + str(pct))
-                    if cold:
-                        drop_caches()
-                    try:
-                        if name.startswith("llama"):
-                            r = run_llama(models["gguf"], ids, args, cg)
-                        else:
-                            r = run_edgemoe(sysdef[1], b, sysdef[2], sysdef[3], args, ids_file, cg)
-                        if cg:
-                            r["cgroup_max_usage"] = cg.max_usage()
-                    finally:
-                        if cg:
-                            cg.remove()
-                    record(name, pct, b, cold, r)
+            runs.append(("llama.cpp F16 (mmap)", models["gguf"], None, budget))
+        for name, model, sysdef, b in runs:
+            cg = None if no_cg else MemCgroup(int(b * 1.05), name.split()[0] + str(pct))
+            drop_caches()
+            try:
+                if sysdef is None:
+                    r = run_llama(model, ids, args, cg)
+                else:
+                    r = run_edgemoe(model, b, sysdef, args, ids_file, cg)
+                if cg:
+                    r["cgroup_max_usage"] = cg.max_usage()
+            finally:
+                if cg:
+                    cg.remove()
+            record(name, pct, b, r)
+
+    trained = None
+    if not args.no_trained:
+        print("trained small model: prefetch recall, adaptive perplexity ...", flush=True)
+        trained = trained_model_study(args.work, 0.5, args.timeout)
+        print(json.dumps(trained), flush=True)
     env["wall_s"] = time.perf_counter() - t_start
     bw = env["storage"]["gb_s"] * 1e9
-    for row in results:  # storage-bandwidth bound: the bytes this run had to read per token at the cold bandwidth
-        bpt = row.get("bytes_read_per_token")
-        if bpt:
-            row["bound_ts"] = bw / bpt
+    resident = _agg([r for r in results if r["system"] == "edgemoe all-resident"], "avg_ts")
+    for row in results:  # the storage-bandwidth bound: bytes that had to be read on demand, at the cold bandwidth
+        dpt = row.get("demand_bytes_per_token")
+        if dpt:
+            row["bound_ts"] = min(bw / dpt, resident or float("inf"))
             row["fraction_of_bound"] = row["avg_ts"] / row["bound_ts"] if row.get("avg_ts") else None
-    args.json.write_text(json.dumps({"env": env, "results": results}, indent=1))
+    args.json.write_text(json.dumps({"env": env, "results": results, "trained": trained}, indent=1))
     print(table(results, env))
+    if trained and "error" not in trained:
+        print(trained_table(trained))
     plot(results, args.png, env)
-    print(f"wrote {args.json} and {args.png} in {env['wall_s']:.0f} s")
+    print(f"wrote {args.json} and {args.png} in {env['wall_s']:.0f} s (model preparation {t_prep:.0f} s)")
     return 0
+
+
+def trained_table(t: dict) -> str:
+    lines = [f"trained small model (MWQ-4, file {t['file_bytes'] / 1e6:.1f} MB): prefetch recall on held-out text, "
+             f"budget {t['budget_bytes'] / 1e6:.1f} MB",
+             "| text | router recall@k+1 | fitted recall@k+1 | fitted recall@k | fitted precision |",
+             "|---|---:|---:|---:|---:|"]
+    for name in t["recall_fitted"]:
+        r, f = t["recall_router"][name], t["recall_fitted"][name]
+        lines.append(f"| {name} | {r['recall_k_plus_1']:.1%} | {f['recall_k_plus_1']:.1%} | "
+                     f"{(f.get('recall_k') or 0):.1%} | {f['precision']:.1%} |")
+    lines += ["", f"perplexity (ctx 128, 1024 tokens), budget {t['ppl_budget_bytes'] / 1e6:.1f} MB",
+              "| text | resident 4-bit | exact, budget | adaptive, budget | experts at 1/2/3 planes (adaptive) | "
+              "fixed 2-bit | fixed 3-bit |", "|---|---:|---:|---:|---|---:|---:|"]
+    for name in t["ppl_resident"]:
+        a = t["ppl_adaptive_budget"][name]
+        lines.append(f"| {name} | {t['ppl_resident'][name]['ppl']:.3f} | {t['ppl_exact_budget'][name]['ppl']:.3f} | "
+                     f"{a['ppl']:.3f} ({a['ppl'] / t['ppl_resident'][name]['ppl'] - 1:+.2%}) | "
+                     f"{'/'.join(map(str, a['experts_at_planes']))} | {t['ppl_precision_1'][name]['ppl']:.3f} | "
+                     f"{t['ppl_precision_2'][name]['ppl']:.3f} |")
+    return "\n".join(lines)
 
 
 def _cpu() -> str:
@@ -388,28 +558,43 @@ def _agg(rows: list[dict], key: str):
 
 def table(results: list[dict], env: dict) -> str:
     gib = 1024 ** 3
-    lines = ["| system | budget | cold | tok/s | p50 ms | p95 ms | peak RSS / budget | read MB/token | stall | "
-             "hit rate | prefetch recall | bound tok/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system | budget | tok/s | p50 ms | p95 ms | peak RSS / budget | read MB/token | stall | hit rate | "
+             "prefetch recall | bound tok/s | of bound |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list] = {}
     for r in results:
-        groups.setdefault((r["system"], r["budget_pct"], r["cold"]), []).append(r)
+        groups.setdefault((r["system"], r["budget_pct"]), []).append(r)
 
     def f(v, fmt):
         return "" if v is None else fmt.format(v)
 
-    for (system, pct, cold), rows in groups.items():
+    for (system, pct), rows in groups.items():
         err = next((r["error"] for r in rows if r.get("error")), None)
         rss, b = _agg(rows, "peak_rss_bytes"), rows[0]["budget_bytes"]
-        rss_s = f(rss, "{:.2f} GiB").strip() + (f" / {b / gib:.2f} ({rss / b:.2f}x)" if b and rss else "")
+        rss_s = f(rss / gib if rss else None, "{:.2f} GiB") + (f" / {b / gib:.2f} ({rss / b:.2f}x)" if b and rss else "")
         bpt = _agg(rows, "bytes_read_per_token")
+        if err and "below the minimum" in err:
+            ts = "refused: minimum " + err.split("below the minimum ")[1].split(" (")[0]
+        else:
+            ts = f(_agg(rows, "avg_ts"), "{:.2f}") if not err else "failed: " + err[:80]
+        if len(rows) > 1 and not err:
+            ts += " (" + ", ".join(f"{r['avg_ts']:.2f}" for r in rows if r.get("avg_ts")) + ")"
         lines.append(
-            f"| {system} | {'-' if pct is None else f'{pct}%'} | {'cold' if cold else 'warm'} | "
-            f"{f(_agg(rows, 'avg_ts'), '{:.2f}') if not err else 'failed: ' + err[:60]} | "
+            f"| {system} | {'-' if pct is None else f'{pct}% ({b / gib:.2f} GiB)'} | {ts} | "
             f"{f(_agg(rows, 'p50_ms'), '{:.0f}')} | {f(_agg(rows, 'p95_ms'), '{:.0f}')} | {rss_s} | "
             f"{f(bpt / 1e6 if bpt else None, '{:.0f}')} | {f(_agg(rows, 'stall_fraction'), '{:.0%}')} | "
             f"{f(_agg(rows, 'cache_hit_rate'), '{:.0%}')} | {f(_agg(rows, 'prefetch_recall'), '{:.0%}')} | "
-            f"{f(_agg(rows, 'bound_ts'), '{:.1f}')} |")
+            f"{f(_agg(rows, 'bound_ts'), '{:.1f}')} | {f(_agg(rows, 'fraction_of_bound'), '{:.0%}')} |")
+    lines += ["", "| budget | exact / on-demand LRU | exact no prefetch / on-demand LRU | exact / llama.cpp | "
+              "adaptive mwq4 / exact mwq4 |", "|---|---:|---:|---:|---:|"]
+    for pct in sorted({r["budget_pct"] for r in results if r["budget_pct"] is not None}, reverse=True):
+        def med(name):
+            return _agg([r for r in results if r["system"] == name and r["budget_pct"] == pct], "avg_ts")
+        e, l, ll, am, em = (med("edgemoe exact"), med("edgemoe on-demand LRU"), med("llama.cpp F16 (mmap)"),
+                            med("edgemoe adaptive mwq4"), med("edgemoe exact mwq4"))
+        en = med("edgemoe exact, no prefetch")
+        lines.append(f"| {pct}% | {f(e / l if e and l else None, '{:.2f}x')} | {f(en / l if en and l else None, '{:.2f}x')} | "
+                     f"{f(e / ll if e and ll else None, '{:.1f}x')} | {f(am / em if am and em else None, '{:.2f}x')} |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeMoEError
+from .errors import EdgeMoEError, FormatError
 
 _LIB_NAMES = {"darwin": "libedgemoe_core.dylib", "win32": "edgemoe_core.dll"}
 LIB_NAME = _LIB_NAMES.get(sys.platform, "libedgemoe_core.so")
@@ -317,8 +317,8 @@ class ModelHandle:
         return _model_last_error(self._m).decode(errors="replace")
 
     def _check(self, status: int) -> None:
-        if status != OK:
-            raise NativeError(f"{self.last_error()} ({status_string(status)})", status)
+        if status != OK:  # streaming errors (I/O, checksum, budget) get their own NativeError subclasses
+            raise _error_for(f"{self.last_error()} ({status_string(status)})", status)
 
     def set_tensor(self, name: str, dtype: int, data: np.ndarray, rows: int, cols: int) -> None:
         """Borrow `data` (the caller keeps it alive) as tensor `name`."""
@@ -368,6 +368,19 @@ class ModelHandle:
     def reset(self) -> None:
         _model_reset(self._m)
 
+    def stats(self) -> dict:
+        """emoe_model_stats as a dict (per-level arrays cut to the stored planes); mode -1 = not streaming."""
+        s = Stats()
+        self._check(_model_stats(self._m, ctypes.byref(s)))
+        return _stats_dict(s)
+
+    def reset_stats(self) -> None:
+        _model_reset_stats(self._m)
+
+    def drop_cache(self) -> None:
+        """Empty the expert cache (every piece not in use)."""
+        self._check(_model_drop_cache(self._m))
+
     def close(self) -> None:
         if getattr(self, "_m", None):
             _model_free(self._m)
@@ -375,3 +388,105 @@ class ModelHandle:
 
     def __del__(self):
         self.close()
+
+
+# ---- a hard memory budget: the streaming engine (edgemoe.h "a hard memory budget") -----------------------------
+ERR_IO, ERR_CORRUPT, ERR_BUDGET = -7, -8, -9
+MODES = {"exact": 0, "adaptive": 1, "ondemand": 2}
+VERIFY_READS = {"never": 0, "first": 1, "always": 2}
+STATS_LEVELS = 8
+_u64, _f64 = ctypes.c_uint64, ctypes.c_double
+
+
+class StreamOptions(ctypes.Structure):
+    """emoe_stream_options (field order must match edgemoe.h)."""
+
+    _fields_ = [("budget_bytes", _i64)] + [(n, _i32) for n in ("mode", "prefetch", "prefetch_extra", "precision",
+                                                                 "io_threads", "direct", "drop_cache", "verify")]
+
+
+class Stats(ctypes.Structure):
+    """emoe_stats (field order must match edgemoe.h)."""
+
+    _fields_ = ([(n, _i64) for n in ("budget_bytes", "minimum_bytes", "dense_bytes", "kv_bytes", "scratch_bytes",
+                                     "cache_capacity_bytes", "cache_used_bytes", "cache_peak_bytes", "expert_bytes")]
+                + [(n, _i32) for n in ("mode", "direct", "n_planes", "run_planes")]
+                + [(n, _u64 * STATS_LEVELS) for n in ("hits", "misses", "late")]
+                + [(n, _u64) for n in ("bytes_read", "demand_bytes", "read_syscalls", "pieces_read", "evictions",
+                                       "evicted_bytes", "cancelled", "prefetch_issued", "prefetch_used",
+                                       "prefetch_wasted", "pred_experts", "pred_hits", "pred_hits_k", "true_experts",
+                                       "ahead_experts", "ahead_hits", "experts_run")]
+                + [("experts_at_planes", _u64 * STATS_LEVELS)]
+                + [(n, _u64) for n in ("tokens", "forward_calls", "crc_checked", "crc_failures", "read_errors")]
+                + [(n, _f64) for n in ("stall_s", "io_busy_s", "forward_s")])
+
+
+class BudgetError(NativeError):
+    """The memory budget is below what the model and context need; the message states the minimum."""
+
+
+class CorruptWeightsError(NativeError, FormatError):
+    """Expert weights failed their CRC-32 while being read (the file is damaged)."""
+
+
+class ReadError(NativeError):
+    """Reading expert weights failed (I/O error, or the file was truncated or replaced while open)."""
+
+
+def _error_for(message: str, status: int) -> NativeError:
+    cls = {ERR_BUDGET: BudgetError, ERR_CORRUPT: CorruptWeightsError, ERR_IO: ReadError}.get(status, NativeError)
+    return cls(message, status)
+
+
+_container_open = _sig("emoe_container_open", _vp, _cp, _int, ctypes.c_char_p, _sz)
+_container_close = _sig("emoe_container_close", None, _vp)
+_stream_options_init = _sig("emoe_stream_options_init", None, ctypes.POINTER(StreamOptions))
+_load_streaming = _sig("emoe_container_load_streaming", _vp, _vp, _int, _int, _int, ctypes.POINTER(StreamOptions),
+                       ctypes.c_char_p, _sz)
+_model_stats = _sig("emoe_model_stats", _int, _vp, ctypes.POINTER(Stats))
+_model_reset_stats = _sig("emoe_model_reset_stats", None, _vp)
+_model_drop_cache = _sig("emoe_model_drop_cache", _int, _vp)
+
+
+def stream_options(budget_bytes: int | None = None, mode: str = "exact", prefetch: int = 1, prefetch_extra: int = 1,
+                   precision: int | None = None, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
+                   verify: str = "first") -> StreamOptions:
+    if mode not in MODES:
+        raise NativeError(f"mode {mode!r}: expected one of {sorted(MODES)}", ERR_ARG)
+    if verify not in VERIFY_READS:
+        raise NativeError(f"verify {verify!r}: expected one of {sorted(VERIFY_READS)}", ERR_ARG)
+    o = StreamOptions()
+    _stream_options_init(ctypes.byref(o))
+    o.budget_bytes = int(budget_bytes or 0)
+    o.mode, o.prefetch, o.prefetch_extra = MODES[mode], int(prefetch), int(prefetch_extra)
+    o.precision, o.io_threads = int(precision or 0), int(io_threads)
+    o.direct, o.drop_cache, o.verify = int(bool(direct)), int(bool(drop_cache)), VERIFY_READS[verify]
+    return o
+
+
+def open_streaming(path, max_ctx: int, kv_f16: bool, threads: int, options: StreamOptions) -> "ModelHandle":
+    """Open a container in C and load it under a memory budget (dense weights read into anonymous memory, experts
+    streamed through the expert cache). The C container is closed again: the model keeps nothing of it."""
+    err = ctypes.create_string_buffer(2048)
+    c = _container_open(os.fsencode(str(path)), 0, err, len(err))
+    if not c:
+        raise NativeError(err.value.decode(errors="replace"), ERR_ARG)
+    try:
+        m = _load_streaming(c, int(max_ctx), int(bool(kv_f16)), int(threads), ctypes.byref(options), err, len(err))
+    finally:
+        _container_close(c)
+    if not m:
+        msg = err.value.decode(errors="replace")
+        raise _error_for(msg, ERR_BUDGET if "below the minimum" in msg else ERR_ARG)
+    h = ModelHandle.__new__(ModelHandle)
+    h._m = m
+    return h
+
+
+def _stats_dict(s: Stats) -> dict:
+    out = {}
+    for name, ctype in Stats._fields_:
+        v = getattr(s, name)
+        out[name] = list(v)[: max(1, s.n_planes if name != "experts_at_planes" else s.run_planes)] \
+            if isinstance(v, ctypes.Array) else v
+    return out

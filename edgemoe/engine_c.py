@@ -217,6 +217,48 @@ class CEngine:
     def isa(self) -> str:
         return N.isa_name(self._h.isa)
 
+    # ---- a hard memory budget ------------------------------------------------------------------------------------
+    @classmethod
+    def open_streaming(cls, path, spec: ArchSpec, memory_budget: int | None, mode: str = "exact", threads: int = 1,
+                       max_ctx: int = 4096, kv_f16: bool = False, precision: int | None = None, prefetch: int = 1,
+                       prefetch_extra: int = 1, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
+                       verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False) -> "CEngine":
+        """The model under a memory budget (bytes; None = no limit, every expert cached after its first use): the C
+        core opens the container itself, reads the dense weights into anonymous memory and streams the experts through
+        its byte-budgeted cache (native/src/hebf.c). Raises N.BudgetError, stating the minimum, below it.
+
+        mode: "exact" (output identical to the all-resident model), "adaptive" (MWQ: compute an expert at its resident
+        planes rather than wait for a refinement plane), "ondemand" (baseline: LRU, no prefetch, no overlap).
+        prefetch: 0 none, 1 before each layer's attention, 2 also the next layer. verify: CRC-32 of expert reads
+        ("first" read of each piece, "always", "never")."""
+        self = cls.__new__(cls)
+        self.spec = spec
+        self.max_ctx = int(max_ctx)
+        self._arrays, self._plane_reader, self._quant, self._mwq, self._checked = [], None, {}, {}, {}
+        opts = N.stream_options(memory_budget, mode, prefetch, prefetch_extra, precision, io_threads, direct,
+                                drop_cache, verify)
+        self._h = N.open_streaming(path, self.max_ctx, kv_f16, max(1, int(threads)), opts)
+        if isa is not None:
+            self.set_isa(isa)
+        self._h.set_q8_f32_act(q8_f32_act)
+        return self
+
+    @property
+    def streaming(self) -> bool:
+        return self._h.stats()["mode"] >= 0
+
+    def stats(self) -> dict:
+        """The C core's statistics (emoe_stats): budget parts, cache hits/misses per plane level, bytes read, stall
+        time, prefetch counts. mode = -1 for an engine without a budget."""
+        return self._h.stats()
+
+    def reset_stats(self) -> None:
+        self._h.reset_stats()
+
+    def drop_cache(self) -> None:
+        """Empty the expert cache (a cold start for measurements)."""
+        self._h.drop_cache()
+
     def close(self) -> None:
         self._h.close()
         self._arrays.clear()

@@ -16,34 +16,51 @@ from .tokenizer import Tokenizer
 from .units import format_bytes, parse_bytes
 
 ENGINES = ("auto", "c", "numpy")
+MODES = ("exact", "adaptive", "ondemand")
 
 
 def _peak_rss_bytes() -> int:
+    """VmHWM: the process's peak resident set (Linux /proc; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _ratio(a, b):
+    return a / b if b else None
 
 
 class Model:
     def __init__(self, container: Container, memory_budget=None, threads: int | None = None, engine: str = "auto",
-                 max_ctx: int | None = None, precision: int | None = None):
+                 max_ctx: int | None = None, precision: int | None = None, mode: str = "exact",
+                 stream_options: dict | None = None):
         if engine not in ENGINES:
             raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
+        if mode not in MODES:
+            raise EdgeMoEError(f"mode {mode!r}: expected one of {MODES}")
         self.container = container
         self.spec = container.spec
         self.memory_budget = parse_bytes(memory_budget)
         self.threads = threads
         self.precision, self.stored_planes = self._check_precision(container, precision)
         self.max_ctx = int(max_ctx or min(self.spec.max_position, 4096))
-        tensors = {n: container.array(n) for n, t in container.tensors.items() if t.kind != "blob"}
-        dtypes = {n: t.dtype for n, t in container.tensors.items()}
-        shapes = {n: t.shape for n, t in container.tensors.items()}
         self.dense_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "dense")
         self.expert_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "expert")
-        if self.memory_budget is not None and self.memory_budget < self.dense_bytes:
-            raise EdgeMoEError(
-                f"memory budget {format_bytes(self.memory_budget)} is smaller than the dense part of "
-                f"{container.path.name} ({format_bytes(self.dense_bytes)}), which must stay resident"
-            )
-        self.engine_name, self._engine = self._make_engine(engine, tensors, dtypes, shapes)
+        self.mode = mode
+        # A budget (or a mode other than exact) runs the streaming engine: the C core enforces the budget itself.
+        self.streaming = self.memory_budget is not None or mode != "exact"
+        if self.streaming:
+            self.engine_name, self._engine = self._make_streaming_engine(engine, dict(stream_options or {}))
+        else:
+            tensors = {n: container.array(n) for n, t in container.tensors.items() if t.kind != "blob"}
+            dtypes = {n: t.dtype for n, t in container.tensors.items()}
+            shapes = {n: t.shape for n, t in container.tensors.items()}
+            self.engine_name, self._engine = self._make_engine(engine, tensors, dtypes, shapes)
         tok = container.tensors.get("tokenizer.json")
         self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
@@ -68,6 +85,20 @@ class Model:
                                f"(base {base} bits + {stored - 1} residual); choose 1..{stored} "
                                f"({base}..{base + stored - 1} bits)")
         return k, stored
+
+    def _make_streaming_engine(self, engine: str, opts: dict):
+        """The C core under the memory budget: dense weights resident, experts through its byte-budgeted cache."""
+        if engine == "numpy":
+            raise EdgeMoEError("a memory budget (or mode other than 'exact') needs the C engine; the NumPy engine maps "
+                               "the whole file (use engine='auto' or 'c')")
+        try:
+            from .engine_c import CEngine
+        except Exception as e:  # noqa: BLE001 - the C core may be missing in a partial build
+            raise EdgeMoEError(f"a memory budget needs the C core, which is not available: {e}") from None
+        eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
+                                     threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
+                                     **opts)
+        return "c-stream", eng
 
     def _make_engine(self, engine, tensors, dtypes, shapes):
         has_mwq = self.stored_planes is not None
@@ -182,7 +213,48 @@ class Model:
             "memory_budget_bytes": self.memory_budget,
             "dense_bytes": self.dense_bytes,
             "expert_bytes": self.expert_bytes,
+            **(self._stream_stats() if self.streaming else {}),
         }
+
+    def _stream_stats(self) -> dict:
+        """The C core's cache statistics, as rates and per-token figures (since load or reset_stats)."""
+        c = self._engine.stats()
+        hits, misses, late = sum(c["hits"]), sum(c["misses"]), sum(c["late"])
+        return {
+            "mode": self.mode,
+            "minimum_budget_bytes": c["minimum_bytes"],
+            "budget_parts": {"dense": c["dense_bytes"], "kv_cache": c["kv_bytes"], "scratch": c["scratch_bytes"],
+                             "expert_cache": c["cache_capacity_bytes"]},
+            "expert_cache_peak_bytes": c["cache_peak_bytes"],
+            "tokens": c["tokens"],
+            "hits_per_plane": c["hits"],
+            "misses_per_plane": c["misses"],
+            "late_prefetch_per_plane": c["late"],
+            "cache_hit_rate": _ratio(hits, hits + misses + late),
+            "bytes_read": c["bytes_read"],
+            "bytes_read_per_token": _ratio(c["bytes_read"], c["tokens"]),
+            "io_stall_s": c["stall_s"],
+            "io_stall_fraction": _ratio(c["stall_s"], c["forward_s"]),
+            "prefetch_recall": _ratio(c["pred_hits"], c["true_experts"]),
+            "prefetch_precision": _ratio(c["pred_hits"], c["pred_experts"]),
+            "prefetch_pieces": {"issued": c["prefetch_issued"], "used": c["prefetch_used"],
+                                "wasted": c["prefetch_wasted"]},
+            "experts_at_planes": c["experts_at_planes"],
+            "evictions": c["evictions"],
+            "read_syscalls": c["read_syscalls"],
+            "checksums_checked": c["crc_checked"],
+            "o_direct": bool(c["direct"]),
+        }
+
+    def reset_stats(self) -> None:
+        self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        if self.streaming:
+            self._engine.reset_stats()
+
+    def drop_cache(self) -> None:
+        """Streaming: empty the expert cache (a cold start)."""
+        if self.streaming:
+            self._engine.drop_cache()
 
     def close(self) -> None:
         self._engine.close()
@@ -196,15 +268,28 @@ class Model:
 
 
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
-         max_ctx: int | None = None, verify: bool = True, precision: int | None = None) -> Model:
-    """Open a `.emoe` container. `memory_budget` ("512MB", bytes, or None for unlimited).
+         max_ctx: int | None = None, verify: bool = True, precision: int | None = None, mode: str = "exact",
+         prefetch: int = 1, verify_reads: str | None = None, **stream_options) -> Model:
+    """Open a `.emoe` container.
 
+    memory_budget: "1.5GB", bytes, or None (unlimited: the file is mapped). With a budget the C core holds the dense
+    weights, the KV cache for max_ctx, scratch and a byte-budgeted expert cache within it, streaming experts from the
+    file; a budget below the minimum raises an error stating it. mode: "exact" (default; output identical to the
+    all-resident model), "adaptive" (MWQ: skip refinement planes that would stall), "ondemand" (baseline: LRU, no
+    prefetch). prefetch: 0 none, 1 before each layer's attention (default), 2 also the next layer.
+    stream_options: prefetch_extra, io_threads, direct (O_DIRECT), drop_cache (see CEngine.open_streaming).
+    verify_reads: with a budget, "first" (default when verify), "always" (every read of an expert piece) or "never".
     precision: for MWQ containers, the number of bit planes every expert runs at (1 = the base plane only;
     default: all stored planes). Bits per weight = base bits + precision - 1.
+    verify: check checksums: without a budget every tensor now; with one, the dense weights at load and each expert
+    piece on its first read (reading the whole file up front would put all of it in memory).
     """
-    container = open_container(path, verify=verify)
+    streaming = memory_budget is not None or mode != "exact"
+    container = open_container(path, verify=verify and not streaming)
+    reads = verify_reads or ("first" if verify else "never")
+    opts = {"prefetch": prefetch, "verify": reads, **stream_options} if streaming else None
     try:
-        return Model(container, memory_budget, threads, engine, max_ctx, precision)
+        return Model(container, memory_budget, threads, engine, max_ctx, precision, mode, opts)
     except BaseException:
         container.close()
         raise

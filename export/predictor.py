@@ -38,7 +38,7 @@ def predictor_name(layer: int) -> str:
 
 
 def fit_layer_predictor(pre_attn_input: np.ndarray, router_logits: np.ndarray, router: np.ndarray,
-                        ridge: float = 1e-2) -> np.ndarray:
+                        ridge: float = 0.1) -> np.ndarray:
     """Ridge least squares of the true router logits on the pre-attention input, pulled toward the router.
 
     pre_attn_input [T, H], router_logits [T, E], router [E, H] -> W_pre [E, H] float32."""
@@ -64,10 +64,12 @@ def recall_at(pred_logits: np.ndarray, true_logits: np.ndarray, top_k: int, delt
     return hits / max(1, true.size)
 
 
-def fit_predictors(src, calib, tokens: int = 16384, ridge: float = 1e-2, holdout: float = 0.2, delta: int = 1,
-                   show_progress: bool = True) -> tuple[dict[int, np.ndarray], list[dict]]:
+def fit_predictors(src, calib, tokens: int = 16384, ridge: float = 0.1, holdout: float = 0.2, delta: int = 1,
+                   show_progress: bool = True, seqs: list[np.ndarray] | None = None
+                   ) -> tuple[dict[int, np.ndarray], list[dict]]:
     """Stream calibration text through the checkpoint (export/calibrate.py) and fit one predictor per MoE layer.
 
+    seqs: token id sequences to use instead of tokenizing `calib` (a checkpoint without a tokenizer).
     Returns ({layer: W_pre}, per-layer report rows with recall of the plain router and of W_pre on held-out tokens).
     """
     from .calibrate import calibrate, load_calibration_ids
@@ -78,18 +80,19 @@ def fit_predictors(src, calib, tokens: int = 16384, ridge: float = 1e-2, holdout
     if spec.router_input == "layer_input":
         raise EdgeMoEError(f"{spec.family}: the router already reads the layer input before attention; the engine "
                            "prefetches with it directly and needs no fitted predictor")
-    seqs = load_calibration_ids(ckpt.tokenizer_json, calib, tokens, min(256, spec.max_position), spec.vocab)
+    if seqs is None:
+        seqs = load_calibration_ids(ckpt.tokenizer_json, calib, tokens, min(256, spec.max_position), spec.vocab)
     preds: dict[int, np.ndarray] = {}
     report = []
-    rng = np.random.default_rng(0)
     for cal in calibrate(ckpt, seqs, collect_grams=False, show_progress=show_progress):
         if cal.router_logits is None:
             continue
         router = next(v for k, v in cal.dense.items() if k.endswith(".ffn_gate_inp.weight"))
         X, Z = cal.pre_attn_input, cal.router_logits
-        order = rng.permutation(len(X))
+        # held out: the last sequences (calibration samples are in token order), not random tokens of the same
+        # sequences, which share context with the training rows and flatter an overfitted fit
         n_test = max(1, int(len(X) * holdout))
-        test, train = order[:n_test], order[n_test:]
+        train, test = np.arange(len(X) - n_test), np.arange(len(X) - n_test, len(X))
         W = fit_layer_predictor(X[train], Z[train], router, ridge)
         row = {"layer": cal.layer, "train_tokens": int(len(train)), "test_tokens": int(n_test)}
         for name, w in (("router", router), ("fitted", W)):
@@ -152,7 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("out", help="output .emoe with the predictors added")
     p.add_argument("--calib", required=True, help="UTF-8 calibration text")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--ridge", type=float, default=1e-2)
+    p.add_argument("--ridge", type=float, default=0.1,
+                   help="pull toward the router, relative to the inputs' scale (0.1: best held-out recall measured on "
+                        "an OLMoE-shaped model, 0.01-10 within a few points)")
     p.add_argument("--delta", type=int, default=1, help="report recall of the true top-k in the predicted top-(k+delta)")
     args = p.parse_args(argv)
     preds, report = fit_predictors(args.src, args.calib, args.tokens, args.ridge, delta=args.delta)

@@ -211,7 +211,11 @@ void emoe_model_reset(emoe_model *m); /* clear the KV cache (n_past = 0) */
  * Modes: EXACT (default) computes every expert at the model's precision, so output is bit-identical to the
  * all-resident model; ADAPTIVE computes an expert at whatever planes are resident rather than wait for a refinement
  * plane (MWQ only; base planes are always waited for); ONDEMAND is the baseline: no prefetch, each expert loaded
- * when it is reached and computed before the next is requested. */
+ * when it is reached and computed before the next is requested, plain LRU eviction.
+ * Eviction (EXACT, ADAPTIVE): queued prefetches first, then refinement planes before base planes, then LRU +
+ * frequency: the lowest use count decayed by 0.9 per token, ties to the layer whose next use is furthest (plain LRU
+ * evicts exactly what the next layers need once the cache holds less than a token's experts). The environment
+ * variable EDGEMOE_EVICT=lru|cyclic|freq overrides the policy (for experiments). */
 typedef struct emoe_container emoe_container; /* edgemoe_container.h */
 enum { EMOE_MODE_EXACT = 0, EMOE_MODE_ADAPTIVE = 1, EMOE_MODE_ONDEMAND = 2 };
 enum { EMOE_VERIFY_READS_NEVER = 0, EMOE_VERIFY_READS_FIRST = 1, EMOE_VERIFY_READS_ALWAYS = 2 };
@@ -222,7 +226,7 @@ typedef struct {
                                l's post-attention state while layer l's experts run */
     int32_t prefetch_extra; /* predict each token's top-(k + extra) experts (default 1) */
     int32_t precision;      /* MWQ experts: planes to run at (0 = all stored) */
-    int32_t io_threads;     /* reader threads (default 1) */
+    int32_t io_threads;     /* reader threads (default 2) */
     int32_t direct;         /* 1: O_DIRECT reads (falls back to buffered if the file system refuses) */
     int32_t drop_cache;     /* 1: posix_fadvise(DONTNEED) after each buffered read */
     int32_t verify;         /* EMOE_VERIFY_READS_*: CRC-32 of each piece on its first read (default) or every read;

@@ -7,28 +7,37 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <math.h>
 #include <time.h>
 
 #include "edgemoe.h"
 
-enum { L_NONE = 0, L_REF, L_BASE, L_QUEUED, N_LISTS };
+/* Lists of evictable pieces: L_QUEUED (queued, unpinned), then one READY list per (class, group): class 0 =
+ * refinement planes, 1 = base planes; group = layer. Each list is in touch order (head = least recently used). */
+enum { L_NONE = 0, L_QUEUED = 1, L_READY0 = 2 };
 
 typedef struct {
     uint64_t off, nbytes;
     uint64_t slot, slot_bytes; /* arena offset and charged bytes; slot_bytes = 0: no slot */
     uint64_t key;              /* queue priority while QUEUED */
     uint64_t last_use;
+    uint64_t use_epoch; /* the epoch (token / forward block) of its last acquire or prefetch */
+    double freq;        /* acquires, decayed by EMOE_CACHE_DECAY per epoch, as of freq_epoch (kept across evictions) */
+    uint64_t freq_epoch;
     const char *name;
     uint32_t crc, tag;
     int32_t pins;
+    int32_t group;  /* layer (eviction by distance to the next use) */
     int prev, next; /* links of the list the piece is on */
+    int list;
     int16_t level;
-    uint8_t state, list;
+    uint8_t state;
     uint8_t verified; /* passed its CRC once */
     uint8_t pf;       /* queued/loaded by a prefetch and not yet acquired */
     uint8_t demand;   /* its current read was demanded (a miss or a late prefetch) */
     uint8_t checking; /* its current read checks the CRC */
     uint8_t entry;    /* state when the current emoe_cache_acquire reached it */
+    uint8_t expired;  /* an unused prefetch whose layer has passed: goes to the LRU end when it lands */
     int8_t status;    /* the error of its last read (ERROR state) */
 } piece;
 
@@ -51,11 +60,25 @@ struct emoe_cache {
     size_t n_free, cap_free;
     piece *p;
     int n;
-    plist lists[N_LISTS];
+    plist *lists; /* [L_READY0 + 2 * n_groups] */
+    int n_lists, n_groups, policy, position; /* position: the layer being computed (EMOE_EVICT_CYCLIC) */
+    uint64_t epoch;                          /* the token / forward block being computed (EMOE_EVICT_CYCLIC) */
+    int *pf_ids; /* pieces prefetched and not yet acquired or expired (pf = 1), maybe stale entries */
+    size_t n_pf, cap_pf;
     uint64_t clock;
     emoe_cache_stats st;
     char err[EMOE_IO_MSG_LEN + 128];
 };
+
+#define EMOE_CACHE_DECAY 0.9 /* per epoch (token): a use 7 tokens ago counts half */
+
+/* EMOE_EVICT_CYCLIC's static order key: freq * DECAY^(now - freq_epoch) compares like log(freq) + freq_epoch * -log
+ * (DECAY), which changes only when the piece is used. An unused prefetch is protected (+inf) until it expires. */
+static double freq_key(const piece *p) {
+    if (p->pf) return INFINITY;
+    if (p->freq <= 0) return -INFINITY;
+    return log(p->freq) - (double)p->freq_epoch * log(EMOE_CACHE_DECAY);
+}
 
 static double now_s(void) {
     struct timespec ts;
@@ -133,16 +156,32 @@ static void list_remove(emoe_cache *c, int id) {
 static void list_append(emoe_cache *c, int id, int which) {
     piece *p = &c->p[id];
     plist *l = &c->lists[which];
-    p->list = (uint8_t)which;
+    p->list = which;
+    p->last_use = ++c->clock; /* lists stay ordered by last_use, so heads of different lists compare */
     p->prev = l->tail, p->next = -1;
     if (l->tail >= 0) c->p[l->tail].next = id;
     else l->head = id;
     l->tail = id;
 }
 
-static int wanted_list(const piece *p) {
+static void list_prepend(emoe_cache *c, int id, int which) {
+    piece *p = &c->p[id];
+    plist *l = &c->lists[which];
+    p->list = which;
+    p->last_use = 0;
+    p->use_epoch = 0;
+    p->freq = 0.0; /* an expired prefetch: never used, first to go */
+    p->prev = -1, p->next = l->head;
+    if (l->head >= 0) c->p[l->head].prev = id;
+    else l->tail = id;
+    l->head = id;
+}
+
+static int ready_list(const emoe_cache *c, int cls, int group) { return L_READY0 + cls * c->n_groups + group; }
+
+static int wanted_list(const emoe_cache *c, const piece *p) {
     if (p->pins) return L_NONE;
-    if (p->state == EMOE_PIECE_READY) return p->level > 0 ? L_REF : L_BASE;
+    if (p->state == EMOE_PIECE_READY) return ready_list(c, p->level > 0 ? 0 : 1, p->group);
     if (p->state == EMOE_PIECE_QUEUED) return L_QUEUED;
     return L_NONE;
 }
@@ -150,7 +189,7 @@ static int wanted_list(const piece *p) {
 /* Put the piece on the list its state says, at the most recently used end when touch (or when it moves). */
 static void relist(emoe_cache *c, int id, int touch) {
     piece *p = &c->p[id];
-    const int w = wanted_list(p);
+    const int w = wanted_list(c, p);
     if (w == p->list && !touch) return;
     list_remove(c, id);
     if (w != L_NONE) list_append(c, id, w);
@@ -187,9 +226,46 @@ static int pick_victim(emoe_cache *c, int why) {
             if (best < 0 || c->p[id].key >= c->p[best].key) best = id;
         return best;
     }
-    for (int l = L_REF; l <= L_BASE; l++)
-        for (int id = c->lists[l].head; id >= 0; id = c->p[id].next)
-            if (why == FOR_DEMAND || !c->p[id].pf) return id; /* a prefetch never evicts another's unused bet */
+    for (int cls = 0; cls < 2; cls++) { /* refinement planes before base planes */
+        int best = -1, best_dist = 0;
+        for (int g = 0; g < c->n_groups; g++) {
+            /* each group's list is in touch order: its head is the group's least recently used piece */
+            int id = c->lists[ready_list(c, cls, g)].head;
+            while (id >= 0 && why == FOR_PREFETCH && c->p[id].pf) id = c->p[id].next; /* never evict another
+                                                                                         * prefetch's unused bet */
+            if (id < 0) continue;
+            const piece *p = &c->p[id];
+            if (c->policy == EMOE_EVICT_LRU) {
+                if (best < 0 || p->last_use < c->p[best].last_use) best = id;
+                continue;
+            }
+            if (c->policy == EMOE_EVICT_CYCLIC) { /* the oldest epoch, then the furthest next visit */
+                const int dist = (g - c->position + c->n_groups) % c->n_groups ? (g - c->position + c->n_groups) %
+                                                                                     c->n_groups
+                                                                               : c->n_groups;
+                if (best < 0 || p->use_epoch < c->p[best].use_epoch ||
+                    (p->use_epoch == c->p[best].use_epoch && dist > best_dist))
+                    best = id, best_dist = dist;
+                continue;
+            }
+            /* FREQ: the lowest decayed use frequency first (LRU + frequency); equal ones (e.g. pieces used once in
+             * the same token) by the group whose next visit is furthest: the current position's group (its pieces
+             * in use are pinned) counts as a full cycle away. Every piece of the list is a candidate. */
+            for (; id >= 0; id = c->p[id].next) {
+                const piece *q = &c->p[id];
+                if (why == FOR_PREFETCH && q->pf) continue;
+                const int dist = (g - c->position + c->n_groups) % c->n_groups ? (g - c->position + c->n_groups) %
+                                                                                     c->n_groups
+                                                                               : c->n_groups;
+                const double kq = freq_key(q), kb = best >= 0 ? freq_key(&c->p[best]) : 0.0;
+                if (best < 0 || kq < kb - 1e-9 || (kq <= kb + 1e-9 && (dist > best_dist ||
+                                                                      (dist == best_dist &&
+                                                                       q->last_use < c->p[best].last_use))))
+                    best = id, best_dist = dist;
+            }
+        }
+        if (best >= 0) return best;
+    }
     return -1;
 }
 
@@ -261,14 +337,21 @@ static void io_done(void *ctx, int id, int status, const char *msg, double secon
     }
     p->demand = 0;
     p->checking = 0;
-    relist(c, id, 1);
+    if (p->expired && p->state == EMOE_PIECE_READY && !p->pins) { /* a wasted prefetch: first to go */
+        list_remove(c, id);
+        list_prepend(c, id, wanted_list(c, p));
+    } else {
+        relist(c, id, 1);
+    }
+    p->expired = 0;
 }
 
 /* ---- lifetime ---- */
 
 size_t emoe_cache_overhead_bytes(const emoe_cache_config *cfg) {
     emoe_io_config io = {.n_threads = cfg->io_threads, .direct = cfg->direct};
-    return sizeof(struct emoe_cache) + (size_t)cfg->n_pieces * (sizeof(piece) + 2 * sizeof(extent)) +
+    return sizeof(struct emoe_cache) + (size_t)cfg->n_pieces * (sizeof(piece) + 2 * sizeof(extent) + sizeof(int)) +
+           (size_t)(L_READY0 + 2 * (cfg->n_groups > 0 ? cfg->n_groups : 1)) * sizeof(plist) +
            emoe_io_overhead_bytes(&io);
 }
 
@@ -282,6 +365,18 @@ emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errle
     if (!c) goto nomem;
     c->verify = cfg->verify;
     c->n = cfg->n_pieces;
+    c->n_groups = cfg->n_groups > 0 ? cfg->n_groups : 1;
+    c->policy = cfg->policy;
+    for (int i = 0; i < c->n; i++)
+        if (cfg->pieces[i].group < 0 || cfg->pieces[i].group >= c->n_groups) {
+            if (err) snprintf(err, errlen, "emoe_cache_new: piece %d has group %d, outside 0..%d", i,
+                              cfg->pieces[i].group, c->n_groups - 1);
+            free(c);
+            return NULL;
+        }
+    c->n_lists = L_READY0 + 2 * c->n_groups;
+    c->lists = calloc((size_t)c->n_lists, sizeof(plist));
+    if (!c->lists) goto nomem;
     c->p = calloc((size_t)(c->n ? c->n : 1), sizeof(piece));
     c->cap_free = (size_t)c->n + 2;
     c->free_ext = calloc(c->cap_free, sizeof(extent));
@@ -289,9 +384,9 @@ emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errle
     for (int i = 0; i < c->n; i++) {
         const emoe_piece_desc *d = &cfg->pieces[i];
         c->p[i] = (piece){.off = d->off, .nbytes = d->nbytes, .crc = d->crc32, .name = d->name, .prev = -1,
-                          .next = -1, .level = (int16_t)(d->level < 0 ? 0 : d->level)};
+                          .next = -1, .level = (int16_t)(d->level < 0 ? 0 : d->level), .group = d->group};
     }
-    for (int l = 0; l < N_LISTS; l++) c->lists[l] = (plist){-1, -1};
+    for (int l = 0; l < c->n_lists; l++) c->lists[l] = (plist){-1, -1};
     c->arena_bytes = cfg->capacity / EMOE_IO_ALIGN * EMOE_IO_ALIGN;
     if (c->arena_bytes) {
         void *a = mmap(NULL, (size_t)c->arena_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -312,7 +407,7 @@ emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errle
         goto nomem;
     }
     emoe_io_config io = {.path = cfg->path, .n_threads = cfg->io_threads > 0 ? cfg->io_threads : 1,
-                         .direct = cfg->direct, .drop_cache = cfg->drop_cache, .max_merge_bytes = (size_t)64 << 20,
+                         .direct = cfg->direct, .drop_cache = cfg->drop_cache, .max_merge_bytes = EMOE_CACHE_MAX_MERGE,
                          .mu = &c->mu, .cv_done = &c->cv_done, .start = io_start, .done = io_done, .ctx = c};
     c->io = emoe_io_new(&io, err, errlen);
     if (!c->io) {
@@ -329,6 +424,7 @@ fail:
         if (c->arena) munmap(c->arena, (size_t)c->arena_bytes);
         free(c->p);
         free(c->free_ext);
+        free(c->lists);
         free(c);
     }
     return NULL;
@@ -342,6 +438,8 @@ void emoe_cache_free(emoe_cache *c) {
     if (c->arena) munmap(c->arena, (size_t)c->arena_bytes);
     free(c->p);
     free(c->free_ext);
+    free(c->pf_ids);
+    free(c->lists);
     free(c);
 }
 
@@ -357,10 +455,11 @@ int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *key
             return EMOE_ERR_ARG;
         }
     pthread_mutex_lock(&c->mu);
-    int i, rc = EMOE_OK;
+    int i, rc = EMOE_OK, compacted = 0;
+again:
     for (i = 0; i < n; i++) {
         piece *p = &c->p[ids[i]];
-        p->entry = p->state;
+        if (!compacted) p->entry = p->state;
         if (p->state == EMOE_PIECE_EMPTY || p->state == EMOE_PIECE_ERROR) {
             p->pins++; /* pinned first so that evictions for this request's later pieces spare it */
             if (!alloc_slot(c, ids[i], FOR_DEMAND)) {
@@ -406,6 +505,16 @@ int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *key
             for (int j = 0; j < n; j++) need += emoe_cache_slot_bytes(c->p[ids[j]].nbytes);
             for (int j = 0; j < c->n; j++)
                 if (c->p[j].slot_bytes && (c->p[j].pins || c->p[j].state == EMOE_PIECE_LOADING)) busy++;
+            if (need <= c->arena_bytes && !busy && !compacted) {
+                /* nothing else holds memory, yet the request does not fit: the free space is fragmented (the
+                 * request's own first pieces can split it). Empty the cache and place the request again. */
+                for (int j = 0; j < c->n; j++)
+                    if (!c->p[j].pins && (c->p[j].state == EMOE_PIECE_READY || c->p[j].state == EMOE_PIECE_QUEUED))
+                        evict(c, j);
+                compacted = 1;
+                rc = EMOE_OK;
+                goto again;
+            }
             if (need > c->arena_bytes || !busy) { /* nothing will ever free up: it cannot fit */
                 snprintf(c->err, sizeof c->err, "expert cache: %d pieces of %llu bytes do not fit in the cache of "
                          "%llu bytes (raise the memory budget)", n, (unsigned long long)need,
@@ -425,6 +534,11 @@ int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *key
         else c->st.misses[lv]++;
         if (p->pf) c->st.prefetch_used++, p->pf = 0;
         p->last_use = t;
+        p->use_epoch = c->epoch;
+        if (c->epoch >= p->freq_epoch) { /* one more use, the older ones decayed */
+            p->freq = p->freq * pow(EMOE_CACHE_DECAY, (double)(c->epoch - p->freq_epoch)) + 1.0;
+            p->freq_epoch = c->epoch;
+        }
     }
     pthread_mutex_unlock(&c->mu);
     return EMOE_OK;
@@ -440,6 +554,7 @@ int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key) {
         piece *p = &c->p[ids[i]];
         if (p->state == EMOE_PIECE_READY) {
             p->last_use = t;
+            p->use_epoch = c->epoch;
             relist(c, ids[i], 1);
         } else if (p->state == EMOE_PIECE_QUEUED) {
             if (key < p->key && !queue_piece(c, ids[i], key)) relist(c, ids[i], 0);
@@ -450,8 +565,16 @@ int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key) {
                 p->state = EMOE_PIECE_EMPTY;
                 break;
             }
+            if (c->n_pf == c->cap_pf) {
+                const size_t cap = c->cap_pf ? 2 * c->cap_pf : 256;
+                int *g = realloc(c->pf_ids, cap * sizeof(int));
+                if (g) c->pf_ids = g, c->cap_pf = cap;
+            }
+            if (c->n_pf < c->cap_pf) c->pf_ids[c->n_pf++] = ids[i];
             p->pf = 1;
+            p->expired = 0;
             p->last_use = t;
+            p->use_epoch = c->epoch;
             c->st.prefetch_issued++;
             relist(c, ids[i], 1);
             queued++;
@@ -491,6 +614,37 @@ int emoe_cache_cancel_queued(emoe_cache *c, uint64_t lo, uint64_t hi) {
         if (c->p[id].key >= lo && c->p[id].key < hi) evict(c, id), n++;
         id = next;
     }
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+int emoe_cache_expire_prefetches(emoe_cache *c, uint64_t lo, uint64_t hi) {
+    if (!c) return 0;
+    int n = 0;
+    pthread_mutex_lock(&c->mu);
+    size_t keep = 0;
+    for (size_t i = 0; i < c->n_pf; i++) {
+        const int id = c->pf_ids[i];
+        piece *p = &c->p[id];
+        if (!p->pf) continue; /* acquired, evicted or cancelled since: drop the entry */
+        if (p->key < lo || p->key >= hi) {
+            c->pf_ids[keep++] = id;
+            continue;
+        }
+        n++;
+        if (p->state == EMOE_PIECE_QUEUED && !p->pins) {
+            evict(c, id); /* counts it wasted */
+            continue;
+        }
+        c->st.prefetch_wasted++;
+        p->pf = 0;
+        if (p->state == EMOE_PIECE_LOADING) p->expired = 1;
+        else if (p->state == EMOE_PIECE_READY && !p->pins) {
+            list_remove(c, id);
+            list_prepend(c, id, wanted_list(c, p));
+        }
+    }
+    c->n_pf = keep;
     pthread_mutex_unlock(&c->mu);
     return n;
 }
@@ -620,6 +774,14 @@ void emoe_cache_clear(emoe_cache *c) {
     pthread_mutex_unlock(&c->mu);
 }
 
+void emoe_cache_set_position(emoe_cache *c, int group, uint64_t epoch) {
+    if (!c || group < 0 || group >= c->n_groups) return;
+    pthread_mutex_lock(&c->mu);
+    c->position = group;
+    c->epoch = epoch;
+    pthread_mutex_unlock(&c->mu);
+}
+
 void emoe_cache_pause_io(emoe_cache *c, int paused) {
     if (!c) return;
     pthread_mutex_lock(&c->mu);
@@ -656,7 +818,7 @@ int emoe_cache_check(emoe_cache *c, char *err, size_t errlen) {
                            p->state == EMOE_PIECE_READY;
         if (has != should) FAIL("piece %d: state %d but %s slot", i, p->state, has ? "a" : "no");
         if (p->pins < 0) FAIL("piece %d: negative pin count %d", i, p->pins);
-        if (p->list != wanted_list(p)) FAIL("piece %d: on list %d, expected %d", i, p->list, wanted_list(p));
+        if (p->list != wanted_list(c, p)) FAIL("piece %d: on list %d, expected %d", i, p->list, wanted_list(c, p));
         if (!has) continue;
         if (p->slot_bytes != emoe_cache_slot_bytes(p->nbytes)) FAIL("piece %d: slot of %llu bytes for %llu", i,
                                                                    (unsigned long long)p->slot_bytes,
@@ -685,7 +847,7 @@ int emoe_cache_check(emoe_cache *c, char *err, size_t errlen) {
             FAIL("extents at %llu and %llu overlap", (unsigned long long)all[i - 1].off,
                  (unsigned long long)all[i].off);
     }
-    for (int l = 1; l < N_LISTS; l++) { /* lists are consistent both ways */
+    for (int l = 1; l < c->n_lists; l++) { /* lists are consistent both ways */
         int prev = -1, count = 0;
         for (int id = c->lists[l].head; id >= 0; id = c->p[id].next) {
             if (c->p[id].list != l || c->p[id].prev != prev) FAIL("list %d is broken at piece %d", l, id);

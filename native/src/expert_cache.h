@@ -16,8 +16,9 @@
  * the compute thread and not yet released) and LOADING pieces are never evicted.
  *
  * Eviction, when a slot is needed: (1) demand requests first cancel queued, unpinned prefetches (no I/O spent yet),
- * lowest priority first; then (2) READY refinement planes, least recently used first; then (3) READY base planes,
- * least recently used first. Prefetches only take free memory or evict (2)/(3), never cancel other prefetches.
+ * lowest priority first; then (2) READY refinement planes; then (3) READY base planes; within (2) and (3) by the
+ * policy (EMOE_EVICT_LRU: least recently used; EMOE_EVICT_CYCLIC: furthest next use by layer order, then LRU).
+ * Prefetches only take free memory or evict (2)/(3), never cancel other prefetches.
  *
  * Thread safety: every function takes the cache's mutex; the compute thread and the I/O thread(s) share it.
  */
@@ -31,14 +32,25 @@
 #define EMOE_CACHE_FULL 1     /* emoe_cache_acquire: not now (everything evictable is pinned or loading) */
 
 #define EMOE_CACHE_MAX_LEVELS 16 /* plane levels with their own statistics */
+/* Largest merged read: a read in progress cannot be cancelled or overtaken by a demand read, so a mispredicted
+ * prefetch can hold the disk for at most this long; 4 MiB already reaches the sequential bandwidth of the SSDs and
+ * virtual disks measured (MACHINE.md). */
+#define EMOE_CACHE_MAX_MERGE ((size_t)4 << 20)
 
 enum { EMOE_PIECE_EMPTY = 0, EMOE_PIECE_QUEUED, EMOE_PIECE_LOADING, EMOE_PIECE_READY, EMOE_PIECE_ERROR };
 enum { EMOE_VERIFY_NEVER = 0, EMOE_VERIFY_FIRST = 1, EMOE_VERIFY_ALWAYS = 2 };
+/* Which READY piece goes first (after queued prefetches, and refinement planes before base planes):
+ * LRU: the least recently used. CYCLIC: LRU at the granularity of epochs (tokens), ties to the layer whose next
+ * visit is furthest (a model's layers run in order: the layer just computed). FREQ: LRU + frequency: the lowest use
+ * count decayed by 0.9 per epoch first, ties as CYCLIC. Plain LRU evicts exactly the pieces about to be reused once
+ * the cache holds less than one token's experts (every access misses); CYCLIC and FREQ keep a stable subset. */
+enum { EMOE_EVICT_LRU = 0, EMOE_EVICT_CYCLIC = 1, EMOE_EVICT_FREQ = 2 };
 
 typedef struct {
     uint64_t off, nbytes; /* absolute file range; nbytes = 0: no such piece (never requested) */
     uint32_t crc32;       /* CRC-32 of the range */
     int32_t level;        /* 0 = base plane (or the only plane), 1.. = refinement planes */
+    int32_t group;        /* 0..n_groups-1: the layer (for EMOE_EVICT_CYCLIC); 0 if unused */
     const char *name;     /* tensor name for messages (borrowed: must outlive the cache), or NULL */
 } emoe_piece_desc;
 
@@ -51,6 +63,8 @@ typedef struct {
     int direct;                     /* O_DIRECT reads */
     int drop_cache;                 /* fadvise(DONTNEED) after buffered reads */
     int verify;                     /* EMOE_VERIFY_* (FIRST: each piece's first read; FORMAT.md's rule) */
+    int n_groups;                   /* groups (layers) of the pieces, >= 1 */
+    int policy;                     /* EMOE_EVICT_* */
 } emoe_cache_config;
 
 typedef struct {
@@ -95,6 +109,11 @@ void emoe_cache_requeue(emoe_cache *c, const int *ids, int n, uint64_t key);
  * many were cancelled. */
 int emoe_cache_cancel_queued(emoe_cache *c, uint64_t lo, uint64_t hi);
 
+/* Prefetches whose queue key is in [lo, hi) and that were never acquired are expired: queued ones are cancelled,
+ * resident ones become the first eviction candidates (least recently used end), loading ones will be when they land.
+ * Call it when the layer they were predicted for has run. Returns how many were expired. */
+int emoe_cache_expire_prefetches(emoe_cache *c, uint64_t lo, uint64_t hi);
+
 /* Wait for a group of pinned pieces to be READY. Groups are ids[starts[g] .. starts[g+1]) for g < n_groups, the first
  * n_required[g] of each required, the rest optional; done[g] != 0 skips a group. Returns the index of the first
  * unskipped group whose pieces are all READY; if none and partial != 0, the first whose required pieces are READY;
@@ -118,6 +137,9 @@ void emoe_cache_reset_stats(emoe_cache *c);
 void emoe_cache_clear(emoe_cache *c);
 /* Recompute the byte accounting from scratch; EMOE_OK or EMOE_ERR_ARG with a message (tests call it often). */
 int emoe_cache_check(emoe_cache *c, char *err, size_t errlen);
+
+/* EMOE_EVICT_CYCLIC: the group (layer) being computed now, and the epoch (a counter of tokens or forward blocks). */
+void emoe_cache_set_position(emoe_cache *c, int group, uint64_t epoch);
 
 /* Tests: hold / release the I/O threads (requests queue up meanwhile). */
 void emoe_cache_pause_io(emoe_cache *c, int paused);

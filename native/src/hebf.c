@@ -124,7 +124,7 @@ struct emoe_stream {
     /* per-layer work, sized for EMOE_BLOCK tokens */
     emoe_hebf_item *items;
     void *hebf_work;
-    int *ids, *starts, *nreq, *gexp, *gk, *yoff, *gtok, *expert_group, *etok;
+    int *ids, *starts, *nreq, *gexp, *pf_count, *pf_best, *yoff, *gtok, *expert_group, *etok;
     uint64_t *keys;
     unsigned char *done;
     float *ew, *ybuf, *xpre, *plog;
@@ -190,7 +190,7 @@ static void predicted_logits(emoe_model *m, int l, const float *x, int n_tok) {
 static void issue_prefetch(emoe_model *m, int l, const int32_t *pred, int n_tok, uint64_t seq) {
     emoe_stream *S = m->stream;
     const int P = S->n_pred, n_st = m->layers[l].n_stored;
-    int *count = S->gk, *best = S->yoff; /* free scratch here: [n_stored_max] each */
+    int *count = S->pf_count, *best = S->pf_best;
     for (int e = 0; e < n_st; e++) count[e] = 0, best[e] = P;
     for (int t = 0; t < n_tok; t++)
         for (int j = 0; j < P; j++) {
@@ -217,6 +217,8 @@ static void issue_prefetch(emoe_model *m, int l, const int32_t *pred, int n_tok,
 static void stream_before_attention(emoe_model *m, int l, int n_tok) {
     emoe_stream *S = m->stream;
     S->pred_layer = -1;
+    /* until its routing is known, layer l is the next one to need its pieces: evict from l-1 backwards */
+    emoe_cache_set_position(S->cache, (l + m->cfg.n_layers - 1) % m->cfg.n_layers, S->seq / (uint64_t)m->cfg.n_layers);
     if (!S->opt.prefetch || S->opt.mode == EMOE_MODE_ONDEMAND) return;
     const uint64_t seq = S->seq + (uint64_t)l;
     emoe_cache_cancel_queued(S->cache, mkkey(CLS_PREFETCH, 0, 0), mkkey(CLS_PREFETCH, seq, 0)); /* stale */
@@ -297,6 +299,7 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
     run_state *s = &m->s;
     const int H = c->hidden, E = c->n_experts, K = c->top_k, n_st = L->n_stored;
     const uint64_t seq = S->seq + (uint64_t)l;
+    emoe_cache_set_position(S->cache, l, S->seq / (uint64_t)c->n_layers); /* epoch = forward blocks (tokens) */
     if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) fwd_matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
     fwd_route(m, L->emap, n_tok);
     if (S->pred_layer == l && S->pred_n == n_tok)
@@ -353,7 +356,7 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
     S->gtok[n_groups] = rows;
     S->starts[n_groups] = pos;
 
-    int admitted = 0, n_done = 0, ahead_done = S->opt.prefetch < 2 || S->opt.mode == EMOE_MODE_ONDEMAND;
+    int expired = 0, admitted = 0, n_done = 0, ahead_done = S->opt.prefetch < 2 || S->opt.mode == EMOE_MODE_ONDEMAND;
     const int partial = S->opt.mode == EMOE_MODE_ADAPTIVE;
     while (n_done < n_groups) {
         /* admit experts in order while they fit (ONDEMAND: one at a time, after the previous one ran) */
@@ -363,6 +366,11 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
             if (st == EMOE_CACHE_FULL) break;
             if (st) return fail_layer(m, st, admitted);
             admitted++;
+        }
+        if (!expired && admitted == n_groups) { /* every routed expert is pinned: what is left of this layer's
+                                                    * prefetches was mispredicted and stops costing bandwidth */
+            expired = 1;
+            emoe_cache_expire_prefetches(S->cache, mkkey(CLS_PREFETCH, 0, 0), mkkey(CLS_PREFETCH, seq + 1, 0));
         }
         if (!ahead_done) { /* layer l+1 from the post-attention state, queued behind this layer's demand */
             ahead_done = 1;
@@ -410,6 +418,8 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
         }
     }
     fwd_shared_expert(m, l, n_tok);
+    /* this layer's mispredicted experts were never used: make them the first to be evicted */
+    emoe_cache_expire_prefetches(S->cache, mkkey(CLS_PREFETCH, 0, 0), mkkey(CLS_PREFETCH, seq + 1, 0));
     return EMOE_OK;
 }
 
@@ -424,8 +434,8 @@ static void stream_forward_done(emoe_model *m, int n_tok, double seconds) {
 static void stream_free(emoe_stream *S) {
     if (!S) return;
     emoe_cache_free(S->cache); /* joins the I/O thread first */
-    void *bufs[] = {S->dense, S->names, S->pre, S->items, S->hebf_work, S->ids, S->starts, S->nreq, S->gexp, S->gk,
-                    S->yoff, S->gtok, S->expert_group, S->etok, S->keys, S->done, S->ew, S->ybuf, S->xpre, S->plog,
+    void *bufs[] = {S->dense, S->names, S->pre, S->items, S->hebf_work, S->ids, S->starts, S->nreq, S->gexp, S->pf_count,
+                    S->pf_best, S->yoff, S->gtok, S->expert_group, S->etok, S->keys, S->done, S->ew, S->ybuf, S->xpre, S->plog,
                     S->pred, S->ahead};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(S);
@@ -446,7 +456,7 @@ void emoe_stream_options_init(emoe_stream_options *o) {
     o->mode = EMOE_MODE_EXACT;
     o->prefetch = 1;
     o->prefetch_extra = 1;
-    o->io_threads = 1;
+    o->io_threads = 2; /* two reads in flight: a demand read need not wait for a prefetch read to finish */
     o->verify = EMOE_VERIFY_READS_FIRST;
 }
 
@@ -644,8 +654,8 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
                 S->expert_bytes += (int64_t)t->nbytes;
                 for (int p = 0; p < S->K; p++) {
                     emoe_piece_desc *d = &desc[pid(S, l, e, mat, p)];
-                    if (tm) *d = (emoe_piece_desc){t->planes[p].offset, t->planes[p].nbytes, t->planes[p].crc32, p, nm};
-                    else *d = (emoe_piece_desc){t->offset, t->nbytes, t->crc32, 0, nm};
+                    if (tm) *d = (emoe_piece_desc){t->planes[p].offset, t->planes[p].nbytes, t->planes[p].crc32, p, l, nm};
+                    else *d = (emoe_piece_desc){t->offset, t->nbytes, t->crc32, 0, l, nm};
                     const uint64_t sb = emoe_cache_slot_bytes(d->nbytes);
                     if (p == 0) eb += sb;
                     if (p < S->run) ef += sb, all_slots += sb;
@@ -697,12 +707,16 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     const size_t B = EMOE_BLOCK, H = (size_t)cfg->hidden, Kt = (size_t)cfg->top_k, NS = (size_t)S->n_stored_max;
     const size_t R = (size_t)(S->run ? S->run : 1), E = (size_t)cfg->n_experts, P = (size_t)S->n_pred;
     const size_t stream_scratch = NS * R * sizeof(emoe_hebf_item) + emoe_hebf_work_bytes((int)NS ? (int)NS : 1, (int)R) +
-                                  NS * 3 * R * (sizeof(int) + sizeof(uint64_t)) + (NS + 1) * 7 * sizeof(int) + NS +
+                                  NS * 3 * R * (sizeof(int) + sizeof(uint64_t)) + (NS + 1) * 8 * sizeof(int) + NS +
                                   B * Kt * (sizeof(int) + sizeof(float)) + B * Kt * H * sizeof(float) +
                                   B * H * sizeof(float) + B * E * sizeof(float) + 2 * B * P * sizeof(int32_t) +
                                   (size_t)cfg->n_layers * sizeof(tensor_ref) + names_used + sizeof(*S);
     emoe_cache_config cc = {.path = path, .n_pieces = n_pieces, .pieces = desc, .io_threads = opt.io_threads,
-                            .direct = opt.direct, .drop_cache = opt.drop_cache, .verify = opt.verify};
+                            .direct = opt.direct, .drop_cache = opt.drop_cache, .verify = opt.verify,
+                            .n_groups = cfg->n_layers,
+                            .policy = opt.mode == EMOE_MODE_ONDEMAND ? EMOE_EVICT_LRU : EMOE_EVICT_FREQ};
+    const char *ev = getenv("EDGEMOE_EVICT"); /* experiments: lru, cyclic, freq */
+    if (ev) cc.policy = !strcmp(ev, "lru") ? EMOE_EVICT_LRU : !strcmp(ev, "freq") ? EMOE_EVICT_FREQ : EMOE_EVICT_CYCLIC;
     S->scratch_bytes = (int64_t)(model_scratch_bytes(m, S->mwq) + stream_scratch + emoe_cache_overhead_bytes(&cc) +
                                  (size_t)(n_threads + opt.io_threads) * THREAD_STACK_ALLOWANCE);
     const int64_t min_cache = (int64_t)(base_slot * (uint64_t)cfg->top_k > full_slot ? base_slot * (uint64_t)cfg->top_k
@@ -717,8 +731,10 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
         if (err)
             snprintf(err, errlen, "memory budget %s (%lld bytes) is below the minimum %s (%lld bytes) for %s with "
                      "max_ctx %d: dense weights %s + KV cache %s + scratch %s + expert cache %s (one layer's top-%d "
-                     "experts at base precision); raise the budget, or lower max_ctx", b, (long long)S->budget, mn,
-                     (long long)S->minimum, path, max_ctx, d, kv, sc, ec, cfg->top_k);
+                     "experts at base precision)%s; raise the budget, or lower max_ctx", b, (long long)S->budget, mn,
+                     (long long)S->minimum, path, max_ctx, d, kv, sc, ec, cfg->top_k,
+                     S->budget < S->dense_bytes ? "; it is smaller than the dense part alone, which must stay "
+                                                  "resident" : "");
         goto fail_budget;
     }
     S->capacity = (int64_t)all_slots;
@@ -774,7 +790,7 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     S->ids = calloc(NS * 3 * R + 1, sizeof(int));
     S->keys = calloc(NS * 3 * R + 1, sizeof(uint64_t));
     S->starts = calloc(ns1, sizeof(int)), S->nreq = calloc(ns1, sizeof(int)), S->gexp = calloc(ns1, sizeof(int));
-    S->gk = calloc(ns1, sizeof(int)), S->yoff = calloc(ns1, sizeof(int)), S->gtok = calloc(ns1, sizeof(int));
+    S->pf_count = calloc(ns1, sizeof(int)), S->pf_best = calloc(ns1, sizeof(int)), S->yoff = calloc(ns1, sizeof(int)), S->gtok = calloc(ns1, sizeof(int));
     S->expert_group = calloc(ns1, sizeof(int));
     S->done = calloc(ns1, 1);
     S->etok = calloc(B * Kt, sizeof(int));
@@ -784,7 +800,7 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     S->plog = malloc(B * E * sizeof(float));
     S->pred = malloc(B * P * sizeof(int32_t));
     S->ahead = malloc(B * P * sizeof(int32_t));
-    if (!S->items || !S->hebf_work || !S->ids || !S->keys || !S->starts || !S->nreq || !S->gexp || !S->gk || !S->yoff ||
+    if (!S->items || !S->hebf_work || !S->ids || !S->keys || !S->starts || !S->nreq || !S->gexp || !S->pf_count || !S->pf_best || !S->yoff ||
         !S->gtok || !S->expert_group || !S->done || !S->etok || !S->ew || !S->ybuf || !S->xpre || !S->plog ||
         !S->pred || !S->ahead)
         goto nomem;

@@ -396,6 +396,65 @@ static void test_cache_policy(void) {
     free_pieces(&pf);
 }
 
+/* The layer-cyclic policy evicts the layer just computed (furthest next use); LRU evicts the oldest. */
+static void test_cache_cyclic(void) {
+    for (int policy = EMOE_EVICT_LRU; policy <= EMOE_EVICT_CYCLIC; policy++) {
+        piece_file pf = make_pieces(8, 1, 20000, 0);
+        for (int i = 0; i < 8; i++) pf.d[i].group = i / 2; /* 4 layers x 2 experts */
+        emoe_cache_config cfg = {.path = pf.path, .capacity = 6 * emoe_cache_slot_bytes(20064), .n_pieces = 8,
+                                 .pieces = pf.d, .io_threads = 1, .n_groups = 4, .policy = policy};
+        char err[256];
+        emoe_cache *c = emoe_cache_new(&cfg, err, sizeof err);
+        CHECK(c != NULL, "emoe_cache_new: %s", err);
+        if (!c) return;
+        for (int l = 0; l < 3; l++) { /* layers 0, 1, 2 in order: 6 pieces, full */
+            emoe_cache_set_position(c, l, 0);
+            int g[2] = {2 * l, 2 * l + 1};
+            CHECK(use_group(c, &pf, g, 2, 0) == 0, "layer %d", l);
+        }
+        emoe_cache_set_position(c, 3, 0);
+        int g3[1] = {6};
+        CHECK(use_group(c, &pf, g3, 1, 0) == 0, "layer 3");
+        if (policy == EMOE_EVICT_LRU)
+            CHECK(emoe_cache_state(c, 0) == EMOE_PIECE_EMPTY && emoe_cache_state(c, 4) == EMOE_PIECE_READY,
+                  "LRU evicts layer 0's oldest piece");
+        else /* position 3: layer 3 is being computed; the furthest next use among the others is layer 2's */
+            CHECK(emoe_cache_state(c, 4) == EMOE_PIECE_EMPTY && emoe_cache_state(c, 0) == EMOE_PIECE_READY &&
+                      emoe_cache_state(c, 2) == EMOE_PIECE_READY, "CYCLIC evicts the layer just computed (2)");
+        check_cache(c, "after the cyclic test");
+        emoe_cache_free(c);
+        free_pieces(&pf);
+    }
+}
+
+/* LRU + frequency: a piece used in many tokens outlives pieces used once more recently. */
+static void test_cache_freq(void) {
+    piece_file pf = make_pieces(6, 1, 20000, 0);
+    for (int i = 0; i < 6; i++) pf.d[i].group = i % 3;
+    emoe_cache_config cfg = {.path = pf.path, .capacity = 3 * emoe_cache_slot_bytes(20064), .n_pieces = 6,
+                             .pieces = pf.d, .io_threads = 1, .n_groups = 3, .policy = EMOE_EVICT_FREQ};
+    char err[256];
+    emoe_cache *c = emoe_cache_new(&cfg, err, sizeof err);
+    CHECK(c != NULL, "emoe_cache_new: %s", err);
+    if (!c) return;
+    int hot[1] = {0}, a[1] = {1}, b[1] = {2}, d[1] = {3};
+    for (uint64_t t = 0; t < 5; t++) { /* piece 0 used in tokens 0..4 */
+        emoe_cache_set_position(c, 0, t);
+        CHECK(use_group(c, &pf, hot, 1, 0) == 0, "hot");
+    }
+    emoe_cache_set_position(c, 1, 5);
+    CHECK(use_group(c, &pf, a, 1, 0) == 0, "a");
+    emoe_cache_set_position(c, 2, 6);
+    CHECK(use_group(c, &pf, b, 1, 0) == 0, "b");
+    emoe_cache_set_position(c, 0, 7);
+    CHECK(use_group(c, &pf, d, 1, 0) == 0, "d"); /* full: one must go */
+    CHECK(emoe_cache_state(c, 0) == EMOE_PIECE_READY, "the hot piece (5 uses, the last 3 tokens ago) stays");
+    CHECK(emoe_cache_state(c, 1) == EMOE_PIECE_EMPTY, "the piece used once, longest ago, goes");
+    check_cache(c, "after the freq test");
+    emoe_cache_free(c);
+    free_pieces(&pf);
+}
+
 static void test_cache_prefetch(void) {
     piece_file pf = make_pieces(8, 1, 30000, 0);
     emoe_cache *c = new_cache(&pf, 4 * emoe_cache_slot_bytes(30064), 0, 1, EMOE_VERIFY_FIRST);
@@ -561,6 +620,10 @@ int main(int argc, char **argv) {
     test_io(1);
     printf("cache: eviction policy and pins\n");
     test_cache_policy();
+    printf("cache: layer-cyclic eviction\n");
+    test_cache_cyclic();
+    printf("cache: LRU + frequency eviction\n");
+    test_cache_freq();
     printf("cache: prefetch\n");
     test_cache_prefetch();
     printf("cache: groups\n");

@@ -2,6 +2,7 @@
  *
  *   edgemoe-bench MODEL.emoe [-p 512] [-n 128] [-t threads] [-r reps] [--budget 1GB] [--prompt-file ids.txt]
  *                 [--seed 42] [--isa scalar|avx2|neon|neon_dotprod] [--kv-f16] [--verify] [--print-tokens] [--json]
+ *                 [--mode exact|adaptive|ondemand] [--prefetch 0|1|2] [--direct] [--precision K] [--tg-prompt]
  *
  * Tests (the same as `edgemoe bench` in Python and llama-bench):
  *   ppN  prompt processing: one forward pass over the N prompt tokens from an empty cache, timed; tokens/s = N / time.
@@ -11,6 +12,10 @@
  * sample standard deviation are over those repetitions. With --print-tokens the greedy continuation of the whole
  * prompt (n tokens) is computed once more and printed: the output to compare across machines and builds.
  * The prompt is token ids read from a file or random ids from a fixed seed; the output says which.
+ *
+ * --budget (or --mode / --stream) runs the model under a memory budget: dense weights resident, experts streamed
+ * through the expert cache (emoe_container_load_streaming). The report then has the cache's statistics for the timed
+ * repetitions of each test: bytes read (and per token), hit rate, I/O stall fraction, prefetch recall.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <ctype.h>
@@ -37,6 +42,12 @@ typedef struct {
     unsigned long long seed;
     int isa; /* EMOE_ISA_AUTO or a forced one */
     int kv_f16, verify, json, print_tokens;
+    int stream;       /* streaming engine (--budget, --mode, --stream) */
+    int tg_prompt;    /* tg: prefill the whole prompt (untimed) before decoding */
+    int tg_text;      /* tg: decode the prompt file's tokens after the prefilled part (teacher forcing), not argmax */
+    int32_t *text;    /* the whole prompt file (tg_text) */
+    int n_text;
+    emoe_stream_options so;
 } options;
 
 static void usage(FILE *f) {
@@ -46,7 +57,20 @@ static void usage(FILE *f) {
             "  -n, --n-gen N         generated tokens for the tg test (default 128; 0 skips it)\n"
             "  -t, --threads N       threads (default 1)\n"
             "  -r, --repetitions N   timed repetitions per test after one warm-up (default 5)\n"
-            "  --budget SIZE         memory budget, e.g. 1GB, 512MiB, 800000000 (reported; NOT enforced yet)\n"
+            "  --budget SIZE         memory budget, e.g. 1GB, 512MiB, 800000000: dense weights + KV cache + scratch\n"
+            "                        + expert cache; experts are streamed from the file (below the minimum: error)\n"
+            "  --mode M              exact (default: output identical to all-resident), adaptive (MWQ: skip refinement\n"
+            "                        planes that would stall), ondemand (baseline: LRU, no prefetch, no overlap)\n"
+            "  --stream              the streaming engine without a budget (every expert cached after first use)\n"
+            "  --prefetch N          0 none, 1 before each layer's attention (default), 2 also the next layer\n"
+            "  --prefetch-extra N    predict top-(k+N) experts per token (default 1)\n"
+            "  --precision K         MWQ experts: planes to run at (default all stored)\n"
+            "  --direct              read experts with O_DIRECT; --drop-cache: fadvise(DONTNEED) after reads\n"
+            "  --io-threads N        reader threads (default 2)\n"
+            "  --verify-reads W      never, first (default: each piece's first read) or always: CRC-32 of expert reads\n"
+            "  --tg-prompt           tg: prefill the whole prompt (untimed) before the timed decode\n"
+            "  --tg-text             tg: each decode step feeds the next token of --prompt-file after the -p prefilled\n"
+            "                        ones (teacher forcing: routing follows real text instead of a greedy loop)\n"
             "  --prompt-file FILE    prompt token ids (whitespace/comma separated, or a JSON list); default: random\n"
             "                        ids from --seed. With a file, -p defaults to the number of ids in it\n"
             "  --seed N              seed of the random prompt (default 42)\n"
@@ -291,6 +315,8 @@ typedef struct {
     double *token_ms;   /* tg: [reps * n_gen] per-decode latencies, sorted after the run */
     int n_token_ms;
     double avg_ns, sd_ns, avg_ts, sd_ts, p50_ms, p95_ms;
+    emoe_stats st; /* streaming: over the timed repetitions */
+    double timed_s;
 } result;
 
 static void summarize(result *r, int reps) {
@@ -314,12 +340,15 @@ static int bench_pp(emoe_model *m, const options *o, const int32_t *prompt, floa
     r->n_prompt = o->n_prompt;
     emoe_model_reset(m); /* warm-up */
     if (run_forward(m, prompt, o->n_prompt, logits, "pp warm-up")) return -1;
+    emoe_model_reset_stats(m);
     for (int rep = 0; rep < o->reps; rep++) {
         emoe_model_reset(m);
         const double t0 = now_s();
         if (run_forward(m, prompt, o->n_prompt, logits, "pp")) return -1;
         r->samples_ns[rep] = (now_s() - t0) * 1e9;
+        r->timed_s += r->samples_ns[rep] * 1e-9;
     }
+    emoe_model_stats(m, &r->st);
     return 0;
 }
 
@@ -329,18 +358,23 @@ static int bench_tg(emoe_model *m, const options *o, const int32_t *prompt, floa
     for (int rep = -1; rep < o->reps; rep++) { /* rep -1: the warm-up, one token */
         const int n = rep < 0 ? 1 : o->n_gen;
         emoe_model_reset(m);
-        if (run_forward(m, prompt, 1, logits, "tg prefill")) return -1;
+        if (run_forward(m, prompt, o->tg_prompt && o->n_prompt > 0 ? o->n_prompt : 1, logits, "tg prefill")) return -1;
+        if (rep == 0) emoe_model_reset_stats(m); /* statistics of the timed decode steps only */
         double total = 0;
         for (int i = 0; i < n; i++) {
-            const int32_t tok = argmax(logits, vocab);
+            const int pos = (o->tg_prompt && o->n_prompt > 0 ? o->n_prompt : 1) + i;
+            const int32_t tok = o->tg_text ? o->text[pos % o->n_text] : argmax(logits, vocab);
             const double t0 = now_s();
             if (run_forward(m, &tok, 1, logits, "tg decode")) return -1;
             const double dt = now_s() - t0;
             total += dt;
             if (rep >= 0) r->token_ms[r->n_token_ms++] = dt * 1e3;
         }
-        if (rep >= 0) r->samples_ns[rep] = total * 1e9;
+        if (rep >= 0) r->samples_ns[rep] = total * 1e9, r->timed_s += total;
     }
+    emoe_model_stats(m, &r->st);
+    /* the prefills of repetitions 1.. fall inside the statistics: count the decode part only for time, but bytes
+     * include the prefill reads; with -r 1 (the budget benchmark) they are exactly the decode steps */
     return 0;
 }
 
@@ -359,6 +393,7 @@ static int greedy_tokens(emoe_model *m, const options *o, const int32_t *prompt,
 static int parse_args(int argc, char **argv, options *o) {
     *o = (options){.n_prompt = 512, .n_gen = 128, .n_threads = 1, .reps = 5, .budget = -1, .seed = 42,
                    .isa = EMOE_ISA_AUTO};
+    emoe_stream_options_init(&o->so);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -404,6 +439,35 @@ static int parse_args(int argc, char **argv, options *o) {
                 return -1;
             }
             o->budget_text = v;
+            o->stream = 1;
+        } else if (!strcmp(a, "--mode")) {
+            NEEDV();
+            o->stream = 1;
+            if (!strcmp(v, "exact")) o->so.mode = EMOE_MODE_EXACT;
+            else if (!strcmp(v, "adaptive")) o->so.mode = EMOE_MODE_ADAPTIVE;
+            else if (!strcmp(v, "ondemand") || !strcmp(v, "lru")) o->so.mode = EMOE_MODE_ONDEMAND;
+            else {
+                fprintf(stderr, "edgemoe-bench: --mode %s: expected exact, adaptive or ondemand\n", v);
+                return -1;
+            }
+        } else if (!strcmp(a, "--stream")) o->stream = 1;
+        else if (!strcmp(a, "--prefetch")) INTARG(o->so.prefetch, 0, 2);
+        else if (!strcmp(a, "--prefetch-extra")) INTARG(o->so.prefetch_extra, 0, 64);
+        else if (!strcmp(a, "--precision")) INTARG(o->so.precision, 0, 8);
+        else if (!strcmp(a, "--io-threads")) INTARG(o->so.io_threads, 1, 16);
+        else if (!strcmp(a, "--direct")) o->so.direct = 1;
+        else if (!strcmp(a, "--drop-cache")) o->so.drop_cache = 1;
+        else if (!strcmp(a, "--tg-prompt")) o->tg_prompt = 1;
+        else if (!strcmp(a, "--tg-text")) o->tg_text = 1;
+        else if (!strcmp(a, "--verify-reads")) {
+            NEEDV();
+            if (!strcmp(v, "never")) o->so.verify = EMOE_VERIFY_READS_NEVER;
+            else if (!strcmp(v, "first")) o->so.verify = EMOE_VERIFY_READS_FIRST;
+            else if (!strcmp(v, "always")) o->so.verify = EMOE_VERIFY_READS_ALWAYS;
+            else {
+                fprintf(stderr, "edgemoe-bench: --verify-reads %s: expected never, first or always\n", v);
+                return -1;
+            }
         } else if (!strcmp(a, "--prompt-file")) {
             NEEDV();
             o->prompt_file = v;
@@ -447,6 +511,78 @@ static int parse_args(int argc, char **argv, options *o) {
     return 0;
 }
 
+/* ---- streaming statistics ---- */
+
+static uint64_t sum_levels(const uint64_t *v) {
+    uint64_t s = 0;
+    for (int i = 0; i < EMOE_STATS_LEVELS; i++) s += v[i];
+    return s;
+}
+
+static double ratio(double a, double b) { return b > 0 ? a / b : NAN; }
+
+static void print_stream_json(const options *o, const result *r) {
+    const emoe_stats *s = &r->st;
+    const uint64_t hits = sum_levels(s->hits), misses = sum_levels(s->misses) + sum_levels(s->late);
+    const double tokens = (double)(r->n_gen ? (uint64_t)r->n_gen * (uint64_t)o->reps : s->tokens);
+    printf(",\n   \"minimum_bytes\": %lld, \"dense_bytes\": %lld, \"kv_bytes\": %lld, \"scratch_bytes\": %lld, "
+           "\"cache_capacity_bytes\": %lld, \"cache_peak_bytes\": %lld, \"run_planes\": %d, \"stored_planes\": %d, "
+           "\"direct\": %s, \"prefetch\": %d",
+           (long long)s->minimum_bytes, (long long)s->dense_bytes, (long long)s->kv_bytes,
+           (long long)s->scratch_bytes, (long long)s->cache_capacity_bytes, (long long)s->cache_peak_bytes,
+           s->run_planes, s->n_planes, s->direct ? "true" : "false", o->so.mode == EMOE_MODE_ONDEMAND ? 0 : o->so.prefetch);
+    printf(",\n   \"bytes_read\": %llu, \"bytes_read_per_token\": ", (unsigned long long)s->bytes_read);
+    json_num(stdout, ratio((double)s->bytes_read, tokens));
+    printf(", \"demand_bytes\": %llu, \"read_syscalls\": %llu, \"cache_hit_rate\": ",
+           (unsigned long long)s->demand_bytes, (unsigned long long)s->read_syscalls);
+    json_num(stdout, ratio((double)hits, (double)(hits + misses)));
+    printf(", \"hits\": [");
+    for (int i = 0; i < s->n_planes && i < EMOE_STATS_LEVELS; i++) printf("%s%llu", i ? ", " : "", (unsigned long long)s->hits[i]);
+    printf("], \"misses\": [");
+    for (int i = 0; i < s->n_planes && i < EMOE_STATS_LEVELS; i++) printf("%s%llu", i ? ", " : "", (unsigned long long)s->misses[i]);
+    printf("], \"late_prefetch\": [");
+    for (int i = 0; i < s->n_planes && i < EMOE_STATS_LEVELS; i++) printf("%s%llu", i ? ", " : "", (unsigned long long)s->late[i]);
+    printf("], \"experts_at_planes\": [");
+    for (int i = 0; i < s->run_planes && i < EMOE_STATS_LEVELS; i++)
+        printf("%s%llu", i ? ", " : "", (unsigned long long)s->experts_at_planes[i]);
+    printf("],\n   \"stall_s\": ");
+    json_num(stdout, s->stall_s);
+    printf(", \"stall_fraction\": ");
+    json_num(stdout, ratio(s->stall_s, r->timed_s));
+    printf(", \"io_busy_s\": ");
+    json_num(stdout, s->io_busy_s);
+    printf(", \"evictions\": %llu, \"prefetch_issued\": %llu, \"prefetch_used\": %llu, \"prefetch_wasted\": %llu, "
+           "\"prefetch_recall\": ", (unsigned long long)s->evictions, (unsigned long long)s->prefetch_issued,
+           (unsigned long long)s->prefetch_used, (unsigned long long)s->prefetch_wasted);
+    json_num(stdout, ratio((double)s->pred_hits, (double)s->true_experts));
+    printf(", \"prefetch_recall_at_k\": ");
+    json_num(stdout, ratio((double)s->pred_hits_k, (double)s->true_experts));
+    printf(", \"prefetch_precision\": ");
+    json_num(stdout, ratio((double)s->pred_hits, (double)s->pred_experts));
+    printf(", \"ahead_recall\": ");
+    json_num(stdout, ratio((double)s->ahead_hits, (double)s->ahead_experts));
+    printf(", \"crc_checked\": %llu", (unsigned long long)s->crc_checked);
+}
+
+static void print_stream_text(const options *o, const result *res, int n_res, const char *mode) {
+    for (int i = 0; i < n_res; i++) {
+        const emoe_stats *s = &res[i].st;
+        const uint64_t hits = sum_levels(s->hits), misses = sum_levels(s->misses) + sum_levels(s->late);
+        const double tokens = (double)(res[i].n_gen ? (uint64_t)res[i].n_gen * (uint64_t)o->reps : s->tokens);
+        if (i == 0)
+            printf("streaming (%s, prefetch %d%s): minimum budget %.1f MiB = dense %.1f + KV %.1f + scratch %.1f + "
+                   "experts; expert cache %.1f MiB of %.1f MiB on disk\n",
+                   mode, o->so.mode == EMOE_MODE_ONDEMAND ? 0 : o->so.prefetch, s->direct ? ", O_DIRECT" : "",
+                   s->minimum_bytes / 1048576.0, s->dense_bytes / 1048576.0, s->kv_bytes / 1048576.0,
+                   s->scratch_bytes / 1048576.0, s->cache_capacity_bytes / 1048576.0, s->expert_bytes / 1048576.0);
+        printf("  %s: read %.1f MB/token, hit rate %.1f%%, stall %.0f%% of the time, prefetch recall %.1f%% "
+               "(precision %.1f%%), %llu evictions\n",
+               res[i].test, ratio((double)s->bytes_read, tokens) / 1e6, 100 * ratio((double)hits, (double)(hits + misses)),
+               100 * ratio(s->stall_s, res[i].timed_s), 100 * ratio((double)s->pred_hits, (double)s->true_experts),
+               100 * ratio((double)s->pred_hits, (double)s->pred_experts), (unsigned long long)s->evictions);
+    }
+}
+
 int main(int argc, char **argv) {
     options o;
     if (parse_args(argc, argv, &o)) return 2;
@@ -469,15 +605,6 @@ int main(int argc, char **argv) {
     int n_res = 0;
     memset(res, 0, sizeof res);
 
-    if (o.budget >= 0 && (unsigned long long)o.budget < dense_bytes) {
-        char b1[32], b2[32];
-        format_bytes(b1, sizeof b1, (double)o.budget);
-        format_bytes(b2, sizeof b2, (double)dense_bytes);
-        fprintf(stderr, "edgemoe-bench: memory budget %s is smaller than the dense part of %s (%s), which must stay "
-                "resident\n", b1, o.model, b2);
-        goto done;
-    }
-
     /* the prompt */
     int n_file = 0;
     if (o.prompt_file) {
@@ -486,6 +613,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "edgemoe-bench: %s\n", err);
             goto done;
         }
+        o.text = prompt, o.n_text = n_file;
         if (!o.prompt_given) o.n_prompt = n_file;
         else if (o.n_prompt > n_file) {
             fprintf(stderr, "edgemoe-bench: -p %d but %s holds only %d token ids\n", o.n_prompt, o.prompt_file, n_file);
@@ -497,6 +625,11 @@ int main(int argc, char **argv) {
         uint64_t st = o.seed;
         for (int i = 0; i < o.n_prompt; i++) prompt[i] = (int32_t)(splitmix64(&st) % (uint64_t)vocab);
         if (o.n_prompt == 0) prompt[0] = (int32_t)(splitmix64(&st) % (uint64_t)vocab); /* tg needs a first token */
+    }
+    if (o.tg_text && (!o.prompt_file || o.n_text < (o.tg_prompt ? o.n_prompt : 1) + o.n_gen)) {
+        fprintf(stderr, "edgemoe-bench: --tg-text needs a --prompt-file with at least %d token ids (the prefilled ones + "
+                "-n decoded ones)\n", (o.tg_prompt ? o.n_prompt : 1) + o.n_gen);
+        goto done;
     }
     if (o.print_tokens && o.n_prompt == 0 && o.n_gen > 0) {
         fprintf(stderr, "edgemoe-bench: --print-tokens needs a prompt (-p > 0)\n");
@@ -510,7 +643,9 @@ int main(int argc, char **argv) {
     if (max_pos > 0 && max_ctx > max_pos)
         fprintf(stderr, "edgemoe-bench: note: %d positions exceed the model's max_position %lld (RoPE still works; "
                 "quality beyond it is not meaningful)\n", max_ctx, max_pos);
-    m = emoe_container_load_model(c, max_ctx, o.kv_f16, o.n_threads, err, sizeof err);
+    o.so.budget_bytes = o.budget > 0 ? o.budget : 0;
+    m = o.stream ? emoe_container_load_streaming(c, max_ctx, o.kv_f16, o.n_threads, &o.so, err, sizeof err)
+                 : emoe_container_load_model(c, max_ctx, o.kv_f16, o.n_threads, err, sizeof err);
     if (!m) {
         fprintf(stderr, "edgemoe-bench: %s\n", err);
         goto done;
@@ -563,7 +698,11 @@ int main(int argc, char **argv) {
     const char *base = strrchr(o.model, '/') ? strrchr(o.model, '/') + 1 : o.model;
     if (o.prompt_file) snprintf(prompt_desc, sizeof prompt_desc, "%d token ids from %s", o.n_prompt, o.prompt_file);
     else snprintf(prompt_desc, sizeof prompt_desc, "%d random token ids (splitmix64, seed %llu)", o.n_prompt, o.seed);
-    const char *budget_note = "not enforced: this build has no expert cache yet, every expert stays mapped";
+    static const char *const mode_names[3] = {"exact", "adaptive", "ondemand"};
+    const char *mode_name = o.stream ? mode_names[o.so.mode] : "resident";
+    const char *budget_note = o.stream ? (o.budget > 0 ? "enforced: dense + KV + scratch + expert cache <= budget"
+                                                       : "no budget: the expert cache holds every expert")
+                                       : "no budget: the container is mapped and every expert stays resident";
 
     if (o.json) {
         printf("[\n");
@@ -621,11 +760,14 @@ int main(int argc, char **argv) {
             printf(", \"budget_bytes\": ");
             if (o.budget >= 0) printf("%lld", o.budget);
             else printf("null");
-            printf(", \"budget_enforced\": false, \"budget_note\": ");
+            printf(", \"budget_enforced\": %s, \"budget_note\": ", o.stream && o.budget > 0 ? "true" : "false");
             json_string(stdout, budget_note);
-            printf(", \"bytes_read\": null, \"cache_hit_rate\": null, \"crc_verified\": %s",
-                   o.verify ? "true" : "false");
-            printf(",\n   \"prompt_source\": \"%s\", \"prompt_seed\": ", o.prompt_file ? "file" : "random");
+            printf(", \"mode\": \"%s\"", mode_name);
+            if (o.stream) print_stream_json(&o, r);
+            else printf(", \"bytes_read\": null, \"cache_hit_rate\": null");
+            printf(", \"crc_verified\": %s", o.verify ? "true" : "false");
+            printf(",\n   \"tg_text\": %s, \"tg_prompt\": %s", o.tg_text ? "true" : "false", o.tg_prompt ? "true" : "false");
+            printf(", \"prompt_source\": \"%s\", \"prompt_seed\": ", o.prompt_file ? "file" : "random");
             if (o.prompt_file) printf("null");
             else printf("%llu", o.seed);
             printf(", \"prompt_file\": ");
@@ -658,6 +800,7 @@ int main(int argc, char **argv) {
                o.kv_f16 ? "f16" : "f32", load_s, o.verify ? " (CRC verified)" : "");
         printf("prompt: %s\n", prompt_desc);
         if (o.budget >= 0) printf("budget: %lld bytes (%s), %s\n", o.budget, o.budget_text, budget_note);
+        if (o.stream) print_stream_text(&o, res, n_res, mode_name);
         printf("\n| model | size | threads | isa | test | t/s | p50 ms | p95 ms |\n");
         printf("|---|---:|---:|---|---|---:|---:|---:|\n");
         for (int i = 0; i < n_res; i++) {
