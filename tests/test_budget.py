@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -218,9 +219,10 @@ def big_container(tmp_path_factory):
 
 
 def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # The child imports edgemoe as this process does (the installed package, or PYTHONPATH in development); its
+    # cwd is not the repository, whose source tree has no compiled core.
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                       timeout=timeout, env=env)
+                       timeout=timeout, cwd=tempfile.gettempdir())
     assert p.returncode == 0, f"child failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
