@@ -267,6 +267,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edgemoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
