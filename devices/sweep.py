@@ -1,5 +1,6 @@
 """What the ssh and adb runners share: the sweep's command-line options, the edgemoe-bench arguments of one
-configuration, result file names, and annotating/saving the JSON a run printed. Standard library only."""
+configuration, result file names, annotating/saving the JSON a run printed, and the whole copy-run-collect loop
+(`execute`); a runner only spells its transport's commands (`plan`). Standard library only."""
 
 from __future__ import annotations
 
@@ -100,3 +101,58 @@ def run(argv: list[str], capture: bool = False) -> subprocess.CompletedProcess:
 def print_table(records: list[dict]) -> None:
     if records:
         print(markdown_table(records))
+
+
+@dataclass
+class Run:
+    """One configuration's commands on the device: `bench` runs edgemoe-bench; its JSON is either bench's stdout
+    (pull None) or a file on the device that `pull` copies to `local`."""
+
+    cfg: Config
+    bench: list[str]
+    local: Path
+    pull: list[str] | None = None
+
+
+def execute(tool: str, args, device: str, setup: list[list[str]], runs: list[Run], build_hint: str) -> int:
+    """Dry run (print every command) or the real thing: check the local files, copy, run each configuration, save
+    annotated JSON, print the table. One failing configuration does not stop the others; exit status 1 if any failed."""
+    if args.dry_run:
+        for cmd in setup:
+            print(show(cmd))
+        for r in runs:
+            print(show(r.bench, None if r.pull else str(r.local)))
+            if r.pull:
+                print(show(r.pull))
+        return 0
+    for f in [args.binary, args.model] + ([args.prompt_file] if args.prompt_file else []):
+        if not args.skip_copy and not Path(f).is_file():
+            hint = f" (build it with {build_hint})" if f == args.binary else ""
+            print(f"{tool}: {f}: no such file{hint}", file=sys.stderr)
+            return 1
+    try:
+        for cmd in setup:
+            run(cmd)
+    except subprocess.CalledProcessError as e:
+        print(f"{tool}: {shlex.join(e.cmd)} failed with status {e.returncode}", file=sys.stderr)
+        return 1
+    records, failed = [], 0
+    for r in runs:
+        try:
+            if r.pull:
+                run(r.bench)
+                r.local.parent.mkdir(parents=True, exist_ok=True)
+                run(r.pull, capture=True)
+                text = r.local.read_text()
+            else:
+                text = run(r.bench, capture=True).stdout
+            records += save_results(text, r.local, device, shlex.join(r.bench))
+            print(f"wrote {r.local}", file=sys.stderr)
+        except subprocess.CalledProcessError as e:
+            failed += 1
+            print(f"{tool}: {r.cfg.tag} failed (status {e.returncode}): {(e.stderr or '').strip()}", file=sys.stderr)
+        except ValueError as e:
+            failed += 1
+            print(f"{tool}: {r.cfg.tag}: {e}", file=sys.stderr)
+    print_table(records)
+    return 1 if failed else 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,8 +36,8 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def plan(args):
-    """(setup commands, [(run command, pull command, local result file, config)])."""
+def plan(args) -> tuple[str, list[list[str]], list[sweep.Run]]:
+    """(device label, setup commands, runs): the bench writes its JSON on the phone, `adb pull` fetches it."""
     adb = [args.adb] + (["-s", args.serial] if args.serial else [])
     rdir = args.remote_dir.rstrip("/")
     device = sweep.safe_label(args.device or args.serial or "android")
@@ -60,48 +59,14 @@ def plan(args):
         bench = ["./edgemoe-bench", *sweep.bench_argv(args, model, prompt, cfg)]
         shell = f"cd {shlex.quote(rdir)} && {shlex.join(bench)} > {shlex.quote(remote_json)}"
         local = out / f"{device}_{cfg.tag}.json"
-        runs.append(([*adb, "shell", shell], [*adb, "pull", remote_json, str(local)], local, cfg))
-    return setup, runs
+        runs.append(sweep.Run(cfg, [*adb, "shell", shell], local, [*adb, "pull", remote_json, str(local)]))
+    return device, setup, runs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup, runs = plan(args)
-    if args.dry_run:
-        for cmd in setup:
-            print(sweep.show(cmd))
-        for run_cmd, pull_cmd, _, _ in runs:
-            print(sweep.show(run_cmd))
-            print(sweep.show(pull_cmd))
-        return 0
-    for f in [args.binary, args.model] + ([args.prompt_file] if args.prompt_file else []):
-        if not args.skip_copy and not Path(f).is_file():
-            print(f"run_adb: {f}: no such file" + (" (build it with devices/android/build_android.sh)"
-                                                   if f == args.binary else ""), file=sys.stderr)
-            return 1
-    device = sweep.safe_label(args.device or args.serial or "android")
-    try:
-        for cmd in setup:
-            sweep.run(cmd)
-    except subprocess.CalledProcessError as e:
-        print(f"run_adb: {shlex.join(e.cmd)} failed with status {e.returncode}", file=sys.stderr)
-        return 1
-    records, failed = [], 0
-    for run_cmd, pull_cmd, local, cfg in runs:
-        try:
-            sweep.run(run_cmd)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            sweep.run(pull_cmd, capture=True)
-            records += sweep.save_results(local.read_text(), local, device, shlex.join(run_cmd))
-            print(f"wrote {local}", file=sys.stderr)
-        except subprocess.CalledProcessError as e:
-            failed += 1
-            print(f"run_adb: {cfg.tag} failed (status {e.returncode}): {(e.stderr or '').strip()}", file=sys.stderr)
-        except ValueError as e:
-            failed += 1
-            print(f"run_adb: {cfg.tag}: {e}", file=sys.stderr)
-    sweep.print_table(records)
-    return 1 if failed else 0
+    device, setup, runs = plan(args)
+    return sweep.execute("run_adb", args, device, setup, runs, "devices/android/build_android.sh")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,8 +49,8 @@ def ssh_base(args) -> tuple[list[str], list[str]]:
     return ssh, scp
 
 
-def plan(args) -> tuple[list[list[str]], list[tuple[list[str], Path, sweep.Config]]]:
-    """(setup commands, [(bench command, local result file, config)]): everything the run will execute."""
+def plan(args) -> tuple[str, list[list[str]], list[sweep.Run]]:
+    """(device label, setup commands, runs): everything the run will execute."""
     ssh, scp = ssh_base(args)
     rdir = args.remote_dir.rstrip("/") or "/"
     device = sweep.safe_label(args.device or args.host.split("@")[-1])
@@ -68,45 +67,14 @@ def plan(args) -> tuple[list[list[str]], list[tuple[list[str], Path, sweep.Confi
     for cfg in sweep.configs(args):
         bench = [f"./{Path(args.binary).name}", *sweep.bench_argv(args, model, prompt, cfg)]
         remote = f"cd {shlex.quote(rdir)} && {shlex.join(bench)}"
-        runs.append(([*ssh, args.host, remote], out / f"{device}_{cfg.tag}.json", cfg))
-    return setup, runs
+        runs.append(sweep.Run(cfg, [*ssh, args.host, remote], out / f"{device}_{cfg.tag}.json"))
+    return device, setup, runs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup, runs = plan(args)
-    if args.dry_run:
-        for cmd in setup:
-            print(sweep.show(cmd))
-        for cmd, path, _ in runs:
-            print(sweep.show(cmd, str(path)))
-        return 0
-    for f in [args.binary, args.model] + ([args.prompt_file] if args.prompt_file else []):
-        if not args.skip_copy and not Path(f).is_file():
-            print(f"run_remote: {f}: no such file" + (" (build it with devices/build_aarch64.sh)"
-                                                      if f == args.binary else ""), file=sys.stderr)
-            return 1
-    device = sweep.safe_label(args.device or args.host.split("@")[-1])
-    try:
-        for cmd in setup:
-            sweep.run(cmd)
-    except subprocess.CalledProcessError as e:
-        print(f"run_remote: {shlex.join(e.cmd)} failed with status {e.returncode}", file=sys.stderr)
-        return 1
-    records, failed = [], 0
-    for cmd, path, cfg in runs:
-        try:
-            res = sweep.run(cmd, capture=True)
-            records += sweep.save_results(res.stdout, path, device, shlex.join(cmd))
-            print(f"wrote {path}", file=sys.stderr)
-        except subprocess.CalledProcessError as e:
-            failed += 1
-            print(f"run_remote: {cfg.tag} failed (status {e.returncode}): {e.stderr.strip()}", file=sys.stderr)
-        except ValueError as e:
-            failed += 1
-            print(f"run_remote: {cfg.tag}: {e}", file=sys.stderr)
-    sweep.print_table(records)
-    return 1 if failed else 0
+    device, setup, runs = plan(args)
+    return sweep.execute("run_remote", args, device, setup, runs, "devices/build_aarch64.sh")
 
 
 if __name__ == "__main__":
