@@ -351,3 +351,18 @@ def test_stats_report_the_streaming_engine(big_container):
     assert st["engine"] == "c-stream" and st["decode_tokens"] == 5 and st["tokens"] == 8
     assert 0.0 <= st["cache_hit_rate"] <= 1.0 and st["bytes_read"] > 0
     json.dumps(st)  # serializable, as `edgemoe run --json` prints it
+
+
+def test_every_native_status_has_its_own_message():
+    """The streaming statuses (-7 I/O, -8 checksum, -9 budget) reach Python with their own text, not "unknown"."""
+    from edgemoe import _native
+
+    codes = [_native.OK, _native.ERR_ARG, _native.ERR_NOMEM, _native.ERR_NOT_READY, _native.ERR_CTX, _native.ERR_ISA,
+             _native.ERR_THREAD, _native.ERR_IO, _native.ERR_CORRUPT, _native.ERR_BUDGET]
+    assert codes == list(range(0, -10, -1))
+    messages = [_native.status_string(c) for c in codes]
+    assert "unknown error" not in messages
+    assert len(set(messages)) == len(messages)
+    assert "CRC-32" in _native.status_string(_native.ERR_CORRUPT)
+    assert "budget" in _native.status_string(_native.ERR_BUDGET)
+    assert _native.status_string(-10) == "unknown error"

@@ -12,6 +12,9 @@ const char *emoe_status_string(int status) {
     case EMOE_ERR_CTX: return "context full (KV cache has max_ctx positions)";
     case EMOE_ERR_ISA: return "instruction set not supported on this CPU";
     case EMOE_ERR_THREAD: return "thread creation failed";
+    case EMOE_ERR_IO: return "reading expert weights failed (I/O error, file truncated or replaced)";
+    case EMOE_ERR_CORRUPT: return "expert weights failed their CRC-32 (the file is damaged)";
+    case EMOE_ERR_BUDGET: return "memory budget below the minimum this model and context need";
     default: return "unknown error";
     }
 }

@@ -65,6 +65,26 @@ static void patch_file(const char *path, uint64_t off, const void *data, size_t 
     close(fd);
 }
 
+/* ---- status strings: every EMOE_* status of edgemoe.h has its own message ---- */
+
+static void test_status_strings(void) {
+    const int codes[] = {EMOE_OK, EMOE_ERR_ARG, EMOE_ERR_NOMEM, EMOE_ERR_NOT_READY, EMOE_ERR_CTX, EMOE_ERR_ISA,
+                         EMOE_ERR_THREAD, EMOE_ERR_IO, EMOE_ERR_CORRUPT, EMOE_ERR_BUDGET};
+    const int n = (int)(sizeof codes / sizeof codes[0]);
+    const char *unknown = emoe_status_string(-1000);
+    CHECK(unknown && !strcmp(unknown, "unknown error"), "status -1000 -> \"unknown error\", got \"%s\"", unknown);
+    for (int i = 0; i < n; i++) {
+        CHECK(codes[i] == -i, "status codes are 0..-%d in order (code %d at %d)", n - 1, codes[i], i);
+        const char *s = emoe_status_string(codes[i]);
+        CHECK(s && *s && strcmp(s, unknown), "status %d has no message", codes[i]);
+        for (int j = 0; j < i; j++)
+            CHECK(strcmp(s, emoe_status_string(codes[j])), "statuses %d and %d share the message \"%s\"", codes[i],
+                  codes[j], s);
+    }
+    CHECK(!strcmp(emoe_status_string(EMOE_ERR_BUDGET + -1), unknown), "the status after the last is unknown: "
+          "add its message to core.c and this list");
+}
+
 /* ---- CRC ---- */
 
 static void test_crc(void) {
@@ -612,6 +632,8 @@ int main(int argc, char **argv) {
     }
     const char *t = getenv("TMPDIR");
     snprintf(tmpdir, sizeof tmpdir, "%s", t && *t ? t : "/tmp");
+    printf("status strings\n");
+    test_status_strings();
     printf("crc\n");
     test_crc();
     printf("io thread (buffered)\n");
