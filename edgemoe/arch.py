@@ -92,7 +92,7 @@ class ArchSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "ArchSpec":
+    def from_json(cls, data: dict) -> ArchSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from typing_extensions import Self
 
 from .arch import ArchSpec
 from .errors import FormatError
@@ -75,7 +76,7 @@ class TensorInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "TensorInfo":
+    def from_json(cls, d: dict) -> TensorInfo:
         return cls(
             name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), offset=int(d["offset"]),
             nbytes=int(d["nbytes"]), crc32=int(d["crc32"]), kind=d.get("kind", "dense"), planes=d.get("planes"),
@@ -100,7 +101,7 @@ class ContainerWriter:
         self.metadata = dict(metadata or {})
         self.tensors: list[TensorInfo] = []
         self._names: set[str] = set()
-        self._f = open(self.tmp_path, "wb")
+        self._f = open(self.tmp_path, "wb")  # noqa: SIM115 - held across add() calls; closed by close()/abort()
         self._f.write(b"\0" * PREAMBLE_SIZE)
         self._pos = PREAMBLE_SIZE
 
@@ -201,7 +202,7 @@ class ContainerWriter:
             self._f.close()
         self.tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ContainerWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -5,8 +5,8 @@ Adding a family means adding a `Family` entry here; the forward passes never cha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from edgemoe.arch import ArchSpec
 from edgemoe.errors import UnsupportedModelError
@@ -22,22 +22,22 @@ def _rope_theta(cfg: dict, default: float) -> float:
 def _common(cfg: dict, family: str, theta_default: float) -> dict:
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    return dict(
-        family=family,
-        n_layers=int(cfg["num_hidden_layers"]),
-        hidden=hidden,
-        vocab=int(cfg["vocab_size"]),
-        n_heads=heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_kind="neox",  # HF applies rotate_half to every family (Mixtral's checkpoint rows are pre-permuted)
-        rope_theta=_rope_theta(cfg, theta_default),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 4096)),
-        bos_token_id=_first_id(cfg.get("bos_token_id")),
-        eos_token_id=_first_id(cfg.get("eos_token_id")),
-    )
+    return {
+        "family": family,
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "hidden": hidden,
+        "vocab": int(cfg["vocab_size"]),
+        "n_heads": heads,
+        "n_kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or hidden // heads),
+        "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "rope_kind": "neox",  # HF applies rotate_half to every family (Mixtral's checkpoint rows are pre-permuted)
+        "rope_theta": _rope_theta(cfg, theta_default),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "max_position": int(cfg.get("max_position_embeddings", 4096)),
+        "bos_token_id": _first_id(cfg.get("bos_token_id")),
+        "eos_token_id": _first_id(cfg.get("eos_token_id")),
+    }
 
 
 def _first_id(v):
@@ -54,10 +54,10 @@ def _qwen_dense_layers(cfg: dict) -> list[int]:
 
 
 def _no_sliding(cfg: dict, family: str) -> None:
-    if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
-        # Sliding-window attention only matters beyond the window; we refuse rather than silently differ.
-        if family != "mixtral" or int(cfg.get("sliding_window") or 0) < int(cfg.get("max_position_embeddings", 0)):
-            raise UnsupportedModelError(f"{family} with sliding-window attention is not supported yet")
+    # Sliding-window attention only matters beyond the window; we refuse rather than silently differ.
+    if (cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window"))) and (
+            family != "mixtral" or int(cfg.get("sliding_window") or 0) < int(cfg.get("max_position_embeddings", 0))):
+        raise UnsupportedModelError(f"{family} with sliding-window attention is not supported yet")
 
 
 def olmoe_spec(cfg: dict) -> ArchSpec:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
-import train_small_moe as T  # noqa: E402
+import train_small_moe as T
 
 
 def main(argv=None) -> None:

@@ -94,7 +94,7 @@ def fit_predictors(src, calib, tokens: int = 16384, ridge: float = 0.1, holdout:
         n_test = max(1, int(len(X) * holdout))
         train, test = np.arange(len(X) - n_test), np.arange(len(X) - n_test, len(X))
         W = fit_layer_predictor(X[train], Z[train], router, ridge)
-        row = {"layer": cal.layer, "train_tokens": int(len(train)), "test_tokens": int(n_test)}
+        row = {"layer": cal.layer, "train_tokens": len(train), "test_tokens": int(n_test)}
         for name, w in (("router", router), ("fitted", W)):
             p = X[test] @ np.asarray(w, dtype=np.float32).T
             row[f"{name}_recall_k"] = recall_at(p, Z[test], spec.top_k, 0)

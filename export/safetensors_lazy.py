@@ -42,7 +42,7 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.entries = header
         for name, e in header.items():
-            start, end = e["data_offsets"]
+            _start, end = e["data_offsets"]
             if self._base + end > size:
                 raise FormatError(
                     f"{path}: truncated: tensor '{name}' ends at byte {self._base + end}, the file has {size} bytes"

@@ -28,6 +28,6 @@ def test_calibration_stream_reproduces_the_forward_pass(family, tiny_dir, tiny_e
     k = ckpt.spec.top_k
     assert cal.freq.sum() == k * 48 and cal.expert_tokens.sum() == k * 48
     # Gram blocks are X^T X of exactly the routed tokens: their trace is the routed inputs' squared norm
-    for e, gram in cal.gram_in.items():
+    for gram in cal.gram_in.values():
         assert gram.shape == (ckpt.spec.hidden // 32, 32, 32)
         assert np.all(np.trace(gram, axis1=1, axis2=2) > 0)

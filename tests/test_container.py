@@ -34,10 +34,9 @@ def test_round_trip_dense_first_and_experts_page_aligned(tmp_path):
 
 def test_failed_write_leaves_no_file(tmp_path):
     out = tmp_path / "m.emoe"
-    with pytest.raises(RuntimeError):
-        with ContainerWriter(out, small_spec()) as w:
-            w.add_tensor("x", np.zeros(4, np.float32), "f32")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ContainerWriter(out, small_spec()) as w:
+        w.add_tensor("x", np.zeros(4, np.float32), "f32")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 

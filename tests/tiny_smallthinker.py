@@ -21,13 +21,13 @@ QWEN2_REGEX = (
 VARIANTS = {
     # SmallThinker-4B-A0.6B's shape of config: RoPE + full attention everywhere, sigmoid router (normalized over the
     # top-k), tied embeddings, head_dim * heads != hidden.
-    "sigmoid_tied": dict(num_hidden_layers=2, tie_word_embeddings=True, moe_primary_router_apply_softmax=False),
+    "sigmoid_tied": {"num_hidden_layers": 2, "tie_word_embeddings": True, "moe_primary_router_apply_softmax": False},
     # softmax over the top-k logits, separate lm_head
-    "softmax": dict(num_hidden_layers=2, tie_word_embeddings=False, moe_primary_router_apply_softmax=True),
+    "softmax": {"num_hidden_layers": 2, "tie_word_embeddings": False, "moe_primary_router_apply_softmax": True},
     # SmallThinker-21B-A3B's hybrid layout as llama.cpp implements it: layers i % 4 == 0 use full attention without
     # RoPE, the others sliding-window attention with RoPE (window 4096, longer than any test sequence).
-    "hybrid": dict(num_hidden_layers=5, tie_word_embeddings=True, moe_primary_router_apply_softmax=False,
-                   rope_layout=[0, 1, 1, 1, 0], sliding_window_layout=[0, 1, 1, 1, 0], sliding_window_size=4096),
+    "hybrid": {"num_hidden_layers": 5, "tie_word_embeddings": True, "moe_primary_router_apply_softmax": False,
+                   "rope_layout": [0, 1, 1, 1, 0], "sliding_window_layout": [0, 1, 1, 1, 0], "sliding_window_size": 4096},
 }
 
 
