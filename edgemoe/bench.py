@@ -1,8 +1,8 @@
 """`edgemoe bench`: llama-bench-shaped prompt-processing (ppN) and generation (tgN) measurements.
 
 Timings exclude tokenization and sampling (greedy argmax on returned logits is the only per-token work outside the
-engine). With a llama.cpp GGUF of the same model the runs interleave A B A B in one process so the ratio holds even
-on a noisy shared machine.
+engine). With a llama.cpp GGUF (`LlamaCppRunner`) and/or an ONNX export (`bench_onnx.OnnxRunner`) of the same model
+the runs interleave A B C A B C in one process so the ratios hold even on a noisy shared machine.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def format_table(results: list[BenchResult], model_name: str) -> str:
     by_test: dict[str, dict[str, float]] = {}
     for r in results:
         by_test.setdefault(r.test, {})[r.engine] = r.avg_ts
-    for test, d in by_test.items():
-        if "edgemoe" in d and "llama.cpp" in d and d["llama.cpp"] > 0:
-            lines.append(f"\n{test}: edgemoe / llama.cpp = {d['edgemoe'] / d['llama.cpp']:.2f}")
+    ratios = [f"{test}: edgemoe / {other} = {d['edgemoe'] / t:.2f}" for test, d in by_test.items()
+              for other, t in d.items() if other != "edgemoe" and "edgemoe" in d and t > 0]
+    if ratios:
+        lines.append("")
+        lines.extend(ratios)
     return "\n".join(lines)

@@ -23,6 +23,10 @@ def cmd_bench(args) -> int:
             if not Path(args.vs_llama_cpp).exists():
                 raise EdgeMoEError(f"{args.vs_llama_cpp}: no such GGUF file")
             runners.append(LlamaCppRunner(args.vs_llama_cpp, args.threads or 1, args.p + args.n + 8))
+        if args.vs_onnx:
+            from .bench_onnx import OnnxRunner
+
+            runners.append(OnnxRunner(args.vs_onnx, args.threads or 1, spec=m.spec))
         say = None if args.json else (lambda s: print(s, file=sys.stderr))
         results = run_bench(runners, m.spec.vocab, n_prompt=args.p, n_gen=args.n, reps=args.r,
                             threads=args.threads or 1, progress=say)
@@ -138,14 +142,19 @@ def cmd_chat(args) -> int:
 def add_tool_parsers(sub, runtime_opts) -> None:
     b = sub.add_parser("bench", help="llama-bench-shaped prompt (pp) and generation (tg) speed",
                        description="Measure prompt processing (ppN) and generation (tgN) tokens/s, 5 repetitions "
-                                   "after a warm-up; with --vs-llama-cpp, run llama.cpp on a GGUF of the same model "
-                                   "interleaved in the same process and print the ratio. "
-                                   "Example: edgemoe bench m.emoe -p 512 -n 128 --threads 2 --vs-llama-cpp m.gguf")
+                                   "after a warm-up; with --vs-llama-cpp / --vs-onnx, run llama.cpp on a GGUF / "
+                                   "onnxruntime on an ONNX export of the same model, interleaved in the same process "
+                                   "with the same prompt, token counts and threads, and print the ratios. "
+                                   "Example: edgemoe bench m.emoe -p 512 -n 128 --threads 2 --vs-llama-cpp m.gguf "
+                                   "--vs-onnx onnx_dir/model.onnx")
     b.add_argument("model", help=".emoe file")
     b.add_argument("-p", type=int, default=512, help="prompt tokens (pp test; 0 = skip; default 512)")
     b.add_argument("-n", type=int, default=128, help="generated tokens (tg test; 0 = skip; default 128)")
     b.add_argument("-r", type=int, default=5, help="repetitions (default 5)")
     b.add_argument("--vs-llama-cpp", metavar="GGUF", default=None, help="also run llama.cpp on this GGUF")
+    b.add_argument("--vs-onnx", metavar="ONNX", default=None,
+                   help="also run onnxruntime (CPU, intra-op threads = --threads) on this model.onnx "
+                        "(from edgemoe export --onnx)")
     b.add_argument("--json", action="store_true", help="JSON with llama-bench field names")
     runtime_opts(b)
     b.set_defaults(func=cmd_bench)
