@@ -131,6 +131,7 @@ _model_isa = _sig("emoe_model_isa", _int, _vp)
 _forward = _sig("emoe_forward", _int, _vp, _vp, _int, _vp, _int)
 _model_n_past = _sig("emoe_model_n_past", _int, _vp)
 _model_reset = _sig("emoe_model_reset", None, _vp)
+_model_truncate = _sig("emoe_model_truncate", _int, _vp, _int)
 
 # The activation block of the Q8_0 matmul path: {float d; int8 qs[32]} (36 bytes).
 Q8_ACT_DTYPE = np.dtype([("d", "<f4"), ("qs", "i1", (32,))])
@@ -368,6 +369,10 @@ class ModelHandle:
     def reset(self) -> None:
         _model_reset(self._m)
 
+    def truncate(self, n_keep: int) -> None:
+        """Keep the first n_keep positions of the KV cache (0 <= n_keep <= n_past)."""
+        self._check(_model_truncate(self._m, int(n_keep)))
+
     def stats(self) -> dict:
         """emoe_model_stats as a dict (per-level arrays cut to the stored planes); mode -1 = not streaming."""
         s = Stats()
@@ -464,7 +469,7 @@ def stream_options(budget_bytes: int | None = None, mode: str = "exact", prefetc
     return o
 
 
-def open_streaming(path, max_ctx: int, kv_f16: bool, threads: int, options: StreamOptions) -> "ModelHandle":
+def open_streaming(path, max_ctx: int, kv_f16: bool, threads: int, options: StreamOptions) -> ModelHandle:
     """Open a container in C and load it under a memory budget (dense weights read into anonymous memory, experts
     streamed through the expert cache). The C container is closed again: the model keeps nothing of it."""
     err = ctypes.create_string_buffer(2048)

@@ -81,6 +81,7 @@ class CEngine:
         self.max_ctx = int(max_ctx)
         cfg, keep = native_config(spec)
         self._h = N.ModelHandle(cfg, self.max_ctx, kv_f16, max(1, int(threads)))
+        self._ids: list[int] = []  # the tokens whose keys/values the KV cache holds (positions 0..n_past-1)
         del keep  # copied by emoe_model_new
         self._arrays: list[np.ndarray] = []
         self._plane_reader, self._quant = planes, dict(quant or {})
@@ -142,6 +143,7 @@ class CEngine:
                     self._plane_reader(name, need)  # raises FormatError naming the tensor and the plane
                     self._checked[name] = need
         self._h.set_precision(0 if k is None else int(k))
+        self.reset()  # keys/values computed at another precision would not match a fresh run
 
     @property
     def precision(self) -> int | None:
@@ -177,28 +179,46 @@ class CEngine:
         """float32 [len(ids), vocab] for a fresh sequence (all positions)."""
         tok = _tokens(ids)
         out = np.empty((tok.size, self.spec.vocab), dtype=np.float32)
-        self._h.reset()
-        self._h.forward(tok, out, True)
+        self.reset()
+        self._forward(tok, out, True)
         return out
 
     def prefill(self, ids) -> np.ndarray:
         """Start a fresh sequence with `ids`; returns the last position's logits [vocab]."""
-        self._h.reset()
+        self.reset()
         return self.extend(ids)
 
     def extend(self, ids) -> np.ndarray:
         """Append `ids` to the current sequence; returns the last position's logits [vocab]."""
         tok = _tokens(ids)
         out = np.empty(self.spec.vocab, dtype=np.float32)
-        self._h.forward(tok, out, False)
+        self._forward(tok, out, False)
         return out
+
+    def _forward(self, tok: np.ndarray, out: np.ndarray, all_logits: bool) -> None:
+        try:
+            self._h.forward(tok, out, all_logits)
+        finally:  # on an error the core keeps the blocks it completed: n_past says how many
+            self._ids = (self._ids + tok.tolist())[: self._h.n_past]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; returns its logits [vocab]."""
         return self.extend([token])
 
     def reset(self) -> None:
+        """Clear the KV cache."""
         self._h.reset()
+        self._ids = []
+
+    def truncate(self, n_keep: int) -> None:
+        """Keep the first n_keep positions of the KV cache (0 <= n_keep <= n_past); extend() continues there."""
+        self._h.truncate(n_keep)
+        del self._ids[n_keep:]
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The token ids whose keys and values the KV cache holds, in order (a copy)."""
+        return list(self._ids)
 
     @property
     def n_past(self) -> int:
@@ -212,6 +232,7 @@ class CEngine:
                 raise N.NativeError(f"unknown instruction set {isa!r}; expected one of {sorted(names)}", N.ERR_ISA)
             isa = names[isa]
         self._h.set_isa(int(isa))
+        self.reset()  # other kernels round differently: a kept prefix would not match a fresh run
 
     @property
     def isa(self) -> str:
@@ -222,7 +243,7 @@ class CEngine:
     def open_streaming(cls, path, spec: ArchSpec, memory_budget: int | None, mode: str = "exact", threads: int = 1,
                        max_ctx: int = 4096, kv_f16: bool = False, precision: int | None = None, prefetch: int = 1,
                        prefetch_extra: int = 1, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
-                       verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False) -> "CEngine":
+                       verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False) -> CEngine:
         """The model under a memory budget (bytes; None = no limit, every expert cached after its first use): the C
         core opens the container itself, reads the dense weights into anonymous memory and streams the experts through
         its byte-budgeted cache (native/src/hebf.c). Raises N.BudgetError, stating the minimum, below it.
@@ -238,6 +259,7 @@ class CEngine:
         opts = N.stream_options(memory_budget, mode, prefetch, prefetch_extra, precision, io_threads, direct,
                                 drop_cache, verify)
         self._h = N.open_streaming(path, self.max_ctx, kv_f16, max(1, int(threads)), opts)
+        self._ids = []
         if isa is not None:
             self.set_isa(isa)
         self._h.set_q8_f32_act(q8_f32_act)

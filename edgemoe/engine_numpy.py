@@ -6,11 +6,12 @@ read through `planes(name, k)`, which checks each plane's checksum on first use.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from .arch import ArchSpec
+from .errors import EdgeMoEError
 from .mwq import dequantize
 from .quant import to_f32
 from .reference import reference_logits
@@ -52,17 +53,40 @@ class NumpyEngine:
     def logits(self, ids, on_route=None) -> np.ndarray:
         return reference_logits(self.spec, self.weight, ids, on_route)
 
-    # Incremental interface (recomputes the whole sequence: the reference has no KV cache).
+    # Incremental interface. The reference keeps no keys/values (it is the plain oracle), so every call recomputes
+    # the whole sequence; the token list plays the KV cache's part, with the same verbs and semantics as CEngine.
     def reset(self) -> None:
+        """Forget the sequence."""
         self._ids = []
 
     def prefill(self, ids) -> np.ndarray:
+        """Start a fresh sequence with `ids`; returns the last position's logits [vocab]."""
         self._ids = [int(i) for i in ids]
         return self.logits(self._ids)[-1]
 
-    def decode(self, token: int) -> np.ndarray:
-        self._ids.append(int(token))
+    def extend(self, ids) -> np.ndarray:
+        """Append `ids` to the current sequence; returns the last position's logits [vocab]."""
+        self._ids.extend(int(i) for i in ids)
         return self.logits(self._ids)[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits [vocab]."""
+        return self.extend([token])
+
+    def truncate(self, n_keep: int) -> None:
+        """Keep the first n_keep tokens of the sequence (0 <= n_keep <= n_past)."""
+        if not 0 <= n_keep <= len(self._ids):
+            raise EdgeMoEError(f"truncate: n_keep {n_keep} is outside 0..{len(self._ids)} (the tokens in the sequence)")
+        del self._ids[n_keep:]
+
+    @property
+    def n_past(self) -> int:
+        return len(self._ids)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The token ids of the current sequence (a copy)."""
+        return list(self._ids)
 
     def close(self) -> None:
         self._cache.clear()

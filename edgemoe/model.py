@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .arch import GLOBAL_TENSORS
+from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
 from .errors import EdgeMoEError, FormatError
+from .sampling import SamplingParams, sample
+from .textstream import TextStream, stop_strings
 from .tokenizer import Tokenizer
-from .units import format_bytes, parse_bytes
+from .units import parse_bytes
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 ENGINES = ("auto", "c", "numpy")
 MODES = ("exact", "adaptive", "ondemand")
@@ -29,6 +36,15 @@ def _peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _fresh_stats() -> dict:
+    return {"prefill_tokens": 0, "prompt_tokens_reused": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+
+def _ids_as_text(ids: list[int]) -> str:
+    """A model without a tokenizer: its output text is the token ids, " 12 7 301"."""
+    return "".join(f" {i}" for i in ids)
 
 
 def _ratio(a, b):
@@ -63,7 +79,7 @@ class Model:
             self.engine_name, self._engine = self._make_engine(engine, tensors, dtypes, shapes)
         tok = container.tensors.get("tokenizer.json")
         self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
-        self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        self._stats = _fresh_stats()
 
     @staticmethod
     def _check_precision(container: Container, precision) -> tuple[int | None, int | None]:
@@ -136,69 +152,152 @@ class Model:
         """float32 [len(ids), vocab] for a fresh sequence (all positions)."""
         ids = self._check_ids(ids)
         t0 = time.perf_counter()
-        out = self._engine.logits(ids)
+        out = self._engine.logits(ids)  # starts a fresh sequence: the KV cache no longer holds a reusable prefix
         self._stats["prefill_tokens"] += len(ids)
         self._stats["prefill_s"] += time.perf_counter() - t0
         return out
 
-    def _check_ids(self, ids) -> list[int]:
+    def _check_ids(self, ids, what: str = "tokens") -> list[int]:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if not ids:
-            raise EdgeMoEError("empty token sequence")
+            raise EdgeMoEError(f"empty token sequence ({what})")
         bad = [i for i in ids if not 0 <= i < self.spec.vocab]
         if bad:
             raise EdgeMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab - 1})")
         if len(ids) > self.max_ctx:
-            raise EdgeMoEError(f"{len(ids)} tokens exceed the context of {self.max_ctx}")
+            raise EdgeMoEError(f"{len(ids)} {what} exceed the context of {self.max_ctx} tokens (max_ctx; "
+                               f"edgemoe.load(..., max_ctx=N) raises it up to the model's {self.spec.max_position})")
         return ids
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = 0,
-                 stream: bool = False, stop_at_eos: bool = True):
-        """Continue `prompt` (a string, or a list of token ids). Returns the new text, or an iterator of pieces."""
-        pieces = self._generate(prompt, max_new_tokens, temperature, seed, stop_at_eos)
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` with the embedded tokenizer (no special tokens added)."""
+        if self.tokenizer is None:
+            raise EdgeMoEError(f"{self.container.path}: no tokenizer embedded; pass token ids")
+        return self.tokenizer.encode(text)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 repeat_last_n: int = 64, seed: int | None = 0, stop: str | Sequence[str] | None = None,
+                 stream: bool = False, stop_at_eos: bool = True) -> str | Iterator[str]:
+        """Continue `prompt` (a string, or a list of token ids). Returns the new text, or with stream=True an
+        iterator of text pieces that join to exactly that text (multi-byte characters are never split).
+
+        Sampling (llama.cpp's semantics, `edgemoe.sampling`): temperature 0 = greedy; otherwise the repetition
+        penalty (over the last `repeat_last_n` tokens of prompt + output; 1 = off), then top_k (0 = off), min_p
+        (0 = off) and top_p (1 = off) restrict the tokens drawn from softmax(logits / temperature) with a
+        `numpy.random.default_rng(seed)` generator: the same seed gives the same text (seed None: a fresh one).
+        stop: a string or list of strings; generation ends when the text contains one, and the text returned ends
+        just before it. A stream holds back any tail that could begin a stop string until it is decided.
+        stop_at_eos: end at the model's end-of-sequence token (not included in the text).
+        Ends after max_new_tokens tokens, or when the context (max_ctx) is full. A prompt longer than the context
+        raises EdgeMoEError stating both lengths.
+
+        The prompt is run as one prefill. The KV cache is kept between calls: when the new prompt's token ids start
+        with ids the cache holds (the previous prompt and its output, e.g. a chat's earlier turns), only the rest
+        is run (`stats["prompt_tokens_reused"]` counts the positions kept); reset() clears it.
+        """
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n)
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+            raise EdgeMoEError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        stops = stop_strings(stop)
+        ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt tokens")
+        pieces = self._generate(ids, int(max_new_tokens), params, np.random.default_rng(seed), stops, stop_at_eos)
         return pieces if stream else "".join(pieces)
 
-    def _generate(self, prompt, max_new_tokens, temperature, seed, stop_at_eos) -> Iterator[str]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise EdgeMoEError(f"{self.container.path}: no tokenizer embedded; pass token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-        ids = self._check_ids(ids)
-        rng = np.random.default_rng(seed)
-        t0 = time.perf_counter()
-        logits = self._engine.prefill(ids)
-        self._stats["prefill_tokens"] += len(ids)
-        self._stats["prefill_s"] += time.perf_counter() - t0
-        out: list[int] = []
-        emitted = ""
-        for _ in range(max_new_tokens):
-            tok = self._sample(logits, temperature, rng)
+    def _generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, rng: np.random.Generator,
+                  stops: list[str], stop_at_eos: bool) -> Iterator[str]:
+        if max_new_tokens == 0:
+            return
+        decode = self.tokenizer.decode if self.tokenizer is not None else _ids_as_text
+        text = TextStream(decode, stops)
+        history = list(ids)  # what the repetition penalty looks at: prompt + output
+        logits = self._prefill_reusing_cache(ids)
+        for n_new in range(1, max_new_tokens + 1):
+            tok = sample(logits, params, rng, history)
             if stop_at_eos and tok == self.spec.eos_token_id:
                 break
-            out.append(tok)
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(out)
-                if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
-                    yield text[len(emitted):]
-                    emitted = text
-            else:
-                yield f" {tok}"
-            if len(ids) + len(out) >= self.max_ctx:
+            history.append(tok)
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.stopped or n_new == max_new_tokens or len(history) >= self.max_ctx:
                 break
             t1 = time.perf_counter()
             logits = self._engine.decode(tok)
             self._stats["decode_tokens"] += 1
             self._stats["decode_s"] += time.perf_counter() - t1
+        rest = text.flush()
+        if rest:
+            yield rest
 
-    @staticmethod
-    def _sample(logits: np.ndarray, temperature: float, rng) -> int:
-        if temperature <= 0:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / temperature
-        p = np.exp(z - z.max())
-        return int(rng.choice(len(p), p=p / p.sum()))
+    def _prefill_reusing_cache(self, ids: list[int]) -> np.ndarray:
+        """Run the prompt; keep the longest prefix the KV cache already holds (at least the last prompt token is
+        always run, since its logits are needed). Returns the last position's logits."""
+        cached = self._engine.cached_ids
+        keep = 0
+        for a, b in zip(cached, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        t0 = time.perf_counter()
+        if keep:
+            self._engine.truncate(keep)
+            logits = self._engine.extend(ids[keep:])
+        else:
+            logits = self._engine.prefill(ids)
+        self._stats["prefill_tokens"] += len(ids) - keep
+        self._stats["prompt_tokens_reused"] += keep
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        return logits
+
+    def reset(self) -> None:
+        """Clear the KV cache: the next generate() runs its whole prompt."""
+        self._engine.reset()
+
+    # --- chat -----------------------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's Jinja chat template, stored by the exporter (None if it had none)."""
+        t = self.container.metadata.get("chat_template")
+        return t if isinstance(t, str) and t else None
+
+    def _chat_tokens(self) -> dict[str, str]:
+        tokens = self.container.metadata.get("chat_template_tokens")
+        return {k: v for k, v in tokens.items() if isinstance(v, str)} if isinstance(tokens, dict) else {}
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """Render `messages` ([{"role": "user", "content": "..."}, ...]) with the model's chat template, as
+        transformers' `tokenizer.apply_chat_template(messages, tokenize=False)` does (sandboxed Jinja; the
+        special-token strings bos_token, eos_token, ... are available to the template). extra: further template
+        variables (e.g. tools, enable_thinking). Raises EdgeMoEError if the model has no template."""
+        template = self.chat_template
+        if template is None:
+            raise EdgeMoEError(f"{self.container.path.name} has no chat template (its checkpoint had none, or it was "
+                               f"exported by an edgemoe without chat-template support); chat() falls back to a plain "
+                               f"'User: ...\\nAssistant:' transcript, or format the prompt yourself")
+        return render_chat_template(template, messages, add_generation_prompt, self._chat_tokens(), **extra)
+
+    def chat(self, messages: Sequence[dict], **generate_kwargs) -> str | Iterator[str]:
+        """The assistant's reply to `messages` ([{"role": "system" | "user" | "assistant", "content": "..."}]).
+
+        generate_kwargs are generate()'s (max_new_tokens, temperature, ..., stop, stream). The prompt is the model's
+        chat template (apply_chat_template); the reply also ends at the template's end-of-sequence string (e.g.
+        "<|im_end|>"), which is not included. A model without a template gets a plain transcript instead,
+        "System: ...\\nUser: ...\\nAssistant: ...\\nUser: ...\\nAssistant:" (one line per message, contents stripped),
+        and the reply ends where the model starts a new "\\nUser:" or "\\nSystem:" line.
+        Append the reply to `messages` for the next turn: the KV cache then still holds the earlier turns, so only
+        the new ones are run.
+        """
+        stops = stop_strings(generate_kwargs.pop("stop", None))
+        if self.chat_template is not None:
+            prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+            eos = self._chat_tokens().get("eos_token")
+            stops += [eos] if eos else []
+        else:
+            prompt = render_plain_transcript(messages, add_generation_prompt=True)
+            stops += PLAIN_TRANSCRIPT_STOPS
+        return self.generate(prompt, stop=stops, **generate_kwargs)
 
     @property
     def stats(self) -> dict:
@@ -207,6 +306,7 @@ class Model:
             "engine": self.engine_name,
             "prefill_tokens": s["prefill_tokens"],
             "prefill_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
+            "prompt_tokens_reused": s["prompt_tokens_reused"],
             "decode_tokens": s["decode_tokens"],
             "decode_tok_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
             "peak_rss_bytes": _peak_rss_bytes(),
@@ -247,7 +347,7 @@ class Model:
         }
 
     def reset_stats(self) -> None:
-        self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        self._stats = _fresh_stats()
         if self.streaming:
             self._engine.reset_stats()
 
@@ -260,7 +360,7 @@ class Model:
         self._engine.close()
         self.container.close()
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -62,6 +62,7 @@ class Checkpoint:
         self.tensors = SafetensorsSet(path)
         tok = path / "tokenizer.json"
         self.tokenizer_json: bytes | None = tok.read_bytes() if tok.exists() else None
+        self.chat_metadata: dict = read_chat_template(path)
 
     # --- tensor access with shape checks -----------------------------------------------------------------
     def _get(self, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -115,6 +116,49 @@ class Checkpoint:
             for matrix, hf_leaf in zip(EXPERT_MATRICES, self.family.expert_names):
                 name = f"{prefix}.{e}.{hf_leaf}.weight"
                 yield expert_tensor_name(layer, e, matrix), self._get(name, expert_shape(s, matrix))
+
+
+# The special tokens transformers hands a chat template as variables (bos_token, eos_token, ...).
+CHAT_TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def read_chat_template(path: Path) -> dict:
+    """A checkpoint's chat template as container metadata: {"chat_template": str, "chat_template_tokens":
+    {"bos_token": "<s>", ...}}, or {} when it has none.
+
+    The template comes from `chat_template.jinja` (newer checkpoints) or `tokenizer_config.json`'s
+    "chat_template": a string, or a list of {"name", "template"} of which "default" is the one used.
+    """
+    cfg_path = path / "tokenizer_config.json"
+    cfg: dict = {}
+    if cfg_path.exists():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{cfg_path}: expected a JSON object")
+    jinja = path / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.exists() else cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise FormatError(f"{cfg_path}: chat_template lists templates {sorted(map(str, named))} but none named "
+                              f"'default'")
+        template = named["default"]
+    if template is None:
+        return {}
+    if not isinstance(template, str):
+        raise FormatError(f"{cfg_path}: chat_template must be a string or a list of {{name, template}}, got "
+                          f"{type(template).__name__}")
+    tokens = {}
+    for key in CHAT_TEMPLATE_TOKENS:
+        value = cfg.get(key)
+        if isinstance(value, dict):  # a serialized AddedToken
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[key] = value
+    return {"chat_template": template, "chat_template_tokens": tokens}
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -130,6 +130,7 @@ class GGUFCheckpoint:
         self._expected = self._expected_shapes()
         self._check_tensors()
         self.tokenizer_json: bytes | None = self._tokenizer_json()
+        self.chat_metadata: dict = self._chat_metadata()
 
     # --- metadata ------------------------------------------------------------------------------------------
     def _kv(self, key: str, default=_MISSING):
@@ -350,6 +351,21 @@ class GGUFCheckpoint:
         return {n: t.tensor_type.name for n, t in self._tensors.items()}
 
     # --- tokenizer -----------------------------------------------------------------------------------------
+    def _chat_metadata(self) -> dict:
+        """tokenizer.chat_template (+ the special-token strings a template refers to) as container metadata, like
+        checkpoint.read_chat_template; {} when the file has no template."""
+        template = self._kv("tokenizer.chat_template", None)
+        if not isinstance(template, str) or not template:
+            return {}
+        tokens = self._kv("tokenizer.ggml.tokens", None) or []
+        named = {}
+        for key, name in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"),
+                          ("unknown_token_id", "unk_token"), ("padding_token_id", "pad_token")):
+            i = self._kv(f"tokenizer.ggml.{key}", None)
+            if i is not None and 0 <= int(i) < len(tokens):
+                named[name] = str(tokens[int(i)])
+        return {"chat_template": template, "chat_template_tokens": named}
+
     def _tokenizer_json(self) -> bytes | None:
         """Rebuild a Hugging Face tokenizer.json from a gpt2 (byte-level BPE) GGUF vocabulary; None otherwise."""
         model = self._kv("tokenizer.ggml.model", "none")

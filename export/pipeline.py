@@ -221,6 +221,7 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
         "bits": bits,
         "dense_bits": plan.dense_bits,
         "expert_dtype": "mwq" if plan.mwq else ("f32" if bits == 32 else "f16"),
+        **getattr(ckpt, "chat_metadata", {}),  # chat_template (+ its special-token strings), when the source has one
     }
     if plan.mwq:
         metadata.update(base_bits=plan.base_bits, group_size=plan.group_size, nesting=plan.nesting,

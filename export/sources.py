@@ -89,6 +89,7 @@ class WeightSource:
         self.family = None
         self.config = dict(config or {"model_type": spec.family})
         self.tokenizer_json = tokenizer_json
+        self.chat_metadata: dict = {}  # chat_template + chat_template_tokens, when the source has them
 
     def _get(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._get_fn(name), dtype=np.float32)
@@ -143,6 +144,8 @@ class ContainerSource(WeightSource):
                   **{k: v for k, v in self._c.metadata.items() if isinstance(v, (int, float, str, bool))}}
         super().__init__(self._c.spec, self._read, self._c.blob("tokenizer.json") if tok is not None else None,
                          path, expand_merged, allow_pruned, config)
+        self.chat_metadata = {k: self._c.metadata[k] for k in ("chat_template", "chat_template_tokens")
+                              if k in self._c.metadata}
 
     def _read(self, name: str) -> np.ndarray:
         from edgemoe.mwq import dequantize

@@ -84,3 +84,37 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     )
     tok.train_from_iterator(text, trainer)
     tok.save(str(out_dir / "tokenizer.json"))
+
+
+# A Zephyr-style chat template for the tiny models: role markers, bos/eos strings, raise_exception, loop controls
+# and whitespace control, i.e. what real templates use (the chat tests render it with edgemoe and transformers).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('the system message must come first') }}"
+    "{% endif %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n"
+    "{{ message['content'] | trim }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def add_chat_template(model_dir: Path, template: str | list = CHAT_TEMPLATE, as_jinja_file: bool = False) -> Path:
+    """Give a tiny checkpoint a tokenizer_config.json (bos/eos/pad strings) with a chat template, or the template in
+    chat_template.jinja (the newer layout). template may also be a list of {"name", "template"} dicts."""
+    import json
+
+    model_dir = Path(model_dir)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    if as_jinja_file:
+        (model_dir / "chat_template.jinja").write_text(template)
+    else:
+        cfg["chat_template"] = template
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return model_dir

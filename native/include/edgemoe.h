@@ -199,6 +199,9 @@ int emoe_model_isa(const emoe_model *m);
 int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits);
 int emoe_model_n_past(const emoe_model *m);
 void emoe_model_reset(emoe_model *m); /* clear the KV cache (n_past = 0) */
+/* Keep the first n_keep positions of the KV cache (0 <= n_keep <= n_past, else EMOE_ERR_ARG): the next
+ * emoe_forward continues at position n_keep. For reusing a shared prompt prefix. */
+int emoe_model_truncate(emoe_model *m, int n_keep);
 
 /* ---- a hard memory budget: dense weights resident, experts streamed through a byte-budgeted cache ----
  * emoe_container_load_streaming reads the dense weights (embeddings, attention, routers, norms, shared experts) once

@@ -225,6 +225,15 @@ int emoe_model_n_past(const emoe_model *m) { return m ? m->n_past : 0; }
 void emoe_model_reset(emoe_model *m) {
     if (m) m->n_past = 0;
 }
+/* The KV entries of positions < n_keep stay valid; later ones are overwritten by the next emoe_forward. */
+int emoe_model_truncate(emoe_model *m, int n_keep) {
+    if (!m) return EMOE_ERR_ARG;
+    if (n_keep < 0 || n_keep > m->n_past)
+        return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d is outside 0..%d (the positions in the KV cache)",
+                           n_keep, m->n_past);
+    m->n_past = n_keep;
+    return EMOE_OK;
+}
 
 int emoe_model_set_isa(emoe_model *m, int isa) {
     if (!m) return EMOE_ERR_ARG;
