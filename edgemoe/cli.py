@@ -1,15 +1,19 @@
-"""The `edgemoe` command: export, info, run, ppl, demo."""
+"""The `edgemoe` command: export, info, run, chat, ppl, bench, analyze, fit, demo."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from .errors import EdgeMoEError
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 
 def _need_exporter():
@@ -39,6 +43,13 @@ def cmd_export(args) -> int:
                               show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
                               nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens)
     print(f"wrote {out} ({format_bytes(out.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
+    from .container import open_container
+
+    c = open_container(out, verify=False)
+    summary = c.metadata.get("export_summary")
+    c.close()
+    if summary:
+        print(format_export_summary(summary, out.stat().st_size))
     if args.gguf:  # from the container, so merged / quantized experts reach llama.cpp as edgemoe computes them
         from edgemoe_export.gguf_export import export_gguf_from_container
 
@@ -52,6 +63,52 @@ def cmd_export(args) -> int:
         o = export_onnx(out, args.onnx, weights=args.onnx_weights, show_progress=not args.quiet)
         print(f"wrote {o} ({args.onnx_weights}) in {time.perf_counter() - t1:.1f} s")
     return 0
+
+
+EXPORT_PARTS = ("embeddings", "attention", "norms", "router", "predictor", "shared expert", "dense FFN", "experts",
+                "lm_head", "other")
+EXPORT_STAGES = ("read", "calibrate", "merge", "quantize", "write")
+
+
+def format_export_summary(s: dict, file_bytes: int) -> str:
+    """The closing table of `edgemoe export`: size per part before and after, bits per weight, merge map, stages."""
+    rows = [("part", "tensors", "source", "stored", "bits/weight", "storage")]
+    found = s.get("parts", {})
+    for part in sorted(found, key=lambda k: EXPORT_PARTS.index(k) if k in EXPORT_PARTS else len(EXPORT_PARTS)):
+        r = found[part]
+        src = (f"{format_bytes(r['source_bytes'])} {'/'.join(r['source_dtypes'])}" if r["source_bytes"] else "-")
+        bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") is not None else "-"
+        rows.append((part, str(r["tensors"]), src, format_bytes(r["stored_bytes"]), bpw,
+                     "/".join(r["stored_dtypes"])))
+    weights = sum(r["weights"] for r in s.get("parts", {}).values())
+    total_src = s.get("source_bytes", 0)
+    rows.append(("total", str(sum(r["tensors"] for r in s.get("parts", {}).values())),
+                 format_bytes(total_src) if total_src else "-", format_bytes(s.get("stored_bytes", 0)),
+                 f"{8 * s.get('stored_bytes', 0) / weights:.3f}" if weights else "-",
+                 f"file {format_bytes(file_bytes)}"
+                 + (f", {total_src / file_bytes:.1f}x smaller" if total_src and file_bytes else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if k == 0 or k == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    merge = s.get("merge_map")
+    if merge:
+        lines.append("merge map (routed experts -> stored experts; groups of routed experts sharing one):")
+        for layer, m in enumerate(merge):
+            if m is None:
+                continue
+            groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in m["groups"])
+            pruned = f", pruned {m['pruned']}" if m["pruned"] else ""
+            lines.append(f"  layer {layer}: {m['experts']} -> {m['stored']}: {groups}{pruned}")
+    stages = s.get("stages_s", {})
+    if stages:
+        parts = ", ".join(f"{k} {stages[k]:.1f} s" for k in EXPORT_STAGES if k in stages)
+        lines.append(f"time per stage: {parts} (total {s.get('total_s', sum(stages.values())):.1f} s; stages "
+                     f"interleave layer by layer, each counted once)")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
@@ -117,12 +174,33 @@ def _plane_summary(c) -> list[dict]:
     return out
 
 
+def sampling_kwargs(args, generate) -> dict:
+    """The sampling options given on the command line, restricted to what `generate` accepts."""
+    wanted = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+              "repetition_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
+              "seed": None if args.seed < 0 else args.seed, "stop": args.stop or None}
+    accepted = inspect.signature(generate).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def _load_args(args) -> dict:
+    """The keyword arguments of edgemoe.load from the runtime options (--budget, --threads, --engine, --mode)."""
+    parse_bytes(args.budget)  # a bad size is reported before anything is opened
+    kw = {"memory_budget": args.budget, "threads": args.threads, "engine": args.engine}
+    if getattr(args, "mode", None):
+        kw["mode"] = args.mode
+    if getattr(args, "max_ctx", None):
+        kw["max_ctx"] = args.max_ctx
+    return kw
+
+
 def cmd_run(args) -> int:
     from .model import load
 
-    with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine) as m:
+    with load(args.model, **_load_args(args)) as m:
         pieces = []
-        for piece in m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, stream=True):
+        stream = m.generate(args.prompt, max_new_tokens=args.n, stream=True, **sampling_kwargs(args, m.generate))
+        for piece in stream:
             pieces.append(piece)
             if not args.json:
                 print(piece, end="", flush=True)
@@ -130,7 +208,7 @@ def cmd_run(args) -> int:
             print(json.dumps({"prompt": args.prompt, "text": "".join(pieces), "stats": m.stats}))
         else:
             print()
-            _print_stats(m.stats)
+            print_stats(m.stats)
     return 0
 
 
@@ -141,10 +219,21 @@ def cmd_ppl(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8") if Path(args.text).exists() else None
     if text is None:
         raise EdgeMoEError(f"{args.text}: no such file")
-    with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine) as m:
+    with load(args.model, **_load_args(args), max_ctx=args.ctx) as m:
         r = perplexity(m, text, ctx=args.ctx, max_tokens=args.max_tokens)
     print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens (ctx {args.ctx})")
     return 0
+
+
+def cmd_fit(args) -> int:
+    from .fit import fit, format_report
+
+    if not Path(args.model).exists():
+        raise EdgeMoEError(f"{args.model}: no such file")
+    r = fit(args.model, args.budget, max_ctx=args.max_ctx, threads=args.threads or 1, mode=args.mode,
+            precision=args.precision, kv_f16=args.kv_f16, measure=not args.no_measure)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 0 if r["runs"] else 1
 
 
 def cmd_demo(args) -> int:
@@ -153,23 +242,173 @@ def cmd_demo(args) -> int:
     return run_demo(budget=args.budget, threads=args.threads, n=args.n, workdir=args.workdir)
 
 
-def _print_stats(st: dict) -> None:
+def print_stats(st: dict) -> None:
+    """One line of speed and memory on stderr; with a budget, a second with the expert cache's figures."""
     budget = format_bytes(st["memory_budget_bytes"]) if st.get("memory_budget_bytes") else "unlimited"
     print(f"[engine {st['engine']}] prefill {st['prefill_tokens']} tok at {st['prefill_tok_s']:.1f} tok/s, "
           f"decode {st['decode_tokens']} tok at {st['decode_tok_s']:.1f} tok/s, "
           f"peak RSS {format_bytes(st['peak_rss_bytes'])} (budget {budget})", file=sys.stderr)
+    if st.get("cache_hit_rate") is not None:
+        def pct(x):
+            return "-" if x is None else f"{x:.0%}"
+
+        per_tok = st.get("bytes_read_per_token")
+        print(f"[expert cache, mode {st['mode']}] hit rate {pct(st['cache_hit_rate'])}, read "
+              f"{format_bytes(per_tok) if per_tok is not None else '-'}/token, I/O stall "
+              f"{pct(st['io_stall_fraction'])} of forward time, prefetch recall {pct(st['prefetch_recall'])}",
+              file=sys.stderr)
+
+
+# ---- the parser -----------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs: paragraphs are re-wrapped to the terminal, indented lines (examples) kept as
+    written."""
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for block in re.split(r"\n\s*\n", textwrap.dedent(text).strip("\n")):
+            lines = block.splitlines()
+            if lines and all(not ln.startswith(" ") for ln in lines):
+                out.append(textwrap.fill(" ".join(ln.strip() for ln in lines), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+            else:
+                out.append("\n".join(indent + ln for ln in lines))
+        return "\n\n".join(out)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*a, **kw)
+
+
+EPILOGS = {
+    "edgemoe": """
+        the two commands to start with:
+          edgemoe export path/to/hf-moe-model -o model.emoe --bits 4
+          edgemoe run model.emoe -p "Once upon a time" --budget 1.5GB
+
+          will it fit, and how fast?   edgemoe fit model.emoe --budget 2GB
+          try it on the shipped model: edgemoe demo
+
+        Sizes take B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024): 512MB, 1.5GB, 2GiB.
+        `edgemoe COMMAND --help` explains each command's options.
+        """,
+    "export": """
+        examples:
+          edgemoe export ./OLMoE-1B-7B -o olmoe.emoe --bits 16
+          edgemoe export ./OLMoE-1B-7B -o olmoe-q4.emoe --bits 4 --calib my_text.txt
+          edgemoe export ./Mixtral -o merged.emoe --merge-ratio 0.5 --bits 4
+          edgemoe export model.gguf -o model.emoe --bits 16 --gguf model-f16.gguf
+
+        Progress bars go to stderr (-q hides them); a closing table shows each part's size before and after, its
+        bits per weight (scales included), the merge map when experts were merged, and the time per stage. The
+        output is written to OUT.tmp and renamed when complete: an interrupted export leaves no partial file.
+        """,
+    "info": """
+        examples:
+          edgemoe info model.emoe
+          edgemoe info model.emoe --json | python -m json.tool
+        """,
+    "run": """
+        examples:
+          edgemoe run model.emoe -p "The capital of France is"
+          edgemoe run model.emoe -p "Once upon a time" -n 200 --budget 1.5GB --threads 4
+          edgemoe run model.emoe -p "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 7 --stop "\\n\\n"
+          edgemoe run model.emoe -p "Hello" --budget 800MB --mode adaptive --json
+
+        The text streams to stdout; speed, peak RSS and (with a budget) the expert cache's hit rate, bytes read
+        per token, I/O stall and prefetch recall go to stderr, or into the JSON with --json.
+        """,
+    "chat": """
+        examples:
+          edgemoe chat model.emoe
+          edgemoe chat model.emoe --budget 1GB --temperature 0.7 --system "You are terse."
+
+        Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits. The model's
+        chat template is used when the container has one; the KV cache keeps earlier turns, so each turn only
+        runs the new text. When the conversation outgrows the context, the oldest turns are dropped.
+        """,
+    "ppl": """
+        examples:
+          edgemoe ppl model.emoe --text heldout.txt
+          edgemoe ppl model.emoe --text heldout.txt --ctx 512 --max-tokens 8192 --budget 1GB --mode adaptive
+        """,
+    "bench": """
+        examples:
+          edgemoe bench model.emoe
+          edgemoe bench model.emoe -p 512 -n 128 --threads 2 --json
+          edgemoe bench model.emoe --budget 1GB --mode exact
+        """,
+    "analyze": """
+        examples:
+          edgemoe analyze model.emoe --text held_out.txt
+          edgemoe analyze model.emoe --text held_out.txt --target 0.9 --heatmap routing.png --json
+        """,
+    "fit": """
+        examples:
+          edgemoe fit model.emoe --budget 2GB
+          edgemoe fit model.emoe --budget 1.5GiB --max-ctx 2048 --threads 4 --json
+
+        The runtime is opened under the budget to read its minimum and how much expert cache the budget leaves.
+        Bytes read per token come from the exporter's calibration routing counts when the container has them
+        (else uniform routing is assumed, and said so). The storage read bandwidth of the file itself (its expert
+        pieces, page cache bypassed) and the memory bandwidth are measured in about a second. Exit status 1 when
+        the model does not fit.
+        """,
+    "demo": """
+        examples:
+          edgemoe demo
+          edgemoe demo --budget 6.5MB --threads 2 -n 64
+
+        Exports the small MoE the project trained (shipped with the exporter) to 4-bit MWQ experts, loads it
+        under a memory budget below its size on disk, generates from three prompts, and prints the cache
+        statistics: hit rate, bytes read per token, I/O stall fraction, prefetch recall, peak RSS vs budget.
+        """,
+}
+
+
+def runtime_opts(sp) -> None:
+    g = sp.add_argument_group("runtime")
+    g.add_argument("--budget", default=None, metavar="SIZE",
+                   help="memory budget for everything the model holds, e.g. 512MB or 1.5GiB (default: unlimited, "
+                        "the file is mapped); below the minimum the error states the minimum")
+    g.add_argument("--mode", default="exact", choices=("exact", "adaptive", "ondemand"),
+                   help="with a budget: exact = output identical to the unlimited run (default); adaptive = skip a "
+                        "refinement bit plane that would stall (MWQ experts); ondemand = baseline LRU cache, no "
+                        "prefetch")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="threads for the C core (default 1)")
+    g.add_argument("--engine", default="auto", choices=("auto", "c", "numpy"),
+                   help="compute engine (default auto: the C core when built)")
+
+
+def sampling_opts(sp) -> None:
+    g = sp.add_argument_group("sampling (llama.cpp semantics)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); e.g. 0.8")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below P x the likeliest's probability (0 = off)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R", help="repetition penalty (1 = off)")
+    g.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
+                   help="tokens the repetition penalty looks back over (default 64)")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0; -1 = random)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the text contains TEXT (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="edgemoe",
         description="Run large Mixture-of-Experts language models on small devices under a hard memory budget.",
+        epilog=EPILOGS["edgemoe"],
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     e = sub.add_parser("export", help="convert a Hugging Face MoE checkpoint into an .emoe container",
                        description="Read a Hugging Face MoE checkpoint directory (config.json, *.safetensors, "
-                                   "tokenizer.json) layer by layer and write an .emoe container atomically.")
+                                   "tokenizer.json) layer by layer and write an .emoe container atomically.",
+                       epilog=EPILOGS["export"])
     e.add_argument("src", help="Hugging Face model directory, or a llama.cpp .gguf file")
     e.add_argument("-o", "--output", required=True, help="output .emoe file")
     e.add_argument("--bits", type=int, default=16, metavar="{32,16,8..2}",
@@ -215,27 +454,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("info", help="show a container's architecture, sizes and metadata")
+    i = sub.add_parser("info", help="show a container's architecture, sizes and metadata", epilog=EPILOGS["info"])
     i.add_argument("model", help=".emoe file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     i.set_defaults(func=cmd_info)
 
-    def runtime_opts(sp):
-        sp.add_argument("--budget", default=None, help="memory budget, e.g. 512MB (default: unlimited)")
-        sp.add_argument("--threads", type=int, default=None, help="threads for the C core (default 1)")
-        sp.add_argument("--engine", default="auto", choices=("auto", "c", "numpy"), help="compute engine")
-
-    r = sub.add_parser("run", help="generate text from a prompt")
+    r = sub.add_parser("run", help="generate text from a prompt", epilog=EPILOGS["run"],
+                       description="Continue a prompt, streaming the text to the terminal.")
     r.add_argument("model", help=".emoe file")
     r.add_argument("-p", "--prompt", required=True, help="prompt text")
-    r.add_argument("-n", type=int, default=64, help="new tokens to generate (default 64)")
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("-n", type=int, default=64, help="new tokens to generate at most (default 64)")
+    r.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                   help="context length: prompt + new tokens (default: the model's, at most 4096); a smaller one "
+                        "lowers the KV cache's share of the budget")
     r.add_argument("--json", action="store_true", help="print text and statistics as JSON")
+    sampling_opts(r)
     runtime_opts(r)
     r.set_defaults(func=cmd_run)
 
-    q = sub.add_parser("ppl", help="perplexity of a model on a text file")
+    q = sub.add_parser("ppl", help="perplexity of a model on a text file", epilog=EPILOGS["ppl"],
+                       description="Perplexity over non-overlapping windows of a UTF-8 text.")
     q.add_argument("model", help=".emoe file")
     q.add_argument("--text", required=True, help="UTF-8 text file")
     q.add_argument("--ctx", type=int, default=256, help="window length in tokens (default 256)")
@@ -246,11 +485,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_tools import add_tool_parsers
 
-    add_tool_parsers(sub, runtime_opts)
+    add_tool_parsers(sub, runtime_opts, sampling_opts)
+    for name in ("bench", "analyze", "chat"):
+        if name in sub.choices and not sub.choices[name].epilog:
+            sub.choices[name].epilog = EPILOGS[name]
 
-    d = sub.add_parser("demo", help="export the shipped small model, run it under a memory budget, print statistics")
-    d.add_argument("--budget", default="64MB", help="memory budget (default 64MB)")
-    d.add_argument("--threads", type=int, default=None)
+    f = sub.add_parser("fit", help="will a model run in a memory budget here, and how fast?", epilog=EPILOGS["fit"],
+                       description="Given a memory budget, report whether the model runs (against the minimum the "
+                                   "runtime demands), the expert cache it would get, the expected bytes read per "
+                                   "token and the expected decode tokens/s from this machine's measured storage and "
+                                   "memory bandwidth.")
+    f.add_argument("model", help=".emoe file")
+    f.add_argument("--budget", required=True, metavar="SIZE", help="memory budget, e.g. 2GB or 1.5GiB")
+    f.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                   help="context length the KV cache is sized for (default: the model's, at most 4096)")
+    f.add_argument("--mode", default="exact", choices=("exact", "adaptive", "ondemand"), help="runtime mode")
+    f.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads (default 1)")
+    f.add_argument("--precision", type=int, default=None, metavar="K",
+                   help="MWQ: run experts at K bit planes (default: all stored)")
+    f.add_argument("--kv-f16", action="store_true", help="f16 KV cache (half the memory)")
+    f.add_argument("--no-measure", action="store_true", help="skip the bandwidth measurements (no tokens/s)")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(func=cmd_fit)
+
+    d = sub.add_parser("demo", help="export the shipped small model, run it under a memory budget below its size, "
+                                    "print statistics", epilog=EPILOGS["demo"])
+    d.add_argument("--budget", default="auto", metavar="SIZE",
+                   help="memory budget (default auto: 90%% of the exported file, or the runtime's minimum if that "
+                        "is higher)")
+    d.add_argument("--threads", type=int, default=None, metavar="N")
     d.add_argument("-n", type=int, default=48, help="new tokens per prompt")
     d.add_argument("--workdir", default=None, help="where to write the exported model (default: a temp dir)")
     d.set_defaults(func=cmd_demo)
@@ -270,6 +533,15 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
+    except (OSError, MemoryError) as e:  # a file or the machine, not a bug: a message, not a traceback
+        print(f"edgemoe: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: say so briefly; EDGEMOE_DEBUG=1 shows the traceback
+        if os.environ.get("EDGEMOE_DEBUG"):
+            raise
+        print(f"edgemoe: internal error: {type(e).__name__}: {e} (set EDGEMOE_DEBUG=1 for the traceback, and "
+              f"please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
