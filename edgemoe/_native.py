@@ -30,7 +30,7 @@ DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0}
 Q8_0_BLOCK, Q8_0_BLOCK_BYTES = 32, 34
 MWQ_MAX_PLANES = 8  # EMOE_MWQ_MAX_PLANES: MWQ expert matrices (bit planes) go through set_expert_mwq / matmul_mwq
 # instruction sets
-ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_COUNT = -1, 0, 1, 2, 3, 4
+ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_AVX512VNNI, ISA_COUNT = -1, 0, 1, 2, 3, 4, 5
 # config enums
 ROPE_KINDS = {"neox": 0, "norm": 1}
 QK_NORM_KINDS = {"none": 0, "head": 1, "full": 2}

@@ -133,7 +133,7 @@ def test_bench_json_has_llama_bench_fields(x86_results, model):
             assert key in r, key
         assert r["model_filename"] == str(model) and r["n_threads"] == 1 and r["engine"] == "edgemoe"
         assert len(r["samples_ts"]) == 2 and all(t > 0 for t in r["samples_ts"]) and r["avg_ts"] > 0
-        assert r["peak_rss_bytes"] > 0 and r["isa"] in ("avx2", "scalar", "neon", "neon_dotprod")
+        assert r["peak_rss_bytes"] > 0 and r["isa"] in ("avx2", "avx512vnni", "scalar", "neon", "neon_dotprod")
         assert r["prompt_source"] == "file" and r["budget_enforced"] is False
     pp, tg = x86_results
     assert (pp["n_prompt"], pp["n_gen"], pp["p50_ms"]) == (N_PROMPT, 0, None)

@@ -7,6 +7,7 @@ isa=ISA_SCALAR; SIMD paths not supported here (e.g. NEON on x86) are covered by 
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -178,6 +179,27 @@ def test_crc32_equals_zlib():
         assert N.crc32(data) == zlib.crc32(data)
         assert N.crc32(data[n // 2:], N.crc32(data[: n // 2])) == zlib.crc32(data)
     assert N.crc32(b"123456789") == 0xCBF43926
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_avx512vnni_detected_when_the_cpu_has_it():
+    """cpuid detection agrees with the kernel's view of the CPU; the AVX-512 kernels themselves are covered by every
+    test parametrized over the supported ISAs."""
+    flags = _cpu_flags()
+    need = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    if not need <= flags:
+        pytest.skip(f"this CPU lacks {sorted(need - flags)}: the avx512vnni kernels cannot run here")
+    assert N.isa_supported(N.ISA_AVX512VNNI)
+    assert N.isa_name(N.ISA_AVX512VNNI) == "avx512vnni"
+    if "EDGEMOE_ISA" not in os.environ:
+        assert N.isa_best() == N.ISA_AVX512VNNI
 
 
 def test_isa_reporting():

@@ -68,10 +68,11 @@ enum {
     EMOE_ISA_AVX2 = 1,   /* x86-64 AVX2 + FMA + F16C */
     EMOE_ISA_NEON = 2,   /* aarch64 Advanced SIMD (base armv8-a) */
     EMOE_ISA_NEON_DOTPROD = 3, /* aarch64 NEON + SDOT (armv8.2-a dotprod), selected only if HWCAP says so */
-    EMOE_ISA_COUNT = 4,
+    EMOE_ISA_AVX512VNNI = 4,   /* x86-64 AVX2 level + AVX-512 F/BW/VL + VNNI (cpuid + XGETBV: ZMM and opmask state) */
+    EMOE_ISA_COUNT = 5,
 };
 int emoe_isa_supported(int isa);    /* 1 if this CPU + build can run it */
-/* what EMOE_ISA_AUTO resolves to; env EDGEMOE_ISA=scalar|avx2|neon|neon_dotprod overrides (if supported) */
+/* what EMOE_ISA_AUTO resolves to; env EDGEMOE_ISA=scalar|avx2|neon|neon_dotprod|avx512vnni overrides (if supported) */
 int emoe_isa_best(void);
 const char *emoe_isa_name(int isa); /* "scalar", "avx2", ... or NULL */
 

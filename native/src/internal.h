@@ -98,6 +98,8 @@ extern const emoe_kernels emoe_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
 #define EMOE_HAVE_AVX2 1
 extern const emoe_kernels emoe_kernels_avx2;
+extern const emoe_kernels emoe_kernels_avx512vnni;
+int emoe_x86_gfni_vbmi(void); /* 1 if the CPU also has GFNI + AVX512_VBMI (the AVX-512 MWQ kernels need them) */
 #endif
 #if defined(__aarch64__)
 #define EMOE_HAVE_NEON 1
@@ -180,6 +182,7 @@ typedef struct {
     int isa;
     const char *name;
     int uses_xp;      /* matmul_q8 reads a->xp when mwq_simd_ok(b1, g) */
+    int xp_layout;    /* 0: the layout above; 1: the AVX-512 layout (b1 = 2 only, kernels_mwq_avx512.c) */
     mwq_fn matmul_q8; /* int8 activations: integer dot products per plane */
     mwq_fn matmul_f32; /* f32 activations: each 8 weights dequantized in registers (bit-exact W_hat), f32 fma */
 } mwq_kernels;
@@ -187,6 +190,7 @@ typedef struct {
 extern const mwq_kernels mwq_kernels_scalar;
 #if defined(EMOE_HAVE_AVX2)
 extern const mwq_kernels mwq_kernels_avx2;
+extern const mwq_kernels mwq_kernels_avx512vnni;
 #endif
 #if defined(EMOE_HAVE_NEON)
 extern const mwq_kernels mwq_kernels_neon;
@@ -199,6 +203,11 @@ const mwq_kernels *mwq_kernels_get(int isa); /* NULL if unsupported */
 static inline int mwq_simd_ok(int base_bits, int group) {
     const int P = 8 / base_bits, C = 32 * P;
     return group % C == 0 || (C % group == 0 && group % (4 * P) == 0);
+}
+/* The AVX-512 kernels (xp layout 1) handle b1 = 2 with g % 128 == 0 or g in {32, 64}; mwq_run gives other (b1, g)
+ * to the AVX2 kernels. */
+static inline int mwq_vnni_ok(int base_bits, int group) {
+    return base_bits == 2 && (group % 128 == 0 || group == 32 || group == 64);
 }
 /* Scalar building blocks (kernels_mwq_scalar.c), also used by the SIMD kernels for the inputs past the last full
  * chunk: the contribution of inputs [i0, i1) (multiples of 8) of row o to one token's output. */

@@ -55,6 +55,7 @@ const mwq_kernels *mwq_kernels_get(int isa) {
     case EMOE_ISA_SCALAR: return &mwq_kernels_scalar;
 #if defined(EMOE_HAVE_AVX2)
     case EMOE_ISA_AVX2: return &mwq_kernels_avx2;
+    case EMOE_ISA_AVX512VNNI: return emoe_x86_gfni_vbmi() ? &mwq_kernels_avx512vnni : &mwq_kernels_avx2;
 #endif
 #if defined(EMOE_HAVE_NEON)
     case EMOE_ISA_NEON: return &mwq_kernels_neon;
@@ -103,7 +104,30 @@ static inline void prep_chunk(const int P, const block_q8_act *q, uint8_t *out) 
     }
 }
 
-static void prep_xp(int base_bits, int64_t cols, const block_q8_act *q, uint8_t *xp) {
+/* xp layout 1 (b1 = 2, kernels_mwq_avx512.c): chunk of 128 inputs = 4 blocks; vector v byte j = 4L + a holds input
+ * 32*(L%4) + 8a + 2v + L/4 (lane L: 16 inputs of block L % 4), then d[L] and sx[L] as in layout 0. */
+static void prep_chunk_vnni(const block_q8_act *q, uint8_t *out) {
+    int8_t *o = (int8_t *)out;
+    float *d = (float *)(out + 128), *sx = d + 8;
+    for (int L = 0; L < 8; L++) {
+        const block_q8_act *b = &q[L % 4];
+        int32_t sum = 0;
+        for (int v = 0; v < 4; v++)
+            for (int a = 0; a < 4; a++) {
+                const int8_t xv = b->qs[8 * a + 2 * v + L / 4];
+                o[32 * v + 4 * L + a] = xv;
+                sum += xv;
+            }
+        d[L] = b->d;
+        sx[L] = (float)sum;
+    }
+}
+
+static void prep_xp(int layout, int base_bits, int64_t cols, const block_q8_act *q, uint8_t *xp) {
+    if (layout == 1) {
+        for (int64_t c = 0; c < cols / 128; c++) prep_chunk_vnni(q + c * 4, xp + (size_t)c * MWQ_XP_CHUNK_BYTES(2));
+        return;
+    }
     const int P = 8 / base_bits;
     const int64_t nch = cols / (32 * P);
     const size_t cb = MWQ_XP_CHUNK_BYTES(base_bits);
@@ -186,16 +210,20 @@ void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_
         const int b1 = jobs[j0].w.base_bits;
         int j1 = j0 + 1;
         while (j1 < n_jobs && jobs[j1].w.base_bits == b1) j1++;
+        const mwq_kernels *mj = mk; /* the AVX-512 kernels cover fewer (b1, g): the rest run the AVX2 ones */
+        for (int j = j0; j < j1; j++)
+            if (mj->xp_layout == 1 && !mwq_vnni_ok(b1, jobs[j].w.group)) mj = mwq_kernels_get(EMOE_ISA_AVX2);
         int need_xp = 0;
-        for (int j = j0; j < j1; j++) need_xp |= mk->uses_xp && mwq_simd_ok(b1, jobs[j].w.group);
+        for (int j = j0; j < j1; j++) need_xp |= mj->uses_xp && mwq_simd_ok(b1, jobs[j].w.group);
         act.xp = NULL;
         act.xp_stride = 0;
         if (need_xp && xp) {
             act.xp_stride = mwq_xp_bytes(b1, cols);
-            for (int t = 0; t < n_tok; t++) prep_xp(b1, cols, qbuf + (size_t)t * nb, xp + (size_t)t * act.xp_stride);
+            for (int t = 0; t < n_tok; t++)
+                prep_xp(mj->xp_layout, b1, cols, qbuf + (size_t)t * nb, xp + (size_t)t * act.xp_stride);
             act.xp = xp;
         }
-        dispatch(pool, act.xp || !need_xp ? mk : &mwq_kernels_scalar, jobs + j0, j1 - j0, &act, 0);
+        dispatch(pool, act.xp || !need_xp ? mj : &mwq_kernels_scalar, jobs + j0, j1 - j0, &act, 0);
         j0 = j1;
     }
 }

@@ -1,7 +1,7 @@
 /* edgemoe-bench: llama-bench-shaped measurements of the C core on an .emoe container, with no Python.
  *
  *   edgemoe-bench MODEL.emoe [-p 512] [-n 128] [-t threads] [-r reps] [--budget 1GB] [--prompt-file ids.txt]
- *                 [--seed 42] [--isa scalar|avx2|neon|neon_dotprod] [--kv-f16] [--verify] [--print-tokens] [--json]
+ *                 [--seed 42] [--isa scalar|avx2|avx512vnni|neon|neon_dotprod] [--kv-f16] [--verify] [--print-tokens] [--json]
  *                 [--mode exact|adaptive|ondemand] [--prefetch 0|1|2] [--direct] [--precision K] [--tg-prompt]
  *
  * Tests (the same as `edgemoe bench` in Python and llama-bench):
@@ -74,7 +74,7 @@ static void usage(FILE *f) {
             "  --prompt-file FILE    prompt token ids (whitespace/comma separated, or a JSON list); default: random\n"
             "                        ids from --seed. With a file, -p defaults to the number of ids in it\n"
             "  --seed N              seed of the random prompt (default 42)\n"
-            "  --isa NAME            force the kernels: scalar, avx2, neon, neon_dotprod (default: best available)\n"
+            "  --isa NAME            force the kernels: scalar, avx2, avx512vnni, neon, neon_dotprod (default: best available)\n"
             "  --kv-f16              f16 KV cache (default f32)\n"
             "  --verify              check every tensor's CRC-32 first (reads the whole file: peak RSS then\n"
             "                        includes all of it, so it is off by default; the index CRC is always checked)\n"
@@ -478,7 +478,7 @@ static int parse_args(int argc, char **argv, options *o) {
             for (int k = 0; k < EMOE_ISA_COUNT; k++)
                 if (emoe_isa_name(k) && !strcmp(v, emoe_isa_name(k))) o->isa = k;
             if (o->isa == -2) {
-                fprintf(stderr, "edgemoe-bench: --isa %s: expected auto, scalar, avx2, neon or neon_dotprod\n", v);
+                fprintf(stderr, "edgemoe-bench: --isa %s: expected auto, scalar, avx2, avx512vnni, neon or neon_dotprod\n", v);
                 return -1;
             }
         } else if (!strcmp(a, "--kv-f16")) o->kv_f16 = 1;
