@@ -366,6 +366,9 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     pad = ckpt.config.get("pad_token_id")
     if isinstance(pad, int) and 0 <= pad < spec.vocab:
         w.add_pad_token_id(pad)
+    template = getattr(ckpt, "chat_metadata", {}).get("chat_template")
+    if template:  # llama.cpp (and edgemoe reading this GGUF back) format chats with it
+        w.add_chat_template(template)
 
 
 def _write_gguf(ckpt: Checkpoint, path: Path, gguf_type: str, tokenizer: str, show_progress: bool) -> list[str]:

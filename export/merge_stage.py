@@ -189,6 +189,7 @@ def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer:
         "bits": bits,
         "dense_bits": dense_bits or (bits if bits in (16, 32) else 8),
         "expert_dtype": "f32" if bits == 32 else "f16" if bits == 16 else "mwq",
+        **getattr(ckpt, "chat_metadata", {}),  # chat_template (+ its special-token strings), when the source has one
         "merge": {
             "method": method, "merge_ratio": merge_ratio, "experts_per_layer": experts_per_layer,
             "low_rank": low_rank, "group_counts": counts, "calib_file": None if calib_path is None else

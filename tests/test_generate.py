@@ -284,3 +284,32 @@ def test_a_model_without_a_template_chats_in_a_plain_transcript(olmoe):
         expect = m.generate(render_plain_transcript(messages), max_new_tokens=12, stop_at_eos=False,
                             stop=["\nUser:", "\nSystem:"])
         assert reply == expect
+
+
+def test_the_template_survives_a_gguf_round_trip(tiny_dir, tmp_path):
+    """HF checkpoint -> GGUF (tokenizer.chat_template, bos/eos ids) -> .emoe: the same template and token strings."""
+    pytest.importorskip("gguf")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+
+    src = add_chat_template(shutil.copytree(tiny_dir("qwen3moe"), tmp_path / "src"))  # llama.cpp runs its GQA
+    gguf_path = export_gguf(src, tmp_path / "m.gguf", "F32", show_progress=False)
+    with em.load(export(gguf_path, tmp_path / "m.emoe", bits=32, show_progress=False)) as m:
+        assert m.chat_template == CHAT_TEMPLATE
+        assert m.container.metadata["chat_template_tokens"] == {"bos_token": "<s>", "eos_token": "</s>",
+                                                                "pad_token": "<pad>"}
+        for messages in CONVERSATIONS:
+            assert m.apply_chat_template(messages) == _hf_render(src, messages)
+
+
+def test_a_merged_export_keeps_the_template(chat_model, tmp_path):
+    from edgemoe_export.merge_stage import export_merged
+
+    src, _ = chat_model
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 8)
+    out = export_merged(src, tmp_path / "merged.emoe", experts_per_layer=3, method="average", calib_path=calib,
+                        calib_tokens=64, seq_len=32, show_progress=False)
+    with em.load(out) as m:
+        assert m.chat_template == CHAT_TEMPLATE
+        assert m.apply_chat_template(CONVERSATIONS[1]) == _hf_render(src, CONVERSATIONS[1])
