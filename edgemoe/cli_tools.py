@@ -17,7 +17,7 @@ def cmd_bench(args) -> int:
     from .model import load
 
     with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
-              max_ctx=args.p + args.n + 8) as m:
+              max_ctx=args.p + args.n + 8, mode=getattr(args, "mode", "exact")) as m:
         runners = [EdgeMoERunner(m)]
         if args.vs_llama_cpp:
             if not Path(args.vs_llama_cpp).exists():
@@ -111,35 +111,97 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = {"/exit": "quit", "/quit": "quit", "/reset": "forget the conversation", "/help": "this list"}
+
+
 def cmd_chat(args) -> int:
+    from .cli import _load_args, sampling_kwargs
     from .model import load
 
-    with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine) as m:
+    with load(args.model, **_load_args(args)) as m:
         if m.tokenizer is None:
             raise EdgeMoEError(f"{args.model}: no tokenizer embedded; chat needs one")
-        history = ""
-        print("edgemoe chat: type a message, empty line or Ctrl-D to quit", file=sys.stderr)
+        if not hasattr(m, "chat"):  # an older Model without chat(): a plain running transcript
+            return _chat_transcript(m, args)
+        sampling = sampling_kwargs(args, m.generate)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        messages: list[dict] = []
+        print("edgemoe chat: type a message; /reset forgets, /exit or Ctrl-D quits", file=sys.stderr)
         while True:
-            try:
-                line = input("> ")
-            except EOFError:
+            line = _read_line()
+            if line is None or line.strip() in ("/exit", "/quit"):
                 break
             if not line.strip():
-                break
-            history += f"{line}\n"
-            ids = m.tokenizer.encode(history)
-            if len(ids) + args.n >= m.max_ctx:  # keep the most recent context that fits
-                history = m.tokenizer.decode(ids[-(m.max_ctx - args.n - 1):])
-            reply = []
-            for piece in m.generate(history, max_new_tokens=args.n, temperature=args.temperature, stream=True):
-                reply.append(piece)
-                print(piece, end="", flush=True)
-            print()
-            history += "".join(reply) + "\n"
+                continue
+            if line.strip() == "/reset":
+                messages.clear()
+                m.reset()
+                print("(conversation forgotten)", file=sys.stderr)
+                continue
+            if line.strip() == "/help":
+                print("\n".join(f"  {k:7s} {v}" for k, v in CHAT_COMMANDS.items()), file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = _chat_turn(m, system, messages, args.n, sampling)
+            if reply is None:  # even the newest message alone does not fit: it was dropped
+                messages.pop()
+                continue
+            messages.append({"role": "assistant", "content": reply})
     return 0
 
 
-def add_tool_parsers(sub, runtime_opts) -> None:
+def _read_line() -> str | None:
+    try:
+        return input("> ")
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+
+
+def _chat_turn(m, system: list[dict], messages: list[dict], n: int, sampling: dict) -> str | None:
+    """Stream one reply; when the conversation outgrows the context, drop the oldest exchanges and retry."""
+    while True:
+        try:
+            pieces = m.chat(system + messages, max_new_tokens=n, stream=True, **sampling)
+            reply = []
+            for piece in pieces:
+                reply.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            return "".join(reply).strip()
+        except EdgeMoEError as e:
+            if "exceed" not in str(e) and "context" not in str(e):
+                raise
+            if len(messages) <= 1:
+                print(f"edgemoe: {e}; message dropped", file=sys.stderr)
+                return None
+            del messages[:2]  # the oldest user message and its reply
+
+
+def _chat_transcript(m, args) -> int:
+    """Chat without Model.chat: the conversation as a growing plain text, trimmed from the front to fit."""
+    history = ""
+    print("edgemoe chat: type a message; /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        line = _read_line()
+        if line is None or line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        history += f"{line}\n"
+        ids = m.tokenizer.encode(history)
+        if len(ids) + args.n >= m.max_ctx:  # keep the most recent context that fits
+            history = m.tokenizer.decode(ids[-(m.max_ctx - args.n - 1):])
+        reply = []
+        for piece in m.generate(history, max_new_tokens=args.n, temperature=args.temperature, stream=True):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history += "".join(reply) + "\n"
+    return 0
+
+
+def add_tool_parsers(sub, runtime_opts, sampling_opts=None) -> None:
     b = sub.add_parser("bench", help="llama-bench-shaped prompt (pp) and generation (tg) speed",
                        description="Measure prompt processing (ppN) and generation (tgN) tokens/s, 5 repetitions "
                                    "after a warm-up; with --vs-llama-cpp / --vs-onnx, run llama.cpp on a GGUF / "
@@ -175,9 +237,16 @@ def add_tool_parsers(sub, runtime_opts) -> None:
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_analyze)
 
-    c = sub.add_parser("chat", help="interactive chat loop with history")
+    c = sub.add_parser("chat", help="interactive chat loop with history",
+                       description="An interactive conversation with the model, one reply per line you type.")
     c.add_argument("model", help=".emoe file")
-    c.add_argument("-n", type=int, default=64, help="max tokens per reply")
-    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("-n", type=int, default=256, help="max tokens per reply (default 256)")
+    c.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
+    c.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                   help="context length (default: the model's, at most 4096); older turns are dropped beyond it")
+    if sampling_opts is not None:
+        sampling_opts(c)
+    else:
+        c.add_argument("--temperature", type=float, default=0.0)
     runtime_opts(c)
     c.set_defaults(func=cmd_chat)

@@ -33,6 +33,7 @@ from .calibrate import LayerCalibration, calibrate, load_calibration_ids
 from .checkpoint import open_checkpoint
 from .merge import EXPERIMENTAL_METHODS, METHODS, group_counts, merge_layer, permute_gram_blocks
 from .progress import progress
+from .summary import ExportRecorder, stage
 
 
 @dataclass
@@ -94,7 +95,8 @@ def f16_f32_encoder(bits: int) -> ExpertEncoder:
         for g in range(m.n_stored):
             for mat in ("gate", "up", "down"):
                 t = expert_tensor_name(m.layer, g, mat)
-                w.add_tensor(t, m.experts[t].astype(dtype), name, kind="expert")
+                with stage(w, "quantize"):
+                    w.add_tensor(t, m.experts[t].astype(dtype), name, kind="expert")
 
     return encode
 
@@ -116,7 +118,8 @@ def mwq_encoder(total_bits: int, base_bits: int = 2, group_size: int = 128, nest
             for mat in ("gate", "up", "down"):
                 t = expert_tensor_name(m.layer, g, mat)
                 gram = (m.gram_mid if mat == "down" else m.gram_in).get(g) if weighted else None
-                qm = quantize_matrix(m.experts[t], gram, base_bits, total_bits, group_size, nesting)
+                with stage(w, "quantize"):
+                    qm = quantize_matrix(m.experts[t], gram, base_bits, total_bits, group_size, nesting)
                 w.add_planes(t, qm.planes, qm.shape, kind="expert",
                              quant={"base_bits": base_bits, "group_size": group_size, "nesting": nesting,
                                     "weighted": qm.weighted})
@@ -165,6 +168,8 @@ def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer:
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
     ckpt = open_checkpoint(src)
     spec = ckpt.spec
+    rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]
+    source = rec.source(ckpt)  # tensor reads charged to the "read" stage
     if calib_path is None and (Path(src) / "calib.txt").exists():
         calib_path = Path(src) / "calib.txt"  # a checkpoint may ship its calibration text, as for plain export
     mwq_bits = bits not in (16, 32)
@@ -173,14 +178,16 @@ def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer:
 
         group_size = choose_group_size([spec.hidden, spec.expert_ffn], group_size)
         expert_encoder = mwq_encoder(bits, base_bits, group_size)
-    seqs = load_calibration_ids(ckpt.tokenizer_json, calib_path, calib_tokens, min(seq_len, spec.max_position),
-                                spec.vocab)
+    with rec.clock.stage("calibrate"):
+        seqs = load_calibration_ids(ckpt.tokenizer_json, calib_path, calib_tokens, min(seq_len, spec.max_position),
+                                    spec.vocab)
     min_groups = spec.top_k if method == "prune" else 1
     if experts_per_layer is not None:
         sizes = [np.zeros(spec.n_experts) if spec.is_moe_layer(i) else None for i in range(spec.n_layers)]
         counts = group_counts(sizes, experts_per_layer=experts_per_layer, min_groups=min_groups)
     else:
-        freqs = routing_frequencies(ckpt, seqs, show_progress)
+        with rec.clock.stage("calibrate"):
+            freqs = routing_frequencies(source, seqs, show_progress)
         counts = group_counts(freqs, merge_ratio=merge_ratio, min_groups=min_groups)
 
     metadata = {
@@ -200,15 +207,26 @@ def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer:
     if mwq_bits:
         metadata.update(base_bits=base_bits, group_size=group_size, nesting="mwq", mwq_planes=bits - base_bits + 1)
     collect = expert_encoder is not None or method == "regmean"  # regmean fits on the members' Gram blocks
-    layers = (merge_stage(cal, spec, counts[cal.layer], method, low_rank)
-              for cal in calibrate(ckpt, seqs, group_size=group_size or 128, collect_grams=collect,
-                                   show_progress=show_progress) if cal.freq is not None)
-    return write_merged_container(ckpt, out, layers, metadata, bits, dense_bits, expert_encoder, show_progress)
+    n_tokens = int(sum(len(s) for s in seqs))
+
+    def merged_layers():
+        stream = calibrate(source, seqs, group_size=group_size or 128, collect_grams=collect,
+                           show_progress=show_progress)
+        for cal in rec.clock.iterate(stream, "calibrate"):
+            if cal.freq is None:
+                continue
+            with rec.clock.stage("merge"):
+                merged = merge_stage(cal, spec, counts[cal.layer], method, low_rank)
+            rec.note_routing(cal.layer, merged.tokens, n_tokens)
+            yield merged
+
+    return write_merged_container(source, out, merged_layers(), metadata, bits, dense_bits, expert_encoder,
+                                  show_progress, rec)
 
 
 def write_merged_container(ckpt, out, layers: Iterable[MergedLayer], metadata: dict, bits: int = 16,
                            dense_bits: int | None = None, expert_encoder: ExpertEncoder | None = None,
-                           show_progress: bool = False) -> Path:
+                           show_progress: bool = False, rec: ExportRecorder | None = None) -> Path:
     """Dense part first (from the checkpoint, one layer at a time), then each merged layer's stored experts as
     `layers` yields them. The ArchSpec's `expert_map` is filled in as layers arrive and serialized at close."""
     spec = ckpt.spec
@@ -216,19 +234,25 @@ def write_merged_container(ckpt, out, layers: Iterable[MergedLayer], metadata: d
     out_spec.expert_map = [[] for _ in range(spec.n_layers)]
     encode = expert_encoder or f16_f32_encoder(bits)
     dense_width = bits if bits in (16, 32) else 8  # MWQ experts: Q8_0 dense by default, as the plain export
-    with ContainerWriter(out, out_spec, metadata) as w:
+    rec = rec or ExportRecorder(ckpt)
+    with rec.writer(out, out_spec, metadata) as w:
         if ckpt.tokenizer_json is not None:
             w.add_tensor("tokenizer.json", np.frombuffer(ckpt.tokenizer_json, np.uint8), "bytes", kind="blob")
         for name, arr in ckpt.global_tensors().items():
-            w.add_tensor(name, *_encode_dense(arr, dense_width, dense_bits))
-        for layer in progress(range(spec.n_layers), "dense layers", show_progress):
-            for name, arr in ckpt.layer_dense(layer).items():
+            with stage(w, "quantize"):  # the writes inside are charged to "write"
                 w.add_tensor(name, *_encode_dense(arr, dense_width, dense_bits))
-        for merged in layers:
+        for layer in progress(range(spec.n_layers), "dense layers (read, quantize, write)", show_progress):
+            for name, arr in ckpt.layer_dense(layer).items():
+                with stage(w, "quantize"):
+                    w.add_tensor(name, *_encode_dense(arr, dense_width, dense_bits))
+        n_moe = sum(1 for i in range(spec.n_layers) if spec.is_moe_layer(i))
+        for merged in progress(layers, f"merged layers of {n_moe} (calibrate, merge, quantize, write)",
+                               show_progress):
             out_spec.expert_map[merged.layer] = merged.expert_map
             encode(w, merged)
             del merged
         missing = [i for i in range(spec.n_layers) if spec.is_moe_layer(i) and not out_spec.expert_map[i]]
         if missing:  # raised inside the writer: the partial file is removed
             raise EdgeMoEError(f"{out}: no merged experts were written for layers {missing}")
+        w.metadata["export_summary"] = rec.summary(w)
     return Path(out)

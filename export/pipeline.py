@@ -25,9 +25,10 @@ from edgemoe.container import ContainerWriter
 from edgemoe.errors import EdgeMoEError
 from edgemoe.quant import Q8_0_BLOCK, quantize_q8_0
 
-from .sources import open_source as open_checkpoint  # HF directory or .gguf
 from .mwq import NESTINGS, check_bits, choose_group_size, quantize_matrix
 from .progress import progress
+from .sources import open_source as open_checkpoint  # HF directory or .gguf
+from .summary import ExportRecorder, stage
 
 FLOAT_BITS = (32, 16)
 MWQ_BITS = tuple(range(8, 1, -1))  # 8..2: total bits of the nested planes
@@ -112,20 +113,23 @@ def _write_dense(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> N
     if ckpt.tokenizer_json is not None:
         w.add_tensor("tokenizer.json", np.frombuffer(ckpt.tokenizer_json, np.uint8), "bytes", kind="blob")
     for name, arr in ckpt.global_tensors().items():
-        w.add_tensor(name, *_encode_dense(name, arr, plan))
-    for layer in progress(range(ckpt.spec.n_layers), "dense layers", show_progress):
-        for name, arr in ckpt.layer_dense(layer).items():
+        with stage(w, "quantize"):  # the writes inside are charged to "write"
             w.add_tensor(name, *_encode_dense(name, arr, plan))
+    for layer in progress(range(ckpt.spec.n_layers), "dense layers (read, quantize, write)", show_progress):
+        for name, arr in ckpt.layer_dense(layer).items():
+            with stage(w, "quantize"):
+                w.add_tensor(name, *_encode_dense(name, arr, plan))
 
 
 def _write_experts_float(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> None:
     spec = ckpt.spec
     dtype, np_dtype = ("f32", np.float32) if plan.bits == 32 else ("f16", np.float16)
-    for layer in progress(range(spec.n_layers), "expert layers", show_progress):
+    for layer in progress(range(spec.n_layers), f"expert layers (read, {dtype}, write)", show_progress):
         if not spec.is_moe_layer(layer):
             continue
         for name, arr in ckpt.layer_experts(layer):
-            w.add_tensor(name, arr.astype(np_dtype), dtype, kind="expert")
+            with stage(w, "quantize"):
+                w.add_tensor(name, arr.astype(np_dtype), dtype, kind="expert")
 
 
 @dataclass
@@ -137,9 +141,10 @@ class ExpertLayer:
     tokens: np.ndarray | None = None  # [E] routed calibration tokens per expert
 
 
-def _expert_layers(ckpt, plan: Plan, show_progress: bool):
+def _expert_layers(ckpt, plan: Plan, show_progress: bool, rec: ExportRecorder | None = None):
     """Yield each MoE layer's experts with their calibration statistics (mwq) or without (msb)."""
     spec = ckpt.spec
+    rec = rec or ExportRecorder(None)
     if plan.nesting == "msb":
         for layer in progress(range(spec.n_layers), f"MWQ-{plan.bits} (msb) per layer", show_progress):
             if spec.is_moe_layer(layer):
@@ -148,14 +153,18 @@ def _expert_layers(ckpt, plan: Plan, show_progress: bool):
     from .calibrate import calibrate, load_calibration_ids
 
     seq_len = min(CALIB_SEQ_LEN, spec.max_position)
-    seqs = load_calibration_ids(ckpt.tokenizer_json, plan.calib, plan.calib_tokens, seq_len, spec.vocab)
+    with rec.clock.stage("calibrate"):
+        seqs = load_calibration_ids(ckpt.tokenizer_json, plan.calib, plan.calib_tokens, seq_len, spec.vocab)
     plan.calib_tokens_used = sum(len(s) for s in seqs)
-    for cal in calibrate(ckpt, seqs, group_size=plan.group_size, show_progress=show_progress):
+    stream = calibrate(ckpt, seqs, group_size=plan.group_size, show_progress=show_progress)
+    for cal in rec.clock.iterate(stream, "calibrate"):
         if spec.is_moe_layer(cal.layer):
+            rec.note_routing(cal.layer, cal.expert_tokens, plan.calib_tokens_used)
             yield ExpertLayer(cal.layer, cal.experts, cal.gram_in, cal.gram_mid, cal.expert_tokens)
 
 
-def _write_experts_mwq(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> dict:
+def _write_experts_mwq(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool,
+                       rec: ExportRecorder | None = None) -> dict:
     """Write every expert matrix as nested planes, layer by layer. Returns metadata to record."""
     spec = ckpt.spec
     g = plan.group_size
@@ -164,7 +173,7 @@ def _write_experts_mwq(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool
     tokens_per_expert: dict[str, int] = {}
     quant = {"base_bits": plan.base_bits, "group_size": g, "nesting": plan.nesting}
     fit_s = 0.0
-    for el in _expert_layers(ckpt, plan, show_progress):
+    for el in _expert_layers(ckpt, plan, show_progress, rec):
         t0 = time.perf_counter()
         for e in range(spec.stored_experts(el.layer)):
             prefix = f"blk.{el.layer}.expert.{e}"
@@ -177,7 +186,8 @@ def _write_experts_mwq(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool
             for matrix in EXPERT_MATRICES:
                 name = expert_tensor_name(el.layer, e, matrix)
                 gram = (el.gram_mid if matrix == "down" else el.gram_in).get(e) if weighted else None
-                qm = quantize_matrix(el.experts[name], gram, plan.base_bits, plan.bits, g, plan.nesting)
+                with stage(w, "quantize"):
+                    qm = quantize_matrix(el.experts[name], gram, plan.base_bits, plan.bits, g, plan.nesting)
                 w.add_planes(name, qm.planes, qm.shape, kind="expert", quant={**quant, "weighted": qm.weighted})
         dt = time.perf_counter() - t0
         fit_s += dt
@@ -215,6 +225,7 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
     ckpt = open_checkpoint(src)
     plan = _plan(ckpt, src, bits, dense_bits, base_bits, group_size, nesting, calib, calib_tokens)
+    rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]
     metadata = {
         "source": str(src.resolve().name),
         "source_model_type": ckpt.config.get("model_type"),
@@ -226,12 +237,14 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
     if plan.mwq:
         metadata.update(base_bits=plan.base_bits, group_size=plan.group_size, nesting=plan.nesting,
                         mwq_planes=bits - plan.base_bits + 1)
-    with ContainerWriter(out, ckpt.spec, metadata) as w:
-        _write_dense(w, ckpt, plan, show_progress)
+    source = rec.source(ckpt)  # tensor reads charged to the "read" stage
+    with rec.writer(out, ckpt.spec, metadata) as w:
+        _write_dense(w, source, plan, show_progress)
         if plan.mwq:
-            w.metadata.update(_write_experts_mwq(w, ckpt, plan, show_progress))
+            w.metadata.update(_write_experts_mwq(w, source, plan, show_progress, rec))
         else:
-            _write_experts_float(w, ckpt, plan, show_progress)
+            _write_experts_float(w, source, plan, show_progress)
         if plan.dense_f16_fallback:
             w.metadata["dense_f16_fallback"] = plan.dense_f16_fallback
+        w.metadata["export_summary"] = rec.summary(w)
     return out
