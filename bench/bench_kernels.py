@@ -2,7 +2,7 @@
 memory read bandwidth, plus the prefill matmul (a block of tokens) in GFLOP/s.
 
     EDGEMOE_NATIVE_LIB=/tmp/native_build/libedgemoe_core.so PYTHONPATH=. python bench/bench_kernels.py [--quick]
-        [--json out.json] [--isa avx2]
+        [--json out.json] [--isa avx2,avx512vnni]
 
 Matrices are larger than the last-level cache, so a matvec is a pure stream of its weights: its GB/s against the
 numpy read bandwidth (sum over a 1 GiB array, best of 5; with 2 threads each sums half) says how close decode gets to
@@ -74,12 +74,14 @@ def make_weights(wtype: str, rows: int, cols: int, rng) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller matrices and fewer repetitions")
-    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | neon | neon_dotprod")
+    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | avx512vnni | neon | neon_dotprod, or a "
+                    "comma-separated list (each kernel timed with each, one after the other)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    isa = N.ISA_AUTO if args.isa == "auto" else {N.isa_name(i): i for i in range(N.ISA_COUNT)}[args.isa]
-    isa_used = N.isa_name(N.isa_best() if isa == N.ISA_AUTO else isa)
+    by_name = {N.isa_name(i): i for i in range(N.ISA_COUNT)}
+    isas = [i for i in (N.isa_best() if n == "auto" else by_name[n] for n in args.isa.split(",")) if N.isa_supported(i)]
+    isa_used = ",".join(N.isa_name(i) for i in isas)
     threads_list = [int(t) for t in args.threads.split(",")]
     reps = 5 if args.quick else 9
     rng = np.random.default_rng(0)
@@ -101,14 +103,14 @@ def main() -> None:
         storage, api = KERNELS[wtype]
         wp = w[: pre_rows * N.row_bytes(storage, cols)] if storage == N.Q8_0 else w[:pre_rows]
         yp = np.empty((n_pre, pre_rows), np.float32)
-        for t in threads_list:
+        for t, isa in ((t, isa) for t in threads_list for isa in isas):
             pool = N.Pool(t) if t > 1 else None
             ts = timed(partial(N.matmul, w, api, x1, rows, cols, isa=isa, pool=pool, out=y1), reps, 0.3)
             tp = timed(partial(N.matmul, wp, api, xp, pre_rows, cols, isa=isa, pool=pool, out=yp), 3)
             bw = next(m for m in mem if m["threads"] == t)["best_gbs"]
             best = wbytes / min(ts) / 1e9
             rows_out.append({
-                "kernel": f"{wtype} matvec", "rows": rows, "cols": cols, "weight_mib": round(wbytes / 2**20, 1),
+                "kernel": f"{wtype} matvec", "isa": N.isa_name(isa), "rows": rows, "cols": cols, "weight_mib": round(wbytes / 2**20, 1),
                 "threads": t, "best_gbs": round(best, 2), "median_gbs": round(wbytes / statistics.median(ts) / 1e9, 2),
                 "mem_read_gbs": round(bw, 2), "fraction_of_bw": round(best / bw, 3),
                 "prefill64_gflops": round(2 * n_pre * pre_rows * cols / min(tp) / 1e9, 1),
@@ -124,11 +126,11 @@ def main() -> None:
     for m in mem:
         print(f"| {m['threads']} | {m['best_gbs']:.1f} | {m['median_gbs']:.1f} |")
     print()
-    print("| kernel | shape | weights MiB | threads | GB/s (best) | GB/s (median) | read BW GB/s | % of BW |"
+    print("| isa | kernel | shape | weights MiB | threads | GB/s (best) | GB/s (median) | read BW GB/s | % of BW |"
           " prefill 64 tok GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
-        print(f"| {r['kernel']} | {r['rows']}x{r['cols']} | {r['weight_mib']} | {r['threads']} | {r['best_gbs']:.1f} |"
+        print(f"| {r['isa']} | {r['kernel']} | {r['rows']}x{r['cols']} | {r['weight_mib']} | {r['threads']} | {r['best_gbs']:.1f} |"
               f" {r['median_gbs']:.1f} | {r['mem_read_gbs']:.1f} | {100 * r['fraction_of_bw']:.0f}% |"
               f" {r['prefill64_gflops']:.1f} |")
     print()

@@ -2,7 +2,7 @@
 dense Q8_0 (int8) kernel and the machine's measured read bandwidth, all in the same run.
 
     EDGEMOE_NATIVE_LIB=/tmp/native_build/libedgemoe_core.so PYTHONPATH=. python bench/bench_mwq.py [--quick]
-        [--ks 2,3,4] [--base-bits 2] [--group 128] [--threads 1,2] [--json out.json] [--isa avx2]
+        [--ks 2,3,4] [--base-bits 2] [--group 128] [--threads 1,2] [--json out.json] [--isa avx2,avx512vnni]
 
 Bytes counted for MWQ are the bytes actually read at precision k: planes 1..k, scales included (P1 = s1, m1 and the
 codes; each residual plane = its scales and sign bits): b1 + 32/g + (k - 1) (1 + 16/g) bits per weight, for b1 = 2,
@@ -11,7 +11,7 @@ Matrices are larger than the last-level cache (MWQ: 16384 x 8192 = 54-90 MiB of 
 MiB), so a matvec streams its weights from DRAM. Kernels are timed round-robin (Q8_0, then each k, repeatedly) so
 the machine's load drifts affect them alike, together with the numpy read-bandwidth probe (a sum over 1 GiB; with 2
 threads each sums half); best and median of each are shown. "vs q8_0" is the plane kernel's GB/s divided by the
-Q8_0 kernel's GB/s (the goal: >= 0.8, i.e. within 80% of the dense int8 kernel's bandwidth efficiency), from the
+same ISA's Q8_0 kernel's GB/s (the goal: >= 0.8, i.e. within 80% of the dense int8 kernel's bandwidth efficiency), from the
 best times and, more robust on a shared machine, as the median over rounds of the ratio within a round (likewise
 "% of BW"); "ns/weight" compares the time per weight (what decode speed depends on).
 """
@@ -90,15 +90,18 @@ def timed_round_robin(fns: dict, rounds: int, min_time: float) -> dict[str, list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller matrices and fewer repetitions")
-    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | neon | neon_dotprod")
+    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | avx512vnni | neon | neon_dotprod, or a "
+                    "comma-separated list timed in the same round robin (default: auto = the best)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--ks", default="2,3,4", help="precisions (planes) to time")
     ap.add_argument("--base-bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    isa = N.ISA_AUTO if args.isa == "auto" else {N.isa_name(i): i for i in range(N.ISA_COUNT)}[args.isa]
-    isa_used = N.isa_name(N.isa_best() if isa == N.ISA_AUTO else isa)
+    by_name = {N.isa_name(i): i for i in range(N.ISA_COUNT)}
+    isas = [N.isa_best() if n == "auto" else by_name[n] for n in args.isa.split(",")]
+    isas = [i for i in isas if N.isa_supported(i)]
+    isa_used = ",".join(N.isa_name(i) for i in isas)
     threads_list = [int(t) for t in args.threads.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     b1, g = args.base_bits, args.group
@@ -126,34 +129,43 @@ def main() -> None:
     for t in threads_list:
         pool = N.Pool(t) if t > 1 else None
         ex = ThreadPoolExecutor(t) if t > 1 else None
-        fns = {"read": memory_reader(t, mem_array, ex),
-               "q8_0": lambda: N.matmul(wq8, N.Q8_0, x1, rows_q8, cols, isa=isa, pool=pool, out=y_q8)}
-        for k in ks:
-            fns[f"mwq k={k}"] = (lambda k=k: N.matmul_mwq(planes, k, b1, g, x1, rows_mwq, cols, isa=isa, pool=pool,
-                                                          out=y_mwq))
+        fns = {"read": memory_reader(t, mem_array, ex)}
+        for isa in isas:
+            fns[f"{N.isa_name(isa)} q8_0"] = (lambda isa=isa, pool=pool: N.matmul(wq8, N.Q8_0, x1, rows_q8, cols, isa=isa,
+                                                                        pool=pool, out=y_q8))
+            for k in ks:
+                fns[f"{N.isa_name(isa)} mwq k={k}"] = (
+                    lambda k=k, isa=isa, pool=pool: N.matmul_mwq(planes, k, b1, g, x1, rows_mwq, cols, isa=isa, pool=pool,
+                                                      out=y_mwq))
         times = timed_round_robin(fns, rounds, min_time)
         rd = times.pop("read")
         mem[t] = {"threads": t, "best_gbs": mem_array.nbytes / min(rd) / 1e9,
                   "median_gbs": mem_array.nbytes / statistics.median(rd) / 1e9}
         if ex:
             ex.shutdown()
-        pre = {"q8_0": lambda: N.matmul(wq8_pre, N.Q8_0, xp, pre_rows, cols, isa=isa, pool=pool, out=yp)}
-        for k in ks:
-            pre[f"mwq k={k}"] = (lambda k=k: N.matmul_mwq(pre_planes, k, b1, g, xp, pre_rows, cols, isa=isa,
-                                                         pool=pool, out=yp))
+        pre = {}
+        for isa in isas:
+            pre[f"{N.isa_name(isa)} q8_0"] = (lambda isa=isa, pool=pool: N.matmul(wq8_pre, N.Q8_0, xp, pre_rows, cols, isa=isa,
+                                                                        pool=pool, out=yp))
+            for k in ks:
+                pre[f"{N.isa_name(isa)} mwq k={k}"] = (
+                    lambda k=k, isa=isa, pool=pool: N.matmul_mwq(pre_planes, k, b1, g, xp, pre_rows, cols, isa=isa, pool=pool,
+                                                      out=yp))
         pre_times = timed_round_robin(pre, 3, 0.0)
         bw = mem[t]["best_gbs"]
-        q8_best = wq8.nbytes / min(times["q8_0"]) / 1e9
         for name, ts in times.items():
-            nbytes = wq8.nbytes if name == "q8_0" else mwq_bytes[int(name.split("=")[1])]
-            rows = rows_q8 if name == "q8_0" else rows_mwq
+            isa_name, kern = name.split(" ", 1)
+            q8_times = times[f"{isa_name} q8_0"]
+            q8_best = wq8.nbytes / min(q8_times) / 1e9
+            nbytes = wq8.nbytes if kern == "q8_0" else mwq_bytes[int(name.split("=")[1])]
+            rows = rows_q8 if kern == "q8_0" else rows_mwq
             best = nbytes / min(ts) / 1e9
             # GB/s relative to q8_0 and to the read bandwidth, round by round (the three ran within a second of each
             # other, under the same machine load): the median of those ratios
-            per_round = [(nbytes / a) / (wq8.nbytes / b) for a, b in zip(ts, times["q8_0"])]
+            per_round = [(nbytes / a) / (wq8.nbytes / b) for a, b in zip(ts, q8_times)]
             per_round_bw = [(nbytes / a) / (mem_array.nbytes / b) for a, b in zip(ts, rd)]
             rows_out.append({
-                "kernel": name, "threads": t, "bits_per_weight": round(8 * nbytes / (rows * cols), 3),
+                "kernel": kern, "isa": isa_name, "threads": t, "bits_per_weight": round(8 * nbytes / (rows * cols), 3),
                 "mib": round(nbytes / 2**20, 1), "best_gbs": round(best, 2),
                 "median_gbs": round(nbytes / statistics.median(ts) / 1e9, 2), "mem_read_gbs": round(bw, 2),
                 "fraction_of_bw": round(best / bw, 3), "vs_q8_0": round(best / q8_best, 3),
@@ -173,12 +185,12 @@ def main() -> None:
     for m in mem.values():
         print(f"| {m['threads']} | {m['best_gbs']:.1f} | {m['median_gbs']:.1f} |")
     print()
-    print("| kernel | threads | bits/weight | MiB read | GB/s (best) | GB/s (median) | read BW GB/s (best) |"
+    print("| isa | kernel | threads | bits/weight | MiB read | GB/s (best) | GB/s (median) | read BW GB/s (best) |"
           " % of BW (best) | vs q8_0 (best) | % of BW (round median) | vs q8_0 (round median) | ns/weight (best) |"
           " prefill 64 tok GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
-        print(f"| {r['kernel']} | {r['threads']} | {r['bits_per_weight']:.3f} | {r['mib']} | {r['best_gbs']:.1f} |"
+        print(f"| {r['isa']} | {r['kernel']} | {r['threads']} | {r['bits_per_weight']:.3f} | {r['mib']} | {r['best_gbs']:.1f} |"
               f" {r['median_gbs']:.1f} | {r['mem_read_gbs']:.1f} | {100 * r['fraction_of_bw']:.0f}% |"
               f" {r['vs_q8_0']:.2f} | {100 * r['fraction_of_bw_median_round']:.0f}% |"
               f" {r['vs_q8_0_median_round']:.2f} | {r['ns_per_weight']:.4f} | {r['prefill64_gflops']:.1f} |")

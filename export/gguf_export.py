@@ -32,7 +32,8 @@ from edgemoe.errors import EdgeMoEError
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
 from .progress import progress
 
-GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M")
+# Q4_0_Q8_0: per-tensor types, experts Q4_0 and every other matrix Q8_0 (MWQ experts + Q8_0 dense, llama.cpp side)
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_0_Q8_0")
 
 # edgemoe family -> llama.cpp architecture name
 LLAMA_CPP_ARCH = {
@@ -238,7 +239,8 @@ def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: 
         return Q.F32
     if gguf_type in ("F16", "Q4_K_M"):  # Q4_K_M: written F16, then re-quantized by llama.cpp
         return Q.F16
-    want = Q.Q8_0 if gguf_type == "Q8_0" or name == GLOBAL_TENSORS["lm_head"] else Q.Q4_0
+    q8 = gguf_type == "Q8_0" or name == GLOBAL_TENSORS["lm_head"] or (gguf_type == "Q4_0_Q8_0" and "_exps." not in name)
+    want = Q.Q8_0 if q8 else Q.Q4_0
     if shape[-1] % 32:
         fallbacks.append(f"{name} {list(shape)}")
         return Q.F16
@@ -347,7 +349,7 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
             w.add_sliding_window(spec.sliding_window)
     ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
              "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-             "Q4_K_M": gguf.LlamaFileType.MOSTLY_F16}[gguf_type]
+             "Q4_0_Q8_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_K_M": gguf.LlamaFileType.MOSTLY_F16}[gguf_type]
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tok is None:
