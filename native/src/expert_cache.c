@@ -12,9 +12,15 @@
 
 #include "edgemoe.h"
 
-/* Lists of evictable pieces: L_QUEUED (queued, unpinned), then one READY list per (class, group): class 0 =
- * refinement planes, 1 = base planes; group = layer. Each list is in touch order (head = least recently used). */
+/* Lists of evictable pieces: L_QUEUED (queued, unpinned), then one READY list per (prefetched, class, group):
+ * prefetched = an unused prefetch (pf), class 0 = refinement planes, 1 = base planes; group = layer. Each list is in
+ * touch order (head = least recently used), so LRU and CYCLIC find their victim among the list heads: O(groups).
+ * Heaps make the other choices independent of the piece count too (O(log pieces) per change, O(groups) per victim):
+ * H_QUEUED holds L_QUEUED by priority key (top = the highest key, the request demand cancels first); under
+ * EMOE_EVICT_FREQ one heap per (class, group) holds that non-prefetched READY list by (decayed-frequency key,
+ * last use) (top = the group's victim). A piece is on at most one list and one heap. */
 enum { L_NONE = 0, L_QUEUED = 1, L_READY0 = 2 };
+enum { H_NONE = -1, H_QUEUED = 0, H_READY0 = 1 };
 
 typedef struct {
     uint64_t off, nbytes;
@@ -24,9 +30,11 @@ typedef struct {
     uint64_t use_epoch; /* the epoch (token / forward block) of its last acquire or prefetch */
     double freq;        /* acquires, decayed by EMOE_CACHE_DECAY per epoch, as of freq_epoch (kept across evictions) */
     uint64_t freq_epoch;
+    double hkey;  /* its FREQ heap key (freq_key), fixed while it is on the heap */
     const char *name;
     uint32_t crc, tag;
     int32_t pins;
+    int32_t heap, hpos; /* the heap it is on (H_*) and its index there */
     int32_t group;  /* layer (eviction by distance to the next use) */
     int prev, next; /* links of the list the piece is on */
     int list;
@@ -49,6 +57,11 @@ typedef struct {
     int head, tail; /* head = least recently used */
 } plist;
 
+typedef struct {
+    int *a;    /* piece ids, a binary heap (a slice of emoe_cache.heap_ids) */
+    int n, cap;
+} pheap;
+
 struct emoe_cache {
     pthread_mutex_t mu;
     pthread_cond_t cv_done;
@@ -60,8 +73,10 @@ struct emoe_cache {
     size_t n_free, cap_free;
     piece *p;
     int n;
-    plist *lists; /* [L_READY0 + 2 * n_groups] */
-    int n_lists, n_groups, policy, position; /* position: the layer being computed (EMOE_EVICT_CYCLIC) */
+    plist *lists; /* [L_READY0 + 4 * n_groups] */
+    pheap *heaps; /* [H_READY0 + 2 * n_groups]; ids in heap_ids */
+    int *heap_ids;
+    int n_lists, n_heaps, n_groups, policy, position; /* position: the layer being computed (EMOE_EVICT_CYCLIC) */
     uint64_t epoch;                          /* the token / forward block being computed (EMOE_EVICT_CYCLIC) */
     int *pf_ids; /* pieces prefetched and not yet acquired or expired (pf = 1), maybe stale entries */
     size_t n_pf, cap_pf;
@@ -139,10 +154,83 @@ static int ext_free(emoe_cache *c, uint64_t off, uint64_t len) {
     return EMOE_OK;
 }
 
+/* ---- heaps ---- */
+
+static int ready_list(const emoe_cache *c, int pf, int cls, int group) {
+    return L_READY0 + (pf * 2 + cls) * c->n_groups + group;
+}
+
+/* The heap of a piece on list `which` (H_NONE: none). */
+static int heap_of_list(const emoe_cache *c, int which) {
+    if (which == L_QUEUED) return H_QUEUED;
+    if (c->policy != EMOE_EVICT_FREQ || which < L_READY0 || which >= ready_list(c, 1, 0, 0)) return H_NONE;
+    return H_READY0 + (which - L_READY0); /* non-prefetched READY lists, (class, group) */
+}
+
+/* Does piece a belong above piece b in heap h? */
+static int heap_above(const emoe_cache *c, int h, int a, int b) {
+    const piece *x = &c->p[a], *y = &c->p[b];
+    if (h == H_QUEUED) return x->key > y->key || (x->key == y->key && a > b);
+    return x->hkey < y->hkey || (x->hkey == y->hkey && x->last_use < y->last_use);
+}
+
+static void heap_set(emoe_cache *c, pheap *hp, int i, int id) {
+    hp->a[i] = id;
+    c->p[id].hpos = i;
+}
+
+static void heap_sift(emoe_cache *c, int h, int i) {
+    pheap *hp = &c->heaps[h];
+    const int id = hp->a[i];
+    while (i > 0 && heap_above(c, h, id, hp->a[(i - 1) / 2])) { /* up */
+        heap_set(c, hp, i, hp->a[(i - 1) / 2]);
+        i = (i - 1) / 2;
+    }
+    for (;;) { /* down */
+        int k = 2 * i + 1;
+        if (k >= hp->n) break;
+        if (k + 1 < hp->n && heap_above(c, h, hp->a[k + 1], hp->a[k])) k++;
+        if (!heap_above(c, h, hp->a[k], id)) break;
+        heap_set(c, hp, i, hp->a[k]);
+        i = k;
+    }
+    heap_set(c, hp, i, id);
+}
+
+static void heap_insert(emoe_cache *c, int h, int id) {
+    pheap *hp = &c->heaps[h];
+    c->p[id].heap = h; /* capacity: every piece that can be on it (counted at creation) */
+    heap_set(c, hp, hp->n++, id);
+    heap_sift(c, h, hp->n - 1);
+}
+
+static void heap_remove(emoe_cache *c, int id) {
+    piece *p = &c->p[id];
+    if (p->heap == H_NONE) return;
+    pheap *hp = &c->heaps[p->heap];
+    const int i = p->hpos, last = hp->a[--hp->n];
+    const int h = p->heap;
+    p->heap = H_NONE, p->hpos = -1;
+    if (last == id) return;
+    heap_set(c, hp, i, last);
+    heap_sift(c, h, i);
+}
+
 /* ---- lists ---- */
+
+static double freq_key(const piece *p);
+
+/* Put a piece that just joined list `which` on that list's heap. */
+static void heap_join(emoe_cache *c, int id, int which) {
+    const int h = heap_of_list(c, which);
+    if (h == H_NONE) return;
+    c->p[id].hkey = freq_key(&c->p[id]);
+    heap_insert(c, h, id);
+}
 
 static void list_remove(emoe_cache *c, int id) {
     piece *p = &c->p[id];
+    heap_remove(c, id);
     if (p->list == L_NONE) return;
     plist *l = &c->lists[p->list];
     if (p->prev >= 0) c->p[p->prev].next = p->next;
@@ -162,6 +250,7 @@ static void list_append(emoe_cache *c, int id, int which) {
     if (l->tail >= 0) c->p[l->tail].next = id;
     else l->head = id;
     l->tail = id;
+    heap_join(c, id, which);
 }
 
 static void list_prepend(emoe_cache *c, int id, int which) {
@@ -175,13 +264,12 @@ static void list_prepend(emoe_cache *c, int id, int which) {
     if (l->head >= 0) c->p[l->head].prev = id;
     else l->tail = id;
     l->head = id;
+    heap_join(c, id, which);
 }
-
-static int ready_list(const emoe_cache *c, int cls, int group) { return L_READY0 + cls * c->n_groups + group; }
 
 static int wanted_list(const emoe_cache *c, const piece *p) {
     if (p->pins) return L_NONE;
-    if (p->state == EMOE_PIECE_READY) return ready_list(c, p->level > 0 ? 0 : 1, p->group);
+    if (p->state == EMOE_PIECE_READY) return ready_list(c, p->pf ? 1 : 0, p->level > 0 ? 0 : 1, p->group);
     if (p->state == EMOE_PIECE_QUEUED) return L_QUEUED;
     return L_NONE;
 }
@@ -219,50 +307,48 @@ static void evict(emoe_cache *c, int id) {
 
 enum { FOR_DEMAND, FOR_PREFETCH };
 
+/* The next piece to evict (or, for demand, a queued request to cancel); -1 if none. Costs O(groups), whatever the
+ * number of pieces: each (class, group) offers one candidate, its list head or its heap top. */
 static int pick_victim(emoe_cache *c, int why) {
-    if (why == FOR_DEMAND && c->lists[L_QUEUED].head >= 0) { /* the lowest-priority queued request */
-        int best = -1;
-        for (int id = c->lists[L_QUEUED].head; id >= 0; id = c->p[id].next)
-            if (best < 0 || c->p[id].key >= c->p[best].key) best = id;
-        return best;
-    }
+    if (why == FOR_DEMAND && c->heaps[H_QUEUED].n) return c->heaps[H_QUEUED].a[0]; /* lowest-priority request */
     for (int cls = 0; cls < 2; cls++) { /* refinement planes before base planes */
         int best = -1, best_dist = 0;
+        double best_key = 0.0;
         for (int g = 0; g < c->n_groups; g++) {
-            /* each group's list is in touch order: its head is the group's least recently used piece */
-            int id = c->lists[ready_list(c, cls, g)].head;
-            while (id >= 0 && why == FOR_PREFETCH && c->p[id].pf) id = c->p[id].next; /* never evict another
-                                                                                         * prefetch's unused bet */
+            /* distance to the group's next visit; the current position's group (its pieces in use are pinned)
+             * counts as a full cycle away */
+            const int dist = (g - c->position + c->n_groups) % c->n_groups ? (g - c->position + c->n_groups) %
+                                                                                 c->n_groups
+                                                                           : c->n_groups;
+            /* unused prefetches are never evicted for another prefetch's bet; for demand they count as used at
+             * their prefetch (LRU, CYCLIC) or as the most valuable pieces (FREQ) */
+            const int pf_head = why == FOR_DEMAND ? c->lists[ready_list(c, 1, cls, g)].head : -1;
+            if (c->policy == EMOE_EVICT_FREQ) {
+                /* the lowest decayed use frequency first (LRU + frequency); equal ones (e.g. pieces used once in
+                 * the same token) by the group whose next visit is furthest, then least recently used */
+                const pheap *hp = &c->heaps[H_READY0 + cls * c->n_groups + g];
+                const int id = hp->n ? hp->a[0] : pf_head;
+                if (id < 0) continue;
+                const piece *q = &c->p[id];
+                const double kq = hp->n ? q->hkey : INFINITY;
+                if (best < 0 || kq < best_key - 1e-9 ||
+                    (kq <= best_key + 1e-9 && (dist > best_dist || (dist == best_dist &&
+                                                                   q->last_use < c->p[best].last_use))))
+                    best = id, best_dist = dist, best_key = kq;
+                continue;
+            }
+            int id = c->lists[ready_list(c, 0, cls, g)].head; /* the group's least recently used piece */
+            if (pf_head >= 0 && (id < 0 || c->p[pf_head].last_use < c->p[id].last_use)) id = pf_head;
             if (id < 0) continue;
             const piece *p = &c->p[id];
             if (c->policy == EMOE_EVICT_LRU) {
                 if (best < 0 || p->last_use < c->p[best].last_use) best = id;
                 continue;
             }
-            if (c->policy == EMOE_EVICT_CYCLIC) { /* the oldest epoch, then the furthest next visit */
-                const int dist = (g - c->position + c->n_groups) % c->n_groups ? (g - c->position + c->n_groups) %
-                                                                                     c->n_groups
-                                                                               : c->n_groups;
-                if (best < 0 || p->use_epoch < c->p[best].use_epoch ||
-                    (p->use_epoch == c->p[best].use_epoch && dist > best_dist))
-                    best = id, best_dist = dist;
-                continue;
-            }
-            /* FREQ: the lowest decayed use frequency first (LRU + frequency); equal ones (e.g. pieces used once in
-             * the same token) by the group whose next visit is furthest: the current position's group (its pieces
-             * in use are pinned) counts as a full cycle away. Every piece of the list is a candidate. */
-            for (; id >= 0; id = c->p[id].next) {
-                const piece *q = &c->p[id];
-                if (why == FOR_PREFETCH && q->pf) continue;
-                const int dist = (g - c->position + c->n_groups) % c->n_groups ? (g - c->position + c->n_groups) %
-                                                                                     c->n_groups
-                                                                               : c->n_groups;
-                const double kq = freq_key(q), kb = best >= 0 ? freq_key(&c->p[best]) : 0.0;
-                if (best < 0 || kq < kb - 1e-9 || (kq <= kb + 1e-9 && (dist > best_dist ||
-                                                                      (dist == best_dist &&
-                                                                       q->last_use < c->p[best].last_use))))
-                    best = id, best_dist = dist;
-            }
+            /* CYCLIC: the oldest epoch, then the furthest next visit */
+            if (best < 0 || p->use_epoch < c->p[best].use_epoch ||
+                (p->use_epoch == c->p[best].use_epoch && dist > best_dist))
+                best = id, best_dist = dist;
         }
         if (best >= 0) return best;
     }
@@ -292,6 +378,7 @@ static int queue_piece(emoe_cache *c, int id, uint64_t key) {
     piece *p = &c->p[id];
     p->state = EMOE_PIECE_QUEUED;
     p->key = key;
+    if (p->heap == H_QUEUED) heap_sift(c, H_QUEUED, p->hpos);
     p->tag++;
     return emoe_io_submit(c->io, id, p->tag, key);
 }
@@ -350,8 +437,9 @@ static void io_done(void *ctx, int id, int status, const char *msg, double secon
 
 size_t emoe_cache_overhead_bytes(const emoe_cache_config *cfg) {
     emoe_io_config io = {.n_threads = cfg->io_threads, .direct = cfg->direct};
-    return sizeof(struct emoe_cache) + (size_t)cfg->n_pieces * (sizeof(piece) + 2 * sizeof(extent) + sizeof(int)) +
-           (size_t)(L_READY0 + 2 * (cfg->n_groups > 0 ? cfg->n_groups : 1)) * sizeof(plist) +
+    const size_t groups = (size_t)(cfg->n_groups > 0 ? cfg->n_groups : 1);
+    return sizeof(struct emoe_cache) + (size_t)cfg->n_pieces * (sizeof(piece) + 2 * sizeof(extent) + 3 * sizeof(int)) +
+           (L_READY0 + 4 * groups) * sizeof(plist) + (H_READY0 + 2 * groups) * sizeof(pheap) +
            emoe_io_overhead_bytes(&io);
 }
 
@@ -374,9 +462,17 @@ emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errle
             free(c);
             return NULL;
         }
-    c->n_lists = L_READY0 + 2 * c->n_groups;
+    c->n_lists = L_READY0 + 4 * c->n_groups;
     c->lists = calloc((size_t)c->n_lists, sizeof(plist));
-    if (!c->lists) goto nomem;
+    c->n_heaps = H_READY0 + 2 * c->n_groups;
+    c->heaps = calloc((size_t)c->n_heaps, sizeof(pheap));
+    c->heap_ids = malloc(2 * (size_t)(c->n ? c->n : 1) * sizeof(int));
+    if (!c->lists || !c->heaps || !c->heap_ids) goto nomem;
+    /* heap capacities: any piece may be queued; a READY heap holds at most its (class, group)'s pieces */
+    c->heaps[H_QUEUED].cap = c->n;
+    for (int i = 0; i < c->n; i++) c->heaps[H_READY0 + (cfg->pieces[i].level > 0 ? 0 : 1) * c->n_groups +
+                                              cfg->pieces[i].group].cap++;
+    for (int h = 0, at = 0; h < c->n_heaps; at += c->heaps[h].cap, h++) c->heaps[h].a = c->heap_ids + at;
     c->p = calloc((size_t)(c->n ? c->n : 1), sizeof(piece));
     c->cap_free = (size_t)c->n + 2;
     c->free_ext = calloc(c->cap_free, sizeof(extent));
@@ -384,7 +480,7 @@ emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errle
     for (int i = 0; i < c->n; i++) {
         const emoe_piece_desc *d = &cfg->pieces[i];
         c->p[i] = (piece){.off = d->off, .nbytes = d->nbytes, .crc = d->crc32, .name = d->name, .prev = -1,
-                          .next = -1, .level = (int16_t)(d->level < 0 ? 0 : d->level), .group = d->group};
+                          .next = -1, .heap = H_NONE, .hpos = -1, .level = (int16_t)(d->level < 0 ? 0 : d->level), .group = d->group};
     }
     for (int l = 0; l < c->n_lists; l++) c->lists[l] = (plist){-1, -1};
     c->arena_bytes = cfg->capacity / EMOE_IO_ALIGN * EMOE_IO_ALIGN;
@@ -425,6 +521,8 @@ fail:
         free(c->p);
         free(c->free_ext);
         free(c->lists);
+        free(c->heaps);
+        free(c->heap_ids);
         free(c);
     }
     return NULL;
@@ -440,6 +538,8 @@ void emoe_cache_free(emoe_cache *c) {
     free(c->free_ext);
     free(c->pf_ids);
     free(c->lists);
+    free(c->heaps);
+    free(c->heap_ids);
     free(c);
 }
 
@@ -856,6 +956,20 @@ int emoe_cache_check(emoe_cache *c, char *err, size_t errlen) {
         }
         if (c->lists[l].tail != prev) FAIL("list %d: tail %d, expected %d", l, c->lists[l].tail, prev);
     }
+    for (int i = 0; i < c->n; i++) { /* heap membership follows the list; positions and order are consistent */
+        const piece *p = &c->p[i];
+        const int h = heap_of_list(c, p->list);
+        if (p->heap != h) FAIL("piece %d: on heap %d, expected %d (list %d)", i, p->heap, h, p->list);
+        if (h == H_NONE) continue;
+        const pheap *hp = &c->heaps[h];
+        if (p->hpos < 0 || p->hpos >= hp->n || hp->a[p->hpos] != i) FAIL("piece %d: bad heap position %d", i, p->hpos);
+        if (p->hpos > 0 && heap_above(c, h, i, hp->a[(p->hpos - 1) / 2]))
+            FAIL("heap %d: piece %d is above its parent", h, i);
+        if (h != H_QUEUED && p->hkey != freq_key(p)) FAIL("piece %d: heap key %g, expected %g", i, p->hkey, freq_key(p));
+    }
+    for (int h = 0; h < c->n_heaps; h++)
+        if (c->heaps[h].n < 0 || c->heaps[h].n > c->heaps[h].cap) FAIL("heap %d: %d of %d", h, c->heaps[h].n,
+                                                                       c->heaps[h].cap);
 #undef FAIL
 out:
     free(all);

@@ -3,10 +3,12 @@
  * retry, budget errors) and the HEBF scheduler. Files are written to $TMPDIR (default /tmp).
  *
  *   test_cache [--iters N] [--seed S]
+ *   test_cache --bench-evict N [--policy lru|cyclic|freq]   (time one eviction with N pieces; no tests)
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -268,9 +270,12 @@ static void free_pieces(piece_file *pf) {
     free(pf->d);
 }
 
+static int cache_policy = EMOE_EVICT_LRU, cache_groups = 1; /* of the caches new_cache makes */
+
 static emoe_cache *new_cache(piece_file *pf, uint64_t cap, int direct, int threads, int verify) {
     emoe_cache_config cfg = {.path = pf->path, .capacity = cap, .n_pieces = pf->n, .pieces = pf->d,
-                             .io_threads = threads, .direct = direct, .verify = verify};
+                             .io_threads = threads, .direct = direct, .verify = verify, .n_groups = cache_groups,
+                             .policy = cache_policy};
     char err[256];
     emoe_cache *c = emoe_cache_new(&cfg, err, sizeof err);
     CHECK(c != NULL, "emoe_cache_new: %s", err);
@@ -305,14 +310,20 @@ static int use_group(emoe_cache *c, piece_file *pf, const int *ids, int n, uint6
     return rc;
 }
 
-static void test_cache_random(int iters, int direct, int threads) {
+static void test_cache_random(int iters, int direct, int threads, int policy) {
     const int n_mat = 24, K = 3;
     piece_file pf = make_pieces(n_mat, K, 20000, 9000);
+    for (int i = 0; i < pf.n; i++) pf.d[i].group = (i / K) % 4; /* 4 layers: every policy's per-layer structures */
+    cache_policy = policy, cache_groups = 4;
     const uint64_t cap = 5 * emoe_cache_slot_bytes(20064) + 7 * emoe_cache_slot_bytes(9064);
     emoe_cache *c = new_cache(&pf, cap, direct, threads, EMOE_VERIFY_ALWAYS);
+    cache_policy = EMOE_EVICT_LRU, cache_groups = 1;
     if (!c) return;
     int full = 0, ok = 0;
     for (int it = 0; it < iters; it++) {
+        emoe_cache_set_position(c, it % 4, (uint64_t)it / 8);
+        if (rnd() % 5 == 0) /* the prefetches of a passed layer: first to go */
+            emoe_cache_expire_prefetches(c, 1u << 20, (1u << 20) + 1);
         int ids[12], n = 0;
         const int n_m = 1 + (int)(rnd() % 3); /* 1..3 matrices, each a prefix of its planes */
         for (int j = 0; j < n_m; j++) {
@@ -345,9 +356,9 @@ static void test_cache_random(int iters, int direct, int threads) {
     emoe_cache_get_stats(c, &s);
     uint64_t hits = 0, misses = 0;
     for (int l = 0; l < EMOE_CACHE_MAX_LEVELS; l++) hits += s.hits[l], misses += s.misses[l] + s.late[l];
-    printf("  random (direct=%d, %d io threads): %d groups served, %d full; hits %llu misses %llu, %llu evictions, "
+    printf("  random (policy %d, direct=%d, %d io threads): %d groups served, %d full; hits %llu misses %llu, %llu evictions, "
            "%llu cancelled, %.1f MB read in %llu syscalls, peak %llu of %llu bytes\n",
-           direct, threads, ok, full, (unsigned long long)hits, (unsigned long long)misses,
+           policy, direct, threads, ok, full, (unsigned long long)hits, (unsigned long long)misses,
            (unsigned long long)s.evictions, (unsigned long long)s.cancelled, s.bytes_read / 1e6,
            (unsigned long long)s.read_syscalls, (unsigned long long)s.peak_used, (unsigned long long)s.capacity);
     CHECK(hits > 0 && misses > 0 && s.evictions > 0, "the random run should hit, miss and evict");
@@ -471,6 +482,65 @@ static void test_cache_freq(void) {
     CHECK(emoe_cache_state(c, 0) == EMOE_PIECE_READY, "the hot piece (5 uses, the last 3 tokens ago) stays");
     CHECK(emoe_cache_state(c, 1) == EMOE_PIECE_EMPTY, "the piece used once, longest ago, goes");
     check_cache(c, "after the freq test");
+    emoe_cache_free(c);
+    free_pieces(&pf);
+}
+
+/* EMOE_EVICT_FREQ's victim (found through per-layer heaps) is the one a scan of every resident piece picks: the
+ * lowest decayed frequency, ties to the layer whose next visit is furthest, then least recently used. Equal pieces in
+ * a full cache: every miss evicts exactly one, predicted here by the scan. */
+static void test_cache_freq_reference(int n, int slots, int groups, int steps) {
+    piece_file pf = make_pieces(n, 1, 4000, 0);
+    for (int i = 0; i < n; i++) pf.d[i].group = i % groups;
+    cache_policy = EMOE_EVICT_FREQ, cache_groups = groups;
+    emoe_cache *c = new_cache(&pf, (uint64_t)slots * emoe_cache_slot_bytes(4000), 0, 1, EMOE_VERIFY_NEVER);
+    cache_policy = EMOE_EVICT_LRU, cache_groups = 1;
+    if (!c) return;
+    double *freq = calloc((size_t)n, sizeof(double));
+    uint64_t *fep = calloc((size_t)n, sizeof(uint64_t)), *last = calloc((size_t)n, sizeof(uint64_t)), clock = 0;
+    unsigned char *ready = calloc((size_t)n, 1);
+    int n_ready = 0, wrong = 0;
+    for (int it = 0; it < steps && !wrong; it++) {
+        const uint64_t epoch = (uint64_t)it / 16;
+        const int g = (int)(rnd() % (uint64_t)groups), per = n / groups;
+        const uint64_t a = rnd() % (uint64_t)per, b = rnd() % (uint64_t)per; /* skewed: low indices are hot */
+        const int id = (int)(a < b ? a : b) * groups + g;
+        emoe_cache_set_position(c, g, epoch);
+        int victim = -1;
+        if (!ready[id] && n_ready == slots) {
+            double best_key = 0.0;
+            int best_dist = 0;
+            for (int j = 0; j < n; j++) {
+                if (!ready[j]) continue;
+                const double k = freq[j] > 0 ? log(freq[j]) - (double)fep[j] * log(0.9) : -INFINITY;
+                const int d0 = (j % groups - g + groups) % groups, dist = d0 ? d0 : groups;
+                if (victim < 0 || k < best_key - 1e-9 ||
+                    (k <= best_key + 1e-9 && (dist > best_dist || (dist == best_dist && last[j] < last[victim]))))
+                    victim = j, best_key = k, best_dist = dist;
+            }
+        }
+        CHECK(use_group(c, &pf, &id, 1, 0) == EMOE_OK, "step %d: %s", it, emoe_cache_error(c));
+        if (epoch >= fep[id]) freq[id] = freq[id] * pow(0.9, (double)(epoch - fep[id])) + 1.0, fep[id] = epoch;
+        last[id] = ++clock;
+        if (!ready[id]) ready[id] = 1, n_ready++;
+        if (victim >= 0) {
+            ready[victim] = 0, n_ready--;
+            if (emoe_cache_state(c, victim) != EMOE_PIECE_EMPTY) wrong = 1;
+            CHECK(!wrong, "step %d: the scan's victim %d (layer %d) is still resident", it, victim, victim % groups);
+        }
+        if (it % 500 == 0 || it == steps - 1) {
+            int agree = 1;
+            for (int j = 0; j < n; j++) agree &= (emoe_cache_state(c, j) == EMOE_PIECE_READY) == ready[j];
+            CHECK(agree, "step %d: the resident set differs from the reference's", it);
+            check_cache(c, "in the reference run");
+        }
+    }
+    emoe_cache_stats s;
+    emoe_cache_get_stats(c, &s);
+    printf("  %d pieces, %d slots, %d layers: %d steps, %llu evictions, all victims as the scan's: %s\n", n, slots,
+           groups, steps, (unsigned long long)s.evictions, wrong ? "no" : "yes");
+    CHECK(s.evictions > 0, "the reference run should evict");
+    free(freq), free(fep), free(last), free(ready);
     emoe_cache_free(c);
     free_pieces(&pf);
 }
@@ -624,14 +694,71 @@ static void test_hebf(void) {
     CHECK(emoe_hebf_order(1, 1, bad, w1, NULL, 8, 1, out, 64, NULL) == EMOE_ERR_ARG, "expert out of range -> error");
 }
 
+/* The cost of an eviction in a cache of n pieces (a real model: 16 layers x 64 experts x 3 matrices x planes, 10k to
+ * 70k pieces): n pieces of 4 KiB in 16 layers, 4 plane levels, all reading the same 1 MiB of a file (only the
+ * bookkeeping is measured); the cache holds a quarter of them. Each step acquires a random piece (a miss evicts one),
+ * waits for it and releases it; the time of emoe_cache_acquire is averaged over the steps after the cache filled. */
+static void bench_evict(int n, int policy, int steps) {
+    unsigned char *content;
+    char *path = strdup(make_file("edgemoe_evict", 1 << 20, &content));
+    emoe_piece_desc *d = calloc((size_t)n, sizeof *d);
+    for (int i = 0; i < n; i++)
+        d[i] = (emoe_piece_desc){.off = (uint64_t)(i % 256) * 4096, .nbytes = 4096, .level = i % 4,
+                                 .group = (i / 4) % 16};
+    emoe_cache_config cfg = {.path = path, .capacity = (uint64_t)(n / 4) * 4096, .n_pieces = n, .pieces = d,
+                             .io_threads = 1, .verify = EMOE_VERIFY_NEVER, .n_groups = 16, .policy = policy};
+    char err[256];
+    emoe_cache *c = emoe_cache_new(&cfg, err, sizeof err);
+    if (!c) {
+        fprintf(stderr, "%s\n", err);
+        return;
+    }
+    double t_acq = 0;
+    uint64_t key = 0;
+    for (int s = 0; s < n / 4 + steps; s++) {
+        const int id = s < n / 4 ? s : (int)(rnd() % (uint64_t)n);
+        emoe_cache_set_position(c, d[id].group, (uint64_t)s / 64);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        const int rc = emoe_cache_acquire(c, &id, 1, &key);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        int st[2] = {0, 1};
+        if (rc || emoe_cache_wait_groups(c, &id, st, NULL, 1, NULL, 0) != 0) {
+            fprintf(stderr, "acquire: %d %s\n", rc, emoe_cache_error(c));
+            break;
+        }
+        emoe_cache_release(c, &id, 1);
+        if (s >= n / 4) t_acq += (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    }
+    emoe_cache_stats cs;
+    emoe_cache_get_stats(c, &cs);
+    printf("%d pieces, policy %d: %.2f us per acquire (%d acquires, %llu evictions)\n", n, policy, 1e6 * t_acq / steps,
+           steps, (unsigned long long)cs.evictions);
+    emoe_cache_free(c);
+    free(d);
+    unlink(path);
+    free(path);
+    free(content);
+}
+
 int main(int argc, char **argv) {
-    int iters = 3000;
+    int iters = 3000, bench_n = 0, policy = EMOE_EVICT_FREQ;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--iters") && i + 1 < argc) iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) rng_state = strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--bench-evict") && i + 1 < argc) bench_n = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--policy") && i + 1 < argc) {
+            ++i;
+            policy = !strcmp(argv[i], "lru") ? EMOE_EVICT_LRU : !strcmp(argv[i], "cyclic") ? EMOE_EVICT_CYCLIC
+                                                                                           : EMOE_EVICT_FREQ;
+        }
     }
     const char *t = getenv("TMPDIR");
     snprintf(tmpdir, sizeof tmpdir, "%s", t && *t ? t : "/tmp");
+    if (bench_n > 0) {
+        bench_evict(bench_n, policy, 5000);
+        return 0;
+    }
     printf("status strings\n");
     test_status_strings();
     printf("crc\n");
@@ -653,9 +780,12 @@ int main(int argc, char **argv) {
     printf("cache: errors\n");
     test_cache_errors();
     printf("cache: random load\n");
-    test_cache_random(iters, 0, 1);
-    test_cache_random(iters / 3, 1, 1);
-    test_cache_random(iters / 3, 0, 2);
+    test_cache_random(iters, 0, 1, EMOE_EVICT_LRU);
+    test_cache_random(iters / 3, 1, 1, EMOE_EVICT_FREQ);
+    test_cache_random(iters / 3, 0, 2, EMOE_EVICT_CYCLIC);
+    test_cache_random(iters / 3, 0, 2, EMOE_EVICT_FREQ);
+    printf("cache: LRU + frequency victims against a reference scan\n");
+    test_cache_freq_reference(3000, 600, 8, iters);
     printf("hebf\n");
     test_hebf();
     printf("%d checks, %d failures\n", checks, failures);
