@@ -58,8 +58,16 @@ def collect_routes(model, ids: list[int], ctx: int) -> list[np.ndarray]:
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import entropy_bits, lru_hit_rate, recommend_capacity, segment_cache_hit_rate, \
-        segment_routing_best_f1, usage
+    from .analyze import (
+        decode_requests,
+        entropy_bits,
+        expert_pieces,
+        lru_hit_rate,
+        segment_cache_hit_rate,
+        segment_routing_best_f1,
+        smallest_cache_for,
+        usage,
+    )
     from .model import load
     from .png import heatmap, write_png
 
@@ -72,9 +80,19 @@ def cmd_analyze(args) -> int:
         ids = m.tokenizer.encode(text_path.read_text(encoding="utf-8", errors="replace"))[: args.max_tokens]
         routes = collect_routes(m, ids, args.ctx)
         s = m.spec
-        expert_bytes = m.expert_bytes / max(1, sum(s.stored_experts(layer) for layer in range(s.n_layers)
-                                                  if s.is_moe_layer(layer)))
-        dense_bytes = m.dense_bytes
+        tensors = dict(m.container.tensors)
+    moe_layers = [layer for layer in range(s.n_layers) if s.is_moe_layer(layer)]
+    stored_routes = []  # routed -> stored experts (merged models): the cache holds stored ones
+    for layer, r in zip(moe_layers, routes):
+        emap = s.layer_expert_map(layer)
+        stored_routes.append(np.asarray(emap)[r] if emap else r)
+    requests = decode_requests(stored_routes, moe_layers,
+                               lambda layer, e: expert_pieces(tensors, layer, e, args.precision))
+    all_pieces = sum(sum(sz for _, sz, _ in expert_pieces(tensors, layer, e, args.precision))
+                     for layer in moe_layers for e in range(s.stored_experts(layer)))
+    one_layer = max(sum(sz for _, sz, _ in expert_pieces(tensors, layer, 0, args.precision)) for layer in moe_layers)
+    cache, rate = smallest_cache_for(requests, args.target, one_layer, all_pieces)
+    fixed, parts = _budget_fixed_part(args)
     u = usage(routes, s.n_experts)
     out_png = Path(args.heatmap or Path(args.model).with_suffix(".routing.png"))
     write_png(out_png, heatmap(u))
@@ -90,12 +108,14 @@ def cmd_analyze(args) -> int:
             "sch_rho2": round(segment_cache_hit_rate(r, min(2 * k, s.n_experts), m_seg), 3),
             "srp_f1": round(f1, 3), "srp_size_ratio": round(size, 2),
         })
-    cap, rate = recommend_capacity(routes, s.n_experts, target=args.target)
-    n_moe = sum(1 for layer in range(s.n_layers) if s.is_moe_layer(layer))
-    budget = dense_bytes + cap * n_moe * expert_bytes
+    budget = fixed + cache
     report = {"model": str(args.model), "tokens": len(ids), "segment": m_seg, "layers": layers, "heatmap": str(out_png),
-              "recommendation": {"lru_experts_per_layer": cap, "expected_hit_rate": round(rate, 3),
-                                 "memory_budget_bytes": int(budget), "target_hit_rate": args.target}}
+              "recommendation": {"expert_cache_bytes": int(cache), "expected_hit_rate": round(rate, 4),
+                                 "memory_budget_bytes": int(budget), "budget_parts": {**parts, "expert_cache": cache},
+                                 "target_hit_rate": args.target, "mode": "ondemand", "max_ctx": args.max_ctx,
+                                 "precision": args.precision,
+                                 "model": "decode one token at a time, plane-granular byte-budgeted LRU "
+                                          "(edgemoe.analyze.runtime_lru_hit_rate)"}}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -106,9 +126,25 @@ def cmd_analyze(args) -> int:
         lru = ", ".join(f"{c}: {v:.2f}" for c, v in d["lru_hit_rate"].items())
         print(f"| {d['layer']} | {d['entropy_bits']:.2f} | {lru} | {d['sch_rho2']:.2f} | "
               f"{d['srp_f1']:.2f} ({d['srp_size_ratio']:.1f}x k) |")
-    print(f"recommendation: cache {cap} experts per layer (expected LRU hit rate {rate:.0%} >= {args.target:.0%}): "
-          f"memory budget ~ {format_bytes(budget)} (dense {format_bytes(dense_bytes)} + experts; add KV cache)")
+    met = ">=" if rate >= args.target else "<, the most any budget gives:"
+    print(f"recommendation: memory_budget={budget} ({format_bytes(budget)}): expected on-demand LRU hit rate "
+          f"{rate:.1%} {met} {args.target:.0%} when decoding, with an expert cache of {format_bytes(cache)} "
+          f"(dense {format_bytes(parts['dense'])} + KV cache for max_ctx {parts['max_ctx']} "
+          f"{format_bytes(parts['kv_cache'])} + scratch {format_bytes(parts['scratch'])} + expert cache)")
     return 0
+
+
+def _budget_fixed_part(args) -> tuple[int, dict]:
+    """What a budget holds besides the expert cache (dense weights, KV cache for max_ctx, scratch) as the C core
+    accounts it: open the model on the streaming engine without a limit and read its budget parts."""
+    from .model import load
+
+    kw = {"max_ctx": args.max_ctx} if args.max_ctx else {}
+    with load(args.model, mode="ondemand", threads=args.threads, precision=args.precision, **kw) as m:
+        parts = m.stats["budget_parts"]
+        max_ctx = m.max_ctx
+    out = {"dense": parts["dense"], "kv_cache": parts["kv_cache"], "scratch": parts["scratch"], "max_ctx": max_ctx}
+    return parts["dense"] + parts["kv_cache"] + parts["scratch"], out
 
 
 CHAT_COMMANDS = {"/exit": "quit", "/quit": "quit", "/reset": "forget the conversation", "/help": "this list"}
@@ -233,6 +269,10 @@ def add_tool_parsers(sub, runtime_opts, sampling_opts=None) -> None:
     a.add_argument("--ctx", type=int, default=256, help="window length (default 256)")
     a.add_argument("--segment", type=int, default=16, help="segment length m for SCH/SRP (default 16)")
     a.add_argument("--target", type=float, default=0.8, help="target hit rate (default 0.8)")
+    a.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                   help="context the recommended budget reserves a KV cache for (default: as edgemoe.load)")
+    a.add_argument("--threads", type=int, default=None, help="threads the budget's scratch is sized for")
+    a.add_argument("--precision", type=int, default=None, metavar="K", help="MWQ experts: planes run (default all)")
     a.add_argument("--heatmap", default=None, help="PNG path (default: MODEL.routing.png)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_analyze)

@@ -1,9 +1,8 @@
-"""Sampling semantics and routing-analysis metrics on synthetic inputs with known answers."""
+"""Sampling semantics on synthetic inputs with known answers (the routing-analysis metrics: tests/test_analyze.py)."""
 
 import numpy as np
 import pytest
 
-from edgemoe.analyze import lru_hit_rate, recommend_capacity, segment_cache_hit_rate, segment_routing_best_f1, usage
 from edgemoe.errors import EdgeMoEError
 from edgemoe.sampling import SamplingParams, apply_repetition_penalty, sample
 
@@ -42,25 +41,3 @@ def test_bad_sampling_parameters_are_refused():
         SamplingParams(top_p=0)
     with pytest.raises(EdgeMoEError, match="temperature"):
         SamplingParams(temperature=-1)
-
-
-def test_lru_hit_rate_on_known_sequences():
-    cyclic = np.array([[0], [1], [2]] * 10)
-    assert lru_hit_rate(cyclic, 2) == 0.0  # LRU's worst case: a cycle one longer than the cache
-    assert lru_hit_rate(cyclic, 3) == pytest.approx(27 / 30)
-    # the oracle (evict least used in the next m tokens) does better than LRU on the same cycle
-    assert segment_cache_hit_rate(cyclic, 2, m=4) > 0.3
-
-
-def test_segment_routing_is_perfect_when_routing_is_constant_per_segment():
-    route = np.array([[0, 1]] * 8 + [[2, 3]] * 8)
-    f1, size = segment_routing_best_f1(route, 4, m=8)
-    assert f1 == 1.0 and size == 1.0
-
-
-def test_usage_and_capacity_recommendation():
-    routes = [np.array([[0, 1]] * 50), np.array([[2, 3], [2, 1]] * 25)]
-    u = usage(routes, 4)
-    assert np.allclose(u.sum(axis=1), 1) and u[0, 0] == 0.5
-    cap, rate = recommend_capacity(routes, 4, target=0.8)
-    assert cap == 3 and rate >= 0.8  # layer 1 alternates 3 experts: an LRU of 2 hits only half
