@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from .errors import EdgeMoEError
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for bytes that do not (yet) form a character
+WINDOW, LOOKBACK = 64, 8  # tokens re-decoded per step: the recent window, plus a few before it for context
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
@@ -39,6 +40,10 @@ class TextStream:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._ids: list[int] = []
         self._text = ""
+        # Decoding all ids at every step costs O(n) per token; instead the text of ids[:_start] is kept (_base) and
+        # only ids[_start - LOOKBACK:] are decoded, minus the text of their first LOOKBACK tokens (_head): the
+        # lookback gives decoders that treat a sequence's start specially (a leading-space strip) the same context.
+        self._start, self._base, self._head = 0, "", ""
         self._emitted = 0  # characters of _text handed out
         self.stopped = False
 
@@ -46,7 +51,7 @@ class TextStream:
         if self.stopped:
             raise EdgeMoEError("TextStream: a stop string already ended the text")
         self._ids.append(int(token))
-        self._text = self._decode(self._ids)
+        self._text = self._decoded()
         # A stop string cannot start before _emitted: whatever could begin one was held back.
         hits = [i for i in (self._text.find(s, self._emitted) for s in self._stops) if i >= 0]
         end = min(hits) if hits else self._final_end()
@@ -56,6 +61,21 @@ class TextStream:
     def flush(self) -> str:
         """The text held back at the end of generation (no stop string completed, so it is output)."""
         return "" if self.stopped else self._emit(len(self._text))
+
+    def _decoded(self) -> str:
+        """The text of all ids so far, decoding only the recent window."""
+        ids, lookback = self._ids, max(0, self._start - LOOKBACK)
+        window = self._decode(ids[lookback:])
+        if not window.startswith(self._head):  # a decoder whose text is not prefix-stable: decode everything
+            return self._decode(ids)
+        text = self._base + window[len(self._head):]
+        if len(ids) - self._start >= 2 * WINDOW:  # move the window on, at a character boundary
+            start = len(ids) - WINDOW
+            done = self._decode(ids[lookback:start])
+            if done.startswith(self._head) and not done.endswith(REPLACEMENT):
+                head = self._decode(ids[max(0, start - LOOKBACK):start])
+                self._start, self._base, self._head = start, self._base + done[len(self._head):], head
+        return text
 
     def _final_end(self) -> int:
         end = len(self._text)

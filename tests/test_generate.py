@@ -313,3 +313,35 @@ def test_a_merged_export_keeps_the_template(chat_model, tmp_path):
     with em.load(out) as m:
         assert m.chat_template == CHAT_TEMPLATE
         assert m.apply_chat_template(CONVERSATIONS[1]) == _hf_render(src, CONVERSATIONS[1])
+
+
+def _metaspace_tokenizer():
+    """A sentencepiece-style tokenizer (Metaspace: "▁" for spaces, stripped at the start of a decode)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "to be or not to be"] * 20,
+                            trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"]))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_text_stream_decodes_a_window_but_gives_the_full_decode(olmoe, kind):
+    """TextStream re-decodes only recent tokens; after every token its text must be the decode of all of them
+    (random ids: broken UTF-8 sequences for the byte-level tokenizer, word starts for the Metaspace one)."""
+    if kind == "byte-level":
+        with em.load(olmoe) as m:
+            decode, vocab = m.tokenizer.decode, m.spec.vocab
+    else:
+        tok = _metaspace_tokenizer()
+        decode, vocab = (lambda ids: tok.decode(ids, skip_special_tokens=False)), tok.get_vocab_size()
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, vocab, 700)]
+    ts = TextStream(decode)
+    pieces = []
+    for n, i in enumerate(ids, start=1):
+        pieces.append(ts.push(i))
+        assert ts._text == decode(ids[:n]), n
+    assert "".join(pieces) + ts.flush() == decode(ids)
+    assert ts._start > 0  # the window did move
