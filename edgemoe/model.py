@@ -52,7 +52,13 @@ def _ratio(a, b):
 
 
 class Model:
-    def __init__(self, container: Container, memory_budget=None, threads: int | None = None, engine: str = "auto",
+    """An opened `.emoe` model (made by `edgemoe.load`): logits(), generate(), chat(), the tokenizer, statistics.
+
+    The model keeps one sequence in its KV cache between calls (see generate() on prefix reuse; reset() clears it).
+    Use it as a context manager, or call close(), to release the file and the native memory.
+    """
+
+    def __init__(self, container: Container, memory_budget: int | str | None = None, threads: int | None = None, engine: str = "auto",
                  max_ctx: int | None = None, precision: int | None = None, mode: str = "exact",
                  stream_options: dict | None = None):
         if engine not in ENGINES:
@@ -144,12 +150,13 @@ class Model:
     # --- the verbs ------------------------------------------------------------------------------------------
     @property
     def config(self) -> dict:
+        """The architecture (ArchSpec fields) merged with the container's metadata."""
         cfg = self.spec.to_json()
         cfg.update(self.container.metadata)
         return cfg
 
-    def logits(self, ids) -> np.ndarray:
-        """float32 [len(ids), vocab] for a fresh sequence (all positions)."""
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(ids), vocab] for a fresh sequence (all positions). The KV cache then holds `ids`."""
         ids = self._check_ids(ids)
         t0 = time.perf_counter()
         out = self._engine.logits(ids)  # starts a fresh sequence: the KV cache no longer holds a reusable prefix
@@ -301,6 +308,9 @@ class Model:
 
     @property
     def stats(self) -> dict:
+        """Counters since load or reset_stats(): tokens prefilled (prefill_tokens; prompt_tokens_reused are the
+        prompt positions kept from the KV cache instead), decode_tokens, their rates in tokens/s, peak RSS, and
+        with a memory budget the expert cache's figures (hit rate, bytes read per token, I/O stall, ...)."""
         s = self._stats
         return {
             "engine": self.engine_name,
@@ -347,6 +357,7 @@ class Model:
         }
 
     def reset_stats(self) -> None:
+        """Zero the counters of `stats` (not the KV cache: see reset())."""
         self._stats = _fresh_stats()
         if self.streaming:
             self._engine.reset_stats()
@@ -357,6 +368,7 @@ class Model:
             self._engine.drop_cache()
 
     def close(self) -> None:
+        """Free the engine and unmap the container."""
         self._engine.close()
         self.container.close()
 

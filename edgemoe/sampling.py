@@ -11,6 +11,8 @@ from .errors import EdgeMoEError
 
 @dataclass
 class SamplingParams:
+    """How sample() picks a token; the defaults are greedy decoding. Checked on construction (EdgeMoEError)."""
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -32,6 +34,8 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: float, last_n: int) -> np.ndarray:
+    """llama.cpp's rule: each distinct token among the last `last_n` of `history` (0 = all) has its logit divided by
+    `penalty` if positive, multiplied by it if negative. Returns a copy (or `logits` itself when off)."""
     if penalty == 1.0 or not history:
         return logits
     out = logits.astype(np.float32, copy=True)
@@ -42,7 +46,10 @@ def apply_repetition_penalty(logits: np.ndarray, history: list[int], penalty: fl
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: list[int]) -> int:
-    """One token id from a [vocab] logit vector."""
+    """One token id from a [vocab] logit vector: the repetition penalty over `history`, then greedy (temperature 0)
+    or a draw with `rng` from softmax(logits / temperature) restricted to the top_k most likely tokens, to those
+    with p >= min_p * p_max, and to the smallest most-likely set whose probability reaches top_p (at least one
+    token always stays)."""
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty, params.repeat_last_n)
     if params.temperature <= 0:
         return int(np.argmax(logits))
