@@ -22,8 +22,11 @@ def parse_bytes(value) -> int | None:
     if s in ("none", "unlimited", "inf"):
         return None
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS:
+    if not m:
         raise EdgeMoEError(f"cannot read size {value!r}; use e.g. 512MB, 1.5GB or 2GiB")
+    if m.group(2) not in _UNITS:
+        raise EdgeMoEError(f"cannot read size {value!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB (powers "
+                           f"of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 512MB, 1.5GB or 2GiB")
     n = int(float(m.group(1)) * _UNITS[m.group(2)])
     if n <= 0:
         raise EdgeMoEError(f"memory budget must be positive, got {value!r}")

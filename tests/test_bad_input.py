@@ -91,6 +91,10 @@ def test_unsupported_bits_and_bad_budget(capsys, tmp_path, tiny_dir, tiny_emoe):
     assert code == 1 and "--bits 5" in err
     code, err = run_cli(capsys, "run", tiny_emoe("olmoe", 32), "-p", "hi", "--budget", "lots")
     assert code == 1 and "cannot read size 'lots'" in err
+    code, err = run_cli(capsys, "run", tiny_emoe("olmoe", 32), "-p", "hi", "--budget", "3XB")
+    assert code == 1 and "unknown unit 'xb'" in err and "GiB" in err
+    code, err = run_cli(capsys, "fit", tiny_emoe("olmoe", 32), "--budget", "2 GB", "--no-measure", "--max-ctx", "32")
+    assert code == 0  # a space before the unit is fine
     code, err = run_cli(capsys, "run", tiny_emoe("olmoe", 32), "-p", "hi", "--budget", "1KB")
     assert code == 1 and "smaller than the dense part" in err
 
@@ -100,6 +104,6 @@ def test_cli_entry_point_help(tmp_path):
     import sys
 
     # cwd elsewhere: from the repository root, `python -m` would import the source tree instead of the installed package
-    out = subprocess.run([sys.executable, "-m", "edgemoe", "export", "--help"], capture_output=True, text=True,
-                         cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "edgemoe", "export", "--help"], check=False,
+                         capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "--bits" in out.stdout and "Hugging Face" in out.stdout

@@ -1,6 +1,7 @@
 """The CLI as a user drives it: subprocesses, exit codes, messages (never a traceback)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,8 +13,8 @@ def edgemoe(tmp_path, *args, input=None):
     exe = shutil.which("edgemoe")
     cmd = [exe] if exe else [sys.executable, "-m", "edgemoe"]
     # cwd elsewhere than the repository, so the installed package is the one imported
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=tmp_path, input=input,
-                          timeout=600)
+    return subprocess.run(cmd + [str(a) for a in args], check=False, capture_output=True, text=True, cwd=tmp_path,
+                          input=input, timeout=600)
 
 
 def test_export_info_run_bench_analyze_on_a_tiny_model(tmp_path, tiny_dir):
@@ -23,8 +24,12 @@ def test_export_info_run_bench_analyze_on_a_tiny_model(tmp_path, tiny_dir):
                 "--gguf-type", "F32")
     assert r.returncode == 0, r.stderr
     assert out.exists() and (tmp_path / "m.gguf").exists()
+    assert "time per stage: read" in r.stdout and "bits/weight" in r.stdout  # the closing summary table
     r = edgemoe(tmp_path, "info", out, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["arch"]["family"] == "qwen3moe"
+    summary = json.loads(r.stdout)["metadata"]["export_summary"]
+    assert summary["parts"]["experts"]["bits_per_weight"] == 16.0  # --bits 16: f16 experts, no scales
+    assert summary["stored_bytes"] == sum(json.loads(r.stdout)["bytes"][k] for k in ("dense", "expert"))
     r = edgemoe(tmp_path, "run", out, "-p", "the quick brown", "-n", "8", "--json")
     assert r.returncode == 0, r.stderr
     run = json.loads(r.stdout)
@@ -40,7 +45,8 @@ def test_export_info_run_bench_analyze_on_a_tiny_model(tmp_path, tiny_dir):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(rep["layers"]) == 2
-    assert 0 < rep["recommendation"]["lru_experts_per_layer"] <= 6
+    rec = rep["recommendation"]  # (its schema is analyze's: the cache as experts per layer, or as bytes)
+    assert rec["memory_budget_bytes"] > 0 and 0 < rec["expected_hit_rate"] <= 1
 
 
 def test_bench_side_by_side_with_llama_cpp(tmp_path, tiny_dir):
@@ -67,9 +73,8 @@ def test_prompt_longer_than_the_context_is_refused(tmp_path, tiny_emoe):
     import edgemoe as em
     from edgemoe.errors import EdgeMoEError
 
-    with em.load(tiny_emoe("olmoe", 32), max_ctx=16) as m:
-        with pytest.raises(EdgeMoEError, match="exceed the context"):
-            m.generate(list(range(3, 40)), max_new_tokens=2)
+    with em.load(tiny_emoe("olmoe", 32), max_ctx=16) as m, pytest.raises(EdgeMoEError, match="exceed the context"):
+        m.generate(list(range(3, 40)), max_new_tokens=2)
 
 
 def test_streaming_yields_the_same_text_as_non_streaming(tiny_emoe):
@@ -93,3 +98,81 @@ def test_export_with_merge_ratio_runs(tmp_path, tiny_dir):
     assert any(layer and max(layer) + 1 < 4 for layer in emap)  # fewer stored experts than routed ones
     r = edgemoe(tmp_path, "run", out, "-p", "the quick", "-n", "4")
     assert r.returncode == 0, r.stderr
+    export_out = edgemoe(tmp_path, "export", tiny_dir("mixtral"), "-o", tmp_path / "m2.emoe", "--experts-per-layer",
+                         "2", "--calib", text, "--calib-tokens", "1024", "-q").stdout
+    assert "merge map" in export_out and "layer 0: 4 -> 2:" in export_out  # the groups of routed experts
+
+
+def test_export_summary_of_an_mwq_export(tmp_path, tiny_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog, to be or not to be. " * 200)
+    out = tmp_path / "q4.emoe"
+    r = edgemoe(tmp_path, "export", tiny_dir("olmoe"), "-o", out, "--bits", "4", "--calib", text,
+                "--calib-tokens", "1024", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.strip()}
+    experts = rows["experts"]
+    bpw = float(experts[-2])  # 2-bit base + 2 binary planes, each with per-group scales: above 4 bits
+    assert bpw > 4.0 and experts[-1].startswith("mwq2+2")
+    assert float(rows["attention"][-2]) == 8.5  # Q8_0: 32 int8 + one f16 scale per block
+    assert "calibrate" in r.stdout and "quantize" in r.stdout
+    info = json.loads(edgemoe(tmp_path, "info", out, "--json").stdout)
+    assert bpw == pytest.approx(info["mwq_planes"][-1]["cumulative_bits_per_weight"], rel=0.01)  # as info counts
+    summary = info["metadata"]["export_summary"]
+    assert set(summary["stages_s"]) >= {"read", "calibrate", "quantize", "write"}
+    assert sum(summary["stages_s"].values()) <= summary["total_s"] * 1.01  # exclusive times: no double counting
+    assert summary["parts"]["experts"]["source_bytes"] > summary["parts"]["experts"]["stored_bytes"]
+
+
+def test_run_sampling_flags_seed_stop_and_mode(tmp_path, tiny_emoe):
+    model = tiny_emoe("olmoe", 32)
+
+    def run(*args):
+        r = edgemoe(tmp_path, "run", model, "-p", "the quick brown", "-n", "16", "--json", *args)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    a = run("--temperature", "1.0", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01", "--seed", "3")
+    b = run("--temperature", "1.0", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01", "--seed", "3")
+    c = run("--temperature", "1.0", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.01", "--seed", "4")
+    greedy = run()
+    assert a["text"] == b["text"] and len(a["text"]) > 0
+    assert len({a["text"], c["text"], greedy["text"]}) > 1  # the seed and temperature change the text
+    stop = greedy["text"][3:5]
+    stopped = run("--stop", stop)
+    assert stopped["text"] == greedy["text"][: greedy["text"].index(stop)]
+    budgeted = run("--budget", "64MB", "--mode", "ondemand", "--max-ctx", "64")
+    assert budgeted["text"] == greedy["text"] and budgeted["stats"]["mode"] == "ondemand"
+
+
+@pytest.mark.parametrize("command", ["export", "info", "run", "chat", "ppl", "bench", "analyze", "fit", "demo"])
+def test_every_subcommand_explains_itself_with_examples(tmp_path, command):
+    r = edgemoe(tmp_path, command, "--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and f"edgemoe {command}" in r.stdout
+
+
+def test_bad_invocations_of_a_user_never_show_a_traceback(tmp_path, tiny_emoe):
+    model = tiny_emoe("olmoe", 32)
+    cases = [
+        (["run", model, "-p", "hi", "--budget", "3XB"], 1, "cannot read size '3XB'"),
+        (["run", model, "-p", "one two three " * 20, "--max-ctx", "16"], 1, "exceed the context of 16"),
+        (["run", model, "-p", "hi", "--mode", "fastest"], 2, "invalid choice: 'fastest'"),
+        (["run", model], 2, "required: -p/--prompt"),
+        (["fit", model], 2, "required: --budget"),
+        (["chat", tmp_path / "nope.emoe"], 1, "no such file"),
+        (["ppl", model, "--text", tmp_path / "nope.txt"], 1, "no such file"),
+        ([], 2, "required: COMMAND"),
+    ]
+    for args, code, message in cases:
+        r = edgemoe(tmp_path, *args)
+        assert (r.returncode, message in r.stderr, "Traceback" in r.stderr) == (code, True, False), (args, r.stderr)
+
+
+def test_demo_runs_under_a_budget_below_the_model_size(tmp_path):
+    r = edgemoe(tmp_path, "demo", "-n", "8", "--workdir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"budget \S+ \S+ = (\d+)% of the file", r.stdout)
+    assert m and int(m.group(1)) < 100, r.stdout
+    for stat in ("hit rate", "/token", "I/O stall", "prefetch recall", "peak RSS"):
+        assert stat in r.stdout
+    assert "evictions" in r.stdout and " 0 evictions" not in r.stdout  # it really streamed experts
