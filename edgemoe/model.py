@@ -86,6 +86,7 @@ class Model:
         tok = container.tensors.get("tokenizer.json")
         self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
         self._stats = _fresh_stats()
+        self._sequence = 0  # bumped whenever the KV cache gets a new sequence: a stream notices it was replaced
 
     @staticmethod
     def _check_precision(container: Container, precision) -> tuple[int | None, int | None]:
@@ -159,7 +160,8 @@ class Model:
         """float32 [len(ids), vocab] for a fresh sequence (all positions). The KV cache then holds `ids`."""
         ids = self._check_ids(ids)
         t0 = time.perf_counter()
-        out = self._engine.logits(ids)  # starts a fresh sequence: the KV cache no longer holds a reusable prefix
+        out = self._engine.logits(ids)  # starts a fresh sequence in the KV cache
+        self._sequence += 1
         self._stats["prefill_tokens"] += len(ids)
         self._stats["prefill_s"] += time.perf_counter() - t0
         return out
@@ -167,7 +169,7 @@ class Model:
     def _check_ids(self, ids, what: str = "tokens") -> list[int]:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if not ids:
-            raise EdgeMoEError(f"empty token sequence ({what})")
+            raise EdgeMoEError(f"no {what}: the sequence is empty")
         bad = [i for i in ids if not 0 <= i < self.spec.vocab]
         if bad:
             raise EdgeMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab - 1})")
@@ -220,6 +222,8 @@ class Model:
         text = TextStream(decode, stops)
         history = list(ids)  # what the repetition penalty looks at: prompt + output
         logits = self._prefill_reusing_cache(ids)
+        self._sequence += 1  # the KV cache now belongs to this generation
+        mine = self._sequence
         for n_new in range(1, max_new_tokens + 1):
             tok = sample(logits, params, rng, history)
             if stop_at_eos and tok == self.spec.eos_token_id:
@@ -230,6 +234,9 @@ class Model:
                 yield piece
             if text.stopped or n_new == max_new_tokens or len(history) >= self.max_ctx:
                 break
+            if self._sequence != mine:
+                raise EdgeMoEError("this generate() stream was resumed after another generate() or chat() call "
+                                   "replaced its sequence in the KV cache; finish one stream before starting another")
             t1 = time.perf_counter()
             logits = self._engine.decode(tok)
             self._stats["decode_tokens"] += 1
@@ -261,6 +268,7 @@ class Model:
     def reset(self) -> None:
         """Clear the KV cache: the next generate() runs its whole prompt."""
         self._engine.reset()
+        self._sequence += 1
 
     # --- chat -----------------------------------------------------------------------------------------------
     @property

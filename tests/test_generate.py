@@ -345,3 +345,14 @@ def test_text_stream_decodes_a_window_but_gives_the_full_decode(olmoe, kind):
         assert ts._text == decode(ids[:n]), n
     assert "".join(pieces) + ts.flush() == decode(ids)
     assert ts._start > 0  # the window did move
+
+
+def test_a_stream_resumed_after_another_generation_is_refused(olmoe):
+    with em.load(olmoe) as m:
+        first = m.generate(PROMPT, max_new_tokens=8, stream=True, stop_at_eos=False)
+        next(first)
+        m.generate("to be or not", max_new_tokens=2)  # takes over the KV cache
+        with pytest.raises(EdgeMoEError, match="resumed after another generate"):
+            list(first)
+        with pytest.raises(EdgeMoEError, match="no prompt tokens"):
+            m.generate("")
