@@ -121,9 +121,8 @@ def print_cache_stats(gen: dict, file_bytes: int, rss_before: int | None, peak_r
     peak = gen["peak_rss_bytes"]
     print(f"expert cache peak {format_bytes(gen['expert_cache_peak_bytes'])} of its "
           f"{format_bytes(parts['expert_cache'])} (the C core enforces the budget on dense + KV + scratch + cache)")
-    line = f"peak RSS during generation {format_bytes(peak)} (whole process)"
+    line = f"peak RSS during generation {format_bytes(peak)} for the whole process"
     if rss_before is not None and peak_reset:
-        line += (f" = {format_bytes(rss_before)} before loading + {format_bytes(max(0, peak - rss_before))} "
-                 f"since: the budgeted C core plus what Python holds outside the budget (the tokenizer, "
-                 f"NumPy logits, the interpreter's allocations)")
+        line += (f" ({format_bytes(rss_before)} before loading: this process also ran the export, and the allocator "
+                 f"keeps what it freed; the budget binds the C core's part, reported above)")
     print(line)
