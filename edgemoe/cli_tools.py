@@ -45,11 +45,7 @@ def cmd_bench(args) -> int:
 
 def collect_routes(model, ids: list[int], ctx: int) -> list[np.ndarray]:
     """Experts chosen per token and layer over a text, with the NumPy engine's routing hook."""
-    from .engine_numpy import NumpyEngine
-
-    c = model.container
-    engine = NumpyEngine(model.spec, {n: c.array(n) for n, t in c.tensors.items() if t.kind != "blob"},
-                         {n: t.dtype for n, t in c.tensors.items()}, {n: t.shape for n, t in c.tensors.items()})
+    engine = model.reference_engine()
     routes: dict[int, list[np.ndarray]] = {}
     for start in range(0, len(ids), ctx):
         window = ids[start : start + ctx]

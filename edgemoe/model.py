@@ -123,11 +123,25 @@ class Model:
                                      **opts)
         return "c-stream", eng
 
+    def _plane_layouts(self) -> dict[str, dict]:
+        """MWQ tensor name -> its quantization parameters and plane offsets (relative to the tensor's start)."""
+        return {n: {**t.quant, "n_planes": t.n_planes,
+                    "plane_offsets": [int(p["offset"]) - t.offset for p in t.planes]}
+                for n, t in self.container.tensors.items() if t.planes}
+
+    def reference_engine(self):
+        """A NumPy reference engine over this container's weights (the file is mapped; any dtype, MWQ at this
+        model's precision): for routing hooks and checks, independent of the engine serving the model."""
+        from .engine_numpy import NumpyEngine
+
+        c = self.container
+        return NumpyEngine(self.spec, {n: c.array(n) for n, t in c.tensors.items() if t.kind != "blob"},
+                           {n: t.dtype for n, t in c.tensors.items()}, {n: t.shape for n, t in c.tensors.items()},
+                           precision=self.precision, planes=c.planes, quant=self._plane_layouts())
+
     def _make_engine(self, engine, tensors, dtypes, shapes):
         has_mwq = self.stored_planes is not None
-        quant = {n: {**t.quant, "n_planes": t.n_planes,
-                     "plane_offsets": [int(p["offset"]) - t.offset for p in t.planes]}
-                 for n, t in self.container.tensors.items() if t.planes}
+        quant = self._plane_layouts()
         if engine in ("auto", "c"):
             try:
                 from .engine_c import CEngine

@@ -121,3 +121,28 @@ def test_analyze_prediction_matches_the_runtime_hit_rate_at_the_recommended_budg
           f"{rec['memory_budget_bytes']} bytes")
     assert abs(rec["expected_hit_rate"] - measured) <= 0.10
     assert measured < 0.99  # the recommended budget is tight: a cache holding everything would say nothing
+
+
+def test_analyze_runs_on_mwq_experts_and_routes_like_the_model(tiny_dir, tmp_path):
+    """MWQ containers: the routing pass reads the experts' planes at the model's precision (it once failed with 'no
+    plane reader'), and the routes it records are the ones the served model takes (same top-k per token)."""
+    import edgemoe
+    from edgemoe.cli_tools import collect_routes
+    from edgemoe_export import export
+
+    path = export(tiny_dir("olmoe"), tmp_path / "mwq.emoe", bits=4, nesting="msb", show_progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    p = subprocess.run([sys.executable, "-m", "edgemoe.cli", "analyze", str(path), "--text", str(text),
+                        "--max-tokens", "64", "--max-ctx", "128", "--json"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["recommendation"]["memory_budget_bytes"] > 0
+    with edgemoe.load(path, engine="numpy") as m:
+        ids = list(range(1, 33))
+        routes = collect_routes(m, ids, ctx=32)
+        seen: dict[int, np.ndarray] = {}
+        m._engine.logits(ids, on_route=lambda layer, e, w: seen.setdefault(layer, e))
+    assert len(routes) == m.spec.n_layers
+    for layer, e in seen.items():
+        np.testing.assert_array_equal(np.sort(routes[layer], axis=1), np.sort(e, axis=1))
