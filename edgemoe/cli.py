@@ -147,9 +147,19 @@ def cmd_info(args) -> int:
                   f"{format_bytes(p['bytes'])}, {p['bits_per_weight']:.3f} bits/weight with scales; "
                   f"k={p['plane']}: {p['bits'] if p['plane'] == 1 else planes[0]['bits'] + p['plane'] - 1}-bit "
                   f"experts, {p['cumulative_bits_per_weight']:.3f} bits/weight, {format_bytes(p['cumulative_bytes'])}")
-    print("  metadata " + json.dumps(c.metadata))
+    meta = {k: v for k, v in c.metadata.items() if k not in BULKY_METADATA}
+    print("  metadata " + json.dumps(meta))
+    if "chat_template" in c.metadata:
+        print(f"  chat template: {len(c.metadata['chat_template'])} characters (see --json)")
+    if c.metadata.get("export_summary"):
+        print("\nexport summary:")
+        print(format_export_summary(c.metadata["export_summary"], c.path.stat().st_size))
     c.close()
     return 0
+
+
+# Metadata shown as its own section (or only with --json) rather than inline: long per-expert or per-stage records.
+BULKY_METADATA = ("export_summary", "expert_calib_tokens", "chat_template", "chat_template_tokens")
 
 
 def _plane_summary(c) -> list[dict]:

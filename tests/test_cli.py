@@ -30,6 +30,9 @@ def test_export_info_run_bench_analyze_on_a_tiny_model(tmp_path, tiny_dir):
     summary = json.loads(r.stdout)["metadata"]["export_summary"]
     assert summary["parts"]["experts"]["bits_per_weight"] == 16.0  # --bits 16: f16 experts, no scales
     assert summary["stored_bytes"] == sum(json.loads(r.stdout)["bytes"][k] for k in ("dense", "expert"))
+    r = edgemoe(tmp_path, "info", out)  # human-readable: the summary as a table, not a JSON blob in the metadata line
+    assert r.returncode == 0 and "export summary:" in r.stdout and "time per stage" in r.stdout
+    assert "export_summary" not in r.stdout
     r = edgemoe(tmp_path, "run", out, "-p", "the quick brown", "-n", "8", "--json")
     assert r.returncode == 0, r.stderr
     run = json.loads(r.stdout)
