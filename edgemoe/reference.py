@@ -6,7 +6,7 @@ architecture description in `arch.py`; nothing here is specific to one family.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

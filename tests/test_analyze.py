@@ -126,9 +126,10 @@ def test_analyze_prediction_matches_the_runtime_hit_rate_at_the_recommended_budg
 def test_analyze_runs_on_mwq_experts_and_routes_like_the_model(tiny_dir, tmp_path):
     """MWQ containers: the routing pass reads the experts' planes at the model's precision (it once failed with 'no
     plane reader'), and the routes it records are the ones the served model takes (same top-k per token)."""
+    from edgemoe_export import export
+
     import edgemoe
     from edgemoe.cli_tools import collect_routes
-    from edgemoe_export import export
 
     path = export(tiny_dir("olmoe"), tmp_path / "mwq.emoe", bits=4, nesting="msb", show_progress=False)
     text = tmp_path / "t.txt"
