@@ -190,6 +190,10 @@ class LlamaRunner:
         self.llm.close()
 
 
+def _ratios(d: dict | None) -> str:
+    return "; ".join(f"{v:.2f} vs {k.removeprefix('llama.cpp ')}" for k, v in (d or {}).items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("/tmp/olmoe8"), help="Hugging Face checkpoint directory")
@@ -225,19 +229,21 @@ def main() -> None:
         if not args.no_q2k:
             _gguf_q2_k(wd / "f16.gguf", wd / "q2_k.gguf", max(threads_list))
 
-    # (label, edgemoe container, precision, [gguf files])
+    # groups: (label, [(edgemoe engine name, container, precision)], [(gguf name, file)]); the MWQ precisions share
+    # one group so the llama.cpp files run once per repetition
     plan = []
     for p in pairs:
         if p == "q8_0":
-            plan.append(("q8_0 vs Q8_0", wd / "q8_0.emoe", None, [("Q8_0", wd / "q8_0.gguf")]))
+            plan.append(("q8_0 vs Q8_0", [("edgemoe q8_0", wd / "q8_0.emoe", None)], [("Q8_0", wd / "q8_0.gguf")]))
         elif p == "f16":
-            plan.append(("f16 vs F16", f16, None, [("F16", wd / "f16.gguf")]))
-        elif p.startswith("mwq"):
-            k = int(p[3:])
-            gg = [("Q4_0 experts + Q8_0", wd / "q4_0_q8_0.gguf")] + ([] if args.no_q2k else [("Q2_K", wd / "q2_k.gguf")])
-            plan.append((f"MWQ k={k} ({1 + k} bits) + Q8_0 dense", wd / "mwq5.emoe", k, gg))
-        else:
+            plan.append(("f16 vs F16", [("edgemoe f16", f16, None)], [("F16", wd / "f16.gguf")]))
+        elif not p.startswith("mwq"):
             raise SystemExit(f"unknown pair {p!r}")
+    ks = [int(p[3:]) for p in pairs if p.startswith("mwq")]
+    if ks:
+        gg = [("Q4_0 experts + Q8_0", wd / "q4_0_q8_0.gguf")] + ([] if args.no_q2k else [("Q2_K", wd / "q2_k.gguf")])
+        plan.append(("MWQ experts + Q8_0 dense", [(f"edgemoe MWQ k={k} ({1 + k} bits)", wd / "mwq5.emoe", k)
+                                                  for k in ks], gg))
 
     rng = np.random.default_rng(0)
     vocab = int(cfg["vocab_size"])
@@ -248,10 +254,15 @@ def main() -> None:
     load = os.getloadavg()
     for threads in threads_list:
         bw = read_bandwidth(threads)
-        for label, emoe_path, k, ggufs in plan:
-            engines = {"edgemoe": EdgemoeRunner(emoe_path, threads, k, n_ctx)}
+        for label, ours, ggufs in plan:
+            engines, bpt, isa = {}, {}, None
+            for name, path, k in ours:
+                engines[name] = EdgemoeRunner(path, threads, k, n_ctx)
+                bpt[name] = emoe_bytes_per_token(path, k, top_k, n_exp)
+                isa = engines[name].isa
             for gname, gpath in ggufs:
-                engines[gname] = LlamaRunner(gpath, threads, n_ctx, args.p)
+                engines[f"llama.cpp {gname}"] = LlamaRunner(gpath, threads, n_ctx, args.p)
+                bpt[f"llama.cpp {gname}"] = gguf_bytes_per_token(gpath, top_k, n_exp)
             for e in engines.values():  # warm up: page faults, thread pools
                 e.pp(prompt[:16])
                 e.tg(first, 4)
@@ -261,19 +272,15 @@ def main() -> None:
                 for n, e in engines.items():
                     tg[n].append(e.tg(first, args.n))
                     pp[n].append(e.pp(prompt))
-            isa = engines["edgemoe"].isa
             for e in engines.values():
                 e.close()
-            bpt = {"edgemoe": emoe_bytes_per_token(emoe_path, k, top_k, n_exp)}
-            for gname, gpath in ggufs:
-                bpt[gname] = gguf_bytes_per_token(gpath, top_k, n_exp)
             for n in engines:
                 tg_med, pp_med = statistics.median(tg[n]), statistics.median(pp[n])
                 gbs = bpt[n] * args.n / tg_med / 1e9
                 rows.append({
-                    "pair": label, "engine": n if n == "edgemoe" else f"llama.cpp {n}", "threads": threads,
-                    "isa": isa if n == "edgemoe" else "llama.cpp native", f"tg{args.n}_tok_s": round(args.n / tg_med, 2),
-                    f"pp{args.p}_tok_s": round(args.p / pp_med, 1),
+                    "pair": label, "engine": n, "threads": threads,
+                    "isa": isa if n.startswith("edgemoe") else "llama.cpp native",
+                    f"tg{args.n}_tok_s": round(args.n / tg_med, 2), f"pp{args.p}_tok_s": round(args.p / pp_med, 1),
                     f"tg{args.n}_samples_tok_s": [round(args.n / t, 2) for t in tg[n]],
                     f"pp{args.p}_samples_tok_s": [round(args.p / t, 1) for t in pp[n]],
                     "bytes_per_token": bpt[n], "decode_gbs": round(gbs, 2), "read_bw_gbs": round(bw, 2),
@@ -281,25 +288,26 @@ def main() -> None:
                 })
             print(f"done: {label}, {threads} thread(s)", flush=True)
 
-    # ratios edgemoe / each llama.cpp row of the same pair and thread count
+    # ratios: each edgemoe row over each llama.cpp row of the same group and thread count
     for r in rows:
-        if r["engine"] == "edgemoe":
+        if not r["engine"].startswith("edgemoe"):
             continue
-        e = next(x for x in rows if x["pair"] == r["pair"] and x["threads"] == r["threads"] and x["engine"] == "edgemoe")
-        r["edgemoe_over_this_tg"] = round(e[f"tg{args.n}_tok_s"] / r[f"tg{args.n}_tok_s"], 3)
-        r["edgemoe_over_this_pp"] = round(e[f"pp{args.p}_tok_s"] / r[f"pp{args.p}_tok_s"], 3)
+        for x in rows:
+            if x["pair"] == r["pair"] and x["threads"] == r["threads"] and x["engine"].startswith("llama.cpp"):
+                r.setdefault("tg_ratio_vs", {})[x["engine"]] = round(r[f"tg{args.n}_tok_s"] / x[f"tg{args.n}_tok_s"], 3)
+                r.setdefault("pp_ratio_vs", {})[x["engine"]] = round(r[f"pp{args.p}_tok_s"] / x[f"pp{args.p}_tok_s"], 3)
     info = {"machine": platform.machine(), "model": str(args.model), "config": cfg, "threads": threads_list,
             "reps": args.reps, "p": args.p, "n": args.n, "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),
             "rows": rows}
     print(f"\nedgemoe {N.version()} vs llama.cpp, {args.model} ({cfg['num_hidden_layers']} layers, hidden "
           f"{cfg['hidden_size']}, {n_exp} experts top-{top_k}), medians of {args.reps} interleaved repetitions, "
           f"load average {load[0]:.1f} -> {info['loadavg_at_end'][0]:.1f}\n")
-    print(f"| pair | engine | threads | tg{args.n} tok/s | pp{args.p} tok/s | edgemoe / this (tg) | edgemoe / this (pp) |"
-          " MiB/token | decode GB/s | read BW GB/s | roofline |")
+    print(f"| group | engine | threads | tg{args.n} tok/s | pp{args.p} tok/s | tg ratio edgemoe/llama.cpp |"
+          " pp ratio | MiB/token | decode GB/s | read BW GB/s | roofline |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['pair']} | {r['engine']} | {r['threads']} | {r[f'tg{args.n}_tok_s']} | {r[f'pp{args.p}_tok_s']} |"
-              f" {r.get('edgemoe_over_this_tg', '')} | {r.get('edgemoe_over_this_pp', '')} |"
+              f" {_ratios(r.get('tg_ratio_vs'))} | {_ratios(r.get('pp_ratio_vs'))} |"
               f" {r['bytes_per_token'] / 2**20:.0f} | {r['decode_gbs']} | {r['read_bw_gbs']} |"
               f" {100 * r['roofline_fraction']:.0f}% |")
     if args.json:
