@@ -355,8 +355,15 @@ static int pick_victim(emoe_cache *c, int why) {
     return -1;
 }
 
-/* Give piece id a slot, evicting as needed. 1 = done, 0 = no victim left. */
-static int alloc_slot(emoe_cache *c, int id, int why) {
+/* Decayed use frequency as of the current epoch (what EMOE_EVICT_FREQ ranks by, on an absolute scale). */
+static double retention(const emoe_cache *c, const piece *p) {
+    if (p->freq <= 0) return 0.0;
+    return p->freq * pow(EMOE_CACHE_DECAY, (double)(c->epoch > p->freq_epoch ? c->epoch - p->freq_epoch : 0));
+}
+
+/* Give piece id a slot, evicting as needed: for a prefetch only pieces whose retention is below `limit`. 1 = done,
+ * 0 = no victim left. */
+static int alloc_slot(emoe_cache *c, int id, int why, double limit) {
     piece *p = &c->p[id];
     const uint64_t need = emoe_cache_slot_bytes(p->nbytes);
     if (need > c->arena_bytes) return 0;
@@ -370,6 +377,8 @@ static int alloc_slot(emoe_cache *c, int id, int why) {
         }
         const int v = pick_victim(c, why);
         if (v < 0) return 0;
+        /* a prefetch is a guess: it may displace only what the cache values less (a QUEUED victim is demand's) */
+        if (why == FOR_PREFETCH && !(retention(c, &c->p[v]) < limit)) return 0;
         evict(c, v);
     }
 }
@@ -562,7 +571,7 @@ again:
         if (!compacted) p->entry = p->state;
         if (p->state == EMOE_PIECE_EMPTY || p->state == EMOE_PIECE_ERROR) {
             p->pins++; /* pinned first so that evictions for this request's later pieces spare it */
-            if (!alloc_slot(c, ids[i], FOR_DEMAND)) {
+            if (!alloc_slot(c, ids[i], FOR_DEMAND, INFINITY)) {
                 p->pins--;
                 rc = EMOE_CACHE_FULL;
                 break;
@@ -644,7 +653,15 @@ again:
     return EMOE_OK;
 }
 
-int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key) {
+double emoe_cache_retention(emoe_cache *c, int id) {
+    if (!c || id < 0 || id >= c->n) return 0.0;
+    pthread_mutex_lock(&c->mu);
+    const double r = retention(c, &c->p[id]);
+    pthread_mutex_unlock(&c->mu);
+    return r;
+}
+
+int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key, double confidence) {
     if (!c || n <= 0 || !ids) return 0;
     int queued = 0;
     pthread_mutex_lock(&c->mu);
@@ -659,7 +676,8 @@ int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key) {
         } else if (p->state == EMOE_PIECE_QUEUED) {
             if (key < p->key && !queue_piece(c, ids[i], key)) relist(c, ids[i], 0);
         } else if (p->state == EMOE_PIECE_EMPTY || p->state == EMOE_PIECE_ERROR) {
-            if (!alloc_slot(c, ids[i], FOR_PREFETCH)) break; /* no room without hurting: stop here */
+            /* no room without displacing something worth more: stop here */
+            if (!alloc_slot(c, ids[i], FOR_PREFETCH, retention(c, p) + confidence)) break;
             if (queue_piece(c, ids[i], key)) {
                 drop_slot(c, p);
                 p->state = EMOE_PIECE_EMPTY;

@@ -18,8 +18,9 @@
  * Eviction, when a slot is needed: (1) demand requests first cancel queued, unpinned prefetches (no I/O spent yet),
  * lowest priority first; then (2) READY refinement planes; then (3) READY base planes; within (2) and (3) by the
  * policy (EMOE_EVICT_LRU: least recently used; EMOE_EVICT_CYCLIC: furthest next use by layer order, then LRU;
- * EMOE_EVICT_FREQ: lowest decayed use frequency). Prefetches only take free memory or evict (2)/(3), never cancel
- * other prefetches nor evict an unused prefetched piece. Choosing a victim costs O(layers), not O(pieces): per-(class,
+ * EMOE_EVICT_FREQ: lowest decayed use frequency). Prefetches only take free memory or evict (2)/(3) pieces whose
+ * decayed use frequency is below the prefetched piece's own plus the caller's confidence in it, never cancel other
+ * prefetches nor evict an unused prefetched piece. Choosing a victim costs O(layers), not O(pieces): per-(class,
  * layer) LRU lists and, for the queue and FREQ, binary heaps (O(log pieces) per change); a real model has 10k-70k
  * pieces (test_cache --bench-evict 70000: about 8 us per acquire with FREQ, 360-620 us with the former full scan).
  *
@@ -101,8 +102,14 @@ uint64_t emoe_cache_slot_bytes(uint64_t nbytes);
  * (EMOE_ERR_BUDGET when the pieces cannot fit even in an empty cache). */
 int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *keys);
 /* Prefetch: queue absent pieces at priority key without pinning them (READY ones are marked recently used).
- * Uses free memory or evicts unpinned READY pieces, never cancels queued requests. Returns pieces queued. */
-int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key);
+ * Admission, so that a wrong guess cannot cost a more useful piece: free memory is always used; a READY unpinned
+ * piece is evicted for it only if its retention score (emoe_cache_retention: its uses decayed to now) is below the
+ * prefetched piece's own plus `confidence`, the caller's probability that the piece is about to be used
+ * (-INFINITY: free memory only; INFINITY: evict as a demand read would, except queued requests and unused
+ * prefetches). Never cancels queued requests. Stops at the first piece it cannot admit. Returns pieces queued. */
+int emoe_cache_prefetch(emoe_cache *c, const int *ids, int n, uint64_t key, double confidence);
+/* A piece's retention score: its acquires, each decayed by EMOE_CACHE_DECAY per epoch since (0: never used). */
+double emoe_cache_retention(emoe_cache *c, int id);
 /* Unpin. Pieces still in flight keep loading (and are evictable once READY). */
 void emoe_cache_release(emoe_cache *c, const int *ids, int n);
 /* Move queued (not yet loading) pieces to priority key (e.g. a background key for skipped refinement planes). */

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +105,12 @@ int emoe_hebf_order(int n_tok, int k, const int32_t *experts, const float *weigh
  * 2 = background (refinement planes ADAPTIVE skipped). Prefetches for layers already passed are cancelled.
  * ===================================================================================================================*/
 enum { CLS_DEMAND = 0, CLS_PREFETCH = 1, CLS_BACKGROUND = 2 };
+/* A prefetch may evict only when the expert is more likely used than not: below that, wrong guesses (each an
+ * expert read, plus the piece it displaced, read again later) outnumber right ones, whose only gain is latency a
+ * demand read would pay anyway. On the random OLMoE-shaped benchmark model at 50 % budget, absent experts predicted
+ * at rank 0 are routed ~36 % of the time in decode (88 % in prefill): prefetch with eviction read 52 MB/token for
+ * the 42 MB of demand, this rule 42 MB (BENCHMARKS.md "Under a memory budget"). */
+#define PREFETCH_MIN_CONFIDENCE 0.5
 #define THREAD_STACK_ALLOWANCE ((size_t)256 << 10) /* touched stack per thread, counted against the budget */
 
 static uint64_t mkkey(int cls, uint64_t seq, uint64_t rank) {
@@ -125,10 +132,18 @@ struct emoe_stream {
     emoe_hebf_item *items;
     void *hebf_work;
     int *ids, *starts, *nreq, *gexp, *pf_count, *pf_best, *yoff, *gtok, *expert_group, *etok;
+    double *pf_miss; /* [n_stored_max] issue_prefetch: P(no token routes to the expert) */
     uint64_t *keys;
     unsigned char *done;
     float *ew, *ybuf, *xpre, *plog;
     int32_t *pred, *ahead; /* [B, n_pred] predicted stored experts (-1 = none) */
+    unsigned char *absent; /* [B, n_pred] the predicted expert was not resident when predicted */
+    /* the predictor's measured precision per rank, for experts not resident when predicted (those are the ones a
+     * prefetch reads; they are routed less often than the average prediction, the resident ones being the hot
+     * experts), separately for single tokens (decode) and blocks (prefill, where nearly every prediction of a cold
+     * cache is absent and right): P(routed | predicted at rank r, absent) ~ (rank_hit[b][r] + 1) / (rank_n[b][r] + 2) */
+    uint64_t rank_n[2][64], rank_hit[2][64];
+    double min_confidence; /* below it a prefetch only takes free memory or pieces worth less than it is */
     int pred_layer, pred_n, ahead_layer, ahead_n;
     tensor_ref tref[3];
     mwq_layout lay[3];
@@ -186,18 +201,31 @@ static void predicted_logits(emoe_model *m, int l, const float *x, int n_tok) {
     fwd_matmul(m, w, S->xpre, n_tok, S->plog, (size_t)c->n_experts);
 }
 
-/* Queue the predicted experts' pieces: hottest first (tokens predicting them, then best rank). */
-static void issue_prefetch(emoe_model *m, int l, const int32_t *pred, int n_tok, uint64_t seq) {
+/* P(routed | predicted at rank r while absent), from the predictions scored so far (a uniform prior first). */
+static double rank_confidence(const emoe_stream *S, int n_tok, int r) {
+    const int b = n_tok > 1;
+    return ((double)S->rank_hit[b][r] + 1.0) / ((double)S->rank_n[b][r] + 2.0);
+}
+
+/* Queue the predicted experts' pieces: hottest first (tokens predicting them, then best rank). Each expert's
+ * confidence (the probability that at least one of the tokens predicting it routes to it, from the measured
+ * per-rank precision) decides what its prefetch may evict: above min_confidence, only pieces the cache values less
+ * than the guess is worth (emoe_cache_prefetch); at or below it, free memory only. */
+static void issue_prefetch(emoe_model *m, int l, const int32_t *pred, unsigned char *absent, int n_tok,
+                           uint64_t seq) {
     emoe_stream *S = m->stream;
     const int P = S->n_pred, n_st = m->layers[l].n_stored;
     int *count = S->pf_count, *best = S->pf_best;
-    for (int e = 0; e < n_st; e++) count[e] = 0, best[e] = P;
+    double *miss = S->pf_miss;
+    for (int e = 0; e < n_st; e++) count[e] = 0, best[e] = P, miss[e] = 1.0;
     for (int t = 0; t < n_tok; t++)
         for (int j = 0; j < P; j++) {
             const int32_t e = pred[(size_t)t * P + j];
             if (e < 0 || e >= n_st) continue;
+            absent[(size_t)t * P + j] = emoe_cache_state(S->cache, pid(S, l, e, 0, 0)) != EMOE_PIECE_READY;
             count[e]++;
             if (j < best[e]) best[e] = j;
+            miss[e] *= 1.0 - rank_confidence(S, n_tok, j);
         }
     const int planes = S->opt.mode == EMOE_MODE_ADAPTIVE ? 1 : S->run; /* adaptive: base planes only */
     for (int rank = 0;; rank++) {
@@ -210,8 +238,24 @@ static void issue_prefetch(emoe_model *m, int l, const int32_t *pred, int n_tok,
         int ids[3 * EMOE_STATS_LEVELS], n = 0;
         for (int p = 0; p < planes; p++)
             for (int mat = 0; mat < 3; mat++) ids[n++] = pid(S, l, pick, mat, p);
-        emoe_cache_prefetch(S->cache, ids, n, mkkey(CLS_PREFETCH, seq, (uint64_t)rank));
+        const double conf = 1.0 - miss[pick];
+        emoe_cache_prefetch(S->cache, ids, n, mkkey(CLS_PREFETCH, seq, (uint64_t)rank),
+                            conf > S->min_confidence ? conf : -INFINITY);
     }
+}
+
+/* Per-rank precision of the predictions of absent experts, against the true routing (s->topk_idx). */
+static void learn_confidence(emoe_model *m, const int32_t *pred, const unsigned char *absent, int n_tok) {
+    emoe_stream *S = m->stream;
+    const int K = m->cfg.top_k, P = S->n_pred;
+    for (int t = 0; t < n_tok; t++)
+        for (int j = 0; j < P; j++) {
+            const int32_t e = pred[(size_t)t * P + j];
+            if (e < 0 || !absent[(size_t)t * P + j]) continue;
+            int hit = 0;
+            for (int i = 0; i < K; i++) hit |= m->s.topk_idx[(size_t)t * K + i] == e;
+            S->rank_n[n_tok > 1][j]++, S->rank_hit[n_tok > 1][j] += (uint64_t)hit;
+        }
 }
 
 static void stream_before_attention(emoe_model *m, int l, int n_tok) {
@@ -228,7 +272,7 @@ static void stream_before_attention(emoe_model *m, int l, int n_tok) {
         predicted_logits(m, l, m->s.x, n_tok);
     predict(m, l, S->plog, n_tok, S->pred);
     S->pred_layer = l, S->pred_n = n_tok;
-    issue_prefetch(m, l, S->pred, n_tok, seq);
+    issue_prefetch(m, l, S->pred, S->absent, n_tok, seq);
 }
 
 /* Recall/precision counters of a prediction against the true routing (s->topk_idx, stored ids). */
@@ -302,9 +346,11 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
     emoe_cache_set_position(S->cache, l, S->seq / (uint64_t)c->n_layers); /* epoch = forward blocks (tokens) */
     if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) fwd_matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
     fwd_route(m, L->emap, n_tok);
-    if (S->pred_layer == l && S->pred_n == n_tok)
+    if (S->pred_layer == l && S->pred_n == n_tok) {
         score_prediction(m, S->pred, n_tok, &S->st.pred_experts, &S->st.pred_hits, &S->st.pred_hits_k,
                          &S->st.true_experts);
+        learn_confidence(m, S->pred, S->absent, n_tok);
+    }
     if (S->ahead_layer == l && S->ahead_n == n_tok) {
         uint64_t dummy = 0;
         score_prediction(m, S->ahead, n_tok, &dummy, &S->st.ahead_hits, NULL, &S->st.ahead_experts);
@@ -380,7 +426,8 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
                 predicted_logits(m, nl, s->x, n_tok);
                 predict(m, nl, S->plog, n_tok, S->ahead);
                 S->ahead_layer = nl, S->ahead_n = n_tok;
-                issue_prefetch(m, nl, S->ahead, n_tok, S->seq + (uint64_t)nl);
+                issue_prefetch(m, nl, S->ahead, S->absent + (size_t)EMOE_BLOCK * (size_t)S->n_pred, n_tok,
+                               S->seq + (uint64_t)nl);
             }
         }
         if (admitted == n_done) { /* nothing of ours in flight: space frees up when other reads land */
@@ -436,7 +483,7 @@ static void stream_free(emoe_stream *S) {
     emoe_cache_free(S->cache); /* joins the I/O thread first */
     void *bufs[] = {S->dense, S->names, S->pre, S->items, S->hebf_work, S->ids, S->starts, S->nreq, S->gexp, S->pf_count,
                     S->pf_best, S->yoff, S->gtok, S->expert_group, S->etok, S->keys, S->done, S->ew, S->ybuf, S->xpre, S->plog,
-                    S->pred, S->ahead};
+                    S->pred, S->ahead, S->absent, S->pf_miss};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(S);
 }
@@ -588,6 +635,9 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     S->n_pred = cfg->top_k + opt.prefetch_extra;
     if (S->n_pred > cfg->n_experts) S->n_pred = cfg->n_experts;
     if (S->n_pred > 64) S->n_pred = 64;
+    S->min_confidence = PREFETCH_MIN_CONFIDENCE;
+    const char *mc = getenv("EDGEMOE_PREFETCH_MIN_CONF"); /* experiments: 0 .. 1 */
+    if (mc) S->min_confidence = atof(mc);
 
     /* ---- experts: one storage for all, then the piece table ---- */
     static const char *const mats[3] = {"gate", "up", "down"};
@@ -709,7 +759,8 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     const size_t stream_scratch = NS * R * sizeof(emoe_hebf_item) + emoe_hebf_work_bytes((int)NS ? (int)NS : 1, (int)R) +
                                   NS * 3 * R * (sizeof(int) + sizeof(uint64_t)) + (NS + 1) * 8 * sizeof(int) + NS +
                                   B * Kt * (sizeof(int) + sizeof(float)) + B * Kt * H * sizeof(float) +
-                                  B * H * sizeof(float) + B * E * sizeof(float) + 2 * B * P * sizeof(int32_t) +
+                                  B * H * sizeof(float) + B * E * sizeof(float) + 2 * B * P * (sizeof(int32_t) + 1) +
+                                  (NS + 1) * sizeof(double) +
                                   (size_t)cfg->n_layers * sizeof(tensor_ref) + names_used + sizeof(*S);
     emoe_cache_config cc = {.path = path, .n_pieces = n_pieces, .pieces = desc, .io_threads = opt.io_threads,
                             .direct = opt.direct, .drop_cache = opt.drop_cache, .verify = opt.verify,
@@ -800,9 +851,11 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     S->plog = malloc(B * E * sizeof(float));
     S->pred = malloc(B * P * sizeof(int32_t));
     S->ahead = malloc(B * P * sizeof(int32_t));
+    S->absent = calloc(2 * B * P, 1); /* the pre-attention prediction's flags, then the layer-ahead one's */
+    S->pf_miss = calloc(ns1, sizeof(double));
     if (!S->items || !S->hebf_work || !S->ids || !S->keys || !S->starts || !S->nreq || !S->gexp || !S->pf_count || !S->pf_best || !S->yoff ||
         !S->gtok || !S->expert_group || !S->done || !S->etok || !S->ew || !S->ybuf || !S->xpre || !S->plog ||
-        !S->pred || !S->ahead)
+        !S->pred || !S->ahead || !S->absent || !S->pf_miss)
         goto nomem;
     m->stream = S;
     m->stream_ops = &stream_ops;

@@ -338,7 +338,7 @@ static void test_cache_random(int iters, int direct, int threads, int policy) {
             int pids[3];
             const int m = (int)(rnd() % n_mat);
             for (int p = 0; p < 3; p++) pids[p] = m * K + p;
-            emoe_cache_prefetch(c, pids, 1 + (int)(rnd() % 3), 1u << 20);
+            emoe_cache_prefetch(c, pids, 1 + (int)(rnd() % 3), 1u << 20, INFINITY);
         }
         int rc = use_group(c, &pf, ids, n, (uint64_t)it * 16);
         for (int retry = 0; rc == EMOE_CACHE_FULL && retry < 100; retry++) { /* in-flight prefetches: wait, retry */
@@ -550,7 +550,7 @@ static void test_cache_prefetch(void) {
     emoe_cache *c = new_cache(&pf, 4 * emoe_cache_slot_bytes(30064), 0, 1, EMOE_VERIFY_FIRST);
     if (!c) return;
     int p[2] = {3, 5};
-    CHECK(emoe_cache_prefetch(c, p, 2, 1000) == 2, "prefetch queues 2");
+    CHECK(emoe_cache_prefetch(c, p, 2, 1000, INFINITY) == 2, "prefetch queues 2");
     int g[1] = {3};
     CHECK(use_group(c, &pf, g, 1, 0) == 0, "use a prefetched piece");
     emoe_cache_stats s;
@@ -561,7 +561,7 @@ static void test_cache_prefetch(void) {
     int q[3] = {0, 1, 2};
     CHECK(use_group(c, &pf, q, 3, 0) == 0, "demand 3 (evicts what it must)");
     int q2[4] = {4, 6, 7, 0};
-    emoe_cache_prefetch(c, q2, 4, 2000);
+    emoe_cache_prefetch(c, q2, 4, 2000, INFINITY);
     check_cache(c, "after prefetches");
     emoe_cache_get_stats(c, &s);
     CHECK(s.used <= s.capacity, "prefetch respects the capacity");
@@ -571,6 +571,76 @@ static void test_cache_prefetch(void) {
     (void)wait_ids;
     emoe_cache_get_stats(c, &s);
     check_cache(c, "after clear");
+    emoe_cache_free(c);
+    free_pieces(&pf);
+}
+
+/* Prefetch admission: a guess takes free memory, or evicts only a piece whose decayed use frequency is below the
+ * guessed piece's own plus the caller's confidence; never a piece the cache values more. */
+static void test_cache_prefetch_admission(void) {
+    piece_file pf = make_pieces(6, 1, 20000, 0);
+    emoe_cache_config cfg = {.path = pf.path, .capacity = 3 * emoe_cache_slot_bytes(20064), .n_pieces = 6,
+                             .pieces = pf.d, .io_threads = 1, .n_groups = 1, .policy = EMOE_EVICT_FREQ};
+    char err[256];
+    emoe_cache *c = emoe_cache_new(&cfg, err, sizeof err);
+    CHECK(c != NULL, "emoe_cache_new: %s", err);
+    if (!c) return;
+    int p0[1] = {0}, p1[1] = {1}, p2[1] = {2}, p3[1] = {3}, p4[1] = {4}, p5[1] = {5};
+    /* free memory: any guess is admitted, even with no confidence at all */
+    CHECK(emoe_cache_prefetch(c, p5, 1, 100, -INFINITY) == 1, "a prefetch into free memory is admitted");
+    emoe_cache_wait_io(c);
+    CHECK(use_group(c, &pf, p5, 1, 0) == 0, "use the prefetched piece");
+    for (uint64_t t = 0; t < 3; t++) { /* piece 0 used in tokens 0..2, piece 1 in token 2 */
+        emoe_cache_set_position(c, 0, t);
+        CHECK(use_group(c, &pf, p0, 1, 0) == 0, "p0");
+    }
+    CHECK(use_group(c, &pf, p1, 1, 0) == 0, "p1"); /* full now: 5 (1 use, token 0), 0, 1 */
+    double r0 = emoe_cache_retention(c, 0), r1 = emoe_cache_retention(c, 1), r5 = emoe_cache_retention(c, 5);
+    CHECK(fabs(r0 - (1 + 0.9 + 0.81)) < 1e-9 && fabs(r1 - 1.0) < 1e-9 && fabs(r5 - 0.81) < 1e-9,
+          "retention: %g %g %g, expected 2.71 1 0.81", r0, r1, r5);
+    CHECK(emoe_cache_retention(c, 2) == 0.0, "a piece never used has retention 0");
+    /* full: a guess worth less than every resident piece (0.81 at the least) is refused and evicts nothing */
+    CHECK(emoe_cache_prefetch(c, p2, 1, 100, -INFINITY) == 0, "no free memory, no confidence: refused");
+    CHECK(emoe_cache_prefetch(c, p2, 1, 100, 0.8) == 0, "confidence 0.8 < retention 0.81: refused");
+    CHECK(emoe_cache_state(c, 5) == EMOE_PIECE_READY && emoe_cache_state(c, 0) == EMOE_PIECE_READY &&
+          emoe_cache_state(c, 1) == EMOE_PIECE_READY, "refused prefetches evict nothing");
+    /* ten tokens later piece 5 has decayed to 0.81 * 0.9^10 = 0.28; pieces 0 and 1 are used again */
+    emoe_cache_set_position(c, 0, 12);
+    CHECK(use_group(c, &pf, p0, 1, 0) == 0 && use_group(c, &pf, p1, 1, 0) == 0, "p0 p1 again");
+    CHECK(emoe_cache_prefetch(c, p2, 1, 100, 0.25) == 0, "confidence 0.25 < 0.28: refused");
+    CHECK(emoe_cache_state(c, 5) == EMOE_PIECE_READY, "still resident");
+    CHECK(emoe_cache_prefetch(c, p2, 1, 100, 0.3) == 1, "confidence 0.3 > 0.28: admitted");
+    CHECK(emoe_cache_state(c, 5) == EMOE_PIECE_EMPTY, "the piece worth less was evicted for it");
+    CHECK(emoe_cache_state(c, 0) == EMOE_PIECE_READY && emoe_cache_state(c, 1) == EMOE_PIECE_READY,
+          "the pieces worth more stay");
+    emoe_cache_wait_io(c);
+    CHECK(emoe_cache_prefetch(c, p3, 1, 100, 0.99) == 0, "an unused prefetch is never evicted for another guess, "
+          "and pieces 0, 1 are worth more than 0.99");
+    CHECK(emoe_cache_state(c, 2) == EMOE_PIECE_READY, "the unused prefetch stays");
+    CHECK(use_group(c, &pf, p2, 1, 0) == 0, "use the prefetched piece 2");
+    for (uint64_t t = 13; t < 40; t++) { /* piece 1 goes cold, 0 and 2 stay hot */
+        emoe_cache_set_position(c, 0, t);
+        CHECK(use_group(c, &pf, p0, 1, 0) == 0 && use_group(c, &pf, p2, 1, 0) == 0, "p0 p2");
+    }
+    /* the guessed piece's own history counts: piece 5 (evicted, its uses long ago) plus a confidence that alone
+     * would not beat piece 1 */
+    r1 = emoe_cache_retention(c, 1), r5 = emoe_cache_retention(c, 5);
+    CHECK(r5 > 0.01 && r1 > r5 + 0.01 && r1 < 0.1, "retention: piece 1 %g, piece 5 %g", r1, r5);
+    CHECK(emoe_cache_prefetch(c, p5, 1, 100, r1 - r5 - 0.005) == 0, "history + confidence < piece 1's: refused");
+    CHECK(emoe_cache_prefetch(c, p4, 1, 100, r1 - r5 + 0.005) == 0, "the same confidence without history: refused");
+    CHECK(emoe_cache_prefetch(c, p5, 1, 100, r1 - r5 + 0.005) == 1, "history + confidence > piece 1's: admitted");
+    CHECK(emoe_cache_state(c, 1) == EMOE_PIECE_EMPTY && emoe_cache_state(c, 0) == EMOE_PIECE_READY &&
+          emoe_cache_state(c, 2) == EMOE_PIECE_READY, "the coldest piece (1) went");
+    emoe_cache_wait_io(c);
+    CHECK(emoe_cache_prefetch(c, p4, 1, 100, INFINITY) == 1, "INFINITY: evicts as demand would");
+    CHECK(emoe_cache_state(c, 5) != EMOE_PIECE_EMPTY, "but never an unused prefetch");
+    emoe_cache_wait_io(c);
+    emoe_cache_wait_io(c);
+    check_cache(c, "after the admission test");
+    emoe_cache_stats s;
+    emoe_cache_get_stats(c, &s);
+    CHECK(s.prefetch_issued == 4 && s.prefetch_used == 2, "prefetch issued %llu used %llu, expected 4 and 2",
+          (unsigned long long)s.prefetch_issued, (unsigned long long)s.prefetch_used);
     emoe_cache_free(c);
     free_pieces(&pf);
 }
@@ -775,6 +845,8 @@ int main(int argc, char **argv) {
     test_cache_freq();
     printf("cache: prefetch\n");
     test_cache_prefetch();
+    printf("cache: prefetch admission\n");
+    test_cache_prefetch_admission();
     printf("cache: groups\n");
     test_cache_groups();
     printf("cache: errors\n");
