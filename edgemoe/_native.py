@@ -132,6 +132,13 @@ _forward = _sig("emoe_forward", _int, _vp, _vp, _int, _vp, _int)
 _model_n_past = _sig("emoe_model_n_past", _int, _vp)
 _model_reset = _sig("emoe_model_reset", None, _vp)
 _model_truncate = _sig("emoe_model_truncate", _int, _vp, _int)
+_model_set_n_seq = _sig("emoe_model_set_n_seq", _int, _vp, _int)
+_model_n_seq = _sig("emoe_model_n_seq", _int, _vp)
+_forward_seq = _sig("emoe_forward_seq", _int, _vp, _int, _vp, _int, _vp, _int)
+_forward_batch = _sig("emoe_forward_batch", _int, _vp, _vp, _vp, _int, _vp)
+_model_seq_n_past = _sig("emoe_model_seq_n_past", _int, _vp, _int)
+_model_truncate_seq = _sig("emoe_model_truncate_seq", _int, _vp, _int, _int)
+_model_reset_seq = _sig("emoe_model_reset_seq", None, _vp, _int)
 
 # The activation block of the Q8_0 matmul path: {float d; int8 qs[32]} (36 bytes).
 Q8_ACT_DTYPE = np.dtype([("d", "<f4"), ("qs", "i1", (32,))])
@@ -373,6 +380,40 @@ class ModelHandle:
         """Keep the first n_keep positions of the KV cache (0 <= n_keep <= n_past)."""
         self._check(_model_truncate(self._m, int(n_keep)))
 
+    # ---- several sequences (emoe_model_set_n_seq, emoe_forward_batch) ----
+    def set_n_seq(self, n_seq: int) -> None:
+        """Hold n_seq sequences (reallocates the KV cache; every sequence is emptied)."""
+        self._check(_model_set_n_seq(self._m, int(n_seq)))
+
+    @property
+    def n_seq(self) -> int:
+        return int(_model_n_seq(self._m))
+
+    def forward_seq(self, seq: int, tokens: np.ndarray, logits: np.ndarray | None, all_logits: bool) -> None:
+        """forward() for sequence seq."""
+        self._check(_forward_seq(self._m, int(seq), _ptr(tokens), tokens.size,
+                                 None if logits is None else _ptr(logits), int(all_logits)))
+
+    def forward_batch(self, tokens: np.ndarray, seqs: np.ndarray, logits: np.ndarray | None) -> None:
+        """One token of each of the distinct sequences seqs (int32 C-contiguous, same size as tokens); logits:
+        None or float32 [n, vocab] C-contiguous."""
+        if seqs.size != tokens.size:
+            raise NativeError(f"forward_batch: {tokens.size} tokens for {seqs.size} sequences", ERR_ARG)
+        self._check(_forward_batch(self._m, _ptr(tokens), _ptr(seqs), tokens.size,
+                                   None if logits is None else _ptr(logits)))
+
+    def seq_n_past(self, seq: int) -> int:
+        n = int(_model_seq_n_past(self._m, int(seq)))
+        if n < 0:
+            self._check(n)
+        return n
+
+    def truncate_seq(self, seq: int, n_keep: int) -> None:
+        self._check(_model_truncate_seq(self._m, int(seq), int(n_keep)))
+
+    def reset_seq(self, seq: int) -> None:
+        _model_reset_seq(self._m, int(seq))
+
     def stats(self) -> dict:
         """emoe_model_stats as a dict (per-level arrays cut to the stored planes); mode -1 = not streaming."""
         s = Stats()
@@ -407,7 +448,8 @@ class StreamOptions(ctypes.Structure):
     """emoe_stream_options (field order must match edgemoe.h)."""
 
     _fields_ = [("budget_bytes", _i64)] + [(n, _i32) for n in ("mode", "prefetch", "prefetch_extra", "precision",
-                                                                 "io_threads", "direct", "drop_cache", "verify")]
+                                                                 "io_threads", "direct", "drop_cache", "verify",
+                                                                 "n_seq")]
 
 
 class Stats(ctypes.Structure):
@@ -455,7 +497,7 @@ _model_drop_cache = _sig("emoe_model_drop_cache", _int, _vp)
 
 def stream_options(budget_bytes: int | None = None, mode: str = "exact", prefetch: int = 1, prefetch_extra: int = 1,
                    precision: int | None = None, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
-                   verify: str = "first") -> StreamOptions:
+                   verify: str = "first", n_seq: int = 1) -> StreamOptions:
     if mode not in MODES:
         raise NativeError(f"mode {mode!r}: expected one of {sorted(MODES)}", ERR_ARG)
     if verify not in VERIFY_READS:
@@ -466,6 +508,7 @@ def stream_options(budget_bytes: int | None = None, mode: str = "exact", prefetc
     o.mode, o.prefetch, o.prefetch_extra = MODES[mode], int(prefetch), int(prefetch_extra)
     o.precision, o.io_threads = int(precision or 0), int(io_threads)
     o.direct, o.drop_cache, o.verify = int(bool(direct)), int(bool(drop_cache)), VERIFY_READS[verify]
+    o.n_seq = int(n_seq)
     return o
 
 

@@ -81,7 +81,7 @@ class CEngine:
         self.max_ctx = int(max_ctx)
         cfg, keep = native_config(spec)
         self._h = N.ModelHandle(cfg, self.max_ctx, kv_f16, max(1, int(threads)))
-        self._ids: list[int] = []  # the tokens whose keys/values the KV cache holds (positions 0..n_past-1)
+        self._seq_ids: list[list[int]] = [[]]  # per sequence: the tokens whose keys/values its KV cache holds
         del keep  # copied by emoe_model_new
         self._arrays: list[np.ndarray] = []
         self._plane_reader, self._quant = planes, dict(quant or {})
@@ -143,7 +143,7 @@ class CEngine:
                     self._plane_reader(name, need)  # raises FormatError naming the tensor and the plane
                     self._checked[name] = need
         self._h.set_precision(0 if k is None else int(k))
-        self.reset()  # keys/values computed at another precision would not match a fresh run
+        self._reset_all()  # keys/values computed at another precision would not match a fresh run
 
     @property
     def precision(self) -> int | None:
@@ -174,7 +174,7 @@ class CEngine:
         self._arrays.append(arr)
         self._h.set_tensor(name, N.DTYPES[dtype], arr, rows, cols)
 
-    # ---- the verbs --------------------------------------------------------------------------------------------
+    # ---- the verbs (seq: which of the n_seq sequences; 0 = the default one) ---------------------------------------
     def logits(self, ids) -> np.ndarray:
         """float32 [len(ids), vocab] for a fresh sequence (all positions)."""
         tok = _tokens(ids)
@@ -183,46 +183,88 @@ class CEngine:
         self._forward(tok, out, True)
         return out
 
-    def prefill(self, ids) -> np.ndarray:
+    def prefill(self, ids, seq: int = 0) -> np.ndarray:
         """Start a fresh sequence with `ids`; returns the last position's logits [vocab]."""
-        self.reset()
-        return self.extend(ids)
+        self.reset(seq)
+        return self.extend(ids, seq)
 
-    def extend(self, ids) -> np.ndarray:
-        """Append `ids` to the current sequence; returns the last position's logits [vocab]."""
+    def extend(self, ids, seq: int = 0) -> np.ndarray:
+        """Append `ids` to the sequence; returns the last position's logits [vocab]."""
         tok = _tokens(ids)
         out = np.empty(self.spec.vocab, dtype=np.float32)
-        self._forward(tok, out, False)
+        self._forward(tok, out, False, seq)
         return out
 
-    def _forward(self, tok: np.ndarray, out: np.ndarray, all_logits: bool) -> None:
+    def _forward(self, tok: np.ndarray, out: np.ndarray, all_logits: bool, seq: int = 0) -> None:
+        self._check_seq(seq)
         try:
-            self._h.forward(tok, out, all_logits)
+            self._h.forward_seq(seq, tok, out, all_logits)
         finally:  # on an error the core keeps the blocks it completed: n_past says how many
-            self._ids = (self._ids + tok.tolist())[: self._h.n_past]
+            self._seq_ids[seq] = (self._seq_ids[seq] + tok.tolist())[: self._h.seq_n_past(seq)]
 
-    def decode(self, token: int) -> np.ndarray:
+    def decode(self, token: int, seq: int = 0) -> np.ndarray:
         """Append one token; returns its logits [vocab]."""
-        return self.extend([token])
+        return self.extend([token], seq)
 
-    def reset(self) -> None:
-        """Clear the KV cache."""
-        self._h.reset()
-        self._ids = []
+    def decode_batch(self, tokens, seqs) -> np.ndarray:
+        """Append tokens[i] to sequence seqs[i] (distinct sequences), all as one block: each expert the tokens route
+        to is loaded and run once for all of them. Returns float32 logits [len(tokens), vocab], row i bit-identical
+        to decode(tokens[i], seqs[i]). On an error no sequence advances."""
+        tok, sq = _tokens(tokens), np.ascontiguousarray(np.asarray(seqs, dtype=np.int32).reshape(-1))
+        out = np.empty((tok.size, self.spec.vocab), dtype=np.float32)
+        self._h.forward_batch(tok, sq, out)
+        for t, s in zip(tok.tolist(), sq.tolist()):
+            self._seq_ids[s].append(t)
+        return out
 
-    def truncate(self, n_keep: int) -> None:
-        """Keep the first n_keep positions of the KV cache (0 <= n_keep <= n_past); extend() continues there."""
-        self._h.truncate(n_keep)
-        del self._ids[n_keep:]
+    def reset(self, seq: int = 0) -> None:
+        """Clear the sequence's KV cache."""
+        self._check_seq(seq)
+        self._h.reset_seq(seq)
+        self._seq_ids[seq] = []
+
+    def truncate(self, n_keep: int, seq: int = 0) -> None:
+        """Keep the first n_keep positions of the sequence's KV cache (0 <= n_keep <= n_past); extend() continues
+        there."""
+        self._check_seq(seq)
+        self._h.truncate_seq(seq, n_keep)
+        del self._seq_ids[seq][n_keep:]
 
     @property
     def cached_ids(self) -> list[int]:
-        """The token ids whose keys and values the KV cache holds, in order (a copy)."""
-        return list(self._ids)
+        """The token ids whose keys and values sequence 0's KV cache holds, in order (a copy)."""
+        return list(self._seq_ids[0])
+
+    def seq_cached_ids(self, seq: int) -> list[int]:
+        """cached_ids of sequence seq."""
+        self._check_seq(seq)
+        return list(self._seq_ids[seq])
 
     @property
     def n_past(self) -> int:
         return self._h.n_past
+
+    def seq_n_past(self, seq: int) -> int:
+        return self._h.seq_n_past(seq)
+
+    def set_n_seq(self, n_seq: int) -> None:
+        """Hold n_seq sequences (the KV cache is reallocated and every sequence emptied). Under a memory budget at most
+        the n_seq it was opened with (the KV cache the budget counted); beyond: BudgetError."""
+        self._h.set_n_seq(n_seq)
+        self._seq_ids = [[] for _ in range(self._h.n_seq)]
+
+    @property
+    def n_seq(self) -> int:
+        return self._h.n_seq
+
+    def _reset_all(self) -> None:
+        for seq in range(len(self._seq_ids)):
+            self.reset(seq)
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < len(self._seq_ids):  # the core checks too; this keeps _seq_ids from being indexed wrongly
+            raise N.NativeError(f"sequence {seq} is outside 0..{len(self._seq_ids) - 1} (the engine holds "
+                                f"{len(self._seq_ids)}; set_n_seq changes that)", N.ERR_ARG)
 
     def set_isa(self, isa: int | str) -> None:
         """Force the kernels: an N.ISA_* value or a name ("scalar", "avx2", "neon", "neon_dotprod", "auto")."""
@@ -232,7 +274,7 @@ class CEngine:
                 raise N.NativeError(f"unknown instruction set {isa!r}; expected one of {sorted(names)}", N.ERR_ISA)
             isa = names[isa]
         self._h.set_isa(int(isa))
-        self.reset()  # other kernels round differently: a kept prefix would not match a fresh run
+        self._reset_all()  # other kernels round differently: a kept prefix would not match a fresh run
 
     @property
     def isa(self) -> str:
@@ -243,7 +285,8 @@ class CEngine:
     def open_streaming(cls, path, spec: ArchSpec, memory_budget: int | None, mode: str = "exact", threads: int = 1,
                        max_ctx: int = 4096, kv_f16: bool = False, precision: int | None = None, prefetch: int = 1,
                        prefetch_extra: int = 1, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
-                       verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False) -> CEngine:
+                       verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False,
+                       n_seq: int = 1) -> CEngine:
         """The model under a memory budget (bytes; None = no limit, every expert cached after its first use): the C
         core opens the container itself, reads the dense weights into anonymous memory and streams the experts through
         its byte-budgeted cache (native/src/hebf.c). Raises N.BudgetError, stating the minimum, below it.
@@ -251,15 +294,16 @@ class CEngine:
         mode: "exact" (output identical to the all-resident model), "adaptive" (MWQ: compute an expert at its resident
         planes rather than wait for a refinement plane), "ondemand" (baseline: LRU, no prefetch, no overlap).
         prefetch: 0 none, 1 before each layer's attention, 2 also the next layer. verify: CRC-32 of expert reads
-        ("first" read of each piece, "always", "never")."""
+        ("first" read of each piece, "always", "never"). n_seq: sequences whose KV cache the budget holds (the most
+        set_n_seq / decode_batch can use)."""
         self = cls.__new__(cls)
         self.spec = spec
         self.max_ctx = int(max_ctx)
         self._arrays, self._plane_reader, self._quant, self._mwq, self._checked = [], None, {}, {}, {}
         opts = N.stream_options(memory_budget, mode, prefetch, prefetch_extra, precision, io_threads, direct,
-                                drop_cache, verify)
+                                drop_cache, verify, n_seq)
         self._h = N.open_streaming(path, self.max_ctx, kv_f16, max(1, int(threads)), opts)
-        self._ids = []
+        self._seq_ids = [[] for _ in range(self._h.n_seq)]
         if isa is not None:
             self.set_isa(isa)
         self._h.set_q8_f32_act(q8_f32_act)

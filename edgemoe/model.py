@@ -51,6 +51,37 @@ def _ratio(a, b):
     return a / b if b else None
 
 
+class _Continuation:
+    """One sequence being generated: samples each next token from its logits and turns the tokens into text
+    (stop strings, end of sequence, max_new_tokens, the context). Shared by generate() and generate_batch()."""
+
+    def __init__(self, model: Model, ids: list[int], max_new_tokens: int, params: SamplingParams,
+                 rng: np.random.Generator, stops: list[str], stop_at_eos: bool):
+        decode = model.tokenizer.decode if model.tokenizer is not None else _ids_as_text
+        self.text = TextStream(decode, stops)
+        self.history = list(ids)  # what the repetition penalty looks at: prompt + output
+        self.max_new_tokens, self.params, self.rng, self.stop_at_eos = max_new_tokens, params, rng, stop_at_eos
+        self.eos, self.max_ctx = model.spec.eos_token_id, model.max_ctx
+        self.n_new = 0
+        self.token: int | None = None  # the last token sampled: the next one to run through the model
+
+    def step(self, logits: np.ndarray) -> tuple[str, bool]:
+        """Sample the next token from `logits` -> (the text it completes, whether the sequence is finished). When
+        not finished, self.token must be run next."""
+        tok = sample(logits, self.params, self.rng, self.history)
+        if self.stop_at_eos and tok == self.eos:
+            return "", True
+        self.history.append(tok)
+        self.n_new += 1
+        self.token = tok
+        piece = self.text.push(tok)
+        return piece, self.text.stopped or self.n_new == self.max_new_tokens or len(self.history) >= self.max_ctx
+
+    def finish(self) -> str:
+        """The text held back (a possible start of a stop string that was not one)."""
+        return self.text.flush()
+
+
 class Model:
     """An opened `.emoe` model (made by `edgemoe.load`): logits(), generate(), chat(), the tokenizer, statistics.
 
@@ -60,7 +91,7 @@ class Model:
 
     def __init__(self, container: Container, memory_budget: int | str | None = None, threads: int | None = None, engine: str = "auto",
                  max_ctx: int | None = None, precision: int | None = None, mode: str = "exact",
-                 stream_options: dict | None = None):
+                 stream_options: dict | None = None, n_seq: int | None = None):
         if engine not in ENGINES:
             raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
         if mode not in MODES:
@@ -74,15 +105,20 @@ class Model:
         self.dense_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "dense")
         self.expert_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "expert")
         self.mode = mode
+        if n_seq is not None and (int(n_seq) != n_seq or n_seq < 1):
+            raise EdgeMoEError(f"n_seq {n_seq!r}: expected a number of sequences >= 1")
         # A budget (or a mode other than exact) runs the streaming engine: the C core enforces the budget itself.
         self.streaming = self.memory_budget is not None or mode != "exact"
         if self.streaming:
-            self.engine_name, self._engine = self._make_streaming_engine(engine, dict(stream_options or {}))
+            opts = dict(stream_options or {}) | ({"n_seq": int(n_seq)} if n_seq else {})
+            self.engine_name, self._engine = self._make_streaming_engine(engine, opts)
         else:
             tensors = {n: container.array(n) for n, t in container.tensors.items() if t.kind != "blob"}
             dtypes = {n: t.dtype for n, t in container.tensors.items()}
             shapes = {n: t.shape for n, t in container.tensors.items()}
             self.engine_name, self._engine = self._make_engine(engine, tensors, dtypes, shapes)
+            if n_seq and n_seq > 1 and hasattr(self._engine, "set_n_seq"):
+                self._engine.set_n_seq(int(n_seq))
         tok = container.tensors.get("tokenizer.json")
         self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
         self._stats = _fresh_stats()
@@ -232,37 +268,101 @@ class Model:
                   stops: list[str], stop_at_eos: bool) -> Iterator[str]:
         if max_new_tokens == 0:
             return
-        decode = self.tokenizer.decode if self.tokenizer is not None else _ids_as_text
-        text = TextStream(decode, stops)
-        history = list(ids)  # what the repetition penalty looks at: prompt + output
+        cont = _Continuation(self, ids, max_new_tokens, params, rng, stops, stop_at_eos)
         logits = self._prefill_reusing_cache(ids)
         self._sequence += 1  # the KV cache now belongs to this generation
         mine = self._sequence
-        for n_new in range(1, max_new_tokens + 1):
-            tok = sample(logits, params, rng, history)
-            if stop_at_eos and tok == self.spec.eos_token_id:
-                break
-            history.append(tok)
-            piece = text.push(tok)
+        while True:
+            piece, finished = cont.step(logits)
             if piece:
                 yield piece
-            if text.stopped or n_new == max_new_tokens or len(history) >= self.max_ctx:
+            if finished:
                 break
             if self._sequence != mine:
                 raise EdgeMoEError("this generate() stream was resumed after another generate() or chat() call "
                                    "replaced its sequence in the KV cache; finish one stream before starting another")
             t1 = time.perf_counter()
-            logits = self._engine.decode(tok)
+            logits = self._engine.decode(cont.token)
             self._stats["decode_tokens"] += 1
             self._stats["decode_s"] += time.perf_counter() - t1
-        rest = text.flush()
+        rest = cont.finish()
         if rest:
             yield rest
 
-    def _prefill_reusing_cache(self, ids: list[int]) -> np.ndarray:
-        """Run the prompt; keep the longest prefix the KV cache already holds (at least the last prompt token is
-        always run, since its logits are needed). Returns the last position's logits."""
-        cached = self._engine.cached_ids
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                       repetition_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = 0,
+                       stop: str | Sequence[str] | None = None, stop_at_eos: bool = True) -> list[str]:
+        """Continue several prompts at once; returns their new texts, in order. Each text is exactly what
+        generate(prompt, ...) returns with the same arguments (every prompt gets its own random generator seeded
+        with `seed`), but the decode steps of the running sequences are one batch: an expert chosen by several of
+        them is loaded and run once for all, so under a memory budget the bytes read per generated token fall as
+        the batch grows.
+
+        Up to n_seq sequences run at once (the KV cache holds that many). Without a memory budget the model grows
+        n_seq to len(prompts) itself; under a budget the KV caches are part of it, so n_seq is fixed at load
+        (`edgemoe.load(..., memory_budget=..., n_seq=4)`; default 1) and further prompts start when a running one
+        finishes (a finished sequence drops out of the batch and its slot takes the next prompt). Each prompt is run
+        as one prefill; a sequence slot keeps its prompt's KV cache, so a later call whose prompt in that slot starts
+        the same way reuses it (stats["prompt_tokens_reused"]). The NumPy engine runs the prompts one after another.
+        Replaces the sequence generate() keeps in the KV cache.
+        """
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n)
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+            raise EdgeMoEError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise EdgeMoEError("generate_batch: prompts must be a list of prompts (strings or lists of token ids)")
+        stops = stop_strings(stop)
+        all_ids = [self._check_ids(self.encode(p) if isinstance(p, str) else p, f"prompt tokens (prompt {i})")
+                   for i, p in enumerate(prompts)]
+        max_new_tokens = int(max_new_tokens)
+        if not hasattr(self._engine, "decode_batch"):
+            return [self.generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                  repeat_last_n, seed, stop, stop_at_eos=stop_at_eos) for ids in all_ids]
+        texts: list[list[str]] = [[] for _ in all_ids]
+        if max_new_tokens == 0 or not all_ids:
+            return ["" for _ in all_ids]
+        if not self.streaming and self._engine.n_seq < len(all_ids):
+            self._engine.set_n_seq(len(all_ids))  # not budgeted: the KV cache may grow
+        self._sequence += 1  # slot 0 no longer holds what generate() left there
+        waiting = list(range(len(all_ids)))[::-1]  # popped from the end: prompt order
+        running: dict[int, tuple[int, _Continuation]] = {}  # slot -> (prompt index, its continuation)
+
+        def finish(slot: int) -> None:
+            i, cont = running.pop(slot)
+            texts[i].append(cont.finish())
+
+        while waiting or running:
+            for slot in range(self._engine.n_seq):  # free slots take the next prompts
+                while slot not in running and waiting:
+                    i = waiting.pop()
+                    cont = _Continuation(self, all_ids[i], max_new_tokens, params, np.random.default_rng(seed),
+                                         stops, stop_at_eos)
+                    running[slot] = (i, cont)
+                    piece, finished = cont.step(self._prefill_reusing_cache(all_ids[i], slot))
+                    texts[i].append(piece)
+                    if finished:
+                        finish(slot)
+            if not running:
+                break
+            slots = sorted(running)
+            t1 = time.perf_counter()
+            logits = self._engine.decode_batch([running[s][1].token for s in slots], slots)
+            self._stats["decode_tokens"] += len(slots)
+            self._stats["decode_s"] += time.perf_counter() - t1
+            for row, slot in enumerate(slots):
+                piece, finished = running[slot][1].step(logits[row])
+                texts[running[slot][0]].append(piece)
+                if finished:
+                    finish(slot)
+        return ["".join(t) for t in texts]
+
+    def _prefill_reusing_cache(self, ids: list[int], seq: int = 0) -> np.ndarray:
+        """Run the prompt in sequence slot `seq`; keep the longest prefix its KV cache already holds (at least the
+        last prompt token is always run, since its logits are needed). Returns the last position's logits."""
+        on_seq = {"seq": seq} if seq else {}  # the NumPy engine has one sequence and no seq argument
+        cached = self._engine.seq_cached_ids(seq) if seq else self._engine.cached_ids
         keep = 0
         for a, b in zip(cached, ids[:-1]):
             if a != b:
@@ -270,10 +370,10 @@ class Model:
             keep += 1
         t0 = time.perf_counter()
         if keep:
-            self._engine.truncate(keep)
-            logits = self._engine.extend(ids[keep:])
+            self._engine.truncate(keep, **on_seq)
+            logits = self._engine.extend(ids[keep:], **on_seq)
         else:
-            logits = self._engine.prefill(ids)
+            logits = self._engine.prefill(ids, **on_seq)
         self._stats["prefill_tokens"] += len(ids) - keep
         self._stats["prompt_tokens_reused"] += keep
         self._stats["prefill_s"] += time.perf_counter() - t0
@@ -403,7 +503,7 @@ class Model:
 
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
          max_ctx: int | None = None, verify: bool = True, precision: int | None = None, mode: str = "exact",
-         prefetch: int = 1, verify_reads: str | None = None, **stream_options) -> Model:
+         prefetch: int = 1, verify_reads: str | None = None, n_seq: int | None = None, **stream_options) -> Model:
     """Open a `.emoe` container.
 
     memory_budget: "1.5GB", bytes, or None (unlimited: the file is mapped). With a budget the C core holds the dense
@@ -417,13 +517,16 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
     default: all stored planes). Bits per weight = base bits + precision - 1.
     verify: check checksums: without a budget every tensor now; with one, the dense weights at load and each expert
     piece on its first read (reading the whole file up front would put all of it in memory).
+    n_seq: sequences the KV cache holds for Model.generate_batch (default 1). With a budget the budget includes the KV
+    cache of all of them and a batch runs at most n_seq sequences at once; without one generate_batch grows it as
+    needed.
     """
     streaming = memory_budget is not None or mode != "exact"
     container = open_container(path, verify=verify and not streaming)
     reads = verify_reads or ("first" if verify else "never")
     opts = {"prefetch": prefetch, "verify": reads, **stream_options} if streaming else None
     try:
-        return Model(container, memory_budget, threads, engine, max_ctx, precision, mode, opts)
+        return Model(container, memory_budget, threads, engine, max_ctx, precision, mode, opts, n_seq)
     except BaseException:
         container.close()
         raise

@@ -204,6 +204,29 @@ void emoe_model_reset(emoe_model *m); /* clear the KV cache (n_past = 0) */
  * emoe_forward continues at position n_keep. For reusing a shared prompt prefix. */
 int emoe_model_truncate(emoe_model *m, int n_keep);
 
+/* ---- several sequences: batch decoding ----
+ * A model holds n_seq sequences (1 by default), each with its own KV cache region and n_past; the single-sequence
+ * calls above (emoe_forward, emoe_model_n_past, emoe_model_reset, emoe_model_truncate) act on sequence 0.
+ * emoe_forward_batch runs one new token of each of n distinct sequences as one block: every layer's work is done
+ * once for the n tokens, so an expert routed to by several sequences is read (under a memory budget) and run once.
+ * A token's logits do not depend on the other tokens of its block (same bits as decoding it alone).
+ * Every call returns EMOE_ERR_ARG for a sequence outside 0..n_seq-1 (message in emoe_model_last_error). */
+/* Resize to n_seq >= 1 sequences: reallocates the KV cache (n_seq x n_layers x max_ctx x kv_dim) and empties every
+ * sequence. EMOE_ERR_NOMEM (the old cache stays), or for a model under a memory budget EMOE_ERR_BUDGET beyond the
+ * n_seq the budget counted at load (emoe_stream_options.n_seq). */
+int emoe_model_set_n_seq(emoe_model *m, int n_seq);
+int emoe_model_n_seq(const emoe_model *m);
+/* emoe_forward for sequence seq: its n_tokens tokens at positions seq_n_past(seq).. (EMOE_ERR_CTX if they do not
+ * fit in max_ctx, nothing run). */
+int emoe_forward_seq(emoe_model *m, int seq, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits);
+/* tokens[i] is the next token of sequence seqs[i] (distinct, else EMOE_ERR_ARG), at position seq_n_past(seqs[i]);
+ * logits_out: NULL or [n, vocab]. EMOE_ERR_CTX if one of the sequences already holds max_ctx positions. On any error
+ * no sequence advances. */
+int emoe_forward_batch(emoe_model *m, const int32_t *tokens, const int32_t *seqs, int n, float *logits_out);
+int emoe_model_seq_n_past(emoe_model *m, int seq); /* positions sequence seq holds, or EMOE_ERR_ARG (< 0) */
+int emoe_model_truncate_seq(emoe_model *m, int seq, int n_keep); /* emoe_model_truncate for sequence seq */
+void emoe_model_reset_seq(emoe_model *m, int seq); /* empty sequence seq (a bad seq is ignored) */
+
 /* ---- a hard memory budget: dense weights resident, experts streamed through a byte-budgeted cache ----
  * emoe_container_load_streaming reads the dense weights (embeddings, attention, routers, norms, shared experts) once
  * into anonymous memory, and gives every expert matrix's planes (f32/f16/q8_0: one piece per matrix; MWQ: one per
@@ -235,6 +258,7 @@ typedef struct {
     int32_t drop_cache;     /* 1: posix_fadvise(DONTNEED) after each buffered read */
     int32_t verify;         /* EMOE_VERIFY_READS_*: CRC-32 of each piece on its first read (default) or every read;
                                dense weights are checked once at load unless NEVER */
+    int32_t n_seq;          /* sequences whose KV cache the budget holds (default 1; see emoe_model_set_n_seq) */
 } emoe_stream_options;
 void emoe_stream_options_init(emoe_stream_options *o);
 

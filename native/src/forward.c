@@ -1,6 +1,8 @@
 /* The forward pass: one function of the architecture description (emoe_config), matching Hugging Face transformers.
  *
- * Per layer (residual stream x, one block of T tokens at positions n_past .. n_past+T-1):
+ * Per layer (residual stream x, one block of T tokens; token t sits at position s.pos[t] of sequence slot s.slot[t]:
+ * n_past .. n_past+T-1 of one sequence for a prefill, or one token of each of T distinct sequences for a batch
+ * decode, whose experts then run once for all the sequences routed to them):
  *   h   = x + wo(attention(rope(qk_norm(wq xa + bq), wk xa + bk), wv xa + bv))   with xa = attn_norm(x)
  *   out = h + ffn(ffn_norm(h))
  * ffn is a dense MLP (dense_layers) or the MoE block: router logits W_r r (r = ffn_norm(h), or the layer input x for
@@ -54,7 +56,7 @@ static void add_bias(float *y, const tensor_ref *b, int n_tok, int dim) {
 
 /* ---- RoPE ---- */
 
-/* cos/sin for the block's positions, computed like HF's f32 path: inv_freq = 1 / theta^(2j/d) (f32),
+/* cos/sin for the block's positions (s.pos), computed like HF's f32 path: inv_freq = 1 / theta^(2j/d) (f32),
  * angle = f32(pos * inv_freq), then cos/sin of that f32 angle. cs: (T, rope_dim/2, 2). */
 static void rope_tables(emoe_model *m, int n_tok) {
     const int half = m->cfg.rope_dim / 2;
@@ -62,7 +64,7 @@ static void rope_tables(emoe_model *m, int n_tok) {
         const float e = (float)(2 * j) / (float)m->cfg.rope_dim;
         const float inv = 1.0f / (float)pow((double)m->cfg.rope_theta, (double)e);
         for (int t = 0; t < n_tok; t++) {
-            const float angle = (float)(m->n_past + t) * inv;
+            const float angle = (float)m->s.pos[t] * inv;
             m->s.rope_cs[((size_t)t * half + j) * 2] = (float)cos((double)angle);
             m->s.rope_cs[((size_t)t * half + j) * 2 + 1] = (float)sin((double)angle);
         }
@@ -93,7 +95,14 @@ typedef struct {
     int layer, swa;
 } att_ctx;
 
-/* One task = one token x one KV head: scores of the group's query heads against positions lo..pos (the K rows are
+/* The KV cache row of position pos of layer l in sequence slot slot, in elements. */
+static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
+    return (((size_t)slot * (size_t)m->cfg.n_layers + (size_t)l) * (size_t)m->max_ctx + (size_t)pos) *
+           (size_t)m->kv_dim;
+}
+
+/* One task = one token x one KV head: scores of the group's query heads against positions lo..pos of the token's
+ * sequence (the K rows are
  * streamed once for the whole group: they are the "weights" of a matmul whose "tokens" are the group's queries),
  * softmax, then the weighted sum of V rows. */
 static void att_task(void *arg, int task, int thread) {
@@ -102,12 +111,12 @@ static void att_task(void *arg, int task, int thread) {
     const emoe_config *c = &m->cfg;
     const int t = task / c->n_kv_heads, g = task % c->n_kv_heads;
     const int grp = c->n_heads / c->n_kv_heads, hd = c->head_dim;
-    const int pos = m->n_past + t;
+    const int pos = m->s.pos[t];
     const int lo = a->swa && pos - c->sliding_window + 1 > 0 ? pos - c->sliding_window + 1 : 0;
     const int n = pos - lo + 1;
     const size_t esz = m->kv_f16 ? 2 : 4;
     const size_t row_bytes = (size_t)m->kv_dim * esz;
-    const size_t off = ((size_t)a->layer * (size_t)m->max_ctx + (size_t)lo) * row_bytes + (size_t)g * hd * esz;
+    const size_t off = kv_row(m, m->s.slot[t], a->layer, lo) * esz + (size_t)g * hd * esz;
     const char *kb = (const char *)m->key_cache + off, *vb = (const char *)m->value_cache + off;
     float *S = m->s.scores + (size_t)thread * (size_t)grp * (size_t)m->max_ctx; /* (grp, n) */
     const float *qg = m->s.q + (size_t)t * m->q_dim + (size_t)g * grp * hd;
@@ -173,7 +182,7 @@ static void attention(emoe_model *m, int l, int n_tok) {
         }
         /* append k, v to the cache; attention then reads the current tokens back from it, so with an f16 cache
          * prefill and decode see exactly the same (rounded) keys and values */
-        const size_t pos_off = ((size_t)l * (size_t)m->max_ctx + (size_t)(m->n_past + t)) * (size_t)m->kv_dim;
+        const size_t pos_off = kv_row(m, s->slot[t], l, s->pos[t]);
         if (m->kv_f16) {
             m->k->f32_to_f16(k, (uint16_t *)m->key_cache + pos_off, m->kv_dim);
             m->k->f32_to_f16(s->v + (size_t)t * m->kv_dim, (uint16_t *)m->value_cache + pos_off, m->kv_dim);
@@ -340,31 +349,73 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
     return EMOE_OK;
 }
 
-int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits) {
-    if (!m) return EMOE_ERR_ARG;
-    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+/* One block whose s.pos / s.slot are set, timed for the streaming statistics. */
+static int run_block(emoe_model *m, const int32_t *tokens, int n, float *logits, int all_logits) {
+    const double t0 = m->stream ? now_s() : 0.0;
+    const int st = forward_block(m, tokens, n, logits, all_logits);
+    if (m->stream) m->stream_ops->forward_done(m, st ? 0 : n, now_s() - t0);
+    return st;
+}
+
+static int check_tokens(emoe_model *m, const char *what, const int32_t *tokens, int n_tokens) {
     if (n_tokens < 0 || (n_tokens > 0 && !tokens))
-        return model_error(m, EMOE_ERR_ARG, "emoe_forward: bad tokens (n_tokens=%d)", n_tokens);
-    int st = emoe_model_ready(m);
+        return model_error(m, EMOE_ERR_ARG, "%s: bad tokens (n_tokens=%d)", what, n_tokens);
+    const int st = emoe_model_ready(m);
     if (st) return st;
     for (int i = 0; i < n_tokens; i++)
         if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab)
             return model_error(m, EMOE_ERR_ARG, "token %d at index %d is outside the vocabulary 0..%d", (int)tokens[i],
                                i, m->cfg.vocab - 1);
-    if (n_tokens > m->max_ctx - m->n_past)
-        return model_error(m, EMOE_ERR_CTX, "context full: %d positions used + %d new > max_ctx %d", m->n_past,
-                           n_tokens, m->max_ctx);
+    return EMOE_OK;
+}
+
+int emoe_forward_seq(emoe_model *m, int seq, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits) {
+    if (!m) return EMOE_ERR_ARG;
+    int st = model_check_seq(m, "emoe_forward", seq);
+    if (st || (st = check_tokens(m, "emoe_forward", tokens, n_tokens))) return st;
+    if (n_tokens > m->max_ctx - m->n_past[seq])
+        return model_error(m, EMOE_ERR_CTX, "context full: sequence %d holds %d positions + %d new > max_ctx %d", seq,
+                           m->n_past[seq], n_tokens, m->max_ctx);
     for (int b = 0; b < n_tokens; b += EMOE_BLOCK) {
         const int n = n_tokens - b < EMOE_BLOCK ? n_tokens - b : EMOE_BLOCK;
         float *out = NULL;
         if (logits_out && all_logits) out = logits_out + (size_t)b * (size_t)m->cfg.vocab;
         else if (logits_out && b + n == n_tokens) out = logits_out;
-        const double t0 = m->stream ? now_s() : 0.0;
-        const int st = forward_block(m, tokens + b, n, out, all_logits);
-        if (m->stream) m->stream_ops->forward_done(m, st ? 0 : n, now_s() - t0);
-        if (st) return st; /* n_past stays: the block's KV entries are overwritten by the next call */
-        m->n_past += n;
+        for (int t = 0; t < n; t++) m->s.pos[t] = m->n_past[seq] + t, m->s.slot[t] = seq;
+        if ((st = run_block(m, tokens + b, n, out, all_logits))) return st; /* n_past stays: the block's KV entries
+                                                                              * are overwritten by the next call */
+        m->n_past[seq] += n;
     }
+    return EMOE_OK;
+}
+
+int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits) {
+    return emoe_forward_seq(m, 0, tokens, n_tokens, logits_out, all_logits);
+}
+
+int emoe_forward_batch(emoe_model *m, const int32_t *tokens, const int32_t *seqs, int n, float *logits_out) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (n < 0 || (n > 0 && !seqs)) return model_error(m, EMOE_ERR_ARG, "emoe_forward_batch: bad seqs (n=%d)", n);
+    int st = check_tokens(m, "emoe_forward_batch", tokens, n);
+    if (st) return st;
+    for (int i = 0; i < n; i++) {
+        if ((st = model_check_seq(m, "emoe_forward_batch", seqs[i]))) return st;
+        for (int j = 0; j < i; j++)
+            if (seqs[j] == seqs[i])
+                return model_error(m, EMOE_ERR_ARG, "emoe_forward_batch: sequence %d appears twice (at %d and %d); a "
+                                   "batch takes one token of each of distinct sequences", (int)seqs[i], j, i);
+        if (m->n_past[seqs[i]] >= m->max_ctx)
+            return model_error(m, EMOE_ERR_CTX, "context full: sequence %d holds max_ctx = %d positions",
+                               (int)seqs[i], m->max_ctx);
+    }
+    for (int b = 0; b < n; b += EMOE_BLOCK) {
+        const int nb = n - b < EMOE_BLOCK ? n - b : EMOE_BLOCK;
+        for (int t = 0; t < nb; t++) m->s.pos[t] = m->n_past[seqs[b + t]], m->s.slot[t] = seqs[b + t];
+        float *out = logits_out ? logits_out + (size_t)b * (size_t)m->cfg.vocab : NULL;
+        if ((st = run_block(m, tokens + b, nb, out, 1))) return st; /* no sequence advances */
+    }
+    for (int i = 0; i < n; i++) m->n_past[seqs[i]]++;
     return EMOE_OK;
 }
 

@@ -505,6 +505,7 @@ void emoe_stream_options_init(emoe_stream_options *o) {
     o->prefetch_extra = 1;
     o->io_threads = 2; /* two reads in flight: a demand read need not wait for a prefetch read to finish */
     o->verify = EMOE_VERIFY_READS_FIRST;
+    o->n_seq = 1;
 }
 
 int emoe_model_stats(emoe_model *m, emoe_stats *out) {
@@ -619,6 +620,8 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     if (opt.prefetch_extra < 0) LFAIL("prefetch_extra %d: expected >= 0", opt.prefetch_extra);
     if (opt.io_threads < 1 || opt.io_threads > 16) LFAIL("io_threads %d: expected 1..16", opt.io_threads);
     if (opt.verify < 0 || opt.verify > 2) LFAIL("verify %d: expected 0, 1 or 2", opt.verify);
+    if (opt.n_seq == 0) opt.n_seq = 1; /* options not from emoe_stream_options_init */
+    if (opt.n_seq < 1 || opt.n_seq > 65536) LFAIL("n_seq %d: expected 1..65536 sequences", opt.n_seq);
     if (opt.precision < 0 || opt.precision > MWQ_MAX_PLANES) LFAIL("precision %d: expected 0..%d", opt.precision,
                                                                     MWQ_MAX_PLANES);
     m = emoe_model_new(cfg, max_ctx, kv_f16, n_threads);
@@ -753,7 +756,7 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
 
     /* ---- the budget ---- */
     const int64_t kv_dim = (int64_t)cfg->n_kv_heads * cfg->head_dim;
-    S->kv_bytes = 2 * (int64_t)cfg->n_layers * max_ctx * kv_dim * (kv_f16 ? 2 : 4);
+    S->kv_bytes = 2 * (int64_t)opt.n_seq * cfg->n_layers * max_ctx * kv_dim * (kv_f16 ? 2 : 4);
     const size_t B = EMOE_BLOCK, H = (size_t)cfg->hidden, Kt = (size_t)cfg->top_k, NS = (size_t)S->n_stored_max;
     const size_t R = (size_t)(S->run ? S->run : 1), E = (size_t)cfg->n_experts, P = (size_t)S->n_pred;
     const size_t stream_scratch = NS * R * sizeof(emoe_hebf_item) + emoe_hebf_work_bytes((int)NS ? (int)NS : 1, (int)R) +
@@ -776,21 +779,24 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     S->minimum = fixed + min_cache;
     S->budget = opt.budget_bytes > 0 ? opt.budget_bytes : 0;
     if (S->budget && S->budget < S->minimum) {
-        char b[32], mn[32], d[32], kv[32], sc[32], ec[32];
+        char b[32], mn[32], d[32], kv[32], sc[32], ec[32], ns[32] = "";
+        if (opt.n_seq > 1) snprintf(ns, sizeof ns, " x %d sequences", opt.n_seq);
         fmt_mb(b, sizeof b, S->budget), fmt_mb(mn, sizeof mn, S->minimum), fmt_mb(d, sizeof d, S->dense_bytes);
         fmt_mb(kv, sizeof kv, S->kv_bytes), fmt_mb(sc, sizeof sc, S->scratch_bytes), fmt_mb(ec, sizeof ec, min_cache);
         if (err)
             snprintf(err, errlen, "memory budget %s (%lld bytes) is below the minimum %s (%lld bytes) for %s with "
-                     "max_ctx %d: dense weights %s + KV cache %s + scratch %s + expert cache %s (one layer's top-%d "
-                     "experts at base precision)%s; raise the budget, or lower max_ctx", b, (long long)S->budget, mn,
-                     (long long)S->minimum, path, max_ctx, d, kv, sc, ec, cfg->top_k,
+                     "max_ctx %d%s: dense weights %s + KV cache %s + scratch %s + expert cache %s (one layer's top-%d "
+                     "experts at base precision)%s; raise the budget, or lower max_ctx%s", b, (long long)S->budget, mn,
+                     (long long)S->minimum, path, max_ctx, ns, d, kv, sc, ec, cfg->top_k,
                      S->budget < S->dense_bytes ? "; it is smaller than the dense part alone, which must stay "
-                                                  "resident" : "");
+                                                  "resident" : "", opt.n_seq > 1 ? " or n_seq" : "");
         goto fail_budget;
     }
     S->capacity = (int64_t)all_slots;
     if (S->budget && S->budget - fixed < S->capacity) S->capacity = S->budget - fixed;
     cc.capacity = (uint64_t)S->capacity;
+    if (emoe_model_set_n_seq(m, opt.n_seq)) LFAIL("%s: %s", path, emoe_model_last_error(m));
+    m->n_seq_max = opt.n_seq; /* the KV caches the budget counted */
 
     /* ---- read the dense weights into anonymous memory (checked) ---- */
     if (posix_memalign(&S->dense, 64, dense_size ? dense_size : 64)) {

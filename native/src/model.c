@@ -88,6 +88,24 @@ static void *xcalloc(size_t n, size_t size, int *fail) {
     return p;
 }
 
+/* The KV cache of n_seq sequence slots, (n_seq, n_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
+ * model has today's layout), and every sequence emptied. On failure the old cache stays. */
+static int alloc_kv(emoe_model *m, int n_seq) {
+    const size_t kv_elems = (size_t)n_seq * (size_t)m->cfg.n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
+    const size_t esz = m->kv_f16 ? 2 : 4;
+    int fail = 0;
+    void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
+    int *past = xcalloc((size_t)n_seq, sizeof(int), &fail);
+    if (fail) {
+        free(kc), free(vc), free(past);
+        return EMOE_ERR_NOMEM;
+    }
+    free(m->key_cache), free(m->value_cache), free(m->n_past);
+    m->key_cache = kc, m->value_cache = vc, m->n_past = past;
+    m->n_seq = n_seq;
+    return EMOE_OK;
+}
+
 static int alloc_buffers(emoe_model *m) {
     const emoe_config *c = &m->cfg;
     const size_t B = EMOE_BLOCK, H = (size_t)c->hidden;
@@ -113,11 +131,10 @@ static int alloc_buffers(emoe_model *m) {
     s->rope_cs = xcalloc(B * (size_t)(c->rope_dim / 2 + 1) * 2, sizeof(float), &fail);
     s->scores = xcalloc((size_t)emoe_pool_threads(m->pool) * (size_t)group * (size_t)m->max_ctx, sizeof(float), &fail);
     s->qbuf = xcalloc(B * (size_t)((m->in_max + QK - 1) / QK), sizeof(block_q8_act), &fail);
-    const size_t kv_elems = (size_t)c->n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
-    const size_t esz = m->kv_f16 ? 2 : 4;
-    m->key_cache = xcalloc(kv_elems, esz, &fail);
-    m->value_cache = xcalloc(kv_elems, esz, &fail);
-    return fail ? EMOE_ERR_NOMEM : EMOE_OK;
+    s->pos = xcalloc(B, sizeof(int), &fail);
+    s->slot = xcalloc(B, sizeof(int), &fail);
+    if (fail) return EMOE_ERR_NOMEM;
+    return alloc_kv(m, 1);
 }
 
 size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
@@ -127,7 +144,7 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     const size_t group = (size_t)(c->n_heads / c->n_kv_heads);
     size_t f = B * H * 5 + B * (size_t)m->q_dim * 2 + B * (size_t)m->kv_dim * 2 + B * E + B * K + B + B * F * 2 +
                B * (size_t)(c->rope_dim / 2 + 1) * 2 + (size_t)emoe_pool_threads(m->pool) * group * (size_t)m->max_ctx;
-    size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * sizeof(int) +
+    size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
     return bytes;
@@ -137,10 +154,11 @@ static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
                     s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
-                    m->key_cache, m->value_cache};
+                    s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
     m->key_cache = m->value_cache = NULL;
+    m->n_past = NULL;
 }
 
 emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads) {
@@ -221,19 +239,53 @@ void emoe_model_free(emoe_model *m) {
 
 int emoe_model_status(const emoe_model *m) { return m ? m->status : EMOE_ERR_ARG; }
 const char *emoe_model_last_error(const emoe_model *m) { return m ? m->err : "model is NULL"; }
-int emoe_model_n_past(const emoe_model *m) { return m ? m->n_past : 0; }
-void emoe_model_reset(emoe_model *m) {
-    if (m) m->n_past = 0;
-}
-/* The KV entries of positions < n_keep stay valid; later ones are overwritten by the next emoe_forward. */
-int emoe_model_truncate(emoe_model *m, int n_keep) {
-    if (!m) return EMOE_ERR_ARG;
-    if (n_keep < 0 || n_keep > m->n_past)
-        return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d is outside 0..%d (the positions in the KV cache)",
-                           n_keep, m->n_past);
-    m->n_past = n_keep;
+/* ---- sequences (slots of the KV cache) ---- */
+
+int model_check_seq(emoe_model *m, const char *what, int seq) {
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (seq < 0 || seq >= m->n_seq)
+        return model_error(m, EMOE_ERR_ARG, "%s: sequence %d is outside 0..%d (the model holds %d sequence%s; "
+                           "emoe_model_set_n_seq changes that)", what, seq, m->n_seq - 1, m->n_seq,
+                           m->n_seq == 1 ? "" : "s");
     return EMOE_OK;
 }
+
+int emoe_model_set_n_seq(emoe_model *m, int n_seq) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    if (n_seq < 1) return model_error(m, EMOE_ERR_ARG, "set_n_seq: n_seq %d must be >= 1", n_seq);
+    if (m->n_seq_max > 0 && n_seq > m->n_seq_max)
+        return model_error(m, EMOE_ERR_BUDGET, "set_n_seq: %d sequences need %d KV caches, but the memory budget "
+                           "counted %d at load (load with n_seq = %d)", n_seq, n_seq, m->n_seq_max, n_seq);
+    if (alloc_kv(m, n_seq))
+        return model_error(m, EMOE_ERR_NOMEM, "set_n_seq: out of memory for the KV cache of %d sequences "
+                           "(%d positions each)", n_seq, m->max_ctx);
+    return EMOE_OK;
+}
+int emoe_model_n_seq(const emoe_model *m) { return m ? m->n_seq : 0; }
+
+int emoe_model_seq_n_past(emoe_model *m, int seq) {
+    if (!m) return EMOE_ERR_ARG;
+    const int st = model_check_seq(m, "seq_n_past", seq);
+    return st ? st : m->n_past[seq];
+}
+int emoe_model_n_past(const emoe_model *m) { return m && m->n_past ? m->n_past[0] : 0; }
+void emoe_model_reset_seq(emoe_model *m, int seq) {
+    if (m && m->n_past && seq >= 0 && seq < m->n_seq) m->n_past[seq] = 0;
+}
+void emoe_model_reset(emoe_model *m) { emoe_model_reset_seq(m, 0); }
+/* The KV entries of positions < n_keep stay valid; later ones are overwritten by the next forward of the sequence. */
+int emoe_model_truncate_seq(emoe_model *m, int seq, int n_keep) {
+    if (!m) return EMOE_ERR_ARG;
+    const int st = model_check_seq(m, "truncate", seq);
+    if (st) return st;
+    if (n_keep < 0 || n_keep > m->n_past[seq])
+        return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d is outside 0..%d (the positions in the KV cache)",
+                           n_keep, m->n_past[seq]);
+    m->n_past[seq] = n_keep;
+    return EMOE_OK;
+}
+int emoe_model_truncate(emoe_model *m, int n_keep) { return emoe_model_truncate_seq(m, 0, n_keep); }
 
 int emoe_model_set_isa(emoe_model *m, int isa) {
     if (!m) return EMOE_ERR_ARG;

@@ -67,6 +67,7 @@ typedef struct {
     float *hg, *hu;  /* (B, F) gate / up activations, F = max ffn width */
     float *yg;       /* (B, H) expert output */
     float *rope_cs;  /* (B, rope_dim/2, 2) cos, sin per position */
+    int *pos, *slot; /* (B) each token's position and sequence slot (KV region): set by the caller of forward_block */
     float *scores;   /* (n_threads, group, max_ctx) attention scores, per thread */
     block_q8_act *qbuf; /* (B, max_in/32) quantized activations for Q8_0 and MWQ matmuls */
     uint8_t *mwq_xp;    /* (B, ...) MWQ activation layout: allocated by model_mwq_buffers (first MWQ expert) */
@@ -89,7 +90,10 @@ struct emoe_model {
     emoe_config cfg; /* layer-list pointers cleared; lists live in layers[].is_moe / use_rope / swa */
     int status;
     char err[EMOE_ERR_LEN];
-    int max_ctx, kv_f16, n_past;
+    int max_ctx, kv_f16;
+    int n_seq;      /* sequence slots in the KV cache (emoe_model_set_n_seq; 1 by default) */
+    int n_seq_max;  /* 0 = no limit; streaming: the slots whose KV cache the memory budget counted */
+    int *n_past;    /* [n_seq] positions each sequence holds */
     int q8_f32_act; /* Q8_0 and MWQ matmuls keep f32 activations (emoe_model_set_q8_f32_act) */
     int precision;  /* MWQ experts run at this many planes (0 = all stored; emoe_model_set_precision) */
     int q_dim, kv_dim, ffn_max, in_max; /* nh*hd, nkv*hd, widest ffn, widest matmul input */
@@ -97,13 +101,15 @@ struct emoe_model {
     const emoe_kernels *k;
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */
     layer_weights *layers;                 /* [n_layers] */
-    void *key_cache, *value_cache;         /* (n_layers, max_ctx, kv_dim) f32 or f16 */
+    void *key_cache, *value_cache;         /* (n_seq, n_layers, max_ctx, kv_dim) f32 or f16 */
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
     const emoe_stream_ops *stream_ops;
 };
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* EMOE_OK if seq names one of the model's sequence slots, else EMOE_ERR_ARG with a message starting with `what`. */
+int model_check_seq(emoe_model *m, const char *what, int seq);
 /* The matrices of stored expert e of layer l. The single point where expert weights are looked up, so a later expert
  * cache can load them just in time; today it returns the pointers given to emoe_model_set_tensor /
  * emoe_model_set_expert_mwq, and for MWQ experts k = the model's precision (0 = all stored planes). */
