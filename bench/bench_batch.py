@@ -12,7 +12,7 @@ Only decode steps are timed and counted (prefills are excluded from both figures
 size starts from a cold expert cache. Batch sizes run interleaved over repetitions (1 2 4 8 1 2 4 8 ...), the median
 per batch size is reported.
 
-    python bench/bench_batch.py [--model PATH] [--budget-pct 50] [--batches 1,2,4,8] [-n 16] [--prompt 32]
+    python bench/bench_batch.py [--model PATH] [--budget-pct 50] [--batches 1,2,4,8] [--n-seq N] [-n 16] [--prompt 32]
         [--threads 2] [--reps 2] [--json bench/batch.json]
 """
 
@@ -29,9 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-N_SEQ = 8
-
-
 def run(path: Path, budget: int, batch: int, texts: list[list[int]], n_prompt: int, n_gen: int, threads: int) -> dict:
     from edgemoe.container import open_container
     from edgemoe.engine_c import CEngine
@@ -39,12 +36,13 @@ def run(path: Path, budget: int, batch: int, texts: list[list[int]], n_prompt: i
     c = open_container(path, verify=False)
     spec = c.spec
     c.close()
+    n_seq = len(texts)
     eng = CEngine.open_streaming(path, spec, budget, "exact", threads=threads, max_ctx=n_prompt + n_gen + 1,
-                                 direct=True, n_seq=N_SEQ)
+                                 direct=True, n_seq=n_seq)
     try:
         decode_s, bytes_read, demand, tokens, stall = 0.0, 0, 0, 0, 0.0
-        for lo in range(0, N_SEQ, batch):
-            seqs = list(range(lo, min(lo + batch, N_SEQ)))
+        for lo in range(0, n_seq, batch):
+            seqs = list(range(lo, min(lo + batch, n_seq)))
             for s in seqs:
                 eng.prefill(texts[s][:n_prompt], seq=s)
             before = eng.stats()
@@ -58,7 +56,7 @@ def run(path: Path, budget: int, batch: int, texts: list[list[int]], n_prompt: i
             tokens += after["tokens"] - before["tokens"]
             stall += after["stall_s"] - before["stall_s"]
         st = eng.stats()
-        assert tokens == N_SEQ * n_gen, (tokens, N_SEQ * n_gen)
+        assert tokens == n_seq * n_gen, (tokens, n_seq * n_gen)
         return {"batch": batch, "tok_s": tokens / decode_s, "mb_read_per_token": bytes_read / tokens / 1e6,
                 "mb_demand_per_token": demand / tokens / 1e6, "stall_fraction": stall / decode_s,
                 "decode_s": decode_s, "tokens": tokens, "budget_bytes": budget, "kv_bytes": st["kv_bytes"],
@@ -73,6 +71,8 @@ def main(argv=None) -> None:
                    help="an .emoe (default: bench_budget.py's OLMoE-shaped f16-expert model in /tmp/budget)")
     p.add_argument("--budget-pct", type=float, default=50.0, help="budget as %% of the .emoe file size")
     p.add_argument("--batches", default="1,2,4,8")
+    p.add_argument("--n-seq", type=int, default=None, help="sequences decoded at every batch size (default: the "
+                   "largest batch)")
     p.add_argument("-n", "--n-gen", type=int, default=16, help="decode steps per sequence")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     p.add_argument("--threads", type=int, default=2)
@@ -90,13 +90,14 @@ def main(argv=None) -> None:
     c = open_container(path, verify=False)
     vocab = c.spec.vocab
     c.close()
-    per = args.prompt + args.n_gen
-    ids = B.prompt_ids(N_SEQ * per + 1000, vocab)
-    if len(ids) < N_SEQ * per:
-        raise SystemExit(f"only {len(ids)} tokens of text for {N_SEQ} sequences of {per}")
-    texts = [ids[i * per:(i + 1) * per] for i in range(N_SEQ)]  # 8 different passages
-    budget = int(path.stat().st_size * args.budget_pct / 100)
     batches = [int(b) for b in args.batches.split(",")]
+    n_seq = args.n_seq or max(batches)
+    per = args.prompt + args.n_gen
+    ids = B.prompt_ids(n_seq * per + 1000, vocab)
+    if len(ids) < n_seq * per:
+        raise SystemExit(f"only {len(ids)} tokens of text for {n_seq} sequences of {per}")
+    texts = [ids[i * per:(i + 1) * per] for i in range(n_seq)]  # different passages
+    budget = int(path.stat().st_size * args.budget_pct / 100)
     runs: dict[int, list[dict]] = {b: [] for b in batches}
     for rep in range(args.reps):
         for b in batches:
@@ -114,8 +115,8 @@ def main(argv=None) -> None:
                      "stall_fraction": statistics.median(r["stall_fraction"] for r in rs)})
     r0 = runs[batches[0]][0]
     print(f"\n{path.name} ({path.stat().st_size / 2**30:.2f} GiB), budget {args.budget_pct:g}% = "
-          f"{budget / 2**20:.0f} MiB (KV for {N_SEQ} sequences {r0['kv_bytes'] / 2**20:.1f} MiB, expert cache "
-          f"{r0['expert_cache_bytes'] / 2**20:.0f} MiB), {args.threads} threads, {N_SEQ} sequences x {args.n_gen} "
+          f"{budget / 2**20:.0f} MiB (KV for {n_seq} sequences {r0['kv_bytes'] / 2**20:.1f} MiB, expert cache "
+          f"{r0['expert_cache_bytes'] / 2**20:.0f} MiB), {args.threads} threads, {n_seq} sequences x {args.n_gen} "
           f"decode steps after {args.prompt}-token prompts, median of {args.reps}")
     print("| batch | decode tok/s (aggregate) | MB read per generated token | of which on demand | I/O stall |")
     print("|---:|---:|---:|---:|---:|")
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
               f"{r['mb_read_per_token']:.1f} | {r['mb_demand_per_token']:.1f} | {r['stall_fraction']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"model": str(path), "budget_bytes": budget, "budget_pct": args.budget_pct,
-                                         "threads": args.threads, "n_seq": N_SEQ, "n_gen": args.n_gen,
+                                         "threads": args.threads, "n_seq": n_seq, "n_gen": args.n_gen,
                                          "prompt": args.prompt, "rows": rows,
                                          "runs": {str(b): v for b, v in runs.items()}}, indent=1))
 
