@@ -24,10 +24,11 @@ class PtyChild:
                                      stderr=slave, cwd=cwd, close_fds=True)
         os.close(slave)
         self.seen = b""
+        self.pos = 0  # how far read_until has consumed `seen` (a read may bring more than one marker)
 
     def read_until(self, marker: bytes, timeout: float = TIMEOUT) -> str:
-        """Everything the terminal shows up to and including `marker` (after what was read before)."""
-        start = len(self.seen)
+        """Everything the terminal shows up to and including `marker` (after what earlier calls consumed)."""
+        start = self.pos
         deadline = time.monotonic() + timeout
         while marker not in self.seen[start:]:
             left = deadline - time.monotonic()
@@ -43,6 +44,7 @@ class PtyChild:
                     raise AssertionError(f"the chat ended before {marker!r}:\n{self.text()}")
                 self.seen += chunk
         end = self.seen.index(marker, start) + len(marker)
+        self.pos = end
         return self.seen[start:end].decode(errors="replace").replace("\r\n", "\n")
 
     def send(self, data: bytes) -> None:
