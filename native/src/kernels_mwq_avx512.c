@@ -19,7 +19,9 @@
  * Per chunk and lane the int32 sums are exact (|code| <= 3, 16 products: < 2^24), then exactly as in the AVX2 kernel
  *     t = s1*iq + sum_p 2 s_p * ik_p + c * sx,   acc = acc + d * t     (c = m1 - sum_p s_p)
  * with d the lane's activation block scale and sx the sum of its 16 activations (both in xp). Tiles: one row x up to
- * 4 tokens, every (row, token) through the same operations, so decode == prefill bit for bit.
+ * 4 tokens, every (row, token) through the same operations, so decode == prefill bit for bit. (Decode tiles of 2 or 4
+ * rows were faster in cache but slower from DRAM, which is where decode runs: 4 rows x k planes are too many
+ * concurrent streams for one core; measured 12 vs 11 (2 rows) vs 7 GB/s (4 rows) at k = 4 on 47 MiB of planes.)
  */
 #include "internal.h"
 
@@ -111,50 +113,39 @@ MV_INLINE __m256i dot4(const __m256i sub[4], const int8_t *xt) {
     return _mm256_add_epi32(s, u);
 }
 
-/* One chunk of R rows for TT tokens (R = 1 with TT <= 4, or TT = 1 with R <= 4; xc: the chunk of the first token in xp, xs: bytes between tokens;
- * codes[r], soff[r]: row r's code bytes and sign-plane offset; tab[r] + gl: its scales). */
-MV_INLINE void chunk_q8(const int R, const int TT, const int single, int nr, const uint8_t *const *codes,
-                        const uint8_t *const *signs, const size_t *soff, const uint8_t *xc, size_t xs,
-                        seg_tab *const *tab, int64_t gl, __m256i idx, __m256 acc[][4]) {
+/* One chunk of one row for TT tokens (xc: the chunk of the first token in xp, xs: bytes between tokens). */
+MV_INLINE void chunk_q8(const int TT, const int single, int nr, const uint8_t *codes, const uint8_t *const *signs,
+                        size_t soff, const uint8_t *xc, size_t xs, const float *ts1, const float *tc, const float *tr,
+                        __m256i idx, __m256 *acc) {
     const kconst *kc = kconst_opaque();
     __m256i sub[4];
-    __m256 t[4][4];
+    __m256 t[4];
+    const __m256i cv = _mm256_loadu_si256((const __m256i *)codes);
+    const __m256i pa = _mm256_permutexvar_epi8(LD(kc->perm[0]), cv), pb = _mm256_permutexvar_epi8(LD(kc->perm[1]), cv);
+    sub[0] = _mm256_gf2p8affine_epi64_epi8(pa, LD(kc->code_m[0]), 0);
+    sub[1] = _mm256_gf2p8affine_epi64_epi8(pa, LD(kc->code_m[1]), 0);
+    sub[2] = _mm256_gf2p8affine_epi64_epi8(pb, LD(kc->code_m[0]), 0);
+    sub[3] = _mm256_gf2p8affine_epi64_epi8(pb, LD(kc->code_m[1]), 0);
+    const __m256 S1 = svec(single, ts1, idx);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        const __m256i cv = _mm256_loadu_si256((const __m256i *)codes[r]);
-        const __m256i pa = _mm256_permutexvar_epi8(LD(kc->perm[0]), cv);
-        const __m256i pb = _mm256_permutexvar_epi8(LD(kc->perm[1]), cv);
-        sub[0] = _mm256_gf2p8affine_epi64_epi8(pa, LD(kc->code_m[0]), 0);
-        sub[1] = _mm256_gf2p8affine_epi64_epi8(pa, LD(kc->code_m[1]), 0);
-        sub[2] = _mm256_gf2p8affine_epi64_epi8(pb, LD(kc->code_m[0]), 0);
-        sub[3] = _mm256_gf2p8affine_epi64_epi8(pb, LD(kc->code_m[1]), 0);
-        const __m256 S1 = svec(single, tab[r]->s1 + gl, idx);
+    for (int u = 0; u < TT; u++)
+        t[u] = _mm256_mul_ps(_mm256_cvtepi32_ps(dot4(sub, (const int8_t *)(xc + (size_t)u * xs))), S1);
+    for (int p = 0; p < nr; p++) {
+        const __m256i sv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(signs[p] + soff)));
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            sub[v] = _mm256_gf2p8affine_epi64_epi8(sv, LD(kc->sign_m[v]), 0);
+        const __m256 S = svec(single, tr + (size_t)p * TABW, idx);
 #pragma GCC unroll 4
         for (int u = 0; u < TT; u++)
-            t[r][u] = _mm256_mul_ps(_mm256_cvtepi32_ps(dot4(sub, (const int8_t *)(xc + (size_t)u * xs))), S1);
+            t[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(sub, (const int8_t *)(xc + (size_t)u * xs))), S, t[u]);
     }
-    for (int p = 0; p < nr; p++) {
+    const __m256 Cv = svec(single, tc, idx);
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const __m256i sv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(signs[p] + soff[r])));
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; v++) sub[v] = _mm256_gf2p8affine_epi64_epi8(sv, LD(kc->sign_m[v]), 0);
-            const __m256 S = svec(single, tab[r]->r[p] + gl, idx);
-#pragma GCC unroll 4
-            for (int u = 0; u < TT; u++)
-                t[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(sub, (const int8_t *)(xc + (size_t)u * xs))), S,
-                                          t[r][u]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        const __m256 Cv = svec(single, tab[r]->c + gl, idx);
-#pragma GCC unroll 4
-        for (int u = 0; u < TT; u++) {
-            const float *xf = (const float *)(xc + (size_t)u * xs + CHUNK);
-            t[r][u] = _mm256_fmadd_ps(Cv, _mm256_load_ps(xf + 8), t[r][u]);
-            acc[r][u] = _mm256_fmadd_ps(t[r][u], _mm256_load_ps(xf), acc[r][u]);
-        }
+    for (int u = 0; u < TT; u++) {
+        const float *xf = (const float *)(xc + (size_t)u * xs + CHUNK);
+        t[u] = _mm256_fmadd_ps(Cv, _mm256_load_ps(xf + 8), t[u]);
+        acc[u] = _mm256_fmadd_ps(t[u], _mm256_load_ps(xf), acc[u]);
     }
 }
 
@@ -167,11 +158,9 @@ MV_INLINE void prefetch_planes(int nr, const uint8_t *codes, const uint8_t *cons
     for (int p = 0; p < nr; p++) _mm_prefetch((const char *)signs[p] + soff + 16 * PF_CHUNKS, _MM_HINT_T0);
 }
 
-/* Rows o .. o+R-1, tokens t0 .. t0+TT-1. single: g % 128 == 0 (a chunk lies in one group), else g is 32 or 64.
- * Decode walks 4 rows at once: independent dependency chains per chunk (one row alone left the core idle much of
- * the time; measured in cache: 1.35x faster at k = 1 and 1.1x at k = 4). */
-MV_INLINE void row_q8(const int R, const int TT, const int single, const mwq_matrix *w, const mwq_act *a, int64_t o,
-                      int t0, float *y, size_t ldy) {
+/* Row o, tokens t0 .. t0+TT-1. single: g % 128 == 0 (a chunk lies in one group), else g is 32 or 64. */
+MV_INLINE void row_q8(const int TT, const int single, const mwq_matrix *w, const mwq_act *a, int64_t o, int t0,
+                      float *y, size_t ldy) {
     const int64_t cols = w->cols, g = w->group;
     const int64_t cols_full = cols / CHUNK * CHUNK;
     const int nr = w->k - 1;
@@ -182,63 +171,43 @@ MV_INLINE void row_q8(const int R, const int TT, const int single, const mwq_mat
     const __m256i idx = single ? _mm256_setzero_si256()
                                : _mm256_setr_epi32(0, 1 / g32, 2 / g32, 3 / g32, 0, 1 / g32, 2 / g32, 3 / g32);
     const size_t cb = (size_t)MWQ_XP_CHUNK_BYTES(2);
-    seg_tab tabs[4];
-    seg_tab *tab[4] = {&tabs[0], &tabs[1], &tabs[2], &tabs[3]};
-    __m256 acc[4][4];
-    const uint8_t *cp[4];
-    size_t soff[4];
+    const int64_t rw = o * cols;
+    seg_tab tab;
+    __m256 acc[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-#pragma GCC unroll 4
-        for (int u = 0; u < TT; u++) acc[r][u] = _mm256_setzero_ps();
-        cp[r] = w->codes + (size_t)((o + r) * cols / 4);
-        soff[r] = (size_t)((o + r) * cols / 8);
-    }
-    const uint8_t *xc = a->xp + (size_t)t0 * a->xp_stride;
+    for (int u = 0; u < TT; u++) acc[u] = _mm256_setzero_ps();
+    const uint8_t *cp = w->codes + (size_t)(rw / 4), *xc = a->xp + (size_t)t0 * a->xp_stride;
+    size_t soff = (size_t)(rw / 8);
     int64_t ci = 0;
     for (int64_t s0 = 0; s0 < cols_full; s0 += seg_w) {
         const int64_t s1e = s0 + seg_w < cols_full ? s0 + seg_w : cols_full;
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) load_scales(w, o + r, s0 / g, (int)((s1e - s0 + g - 1) / g), tab[r]);
+        load_scales(w, o, s0 / g, (int)((s1e - s0 + g - 1) / g), &tab);
         int64_t gl = 0, cig = 0;
-        for (int64_t c0 = s0; c0 < s1e; c0 += CHUNK, xc += cb, ci++) {
-            if (ci % 4 == 0)
-#pragma GCC unroll 4
-                for (int r = 0; r < R; r++) prefetch_planes(nr, cp[r], w->signs, soff[r]);
-            chunk_q8(R, TT, single, nr, cp, w->signs, soff, xc, a->xp_stride, tab, gl, idx, acc);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) cp[r] += 32, soff[r] += 16;
+        for (int64_t c0 = s0; c0 < s1e; c0 += CHUNK, cp += 32, soff += 16, xc += cb, ci++) {
+            if (ci % 4 == 0) prefetch_planes(nr, cp, w->signs, soff);
+            chunk_q8(TT, single, nr, cp, w->signs, soff, xc, a->xp_stride, tab.s1 + gl, tab.c + gl, tab.r[0] + gl,
+                     idx, acc);
             if (!single) gl += gpc;
             else if (++cig == cpg) cig = 0, gl++;
         }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int u = 0; u < TT; u++) {
-            float s = hsum8(acc[r][u]);
-            if (cols_full < cols)
-                s += mwq_dot_q8_scalar(w, o + r, a->xq + (size_t)(t0 + u) * a->xq_stride, cols_full, cols);
-            y[(size_t)(t0 + u) * ldy + (size_t)(o + r)] = s;
-        }
+    for (int u = 0; u < TT; u++) {
+        float s = hsum8(acc[u]);
+        if (cols_full < cols) s += mwq_dot_q8_scalar(w, o, a->xq + (size_t)(t0 + u) * a->xq_stride, cols_full, cols);
+        y[(size_t)(t0 + u) * ldy + (size_t)o] = s;
+    }
 }
 
 #define DEF_Q8(NAME, SINGLE)                                                                                          \
     MV_FN static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {    \
-        int64_t o = r0;                                                                                               \
-        if (a->n_tok == 1) {                                                                                          \
-            for (; o + 4 <= r1; o += 4) row_q8(4, 1, SINGLE, w, a, o, 0, y, ldy);                                     \
-            for (; o + 2 <= r1; o += 2) row_q8(2, 1, SINGLE, w, a, o, 0, y, ldy);                                     \
-            if (o < r1) row_q8(1, 1, SINGLE, w, a, o, 0, y, ldy);                                                     \
-            return;                                                                                                   \
-        }                                                                                                             \
-        for (; o < r1; o++) {                                                                                         \
+        for (int64_t o = r0; o < r1; o++) {                                                                           \
             int t = 0;                                                                                                \
-            for (; t + 4 <= a->n_tok; t += 4) row_q8(1, 4, SINGLE, w, a, o, t, y, ldy);                               \
+            for (; t + 4 <= a->n_tok; t += 4) row_q8(4, SINGLE, w, a, o, t, y, ldy);                                  \
             switch (a->n_tok - t) {                                                                                   \
-            case 3: row_q8(1, 3, SINGLE, w, a, o, t, y, ldy); break;                                                  \
-            case 2: row_q8(1, 2, SINGLE, w, a, o, t, y, ldy); break;                                                  \
-            case 1: row_q8(1, 1, SINGLE, w, a, o, t, y, ldy); break;                                                  \
+            case 3: row_q8(3, SINGLE, w, a, o, t, y, ldy); break;                                                     \
+            case 2: row_q8(2, SINGLE, w, a, o, t, y, ldy); break;                                                     \
+            case 1: row_q8(1, SINGLE, w, a, o, t, y, ldy); break;                                                     \
             default: break;                                                                                           \
             }                                                                                                         \
         }                                                                                                             \
