@@ -130,6 +130,20 @@ def test_kernels_match_dequantized_reference(planes_case, isa):
     assert worst_q8_vs_f32 <= 1e-4, worst_q8_vs_f32
 
 
+def test_avx512vnni_plane_kernels_are_covered_here():
+    """The avx512vnni ISA (GFNI + VBMI plane kernels for b1 = 2, AVX2 ones otherwise) is in ISAS, so the tests above
+    run it, whenever this CPU has the features."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    need = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "gfni", "avx512vbmi"}
+    if not need <= flags:
+        pytest.skip(f"this CPU lacks {sorted(need - flags)}: the avx512vnni plane kernels cannot run here")
+    assert N.ISA_AVX512VNNI in ISAS
+
+
 @pytest.mark.parametrize("isa", SIMD, ids=N.isa_name)
 def test_simd_matches_scalar_and_decode_matches_prefill(planes_case, isa):
     b1, g, rows, cols, planes, rng = planes_case
