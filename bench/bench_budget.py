@@ -21,7 +21,6 @@ import argparse
 import json
 import mmap
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -242,7 +241,7 @@ def bench_binary() -> Path:
 def run_child(cmd: list[str], cg: MemCgroup | None, timeout: float, env: dict | None = None
               ) -> tuple[dict | None, str]:
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                            preexec_fn=cg.preexec() if cg else None, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout:.0f} s"
@@ -395,7 +394,7 @@ def trained_model_study(work: Path, budget_frac: float, timeout: float) -> dict:
         subprocess.run([sys.executable, "-c", code], check=True, env=env)
     heldout = sorted(str(p) for p in (src / "heldout").glob("*.txt"))
     p = subprocess.run([sys.executable, "-c", TRAINED_CODE, str(small), str(small_pre), *heldout, str(budget_frac)],
-                       capture_output=True, text=True, timeout=timeout, env=env)
+                       capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if p.returncode:
         return {"error": p.stderr[-2000:]}
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -524,8 +523,8 @@ def main(argv=None) -> int:
 
 
 def trained_table(t: dict) -> str:
-    lines = [f"trained small model (MWQ-4, file {t['file_bytes'] / 1e6:.1f} MB): prefetch recall on held-out text, "
-             f"budget {t['budget_bytes'] / 1e6:.1f} MB",
+    lines = [(f"trained small model (MWQ-4, file {t['file_bytes'] / 1e6:.1f} MB): prefetch recall on held-out text, "
+             f"budget {t['budget_bytes'] / 1e6:.1f} MB"),
              "| text | router recall@k+1 | fitted recall@k+1 | fitted recall@k | fitted precision |",
              "|---|---:|---:|---:|---:|"]
     for name in t["recall_fitted"]:
@@ -533,8 +532,8 @@ def trained_table(t: dict) -> str:
         lines.append(f"| {name} | {r['recall_k_plus_1']:.1%} | {f['recall_k_plus_1']:.1%} | "
                      f"{(f.get('recall_k') or 0):.1%} | {f['precision']:.1%} |")
     lines += ["", f"perplexity (ctx 128, 1024 tokens), budget {t['ppl_budget_bytes'] / 1e6:.1f} MB",
-              "| text | resident 4-bit | exact, budget | adaptive, budget | experts at 1/2/3 planes (adaptive) | "
-              "fixed 2-bit | fixed 3-bit |", "|---|---:|---:|---:|---|---:|---:|"]
+              ("| text | resident 4-bit | exact, budget | adaptive, budget | experts at 1/2/3 planes (adaptive) | "
+              "fixed 2-bit | fixed 3-bit |"), "|---|---:|---:|---:|---|---:|---:|"]
     for name in t["ppl_resident"]:
         a = t["ppl_adaptive_budget"][name]
         lines.append(f"| {name} | {t['ppl_resident'][name]['ppl']:.3f} | {t['ppl_exact_budget'][name]['ppl']:.3f} | "
@@ -558,8 +557,8 @@ def _agg(rows: list[dict], key: str):
 
 def table(results: list[dict], env: dict) -> str:
     gib = 1024 ** 3
-    lines = ["| system | budget | tok/s | p50 ms | p95 ms | peak RSS / budget | read MB/token | stall | hit rate | "
-             "prefetch recall | bound tok/s | of bound |",
+    lines = [("| system | budget | tok/s | p50 ms | p95 ms | peak RSS / budget | read MB/token | stall | hit rate | "
+             "prefetch recall | bound tok/s | of bound |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list] = {}
     for r in results:
@@ -585,10 +584,10 @@ def table(results: list[dict], env: dict) -> str:
             f"{f(bpt / 1e6 if bpt else None, '{:.0f}')} | {f(_agg(rows, 'stall_fraction'), '{:.0%}')} | "
             f"{f(_agg(rows, 'cache_hit_rate'), '{:.0%}')} | {f(_agg(rows, 'prefetch_recall'), '{:.0%}')} | "
             f"{f(_agg(rows, 'bound_ts'), '{:.1f}')} | {f(_agg(rows, 'fraction_of_bound'), '{:.0%}')} |")
-    lines += ["", "| budget | exact / on-demand LRU | exact no prefetch / on-demand LRU | exact / llama.cpp | "
-              "adaptive mwq4 / exact mwq4 |", "|---|---:|---:|---:|---:|"]
+    lines += ["", ("| budget | exact / on-demand LRU | exact no prefetch / on-demand LRU | exact / llama.cpp | "
+              "adaptive mwq4 / exact mwq4 |"), "|---|---:|---:|---:|---:|"]
     for pct in sorted({r["budget_pct"] for r in results if r["budget_pct"] is not None}, reverse=True):
-        def med(name):
+        def med(name, pct=pct):
             return _agg([r for r in results if r["system"] == name and r["budget_pct"] == pct], "avg_ts")
         e, l, ll, am, em = (med("edgemoe exact"), med("edgemoe on-demand LRU"), med("llama.cpp F16 (mmap)"),
                             med("edgemoe adaptive mwq4"), med("edgemoe exact mwq4"))

@@ -8,7 +8,6 @@ previous layer's experts, so every token reads every expert it uses from the fil
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,11 +21,12 @@ N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set 
 if not hasattr(N, "open_streaming"):
     pytest.skip("this build of the C core has no streaming engine", allow_module_level=True)
 
-import edgemoe  # noqa: E402
-from edgemoe.arch import ArchSpec  # noqa: E402
-from edgemoe.container import ContainerWriter, open_container  # noqa: E402
-from edgemoe.errors import EdgeMoEError, FormatError  # noqa: E402
-from test_native_forward import SPECS, random_tensors, tensor_shapes  # noqa: E402
+from test_native_forward import SPECS, random_tensors, tensor_shapes
+
+import edgemoe
+from edgemoe.arch import ArchSpec
+from edgemoe.container import ContainerWriter, open_container
+from edgemoe.errors import EdgeMoEError, FormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     # The child imports edgemoe as this process does (the installed package, or PYTHONPATH in development); its
     # cwd is not the repository, whose source tree has no compiled core.
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                       timeout=timeout, cwd=tempfile.gettempdir())
+                       timeout=timeout, cwd=tempfile.gettempdir(), check=False)
     assert p.returncode == 0, f"child failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
@@ -303,10 +303,11 @@ def test_corrupt_file_is_reported_at_first_read_by_default(big_container, tmp_pa
     data[t.offset + 10] ^= 0xFF
     c.close()
     path.write_bytes(bytes(data))
-    with edgemoe.load(path, memory_budget=16_000_000, max_ctx=128) as m:  # only the index is read at load
-        with pytest.raises(FormatError, match=r"checksum mismatch.*blk\.0\.expert\.0\.ffn_up\.weight"):
-            for _ in range(4):  # whichever token routes to expert 0 of layer 0 reads it
-                m._engine.prefill(list(range(0, 256, 3)))
+    # only the index is read at load; whichever token routes to expert 0 of layer 0 reads it
+    with edgemoe.load(path, memory_budget=16_000_000, max_ctx=128) as m, \
+            pytest.raises(FormatError, match=r"checksum mismatch.*blk\.0\.expert\.0\.ffn_up\.weight"):
+        for _ in range(4):
+            m._engine.prefill(list(range(0, 256, 3)))
 
 
 def test_unreadable_file_mid_generation_raises_and_recovers(big_container, tmp_path):
