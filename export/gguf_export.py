@@ -215,7 +215,7 @@ def _tokenizer_fields(tokenizer_json: bytes, n_vocab: int) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         raise EdgeMoEError("tokenizer.json: BPE model has no merges; llama.cpp cannot load a gpt2 tokenizer without")
-    return dict(pre=pre, tokens=tokens, types=token_types, merges=merges)
+    return {"pre": pre, "tokens": tokens, "types": token_types, "merges": merges}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,12 +35,12 @@ import pytest
 
 N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
 
-import edgemoe  # noqa: E402
-from edgemoe.container import open_container  # noqa: E402
-from edgemoe.engine_c import CEngine  # noqa: E402
-from edgemoe.errors import EdgeMoEError, FormatError  # noqa: E402
-from edgemoe.mwq import dequantize, encode_base_plane, encode_residual_plane  # noqa: E402
-from edgemoe.reference import reference_logits  # noqa: E402
+import edgemoe
+from edgemoe.container import open_container
+from edgemoe.engine_c import CEngine
+from edgemoe.errors import EdgeMoEError, FormatError
+from edgemoe.mwq import dequantize, encode_base_plane, encode_residual_plane
+from edgemoe.reference import reference_logits
 
 ISAS = N.supported_isas()
 SIMD = [i for i in ISAS if i != N.ISA_SCALAR]
@@ -268,7 +268,7 @@ def test_c_engine_matches_numpy_engine_at_every_precision(mwq_export):
             eng = ref_model._engine
             dtypes = {n: t.dtype for n, t in ref_model.container.tensors.items()}
 
-            def weight(n):
+            def weight(n, eng=eng, dtypes=dtypes):
                 w = eng.weight(n)
                 return w.view(_Int8ActWeight) if dtypes[n] in ("q8_0", "mwq") else w
 
