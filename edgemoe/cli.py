@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a GGUF that llama.cpp runs (from the container's weights; a merged model's "
                         "groups are copied into every member's slot, since llama.cpp has no expert map, so the file "
                         "is as large as the unmerged model; pruned experts cannot be written)")
-    e.add_argument("--gguf-type", default="F16", choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"),
-                   help="GGUF tensor type (default F16; Q4_K_M needs llama-cpp-python)")
+    e.add_argument("--gguf-type", default="F16", choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_0_Q8_0"),
+                   help="GGUF tensor type (default F16; Q4_K_M needs llama-cpp-python; Q4_0_Q8_0 = Q4_0 experts with "
+                        "every other matrix Q8_0, the llama.cpp counterpart of MWQ experts + Q8_0 dense)")
     e.add_argument("--onnx", metavar="OUT_DIR", default=None,
                    help="also write an ONNX decoder with a KV cache (runs in onnxruntime; experts via com.microsoft.MoE)")
     e.add_argument("--onnx-weights", default="fp32", choices=("fp32", "int8", "int4"),
