@@ -153,8 +153,6 @@ def cmd_chat(args) -> int:
     with load(args.model, **_load_args(args)) as m:
         if m.tokenizer is None:
             raise EdgeMoEError(f"{args.model}: no tokenizer embedded; chat needs one")
-        if not hasattr(m, "chat"):  # an older Model without chat(): a plain running transcript
-            return _chat_transcript(m, args)
         sampling = sampling_kwargs(args, m.generate)
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages: list[dict] = []
@@ -208,29 +206,6 @@ def _chat_turn(m, system: list[dict], messages: list[dict], n: int, sampling: di
                 print(f"edgemoe: {e}; message dropped", file=sys.stderr)
                 return None
             del messages[:2]  # the oldest user message and its reply
-
-
-def _chat_transcript(m, args) -> int:
-    """Chat without Model.chat: the conversation as a growing plain text, trimmed from the front to fit."""
-    history = ""
-    print("edgemoe chat: type a message; /exit or Ctrl-D quits", file=sys.stderr)
-    while True:
-        line = _read_line()
-        if line is None or line.strip() in ("/exit", "/quit"):
-            break
-        if not line.strip():
-            continue
-        history += f"{line}\n"
-        ids = m.tokenizer.encode(history)
-        if len(ids) + args.n >= m.max_ctx:  # keep the most recent context that fits
-            history = m.tokenizer.decode(ids[-(m.max_ctx - args.n - 1):])
-        reply = []
-        for piece in m.generate(history, max_new_tokens=args.n, temperature=args.temperature, stream=True):
-            reply.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        history += "".join(reply) + "\n"
-    return 0
 
 
 def add_tool_parsers(sub, runtime_opts, sampling_opts=None) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import EdgeMoEError
+from .procfs import rss_bytes
 from .units import format_bytes, parse_bytes
 
 PROMPTS = ("KING. My lord, I", "The :func:`len` function returns the", "HAMLET. To be, or not to be,")
@@ -28,17 +29,6 @@ def shipped_model_dir() -> Path:
     if not (d / "config.json").exists():
         raise EdgeMoEError(f"{d}: the shipped small model is missing from this installation")
     return d
-
-
-def _rss_now() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _reset_peak_rss() -> bool:
@@ -83,7 +73,7 @@ def run_demo(budget: str | None = "auto", threads: int | None = None, n: int = 4
             budget_bytes = parse_bytes(budget)
             print(f"budget {format_bytes(budget_bytes)} = {budget_bytes / size:.0%} of the file")
         peak_reset = _reset_peak_rss()
-        rss_before = _rss_now()
+        rss_before = rss_bytes()
         with load(out, memory_budget=budget_bytes, threads=threads, max_ctx=DEMO_CTX, kv_f16=True) as m:
             s = m.spec
             print(f"loaded: {s.family}, {s.n_layers} layers, {s.n_experts} experts top-{s.top_k}, "

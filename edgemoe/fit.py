@@ -28,6 +28,7 @@ import numpy as np
 
 from .container import Container, open_container
 from .errors import EdgeMoEError
+from .procfs import mem_available_bytes
 from .units import format_bytes, parse_bytes
 
 IO_ALIGN = 4096  # the C core's read alignment and cache slot granularity (native/src/io_thread.h EMOE_IO_ALIGN)
@@ -209,17 +210,6 @@ def memory_read_bandwidth(nbytes: int = 64 << 20, reps: int = 3) -> dict:
     return {"bytes_per_s": (a.nbytes + b.nbytes) / best, "bytes": a.nbytes + b.nbytes}
 
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 # ---- the report --------------------------------------------------------------------------------------------------
 def fit(path: str | Path, budget, max_ctx: int | None = None, threads: int = 1, mode: str = "exact",
         precision: int | None = None, kv_f16: bool = False, measure: bool = True) -> dict:
@@ -235,7 +225,7 @@ def fit(path: str | Path, budget, max_ctx: int | None = None, threads: int = 1, 
         req = runtime_requirements(path, s, budget_bytes, ctx, threads, mode, precision, kv_f16)
         report: dict = {"model": str(path), "file_bytes": path.stat().st_size, "budget_bytes": budget_bytes,
                         "max_ctx": ctx, "mode": mode, "threads": threads, **req}
-        avail = _mem_available()
+        avail = mem_available_bytes()
         if avail is not None:
             report["memory_available_bytes"] = avail
         if not req["runs"]:

@@ -14,6 +14,7 @@ from .arch import GLOBAL_TENSORS
 from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
 from .errors import EdgeMoEError, FormatError
+from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
 from .tokenizer import Tokenizer
@@ -27,15 +28,9 @@ MODES = ("exact", "adaptive", "ondemand")
 
 
 def _peak_rss_bytes() -> int:
-    """VmHWM: the process's peak resident set (Linux /proc; elsewhere ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """VmHWM: the process's peak resident set (Linux /proc; elsewhere ru_maxrss, which Linux reports in KiB)."""
+    peak = peak_rss_bytes()
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _fresh_stats() -> dict:
