@@ -100,7 +100,8 @@ def test_analyze_prediction_matches_the_runtime_hit_rate_at_the_recommended_budg
     png = tmp_path / "routing.png"
     p = subprocess.run([sys.executable, "-m", "edgemoe.cli", "analyze", str(small_f16), "--text", str(text),
                         "--max-tokens", str(n), "--ctx", str(n), "--max-ctx", str(max_ctx), "--heatmap", str(png),
-                        "--json"], capture_output=True, text=True, timeout=600, check=False)
+                        "--json"], capture_output=True, text=True, timeout=600, check=False,
+                       cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads(p.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -136,7 +137,8 @@ def test_analyze_runs_on_mwq_experts_and_routes_like_the_model(tiny_dir, tmp_pat
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
     p = subprocess.run([sys.executable, "-m", "edgemoe.cli", "analyze", str(path), "--text", str(text),
                         "--max-tokens", "64", "--max-ctx", "128", "--json"],
-                       capture_output=True, text=True, timeout=300, check=False)
+                       capture_output=True, text=True, timeout=300, check=False,
+                       cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["recommendation"]["memory_budget_bytes"] > 0
     with edgemoe.load(path, engine="numpy") as m:
