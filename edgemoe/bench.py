@@ -67,14 +67,27 @@ class LlamaCppRunner:
     name = "llama.cpp"
 
     def __init__(self, gguf_path: str, n_threads: int, n_ctx: int):
+        from .errors import EdgeMoEError
+
+        try:
+            with open(gguf_path, "rb") as f:
+                magic = f.read(4)
+        except FileNotFoundError:
+            raise EdgeMoEError(f"{gguf_path}: no such GGUF file") from None
+        except OSError as e:
+            raise EdgeMoEError(f"{gguf_path}: cannot read the GGUF file ({e.strerror or e})") from None
+        if magic != b"GGUF":  # llama.cpp would only say "failed to load model"
+            raise EdgeMoEError(f"{gguf_path}: not a GGUF file (magic {magic!r}); edgemoe export --gguf OUT.gguf "
+                               "writes one")
         try:
             from llama_cpp import Llama
         except ImportError:
-            from .errors import EdgeMoEError
-
             raise EdgeMoEError("--vs-llama-cpp needs llama-cpp-python: pip install 'edgemoe[test]'") from None
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads,
-                         n_threads_batch=n_threads, logits_all=False, verbose=False)
+        try:
+            self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n_threads,
+                             n_threads_batch=n_threads, logits_all=False, verbose=False)
+        except ValueError as e:  # llama-cpp-python's report of a file llama.cpp refused
+            raise EdgeMoEError(f"{gguf_path}: llama.cpp could not load it ({e})") from None
 
     def prompt(self, ids: list[int]) -> float:
         self.llm.reset()

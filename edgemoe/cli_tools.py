@@ -20,8 +20,6 @@ def cmd_bench(args) -> int:
               max_ctx=args.p + args.n + 8, mode=getattr(args, "mode", "exact")) as m:
         runners = [EdgeMoERunner(m)]
         if args.vs_llama_cpp:
-            if not Path(args.vs_llama_cpp).exists():
-                raise EdgeMoEError(f"{args.vs_llama_cpp}: no such GGUF file")
             runners.append(LlamaCppRunner(args.vs_llama_cpp, args.threads or 1, args.p + args.n + 8))
         if args.vs_onnx:
             from .bench_onnx import OnnxRunner

@@ -179,3 +179,19 @@ def test_demo_runs_under_a_budget_below_the_model_size(tmp_path):
     for stat in ("hit rate", "/token", "I/O stall", "prefetch recall", "peak RSS"):
         assert stat in r.stdout
     assert "evictions" in r.stdout and " 0 evictions" not in r.stdout  # it really streamed experts
+
+
+def test_bench_vs_llama_cpp_bad_input(tmp_path, tiny_emoe):
+    """A missing file, a file that is not GGUF (a container given by mistake) and a truncated GGUF end with a message
+    naming the file, not llama-cpp-python's bare 'Failed to load model'."""
+    model = tiny_emoe("qwen3moe", 32)
+    bench = ("bench", model, "-p", "4", "-n", "2", "-r", "1", "--vs-llama-cpp")
+    r = edgemoe(tmp_path, *bench, tmp_path / "missing.gguf")
+    assert r.returncode == 1 and "no such GGUF file" in r.stderr and "Traceback" not in r.stderr
+    r = edgemoe(tmp_path, *bench, model)
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr and "internal error" not in r.stderr
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(b"GGUF" + b"\0" * 20)
+    r = edgemoe(tmp_path, *bench, truncated)
+    assert r.returncode == 1 and "llama.cpp could not load it" in r.stderr and "internal error" not in r.stderr
