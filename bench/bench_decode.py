@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from membw import read_bandwidth
+
 from edgemoe import _native as N
 from edgemoe.arch import ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.engine_c import CEngine
@@ -62,20 +65,6 @@ def build(spec: ArchSpec, dtype: str, seed: int = 0):
         else:
             tensors[name], dtypes[name] = a, "f32"
     return tensors, dtypes
-
-
-def read_bandwidth(threads: int) -> float:
-    from concurrent.futures import ThreadPoolExecutor
-
-    a = np.ones((1 << 30) // 8)
-    parts = np.array_split(a, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as ex:
-        for _ in range(5):
-            t0 = time.perf_counter()
-            list(ex.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best / 1e9
 
 
 def main() -> None:

@@ -32,12 +32,14 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from membw import read_bandwidth
+
 import edgemoe
 from edgemoe import _native as N
 from edgemoe.container import ContainerWriter, open_container
@@ -125,18 +127,6 @@ def gguf_bytes_per_token(path: Path, top_k: int, n_experts: int) -> int:
         else:
             dense += int(t.n_bytes)
     return int(dense + expert * top_k / n_experts)
-
-
-def read_bandwidth(threads: int) -> float:
-    a = np.ones(GiB // 8)
-    parts = np.array_split(a, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as ex:
-        for _ in range(5):
-            t0 = time.perf_counter()
-            list(ex.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best / 1e9
 
 
 # ---- runners -------------------------------------------------------------------------------------------------------
