@@ -16,22 +16,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "edgemoe.h"
 #include "expert_cache.h"
 #include "hebf.h"
 #include "io_thread.h"
 
-static int failures = 0, checks = 0;
-#define CHECK(cond, ...)                                                                                              \
-    do {                                                                                                              \
-        checks++;                                                                                                     \
-        if (!(cond)) {                                                                                                \
-            failures++;                                                                                               \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                                      \
-            fprintf(stderr, __VA_ARGS__);                                                                             \
-            fprintf(stderr, "\n");                                                                                    \
-        }                                                                                                             \
-    } while (0)
 
 static uint64_t rng_state = 0x1234567;
 static uint64_t rnd(void) {
@@ -860,6 +850,6 @@ int main(int argc, char **argv) {
     test_cache_freq_reference(3000, 600, 8, iters);
     printf("hebf\n");
     test_hebf();
-    printf("%d checks, %d failures\n", checks, failures);
-    return failures ? 1 : 0;
+    printf("%d checks, %d failures\n", n_check, n_fail);
+    return n_fail ? 1 : 0;
 }

@@ -22,19 +22,7 @@
 #include "edgemoe.h"
 #include "edgemoe_container.h"
 #include "json.h"
-
-static int n_checks, n_failed;
-
-#define CHECK(cond, ...)                                                                                              \
-    do {                                                                                                              \
-        n_checks++;                                                                                                   \
-        if (!(cond)) {                                                                                                \
-            n_failed++;                                                                                               \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                                      \
-            fprintf(stderr, __VA_ARGS__);                                                                             \
-            fprintf(stderr, "\n");                                                                                    \
-        }                                                                                                             \
-    } while (0)
+#include "check.h"
 
 static uint64_t rng_next(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
@@ -741,10 +729,10 @@ int main(int argc, char **argv) {
         return 2;
     }
     test_json();
-    printf("json: %d checks, %d failed\n", n_checks, n_failed);
+    printf("json: %d checks, %d failed\n", n_check, n_fail);
     test_synthetic(dir);
     test_index_errors(dir);
-    printf("container: %d checks, %d failed\n", n_checks, n_failed);
+    printf("container: %d checks, %d failed\n", n_check, n_fail);
     char path[512];
     snprintf(path, sizeof path, "%s/synthetic.emoe", dir);
     buf file = {0};
@@ -771,6 +759,6 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/index.emoe", dir);
     remove(path);
     if (made_dir) rmdir(dir);
-    printf("%s: %d checks, %d failed\n", n_failed ? "FAILED" : "all passed", n_checks, n_failed);
-    return n_failed ? 1 : 0;
+    printf("%s: %d checks, %d failed\n", n_fail ? "FAILED" : "all passed", n_check, n_fail);
+    return n_fail ? 1 : 0;
 }

@@ -8,19 +8,9 @@
 #include <string.h>
 
 #include "edgemoe.h"
+#include "check.h"
 #include "internal.h"
 
-static int n_fail = 0, n_check = 0;
-#define CHECK(cond, ...)                                                                                              \
-    do {                                                                                                              \
-        n_check++;                                                                                                    \
-        if (!(cond)) {                                                                                                \
-            n_fail++;                                                                                                 \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                                               \
-            printf(__VA_ARGS__);                                                                                      \
-            printf("\n");                                                                                             \
-        }                                                                                                             \
-    } while (0)
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static uint32_t rnd_u32(void) { /* xorshift64* */
