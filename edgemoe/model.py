@@ -42,6 +42,16 @@ def _ids_as_text(ids: list[int]) -> str:
     return "".join(f" {i}" for i in ids)
 
 
+def _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                      repeat_last_n) -> tuple[SamplingParams, int]:
+    """generate()'s and generate_batch()'s options, checked: (sampling parameters, max_new_tokens as an int)."""
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise EdgeMoEError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n)
+    return params, int(max_new_tokens)
+
+
 def _ratio(a, b):
     return a / b if b else None
 
@@ -250,13 +260,11 @@ class Model:
         with ids the cache holds (the previous prompt and its output, e.g. a chat's earlier turns), only the rest
         is run (`stats["prompt_tokens_reused"]` counts the positions kept); reset() clears it.
         """
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n)
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-            raise EdgeMoEError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        params, max_new_tokens = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                   repetition_penalty, repeat_last_n)
         stops = stop_strings(stop)
         ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt tokens")
-        pieces = self._generate(ids, int(max_new_tokens), params, np.random.default_rng(seed), stops, stop_at_eos)
+        pieces = self._generate(ids, max_new_tokens, params, np.random.default_rng(seed), stops, stop_at_eos)
         return pieces if stream else "".join(pieces)
 
     def _generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, rng: np.random.Generator,
@@ -302,16 +310,13 @@ class Model:
         the same way reuses it (stats["prompt_tokens_reused"]). The NumPy engine runs the prompts one after another.
         Replaces the sequence generate() keeps in the KV cache.
         """
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n)
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-            raise EdgeMoEError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        params, max_new_tokens = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                   repetition_penalty, repeat_last_n)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise EdgeMoEError("generate_batch: prompts must be a list of prompts (strings or lists of token ids)")
         stops = stop_strings(stop)
         all_ids = [self._check_ids(self.encode(p) if isinstance(p, str) else p, f"prompt tokens (prompt {i})")
                    for i, p in enumerate(prompts)]
-        max_new_tokens = int(max_new_tokens)
         if not hasattr(self._engine, "decode_batch"):
             return [self.generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                   repeat_last_n, seed, stop, stop_at_eos=stop_at_eos) for ids in all_ids]
