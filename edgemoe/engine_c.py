@@ -200,7 +200,9 @@ class CEngine:
         try:
             self._h.forward_seq(seq, tok, out, all_logits)
         finally:  # on an error the core keeps the blocks it completed: n_past says how many
-            self._seq_ids[seq] = (self._seq_ids[seq] + tok.tolist())[: self._h.seq_n_past(seq)]
+            ids = self._seq_ids[seq]  # in place: a decode step must not copy the whole history
+            ids.extend(tok.tolist())
+            del ids[self._h.seq_n_past(seq):]
 
     def decode(self, token: int, seq: int = 0) -> np.ndarray:
         """Append one token; returns its logits [vocab]."""
