@@ -1,6 +1,6 @@
 /* edgemoe C core: public API.
  *
- * A model is a description (emoe_config, the C mirror of edgemoe/arch.py's ArchSpec) plus borrowed weight pointers
+ * A model is a description (the arch JSON, validated into the core's private emoe_config) plus borrowed weight pointers
  * (usually into an mmap of the container), a KV cache, scratch buffers and a persistent thread pool. Any number of
  * models may be open at once; the library keeps no mutable global state except the result of CPU feature detection.
  *
@@ -36,6 +36,8 @@ typedef enum {
     EMOE_ERR_IO = -7,        /* reading expert weights failed (I/O error, file truncated or replaced) */
     EMOE_ERR_CORRUPT = -8,   /* expert weights failed their CRC-32 (the file is damaged) */
     EMOE_ERR_BUDGET = -9,    /* the memory budget is below the minimum this model and context need */
+    EMOE_ERR_FORMAT = -10,   /* not an edgemoe container (wrong magic), or a version this reader does not know */
+    EMOE_ERR_INVALID = -11,  /* a container index or arch description that breaks the format (types, ranges, keys) */
 } emoe_status;
 
 const char *emoe_version(void);
@@ -125,47 +127,21 @@ int64_t emoe_mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, 
 int emoe_matmul_mwq(emoe_pool *pool, int isa, const void *planes_base, const int64_t *plane_offsets, int k,
                     int base_bits, int group, int64_t rows, int64_t cols, const float *x, int64_t n_tok, float *y);
 
-/* ---- model ---- */
-enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
-enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
-enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
-enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
-enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1 };
-
-/* Mirror of ArchSpec (edgemoe/arch.py); field meanings are documented there. Layer lists and expert_map are borrowed
- * only during emoe_model_new (copied). */
-typedef struct {
-    int32_t n_layers, hidden, vocab, n_heads, n_kv_heads, head_dim, n_experts, top_k, expert_ffn;
-    float norm_eps;
-    int32_t rope_kind; /* EMOE_ROPE_* */
-    float rope_theta;
-    int32_t rope_dim;  /* rotated dims per head; 0 = head_dim */
-    int32_t qkv_bias;  /* bool */
-    int32_t qk_norm;   /* EMOE_QK_NORM_* */
-    int32_t router_fn; /* EMOE_ROUTER_* */
-    int32_t norm_topk; /* bool */
-    int32_t router_input; /* EMOE_ROUTER_IN_* */
-    int32_t activation;   /* EMOE_ACT_* */
-    int32_t shared_ffn;   /* 0 = no shared expert */
-    int32_t shared_gate;  /* bool */
-    int32_t dense_ffn;
-    int32_t sliding_window; /* 0 = none */
-    int32_t tie_embeddings; /* bool */
-    int32_t n_dense_layers, n_nope_layers, n_swa_layers;
-    const int32_t *dense_layers, *nope_layers, *swa_layers;
-    /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
-     * expert_map[l * n_experts + e], or -1 = pruned (masked out of routing). NULL = identity for every layer. A layer
-     * stores max(map) + 1 experts; when top-k picks several members of one group their weights are summed and the
-     * group's expert runs once. */
-    const int32_t *expert_map;
-} emoe_config;
-
+/* ---- model ----
+ * A model is created from its architecture description: the JSON object a container stores under "arch"
+ * (docs/FORMAT.md "The arch object"; edgemoe/arch.py ArchSpec writes it). The core parses and validates every field
+ * itself, so no other language mirrors its config struct and a file means the same thing to every reader. */
 typedef struct emoe_model emoe_model;
 
-/* Create a model for cfg with a KV cache of max_ctx positions (f16 if kv_f16, else f32) and a pool of n_threads.
- * Returns NULL only when memory runs out; otherwise check emoe_model_status(m) / emoe_model_last_error(m) (an invalid
- * config gives a model whose other calls all fail with that message). */
-emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads);
+/* Create a model for the arch JSON text arch_json[0..len) (need not be NUL-terminated) with a KV cache of max_ctx
+ * positions (f16 if kv_f16, else f32) and a pool of n_threads. Returns NULL on any problem with a one-line message
+ * in err: an invalid description (EMOE_ERR_INVALID's rules: unknown or missing keys, wrong types, values out of
+ * range, duplicate keys...), a bad max_ctx / n_threads, or memory running out. */
+emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, int kv_f16, int n_threads, char *err,
+                                size_t errlen);
+/* Validate an arch JSON text as emoe_model_new_json would, without creating anything: EMOE_OK, or
+ * EMOE_ERR_INVALID / EMOE_ERR_NOMEM with the message in err ("arch: ..."). */
+int emoe_arch_check(const char *arch_json, size_t len, char *err, size_t errlen);
 void emoe_model_free(emoe_model *m);
 int emoe_model_status(const emoe_model *m);         /* the creation status (EMOE_OK if usable) */
 const char *emoe_model_last_error(const emoe_model *m); /* message of the last failed call ("" if none) */

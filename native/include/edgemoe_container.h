@@ -62,25 +62,31 @@ typedef struct {
 typedef struct emoe_container emoe_container;
 
 /* Open and check a container: the preamble (magic, version 1..EMOE_CONTAINER_MAX_VERSION, index inside the file), the
- * index checksum, the JSON index (strict parser), every tensor entry (known dtype and kind, size consistent with dtype
- * and shape, inside the data region, unique name) and the `arch` object (-> emoe_config). With verify != 0 every
- * tensor's (and MWQ plane's) CRC-32 is also checked, which reads the whole file once.
- * Returns NULL on any problem, with a message in err (if err != NULL). */
+ * index checksum, the JSON index (strict parser: no duplicate keys, no NUL in strings, nesting <= 64, integers exact
+ * in int64, at most 256 MiB), every tensor entry (known fields, dtype and kind, size consistent with dtype and shape,
+ * inside the data region, unique name) and the `arch` object (every field validated, see emoe_model_new_json). With
+ * verify != 0 every tensor's (and MWQ plane's) CRC-32 is also checked, which reads the whole file once.
+ * Returns NULL on any problem, with a one-line message naming the file in err (if err != NULL). */
 emoe_container *emoe_container_open(const char *path, int verify, char *err, size_t errlen);
+/* The same, with the kind of failure as a value in *status (EMOE_OK on success):
+ *   EMOE_ERR_IO       the file cannot be read (missing, a directory, not a regular file, permission, mmap)
+ *   EMOE_ERR_FORMAT   not an edgemoe container (magic), or a container version this reader does not know
+ *   EMOE_ERR_CORRUPT  truncated, or a checksum does not match (index, tensor, plane)
+ *   EMOE_ERR_INVALID  the index breaks the format (JSON, fields, types, ranges, the arch object)
+ *   EMOE_ERR_NOMEM    memory ran out; EMOE_ERR_ARG path is NULL */
+emoe_container *emoe_container_open_status(const char *path, int verify, int *status, char *err, size_t errlen);
 void emoe_container_close(emoe_container *c);
 
-/* Check every tensor's CRC-32 (as emoe_container_open with verify does). EMOE_OK or EMOE_ERR_ARG with a message. */
+/* Check every tensor's CRC-32 (as emoe_container_open with verify does). EMOE_OK or EMOE_ERR_CORRUPT with a message
+ * (EMOE_ERR_ARG if c is NULL). */
 int emoe_container_verify(const emoe_container *c, char *err, size_t errlen);
 
 int emoe_container_version(const emoe_container *c);
 const char *emoe_container_path(const emoe_container *c);
 uint64_t emoe_container_file_size(const emoe_container *c);
 
-/* The architecture as the core's config. Layer lists and expert_map point into memory owned by the container (valid
- * until emoe_container_close). expert_map is NULL when no layer is merged, else [n_layers * n_experts] with identity
- * rows for unmerged layers (the ArchSpec.expert_map convention). */
-const emoe_config *emoe_container_config(const emoe_container *c);
-/* Arch fields that are not part of emoe_config. bos/eos are -1 when null. */
+/* Arch fields (the rest of the architecture is the core's private config: src/arch.h emoe_container_config).
+ * bos/eos are -1 when null. */
 const char *emoe_container_family(const emoe_container *c);
 int64_t emoe_container_max_position(const emoe_container *c);
 int64_t emoe_container_bos_token_id(const emoe_container *c);
@@ -96,7 +102,7 @@ const void *emoe_container_data(const emoe_container *c, const emoe_tensor_info 
 /* Total stored bytes of the tensors of one kind (EMOE_KIND_*). */
 uint64_t emoe_container_kind_bytes(const emoe_container *c, int kind);
 
-/* Create a model for the container's config (emoe_model_new(cfg, max_ctx, kv_f16, n_threads)) and register every
+/* Create a model for the container's architecture (as emoe_model_new_json would) and register every
  * dense and expert tensor the config uses, borrowing pointers into the mapping; tensors the config does not use are
  * skipped (as the Python engines do). Fails with a message if a used tensor has a dtype the core cannot run (MWQ
  * planes, bytes) or a shape the config does not expect, or if a required tensor is missing. The container must stay

@@ -16,10 +16,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "arch.h"
 #include "json.h"
 
 #define MAX_PLANES 16             /* MWQ: base plane + up to 15 residual planes */
-#define MAX_LAYER_EXPERTS (1 << 26) /* bound on n_layers * n_experts for the expert map */
+#define MAX_INDEX_BYTES ((uint64_t)256 << 20) /* a 256 MiB index is ~1M tensor entries: far beyond any model */
 
 struct emoe_container {
     char *path;
@@ -32,11 +33,7 @@ struct emoe_container {
     char *strings; /* every string kept after opening: names, family, nesting, string-valued metadata */
     const char **meta; /* [2 * n_meta]: key, value of each string-valued metadata entry */
     size_t n_meta;
-    emoe_config cfg;
-    int32_t *lists;      /* dense_layers | nope_layers | swa_layers, back to back (cfg points into it) */
-    int32_t *expert_map; /* [n_layers * n_experts] or NULL */
-    const char *family;
-    int64_t max_position, bos, eos;
+    emoe_arch arch; /* the architecture (arch.c), owned */
     emoe_tensor_info *tensors; /* [n_tensors], file (index) order */
     size_t n_tensors;
     emoe_plane *planes; /* all MWQ planes, back to back */
@@ -84,239 +81,6 @@ static char *dup_str(const char *s) {
     return d;
 }
 
-/* ---- the arch object -> emoe_config ---- */
-
-typedef struct {
-    const json_doc *d;
-    int obj;
-    const char *path;
-    char *err;
-    size_t errlen;
-} arch_reader;
-
-/* Integer field in lo..hi; absent -> def (or an error if required). */
-static int arch_int(arch_reader *a, const char *key, int required, int64_t def, int64_t lo, int64_t hi, int64_t *out) {
-    int n = json_get(a->d, a->obj, key);
-    if (n == JSON_NONE) {
-        if (required) {
-            set_err(a->err, a->errlen, "%s: arch: required field '%s' is missing", a->path, key);
-            return -1;
-        }
-        *out = def;
-        return 0;
-    }
-    int64_t v;
-    if (!json_int64(a->d, n, &v) || v < lo || v > hi) {
-        set_err(a->err, a->errlen, "%s: arch: '%s' must be an integer in %lld..%lld", a->path, key, (long long)lo,
-                (long long)hi);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static int arch_i32(arch_reader *a, const char *key, int required, int32_t def, int32_t lo, int32_t *out) {
-    int64_t v;
-    if (arch_int(a, key, required, def, lo, INT32_MAX, &v)) return -1;
-    *out = (int32_t)v;
-    return 0;
-}
-
-static int arch_bool(arch_reader *a, const char *key, int32_t *out) {
-    int n = json_get(a->d, a->obj, key);
-    json_type t = json_kind(a->d, n);
-    int64_t v;
-    if (n == JSON_NONE) *out = 0;
-    else if (t == JSON_TRUE || t == JSON_FALSE) *out = t == JSON_TRUE;
-    else if (json_int64(a->d, n, &v) && (v == 0 || v == 1)) *out = (int32_t)v;
-    else {
-        set_err(a->err, a->errlen, "%s: arch: '%s' must be true or false", a->path, key);
-        return -1;
-    }
-    return 0;
-}
-
-static int arch_float(arch_reader *a, const char *key, double def, float *out) {
-    int n = json_get(a->d, a->obj, key);
-    double v = def;
-    if (n != JSON_NONE && !json_double(a->d, n, &v)) {
-        set_err(a->err, a->errlen, "%s: arch: '%s' must be a number", a->path, key);
-        return -1;
-    }
-    if (v > 3.0e38 || v < -3.0e38) {
-        set_err(a->err, a->errlen, "%s: arch: '%s' = %g does not fit in a float", a->path, key, v);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
-
-/* String field that must be one of names[0..n) (absent -> index 0, the ArchSpec default). */
-static int arch_enum(arch_reader *a, const char *key, const char *const *names, int n_names, int32_t *out) {
-    int n = json_get(a->d, a->obj, key);
-    if (n == JSON_NONE) {
-        *out = 0;
-        return 0;
-    }
-    const char *s = json_str(a->d, n, NULL);
-    for (int i = 0; s && i < n_names; i++)
-        if (!strcmp(s, names[i])) {
-            *out = i;
-            return 0;
-        }
-    char allowed[128] = "";
-    for (int i = 0; i < n_names; i++) {
-        size_t used = strlen(allowed);
-        snprintf(allowed + used, sizeof(allowed) - used, "%s'%s'", i ? ", " : "", names[i]);
-    }
-    set_err(a->err, a->errlen, "%s: arch: '%s' = '%s' is not one of %s", a->path, key, s ? s : "(not a string)",
-            allowed);
-    return -1;
-}
-
-/* An int list of layer numbers: absent -> empty. Values are checked by emoe_model_new (named there). */
-static int arch_list(arch_reader *a, const char *key, int *node, int32_t *n_out) {
-    *node = json_get(a->d, a->obj, key);
-    *n_out = 0;
-    if (*node == JSON_NONE) return 0;
-    if (json_kind(a->d, *node) != JSON_ARRAY) {
-        set_err(a->err, a->errlen, "%s: arch: '%s' must be a list of layer numbers", a->path, key);
-        return -1;
-    }
-    for (int e = json_first(a->d, *node); e != JSON_NONE; e = json_next(a->d, e)) {
-        int64_t v;
-        if (!json_int64(a->d, e, &v) || v < INT32_MIN || v > INT32_MAX) {
-            set_err(a->err, a->errlen, "%s: arch: '%s' must be a list of integers", a->path, key);
-            return -1;
-        }
-    }
-    *n_out = (int32_t)json_len(a->d, *node);
-    return 0;
-}
-
-static void fill_list(const json_doc *d, int node, int32_t *dst) {
-    size_t i = 0;
-    for (int e = json_first(d, node); e != JSON_NONE; e = json_next(d, e)) {
-        int64_t v = 0;
-        json_int64(d, e, &v);
-        dst[i++] = (int32_t)v;
-    }
-}
-
-static int read_expert_map(emoe_container *c, arch_reader *a) {
-    const emoe_config *cfg = &c->cfg;
-    int node = json_get(a->d, a->obj, "expert_map");
-    if (node == JSON_NONE || json_kind(a->d, node) == JSON_NULL) return 0;
-    if (json_kind(a->d, node) != JSON_ARRAY) {
-        set_err(a->err, a->errlen, "%s: arch: 'expert_map' must be a list (one list per layer)", a->path);
-        return -1;
-    }
-    if (json_len(a->d, node) > (size_t)cfg->n_layers) {
-        set_err(a->err, a->errlen, "%s: arch: 'expert_map' has %zu rows, more than n_layers = %d", a->path,
-                json_len(a->d, node), cfg->n_layers);
-        return -1;
-    }
-    int any = 0;
-    for (int row = json_first(a->d, node); row != JSON_NONE; row = json_next(a->d, row)) {
-        if (json_kind(a->d, row) != JSON_ARRAY) {
-            set_err(a->err, a->errlen, "%s: arch: every row of 'expert_map' must be a list", a->path);
-            return -1;
-        }
-        const size_t n = json_len(a->d, row);
-        if (n && n != (size_t)cfg->n_experts) {
-            set_err(a->err, a->errlen, "%s: arch: an 'expert_map' row has %zu entries, expected 0 or n_experts = %d",
-                    a->path, n, cfg->n_experts);
-            return -1;
-        }
-        any |= n > 0;
-    }
-    if (!any) return 0; /* every layer identity */
-    if (cfg->n_experts <= 0 || (uint64_t)cfg->n_layers * (uint64_t)cfg->n_experts > MAX_LAYER_EXPERTS) {
-        set_err(a->err, a->errlen, "%s: arch: 'expert_map' with n_layers = %d, n_experts = %d is out of range",
-                a->path, cfg->n_layers, cfg->n_experts);
-        return -1;
-    }
-    c->expert_map = malloc((size_t)cfg->n_layers * (size_t)cfg->n_experts * sizeof(int32_t));
-    if (!c->expert_map) {
-        set_err(a->err, a->errlen, "%s: out of memory", a->path);
-        return -1;
-    }
-    for (int l = 0; l < cfg->n_layers; l++)
-        for (int e = 0; e < cfg->n_experts; e++) c->expert_map[(size_t)l * cfg->n_experts + e] = e;
-    int l = 0;
-    for (int row = json_first(a->d, node); row != JSON_NONE; row = json_next(a->d, row), l++) {
-        int e = 0;
-        for (int v = json_first(a->d, row); v != JSON_NONE; v = json_next(a->d, v), e++) {
-            int64_t g;
-            if (!json_int64(a->d, v, &g) || g < -1 || g >= cfg->n_experts) {
-                set_err(a->err, a->errlen, "%s: arch: expert_map[%d][%d] must be an integer in -1..%d", a->path, l, e,
-                        cfg->n_experts - 1);
-                return -1;
-            }
-            c->expert_map[(size_t)l * cfg->n_experts + e] = (int32_t)g;
-        }
-    }
-    c->cfg.expert_map = c->expert_map;
-    return 0;
-}
-
-static int read_arch(emoe_container *c, int arch, char *err, size_t errlen) {
-    arch_reader a = {c->doc, arch, c->path, err, errlen};
-    emoe_config *cfg = &c->cfg;
-    memset(cfg, 0, sizeof(*cfg));
-    static const char *const rope_kinds[] = {"neox", "norm"};
-    static const char *const qk_norms[] = {"none", "head", "full"};
-    static const char *const router_fns[] = {"softmax", "sigmoid"};
-    static const char *const router_inputs[] = {"ffn_norm", "layer_input"};
-    static const char *const activations[] = {"swiglu", "reglu"};
-    if (arch_i32(&a, "n_layers", 1, 0, 1, &cfg->n_layers) || arch_i32(&a, "hidden", 1, 0, 1, &cfg->hidden) ||
-        arch_i32(&a, "vocab", 1, 0, 1, &cfg->vocab) || arch_i32(&a, "n_heads", 1, 0, 1, &cfg->n_heads) ||
-        arch_i32(&a, "n_kv_heads", 1, 0, 1, &cfg->n_kv_heads) || arch_i32(&a, "head_dim", 1, 0, 1, &cfg->head_dim) ||
-        arch_i32(&a, "n_experts", 1, 0, 0, &cfg->n_experts) || arch_i32(&a, "top_k", 1, 0, 0, &cfg->top_k) ||
-        arch_i32(&a, "expert_ffn", 1, 0, 0, &cfg->expert_ffn) || arch_float(&a, "norm_eps", 1e-6, &cfg->norm_eps) ||
-        arch_enum(&a, "rope_kind", rope_kinds, 2, &cfg->rope_kind) ||
-        arch_float(&a, "rope_theta", 10000.0, &cfg->rope_theta) || arch_i32(&a, "rope_dim", 0, 0, 0, &cfg->rope_dim) ||
-        arch_bool(&a, "qkv_bias", &cfg->qkv_bias) || arch_enum(&a, "qk_norm", qk_norms, 3, &cfg->qk_norm) ||
-        arch_enum(&a, "router_fn", router_fns, 2, &cfg->router_fn) || arch_bool(&a, "norm_topk", &cfg->norm_topk) ||
-        arch_enum(&a, "router_input", router_inputs, 2, &cfg->router_input) ||
-        arch_enum(&a, "activation", activations, 2, &cfg->activation) ||
-        arch_i32(&a, "shared_ffn", 0, 0, 0, &cfg->shared_ffn) || arch_bool(&a, "shared_gate", &cfg->shared_gate) ||
-        arch_i32(&a, "dense_ffn", 0, 0, 0, &cfg->dense_ffn) ||
-        arch_i32(&a, "sliding_window", 0, 0, 0, &cfg->sliding_window) ||
-        arch_bool(&a, "tie_embeddings", &cfg->tie_embeddings) ||
-        arch_int(&a, "max_position", 0, 4096, 0, INT64_MAX, &c->max_position))
-        return -1;
-    if (cfg->rope_dim == 0) cfg->rope_dim = cfg->head_dim; /* ArchSpec.__post_init__ */
-    /* bos/eos are informational here (the forward pass does not use them): a non-negative integer, else -1. */
-    const char *ids[2] = {"bos_token_id", "eos_token_id"};
-    int64_t *dst[2] = {&c->bos, &c->eos};
-    for (int i = 0; i < 2; i++)
-        if (!json_int64(c->doc, json_get(c->doc, arch, ids[i]), dst[i]) || *dst[i] < 0) *dst[i] = -1;
-    int fam = json_get(c->doc, arch, "family");
-    c->family = json_str(c->doc, fam, NULL);
-    if (!c->family) c->family = "";
-    int nodes[3];
-    int32_t counts[3];
-    const char *lists[3] = {"dense_layers", "nope_layers", "swa_layers"};
-    for (int i = 0; i < 3; i++)
-        if (arch_list(&a, lists[i], &nodes[i], &counts[i])) return -1;
-    c->lists = malloc(((size_t)counts[0] + (size_t)counts[1] + (size_t)counts[2] + 1) * sizeof(int32_t));
-    if (!c->lists) {
-        set_err(err, errlen, "%s: out of memory", c->path);
-        return -1;
-    }
-    int32_t *p = c->lists;
-    const int32_t **ptrs[3] = {&cfg->dense_layers, &cfg->nope_layers, &cfg->swa_layers};
-    int32_t *ns[3] = {&cfg->n_dense_layers, &cfg->n_nope_layers, &cfg->n_swa_layers};
-    for (int i = 0; i < 3; i++) {
-        fill_list(c->doc, nodes[i], p);
-        *ptrs[i] = counts[i] ? p : NULL;
-        *ns[i] = counts[i];
-        p += counts[i];
-    }
-    return read_expert_map(c, &a);
-}
-
 /* ---- the tensor table ---- */
 
 static const struct {
@@ -340,7 +104,21 @@ typedef struct {
 static int entry_fail(entry_ctx *e, const char *what) {
     if (e->name) set_err(e->err, e->errlen, "%s: tensor '%s': %s", e->c->path, e->name, what);
     else set_err(e->err, e->errlen, "%s: tensor entry %zu: %s", e->c->path, e->idx, what);
-    return -1;
+    return EMOE_ERR_INVALID;
+}
+
+/* Refuse keys outside `known` (NULL-terminated) in object obj: a newer writer's field must not be ignored. */
+static int unknown_key(const json_doc *d, int obj, const char *const *known, const char **which) {
+    for (int m = json_first(d, obj); m != JSON_NONE; m = json_next(d, m)) {
+        const char *key = json_key(d, m);
+        int i = 0;
+        while (known[i] && strcmp(known[i], key)) i++;
+        if (!known[i]) {
+            *which = key;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static int get_u64(const json_doc *d, int obj, const char *key, uint64_t max, uint64_t *out) {
@@ -424,6 +202,13 @@ static int read_entry(emoe_container *c, int entry, size_t idx, emoe_tensor_info
     memset(t, 0, sizeof(*t));
     t->mwq_nesting = "";
     if (json_kind(d, entry) != JSON_OBJECT) return entry_fail(&e, "not an object");
+    static const char *const known[] = {"name", "dtype", "shape", "offset", "nbytes", "crc32", "kind", "planes",
+                                        "quant", NULL};
+    const char *odd;
+    if (unknown_key(d, entry, known, &odd)) {
+        snprintf(msg, sizeof msg, "unknown field '%.60s' (written by a newer edgemoe?)", odd);
+        return entry_fail(&e, msg);
+    }
     size_t nlen;
     const char *name = json_str(d, json_get(d, entry, "name"), &nlen);
     if (!name || !nlen || nlen != strlen(name)) return entry_fail(&e, "'name' must be a non-empty string");
@@ -522,7 +307,7 @@ static int read_tensors(emoe_container *c, int arr, char *err, size_t errlen) {
     const json_doc *d = c->doc;
     if (json_kind(d, arr) != JSON_ARRAY) {
         set_err(err, errlen, "%s: index: 'tensors' must be a list", c->path);
-        return -1;
+        return EMOE_ERR_INVALID;
     }
     const size_t n = json_len(d, arr);
     size_t n_planes = 0;
@@ -535,11 +320,12 @@ static int read_tensors(emoe_container *c, int arr, char *err, size_t errlen) {
     c->planes = calloc(n_planes ? n_planes : 1, sizeof(emoe_plane));
     if (!c->tensors || !c->by_name || !c->planes) {
         set_err(err, errlen, "%s: out of memory reading %zu tensor entries", c->path, n);
-        return -1;
+        return EMOE_ERR_NOMEM;
     }
     size_t i = 0, used_planes = 0;
     for (int e = json_first(d, arr); e != JSON_NONE; e = json_next(d, e), i++) {
-        if (read_entry(c, e, i, &c->tensors[i], c->planes + used_planes, err, errlen)) return -1;
+        const int st = read_entry(c, e, i, &c->tensors[i], c->planes + used_planes, err, errlen);
+        if (st) return st;
         c->tensors[i].planes = c->tensors[i].n_planes ? c->planes + used_planes : NULL;
         used_planes += (size_t)c->tensors[i].n_planes;
         c->by_name[i] = i;
@@ -549,7 +335,7 @@ static int read_tensors(emoe_container *c, int arr, char *err, size_t errlen) {
     for (size_t k = 1; k < n; k++)
         if (!cmp_names_of(c, c->by_name[k - 1], c->by_name[k])) {
             set_err(err, errlen, "%s: index: tensor '%s' appears twice", c->path, c->tensors[c->by_name[k]].name);
-            return -1;
+            return EMOE_ERR_INVALID;
         }
     return 0;
 }
@@ -559,49 +345,66 @@ static int read_tensors(emoe_container *c, int arr, char *err, size_t errlen) {
 static int read_index(emoe_container *c, char *err, size_t errlen) {
     const unsigned char *idx = c->map + c->index_offset;
     const uint32_t want = rd_u32(c->map + 24);
+    if (c->index_nbytes > MAX_INDEX_BYTES) {
+        set_err(err, errlen, "%s: the tensor index has %llu bytes, more than the %llu this reader accepts (corrupt "
+                "preamble?)", c->path, (unsigned long long)c->index_nbytes, (unsigned long long)MAX_INDEX_BYTES);
+        return EMOE_ERR_INVALID;
+    }
     if (emoe_crc32(0, idx, (size_t)c->index_nbytes) != want) {
         set_err(err, errlen, "%s: checksum mismatch in the tensor index (the file is corrupt; re-export it)", c->path);
-        return -1;
+        return EMOE_ERR_CORRUPT;
     }
     char jerr[200];
     if (json_parse((const char *)idx, (size_t)c->index_nbytes, JSON_DEFAULT_MAX_DEPTH, &c->doc, jerr, sizeof jerr)) {
         set_err(err, errlen, "%s: the tensor index (file bytes %llu..%llu) is not valid JSON: %s", c->path,
                 (unsigned long long)c->index_offset, (unsigned long long)(c->index_offset + c->index_nbytes), jerr);
-        return -1;
+        return strstr(jerr, "out of memory") ? EMOE_ERR_NOMEM : EMOE_ERR_INVALID;
     }
     const json_doc *d = c->doc;
     if (json_kind(d, 0) != JSON_OBJECT) {
         set_err(err, errlen, "%s: the tensor index must be a JSON object", c->path);
-        return -1;
+        return EMOE_ERR_INVALID;
+    }
+    static const char *const known[] = {"format", "version", "arch", "metadata", "tensors", NULL};
+    const char *odd;
+    if (unknown_key(d, 0, known, &odd)) {
+        set_err(err, errlen, "%s: index: unknown field '%.60s' (written by a newer edgemoe? upgrade edgemoe)", c->path,
+                odd);
+        return EMOE_ERR_INVALID;
     }
     int f = json_get(d, 0, "format");
     const char *fmt = json_str(d, f, NULL);
     if (f != JSON_NONE && (!fmt || strcmp(fmt, "edgemoe"))) {
-        set_err(err, errlen, "%s: index: format is '%s', expected 'edgemoe'", c->path, fmt ? fmt : "(not a string)");
-        return -1;
+        set_err(err, errlen, "%s: index: format is '%.40s', expected 'edgemoe'", c->path, fmt ? fmt : "(not a string)");
+        return EMOE_ERR_INVALID;
     }
     int v = json_get(d, 0, "version");
     int64_t iv;
     if (v != JSON_NONE && (!json_int64(d, v, &iv) || iv != c->version)) {
         set_err(err, errlen, "%s: index: version does not match the preamble's version %d", c->path, c->version);
-        return -1;
+        return EMOE_ERR_INVALID;
     }
     int arch = json_get(d, 0, "arch");
     if (json_kind(d, arch) != JSON_OBJECT) {
         set_err(err, errlen, "%s: index: 'arch' (the architecture description) is missing or not an object", c->path);
-        return -1;
+        return EMOE_ERR_INVALID;
     }
     c->metadata = json_get(d, 0, "metadata");
     if (c->metadata != JSON_NONE && json_kind(d, c->metadata) != JSON_OBJECT) {
         set_err(err, errlen, "%s: index: 'metadata' must be an object", c->path);
-        return -1;
+        return EMOE_ERR_INVALID;
     }
     int tensors = json_get(d, 0, "tensors");
     if (tensors == JSON_NONE) {
         set_err(err, errlen, "%s: index: 'tensors' is missing", c->path);
-        return -1;
+        return EMOE_ERR_INVALID;
     }
-    if (read_arch(c, arch, err, errlen)) return -1;
+    char aerr[400];
+    const int st = emoe_arch_read(d, arch, &c->arch, aerr, sizeof aerr);
+    if (st) {
+        set_err(err, errlen, "%s: %s", c->path, st == EMOE_ERR_NOMEM ? "out of memory" : aerr);
+        return st;
+    }
     return read_tensors(c, tensors, err, errlen);
 }
 
@@ -609,7 +412,7 @@ static int read_index(emoe_container *c, char *err, size_t errlen) {
  * these strings are all a container keeps; for a large MoE the JSON nodes would be tens of MB). */
 static int compact(emoe_container *c, char *err, size_t errlen) {
     const json_doc *d = c->doc;
-    size_t total = strlen(c->family) + 1;
+    size_t total = strlen(c->arch.family) + 1;
     for (size_t i = 0; i < c->n_tensors; i++)
         total += strlen(c->tensors[i].name) + 1 + strlen(c->tensors[i].mwq_nesting) + 1;
     for (int m = json_first(d, c->metadata); m != JSON_NONE; m = json_next(d, m))
@@ -619,7 +422,7 @@ static int compact(emoe_container *c, char *err, size_t errlen) {
     c->meta = malloc((c->n_meta ? c->n_meta : 1) * 2 * sizeof(char *));
     if (!c->strings || !c->meta) {
         set_err(err, errlen, "%s: out of memory", c->path);
-        return -1;
+        return EMOE_ERR_NOMEM;
     }
     char *p = c->strings;
 #define KEEP(dst, src)                                                                                                \
@@ -629,7 +432,6 @@ static int compact(emoe_container *c, char *err, size_t errlen) {
         (dst) = p;                                                                                                    \
         p += n_;                                                                                                      \
     } while (0)
-    KEEP(c->family, c->family);
     for (size_t i = 0; i < c->n_tensors; i++) {
         KEEP(c->tensors[i].name, c->tensors[i].name);
         KEEP(c->tensors[i].mwq_nesting, c->tensors[i].mwq_nesting);
@@ -648,19 +450,25 @@ static int compact(emoe_container *c, char *err, size_t errlen) {
     return 0;
 }
 
-emoe_container *emoe_container_open(const char *path, int verify, char *err, size_t errlen) {
+emoe_container *emoe_container_open_status(const char *path, int verify, int *status, char *err, size_t errlen) {
+    int dummy;
+    if (!status) status = &dummy;
+    *status = EMOE_OK;
     set_err(err, errlen, "%s", "");
     if (!path) {
         set_err(err, errlen, "emoe_container_open: path is NULL");
+        *status = EMOE_ERR_ARG;
         return NULL;
     }
     emoe_container *c = calloc(1, sizeof(*c));
     if (!c || !(c->path = dup_str(path))) {
         free(c);
         set_err(err, errlen, "%s: out of memory", path);
+        *status = EMOE_ERR_NOMEM;
         return NULL;
     }
     c->metadata = JSON_NONE;
+    int st_code = EMOE_ERR_IO; /* the kind of the next failure */
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         set_err(err, errlen, "%s: %s", path, errno == ENOENT ? "no such file" : strerror(errno));
@@ -683,6 +491,7 @@ emoe_container *emoe_container_open(const char *path, int verify, char *err, siz
         goto fail;
     }
     if (st.st_size < EMOE_CONTAINER_PREAMBLE_SIZE) {
+        st_code = EMOE_ERR_CORRUPT;
         set_err(err, errlen, "%s: truncated (%lld bytes; a container is at least %d)", path, (long long)st.st_size,
                 EMOE_CONTAINER_PREAMBLE_SIZE);
         close(fd);
@@ -694,6 +503,7 @@ emoe_container *emoe_container_open(const char *path, int verify, char *err, siz
         goto fail;
     }
     c->size = (size_t)st.st_size;
+    st_code = EMOE_ERR_IO;
     void *map = mmap(NULL, c->size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED) {
@@ -701,6 +511,7 @@ emoe_container *emoe_container_open(const char *path, int verify, char *err, siz
         goto fail;
     }
     c->map = map;
+    st_code = EMOE_ERR_FORMAT;
     if (memcmp(c->map, "EMOE", 4)) {
         char shown[20];
         for (int i = 0; i < 4; i++) shown[i] = c->map[i] >= 0x20 && c->map[i] < 0x7F ? (char)c->map[i] : '?';
@@ -715,6 +526,7 @@ emoe_container *emoe_container_open(const char *path, int verify, char *err, siz
         goto fail;
     }
     c->version = (int)version;
+    st_code = EMOE_ERR_CORRUPT;
     c->index_offset = rd_u64(c->map + 8);
     c->index_nbytes = rd_u64(c->map + 16);
     if (c->index_offset > c->size || c->index_nbytes > c->size - c->index_offset) {
@@ -727,12 +539,17 @@ emoe_container *emoe_container_open(const char *path, int verify, char *err, siz
                 (unsigned long long)c->index_offset, EMOE_CONTAINER_PREAMBLE_SIZE);
         goto fail;
     }
-    if (read_index(c, err, errlen) || compact(c, err, errlen)) goto fail;
-    if (verify && emoe_container_verify(c, err, errlen)) goto fail;
+    if ((st_code = read_index(c, err, errlen)) || (st_code = compact(c, err, errlen))) goto fail;
+    if (verify && (st_code = emoe_container_verify(c, err, errlen))) goto fail;
     return c;
 fail:
+    *status = st_code;
     emoe_container_close(c);
     return NULL;
+}
+
+emoe_container *emoe_container_open(const char *path, int verify, char *err, size_t errlen) {
+    return emoe_container_open_status(path, verify, NULL, err, errlen);
 }
 
 void emoe_container_close(emoe_container *c) {
@@ -746,8 +563,7 @@ void emoe_container_close(emoe_container *c) {
     free(c->tensors);
     free(c->by_name);
     free(c->planes);
-    free(c->lists);
-    free(c->expert_map);
+    emoe_arch_free(&c->arch);
     free(c->path);
     free(c);
 }
@@ -760,12 +576,12 @@ int emoe_container_verify(const emoe_container *c, char *err, size_t errlen) {
             if (emoe_crc32(0, c->map + t->planes[k].offset, (size_t)t->planes[k].nbytes) != t->planes[k].crc32) {
                 set_err(err, errlen, "%s: checksum mismatch in plane %d of %d of tensor '%s' (the file is corrupt; "
                         "re-export it)", c->path, k + 1, t->n_planes, t->name);
-                return EMOE_ERR_ARG;
+                return EMOE_ERR_CORRUPT;
             }
         if (emoe_crc32(0, c->map + t->offset, (size_t)t->nbytes) != t->crc32) {
             set_err(err, errlen, "%s: checksum mismatch in tensor '%s' (the file is corrupt; re-export it)", c->path,
                     t->name);
-            return EMOE_ERR_ARG;
+            return EMOE_ERR_CORRUPT;
         }
     }
     return EMOE_OK;
@@ -776,11 +592,11 @@ int emoe_container_verify(const emoe_container *c, char *err, size_t errlen) {
 int emoe_container_version(const emoe_container *c) { return c ? c->version : 0; }
 const char *emoe_container_path(const emoe_container *c) { return c ? c->path : NULL; }
 uint64_t emoe_container_file_size(const emoe_container *c) { return c ? c->size : 0; }
-const emoe_config *emoe_container_config(const emoe_container *c) { return c ? &c->cfg : NULL; }
-const char *emoe_container_family(const emoe_container *c) { return c ? c->family : NULL; }
-int64_t emoe_container_max_position(const emoe_container *c) { return c ? c->max_position : 0; }
-int64_t emoe_container_bos_token_id(const emoe_container *c) { return c ? c->bos : -1; }
-int64_t emoe_container_eos_token_id(const emoe_container *c) { return c ? c->eos : -1; }
+const emoe_config *emoe_container_config(const emoe_container *c) { return c ? &c->arch.cfg : NULL; }
+const char *emoe_container_family(const emoe_container *c) { return c ? c->arch.family : NULL; }
+int64_t emoe_container_max_position(const emoe_container *c) { return c ? c->arch.max_position : 0; }
+int64_t emoe_container_bos_token_id(const emoe_container *c) { return c ? c->arch.bos_token_id : -1; }
+int64_t emoe_container_eos_token_id(const emoe_container *c) { return c ? c->arch.eos_token_id : -1; }
 size_t emoe_container_n_tensors(const emoe_container *c) { return c ? c->n_tensors : 0; }
 
 const char *emoe_container_metadata_string(const emoe_container *c, const char *key) {
@@ -836,7 +652,7 @@ emoe_model *emoe_container_load_model(emoe_container *c, int max_ctx, int kv_f16
         set_err(err, errlen, "emoe_container_load_model: container is NULL");
         return NULL;
     }
-    emoe_model *m = emoe_model_new(&c->cfg, max_ctx, kv_f16, n_threads);
+    emoe_model *m = emoe_model_new(&c->arch.cfg, max_ctx, kv_f16, n_threads);
     if (!m) {
         set_err(err, errlen, "%s: out of memory creating the model (max_ctx = %d, %d threads)", c->path, max_ctx,
                 n_threads);

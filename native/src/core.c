@@ -15,6 +15,8 @@ const char *emoe_status_string(int status) {
     case EMOE_ERR_IO: return "reading expert weights failed (I/O error, file truncated or replaced)";
     case EMOE_ERR_CORRUPT: return "expert weights failed their CRC-32 (the file is damaged)";
     case EMOE_ERR_BUDGET: return "memory budget below the minimum this model and context need";
+    case EMOE_ERR_FORMAT: return "not an edgemoe container, or a container version this edgemoe does not read";
+    case EMOE_ERR_INVALID: return "invalid container index or architecture description";
     default: return "unknown error";
     }
 }

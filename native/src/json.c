@@ -20,6 +20,7 @@ typedef struct {
     int32_t next;    /* next sibling or JSON_NONE */
     uint32_t count;  /* number of children */
     size_t key;      /* pool offset of the member key, NO_KEY if not an object member */
+    size_t key_pos;  /* byte offset of the member key in the text (for the duplicate-key message) */
     size_t str, len; /* pool offset and length of a string value */
     int64_t i;       /* integer value (is_int) */
     double d;        /* number value */
@@ -203,6 +204,9 @@ static int parse_string(parser *p, size_t *off, size_t *len) {
             cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
             used = 12;
         }
+        /* A NUL would end the string for every C reader but not for Python: "vocab\u0000" would be two keys to one
+         * reader and one to another. Refused, so a document means one thing to every reader. */
+        if (cp == 0) return fail(p, p->pos, "\\u0000 (NUL) inside a string is not allowed");
         /* A \u escape takes 6 (or 12) source bytes and at most 3 (or 4) decoded bytes: still within the reserve. */
         n += put_utf8(o + n, cp);
         p->pos += used;
@@ -251,10 +255,11 @@ static int parse_number(parser *p, int idx) {
             if (acc > (limit - dgt) / 10) fits = 0;
             else acc = acc * 10 + dgt;
         }
-        if (fits) {
-            nd->is_int = 1;
-            nd->i = neg ? (acc == (uint64_t)INT64_MAX + 1u ? INT64_MIN : -(int64_t)acc) : (int64_t)acc;
-        }
+        /* An integer literal is kept exactly or refused: as a double it would silently round. */
+        if (!fits) return fail(p, start, "integer %.*s does not fit in 64 bits", n > 40 ? 40 : (int)n,
+                               (const char *)p->s + start);
+        nd->is_int = 1;
+        nd->i = neg ? (acc == (uint64_t)INT64_MAX + 1u ? INT64_MIN : -(int64_t)acc) : (int64_t)acc;
     }
     /* strtod needs a NUL-terminated string and uses the locale's decimal point; give it both. */
     char buf[MAX_NUMBER_CHARS + 8];
@@ -276,6 +281,45 @@ static int parse_number(parser *p, int idx) {
 
 static int parse_value(parser *p, int depth, int *out);
 
+typedef struct {
+    const char *key;
+    size_t pos;
+} key_ref;
+
+static int cmp_key_ref(const void *a, const void *b) {
+    return strcmp(((const key_ref *)a)->key, ((const key_ref *)b)->key);
+}
+
+/* Refuse an object that names a key twice: Python's json keeps the last value, other readers the first; either way
+ * one file would mean two things. Keys hold no NUL (parse_string refuses \u0000), so strcmp compares them fully. */
+static int check_unique_keys(parser *p, int obj) {
+    const json_doc *d = p->d;
+    const size_t n = d->nodes[obj].count;
+    if (n < 2) return 0;
+    if (n <= 16) {
+        for (int a = d->nodes[obj].first; a != JSON_NONE; a = d->nodes[a].next)
+            for (int b = d->nodes[a].next; b != JSON_NONE; b = d->nodes[b].next)
+                if (!strcmp(d->pool + d->nodes[a].key, d->pool + d->nodes[b].key))
+                    return fail(p, d->nodes[b].key_pos, "duplicate key \"%.60s\" in an object", d->pool + d->nodes[b].key);
+        return 0;
+    }
+    key_ref *refs = malloc(n * sizeof(key_ref));
+    if (!refs) return fail(p, p->pos, "out of memory");
+    size_t i = 0;
+    for (int c = d->nodes[obj].first; c != JSON_NONE; c = d->nodes[c].next, i++)
+        refs[i] = (key_ref){d->pool + d->nodes[c].key, d->nodes[c].key_pos};
+    qsort(refs, n, sizeof(key_ref), cmp_key_ref);
+    for (i = 1; i < n; i++)
+        if (!strcmp(refs[i - 1].key, refs[i].key)) {
+            const key_ref *later = refs[i].pos > refs[i - 1].pos ? &refs[i] : &refs[i - 1];
+            int st = fail(p, later->pos, "duplicate key \"%.60s\" in an object", later->key);
+            free(refs);
+            return st;
+        }
+    free(refs);
+    return 0;
+}
+
 static int parse_container(parser *p, int depth, int idx, int is_object) {
     const char close = is_object ? '}' : ']';
     const size_t open_pos = p->pos;
@@ -289,12 +333,13 @@ static int parse_container(parser *p, int depth, int idx, int is_object) {
     int last = JSON_NONE;
     uint32_t count = 0;
     for (;;) {
-        size_t koff = NO_KEY, klen = 0;
+        size_t koff = NO_KEY, klen = 0, kpos = 0;
         if (is_object) {
             skip_ws(p);
             if (p->pos >= p->len) return fail(p, p->pos, "unexpected end of input in the object opened at byte %zu",
                                               open_pos);
             if (p->s[p->pos] != '"') return fail(p, p->pos, "expected a string key");
+            kpos = p->pos;
             if (parse_string(p, &koff, &klen)) return -1;
             skip_ws(p);
             if (p->pos >= p->len || p->s[p->pos] != ':') return fail(p, p->pos, "expected ':' after an object key");
@@ -304,6 +349,7 @@ static int parse_container(parser *p, int depth, int idx, int is_object) {
         if (parse_value(p, depth + 1, &child)) return -1;
         node *nodes = p->d->nodes; /* may have moved */
         nodes[child].key = koff;
+        nodes[child].key_pos = kpos;
         if (last == JSON_NONE) nodes[idx].first = child;
         else nodes[last].next = child;
         last = child;
@@ -327,7 +373,7 @@ static int parse_container(parser *p, int depth, int idx, int is_object) {
         return fail(p, p->pos, "expected ',' or '%c'", close);
     }
     p->d->nodes[idx].count = count;
-    return 0;
+    return is_object ? check_unique_keys(p, idx) : 0;
 }
 
 static int parse_literal(parser *p, const char *word, json_type type, int *out) {
@@ -427,10 +473,9 @@ const char *json_key(const json_doc *d, int node_i) {
 int json_get(const json_doc *d, int obj, const char *key) {
     const node *o = get(d, obj);
     if (!o || o->type != JSON_OBJECT || !key) return JSON_NONE;
-    int found = JSON_NONE;
     for (int c = o->first; c != JSON_NONE; c = d->nodes[c].next)
-        if (!strcmp(d->pool + d->nodes[c].key, key)) found = c;
-    return found;
+        if (!strcmp(d->pool + d->nodes[c].key, key)) return c;
+    return JSON_NONE;
 }
 const char *json_str(const json_doc *d, int node_i, size_t *len) {
     const node *n = get(d, node_i);

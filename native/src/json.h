@@ -3,11 +3,12 @@
  * The whole document is parsed into one flat array of nodes (json_doc); values are addressed by node index, children
  * are linked first-child / next-sibling, strings are decoded (escapes resolved, NUL-terminated) into one byte pool.
  * Strict: no comments, no trailing commas, no leading zeros or '+', no control characters or invalid UTF-8 inside
- * strings, no lone surrogates, nothing but whitespace after the value, nesting at most max_depth deep. The parser
+ * strings, no lone surrogates, no \u0000 (NUL) in strings or keys, no key twice in one object, nothing but whitespace
+ * after the value, nesting at most max_depth deep (the recursion is bounded by it). The parser
  * never reads outside [text, text + len) (text need not be NUL-terminated) and keeps no global state.
  *
- * Numbers: an integer literal (no fraction, no exponent) that fits in int64 is kept exactly (json_int64); every number
- * also has a double value (strtod, made locale-independent).
+ * Numbers: an integer literal (no fraction, no exponent) must fit in int64 and is kept exactly (json_int64); every
+ * number also has a finite double value (strtod, made locale-independent); anything else is refused.
  */
 #ifndef EDGEMOE_JSON_H
 #define EDGEMOE_JSON_H
@@ -41,11 +42,10 @@ JSON_API int json_first(const json_doc *d, int node);
 JSON_API int json_next(const json_doc *d, int node);
 /* Member key of a node that is an object member (NULL otherwise). */
 JSON_API const char *json_key(const json_doc *d, int node);
-/* Value of `key` in object `obj` (the last one if the key repeats), or JSON_NONE. */
+/* Value of `key` in object `obj` (keys are unique), or JSON_NONE. */
 JSON_API int json_get(const json_doc *d, int obj, const char *key);
 
-/* Decoded string (NUL-terminated; *len, if given, receives its length, which can be larger than strlen if the text
- * contained \u0000). NULL if the node is not a string. */
+/* Decoded string (NUL-terminated, no NUL inside; *len, if given, receives its length). NULL if not a string. */
 JSON_API const char *json_str(const json_doc *d, int node, size_t *len);
 /* 1 if node is a number written as an integer that fits in int64 (stored in *v), else 0. */
 JSON_API int json_int64(const json_doc *d, int node, int64_t *v);

@@ -2,6 +2,7 @@
  * tensor registration, errors) and forward.c (the forward pass). */
 #ifndef EDGEMOE_MODEL_H
 #define EDGEMOE_MODEL_H
+#include "arch.h" /* emoe_config */
 #include "internal.h"
 
 #define EMOE_BLOCK 64 /* tokens per forward block (prefill runs in blocks of this many tokens) */

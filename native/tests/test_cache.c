@@ -61,7 +61,8 @@ static void patch_file(const char *path, uint64_t off, const void *data, size_t 
 
 static void test_status_strings(void) {
     const int codes[] = {EMOE_OK, EMOE_ERR_ARG, EMOE_ERR_NOMEM, EMOE_ERR_NOT_READY, EMOE_ERR_CTX, EMOE_ERR_ISA,
-                         EMOE_ERR_THREAD, EMOE_ERR_IO, EMOE_ERR_CORRUPT, EMOE_ERR_BUDGET};
+                         EMOE_ERR_THREAD, EMOE_ERR_IO, EMOE_ERR_CORRUPT, EMOE_ERR_BUDGET, EMOE_ERR_FORMAT,
+                         EMOE_ERR_INVALID};
     const int n = (int)(sizeof codes / sizeof codes[0]);
     const char *unknown = emoe_status_string(-1000);
     CHECK(unknown && !strcmp(unknown, "unknown error"), "status -1000 -> \"unknown error\", got \"%s\"", unknown);
@@ -73,7 +74,7 @@ static void test_status_strings(void) {
             CHECK(strcmp(s, emoe_status_string(codes[j])), "statuses %d and %d share the message \"%s\"", codes[i],
                   codes[j], s);
     }
-    CHECK(!strcmp(emoe_status_string(EMOE_ERR_BUDGET + -1), unknown), "the status after the last is unknown: "
+    CHECK(!strcmp(emoe_status_string(EMOE_ERR_INVALID + -1), unknown), "the status after the last is unknown: "
           "add its message to core.c and this list");
 }
 

@@ -21,6 +21,7 @@
 
 #include "edgemoe.h"
 #include "edgemoe_container.h"
+#include "arch.h" /* emoe_container_config */
 #include "json.h"
 #include "check.h"
 
@@ -121,12 +122,12 @@ static void test_json(void) {
     /* valid documents */
     const char *doc = " {\"a\": [1, -2, 3.5, 1e3, -0, true, false, null], \"s\": \"x\\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9"
                       "\\ud83d\\ude00\xc3\xa9\", \"big\": 9223372036854775807, \"neg\": -9223372036854775808, "
-                      "\"over\": 9223372036854775808, \"a\": {}} ";
+                      "\"b\": {}} ";
     CHECK(!json_parse(doc, strlen(doc), 8, &d, err, sizeof err), "valid doc refused: %s", err);
     if (d) {
-        CHECK(json_kind(d, 0) == JSON_OBJECT && json_len(d, 0) == 6, "root");
+        CHECK(json_kind(d, 0) == JSON_OBJECT && json_len(d, 0) == 5, "root");
         int a = json_get(d, 0, "a");
-        CHECK(json_kind(d, a) == JSON_OBJECT, "duplicate key: the last one wins (Python's json)");
+        CHECK(json_kind(d, a) == JSON_ARRAY && json_kind(d, json_get(d, 0, "b")) == JSON_OBJECT, "members");
         int s = json_get(d, 0, "s");
         size_t len;
         const char *str = json_str(d, s, &len);
@@ -135,10 +136,6 @@ static void test_json(void) {
         int64_t v;
         CHECK(json_int64(d, json_get(d, 0, "big"), &v) && v == INT64_MAX, "int64 max");
         CHECK(json_int64(d, json_get(d, 0, "neg"), &v) && v == INT64_MIN, "int64 min");
-        double x;
-        CHECK(!json_int64(d, json_get(d, 0, "over"), &v) && json_double(d, json_get(d, 0, "over"), &x) &&
-                  x == 9223372036854775808.0,
-              "int64 overflow -> double only");
         json_free(d);
     }
     const char *arr = "[1,-2,3.5,1e3,-0,true,false,null]";
@@ -178,6 +175,14 @@ static void test_json(void) {
         {"\"abc", 0},      {"\"\\x\"", 1},     {"\"\\u12g4\"", 5},   {"\"\\ud800\"", 1},   {"\"\\udc00\"", 1},
         {"\"\\ud800\\u0041\"", 7}, {"\"a\nb\"", 2}, {"\"\xff\"", 1}, {"\"\xc0\xaf\"", 1}, {"\"\xed\xa0\x80\"", 1},
         {"[1] x", 4},      {"[1e999]", 1},     {"{\"a\":}", 5},      {"[", 1},             {"\"\\", 0},
+        /* strict beyond RFC 8259: one meaning for every reader */
+        {"{\"a\": 1, \"b\": 2, \"a\": 3}", 17},          /* a key twice (Python keeps the last, others the first) */
+        {"{\"k\": {\"x\": 1, \"x\": 1}}", 15},             /* ... also in a nested object, with equal values */
+        {"{\"vocab\": 16, \"vocab\\u0000\": 320}", 20},   /* NUL in a key: "vocab" to C, another key to Python */
+        {"[\"a\\u0000b\"]", 3},                         /* NUL in a string */
+        {"[9223372036854775808]", 1},                     /* integers are exact int64 or refused */
+        {"[-9223372036854775809]", 1},
+        {"[123456789012345678901234567890]", 1},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         d = NULL;
@@ -188,6 +193,21 @@ static void test_json(void) {
               bad[i].text, st, err, want);
         json_free(d);
     }
+    CHECK(json_parse("{\"a\":1,\"a\":2}", 13, 4, &d, err, sizeof err) && strstr(err, "duplicate key \"a\""),
+          "duplicate key named: %s", err);
+    CHECK(json_parse("[\"\\u0000\"]", 10, 4, &d, err, sizeof err) && strstr(err, "NUL"), "NUL named: %s", err);
+    /* duplicate keys in a large object (the sorted check): 40 distinct keys pass, a repeat at the end is refused */
+    buf big = {0};
+    buf_printf(&big, "{");
+    for (int i = 0; i < 40; i++) buf_printf(&big, "%s\"k%d\": %d", i ? ", " : "", i, i);
+    buf_printf(&big, "}");
+    CHECK(!json_parse((char *)big.p, big.n, 4, &d, err, sizeof err), "40 distinct keys: %s", err);
+    json_free(d);
+    big.n--;
+    buf_printf(&big, ", \"k17\": 0}");
+    CHECK(json_parse((char *)big.p, big.n, 4, &d, err, sizeof err) && strstr(err, "duplicate key \"k17\""),
+          "repeat in a large object: %s", err);
+    free(big.p);
     /* embedded NUL bytes are data, not an end of input */
     CHECK(json_parse("[1]\0", 4, 4, &d, err, sizeof err) && !d, "NUL after the value must be refused");
     /* nesting depth is bounded (a deep document would otherwise overflow the stack) */
@@ -272,7 +292,7 @@ static void build_model(buf *file, const char *extra_arch) {
                "\"hidden\": %d, \"vocab\": %d, \"n_heads\": %d, \"n_kv_heads\": %d, \"head_dim\": %d, "
                "\"n_experts\": %d, \"top_k\": 2, \"expert_ffn\": %d, \"norm_eps\": 1e-06, \"rope_theta\": 10000.0, "
                "\"qk_norm\": \"head\", \"norm_topk\": true, \"bos_token_id\": 1, \"eos_token_id\": null, "
-               "\"unknown_future_key\": {\"x\": [1, 2]}%s}, \"metadata\": {\"source\": \"test\", \"bits\": 32}, "
+               "\"max_position\": 4096%s}, \"metadata\": {\"source\": \"test\", \"bits\": 32}, "
                "\"tensors\": [",
                H, V, NH, NKV, HD, NE, FF, extra_arch);
     const char tok[] = "{\"model\": {}}";
@@ -429,7 +449,7 @@ static void test_index_errors(const char *dir) {
     snprintf(path, sizeof path, "%s/index.emoe", dir);
     buf data = {0}, file = {0};
     buf_zero(&data, EMOE_CONTAINER_PREAMBLE_SIZE + 4096);
-    const char *arch = "\"arch\": {\"n_layers\": 1, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 1, \"n_kv_heads\": 1, "
+    const char *arch = "\"arch\": {\"family\": \"t\", \"n_layers\": 1, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 1, \"n_kv_heads\": 1, "
                        "\"head_dim\": 64, \"n_experts\": 2, \"top_k\": 1, \"expert_ffn\": 64}";
     static const struct {
         const char *tensors;
@@ -465,7 +485,7 @@ static void test_index_errors(const char *dir) {
         {"[{\"name\": \"\", \"dtype\": \"f32\", \"shape\": [1], \"offset\": 4096, \"nbytes\": 4, \"crc32\": 0}]",
          "'name' must be a non-empty string", 1},
         {"[{\"name\": \"a\\u0000b\", \"dtype\": \"f32\", \"shape\": [1], \"offset\": 4096, \"nbytes\": 4, "
-         "\"crc32\": 0}]", "'name' must be a non-empty string", 1},
+         "\"crc32\": 0}]", "NUL", 1},
         {"[7]", "tensor entry 0: not an object", 1},
         {"{}", "'tensors' must be a list", 1},
         /* MWQ (v2): [4, 16], base_bits 2, group_size 8 -> ng = 2: P1 = 4*4*2 + 4*16*2/8 = 48 bytes, P2 = 2*4*2 + 8 =
@@ -515,21 +535,106 @@ static void test_index_errors(const char *dir) {
                   c ? "(opened)" : err);
         emoe_container_close(c);
     }
-    /* the arch object */
+    /* the arch object: every refusal names the field (emoe_arch_read); with a valid base, one field changed */
+#define BASE "\"family\": \"t\", \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, " \
+             "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32"
     static const struct {
         const char *arch, *want;
     } arch_cases[] = {
-        {"{\"hidden\": 64}", "required field 'n_layers' is missing"},
-        {"{\"n_layers\": 0, \"hidden\": 64}", "'n_layers' must be an integer in 1..2147483647"},
-        {"{\"n_layers\": 1.5}", "'n_layers' must be an integer"},
+        {"{" BASE "}", NULL},
+        {"{" BASE ", \"dense_layers\": [1], \"dense_ffn\": 48, \"nope_layers\": [0, 1], \"sliding_window\": 8, "
+         "\"swa_layers\": [0], \"expert_map\": [[0, 0, 1, -1], []], \"bos_token_id\": null, \"eos_token_id\": 3, "
+         "\"rope_dim\": 8, \"qk_norm\": \"full\", \"shared_ffn\": 16, \"shared_gate\": true}", NULL},
+        {"{\"hidden\": 64}", "required field 'family' is missing"},
+        {"{\"family\": \"t\", \"hidden\": 64}", "required field 'n_layers' is missing"},
+        {"{" BASE ", \"n_layers\": 0}", "duplicate key \"n_layers\""},
+        {"{\"family\": \"t\", \"n_layers\": 0, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "'n_layers' must be an integer in 1..4096"},
+        {"{\"family\": \"t\", \"n_layers\": 2147483647, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, "
+         "\"n_kv_heads\": 2, \"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}",
+         "'n_layers' must be an integer in 1..4096"},
+        {"{\"family\": \"t\", \"n_layers\": 1.5, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "'n_layers' must be an integer"},
+        {"{\"family\": \"t\", \"n_layers\": \"2\", \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "'n_layers' must be an integer"},
+        {"{\"family\": \"t\", \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 0, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "'n_kv_heads' must be an integer in 1"},
+        {"{\"family\": \"t\", \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 3, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "n_heads = 4 is not a multiple"},
+        {"{\"family\": \"t\", \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 5, \"expert_ffn\": 32}", "top_k = 5 must be in 1..n_experts"},
+        {"{\"family\": \"t\", \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 0, \"expert_ffn\": 32}", "'top_k' must be an integer in 1"},
+        {"{\"family\": \"t\", \"n_layers\": 2, \"hidden\": 64, \"vocab\": 99999999, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "'vocab' must be an integer in"},
+        {"{" BASE ", \"norm_eps\": -1e-6}", "'norm_eps' = -1e-06 must be a positive number"},
+        {"{" BASE ", \"norm_eps\": 0}", "'norm_eps' = 0 must be a positive number"},
+        {"{" BASE ", \"norm_eps\": 1e-300}", "fits in a float"},
+        {"{" BASE ", \"rope_theta\": -10000.0}", "'rope_theta' = -10000 must be a positive number"},
+        {"{" BASE ", \"rope_theta\": 1e39}", "fits in a float"},
+        {"{" BASE ", \"rope_theta\": \"1e4\"}", "'rope_theta' must be a number, got a string"},
+        {"{" BASE ", \"rope_dim\": 7}", "rope_dim = 7 must be even"},
+        {"{" BASE ", \"rope_dim\": 32}", "rope_dim = 32 must be even and at most head_dim = 16"},
+        {"{" BASE ", \"rope_kind\": \"spiral\"}", "'rope_kind' = 'spiral' is not one of 'neox', 'norm'"},
+        {"{" BASE ", \"activation\": 1}", "'activation' must be one of 'swiglu', 'reglu', got a number"},
+        {"{" BASE ", \"qkv_bias\": 1}", "'qkv_bias' must be true or false, got a number"},
+        {"{" BASE ", \"tie_embeddings\": null}", "'tie_embeddings' must be true or false, got null"},
+        {"{\"family\": 3, \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
+         "\"head_dim\": 16, \"n_experts\": 4, \"top_k\": 2, \"expert_ffn\": 32}", "'family' must be a string"},
+        {"{" BASE ", \"dense_layers\": [2]}", "'dense_layers' must hold layer numbers in 0..1"},
+        {"{" BASE ", \"dense_layers\": [-1]}", "'dense_layers' must hold layer numbers in 0..1"},
+        {"{" BASE ", \"nope_layers\": [1, 1]}", "'nope_layers' names layer 1 twice"},
+        {"{" BASE ", \"swa_layers\": 1}", "'swa_layers' must be a list of layer numbers, got a number"},
+        {"{" BASE ", \"swa_layers\": [0]}", "swa_layers given but sliding_window = 0"},
+        {"{" BASE ", \"dense_layers\": [0]}", "dense_layers given but dense_ffn = 0"},
+        {"{" BASE ", \"shared_gate\": true}", "shared_gate is true but shared_ffn = 0"},
+        {"{" BASE ", \"expert_map\": [[0, 1, 2]]}", "expert_map[0] has 3 entries, expected 0 or n_experts = 4"},
+        {"{" BASE ", \"expert_map\": [[0, 1, 9, 2]]}", "expert_map[0][2] must be an integer in -1..3"},
+        {"{" BASE ", \"expert_map\": [[0, -1, -1, -1]]}", "expert_map[0] keeps 1 experts, fewer than top_k = 2"},
+        {"{" BASE ", \"expert_map\": [[], [], []]}", "'expert_map' has 3 rows, more than n_layers = 2"},
+        {"{" BASE ", \"expert_map\": [[0, 1, 2, 3]], \"dense_layers\": [0], \"dense_ffn\": 8}",
+         "expert_map[0] must be empty: layer 0 is a dense layer"},
+        {"{" BASE ", \"expert_map\": null}", "'expert_map' must be a list"},
+        {"{" BASE ", \"eos_token_id\": -2}", "'eos_token_id' must be an integer in -1..2147483647 or null"},
+        {"{" BASE ", \"max_position\": 0}", "'max_position' must be an integer in 1.."},
+        {"{" BASE ", \"sliding_window_size\": 8}", "unknown field 'sliding_window_size' (written by a newer edgemoe?"},
+        {"{" BASE ", \"vocab\\u0000\": 320}", "NUL"},
         {"[]", "'arch' (the architecture description) is missing or not an object"},
     };
+#undef BASE
     for (size_t i = 0; i < sizeof arch_cases / sizeof arch_cases[0]; i++) {
         snprintf(index, sizeof index, "{\"arch\": %s, \"tensors\": []}", arch_cases[i].arch);
         finish_file(&file, &data, index, strlen(index), 1);
         write_file(path, file.p, file.n);
-        expect_error(path, 0, arch_cases[i].want);
+        int status = 1;
+        emoe_container *c = emoe_container_open_status(path, 0, &status, err, sizeof err);
+        if (!arch_cases[i].want)
+            CHECK(c && status == EMOE_OK, "arch case %zu should open: %s", i, err);
+        else
+            CHECK(!c && status == EMOE_ERR_INVALID && strstr(err, arch_cases[i].want),
+                  "arch case %zu: expected '%s' (invalid), got status %d '%s'", i, arch_cases[i].want, status,
+                  c ? "(opened)" : err);
+        emoe_container_close(c);
+        /* the same text through the public model API: one reader, the same verdict */
+        const char *obj = strchr(index, ':') + 2;
+        const size_t len = strlen(obj) - strlen(", \"tensors\": []}");
+        const int ck = emoe_arch_check(obj, len, err, sizeof err);
+        if (!arch_cases[i].want) CHECK(ck == EMOE_OK, "arch case %zu: emoe_arch_check refused: %s", i, err);
+        else CHECK(ck == EMOE_ERR_INVALID && err[0], "arch case %zu: emoe_arch_check gave %d", i, ck);
+        emoe_model *m = emoe_model_new_json(obj, len, 8, 0, 1, err, sizeof err);
+        CHECK(!!m == !arch_cases[i].want, "arch case %zu: emoe_model_new_json %s: %s", i, m ? "accepted" : "refused",
+              err);
+        emoe_model_free(m);
     }
+    /* the attack of issue 13: "vocab": 16 and "vocab\u0000": 320 once meant 16 to Python and 320 to C */
+    CHECK(!emoe_model_new_json("{\"vocab\": 16, \"vocab\\u0000\": 320}", 33, 8, 0, 1, err, sizeof err) &&
+              strstr(err, "NUL"), "NUL key refused by the model API: %s", err);
+    CHECK(emoe_arch_check("{\"a\": 1} x", 10, err, sizeof err) == EMOE_ERR_INVALID && strstr(err, "not valid JSON"),
+          "trailing garbage: %s", err);
+    const char *ok = "{\"family\": \"t\", \"n_layers\": 1, \"hidden\": 8, \"vocab\": 4, \"n_heads\": 1, "
+                     "\"n_kv_heads\": 1, \"head_dim\": 8, \"n_experts\": 1, \"top_k\": 1, \"expert_ffn\": 8}";
+    CHECK(!emoe_model_new_json(ok, strlen(ok), 0, 0, 1, err, sizeof err) && strstr(err, "max_ctx"), "bad max_ctx: %s",
+          err);
     snprintf(index, sizeof index, "{\"format\": \"gguf\", %s, \"tensors\": []}", arch);
     finish_file(&file, &data, index, strlen(index), 1);
     write_file(path, file.p, file.n);
@@ -555,10 +660,38 @@ static void test_index_errors(const char *dir) {
               "bad max_ctx named: %s", err);
         emoe_container_close(c);
     }
-    /* files that are not containers */
+    /* files that are not containers, and the kind of each failure as a value */
     expect_error(dir, 0, "is a directory");
+    int status = 0;
+    CHECK(!emoe_container_open_status(dir, 0, &status, err, sizeof err) && status == EMOE_ERR_IO, "dir: %d", status);
     snprintf(path, sizeof path, "%s/does-not-exist.emoe", dir);
     expect_error(path, 0, "no such file");
+    CHECK(!emoe_container_open_status(path, 0, &status, err, sizeof err) && status == EMOE_ERR_IO, "absent: %d",
+          status);
+    snprintf(path, sizeof path, "%s/index.emoe", dir);
+    finish_file(&file, &data, "{}", 2, 1);
+    memcpy(file.p, "GGUF", 4);
+    write_file(path, file.p, file.n);
+    CHECK(!emoe_container_open_status(path, 0, &status, err, sizeof err) && status == EMOE_ERR_FORMAT &&
+              strstr(err, "not an edgemoe container"), "magic: %d %s", status, err);
+    finish_file(&file, &data, "{}", 2, 9);
+    write_file(path, file.p, file.n);
+    CHECK(!emoe_container_open_status(path, 0, &status, err, sizeof err) && status == EMOE_ERR_FORMAT,
+          "version 9: %d %s", status, err);
+    snprintf(index, sizeof index, "{%s, \"tensors\": []}", arch);
+    finish_file(&file, &data, index, strlen(index), 1);
+    file.p[file.n - 3] ^= 1; /* inside the index: its checksum no longer matches */
+    write_file(path, file.p, file.n);
+    CHECK(!emoe_container_open_status(path, 0, &status, err, sizeof err) && status == EMOE_ERR_CORRUPT,
+          "index checksum: %d %s", status, err);
+    write_file(path, file.p, file.n - 1);
+    CHECK(!emoe_container_open_status(path, 0, &status, err, sizeof err) && status == EMOE_ERR_CORRUPT &&
+              strstr(err, "truncated"), "truncated: %d %s", status, err);
+    snprintf(index, sizeof index, "{%s, \"tensors\": [], \"tensors2\": []}", arch);
+    finish_file(&file, &data, index, strlen(index), 1);
+    write_file(path, file.p, file.n);
+    CHECK(!emoe_container_open_status(path, 0, &status, err, sizeof err) && status == EMOE_ERR_INVALID &&
+              strstr(err, "unknown field 'tensors2'"), "unknown index key: %d %s", status, err);
     free(data.p);
     free(file.p);
 }

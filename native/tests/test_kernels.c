@@ -9,6 +9,7 @@
 
 #include "edgemoe.h"
 #include "check.h"
+#include "arch.h" /* emoe_config, emoe_model_new: the core's private config */
 #include "internal.h"
 
 

@@ -31,6 +31,7 @@
 
 #include "edgemoe.h"
 #include "edgemoe_container.h"
+#include "arch.h" /* emoe_container_config */
 
 typedef struct {
     const char *model;

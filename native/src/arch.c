@@ -1,0 +1,357 @@
+/* The architecture description: the `arch` JSON object -> emoe_config, every field checked (see arch.h). */
+#include "arch.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_FAMILY 256 /* bytes of the informational family name */
+
+typedef enum { F_INT, F_FLOAT, F_BOOL, F_ENUM, F_STRING, F_ID, F_LIST, F_MAP } field_kind;
+
+static const char *const ROPE_KINDS[] = {"neox", "norm", NULL};
+static const char *const QK_NORMS[] = {"none", "head", "full", NULL};
+static const char *const ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
+static const char *const ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
+static const char *const ACTIVATIONS[] = {"swiglu", "reglu", NULL};
+
+/* Every key an arch object may hold (ArchSpec's fields): required ones first have no default. Integers are checked
+ * against lo..hi here and against each other in check_relations. */
+#define CFG(f) offsetof(emoe_config, f)
+static const struct field {
+    const char *key;
+    field_kind kind;
+    int required;
+    size_t off;              /* into emoe_config (F_INT, F_FLOAT, F_BOOL, F_ENUM); unused otherwise */
+    int64_t lo, hi, def;     /* F_INT / F_ID range and default */
+    double fdef;             /* F_FLOAT default */
+    const char *const *names; /* F_ENUM: allowed strings (index = stored value; absent -> 0) */
+} FIELDS[] = {
+    {"family", F_STRING, 1, 0, 0, 0, 0, 0, NULL},
+    {"n_layers", F_INT, 1, CFG(n_layers), 1, EMOE_MAX_LAYERS, 0, 0, NULL},
+    {"hidden", F_INT, 1, CFG(hidden), 1, EMOE_MAX_HIDDEN, 0, 0, NULL},
+    {"vocab", F_INT, 1, CFG(vocab), 1, EMOE_MAX_VOCAB, 0, 0, NULL},
+    {"n_heads", F_INT, 1, CFG(n_heads), 1, EMOE_MAX_HEADS, 0, 0, NULL},
+    {"n_kv_heads", F_INT, 1, CFG(n_kv_heads), 1, EMOE_MAX_HEADS, 0, 0, NULL},
+    {"head_dim", F_INT, 1, CFG(head_dim), 1, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
+    {"n_experts", F_INT, 1, CFG(n_experts), 1, EMOE_MAX_EXPERTS, 0, 0, NULL},
+    {"top_k", F_INT, 1, CFG(top_k), 1, EMOE_MAX_EXPERTS, 0, 0, NULL},
+    {"expert_ffn", F_INT, 1, CFG(expert_ffn), 0, EMOE_MAX_FFN, 0, 0, NULL},
+    {"norm_eps", F_FLOAT, 0, CFG(norm_eps), 0, 0, 0, 1e-6, NULL},
+    {"rope_kind", F_ENUM, 0, CFG(rope_kind), 0, 0, 0, 0, ROPE_KINDS},
+    {"rope_theta", F_FLOAT, 0, CFG(rope_theta), 0, 0, 0, 10000.0, NULL},
+    {"rope_dim", F_INT, 0, CFG(rope_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
+    {"qkv_bias", F_BOOL, 0, CFG(qkv_bias), 0, 0, 0, 0, NULL},
+    {"qk_norm", F_ENUM, 0, CFG(qk_norm), 0, 0, 0, 0, QK_NORMS},
+    {"router_fn", F_ENUM, 0, CFG(router_fn), 0, 0, 0, 0, ROUTER_FNS},
+    {"norm_topk", F_BOOL, 0, CFG(norm_topk), 0, 0, 0, 0, NULL},
+    {"router_input", F_ENUM, 0, CFG(router_input), 0, 0, 0, 0, ROUTER_INPUTS},
+    {"activation", F_ENUM, 0, CFG(activation), 0, 0, 0, 0, ACTIVATIONS},
+    {"shared_ffn", F_INT, 0, CFG(shared_ffn), 0, EMOE_MAX_FFN, 0, 0, NULL},
+    {"shared_gate", F_BOOL, 0, CFG(shared_gate), 0, 0, 0, 0, NULL},
+    {"dense_ffn", F_INT, 0, CFG(dense_ffn), 0, EMOE_MAX_FFN, 0, 0, NULL},
+    {"dense_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
+    {"nope_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
+    {"sliding_window", F_INT, 0, CFG(sliding_window), 0, INT32_MAX, 0, 0, NULL},
+    {"swa_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
+    {"tie_embeddings", F_BOOL, 0, CFG(tie_embeddings), 0, 0, 0, 0, NULL},
+    {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
+    {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
+    {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
+    {"eos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
+};
+#undef CFG
+#define N_FIELDS (sizeof FIELDS / sizeof FIELDS[0])
+
+static int invalid(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int invalid(char *err, size_t errlen, const char *fmt, ...) {
+    if (err && errlen) {
+        int n = snprintf(err, errlen, "arch: ");
+        if (n >= 0 && (size_t)n < errlen) {
+            va_list ap;
+            va_start(ap, fmt);
+            vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
+            va_end(ap);
+        }
+    }
+    return EMOE_ERR_INVALID;
+}
+
+static const char *kind_name(json_type t) {
+    static const char *const names[] = {"null", "false", "true", "a number", "a string", "a list", "an object"};
+    return (unsigned)t < 7 ? names[t] : "?";
+}
+
+static int32_t *cfg_i32(emoe_config *c, size_t off) { return (int32_t *)((char *)c + off); }
+static float *cfg_f32(emoe_config *c, size_t off) { return (float *)((char *)c + off); }
+
+/* One scalar field (present: node != JSON_NONE) into the config / arch. */
+static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_arch *a, char *err, size_t errlen) {
+    const json_type t = json_kind(d, node);
+    switch (f->kind) {
+    case F_INT:
+    case F_ID: {
+        int64_t v;
+        if (f->kind == F_ID && t == JSON_NULL && f->lo < 0) v = -1; /* bos/eos: null = none */
+        else if (!json_int64(d, node, &v) || v < f->lo || v > f->hi)
+            return invalid(err, errlen, "'%s' must be an integer in %lld..%lld%s, got %s", f->key, (long long)f->lo,
+                           (long long)f->hi, f->kind == F_ID && f->lo < 0 ? " or null" : "",
+                           t == JSON_NUMBER ? "a number outside that range or not an integer" : kind_name(t));
+        if (f->kind == F_INT) *cfg_i32(&a->cfg, f->off) = (int32_t)v;
+        else if (!strcmp(f->key, "max_position")) a->max_position = v;
+        else if (!strcmp(f->key, "bos_token_id")) a->bos_token_id = v;
+        else a->eos_token_id = v;
+        return EMOE_OK;
+    }
+    case F_FLOAT: {
+        double v;
+        if (!json_double(d, node, &v))
+            return invalid(err, errlen, "'%s' must be a number, got %s", f->key, kind_name(t));
+        /* finite (the parser refuses inf/nan literals), positive, and still positive and finite as a float */
+        if (!(v > 0.0) || v > 3.0e38 || (float)v <= 0.0f)
+            return invalid(err, errlen, "'%s' = %g must be a positive number that fits in a float", f->key, v);
+        *cfg_f32(&a->cfg, f->off) = (float)v;
+        return EMOE_OK;
+    }
+    case F_BOOL:
+        if (t != JSON_TRUE && t != JSON_FALSE)
+            return invalid(err, errlen, "'%s' must be true or false, got %s", f->key, kind_name(t));
+        *cfg_i32(&a->cfg, f->off) = t == JSON_TRUE;
+        return EMOE_OK;
+    case F_ENUM: {
+        const char *s = json_str(d, node, NULL);
+        for (int i = 0; s && f->names[i]; i++)
+            if (!strcmp(s, f->names[i])) {
+                *cfg_i32(&a->cfg, f->off) = i;
+                return EMOE_OK;
+            }
+        char allowed[160] = "";
+        for (int i = 0; f->names[i]; i++) {
+            const size_t used = strlen(allowed);
+            snprintf(allowed + used, sizeof allowed - used, "%s'%s'", i ? ", " : "", f->names[i]);
+        }
+        if (!s) return invalid(err, errlen, "'%s' must be one of %s, got %s", f->key, allowed, kind_name(t));
+        return invalid(err, errlen, "'%s' = '%.40s' is not one of %s", f->key, s, allowed);
+    }
+    case F_STRING: {
+        size_t n;
+        const char *s = json_str(d, node, &n);
+        if (!s || n > MAX_FAMILY)
+            return invalid(err, errlen, "'%s' must be a string of at most %d bytes, got %s", f->key, MAX_FAMILY,
+                           s ? "a longer one" : kind_name(t));
+        a->family = malloc(n + 1);
+        if (!a->family) return EMOE_ERR_NOMEM;
+        memcpy(a->family, s, n + 1);
+        return EMOE_OK;
+    }
+    default: return EMOE_OK; /* lists: read_lists */
+    }
+}
+
+/* A list of layer numbers: integers in 0..n_layers-1, each at most once. Written to dst (n_layers entries at most). */
+static int read_layer_list(const json_doc *d, int node, const char *key, int32_t n_layers, int32_t *dst, int32_t *n,
+                           char *err, size_t errlen) {
+    *n = 0;
+    if (node == JSON_NONE) return EMOE_OK;
+    if (json_kind(d, node) != JSON_ARRAY)
+        return invalid(err, errlen, "'%s' must be a list of layer numbers, got %s", key, kind_name(json_kind(d, node)));
+    for (int e = json_first(d, node); e != JSON_NONE; e = json_next(d, e)) {
+        int64_t v;
+        if (!json_int64(d, e, &v) || v < 0 || v >= n_layers)
+            return invalid(err, errlen, "'%s' must hold layer numbers in 0..%d (n_layers = %d)", key, n_layers - 1,
+                           n_layers);
+        for (int32_t i = 0; i < *n; i++)
+            if (dst[i] == v) return invalid(err, errlen, "'%s' names layer %d twice", key, (int)v);
+        dst[(*n)++] = (int32_t)v; /* at most n_layers distinct values fit */
+    }
+    return EMOE_OK;
+}
+
+static int in_list(const int32_t *list, int32_t n, int32_t v) {
+    for (int32_t i = 0; i < n; i++)
+        if (list[i] == v) return 1;
+    return 0;
+}
+
+/* expert_map: a list of at most n_layers rows; row l empty (identity) or n_experts entries in -1..n_experts-1, with
+ * at least top_k experts kept; dense layers' rows empty. dst: n_layers * n_experts entries. *used = 0 if all rows are
+ * empty (no map). */
+static int read_expert_map(const json_doc *d, int node, const emoe_config *c, int32_t *dst, int *used, char *err,
+                           size_t errlen) {
+    *used = 0;
+    if (node == JSON_NONE) return EMOE_OK;
+    if (json_kind(d, node) != JSON_ARRAY)
+        return invalid(err, errlen, "'expert_map' must be a list (one list per layer), got %s",
+                       kind_name(json_kind(d, node)));
+    if (json_len(d, node) > (size_t)c->n_layers)
+        return invalid(err, errlen, "'expert_map' has %zu rows, more than n_layers = %d", json_len(d, node),
+                       c->n_layers);
+    for (int32_t l = 0; l < c->n_layers; l++)
+        for (int32_t e = 0; e < c->n_experts; e++) dst[(size_t)l * (size_t)c->n_experts + (size_t)e] = e;
+    int32_t l = 0;
+    for (int row = json_first(d, node); row != JSON_NONE; row = json_next(d, row), l++) {
+        if (json_kind(d, row) != JSON_ARRAY)
+            return invalid(err, errlen, "expert_map[%d] must be a list, got %s", l, kind_name(json_kind(d, row)));
+        const size_t n = json_len(d, row);
+        if (!n) continue;
+        if (n != (size_t)c->n_experts)
+            return invalid(err, errlen, "expert_map[%d] has %zu entries, expected 0 or n_experts = %d", l, n,
+                           c->n_experts);
+        if (in_list(c->dense_layers, c->n_dense_layers, l))
+            return invalid(err, errlen, "expert_map[%d] must be empty: layer %d is a dense layer", l, l);
+        int32_t e = 0, live = 0;
+        for (int v = json_first(d, row); v != JSON_NONE; v = json_next(d, v), e++) {
+            int64_t g;
+            if (!json_int64(d, v, &g) || g < -1 || g >= c->n_experts)
+                return invalid(err, errlen, "expert_map[%d][%d] must be an integer in -1..%d", l, e, c->n_experts - 1);
+            dst[(size_t)l * (size_t)c->n_experts + (size_t)e] = (int32_t)g;
+            live += g >= 0;
+        }
+        if (live < c->top_k)
+            return invalid(err, errlen, "expert_map[%d] keeps %d experts, fewer than top_k = %d", l, live, c->top_k);
+        *used = 1;
+    }
+    return EMOE_OK;
+}
+
+/* Rules that tie fields together (ArchSpec.__post_init__ and what the forward pass needs). */
+static int check_relations(const emoe_config *c, char *err, size_t errlen) {
+    if (c->n_kv_heads > c->n_heads || c->n_heads % c->n_kv_heads)
+        return invalid(err, errlen, "n_heads = %d is not a multiple of n_kv_heads = %d", c->n_heads, c->n_kv_heads);
+    if (c->top_k > c->n_experts)
+        return invalid(err, errlen, "top_k = %d must be in 1..n_experts = %d", c->top_k, c->n_experts);
+    if (c->rope_dim > c->head_dim || c->rope_dim % 2)
+        return invalid(err, errlen, "rope_dim = %d must be even and at most head_dim = %d (0 = head_dim)",
+                       c->rope_dim, c->head_dim);
+    if (c->n_dense_layers < c->n_layers && c->expert_ffn < 1)
+        return invalid(err, errlen, "expert_ffn = %d: MoE layers need expert_ffn >= 1", c->expert_ffn);
+    if (c->n_dense_layers && c->dense_ffn < 1)
+        return invalid(err, errlen, "dense_layers given but dense_ffn = %d (expected >= 1)", c->dense_ffn);
+    if (c->shared_gate && !c->shared_ffn) return invalid(err, errlen, "shared_gate is true but shared_ffn = 0");
+    if (c->n_swa_layers && !c->sliding_window)
+        return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
+    return EMOE_OK;
+}
+
+int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t errlen) {
+    if (err && errlen) err[0] = '\0';
+    memset(a, 0, sizeof(*a));
+    if (json_kind(d, obj) != JSON_OBJECT)
+        return invalid(err, errlen, "the architecture description must be an object, got %s",
+                       kind_name(json_kind(d, obj)));
+    /* unknown keys first: a newer writer's option must not be ignored */
+    for (int m = json_first(d, obj); m != JSON_NONE; m = json_next(d, m)) {
+        const char *key = json_key(d, m);
+        size_t i = 0;
+        while (i < N_FIELDS && strcmp(FIELDS[i].key, key)) i++;
+        if (i == N_FIELDS)
+            return invalid(err, errlen, "unknown field '%.60s' (written by a newer edgemoe? upgrade edgemoe, or "
+                           "re-export the model with this version)", key);
+    }
+    emoe_config *c = &a->cfg;
+    c->norm_eps = 1e-6f;
+    c->rope_theta = 10000.0f;
+    a->max_position = 4096;
+    a->bos_token_id = a->eos_token_id = -1;
+    int lists[3] = {JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
+    for (size_t i = 0; i < N_FIELDS; i++) {
+        const struct field *f = &FIELDS[i];
+        const int node = json_get(d, obj, f->key);
+        if (node == JSON_NONE) {
+            if (f->required) return invalid(err, errlen, "required field '%s' is missing", f->key);
+            continue;
+        }
+        if (f->kind == F_LIST) lists[!strcmp(f->key, "dense_layers") ? 0 : !strcmp(f->key, "nope_layers") ? 1 : 2] = node;
+        else if (f->kind == F_MAP) map = node;
+        else {
+            const int st = read_scalar(d, node, f, a, err, errlen);
+            if (st) return st;
+        }
+    }
+    /* storage: three lists of at most n_layers, and the expert map (bounded: n_layers * n_experts <= 2^26 only
+     * matters when a map is given) */
+    const int with_map = map != JSON_NONE && json_len(d, map) > 0;
+    const size_t cells = (size_t)c->n_layers * (size_t)c->n_experts;
+    if (with_map && cells > EMOE_MAX_LAYER_EXPERTS)
+        return invalid(err, errlen, "'expert_map' with n_layers = %d and n_experts = %d is too large (at most %d "
+                       "entries)", c->n_layers, c->n_experts, EMOE_MAX_LAYER_EXPERTS);
+    a->ints = malloc((3 * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
+    if (!a->ints) return EMOE_ERR_NOMEM;
+    static const char *const list_keys[3] = {"dense_layers", "nope_layers", "swa_layers"};
+    int32_t *ns[3] = {&c->n_dense_layers, &c->n_nope_layers, &c->n_swa_layers};
+    const int32_t **ptrs[3] = {&c->dense_layers, &c->nope_layers, &c->swa_layers};
+    for (int i = 0; i < 3; i++) {
+        int32_t *dst = a->ints + (size_t)i * (size_t)c->n_layers;
+        const int st = read_layer_list(d, lists[i], list_keys[i], c->n_layers, dst, ns[i], err, errlen);
+        if (st) return st;
+        *ptrs[i] = *ns[i] ? dst : NULL;
+    }
+    int st = check_relations(c, err, errlen);
+    if (st) return st;
+    if (with_map) {
+        int32_t *dst = a->ints + 3 * (size_t)c->n_layers;
+        int used;
+        if ((st = read_expert_map(d, map, c, dst, &used, err, errlen))) return st;
+        c->expert_map = used ? dst : NULL;
+    } else if (map != JSON_NONE && json_kind(d, map) != JSON_ARRAY)
+        return invalid(err, errlen, "'expert_map' must be a list (one list per layer), got %s",
+                       kind_name(json_kind(d, map)));
+    if (c->rope_dim == 0) c->rope_dim = c->head_dim; /* ArchSpec.__post_init__ */
+    if (c->rope_dim % 2)
+        return invalid(err, errlen, "rope_dim = head_dim = %d must be even (give an even rope_dim)", c->rope_dim);
+    return EMOE_OK;
+}
+
+int emoe_arch_parse(const char *json, size_t len, emoe_arch *a, char *err, size_t errlen) {
+    memset(a, 0, sizeof(*a));
+    json_doc *d = NULL;
+    char jerr[200];
+    if (json_parse(json, len, JSON_DEFAULT_MAX_DEPTH, &d, jerr, sizeof jerr))
+        return invalid(err, errlen, "not valid JSON: %s", jerr);
+    const int st = emoe_arch_read(d, 0, a, err, errlen);
+    json_free(d);
+    return st;
+}
+
+void emoe_arch_free(emoe_arch *a) {
+    if (!a) return;
+    free(a->family);
+    free(a->ints);
+    memset(a, 0, sizeof(*a));
+}
+
+/* ---- public entry points (edgemoe.h) ---- */
+
+int emoe_arch_check(const char *arch_json, size_t len, char *err, size_t errlen) {
+    emoe_arch a;
+    const int st = emoe_arch_parse(arch_json, len, &a, err, errlen);
+    emoe_arch_free(&a);
+    if (st == EMOE_ERR_NOMEM && err && errlen) snprintf(err, errlen, "arch: out of memory");
+    return st;
+}
+
+emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, int kv_f16, int n_threads, char *err,
+                                size_t errlen) {
+    emoe_arch a;
+    int st = emoe_arch_parse(arch_json, len, &a, err, errlen);
+    emoe_model *m = NULL;
+    if (st == EMOE_OK) {
+        m = emoe_model_new(&a.cfg, max_ctx, kv_f16, n_threads);
+        if (!m) {
+            if (err && errlen)
+                snprintf(err, errlen, "out of memory creating the model (max_ctx = %d, %d threads; the KV cache takes "
+                         "2 * n_layers * max_ctx * kv_dim values: lower max_ctx or use an f16 KV cache)", max_ctx,
+                         n_threads);
+        } else if (emoe_model_status(m)) {
+            if (err && errlen) snprintf(err, errlen, "%s", emoe_model_last_error(m));
+            emoe_model_free(m);
+            m = NULL;
+        }
+    } else if (st == EMOE_ERR_NOMEM && err && errlen)
+        snprintf(err, errlen, "arch: out of memory");
+    emoe_arch_free(&a);
+    return m;
+}

@@ -1,0 +1,94 @@
+/* The architecture description (docs/FORMAT.md "arch"): the container's `arch` JSON object, parsed and validated into
+ * emoe_config, the core's internal view of edgemoe/arch.py's ArchSpec. Private to the C core: the public API takes
+ * the JSON text (emoe_model_new_json, emoe_arch_check), so no other language mirrors this struct.
+ *
+ * One reader for every path: emoe_container_open (resident and budgeted loading), emoe_model_new_json (the Python
+ * engine) and emoe_arch_check (edgemoe.arch.ArchSpec.from_json) all call emoe_arch_read. It checks every field: exact
+ * types (integers are integer literals, booleans are true/false, enums known strings, layer lists integers), ranges
+ * (sizes bounded so products cannot overflow, heads divide, 1 <= top_k <= n_experts, finite positive eps and theta,
+ * even rope_dim <= head_dim, layer lists inside 0..n_layers-1 without repeats, expert_map rows valid), required keys
+ * present, unknown keys refused. */
+#ifndef EDGEMOE_ARCH_H
+#define EDGEMOE_ARCH_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "edgemoe.h"
+#include "json.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define ARCH_API __attribute__((visibility("hidden")))
+#else
+#define ARCH_API
+#endif
+
+enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
+enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
+enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
+enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
+enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1 };
+
+/* Bounds of the sizes (emoe_arch_read): every product the core forms (vocab * hidden, n_layers * n_experts,
+ * n_heads * head_dim, ...) fits in int64, and per-row sizes in int32. */
+#define EMOE_MAX_LAYERS 4096
+#define EMOE_MAX_HIDDEN (1 << 18)
+#define EMOE_MAX_VOCAB (1 << 24)
+#define EMOE_MAX_HEADS 1024
+#define EMOE_MAX_HEAD_DIM 4096
+#define EMOE_MAX_EXPERTS (1 << 16)
+#define EMOE_MAX_FFN (1 << 20)
+#define EMOE_MAX_LAYER_EXPERTS (1 << 26) /* n_layers * n_experts of an expert map */
+
+/* The architecture as the forward pass reads it; field meanings: edgemoe/arch.py ArchSpec. Layer lists and
+ * expert_map are borrowed only during emoe_model_new (copied). */
+typedef struct emoe_config {
+    int32_t n_layers, hidden, vocab, n_heads, n_kv_heads, head_dim, n_experts, top_k, expert_ffn;
+    float norm_eps;
+    int32_t rope_kind; /* EMOE_ROPE_* */
+    float rope_theta;
+    int32_t rope_dim;  /* rotated dims per head; 0 = head_dim */
+    int32_t qkv_bias;  /* bool */
+    int32_t qk_norm;   /* EMOE_QK_NORM_* */
+    int32_t router_fn; /* EMOE_ROUTER_* */
+    int32_t norm_topk; /* bool */
+    int32_t router_input; /* EMOE_ROUTER_IN_* */
+    int32_t activation;   /* EMOE_ACT_* */
+    int32_t shared_ffn;   /* 0 = no shared expert */
+    int32_t shared_gate;  /* bool */
+    int32_t dense_ffn;
+    int32_t sliding_window; /* 0 = none */
+    int32_t tie_embeddings; /* bool */
+    int32_t n_dense_layers, n_nope_layers, n_swa_layers;
+    const int32_t *dense_layers, *nope_layers, *swa_layers;
+    /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
+     * expert_map[l * n_experts + e], or -1 = pruned (masked out of routing). NULL = identity for every layer. A layer
+     * stores max(map) + 1 experts; when top-k picks several members of one group their weights are summed and the
+     * group's expert runs once. */
+    const int32_t *expert_map;
+} emoe_config;
+
+/* A parsed arch object: the config plus the fields the forward pass does not use. Owns its memory. */
+typedef struct {
+    emoe_config cfg;        /* layer lists and expert_map point into `ints` */
+    char *family;           /* informational ("olmoe", ...) */
+    int64_t max_position;
+    int64_t bos_token_id, eos_token_id; /* -1 when null */
+    int32_t *ints;          /* dense_layers | nope_layers | swa_layers | expert_map */
+} emoe_arch;
+
+/* Read and validate the arch object `obj` of a parsed document into *out (zeroed first; free with emoe_arch_free, also
+ * after a failure). Returns EMOE_OK, EMOE_ERR_INVALID (message in err: "arch: what, expected what") or
+ * EMOE_ERR_NOMEM. */
+ARCH_API int emoe_arch_read(const json_doc *d, int obj, emoe_arch *out, char *err, size_t errlen);
+/* The same from JSON text (strict parser, the object at the root). */
+ARCH_API int emoe_arch_parse(const char *json, size_t len, emoe_arch *out, char *err, size_t errlen);
+ARCH_API void emoe_arch_free(emoe_arch *a);
+
+/* Internal model creation from a validated config (model.c). Returns NULL only when memory runs out; otherwise check
+ * emoe_model_status(m). */
+emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads);
+
+/* The container's architecture (edgemoe_container.h): valid until emoe_container_close. */
+const emoe_config *emoe_container_config(const emoe_container *c);
+
+#endif
