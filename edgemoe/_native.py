@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeMoEError, FormatError
+from .errors import CorruptFileError, EdgeMoEError, FileReadError, FormatError, InvalidFileError, NotAContainerError
 
 _LIB_NAMES = {"darwin": "libedgemoe_core.dylib", "win32": "edgemoe_core.dll"}
 LIB_NAME = _LIB_NAMES.get(sys.platform, "libedgemoe_core.so")
@@ -31,16 +31,10 @@ Q8_0_BLOCK, Q8_0_BLOCK_BYTES = 32, 34
 MWQ_MAX_PLANES = 8  # EMOE_MWQ_MAX_PLANES: MWQ expert matrices (bit planes) go through set_expert_mwq / matmul_mwq
 # instruction sets
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_AVX512VNNI, ISA_COUNT = -1, 0, 1, 2, 3, 4, 5
-# config enums
-ROPE_KINDS = {"neox": 0, "norm": 1}
-QK_NORM_KINDS = {"none": 0, "head": 1, "full": 2}
-ROUTER_FNS = {"softmax": 0, "sigmoid": 1}
-ROUTER_INPUTS = {"ffn_norm": 0, "layer_input": 1}
-ACTIVATIONS = {"swiglu": 0, "reglu": 1}
 
 
-class NativeLibraryNotFound(ImportError):
-    pass
+class NativeLibraryNotFound(ImportError, EdgeMoEError):
+    """The C core is not built: an ImportError (the module cannot load) that users see as one clear EdgeMoEError."""
 
 
 class NativeError(EdgeMoEError):
@@ -80,18 +74,6 @@ _int = ctypes.c_int
 _P_i32 = ctypes.POINTER(ctypes.c_int32)
 
 
-class Config(ctypes.Structure):
-    """emoe_config: the C mirror of ArchSpec (field order must match edgemoe.h)."""
-
-    _fields_ = [(n, _i32) for n in ("n_layers", "hidden", "vocab", "n_heads", "n_kv_heads", "head_dim", "n_experts",
-                                    "top_k", "expert_ffn")] + [
-        ("norm_eps", _f32), ("rope_kind", _i32), ("rope_theta", _f32)] + [
-        (n, _i32) for n in ("rope_dim", "qkv_bias", "qk_norm", "router_fn", "norm_topk", "router_input", "activation",
-                            "shared_ffn", "shared_gate", "dense_ffn", "sliding_window", "tie_embeddings",
-                            "n_dense_layers", "n_nope_layers", "n_swa_layers")] + [
-        ("dense_layers", _P_i32), ("nope_layers", _P_i32), ("swa_layers", _P_i32), ("expert_map", _P_i32)]
-
-
 def _sig(name, restype, *argtypes):
     f = getattr(_lib, name)
     f.restype, f.argtypes = restype, list(argtypes)
@@ -115,7 +97,8 @@ _axpy = _sig("emoe_axpy", _int, _int, _int, _f32, _vp, _vp, _i64)
 _convert_f16 = _sig("emoe_convert_f16", _int, _int, _int, _vp, _vp, _i64)
 _mwq_plane_bytes = _sig("emoe_mwq_plane_bytes", _i64, _int, _int, _int, _i64, _i64)
 _matmul_mwq = _sig("emoe_matmul_mwq", _int, _vp, _int, _vp, _vp, _int, _int, _int, _i64, _i64, _vp, _i64, _vp)
-_model_new = _sig("emoe_model_new", _vp, ctypes.POINTER(Config), _int, _int, _int)
+_model_new_json = _sig("emoe_model_new_json", _vp, _cp, _sz, _int, _int, _int, ctypes.POINTER(_int), _cp, _sz)
+_arch_check = _sig("emoe_arch_check", _int, _cp, _sz, _cp, _sz)
 _model_free = _sig("emoe_model_free", None, _vp)
 _model_status = _sig("emoe_model_status", _int, _vp)
 _model_last_error = _sig("emoe_model_last_error", _cp, _vp)
@@ -307,19 +290,33 @@ def convert_f16(x: np.ndarray, isa: int = ISA_AUTO) -> np.ndarray:
     return out
 
 
+def arch_check(arch_json: str | bytes) -> None:
+    """Validate an architecture description (the JSON text of a container's "arch") with the core's reader, the one
+    every path uses; raises NativeError(status ERR_INVALID) with its message ("arch: ...") if it is refused."""
+    text = arch_json.encode() if isinstance(arch_json, str) else bytes(arch_json)
+    err = ctypes.create_string_buffer(1024)
+    st = _arch_check(text, len(text), err, len(err))
+    if st == ERR_NOMEM:
+        raise MemoryError(err.value.decode(errors="replace"))
+    if st != OK:
+        raise NativeError(err.value.decode(errors="replace"), st)
+
+
 class ModelHandle:
     """Owns one emoe_model. Every failed call raises NativeError with the model's message."""
 
-    def __init__(self, cfg: Config, max_ctx: int, kv_f16: bool, threads: int):
-        self._m = _model_new(ctypes.byref(cfg), int(max_ctx), int(bool(kv_f16)), int(threads))
+    def __init__(self, arch_json: str | bytes, max_ctx: int, kv_f16: bool, threads: int):
+        """A model for an architecture description: the JSON text of a container's "arch" (ArchSpec.dumps()),
+        parsed and validated by the core (emoe_model_new_json)."""
+        text = arch_json.encode() if isinstance(arch_json, str) else bytes(arch_json)
+        err, status = ctypes.create_string_buffer(1024), _int(0)
+        self._m = _model_new_json(text, len(text), int(max_ctx), int(bool(kv_f16)), int(threads),
+                                  ctypes.byref(status), err, len(err))
         if not self._m:
-            raise MemoryError("emoe_model_new: out of memory (the KV cache takes 2 * n_layers * max_ctx * kv_dim "
-                              "values; lower max_ctx or use kv_f16)")
-        st = _model_status(self._m)
-        if st != OK:
-            msg = self.last_error()
-            self.close()
-            raise NativeError(msg, st)
+            msg = err.value.decode(errors="replace")
+            if status.value == ERR_NOMEM:
+                raise MemoryError(msg)
+            raise NativeError(msg, status.value)
 
     def last_error(self) -> str:
         return _model_last_error(self._m).decode(errors="replace")
@@ -437,7 +434,7 @@ class ModelHandle:
 
 
 # ---- a hard memory budget: the streaming engine (edgemoe.h "a hard memory budget") -----------------------------
-ERR_IO, ERR_CORRUPT, ERR_BUDGET = -7, -8, -9
+ERR_IO, ERR_CORRUPT, ERR_BUDGET, ERR_FORMAT, ERR_INVALID = -7, -8, -9, -10, -11
 MODES = {"exact": 0, "adaptive": 1, "ondemand": 2}
 VERIFY_READS = {"never": 0, "first": 1, "always": 2}
 STATS_LEVELS = 8
@@ -485,8 +482,32 @@ def _error_for(message: str, status: int) -> NativeError:
     return cls(message, status)
 
 
-_container_open = _sig("emoe_container_open", _vp, _cp, _int, ctypes.c_char_p, _sz)
+_container_open_status = _sig("emoe_container_open_status", _vp, _cp, _int, ctypes.POINTER(_int), ctypes.c_char_p,
+                              _sz)
 _container_close = _sig("emoe_container_close", None, _vp)
+# emoe_container_open_status's kinds of failure -> the exception users see (edgemoe/errors.py)
+_OPEN_ERRORS = {ERR_IO: FileReadError, ERR_FORMAT: NotAContainerError, ERR_CORRUPT: CorruptFileError,
+                ERR_INVALID: InvalidFileError}
+
+
+def container_open(path, verify: bool = False) -> int:
+    """emoe_container_open_status: the C reader checks the preamble, the index (strict JSON), every tensor entry and
+    the arch object (and with verify every checksum). Returns the handle (close it with container_close); a refusal
+    raises the errors.py class of its kind, chosen by the status value."""
+    err = ctypes.create_string_buffer(2048)
+    status = _int(0)
+    c = _container_open_status(os.fsencode(str(path)), int(bool(verify)), ctypes.byref(status), err, len(err))
+    if not c:
+        msg = err.value.decode(errors="replace")
+        if status.value == ERR_NOMEM:
+            raise MemoryError(msg)
+        raise _OPEN_ERRORS.get(status.value, EdgeMoEError)(msg)
+    return c
+
+
+def container_close(handle: int | None) -> None:
+    if handle:
+        _container_close(handle)
 _stream_options_init = _sig("emoe_stream_options_init", None, ctypes.POINTER(StreamOptions))
 _load_streaming = _sig("emoe_container_load_streaming", _vp, _vp, _int, _int, _int, ctypes.POINTER(StreamOptions),
                        ctypes.c_char_p, _sz)
@@ -516,9 +537,7 @@ def open_streaming(path, max_ctx: int, kv_f16: bool, threads: int, options: Stre
     """Open a container in C and load it under a memory budget (dense weights read into anonymous memory, experts
     streamed through the expert cache). The C container is closed again: the model keeps nothing of it."""
     err = ctypes.create_string_buffer(2048)
-    c = _container_open(os.fsencode(str(path)), 0, err, len(err))
-    if not c:
-        raise NativeError(err.value.decode(errors="replace"), ERR_ARG)
+    c = container_open(path, verify=False)
     try:
         m = _load_streaming(c, int(max_ctx), int(bool(kv_f16)), int(threads), ctypes.byref(options), err, len(err))
     finally:

@@ -1,8 +1,9 @@
 """The architecture description: every supported MoE family is one of these, read by one forward pass.
 
 A new family is a new description (written by a checkpoint reader), never a new forward pass. The fields are
-exactly the knobs the forward pass turns; `to_json`/`from_json` is how the container carries it and how the C core
-receives it.
+exactly the knobs the forward pass turns; `to_json`/`from_json` is how the container carries it and `dumps` how the C
+core receives it (emoe_model_new_json): the core parses and validates that JSON itself (native/src/arch.c), and
+`from_json` asks it first, so both sides read one description the same way. Rules: docs/FORMAT.md "The arch object".
 """
 
 from __future__ import annotations
@@ -93,8 +94,21 @@ class ArchSpec:
 
     @classmethod
     def from_json(cls, data: dict) -> ArchSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The Python view of an architecture description. The C core's reader (native/src/arch.c, the one every
+        loader uses) validates it first: types, ranges, unknown and missing keys; what it refuses raises
+        InvalidFileError with its message, so a description never means two things."""
+        from . import _native as N  # NativeLibraryNotFound is an EdgeMoEError naming how to build the core
+        from .errors import InvalidFileError
+
+        try:
+            text = json.dumps(data, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidFileError(f"arch: not a JSON object of numbers, strings and lists ({e})") from None
+        try:
+            N.arch_check(text)
+        except N.NativeError as e:
+            raise InvalidFileError(str(e)) from None
+        return cls(**data)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)

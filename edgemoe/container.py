@@ -24,11 +24,10 @@ import numpy as np
 from typing_extensions import Self
 
 from .arch import ArchSpec
-from .errors import FormatError
+from .errors import FileReadError, FormatError
 
 MAGIC = b"EMOE"
-VERSION = 2  # the newest version this code reads and writes
-READABLE_VERSIONS = (1, 2)
+VERSION = 2  # the newest version this code writes (the C reader, native/src/container.c, decides what it reads)
 PREAMBLE_SIZE = 4096
 PREAMBLE = struct.Struct("<4sIQQI")  # magic, version, index_offset, index_nbytes, index_crc32
 DENSE_ALIGN = 64
@@ -282,52 +281,38 @@ class Container:
 
 
 def open_container(path: str | os.PathLike, verify: bool = True) -> Container:
-    """Map a container and check its structure (and, with `verify`, every tensor's CRC-32)."""
+    """Map a container and give its metadata view. The C core's reader checks the file first (preamble, index checksum,
+    strict JSON, every tensor entry, every arch field; with `verify` every tensor's CRC-32): Python trusts no field
+    before it has accepted the file, so a file means the same to both. A refusal raises the errors.py class of its
+    kind (FileReadError, NotAContainerError, CorruptFileError, InvalidFileError); a missing C core raises an
+    EdgeMoEError that says how to build it."""
+    from . import _native as N  # NativeLibraryNotFound is an EdgeMoEError naming how to build the core
+
     path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise FormatError(f"{path}: is a directory, expected an .emoe container file")
-    size = path.stat().st_size
-    if size < PREAMBLE_SIZE:
-        raise FormatError(f"{path}: truncated ({size} bytes; a container is at least {PREAMBLE_SIZE})")
-    with open(path, "rb") as f:
-        magic, version, index_offset, index_nbytes, index_crc = PREAMBLE.unpack(f.read(PREAMBLE.size))
-        if magic != MAGIC:
-            raise FormatError(f"{path}: not an edgemoe container (magic {magic!r}, expected {MAGIC!r})")
-        if version not in READABLE_VERSIONS:
-            raise FormatError(f"{path}: container version {version}, this edgemoe reads versions "
-                              f"{', '.join(map(str, READABLE_VERSIONS))} (a newer edgemoe wrote it?)")
-        if index_offset + index_nbytes > size:
-            raise FormatError(f"{path}: truncated (index ends at byte {index_offset + index_nbytes}, file has {size})")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; opened first so the file C checks is the one mapped
+    except OSError:
+        f = None  # the C reader names the problem (no such file, a directory, permission) with its kind
+    try:
+        N.container_close(N.container_open(path, verify=verify))
+        if f is None:  # C could open it a moment ago
+            raise FileReadError(f"{path}: cannot be opened for reading")
+        mine, now = os.fstat(f.fileno()), os.stat(path)
+        if (mine.st_dev, mine.st_ino, mine.st_size, mine.st_mtime_ns) != (now.st_dev, now.st_ino, now.st_size,
+                                                                           now.st_mtime_ns):
+            raise FormatError(f"{path}: the file changed while it was being opened; open it again")
+        _, version, index_offset, index_nbytes, index_crc = PREAMBLE.unpack(f.read(PREAMBLE.size))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    finally:
+        if f is not None:
+            f.close()
     blob = mm[index_offset : index_offset + index_nbytes]
-    if zlib.crc32(blob) != index_crc:
+    if zlib.crc32(blob) != index_crc:  # the same bytes C accepted (in place changes since then are caught here)
         mm.close()
-        raise FormatError(f"{path}: checksum mismatch in the tensor index (the file is corrupt; re-export it)")
+        raise FormatError(f"{path}: the file changed while it was being opened; open it again")
     index = json.loads(blob)
-    tensors = {}
-    for d in index["tensors"]:
-        t = TensorInfo.from_json(d)
-        spans = [(t.offset, t.nbytes)] + [(int(p["offset"]), int(p["nbytes"])) for p in t.planes or ()]
-        if any(off < 0 or off + n > index_offset for off, n in spans):
-            mm.close()
-            raise FormatError(f"{path}: tensor '{t.name}' lies outside the data region")
-        ends = [t.offset] + [int(p["offset"]) + int(p["nbytes"]) for p in t.planes or ()]
-        starts = [int(p["offset"]) for p in t.planes or ()] + [t.offset + t.nbytes]
-        if t.planes and (any(b < a for a, b in zip(ends, starts)) or ends[-1] != t.offset + t.nbytes
-                         or starts[0] != t.offset):
-            mm.close()
-            raise FormatError(f"{path}: the planes of tensor '{t.name}' are not stored in order within its span")
-        if t.dtype == "mwq" and (not t.planes or not t.quant or version < 2):
-            mm.close()
-            raise FormatError(f"{path}: MWQ tensor '{t.name}' without planes or quant parameters")
-        tensors[t.name] = t
+    tensors = {d["name"]: TensorInfo.from_json(d) for d in index["tensors"]}
     c = Container(path, ArchSpec.from_json(index["arch"]), index.get("metadata", {}), tensors, mm, version)
-    if verify:
-        try:
-            c.verify_all()
-        except FormatError:
-            c.close()
-            raise
+    if verify:  # C checked every plane's checksum: Container.planes need not again
+        c._verified_planes.update((t.name, i) for t in tensors.values() for i in range(1, t.n_planes + 1))
     return c

@@ -8,41 +8,6 @@ from . import _native as N
 from .arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 
 
-def native_config(spec: ArchSpec) -> tuple[N.Config, list[np.ndarray]]:
-    """ArchSpec -> emoe_config. Also returns the int32 arrays the config points to (keep them alive until the model
-    is created; the C side copies them)."""
-
-    def arr(values) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(list(values), dtype=np.int32).reshape(-1))
-
-    keep = [arr(spec.dense_layers), arr(spec.nope_layers), arr(spec.swa_layers)]
-    emap = None
-    if any(spec.layer_expert_map(layer) is not None for layer in range(spec.n_layers)):
-        rows = []
-        for layer in range(spec.n_layers):
-            m = spec.layer_expert_map(layer)
-            rows.append(list(range(spec.n_experts)) if m is None else list(m))
-        emap = arr(v for row in rows for v in row)
-        keep.append(emap)
-
-    def ptr(a: np.ndarray | None):
-        return a.ctypes.data_as(N._P_i32) if a is not None and a.size else None
-
-    cfg = N.Config(
-        n_layers=spec.n_layers, hidden=spec.hidden, vocab=spec.vocab, n_heads=spec.n_heads,
-        n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, n_experts=spec.n_experts, top_k=spec.top_k,
-        expert_ffn=spec.expert_ffn, norm_eps=spec.norm_eps, rope_kind=N.ROPE_KINDS[spec.rope_kind],
-        rope_theta=spec.rope_theta, rope_dim=spec.rope_dim, qkv_bias=int(spec.qkv_bias),
-        qk_norm=N.QK_NORM_KINDS[spec.qk_norm], router_fn=N.ROUTER_FNS[spec.router_fn], norm_topk=int(spec.norm_topk),
-        router_input=N.ROUTER_INPUTS[spec.router_input], activation=N.ACTIVATIONS[spec.activation],
-        shared_ffn=spec.shared_ffn, shared_gate=int(spec.shared_gate), dense_ffn=spec.dense_ffn,
-        sliding_window=spec.sliding_window, tie_embeddings=int(spec.tie_embeddings),
-        n_dense_layers=keep[0].size, n_nope_layers=keep[1].size, n_swa_layers=keep[2].size,
-        dense_layers=ptr(keep[0]), nope_layers=ptr(keep[1]), swa_layers=ptr(keep[2]), expert_map=ptr(emap),
-    )
-    return cfg, keep
-
-
 def model_tensor_names(spec: ArchSpec) -> list[str]:
     """Every tensor name the forward pass reads (arch.py's tables), lm_head included even when tied."""
     names = list(GLOBAL_TENSORS.values())
@@ -79,10 +44,9 @@ class CEngine:
                  precision: int | None = None, planes=None, quant: dict[str, dict] | None = None):
         self.spec = spec
         self.max_ctx = int(max_ctx)
-        cfg, keep = native_config(spec)
-        self._h = N.ModelHandle(cfg, self.max_ctx, kv_f16, max(1, int(threads)))
+        # the core reads the same JSON a container stores (one parser, one set of rules; no mirrored struct)
+        self._h = N.ModelHandle(spec.dumps(), self.max_ctx, kv_f16, max(1, int(threads)))
         self._seq_ids: list[list[int]] = [[]]  # per sequence: the tokens whose keys/values its KV cache holds
-        del keep  # copied by emoe_model_new
         self._arrays: list[np.ndarray] = []
         self._plane_reader, self._quant = planes, dict(quant or {})
         self._mwq: dict[str, int] = {}  # MWQ tensor -> planes stored

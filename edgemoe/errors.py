@@ -11,3 +11,19 @@ class FormatError(EdgeMoEError):
 
 class UnsupportedModelError(EdgeMoEError):
     """The checkpoint is an architecture edgemoe does not read."""
+
+
+class FileReadError(EdgeMoEError):
+    """The file cannot be read: missing, a directory, not a regular file, no permission."""
+
+
+class NotAContainerError(FormatError):
+    """The file is not an edgemoe container (wrong magic), or a container version this edgemoe does not read."""
+
+
+class CorruptFileError(FormatError):
+    """The file is truncated or a checksum does not match: it was damaged after it was written."""
+
+
+class InvalidFileError(FormatError):
+    """The file's index or architecture description breaks the format (types, ranges, unknown or missing fields)."""

@@ -135,10 +135,11 @@ typedef struct emoe_model emoe_model;
 
 /* Create a model for the arch JSON text arch_json[0..len) (need not be NUL-terminated) with a KV cache of max_ctx
  * positions (f16 if kv_f16, else f32) and a pool of n_threads. Returns NULL on any problem with a one-line message
- * in err: an invalid description (EMOE_ERR_INVALID's rules: unknown or missing keys, wrong types, values out of
- * range, duplicate keys...), a bad max_ctx / n_threads, or memory running out. */
-emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, int kv_f16, int n_threads, char *err,
-                                size_t errlen);
+ * in err and its kind in *status (if status != NULL; EMOE_OK on success): EMOE_ERR_INVALID for a description that
+ * breaks the rules of docs/FORMAT.md "The arch object" (not valid strict JSON, unknown or missing keys, wrong types,
+ * values out of range or inconsistent), EMOE_ERR_ARG for a bad max_ctx / n_threads, EMOE_ERR_NOMEM. */
+emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, int kv_f16, int n_threads, int *status,
+                                char *err, size_t errlen);
 /* Validate an arch JSON text as emoe_model_new_json would, without creating anything: EMOE_OK, or
  * EMOE_ERR_INVALID / EMOE_ERR_NOMEM with the message in err ("arch: ..."). */
 int emoe_arch_check(const char *arch_json, size_t len, char *err, size_t errlen);

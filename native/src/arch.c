@@ -96,10 +96,15 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
     case F_ID: {
         int64_t v;
         if (f->kind == F_ID && t == JSON_NULL && f->lo < 0) v = -1; /* bos/eos: null = none */
-        else if (!json_int64(d, node, &v) || v < f->lo || v > f->hi)
+        else if (!json_int64(d, node, &v) || v < f->lo || v > f->hi) {
+            char got[64];
+            double x = 0;
+            if (json_int64(d, node, &v)) snprintf(got, sizeof got, "%lld", (long long)v);
+            else if (json_double(d, node, &x)) snprintf(got, sizeof got, "%g (not an integer)", x);
+            else snprintf(got, sizeof got, "%s", kind_name(t));
             return invalid(err, errlen, "'%s' must be an integer in %lld..%lld%s, got %s", f->key, (long long)f->lo,
-                           (long long)f->hi, f->kind == F_ID && f->lo < 0 ? " or null" : "",
-                           t == JSON_NUMBER ? "a number outside that range or not an integer" : kind_name(t));
+                           (long long)f->hi, f->kind == F_ID && f->lo < 0 ? " or null" : "", got);
+        }
         if (f->kind == F_INT) *cfg_i32(&a->cfg, f->off) = (int32_t)v;
         else if (!strcmp(f->key, "max_position")) a->max_position = v;
         else if (!strcmp(f->key, "bos_token_id")) a->bos_token_id = v;
@@ -333,19 +338,22 @@ int emoe_arch_check(const char *arch_json, size_t len, char *err, size_t errlen)
     return st;
 }
 
-emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, int kv_f16, int n_threads, char *err,
-                                size_t errlen) {
+emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, int kv_f16, int n_threads, int *status,
+                                char *err, size_t errlen) {
+    int dummy;
+    if (!status) status = &dummy;
     emoe_arch a;
     int st = emoe_arch_parse(arch_json, len, &a, err, errlen);
     emoe_model *m = NULL;
     if (st == EMOE_OK) {
         m = emoe_model_new(&a.cfg, max_ctx, kv_f16, n_threads);
         if (!m) {
+            st = EMOE_ERR_NOMEM;
             if (err && errlen)
                 snprintf(err, errlen, "out of memory creating the model (max_ctx = %d, %d threads; the KV cache takes "
                          "2 * n_layers * max_ctx * kv_dim values: lower max_ctx or use an f16 KV cache)", max_ctx,
                          n_threads);
-        } else if (emoe_model_status(m)) {
+        } else if ((st = emoe_model_status(m))) {
             if (err && errlen) snprintf(err, errlen, "%s", emoe_model_last_error(m));
             emoe_model_free(m);
             m = NULL;
@@ -353,5 +361,6 @@ emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, 
     } else if (st == EMOE_ERR_NOMEM && err && errlen)
         snprintf(err, errlen, "arch: out of memory");
     emoe_arch_free(&a);
+    *status = st;
     return m;
 }

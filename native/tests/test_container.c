@@ -621,20 +621,24 @@ static void test_index_errors(const char *dir) {
         const int ck = emoe_arch_check(obj, len, err, sizeof err);
         if (!arch_cases[i].want) CHECK(ck == EMOE_OK, "arch case %zu: emoe_arch_check refused: %s", i, err);
         else CHECK(ck == EMOE_ERR_INVALID && err[0], "arch case %zu: emoe_arch_check gave %d", i, ck);
-        emoe_model *m = emoe_model_new_json(obj, len, 8, 0, 1, err, sizeof err);
-        CHECK(!!m == !arch_cases[i].want, "arch case %zu: emoe_model_new_json %s: %s", i, m ? "accepted" : "refused",
-              err);
+        emoe_model *m = emoe_model_new_json(obj, len, 8, 0, 1, &status, err, sizeof err);
+        CHECK(!!m == !arch_cases[i].want && status == (m ? EMOE_OK : EMOE_ERR_INVALID),
+              "arch case %zu: emoe_model_new_json %s (status %d): %s", i, m ? "accepted" : "refused", status, err);
         emoe_model_free(m);
     }
     /* the attack of issue 13: "vocab": 16 and "vocab\u0000": 320 once meant 16 to Python and 320 to C */
-    CHECK(!emoe_model_new_json("{\"vocab\": 16, \"vocab\\u0000\": 320}", 33, 8, 0, 1, err, sizeof err) &&
+    CHECK(!emoe_model_new_json("{\"vocab\": 16, \"vocab\\u0000\": 320}", 33, 8, 0, 1, NULL, err, sizeof err) &&
               strstr(err, "NUL"), "NUL key refused by the model API: %s", err);
     CHECK(emoe_arch_check("{\"a\": 1} x", 10, err, sizeof err) == EMOE_ERR_INVALID && strstr(err, "not valid JSON"),
           "trailing garbage: %s", err);
     const char *ok = "{\"family\": \"t\", \"n_layers\": 1, \"hidden\": 8, \"vocab\": 4, \"n_heads\": 1, "
                      "\"n_kv_heads\": 1, \"head_dim\": 8, \"n_experts\": 1, \"top_k\": 1, \"expert_ffn\": 8}";
-    CHECK(!emoe_model_new_json(ok, strlen(ok), 0, 0, 1, err, sizeof err) && strstr(err, "max_ctx"), "bad max_ctx: %s",
-          err);
+    int mst = 0;
+    CHECK(!emoe_model_new_json(ok, strlen(ok), 0, 0, 1, &mst, err, sizeof err) && mst == EMOE_ERR_ARG &&
+              strstr(err, "max_ctx"), "bad max_ctx: %d %s", mst, err);
+    emoe_model *okm = emoe_model_new_json(ok, strlen(ok), 8, 1, 1, &mst, err, sizeof err);
+    CHECK(okm && mst == EMOE_OK, "valid arch text makes a model: %s", err);
+    emoe_model_free(okm);
     snprintf(index, sizeof index, "{\"format\": \"gguf\", %s, \"tensors\": []}", arch);
     finish_file(&file, &data, index, strlen(index), 1);
     write_file(path, file.p, file.n);
