@@ -360,11 +360,12 @@ def test_every_native_status_has_its_own_message():
     from edgemoe import _native
 
     codes = [_native.OK, _native.ERR_ARG, _native.ERR_NOMEM, _native.ERR_NOT_READY, _native.ERR_CTX, _native.ERR_ISA,
-             _native.ERR_THREAD, _native.ERR_IO, _native.ERR_CORRUPT, _native.ERR_BUDGET]
-    assert codes == list(range(0, -10, -1))
+             _native.ERR_THREAD, _native.ERR_IO, _native.ERR_CORRUPT, _native.ERR_BUDGET, _native.ERR_FORMAT,
+             _native.ERR_INVALID]
+    assert codes == list(range(0, -12, -1))
     messages = [_native.status_string(c) for c in codes]
     assert "unknown error" not in messages
     assert len(set(messages)) == len(messages)
     assert "CRC-32" in _native.status_string(_native.ERR_CORRUPT)
     assert "budget" in _native.status_string(_native.ERR_BUDGET)
-    assert _native.status_string(-10) == "unknown error"
+    assert _native.status_string(-12) == "unknown error"
