@@ -184,8 +184,8 @@ static int in_list(const int32_t *list, int32_t n, int32_t v) {
 /* expert_map: a list of at most n_layers rows; row l empty (identity) or n_experts entries in -1..n_experts-1, with
  * at least top_k experts kept; dense layers' rows empty. dst: n_layers * n_experts entries. *used = 0 if all rows are
  * empty (no map). */
-static int read_expert_map(const json_doc *d, int node, const emoe_config *c, int32_t *dst, int *used, char *err,
-                           size_t errlen) {
+static int read_expert_map(const json_doc *d, int node, const emoe_config *c, int32_t *dst, unsigned char *seen,
+                           int *used, char *err, size_t errlen) {
     *used = 0;
     if (node == JSON_NONE) return EMOE_OK;
     if (json_kind(d, node) != JSON_ARRAY)
@@ -217,6 +217,19 @@ static int read_expert_map(const json_doc *d, int node, const emoe_config *c, in
         }
         if (live < c->top_k)
             return invalid(err, errlen, "expert_map[%d] keeps %d experts, fewer than top_k = %d", l, live, c->top_k);
+        /* stored experts are numbered 0..G-1 without gaps: every group below the largest is used (seen[] is
+         * n_experts bytes, allocated once by the caller) */
+        const int32_t *row_v = dst + (size_t)l * (size_t)c->n_experts;
+        int32_t top = -1;
+        memset(seen, 0, (size_t)c->n_experts);
+        for (int32_t i = 0; i < c->n_experts; i++) {
+            if (row_v[i] >= 0) seen[row_v[i]] = 1;
+            top = row_v[i] > top ? row_v[i] : top;
+        }
+        for (int32_t g = 0; g < top; g++)
+            if (!seen[g])
+                return invalid(err, errlen, "expert_map[%d] uses stored expert %d but not %d (numbers must have no "
+                               "gaps)", l, top, g);
         *used = 1;
     }
     return EMOE_OK;
@@ -299,7 +312,11 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
     if (with_map) {
         int32_t *dst = a->ints + 3 * (size_t)c->n_layers;
         int used;
-        if ((st = read_expert_map(d, map, c, dst, &used, err, errlen))) return st;
+        unsigned char *seen = malloc((size_t)c->n_experts);
+        if (!seen) return EMOE_ERR_NOMEM;
+        st = read_expert_map(d, map, c, dst, seen, &used, err, errlen);
+        free(seen);
+        if (st) return st;
         c->expert_map = used ? dst : NULL;
     } else if (map != JSON_NONE && json_kind(d, map) != JSON_ARRAY)
         return invalid(err, errlen, "'expert_map' must be a list (one list per layer), got %s",

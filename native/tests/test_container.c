@@ -591,6 +591,7 @@ static void test_index_errors(const char *dir) {
         {"{" BASE ", \"expert_map\": [[0, 1, 2]]}", "expert_map[0] has 3 entries, expected 0 or n_experts = 4"},
         {"{" BASE ", \"expert_map\": [[0, 1, 9, 2]]}", "expert_map[0][2] must be an integer in -1..3"},
         {"{" BASE ", \"expert_map\": [[0, -1, -1, -1]]}", "expert_map[0] keeps 1 experts, fewer than top_k = 2"},
+        {"{" BASE ", \"expert_map\": [[0, 2, 2, 0]]}", "expert_map[0] uses stored expert 2 but not 1"},
         {"{" BASE ", \"expert_map\": [[], [], []]}", "'expert_map' has 3 rows, more than n_layers = 2"},
         {"{" BASE ", \"expert_map\": [[0, 1, 2, 3]], \"dense_layers\": [0], \"dense_ffn\": 8}",
          "expert_map[0] must be empty: layer 0 is a dense layer"},
