@@ -94,6 +94,7 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, spec: ArchSpec, metadata: dict | None = None):
+        ArchSpec.from_json(spec.to_json())  # the reader's rules (C arch.c), checked before writing: no file it refuses
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.spec = spec

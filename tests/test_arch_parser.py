@@ -254,3 +254,18 @@ def test_valid_container_rewritten_still_loads_with_the_same_logits(tiny, tmp_pa
     c = open_container(p)
     assert c.spec == spec and set(c.tensors) == {t["name"] for t in index["tensors"]}
     c.close()
+
+
+def test_the_writer_refuses_what_the_reader_would(tiny, tmp_path):
+    """ContainerWriter checks the spec with the same reader: an exporter never writes a file edgemoe refuses."""
+    import dataclasses
+
+    from edgemoe.container import ContainerWriter
+
+    spec = open_container(tiny, verify=False).spec
+    for bad, want in ((dataclasses.replace(spec, qkv_bias=1), "'qkv_bias' must be true or false"),
+                      (dataclasses.replace(spec, swa_layers=[0]), "swa_layers given but sliding_window = 0"),
+                      (dataclasses.replace(spec, norm_eps=float("inf")), "not a JSON object")):
+        with pytest.raises(InvalidFileError, match=want):
+            ContainerWriter(tmp_path / "out.emoe", bad)
+        assert list(tmp_path.iterdir()) == []
