@@ -290,23 +290,23 @@ def open_container(path: str | os.PathLike, verify: bool = True) -> Container:
     from . import _native as N  # NativeLibraryNotFound is an EdgeMoEError naming how to build the core
 
     path = Path(path)
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; opened first so the file C checks is the one mapped
+    try:  # opened first so the file C checks is the one mapped; O_NONBLOCK: a FIFO is refused by C, not waited on
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        f = None  # the C reader names the problem (no such file, a directory, permission) with its kind
+        fd = None  # the C reader names the problem (no such file, a directory, permission) with its kind
     try:
         N.container_close(N.container_open(path, verify=verify))
-        if f is None:  # C could open it a moment ago
+        if fd is None:  # C could open it a moment ago
             raise FileReadError(f"{path}: cannot be opened for reading")
-        mine, now = os.fstat(f.fileno()), os.stat(path)
+        mine, now = os.fstat(fd), os.stat(path)
         if (mine.st_dev, mine.st_ino, mine.st_size, mine.st_mtime_ns) != (now.st_dev, now.st_ino, now.st_size,
                                                                            now.st_mtime_ns):
             raise FormatError(f"{path}: the file changed while it was being opened; open it again")
-        _, version, index_offset, index_nbytes, index_crc = PREAMBLE.unpack(f.read(PREAMBLE.size))
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        _, version, index_offset, index_nbytes, index_crc = PREAMBLE.unpack(os.pread(fd, PREAMBLE.size, 0))
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
-        if f is not None:
-            f.close()
+        if fd is not None:
+            os.close(fd)
     blob = mm[index_offset : index_offset + index_nbytes]
     if zlib.crc32(blob) != index_crc:  # the same bytes C accepted (in place changes since then are caught here)
         mm.close()

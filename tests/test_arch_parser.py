@@ -6,6 +6,8 @@ is struct "<4sIQQI" (magic, version, index_offset, index_nbytes, index_crc32), t
 """
 
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
@@ -215,6 +217,15 @@ def test_error_kinds_cross_as_values(tiny, tmp_path):
         open_container(tmp_path / "absent.emoe")
     with pytest.raises(FileReadError, match="is a directory"):
         open_container(tmp_path)
+    fifo = tmp_path / "fifo.emoe"
+    os.mkfifo(fifo)  # no writer: opening it must not wait forever
+    signal.alarm(20)
+    try:
+        with pytest.raises(FileReadError, match="not a regular file"):
+            open_container(fifo)
+    finally:
+        signal.alarm(0)
+    fifo.unlink()
     (tmp_path / "g.emoe").write_bytes(b"GGUF" + bytes(5000))
     with pytest.raises(NotAContainerError, match="not an edgemoe container"):
         open_container(tmp_path / "g.emoe")

@@ -469,7 +469,7 @@ emoe_container *emoe_container_open_status(const char *path, int verify, int *st
     }
     c->metadata = JSON_NONE;
     int st_code = EMOE_ERR_IO; /* the kind of the next failure */
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* O_NONBLOCK: a FIFO is refused below, not waited on */
     if (fd < 0) {
         set_err(err, errlen, "%s: %s", path, errno == ENOENT ? "no such file" : strerror(errno));
         goto fail;
