@@ -88,6 +88,19 @@ static const char *kind_name(json_type t) {
 static int32_t *cfg_i32(emoe_config *c, size_t off) { return (int32_t *)((char *)c + off); }
 static float *cfg_f32(emoe_config *c, size_t off) { return (float *)((char *)c + off); }
 
+/* The arch fields outside emoe_config (F_ID). */
+static int64_t *arch_id(emoe_arch *a, const char *key) {
+    return !strcmp(key, "max_position") ? &a->max_position
+           : !strcmp(key, "bos_token_id") ? &a->bos_token_id : &a->eos_token_id;
+}
+
+/* An absent optional field takes the table's default (ints, bools and enums default to 0). */
+static void set_default(const struct field *f, emoe_arch *a) {
+    if (f->kind == F_FLOAT) *cfg_f32(&a->cfg, f->off) = (float)f->fdef;
+    else if (f->kind == F_ID) *arch_id(a, f->key) = f->def;
+    else if (f->kind == F_INT || f->kind == F_BOOL || f->kind == F_ENUM) *cfg_i32(&a->cfg, f->off) = (int32_t)f->def;
+}
+
 /* One scalar field (present: node != JSON_NONE) into the config / arch. */
 static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_arch *a, char *err, size_t errlen) {
     const json_type t = json_kind(d, node);
@@ -106,9 +119,7 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
                            (long long)f->hi, f->kind == F_ID && f->lo < 0 ? " or null" : "", got);
         }
         if (f->kind == F_INT) *cfg_i32(&a->cfg, f->off) = (int32_t)v;
-        else if (!strcmp(f->key, "max_position")) a->max_position = v;
-        else if (!strcmp(f->key, "bos_token_id")) a->bos_token_id = v;
-        else a->eos_token_id = v;
+        else *arch_id(a, f->key) = v;
         return EMOE_OK;
     }
     case F_FLOAT: {
@@ -270,16 +281,13 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
                            "re-export the model with this version)", key);
     }
     emoe_config *c = &a->cfg;
-    c->norm_eps = 1e-6f;
-    c->rope_theta = 10000.0f;
-    a->max_position = 4096;
-    a->bos_token_id = a->eos_token_id = -1;
     int lists[3] = {JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
     for (size_t i = 0; i < N_FIELDS; i++) {
         const struct field *f = &FIELDS[i];
         const int node = json_get(d, obj, f->key);
         if (node == JSON_NONE) {
             if (f->required) return invalid(err, errlen, "required field '%s' is missing", f->key);
+            set_default(f, a);
             continue;
         }
         if (f->kind == F_LIST) lists[!strcmp(f->key, "dense_layers") ? 0 : !strcmp(f->key, "nope_layers") ? 1 : 2] = node;
