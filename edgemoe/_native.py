@@ -508,6 +508,8 @@ def container_open(path, verify: bool = False) -> int:
 def container_close(handle: int | None) -> None:
     if handle:
         _container_close(handle)
+
+
 _stream_options_init = _sig("emoe_stream_options_init", None, ctypes.POINTER(StreamOptions))
 _load_streaming = _sig("emoe_container_load_streaming", _vp, _vp, _int, _int, _int, ctypes.POINTER(StreamOptions),
                        ctypes.c_char_p, _sz)

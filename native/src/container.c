@@ -1,5 +1,6 @@
-/* The `.emoe` container reader (docs/FORMAT.md): preamble, read-only mapping, JSON index -> tensor table and
- * emoe_config, CRC checks, and model creation with every tensor pointer borrowed from the mapping.
+/* The `.emoe` container reader (docs/FORMAT.md): preamble, read-only mapping, JSON index -> tensor table (the arch
+ * object goes to arch.c, the one reader of the architecture), CRC checks, failures as typed statuses, and model
+ * creation with every tensor pointer borrowed from the mapping.
  *
  * Everything read from the file is treated as hostile: every size is checked for overflow and every range against the
  * file before it is touched, and every failure returns a message naming the file and what was expected. */
