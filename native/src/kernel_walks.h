@@ -37,6 +37,25 @@
         }                                                                                                             \
     } while (0)
 
+/* Dense kernels whose prefill tiles hold one row (the Q8_0 x f32 kernels): the same parameters and TILE as
+ * EMOE_WALK_TILES; decode 4 rows per tile (then 1), prefill 1 row x 4 tokens (then x 1). */
+#define EMOE_WALK_ROW_TILES(TILE)                                                                                     \
+    do {                                                                                                              \
+        const char *wb_ = (const char *)w, *xb_ = (const char *)x;                                                    \
+        int64_t o = r0;                                                                                               \
+        if (n_tok == 1) {                                                                                             \
+            for (; o + 4 <= r1; o += 4) TILE(4, 1, wb_ + (size_t)o * w_stride, xb_, y);                               \
+            for (; o < r1; o++) TILE(1, 1, wb_ + (size_t)o * w_stride, xb_, y);                                       \
+            break;                                                                                                    \
+        }                                                                                                             \
+        for (; o < r1; o++) {                                                                                         \
+            const char *wr_ = wb_ + (size_t)o * w_stride;                                                             \
+            int t = 0;                                                                                                \
+            for (; t + 4 <= n_tok; t += 4) TILE(1, 4, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);          \
+            for (; t < n_tok; t++) TILE(1, 1, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);                  \
+        }                                                                                                             \
+    } while (0)
+
 /* MWQ kernels (mwq_fn): define `ATTR static void NAME(w, a, y, ldy, r0, r1)` that walks one row at a time, its tokens
  * in tiles of 4, then the 3, 2 or 1 left: ROW(args..., TT, w, a, o, t, y, ldy) computes row o for tokens t..t+TT-1
  * (the row's codes and signs are unpacked once per tile). ATTR: the ISA's target attribute, or nothing. */

@@ -192,24 +192,13 @@ NEON_INLINE void tile_q8f(int R, int TT, int64_t nb, const char *w, size_t w_str
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++) y[(size_t)t * ldy + (size_t)o + (size_t)r] = vaddvq_f32(acc[r][t]);
 }
+
+#define TILE_Q8F(R, TT, wr, xr, yr) tile_q8f(R, TT, nb, wr, w_stride, xr, x_stride, yr, ldy, o)
+
 static void matmul_q8_0_f32(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                             size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    const char *wb = (const char *)w, *xb = (const char *)x;
     const int64_t nb = cols / QK;
-    int64_t o = r0;
-    if (n_tok == 1) {
-        for (; o + 4 <= r1; o += 4) tile_q8f(4, 1, nb, wb + (size_t)o * w_stride, w_stride, xb, x_stride, y, ldy, o);
-        for (; o < r1; o++) tile_q8f(1, 1, nb, wb + (size_t)o * w_stride, w_stride, xb, x_stride, y, ldy, o);
-        return;
-    }
-    for (; o < r1; o++) {
-        const char *wr = wb + (size_t)o * w_stride;
-        int t = 0;
-        for (; t + 4 <= n_tok; t += 4)
-            tile_q8f(1, 4, nb, wr, w_stride, xb + (size_t)t * x_stride, x_stride, y + (size_t)t * ldy, ldy, o);
-        for (; t < n_tok; t++)
-            tile_q8f(1, 1, nb, wr, w_stride, xb + (size_t)t * x_stride, x_stride, y + (size_t)t * ldy, ldy, o);
-    }
+    EMOE_WALK_ROW_TILES(TILE_Q8F);
 }
 
 /* Same bits as the scalar quantize_act: vcvtnq_s32_f32 rounds to nearest, ties to even. */
