@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from edgemoe.bandwidth import memory_read_bandwidth, storage_read_bandwidth
 
 CGROOT = Path("/sys/fs/cgroup/memory")
 DEFAULT_DIR = Path("/tmp/budget")
@@ -107,58 +107,21 @@ def drop_caches() -> bool:
 
 
 def storage_bandwidth(path: Path, nbytes: int = 1 << 30, block: int = 4 << 20, threads: int = 1) -> dict:
-    """Cold read bandwidth of `path` (page cache dropped first; O_DIRECT when possible, else buffered), `threads`
-    readers of `block`-byte reads (the engine's I/O threads and largest read)."""
-    import threading
-
+    """Cold read bandwidth of `nbytes` in the middle of `path` (the expert data; page cache dropped first), read in
+    order in `block`-byte reads (the engine's largest) by `threads` readers: edgemoe.bandwidth's storage probe."""
     size = path.stat().st_size
     nbytes = min(nbytes, size // block * block)
     dropped = drop_caches()
-    direct = hasattr(os, "O_DIRECT")
-    off0 = (size // 2 - nbytes // 2) // block * block  # the middle of the file: expert data
-    n_blocks = nbytes // block
-    state = {"next": 0, "done": 0}
-    lock = threading.Lock()
-
-    def reader():
-        buf = mmap.mmap(-1, block)
-        try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        except OSError:
-            fd = os.open(path, os.O_RDONLY)
-        while True:
-            with lock:
-                i = state["next"]
-                state["next"] += 1
-            if i >= n_blocks:
-                break
-            n = os.preadv(fd, [buf], off0 + i * block)
-            with lock:
-                state["done"] += max(n, 0)
-        os.close(fd)
-        buf.close()
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=reader) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    dt = time.perf_counter() - t0
-    return {"bytes": state["done"], "seconds": dt, "gb_s": state["done"] / dt / 1e9, "direct": direct,
-            "cold": dropped, "block": block, "threads": threads}
+    off0 = (size // 2 - nbytes // 2) // block * block
+    r = storage_read_bandwidth(path, [(off0 + i * block, block) for i in range(nbytes // block)], seconds=600,
+                               threads=threads, shuffle=False)
+    return {"bytes": r["bytes"], "seconds": r["seconds"], "gb_s": r["bytes_per_s"] / 1e9,
+            "direct": r["method"] == "O_DIRECT", "cold": dropped, "block": block, "threads": threads}
 
 
 def memory_bandwidth() -> float:
-    a = np.ones((1 << 30) // 8)
-    best = min(_timed(np.sum, a) for _ in range(3))
-    return a.nbytes / best / 1e9
-
-
-def _timed(fn, *a) -> float:
-    t0 = time.perf_counter()
-    fn(*a)
-    return time.perf_counter() - t0
+    """GB/s: edgemoe.bandwidth's memory probe over 1 GiB, one thread."""
+    return memory_read_bandwidth(1, 1 << 30, reps=3)["bytes_per_s"] / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from membw import read_bandwidth
 
 from edgemoe import _native as N
 from edgemoe.arch import ArchSpec, dense_tensor_names, expert_tensor_name
+from edgemoe.bandwidth import memory_read_bandwidth
 from edgemoe.engine_c import CEngine
 
 PRESETS = {
@@ -103,7 +102,7 @@ def main() -> None:
                 tok = int(np.argmax(eng.decode(tok)))
                 tg.append(time.perf_counter() - t0)
             isa = eng.isa
-        bw = read_bandwidth(threads)
+        bw = memory_read_bandwidth(threads, 1 << 30, reps=5)["bytes_per_s"] / 1e9
         med = statistics.median(tg)
         results.append({
             "threads": threads, "isa": isa, f"pp{args.p}_tok_s": round(args.p / min(pp), 1),

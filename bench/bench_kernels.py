@@ -17,7 +17,6 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgemoe import _native as N
+from edgemoe.bandwidth import memory_read_bandwidth
 
 GiB = 1 << 30
 
@@ -40,21 +40,9 @@ def timed(fn, reps: int, min_time: float = 0.0) -> list[float]:
 
 
 def memory_bandwidth(threads: int, nbytes: int, reps: int) -> dict:
-    """numpy read bandwidth: sum over a float64 array of nbytes (split across threads; numpy releases the GIL)."""
-    a = np.ones(nbytes // 8, dtype=np.float64)
-    parts = np.array_split(a, threads)
-    if threads == 1:
-        def run():
-            a.sum()
-    else:
-        ex = ThreadPoolExecutor(threads)
-
-        def run():
-            list(ex.map(np.sum, parts))
-    ts = timed(run, reps)
-    if threads > 1:
-        ex.shutdown()
-    return {"threads": threads, "best_gbs": a.nbytes / min(ts) / 1e9, "median_gbs": a.nbytes / statistics.median(ts) / 1e9}
+    """numpy read bandwidth (edgemoe.bandwidth's probe), in this script's units."""
+    m = memory_read_bandwidth(threads, nbytes, reps)
+    return {"threads": threads, "best_gbs": m["bytes_per_s"] / 1e9, "median_gbs": m["median_bytes_per_s"] / 1e9}
 
 
 # kernel name -> (storage type, emoe_matmul wtype)

@@ -24,28 +24,15 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgemoe import _native as N
+from edgemoe.bandwidth import MemoryReader
 
 GiB = 1 << 30
-
-
-def memory_reader(threads: int, a: np.ndarray, ex: ThreadPoolExecutor | None):
-    """numpy read bandwidth probe: sum over a float64 array (split across threads; numpy releases the GIL)."""
-    parts = np.array_split(a, threads)
-
-    def run():
-        if ex:
-            list(ex.map(np.sum, parts))
-        else:
-            a.sum()
-
-    return run
 
 
 def make_planes(rows: int, cols: int, b1: int, g: int, K: int, rng) -> list[np.ndarray]:
@@ -118,7 +105,7 @@ def main() -> None:
         cols = 4096
         rounds, min_time = 200, 2.0
 
-    mem_array = np.ones(((GiB // 2) if args.quick else GiB) // 8, dtype=np.float64)
+    mem_bytes = (GiB // 2) if args.quick else GiB
     mem = {}
     wq8 = N.quantize_q8_0(rng.standard_normal((rows_q8, cols), dtype=np.float32))
     planes = make_planes(rows_mwq, cols, b1, g, max(ks), rng)
@@ -135,8 +122,8 @@ def main() -> None:
     rows_out = []
     for t in threads_list:
         pool = N.Pool(t) if t > 1 else None
-        ex = ThreadPoolExecutor(t) if t > 1 else None
-        fns = {"read": memory_reader(t, mem_array, ex)}
+        read = MemoryReader(t, mem_bytes)  # the read-bandwidth probe, timed in the same rounds as the kernels
+        fns = {"read": read}
         for isa in isas:
             fns[f"{N.isa_name(isa)} q8_0"] = (lambda isa=isa, pool=pool: N.matmul(wq8, N.Q8_0, x1, rows_q8, cols, isa=isa,
                                                                         pool=pool, out=y_q8))
@@ -146,10 +133,9 @@ def main() -> None:
                                                       out=y_mwq))
         times = timed_round_robin(fns, rounds, min_time)
         rd = times.pop("read")
-        mem[t] = {"threads": t, "best_gbs": mem_array.nbytes / min(rd) / 1e9,
-                  "median_gbs": mem_array.nbytes / statistics.median(rd) / 1e9}
-        if ex:
-            ex.shutdown()
+        mem[t] = {"threads": t, "best_gbs": read.nbytes / min(rd) / 1e9,
+                  "median_gbs": read.nbytes / statistics.median(rd) / 1e9}
+        read.close()
         pre = {}
         for isa in isas:
             pre[f"{N.isa_name(isa)} q8_0"] = (lambda isa=isa, pool=pool: N.matmul(wq8_pre, N.Q8_0, xp, pre_rows, cols, isa=isa,
@@ -170,7 +156,7 @@ def main() -> None:
             # GB/s relative to q8_0 and to the read bandwidth, round by round (the three ran within a second of each
             # other, under the same machine load): the median of those ratios
             per_round = [(nbytes / a) / (wq8.nbytes / b) for a, b in zip(ts, q8_times)]
-            per_round_bw = [(nbytes / a) / (mem_array.nbytes / b) for a, b in zip(ts, rd)]
+            per_round_bw = [(nbytes / a) / (read.nbytes / b) for a, b in zip(ts, rd)]
             rows_out.append({
                 "kernel": kern, "isa": isa_name, "threads": t, "bits_per_weight": round(8 * nbytes / (rows * cols), 3),
                 "mib": round(nbytes / 2**20, 1), "best_gbs": round(best, 2),

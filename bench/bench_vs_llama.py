@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from membw import read_bandwidth
 
 import edgemoe
 from edgemoe import _native as N
+from edgemoe.bandwidth import memory_read_bandwidth
 from edgemoe.container import ContainerWriter, open_container
 
 GiB = 1 << 30
@@ -243,7 +242,7 @@ def main() -> None:
     rows = []
     load = os.getloadavg()
     for threads in threads_list:
-        bw = read_bandwidth(threads)
+        bw = memory_read_bandwidth(threads, 1 << 30, reps=5)["bytes_per_s"] / 1e9
         for label, ours, ggufs in plan:
             engines, bpt, isa = {}, {}, None
             for name, path, k in ours:

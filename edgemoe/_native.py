@@ -54,10 +54,14 @@ def _find_library() -> Path:
         if p.is_file():
             return p
         tried.append(str(p))
-    p = Path(__file__).resolve().parent / LIB_NAME
-    if p.is_file():
-        return p
-    tried.append(str(p))
+    # Beside this file (an installed package), or in another directory of the package: an editable install
+    # (pip install -e .) imports the sources from the checkout and lists the directory CMake installed into too.
+    package = sys.modules[__package__]
+    for d in dict.fromkeys([str(Path(__file__).resolve().parent), *getattr(package, "__path__", ())]):
+        p = Path(d) / LIB_NAME
+        if p.is_file():
+            return p
+        tried.append(str(p))
     raise NativeLibraryNotFound(
         f"edgemoe's C core ({LIB_NAME}) was not found (tried: {', '.join(tried)}). Install the package with pip "
         "(it builds native/ with CMake), or build it yourself (cmake -S native -B build && cmake --build build) and "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_options import load_args, runtime_opts, sampling_kwargs, sampling_opts
 from .errors import EdgeMoEError
 from .units import format_bytes
 
@@ -145,10 +146,9 @@ CHAT_COMMANDS = {"/exit": "quit", "/quit": "quit", "/reset": "forget the convers
 
 
 def cmd_chat(args) -> int:
-    from .cli import _load_args, sampling_kwargs
     from .model import load
 
-    with load(args.model, **_load_args(args)) as m:
+    with load(args.model, **load_args(args)) as m:
         if m.tokenizer is None:
             raise EdgeMoEError(f"{args.model}: no tokenizer embedded; chat needs one")
         sampling = sampling_kwargs(args, m.generate)
@@ -206,7 +206,7 @@ def _chat_turn(m, system: list[dict], messages: list[dict], n: int, sampling: di
             del messages[:2]  # the oldest user message and its reply
 
 
-def add_tool_parsers(sub, runtime_opts, sampling_opts=None) -> None:
+def add_tool_parsers(sub) -> None:
     b = sub.add_parser("bench", help="llama-bench-shaped prompt (pp) and generation (tg) speed",
                        description="Measure prompt processing (ppN) and generation (tgN) tokens/s, 5 repetitions "
                                    "after a warm-up; with --vs-llama-cpp / --vs-onnx, run llama.cpp on a GGUF / "
@@ -253,9 +253,6 @@ def add_tool_parsers(sub, runtime_opts, sampling_opts=None) -> None:
     c.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
     c.add_argument("--max-ctx", type=int, default=None, metavar="N",
                    help="context length (default: the model's, at most 4096); older turns are dropped beyond it")
-    if sampling_opts is not None:
-        sampling_opts(c)
-    else:
-        c.add_argument("--temperature", type=float, default=0.0)
+    sampling_opts(c)
     runtime_opts(c)
     c.set_defaults(func=cmd_chat)

@@ -16,22 +16,14 @@ when the prefetch predicts well; the report gives tokens/s for no overlap (a flo
 
 from __future__ import annotations
 
-import mmap
-import os
-import random
 import re
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
-
+from .bandwidth import IO_ALIGN, memory_read_bandwidth, storage_read_bandwidth
 from .container import Container, open_container
 from .errors import EdgeMoEError
 from .procfs import mem_available_bytes
 from .units import format_bytes, parse_bytes
-
-IO_ALIGN = 4096  # the C core's read alignment and cache slot granularity (native/src/io_thread.h EMOE_IO_ALIGN)
 
 
 # ---- what the runtime demands ------------------------------------------------------------------------------------
@@ -129,85 +121,6 @@ def uniform_probabilities(sizes: dict[tuple[int, int], int], top_k: int) -> dict
     for layer, _ in sizes:
         per_layer[layer] = per_layer.get(layer, 0) + 1
     return {(layer, e): min(1.0, top_k / per_layer[layer]) for layer, e in sizes}
-
-
-# ---- the machine -------------------------------------------------------------------------------------------------
-def storage_read_bandwidth(path: str | Path, pieces: list[tuple[int, int]], seconds: float = 0.6,
-                           threads: int = 2) -> dict:
-    """Bytes/s reading `pieces` ((offset, nbytes) of the expert data) of `path` in random order with `threads`
-    readers (the engine's I/O threads), bypassing the page cache with O_DIRECT when the file system allows it, else
-    after asking the kernel to drop the file's cached pages. Stops after `seconds` or when every piece was read."""
-    path = str(path)
-    order = list(pieces)
-    random.Random(0).shuffle(order)
-    direct = hasattr(os, "O_DIRECT")
-    if direct:
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
-            direct = False
-    dropped = False
-    if not direct and hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            dropped = True
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    state = {"next": 0, "bytes": 0, "error": None}
-    lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
-    biggest = max((-(-(n + off % IO_ALIGN) // IO_ALIGN) * IO_ALIGN for off, n in order), default=IO_ALIGN)
-
-    def reader():
-        buf = mmap.mmap(-1, biggest)  # page-aligned, as O_DIRECT wants
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        try:
-            while time.perf_counter() < deadline:
-                with lock:
-                    i = state["next"]
-                    state["next"] += 1
-                if i >= len(order):
-                    break
-                off, n = order[i]
-                start = off // IO_ALIGN * IO_ALIGN
-                length = -(-(off + n - start) // IO_ALIGN) * IO_ALIGN
-                got = os.preadv(fd, [memoryview(buf)[:length]], start)
-                with lock:
-                    state["bytes"] += got
-        except OSError as e:
-            state["error"] = e
-        finally:
-            os.close(fd)
-            buf.close()
-
-    t0 = time.perf_counter()
-    workers = [threading.Thread(target=reader) for _ in range(max(1, threads))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    dt = time.perf_counter() - t0
-    if state["error"] is not None and not state["bytes"]:
-        raise EdgeMoEError(f"{path}: reading the file to measure its read bandwidth failed: {state['error']}")
-    how = "O_DIRECT" if direct else ("page cache dropped" if dropped else "buffered (may be cached)")
-    return {"bytes_per_s": state["bytes"] / dt if dt > 0 else 0.0, "bytes": state["bytes"], "seconds": dt,
-            "method": how, "threads": max(1, threads)}
-
-
-def memory_read_bandwidth(nbytes: int = 64 << 20, reps: int = 3) -> dict:
-    """Bytes/s of a dot product over two arrays larger than the last-level cache (what a matvec streams), best
-    of `reps`."""
-    a = np.ones(nbytes // 8, dtype=np.float32)
-    b = np.ones(nbytes // 8, dtype=np.float32)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.dot(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return {"bytes_per_s": (a.nbytes + b.nbytes) / best, "bytes": a.nbytes + b.nbytes}
 
 
 # ---- the report --------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import resource
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,6 +56,22 @@ def _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p, repetiti
 
 def _ratio(a, b):
     return a / b if b else None
+
+
+# Thread safety. A Model holds one engine with one KV cache (or n_seq of them) and, under a budget, one expert cache:
+# two calls running at once would interleave their sequences in it. So every public verb holds the model's lock for
+# its whole call (a second thread waits its turn; the results are those of the calls run one after the other). A
+# stream (generate(stream=True)) holds the lock only while it computes a token, never while the caller holds the
+# piece: it is resumed as the caller pleases, so a call from another thread may run between its tokens; that call
+# replaces the stream's sequence and the stream then ends with an error instead of continuing someone else's.
+def _serialized(verb):
+    """Run a public verb of Model under the model's lock (re-entrant: chat() calls generate())."""
+    @functools.wraps(verb)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            self._check_open()
+            return verb(self, *args, **kwargs)
+    return locked
 
 
 class _Continuation:
@@ -128,6 +146,8 @@ class Model:
         self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
         self._stats = _fresh_stats()
         self._sequence = 0  # bumped whenever the KV cache gets a new sequence: a stream notices it was replaced
+        self._lock = threading.RLock()  # see _serialized
+        self._closed = False
 
     @staticmethod
     def _check_precision(container: Container, precision) -> tuple[int | None, int | None]:
@@ -211,6 +231,7 @@ class Model:
         cfg.update(self.container.metadata)
         return cfg
 
+    @_serialized
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab] for a fresh sequence (all positions). The KV cache then holds `ids`."""
         ids = self._check_ids(ids)
@@ -246,6 +267,10 @@ class Model:
         """Continue `prompt` (a string, or a list of token ids). Returns the new text, or with stream=True an
         iterator of text pieces that join to exactly that text (multi-byte characters are never split).
 
+        Threads: calls on one Model run one at a time (a second thread waits). A stream computes each token when it
+        is resumed; if a call from any thread runs between two of its tokens, that call replaces the stream's
+        sequence and the stream raises EdgeMoEError. To generate several texts at once, use generate_batch.
+
         Sampling (llama.cpp's semantics, `edgemoe.sampling`): temperature 0 = greedy; otherwise the repetition
         penalty (over the last `repeat_last_n` tokens of prompt + output; 1 = off), then top_k (0 = off), min_p
         (0 = off) and top_p (1 = off) restrict the tokens drawn from softmax(logits / temperature) with a
@@ -265,33 +290,45 @@ class Model:
         stops = stop_strings(stop)
         ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt tokens")
         pieces = self._generate(ids, max_new_tokens, params, np.random.default_rng(seed), stops, stop_at_eos)
-        return pieces if stream else "".join(pieces)
+        return pieces if stream else self._joined(pieces)
+
+    @_serialized
+    def _joined(self, pieces: Iterator[str]) -> str:
+        """A whole generation under the lock: no other call runs between its tokens."""
+        return "".join(pieces)
 
     def _generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, rng: np.random.Generator,
                   stops: list[str], stop_at_eos: bool) -> Iterator[str]:
         if max_new_tokens == 0:
             return
         cont = _Continuation(self, ids, max_new_tokens, params, rng, stops, stop_at_eos)
-        logits = self._prefill_reusing_cache(ids)
-        self._sequence += 1  # the KV cache now belongs to this generation
-        mine = self._sequence
+        with self._lock:  # each token's computation under the lock, the yield outside it (see _serialized)
+            self._check_open()
+            logits = self._prefill_reusing_cache(ids)
+            self._sequence += 1  # the KV cache now belongs to this generation
+            mine = self._sequence
         while True:
             piece, finished = cont.step(logits)
             if piece:
                 yield piece
             if finished:
                 break
-            if self._sequence != mine:
-                raise EdgeMoEError("this generate() stream was resumed after another generate() or chat() call "
-                                   "replaced its sequence in the KV cache; finish one stream before starting another")
-            t1 = time.perf_counter()
-            logits = self._engine.decode(cont.token)
-            self._stats["decode_tokens"] += 1
-            self._stats["decode_s"] += time.perf_counter() - t1
+            with self._lock:
+                self._check_open()
+                if self._sequence != mine:
+                    raise EdgeMoEError("this generate() stream was resumed after another call (generate, chat, "
+                                       "logits, generate_batch or reset, from this or another thread) replaced its "
+                                       "sequence in the KV cache; finish one stream before starting another, or use "
+                                       "generate_batch (with n_seq) to generate several texts at once")
+                t1 = time.perf_counter()
+                logits = self._engine.decode(cont.token)
+                self._stats["decode_tokens"] += 1
+                self._stats["decode_s"] += time.perf_counter() - t1
         rest = cont.finish()
         if rest:
             yield rest
 
+    @_serialized
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                        repetition_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = 0,
@@ -379,6 +416,7 @@ class Model:
         self._stats["prefill_s"] += time.perf_counter() - t0
         return logits
 
+    @_serialized
     def reset(self) -> None:
         """Clear the KV cache: the next generate() runs its whole prompt."""
         self._engine.reset()
@@ -429,6 +467,7 @@ class Model:
         return self.generate(prompt, stop=stops, **generate_kwargs)
 
     @property
+    @_serialized
     def stats(self) -> dict:
         """Counters since load or reset_stats(): tokens prefilled (prefill_tokens; prompt_tokens_reused are the
         prompt positions kept from the KV cache instead), decode_tokens, their rates in tokens/s, peak RSS, and
@@ -478,21 +517,32 @@ class Model:
             "o_direct": bool(c["direct"]),
         }
 
+    @_serialized
     def reset_stats(self) -> None:
         """Zero the counters of `stats` (not the KV cache: see reset())."""
         self._stats = _fresh_stats()
         if self.streaming:
             self._engine.reset_stats()
 
+    @_serialized
     def drop_cache(self) -> None:
         """Streaming: empty the expert cache (a cold start)."""
         if self.streaming:
             self._engine.drop_cache()
 
     def close(self) -> None:
-        """Free the engine and unmap the container."""
-        self._engine.close()
-        self.container.close()
+        """Free the engine and unmap the container (waits for a call running in another thread). Closing twice is
+        harmless; any other verb after close raises EdgeMoEError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._engine.close()
+            self.container.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EdgeMoEError(f"{self.container.path.name}: this Model is closed (load it again)")
 
     def __enter__(self) -> Self:
         return self
@@ -526,6 +576,8 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
     reads = verify_reads or ("first" if verify else "never")
     opts = {"prefetch": prefetch, "verify": reads, **stream_options} if streaming else None
     try:
+        if verify and streaming and "tokenizer.json" in container.tensors:
+            container.verify("tokenizer.json")  # the C core checks what it reads; the tokenizer is read here
         return Model(container, memory_budget, threads, engine, max_ctx, precision, mode, opts, n_seq)
     except BaseException:
         container.close()

@@ -30,36 +30,11 @@ from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor
 from edgemoe.errors import EdgeMoEError
 
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
+from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SMALLTHINKER_SWA_WINDOW, SPLIT_REGEX_PRE
 from .progress import progress
 
 # Q4_0_Q8_0: per-tensor types, experts Q4_0 and every other matrix Q8_0 (MWQ experts + Q8_0 dense, llama.cpp side)
 GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q4_0_Q8_0")
-
-# edgemoe family -> llama.cpp architecture name
-LLAMA_CPP_ARCH = {
-    "olmoe": "olmoe",
-    "qwen2moe": "qwen2moe",
-    "qwen3moe": "qwen3moe",
-    "mixtral": "llama",
-    "smallthinker": "smallthinker",
-}
-
-# Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
-_SPLIT_REGEX_PRE = {
-    # Qwen2 / Qwen2.5 / Qwen3 / SmallThinker (single digits)
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-    # Llama 3 (digits in groups of up to three)
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-}
-
-# llama.cpp's `smallthinker` hard-codes its hybrid layout: with `attention.sliding_window` present, layers
-# i % 4 != 0 use sliding-window attention with a window of 4096 (the key's value is not used) and layers i % 4 == 0
-# use full attention without RoPE; without the key, every layer uses RoPE and full attention.
-_SMALLTHINKER_SWA_PERIOD = 4
-_SMALLTHINKER_SWA_WINDOW = 4096
-
 
 @dataclass
 class _Planned:
@@ -136,13 +111,13 @@ def _smallthinker_swa(spec: ArchSpec, where: str) -> bool:
     nope = sorted(spec.nope_layers)
     if not swa and not nope:
         return False
-    p = _SMALLTHINKER_SWA_PERIOD
+    p = SMALLTHINKER_SWA_PERIOD
     want_swa = [i for i in range(spec.n_layers) if i % p != 0]
     want_nope = [i for i in range(spec.n_layers) if i % p == 0]
-    if swa != want_swa or nope != want_nope or spec.sliding_window != _SMALLTHINKER_SWA_WINDOW:
+    if swa != want_swa or nope != want_nope or spec.sliding_window != SMALLTHINKER_SWA_WINDOW:
         raise EdgeMoEError(
             f"{where}: llama.cpp's smallthinker hard-codes its hybrid attention layout: sliding-window attention "
-            f"with a window of {_SMALLTHINKER_SWA_WINDOW} on layers i % {p} != 0 and full attention without RoPE "
+            f"with a window of {SMALLTHINKER_SWA_WINDOW} on layers i % {p} != 0 and full attention without RoPE "
             f"on layers i % {p} == 0 (or RoPE and full attention everywhere). This model has sliding-window "
             f"layers {swa} (window {spec.sliding_window}) and NoPE layers {nope}; export it to the edgemoe "
             "container instead."
@@ -171,8 +146,8 @@ def _pre_tokenizer_name(tok: dict) -> str:
         if (len(items) == 2 and items[0].get("type") == "Split" and items[1].get("type") == "ByteLevel"
                 and not items[1].get("use_regex", True) and not items[1].get("add_prefix_space")):
             regex = (items[0].get("pattern") or {}).get("Regex")
-            if regex in _SPLIT_REGEX_PRE:
-                return _SPLIT_REGEX_PRE[regex]
+            if regex in SPLIT_REGEX_PRE:
+                return SPLIT_REGEX_PRE[regex]
     raise EdgeMoEError(
         f"tokenizer.json: pre-tokenizer {json.dumps(pt)[:200]} is not one llama.cpp knows "
         "(supported: ByteLevel with the GPT-2 regex, Qwen2 and Llama-3 Split regexes); "

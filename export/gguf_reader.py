@@ -6,7 +6,7 @@ so every consumer of a Hugging Face checkpoint (the container pipeline, the GGUF
 reads a GGUF the same way. Tensors are memory-mapped by gguf-py and dequantized to f32 one at a time.
 
 llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker -- the
-same table `gguf_export.LLAMA_CPP_ARCH` writes, read backwards. Metadata is turned into a Hugging Face-style
+table the writer uses (`llama_cpp_names.LLAMA_CPP_ARCH`), read backwards. Metadata is turned into a Hugging Face-style
 config (`.config`) and the ArchSpec comes from the same `families.py` function that reads a real config.json, so
 a GGUF and the checkpoint it was converted from give the same description.
 
@@ -41,7 +41,7 @@ from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .checkpoint import expected_shapes, expert_shape
 from .families import FAMILIES, Family
-from .gguf_export import _SMALLTHINKER_SWA_PERIOD, _SPLIT_REGEX_PRE, LLAMA_CPP_ARCH
+from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SPLIT_REGEX_PRE
 
 # llama.cpp architecture -> edgemoe family (the writer's table read backwards)
 GGUF_ARCH_TO_FAMILY = {arch: family for family, arch in LLAMA_CPP_ARCH.items()}
@@ -52,7 +52,7 @@ _MISSING = object()
 
 # tokenizer.ggml.pre -> (pre_tokenizer, normalizer) of a byte-level BPE tokenizer.json
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_PRE_REGEX = {pre: regex for regex, pre in _SPLIT_REGEX_PRE.items()}
+_PRE_REGEX = {pre: regex for regex, pre in SPLIT_REGEX_PRE.items()}
 
 
 def _pre_tokenizer(pre: str) -> tuple[dict, dict | None] | None:
@@ -228,7 +228,7 @@ class GGUFCheckpoint:
             if gating not in (int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)):
                 raise UnsupportedModelError(f"{self.path}: smallthinker expert_gating_func {gating} is not supported")
             hybrid = self._kv(p + "attention.sliding_window", None) is not None
-            period = _SMALLTHINKER_SWA_PERIOD
+            period = SMALLTHINKER_SWA_PERIOD
             cfg.update(
                 moe_num_primary_experts=n_experts, moe_num_active_primary_experts=top_k, moe_ffn_hidden_size=expert_ffn,
                 moe_primary_router_apply_softmax=gating == int(gguf.ExpertGatingFuncType.SOFTMAX),

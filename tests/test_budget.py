@@ -369,3 +369,18 @@ def test_every_native_status_has_its_own_message():
     assert "CRC-32" in _native.status_string(_native.ERR_CORRUPT)
     assert "budget" in _native.status_string(_native.ERR_BUDGET)
     assert _native.status_string(-12) == "unknown error"
+
+
+def test_corrupt_tokenizer_is_refused_under_a_budget(tiny_emoe, tmp_path):
+    """The tokenizer blob is read by Python, not by the C core: its checksum is checked at load, budget or not."""
+    src = tiny_emoe("olmoe")
+    path = tmp_path / "bad_tokenizer.emoe"
+    data = bytearray(src.read_bytes())
+    c = open_container(src, verify=False)
+    t = c.tensors["tokenizer.json"]
+    c.close()
+    data[t.offset + t.nbytes // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    for budget in (None, "1GB"):
+        with pytest.raises(FormatError, match="tokenizer.json"):
+            edgemoe.load(path, memory_budget=budget, max_ctx=64)

@@ -1,5 +1,5 @@
-/* The I/O thread(s): a priority queue of read requests, pread/preadv into the client's memory, CRC-32 checks.
- * See io_thread.h for the protocol. */
+/* The I/O thread(s): a priority queue of read requests, pread/preadv into the client's memory, CRC-32 checks
+ * (crc32.c). See io_thread.h for the protocol. */
 #define _GNU_SOURCE
 #include "io_thread.h"
 
@@ -51,45 +51,6 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* ---- CRC-32, slicing-by-8 ---- */
-
-static uint32_t crc_tab[8][256];
-static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
-
-static void crc_init(void) {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_tab[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++) crc_tab[t][i] = (crc_tab[t - 1][i] >> 8) ^ crc_tab[0][crc_tab[t - 1][i] & 0xFF];
-}
-
-uint32_t emoe_crc32_fast(uint32_t crc, const void *data, size_t len) {
-    pthread_once(&crc_once, crc_init);
-    const unsigned char *p = data;
-    uint32_t c = ~crc;
-    while (len && ((uintptr_t)p & 7)) c = crc_tab[0][(c ^ *p++) & 0xFF] ^ (c >> 8), len--;
-    while (len >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, p, 4);
-        memcpy(&hi, p + 4, 4);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        lo = __builtin_bswap32(lo);
-        hi = __builtin_bswap32(hi);
-#endif
-        lo ^= c;
-        c = crc_tab[7][lo & 0xFF] ^ crc_tab[6][(lo >> 8) & 0xFF] ^ crc_tab[5][(lo >> 16) & 0xFF] ^
-            crc_tab[4][lo >> 24] ^ crc_tab[3][hi & 0xFF] ^ crc_tab[2][(hi >> 8) & 0xFF] ^
-            crc_tab[1][(hi >> 16) & 0xFF] ^ crc_tab[0][hi >> 24];
-        p += 8;
-        len -= 8;
-    }
-    while (len--) c = crc_tab[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
-    return ~c;
 }
 
 /* ---- the queue ---- */

@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "crc32.h"   /* emoe_crc32_fast: the reader checks pieces with it, and so do its clients */
 #include "edgemoe.h" /* emoe_status: EMOE_ERR_IO, EMOE_ERR_CORRUPT */
 
 #define EMOE_IO_ALIGN 4096        /* O_DIRECT alignment of offsets, lengths and buffers (also the slot alignment) */
@@ -83,8 +84,5 @@ const char *emoe_io_note(const emoe_io *io); /* "" or why O_DIRECT is off */
 size_t emoe_io_overhead_bytes(const emoe_io_config *cfg);
 /* System calls made so far (reads, merged reads count once). With *mu held. */
 uint64_t emoe_io_syscalls(const emoe_io *io);
-
-/* CRC-32 (zlib's), slicing-by-8: several times faster than the byte-table emoe_crc32, same results. */
-uint32_t emoe_crc32_fast(uint32_t crc, const void *data, size_t len);
 
 #endif

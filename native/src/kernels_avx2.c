@@ -12,6 +12,8 @@
  * accumulator, blocks in order, then the same horizontal sum), so decode and prefill give bit-identical results.
  */
 #include "internal.h"
+#include "kernel_tables.h"
+#include "kernel_walks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -76,35 +78,6 @@ AVX2_INLINE void tile_float(int f16, int R, int TT, int64_t cols, const char *w,
         }
 }
 
-/* Walk rows (outer) and tokens (inner) in tiles: TILE(R, TT, w_row, x_tok, y_tok) computes one R x TT tile. Decode
- * uses DEC rows per tile (then 4, then 1), prefill 2 x 4 (then 2 x 3/2/1 and 1 x 4/1 at the edges). */
-#define WALK_TILES(DEC, TILE)                                                                                         \
-    do {                                                                                                              \
-        const char *wb_ = (const char *)w, *xb_ = (const char *)x;                                                    \
-        int64_t o = r0;                                                                                               \
-        if (n_tok == 1) {                                                                                             \
-            for (; o + DEC <= r1; o += DEC) TILE(DEC, 1, wb_ + (size_t)o * w_stride, xb_, y);                         \
-            for (; o + 4 <= r1; o += 4) TILE(4, 1, wb_ + (size_t)o * w_stride, xb_, y);                               \
-            for (; o < r1; o++) TILE(1, 1, wb_ + (size_t)o * w_stride, xb_, y);                                       \
-            break;                                                                                                    \
-        }                                                                                                             \
-        for (; o < r1; o += 2) {                                                                                      \
-            const char *wr_ = wb_ + (size_t)o * w_stride;                                                             \
-            int t = 0;                                                                                                \
-            if (o + 2 <= r1) {                                                                                        \
-                for (; t + 4 <= n_tok; t += 4) TILE(2, 4, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);      \
-                switch (n_tok - t) {                                                                                  \
-                case 3: TILE(2, 3, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy); break;                      \
-                case 2: TILE(2, 2, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy); break;                      \
-                case 1: TILE(2, 1, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy); break;                      \
-                default: break;                                                                                       \
-                }                                                                                                     \
-            } else {                                                                                                  \
-                for (; t + 4 <= n_tok; t += 4) TILE(1, 4, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);      \
-                for (; t < n_tok; t++) TILE(1, 1, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);              \
-            }                                                                                                         \
-        }                                                                                                             \
-    } while (0)
 
 #define TILE_F32(R, TT, wr, xr, yr) tile_float(0, R, TT, cols, wr, w_stride, xr, x_stride, yr, ldy, o)
 #define TILE_F16(R, TT, wr, xr, yr) tile_float(1, R, TT, cols, wr, w_stride, xr, x_stride, yr, ldy, o)
@@ -112,11 +85,11 @@ AVX2_INLINE void tile_float(int f16, int R, int TT, int64_t cols, const char *w,
 
 AVX2_FN static void matmul_f32(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                                size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    WALK_TILES(4, TILE_F32);
+    EMOE_WALK_TILES(4, TILE_F32);
 }
 AVX2_FN static void matmul_f16(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                                size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    WALK_TILES(4, TILE_F16);
+    EMOE_WALK_TILES(4, TILE_F16);
 }
 
 /* Q8_0 weights x Q8 activations. Per block: |w| (unsigned) times sign(w)*x (signed) with maddubs gives exact int16
@@ -184,7 +157,7 @@ AVX2_FN static void matmul_q8_0(int64_t cols, const void *w, size_t w_stride, co
     const int64_t nb = cols / QK;
     /* decode: 8 rows, so 8 independent FMA chains hide the latency (4 rows were latency-bound at ~4.5 cycles per
      * block); one accumulator per (row, token) in block order everywhere, so decode == prefill bit for bit */
-    WALK_TILES(8, TILE_Q8);
+    EMOE_WALK_TILES(8, TILE_Q8);
 }
 
 /* Q8_0 weights x f32 activations (the exact path): per block the 32 codes are widened to f32 (4 x 8 lanes) and
@@ -230,24 +203,12 @@ AVX2_INLINE void tile_q8f(int R, int TT, int64_t nb, const char *w, size_t w_str
         for (int t = 0; t < TT; t++) y[(size_t)t * ldy + (size_t)o + (size_t)r] = hsum8(acc[r][t]);
 }
 
+#define TILE_Q8F(R, TT, wr, xr, yr) tile_q8f(R, TT, nb, wr, w_stride, xr, x_stride, yr, ldy, o)
+
 AVX2_FN static void matmul_q8_0_f32(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride,
                                     float *y, size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    const char *wb = (const char *)w, *xb = (const char *)x;
     const int64_t nb = cols / QK;
-    int64_t o = r0;
-    if (n_tok == 1) {
-        for (; o + 4 <= r1; o += 4) tile_q8f(4, 1, nb, wb + (size_t)o * w_stride, w_stride, xb, x_stride, y, ldy, o);
-        for (; o < r1; o++) tile_q8f(1, 1, nb, wb + (size_t)o * w_stride, w_stride, xb, x_stride, y, ldy, o);
-        return;
-    }
-    for (; o < r1; o++) {
-        const char *wr = wb + (size_t)o * w_stride;
-        int t = 0;
-        for (; t + 4 <= n_tok; t += 4)
-            tile_q8f(1, 4, nb, wr, w_stride, xb + (size_t)t * x_stride, x_stride, y + (size_t)t * ldy, ldy, o);
-        for (; t < n_tok; t++)
-            tile_q8f(1, 1, nb, wr, w_stride, xb + (size_t)t * x_stride, x_stride, y + (size_t)t * ldy, ldy, o);
-    }
+    EMOE_WALK_ROW_TILES(TILE_Q8F);
 }
 
 /* Same bits as the scalar quantize_act: max|x| is order independent, d and 1/d are the same f32 operations, and
@@ -308,16 +269,7 @@ AVX2_FN static void axpy_f16(float a, const uint16_t *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * _cvtsh_ss(x[i]);
 }
 
-const emoe_kernels emoe_kernels_avx2 = {
-    .isa = EMOE_ISA_AVX2,
-    .name = "avx2",
-    .matmul = {matmul_f32, matmul_f16, matmul_q8_0, matmul_q8_0_f32},
-    .quantize_act = quantize_act,
-    .f16_to_f32 = f16_to_f32_row,
-    .f32_to_f16 = f32_to_f16_row,
-    .axpy_f32 = axpy_f32,
-    .axpy_f16 = axpy_f16,
-};
+const emoe_kernels emoe_kernels_avx2 = EMOE_KERNEL_TABLE(EMOE_ISA_AVX2, "avx2", matmul_q8_0);
 
 #else
 typedef int emoe_kernels_avx2_unused; /* ISO C forbids an empty translation unit */

@@ -17,6 +17,7 @@
  * (256-bit vectors: on AMD Zen 4, 512-bit ops run as two 256-bit halves, and Q8_0 blocks are 32 bytes.)
  */
 #include "internal.h"
+#include "kernel_tables.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -125,16 +126,7 @@ static void f32_to_f16_row(const float *x, uint16_t *y, int64_t n) { emoe_kernel
 static void axpy_f32(float a, const float *x, float *y, int64_t n) { emoe_kernels_avx2.axpy_f32(a, x, y, n); }
 static void axpy_f16(float a, const uint16_t *x, float *y, int64_t n) { emoe_kernels_avx2.axpy_f16(a, x, y, n); }
 
-const emoe_kernels emoe_kernels_avx512vnni = {
-    .isa = EMOE_ISA_AVX512VNNI,
-    .name = "avx512vnni",
-    .matmul = {matmul_f32, matmul_f16, matmul_q8_0, matmul_q8_0_f32},
-    .quantize_act = quantize_act,
-    .f16_to_f32 = f16_to_f32_row,
-    .f32_to_f16 = f32_to_f16_row,
-    .axpy_f32 = axpy_f32,
-    .axpy_f16 = axpy_f16,
-};
+const emoe_kernels emoe_kernels_avx512vnni = EMOE_KERNEL_TABLE(EMOE_ISA_AVX512VNNI, "avx512vnni", matmul_q8_0);
 
 #else
 typedef int emoe_kernels_avx512_unused; /* ISO C forbids an empty translation unit */

@@ -25,6 +25,7 @@
  * operations as edgemoe/mwq.py, so bit-identical weights), and fma'd with x; one row x up to 4 tokens.
  */
 #include "internal.h"
+#include "kernel_walks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -211,7 +212,7 @@ AVX2_INLINE void prefetch_planes(int P, int nr, const uint8_t *codes, const uint
 }
 
 /* Row o, tokens t0 .. t0+TT-1. single: g % 32P == 0 (a chunk lies in one group), else 32P % g == 0. */
-AVX2_INLINE void row_q8(const int P, const int TT, const int single, const mwq_matrix *w, const mwq_act *a,
+AVX2_INLINE void row_q8(const int P, const int single, const int TT, const mwq_matrix *w, const mwq_act *a,
                         int64_t o, int t0, float *y, size_t ldy) {
     const int64_t cols = w->cols, g = w->group, C = 32 * P;
     const int64_t cols_full = cols / C * C;
@@ -251,38 +252,7 @@ AVX2_INLINE void row_q8(const int P, const int TT, const int single, const mwq_m
     }
 }
 
-#define DEF_Q8(NAME, P, SINGLE)                                                                                       \
-    AVX2_FN static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {  \
-        for (int64_t o = r0; o < r1; o++) {                                                                           \
-            int t = 0;                                                                                                \
-            for (; t + 4 <= a->n_tok; t += 4) row_q8(P, 4, SINGLE, w, a, o, t, y, ldy);                               \
-            switch (a->n_tok - t) {                                                                                   \
-            case 3: row_q8(P, 3, SINGLE, w, a, o, t, y, ldy); break;                                                  \
-            case 2: row_q8(P, 2, SINGLE, w, a, o, t, y, ldy); break;                                                  \
-            case 1: row_q8(P, 1, SINGLE, w, a, o, t, y, ldy); break;                                                  \
-            default: break;                                                                                           \
-            }                                                                                                         \
-        }                                                                                                             \
-    }
-DEF_Q8(q8_b2_one, 4, 1)
-DEF_Q8(q8_b2_multi, 4, 0)
-DEF_Q8(q8_b4_one, 2, 1)
-DEF_Q8(q8_b4_multi, 2, 0)
-DEF_Q8(q8_b8_one, 1, 1)
-DEF_Q8(q8_b8_multi, 1, 0)
-
-static void matmul_q8(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {
-    if (!a->xp || !mwq_simd_ok(w->base_bits, w->group)) {
-        mwq_kernels_scalar.matmul_q8(w, a, y, ldy, r0, r1);
-        return;
-    }
-    const int single = w->group % (256 / w->base_bits) == 0;
-    switch (w->base_bits) {
-    case 2: (single ? q8_b2_one : q8_b2_multi)(w, a, y, ldy, r0, r1); break;
-    case 4: (single ? q8_b4_one : q8_b4_multi)(w, a, y, ldy, r0, r1); break;
-    default: (single ? q8_b8_one : q8_b8_multi)(w, a, y, ldy, r0, r1); break;
-    }
-}
+MWQ_DEF_Q8(avx2, AVX2_FN, row_q8)
 
 /* ---- f32 activations ---- */
 
@@ -339,31 +309,13 @@ AVX2_INLINE void row_f32(const int B1, const int TT, const mwq_matrix *w, const 
     for (int u = 0; u < TT; u++) y[(size_t)(t0 + u) * ldy + (size_t)o] = hsum8(acc[u]);
 }
 
-#define DEF_F32(NAME, B1)                                                                                             \
-    AVX2_FN static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {  \
-        for (int64_t o = r0; o < r1; o++) {                                                                           \
-            int t = 0;                                                                                                \
-            for (; t + 4 <= a->n_tok; t += 4) row_f32(B1, 4, w, a, o, t, y, ldy);                                     \
-            for (; t < a->n_tok; t++) row_f32(B1, 1, w, a, o, t, y, ldy);                                             \
-        }                                                                                                             \
-    }
-DEF_F32(f32_b2, 2)
-DEF_F32(f32_b4, 4)
-DEF_F32(f32_b8, 8)
-
-static void matmul_f32(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {
-    switch (w->base_bits) {
-    case 2: f32_b2(w, a, y, ldy, r0, r1); break;
-    case 4: f32_b4(w, a, y, ldy, r0, r1); break;
-    default: f32_b8(w, a, y, ldy, r0, r1); break;
-    }
-}
+MWQ_DEF_F32(AVX2_FN, row_f32)
 
 const mwq_kernels mwq_kernels_avx2 = {
     .isa = EMOE_ISA_AVX2,
     .name = "avx2",
     .uses_xp = 1,
-    .matmul_q8 = matmul_q8,
+    .matmul_q8 = matmul_q8_avx2,
     .matmul_f32 = matmul_f32,
 };
 

@@ -24,6 +24,7 @@
  * concurrent streams for one core; measured 12 vs 11 (2 rows) vs 7 GB/s (4 rows) at k = 4 on 47 MiB of planes.)
  */
 #include "internal.h"
+#include "kernel_walks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -159,7 +160,7 @@ MV_INLINE void prefetch_planes(int nr, const uint8_t *codes, const uint8_t *cons
 }
 
 /* Row o, tokens t0 .. t0+TT-1. single: g % 128 == 0 (a chunk lies in one group), else g is 32 or 64. */
-MV_INLINE void row_q8(const int TT, const int single, const mwq_matrix *w, const mwq_act *a, int64_t o, int t0,
+MV_INLINE void row_q8(const int single, const int TT, const mwq_matrix *w, const mwq_act *a, int64_t o, int t0,
                       float *y, size_t ldy) {
     const int64_t cols = w->cols, g = w->group;
     const int64_t cols_full = cols / CHUNK * CHUNK;
@@ -199,21 +200,8 @@ MV_INLINE void row_q8(const int TT, const int single, const mwq_matrix *w, const
     }
 }
 
-#define DEF_Q8(NAME, SINGLE)                                                                                          \
-    MV_FN static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {    \
-        for (int64_t o = r0; o < r1; o++) {                                                                           \
-            int t = 0;                                                                                                \
-            for (; t + 4 <= a->n_tok; t += 4) row_q8(4, SINGLE, w, a, o, t, y, ldy);                                  \
-            switch (a->n_tok - t) {                                                                                   \
-            case 3: row_q8(3, SINGLE, w, a, o, t, y, ldy); break;                                                     \
-            case 2: row_q8(2, SINGLE, w, a, o, t, y, ldy); break;                                                     \
-            case 1: row_q8(1, SINGLE, w, a, o, t, y, ldy); break;                                                     \
-            default: break;                                                                                           \
-            }                                                                                                         \
-        }                                                                                                             \
-    }
-DEF_Q8(q8_one, 1)
-DEF_Q8(q8_multi, 0)
+MWQ_DEF_ROWS(MV_FN, q8_one, row_q8, 1)
+MWQ_DEF_ROWS(MV_FN, q8_multi, row_q8, 0)
 
 /* mwq.c only hands this kernel (b1, g) with mwq_vnni_ok and the layout-1 xp; anything else is a caller bug, but the
  * scalar kernel still gives the right answer from xq. */

@@ -14,6 +14,7 @@
  * F32 activations: 8 weights rebuilt in registers bit-identically to edgemoe/mwq.py (s1*q + m1, then +-s_p), fma.
  */
 #include "internal.h"
+#include "kernel_walks.h"
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -186,7 +187,7 @@ NEON_INLINE void prefetch_planes(int P, int nr, const uint8_t *codes, const uint
             acc[u].hi = vfmaq_f32(acc[u].hi, t[u].hi, vld1q_f32(xf + 4));                                             \
         }                                                                                                             \
     }                                                                                                                 \
-    static inline __attribute__((always_inline)) ATTR void row_q8_##SFX(const int P, const int TT, const int single, \
+    static inline __attribute__((always_inline)) ATTR void row_q8_##SFX(const int P, const int single, const int TT, \
                                                                          const mwq_matrix *w, const mwq_act *a,      \
                                                                          int64_t o, int t0, float *y, size_t ldy) {  \
         const int64_t cols = w->cols, g = w->group, C = 32 * P;                                                      \
@@ -233,41 +234,8 @@ NEON_INLINE void prefetch_planes(int P, int nr, const uint8_t *codes, const uint
 DEFINE_MWQ_Q8(nodot, , dot_nodot)
 DEFINE_MWQ_Q8(sdot, DOTPROD_TARGET, dot_sdot)
 
-#define DEF_Q8(NAME, SFX, ATTR, P, SINGLE)                                                                            \
-    ATTR static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {     \
-        for (int64_t o = r0; o < r1; o++) {                                                                           \
-            int t = 0;                                                                                                \
-            for (; t + 4 <= a->n_tok; t += 4) row_q8_##SFX(P, 4, SINGLE, w, a, o, t, y, ldy);                         \
-            switch (a->n_tok - t) {                                                                                   \
-            case 3: row_q8_##SFX(P, 3, SINGLE, w, a, o, t, y, ldy); break;                                            \
-            case 2: row_q8_##SFX(P, 2, SINGLE, w, a, o, t, y, ldy); break;                                            \
-            case 1: row_q8_##SFX(P, 1, SINGLE, w, a, o, t, y, ldy); break;                                            \
-            default: break;                                                                                           \
-            }                                                                                                         \
-        }                                                                                                             \
-    }
-#define DEF_Q8_ALL(SFX, ATTR)                                                                                         \
-    DEF_Q8(q8_b2_one_##SFX, SFX, ATTR, 4, 1)                                                                          \
-    DEF_Q8(q8_b2_multi_##SFX, SFX, ATTR, 4, 0)                                                                        \
-    DEF_Q8(q8_b4_one_##SFX, SFX, ATTR, 2, 1)                                                                          \
-    DEF_Q8(q8_b4_multi_##SFX, SFX, ATTR, 2, 0)                                                                        \
-    DEF_Q8(q8_b8_one_##SFX, SFX, ATTR, 1, 1)                                                                          \
-    DEF_Q8(q8_b8_multi_##SFX, SFX, ATTR, 1, 0)                                                                        \
-    static void matmul_q8_##SFX(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0,              \
-                                int64_t r1) {                                                                         \
-        if (!a->xp || !mwq_simd_ok(w->base_bits, w->group)) {                                                         \
-            mwq_kernels_scalar.matmul_q8(w, a, y, ldy, r0, r1);                                                       \
-            return;                                                                                                   \
-        }                                                                                                             \
-        const int single = w->group % (256 / w->base_bits) == 0;                                                      \
-        switch (w->base_bits) {                                                                                       \
-        case 2: (single ? q8_b2_one_##SFX : q8_b2_multi_##SFX)(w, a, y, ldy, r0, r1); break;                          \
-        case 4: (single ? q8_b4_one_##SFX : q8_b4_multi_##SFX)(w, a, y, ldy, r0, r1); break;                          \
-        default: (single ? q8_b8_one_##SFX : q8_b8_multi_##SFX)(w, a, y, ldy, r0, r1); break;                         \
-        }                                                                                                             \
-    }
-DEF_Q8_ALL(nodot, )
-DEF_Q8_ALL(sdot, DOTPROD_TARGET)
+MWQ_DEF_Q8(nodot, , row_q8_nodot)
+MWQ_DEF_Q8(sdot, DOTPROD_TARGET, row_q8_sdot)
 
 /* ---- f32 activations ---- */
 
@@ -337,25 +305,7 @@ NEON_INLINE void row_f32(const int B1, const int TT, const mwq_matrix *w, const 
     for (int u = 0; u < TT; u++) y[(size_t)(t0 + u) * ldy + (size_t)o] = vaddvq_f32(vaddq_f32(acc[u][0], acc[u][1]));
 }
 
-#define DEF_F32(NAME, B1)                                                                                             \
-    static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {           \
-        for (int64_t o = r0; o < r1; o++) {                                                                           \
-            int t = 0;                                                                                                \
-            for (; t + 4 <= a->n_tok; t += 4) row_f32(B1, 4, w, a, o, t, y, ldy);                                     \
-            for (; t < a->n_tok; t++) row_f32(B1, 1, w, a, o, t, y, ldy);                                             \
-        }                                                                                                             \
-    }
-DEF_F32(f32_b2, 2)
-DEF_F32(f32_b4, 4)
-DEF_F32(f32_b8, 8)
-
-static void matmul_f32(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {
-    switch (w->base_bits) {
-    case 2: f32_b2(w, a, y, ldy, r0, r1); break;
-    case 4: f32_b4(w, a, y, ldy, r0, r1); break;
-    default: f32_b8(w, a, y, ldy, r0, r1); break;
-    }
-}
+MWQ_DEF_F32(, row_f32)
 
 const mwq_kernels mwq_kernels_neon = {
     .isa = EMOE_ISA_NEON,

@@ -7,6 +7,8 @@
  * bit).
  */
 #include "internal.h"
+#include "kernel_tables.h"
+#include "kernel_walks.h"
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -66,45 +68,17 @@ NEON_INLINE void tile_float(int f16, int R, int TT, int64_t cols, const char *w,
         }
 }
 
-/* Walk rows (outer) and tokens (inner) in tiles; TILE(R, TT, wrow, xrow, yrow) computes one tile. */
-#define WALK_TILES(TILE)                                                                                              \
-    do {                                                                                                              \
-        const char *wb_ = (const char *)w, *xb_ = (const char *)x;                                                    \
-        int64_t o = r0;                                                                                               \
-        if (n_tok == 1) {                                                                                             \
-            for (; o + 8 <= r1; o += 8) TILE(8, 1, wb_ + (size_t)o * w_stride, xb_, y);                               \
-            for (; o + 4 <= r1; o += 4) TILE(4, 1, wb_ + (size_t)o * w_stride, xb_, y);                               \
-            for (; o < r1; o++) TILE(1, 1, wb_ + (size_t)o * w_stride, xb_, y);                                       \
-            break;                                                                                                    \
-        }                                                                                                             \
-        for (; o < r1; o += 2) {                                                                                      \
-            const char *wr_ = wb_ + (size_t)o * w_stride;                                                             \
-            int t = 0;                                                                                                \
-            if (o + 2 <= r1) {                                                                                        \
-                for (; t + 4 <= n_tok; t += 4) TILE(2, 4, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);      \
-                switch (n_tok - t) {                                                                                  \
-                case 3: TILE(2, 3, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy); break;                      \
-                case 2: TILE(2, 2, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy); break;                      \
-                case 1: TILE(2, 1, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy); break;                      \
-                default: break;                                                                                       \
-                }                                                                                                     \
-            } else {                                                                                                  \
-                for (; t + 4 <= n_tok; t += 4) TILE(1, 4, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);      \
-                for (; t < n_tok; t++) TILE(1, 1, wr_, xb_ + (size_t)t * x_stride, y + (size_t)t * ldy);              \
-            }                                                                                                         \
-        }                                                                                                             \
-    } while (0)
 
 #define TILE_F32(R, TT, wr, xr, yr) tile_float(0, R, TT, cols, wr, w_stride, xr, x_stride, yr, ldy, o)
 #define TILE_F16(R, TT, wr, xr, yr) tile_float(1, R, TT, cols, wr, w_stride, xr, x_stride, yr, ldy, o)
 
 static void matmul_f32(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                        size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    WALK_TILES(TILE_F32);
+    EMOE_WALK_TILES(8, TILE_F32);
 }
 static void matmul_f16(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                        size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    WALK_TILES(TILE_F16);
+    EMOE_WALK_TILES(8, TILE_F16);
 }
 
 /* Q8_0 x Q8 activations, integer dot per block. Without dotprod: vmull_s8/vmlal_high_s8 give int16 sums of two
@@ -159,7 +133,7 @@ NEON_INLINE void tile_q8(int R, int TT, int64_t nb, const char *w, size_t w_stri
 static void matmul_q8_0(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                         size_t ldy, int n_tok, int64_t r0, int64_t r1) {
     const int64_t nb = cols / QK;
-    WALK_TILES(TILE_Q8);
+    EMOE_WALK_TILES(8, TILE_Q8);
 }
 
 /* ---- SDOT variant ---- */
@@ -177,7 +151,7 @@ static inline __attribute__((always_inline)) DOTPROD_TARGET void tile_q8_sdot(in
 DOTPROD_TARGET static void matmul_q8_0_sdot(int64_t cols, const void *w, size_t w_stride, const void *x,
                                             size_t x_stride, float *y, size_t ldy, int n_tok, int64_t r0, int64_t r1) {
     const int64_t nb = cols / QK;
-    WALK_TILES(TILE_Q8_SDOT);
+    EMOE_WALK_TILES(8, TILE_Q8_SDOT);
 }
 
 /* Q8_0 weights x f32 activations (the exact path), as in kernels_avx2.c: per block t = sum of 8 widened code
@@ -218,24 +192,13 @@ NEON_INLINE void tile_q8f(int R, int TT, int64_t nb, const char *w, size_t w_str
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++) y[(size_t)t * ldy + (size_t)o + (size_t)r] = vaddvq_f32(acc[r][t]);
 }
+
+#define TILE_Q8F(R, TT, wr, xr, yr) tile_q8f(R, TT, nb, wr, w_stride, xr, x_stride, yr, ldy, o)
+
 static void matmul_q8_0_f32(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                             size_t ldy, int n_tok, int64_t r0, int64_t r1) {
-    const char *wb = (const char *)w, *xb = (const char *)x;
     const int64_t nb = cols / QK;
-    int64_t o = r0;
-    if (n_tok == 1) {
-        for (; o + 4 <= r1; o += 4) tile_q8f(4, 1, nb, wb + (size_t)o * w_stride, w_stride, xb, x_stride, y, ldy, o);
-        for (; o < r1; o++) tile_q8f(1, 1, nb, wb + (size_t)o * w_stride, w_stride, xb, x_stride, y, ldy, o);
-        return;
-    }
-    for (; o < r1; o++) {
-        const char *wr = wb + (size_t)o * w_stride;
-        int t = 0;
-        for (; t + 4 <= n_tok; t += 4)
-            tile_q8f(1, 4, nb, wr, w_stride, xb + (size_t)t * x_stride, x_stride, y + (size_t)t * ldy, ldy, o);
-        for (; t < n_tok; t++)
-            tile_q8f(1, 1, nb, wr, w_stride, xb + (size_t)t * x_stride, x_stride, y + (size_t)t * ldy, ldy, o);
-    }
+    EMOE_WALK_ROW_TILES(TILE_Q8F);
 }
 
 /* Same bits as the scalar quantize_act: vcvtnq_s32_f32 rounds to nearest, ties to even. */
@@ -283,26 +246,8 @@ static void axpy_f16(float a, const uint16_t *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * f16_to_f32(x[i]);
 }
 
-const emoe_kernels emoe_kernels_neon = {
-    .isa = EMOE_ISA_NEON,
-    .name = "neon",
-    .matmul = {matmul_f32, matmul_f16, matmul_q8_0, matmul_q8_0_f32},
-    .quantize_act = quantize_act,
-    .f16_to_f32 = f16_to_f32_row,
-    .f32_to_f16 = f32_to_f16_row,
-    .axpy_f32 = axpy_f32,
-    .axpy_f16 = axpy_f16,
-};
-const emoe_kernels emoe_kernels_neon_dotprod = {
-    .isa = EMOE_ISA_NEON_DOTPROD,
-    .name = "neon_dotprod",
-    .matmul = {matmul_f32, matmul_f16, matmul_q8_0_sdot, matmul_q8_0_f32},
-    .quantize_act = quantize_act,
-    .f16_to_f32 = f16_to_f32_row,
-    .f32_to_f16 = f32_to_f16_row,
-    .axpy_f32 = axpy_f32,
-    .axpy_f16 = axpy_f16,
-};
+const emoe_kernels emoe_kernels_neon = EMOE_KERNEL_TABLE(EMOE_ISA_NEON, "neon", matmul_q8_0);
+const emoe_kernels emoe_kernels_neon_dotprod = EMOE_KERNEL_TABLE(EMOE_ISA_NEON_DOTPROD, "neon_dotprod", matmul_q8_0_sdot);
 
 #else
 typedef int emoe_kernels_neon_unused; /* ISO C forbids an empty translation unit */

@@ -2,6 +2,7 @@
 #include <math.h>
 
 #include "internal.h"
+#include "kernel_tables.h"
 
 static void matmul_f32(int64_t cols, const void *w, size_t w_stride, const void *x, size_t x_stride, float *y,
                        size_t ldy, int n_tok, int64_t r0, int64_t r1) {
@@ -96,13 +97,4 @@ static void axpy_f16(float a, const uint16_t *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * f16_to_f32(x[i]);
 }
 
-const emoe_kernels emoe_kernels_scalar = {
-    .isa = EMOE_ISA_SCALAR,
-    .name = "scalar",
-    .matmul = {matmul_f32, matmul_f16, matmul_q8_0, matmul_q8_0_f32},
-    .quantize_act = quantize_act,
-    .f16_to_f32 = f16_to_f32_row,
-    .f32_to_f16 = f32_to_f16_row,
-    .axpy_f32 = axpy_f32,
-    .axpy_f16 = axpy_f16,
-};
+const emoe_kernels emoe_kernels_scalar = EMOE_KERNEL_TABLE(EMOE_ISA_SCALAR, "scalar", matmul_q8_0);

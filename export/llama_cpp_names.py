@@ -1,0 +1,28 @@
+"""llama.cpp's names for what edgemoe describes: architecture names, tokenizer pre-tokenizer names, and the layout
+llama.cpp hard-codes for SmallThinker. One table for both directions: the GGUF writer (gguf_export) reads it forwards,
+the GGUF reader (gguf_reader) backwards."""
+
+# edgemoe family -> llama.cpp architecture name
+LLAMA_CPP_ARCH = {
+    "olmoe": "olmoe",
+    "qwen2moe": "qwen2moe",
+    "qwen3moe": "qwen3moe",
+    "mixtral": "llama",
+    "smallthinker": "smallthinker",
+}
+
+# Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
+SPLIT_REGEX_PRE = {
+    # Qwen2 / Qwen2.5 / Qwen3 / SmallThinker (single digits)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    # Llama 3 (digits in groups of up to three)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
+
+# llama.cpp's `smallthinker` hard-codes its hybrid layout: with `attention.sliding_window` present, layers
+# i % 4 != 0 use sliding-window attention with a window of 4096 (the key's value is not used) and layers i % 4 == 0
+# use full attention without RoPE; without the key, every layer uses RoPE and full attention.
+SMALLTHINKER_SWA_PERIOD = 4
+SMALLTHINKER_SWA_WINDOW = 4096
