@@ -5,6 +5,7 @@
 set(EDGEMOE_CONTAINER_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/src/json.c
   ${CMAKE_CURRENT_LIST_DIR}/src/container.c
+  ${CMAKE_CURRENT_LIST_DIR}/src/load.c
 )
 target_sources(edgemoe_core PRIVATE ${EDGEMOE_CONTAINER_SOURCES})
 
@@ -14,6 +15,8 @@ set(EDGEMOE_STREAM_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/src/expert_cache.c
   ${CMAKE_CURRENT_LIST_DIR}/src/io_thread.c
   ${CMAKE_CURRENT_LIST_DIR}/src/hebf.c
+  ${CMAKE_CURRENT_LIST_DIR}/src/stream_forward.c
+  ${CMAKE_CURRENT_LIST_DIR}/src/stream_load.c
 )
 target_sources(edgemoe_core PRIVATE ${EDGEMOE_STREAM_SOURCES})
 

@@ -41,6 +41,7 @@ typedef struct {
     tensor_ref bq, bk, bv;                       /* [nh*hd], [nkv*hd] x2 (qkv_bias) */
     tensor_ref q_norm, k_norm;                   /* [hd] (head) or [nh*hd] / [nkv*hd] (full) */
     tensor_ref router;                           /* [E, H] */
+    tensor_ref pre;                              /* [E, H] fitted expert predictor (optional; streaming uses it) */
     tensor_ref sh_gate, sh_up, sh_down;          /* [S, H], [S, H], [H, S] (shared_ffn = S) */
     tensor_ref sh_gate_inp;                      /* [H] (shared_gate) */
     tensor_ref mlp_gate, mlp_up, mlp_down;       /* [D, H], [D, H], [H, D] (dense layers, dense_ffn = D) */
@@ -105,9 +106,13 @@ struct emoe_model {
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
     const emoe_stream_ops *stream_ops;
+    void **owned;        /* buffers the model frees (model_own: converted or realigned copies of tensors) */
+    int n_owned, cap_owned;
 };
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* n bytes (64-aligned) that the model frees with itself; NULL when memory runs out. */
+void *model_own(emoe_model *m, size_t n);
 /* EMOE_OK if seq names one of the model's sequence slots, else EMOE_ERR_ARG with a message starting with `what`. */
 int model_check_seq(emoe_model *m, const char *what, int seq);
 /* The matrices of stored expert e of layer l. The single point where expert weights are looked up, so a later expert
