@@ -179,10 +179,12 @@ int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void
 int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols);
 /* The tensors this model reads, from the one tensor table (native/src/tensor_table.c; edgemoe/arch.py states the same
  * table for Python): globals, then per layer its tensors followed by its stored experts' matrices. Returns the count;
- * for 0 <= i < count also fills tensor i's name (at most n bytes, NUL-terminated), shape (1-D tensors: rows = 1) and
+ * for 0 <= i < count also fills tensor i's name (at most n bytes, NUL-terminated), ndim (1 or 2), shape (1-D
+ * tensors: rows = 1) and
  * whether a model must have it (0: lm_head with tie_embeddings, the optional fitted predictor
  * blk.L.ffn_gate_inp_pre.weight, a merged layer's stored expert no routed expert maps to). Any pointer may be NULL. */
-int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int64_t *rows, int64_t *cols, int *required);
+int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int *ndim, int64_t *rows, int64_t *cols,
+                      int *required);
 /* EMOE_OK if every required tensor is set, else EMOE_ERR_NOT_READY naming the first missing one. */
 int emoe_model_ready(emoe_model *m);
 /* Register an expert matrix (blk.L.expert.E.ffn_{gate,up,down}.weight) stored as MWQ bit planes: n_planes planes at
@@ -308,12 +310,14 @@ typedef struct {
     int64_t full_cache_bytes; /* an expert cache holding every expert at the run precision (more is never used) */
     int64_t expert_bytes;    /* expert weights on disk */
 } emoe_stream_plan;
-/* Plan a load under opts without reading weights: fills *plan (when the file and options are usable) and returns
- * EMOE_OK if opts->budget_bytes is 0 (no limit) or at least plan->minimum_bytes, EMOE_ERR_BUDGET below it (the message
- * in err, as emoe_container_load_streaming's), or another status (EMOE_ERR_ARG, EMOE_ERR_NOT_READY, EMOE_ERR_NOMEM)
- * with a message when the file or options are refused. */
-int emoe_container_stream_plan(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
-                               const emoe_stream_options *opts, emoe_stream_plan *plan, char *err, size_t errlen);
+/* emoe_container_load_streaming with typed results: returns EMOE_OK (*model = the model), EMOE_ERR_BUDGET when
+ * opts->budget_bytes is below plan->minimum_bytes, or another status (EMOE_ERR_ARG: file or options refused,
+ * EMOE_ERR_NOT_READY: a tensor missing, EMOE_ERR_IO, EMOE_ERR_CORRUPT, EMOE_ERR_NOMEM), with the message in err.
+ * *plan (may be NULL) is filled whenever the file and options are usable, also on EMOE_ERR_BUDGET. model == NULL:
+ * plan only (nothing is read beyond the index; returns EMOE_OK or EMOE_ERR_BUDGET for a usable file). */
+int emoe_container_stream_load(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
+                               const emoe_stream_options *opts, emoe_model **model, emoe_stream_plan *plan, char *err,
+                               size_t errlen);
 /* Statistics since the last reset (all zero for a model without streaming, mode = -1). */
 int emoe_model_stats(emoe_model *m, emoe_stats *out);
 void emoe_model_reset_stats(emoe_model *m);

@@ -389,13 +389,15 @@ static int nth_item(void *ctx, const tt_item *it) {
     return 0;
 }
 
-int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int64_t *rows, int64_t *cols, int *required) {
+int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int *ndim, int64_t *rows, int64_t *cols,
+                      int *required) {
     if (!m) return EMOE_ERR_ARG;
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
     nth_ctx c = {.i = i};
     tt_walk(m, nth_item, &c);
     if (i < 0 || i >= c.n) return c.n;
     if (name && n) snprintf(name, n, "%s", c.it.name);
+    if (ndim) *ndim = c.it.one_d ? 1 : 2;
     if (rows) *rows = c.it.rows;
     if (cols) *cols = c.it.cols;
     if (required) *required = c.it.required;

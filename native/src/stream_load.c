@@ -329,10 +329,11 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
     return load_streaming(c, max_ctx, kv_f16, n_threads, opts, 0, NULL, &status, err, errlen);
 }
 
-int emoe_container_stream_plan(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
-                               const emoe_stream_options *opts, emoe_stream_plan *plan, char *err, size_t errlen) {
+int emoe_container_stream_load(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
+                               const emoe_stream_options *opts, emoe_model **model, emoe_stream_plan *plan, char *err,
+                               size_t errlen) {
     int status;
-    emoe_stream_plan tmp;
-    load_streaming(c, max_ctx, kv_f16, n_threads, opts, 1, plan ? plan : &tmp, &status, err, errlen);
+    emoe_model *m = load_streaming(c, max_ctx, kv_f16, n_threads, opts, model == NULL, plan, &status, err, errlen);
+    if (model) *model = m;
     return status;
 }
