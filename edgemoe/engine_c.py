@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _native as N
-from .arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from .arch import ArchSpec, model_tensors
 
 
 def native_config(spec: ArchSpec) -> tuple[N.Config, list[np.ndarray]]:
@@ -44,14 +44,8 @@ def native_config(spec: ArchSpec) -> tuple[N.Config, list[np.ndarray]]:
 
 
 def model_tensor_names(spec: ArchSpec) -> list[str]:
-    """Every tensor name the forward pass reads (arch.py's tables), lm_head included even when tied."""
-    names = list(GLOBAL_TENSORS.values())
-    for layer in range(spec.n_layers):
-        names += dense_tensor_names(spec, layer).values()
-        if spec.is_moe_layer(layer):
-            names += [expert_tensor_name(layer, e, m) for e in range(spec.stored_experts(layer))
-                      for m in ("gate", "up", "down")]
-    return names
+    """Every tensor name the forward pass reads (arch.py's table), lm_head included even when tied."""
+    return [name for name, _, _ in model_tensors(spec)]
 
 
 class CEngine:
