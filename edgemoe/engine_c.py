@@ -286,7 +286,8 @@ class CEngine:
                        n_seq: int = 1, evict: str = "auto", prefetch_min_confidence: float | None = None) -> CEngine:
         """The model under a memory budget (bytes; None = no limit, every expert cached after its first use): the C
         core opens the container itself, reads the dense weights into anonymous memory and streams the experts through
-        its byte-budgeted cache (native/src/hebf.c). Raises N.BudgetError, stating the minimum, below it.
+        its byte-budgeted cache (native/src/stream_load.c, stream_forward.c). Raises N.BudgetError, stating the
+        minimum, below it.
 
         mode: "exact" (output identical to the all-resident model), "adaptive" (MWQ: compute an expert at its resident
         planes rather than wait for a refinement plane), "ondemand" (baseline: LRU, no prefetch, no overlap).

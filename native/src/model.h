@@ -74,8 +74,9 @@ typedef struct {
     uint8_t *mwq_xp;    /* (B, ...) MWQ activation layout: allocated by model_mwq_buffers (first MWQ expert) */
 } run_state;
 
-/* Expert streaming under a memory budget (hebf.c: emoe_container_load_streaming). The model reaches it only through
- * these hooks, so the core (and test_kernels) builds without the streaming sources. */
+/* Expert streaming under a memory budget (stream_load.c: emoe_container_load_streaming; stream_forward.c: the hooks).
+ * The model reaches it only through these hooks, so the core (and test_kernels) builds without the streaming
+ * sources. */
 typedef struct emoe_stream emoe_stream;
 typedef struct {
     /* before layer l's attention (s->x = the layer input; for router_input = layer_input, s->logits_r holds the
@@ -129,7 +130,7 @@ void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *cons
 /* Bytes of the buffers emoe_model_new allocated (activations, KV cache excluded) plus the MWQ activation buffer. */
 size_t model_scratch_bytes(const emoe_model *m, int with_mwq);
 
-/* forward.c's building blocks, shared with the streaming MoE block (hebf.c) */
+/* forward.c's building blocks, shared with the streaming MoE block (stream_forward.c) */
 void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy);
 /* s->logits_r (n_tok, E) -> s->topk_idx (stored experts) and s->topk_w */
