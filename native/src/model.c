@@ -247,8 +247,8 @@ void *model_own(emoe_model *m, size_t n) {
         if (!p) return NULL;
         m->owned = p, m->cap_owned = cap;
     }
-    void *b = NULL;
-    if (posix_memalign(&b, 64, n ? n : 1)) return NULL;
+    void *b = malloc(n ? n : 1);
+    if (!b) return NULL;
     return m->owned[m->n_owned++] = b;
 }
 

@@ -112,7 +112,7 @@ struct emoe_model {
 };
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-/* n bytes (64-aligned) that the model frees with itself; NULL when memory runs out. */
+/* n bytes (malloc-aligned) that the model frees with itself; NULL when memory runs out. */
 void *model_own(emoe_model *m, size_t n);
 /* EMOE_OK if seq names one of the model's sequence slots, else EMOE_ERR_ARG with a message starting with `what`. */
 int model_check_seq(emoe_model *m, const char *what, int seq);
