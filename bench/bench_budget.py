@@ -222,7 +222,8 @@ def run_edgemoe(model: Path, budget: int | None, sysdef: dict, args, ids_file: P
            "-r", "1", "--prompt-file", str(ids_file), "--tg-prompt", "--tg-text", "--json"]
     if budget is not None:
         cmd += ["--budget", str(budget), "--mode", sysdef["mode"], "--prefetch", str(sysdef.get("prefetch", 1)),
-                "--prefetch-extra", str(sysdef.get("extra", 0)), "--io-threads", str(args.io_threads)]
+                "--prefetch-extra", str(sysdef.get("extra", 0)), "--io-threads", str(args.io_threads),
+                "--evict", sysdef.get("evict", "auto")]
         if sysdef.get("direct", True):
             cmd += ["--direct"]
     out, err = run_child(cmd, cg, args.timeout, sysdef.get("env"))
@@ -439,7 +440,7 @@ def main(argv=None) -> int:
                      ("edgemoe on-demand LRU", f16, LRU, budget)]
         if pct in (50, 35):  # what each part is worth: the cache policy alone, and O_DIRECT
             runs.append(("edgemoe exact, no prefetch, LRU eviction", f16,
-                         {**EXACT_NOPF, "env": {"EDGEMOE_EVICT": "lru"}}, budget))
+                         {**EXACT_NOPF, "evict": "lru"}, budget))
         if pct == 50:
             runs.append(("edgemoe exact, buffered reads", f16, {**EXACT, "direct": False}, budget))
         if not args.no_mwq:

@@ -432,6 +432,22 @@ class ModelHandle:
         if getattr(self, "_m", None):
             _model_free(self._m)
             self._m = None
+        if getattr(self, "_c", None):  # a resident model borrows the container's mapping: closed after the model
+            _container_close(self._c)
+            self._c = None
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], bool]]:
+        """The tensors this model reads, from the C tensor table (emoe_model_tensor): (name, shape, required), 1-D
+        tensors with shape (n,)."""
+        n = _model_tensor(self._m, -1, None, 0, None, None, None, None)
+        if n < 0:
+            self._check(n)
+        out, name, nd, r, c, req = [], ctypes.create_string_buffer(128), _int(), _i64(), _i64(), _int()
+        for i in range(n):
+            _model_tensor(self._m, i, name, len(name), ctypes.byref(nd), ctypes.byref(r), ctypes.byref(c),
+                          ctypes.byref(req))
+            out.append((name.value.decode(), (c.value,) if nd.value == 1 else (r.value, c.value), bool(req.value)))
+        return out
 
     def __del__(self):
         self.close()
@@ -445,12 +461,23 @@ STATS_LEVELS = 8
 _u64, _f64 = ctypes.c_uint64, ctypes.c_double
 
 
+EVICT_POLICIES = {"auto": 0, "lru": 1, "cyclic": 2, "freq": 3}
+
+
 class StreamOptions(ctypes.Structure):
     """emoe_stream_options (field order must match edgemoe.h)."""
 
     _fields_ = [("budget_bytes", _i64)] + [(n, _i32) for n in ("mode", "prefetch", "prefetch_extra", "precision",
                                                                  "io_threads", "direct", "drop_cache", "verify",
-                                                                 "n_seq")]
+                                                                 "n_seq", "evict")] + [
+        ("prefetch_min_confidence", _f32)]
+
+
+class StreamPlan(ctypes.Structure):
+    """emoe_stream_plan (field order must match edgemoe.h)."""
+
+    _fields_ = [(n, _i64) for n in ("minimum_bytes", "dense_bytes", "kv_bytes", "scratch_bytes", "min_cache_bytes",
+                                    "full_cache_bytes", "expert_bytes")]
 
 
 class Stats(ctypes.Structure):
@@ -470,7 +497,10 @@ class Stats(ctypes.Structure):
 
 
 class BudgetError(NativeError):
-    """The memory budget is below what the model and context need; the message states the minimum."""
+    """The memory budget is below what the model and context need; the message states the minimum, and `plan` holds
+    it and its parts as numbers (the emoe_stream_plan fields: minimum_bytes, dense_bytes, kv_bytes, ...)."""
+
+    plan: dict | None = None
 
 
 class CorruptWeightsError(NativeError, FormatError):
@@ -517,6 +547,11 @@ def container_close(handle: int | None) -> None:
 _stream_options_init = _sig("emoe_stream_options_init", None, ctypes.POINTER(StreamOptions))
 _load_streaming = _sig("emoe_container_load_streaming", _vp, _vp, _int, _int, _int, ctypes.POINTER(StreamOptions),
                        ctypes.c_char_p, _sz)
+_stream_load = _sig("emoe_container_stream_load", _int, _vp, _int, _int, _int, ctypes.POINTER(StreamOptions),
+                    ctypes.POINTER(_vp), ctypes.POINTER(StreamPlan), ctypes.c_char_p, _sz)
+_load_model = _sig("emoe_container_load_model", _vp, _vp, _int, _int, _int, ctypes.c_char_p, _sz)
+_model_tensor = _sig("emoe_model_tensor", _int, _vp, _int, ctypes.c_char_p, _sz, ctypes.POINTER(_int),
+                     ctypes.POINTER(_i64), ctypes.POINTER(_i64), ctypes.POINTER(_int))
 _model_stats = _sig("emoe_model_stats", _int, _vp, ctypes.POINTER(Stats))
 _model_reset_stats = _sig("emoe_model_reset_stats", None, _vp)
 _model_drop_cache = _sig("emoe_model_drop_cache", _int, _vp)
@@ -524,35 +559,68 @@ _model_drop_cache = _sig("emoe_model_drop_cache", _int, _vp)
 
 def stream_options(budget_bytes: int | None = None, mode: str = "exact", prefetch: int = 1, prefetch_extra: int = 1,
                    precision: int | None = None, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
-                   verify: str = "first", n_seq: int = 1) -> StreamOptions:
+                   verify: str = "first", n_seq: int = 1, evict: str = "auto",
+                   prefetch_min_confidence: float | None = None) -> StreamOptions:
     if mode not in MODES:
         raise NativeError(f"mode {mode!r}: expected one of {sorted(MODES)}", ERR_ARG)
     if verify not in VERIFY_READS:
         raise NativeError(f"verify {verify!r}: expected one of {sorted(VERIFY_READS)}", ERR_ARG)
+    if evict not in EVICT_POLICIES:
+        raise NativeError(f"evict {evict!r}: expected one of {sorted(EVICT_POLICIES)}", ERR_ARG)
     o = StreamOptions()
     _stream_options_init(ctypes.byref(o))
     o.budget_bytes = int(budget_bytes or 0)
     o.mode, o.prefetch, o.prefetch_extra = MODES[mode], int(prefetch), int(prefetch_extra)
     o.precision, o.io_threads = int(precision or 0), int(io_threads)
     o.direct, o.drop_cache, o.verify = int(bool(direct)), int(bool(drop_cache)), VERIFY_READS[verify]
-    o.n_seq = int(n_seq)
+    o.n_seq, o.evict = int(n_seq), EVICT_POLICIES[evict]
+    if prefetch_min_confidence is not None:
+        o.prefetch_min_confidence = float(prefetch_min_confidence)
     return o
 
 
-def open_streaming(path, max_ctx: int, kv_f16: bool, threads: int, options: StreamOptions) -> ModelHandle:
+def _open_container(path, verify: bool):
+    return container_open(path, verify)  # typed refusals (errors.py classes by status)
+
+
+def open_streaming(path, max_ctx: int, kv_f16: bool, threads: int, options: StreamOptions,
+                   plan_only: bool = False) -> tuple[ModelHandle | None, dict]:
     """Open a container in C and load it under a memory budget (dense weights read into anonymous memory, experts
-    streamed through the expert cache). The C container is closed again: the model keeps nothing of it."""
-    err = ctypes.create_string_buffer(2048)
-    c = container_open(path, verify=False)
+    streamed through the expert cache): (the model, its plan: emoe_stream_plan's fields). The C container is closed
+    again: the model keeps nothing of it. A budget below the minimum raises BudgetError carrying the plan (the
+    minimum and its parts) as numbers; plan_only: no model, only the plan (still BudgetError below the minimum)."""
+    c = _open_container(path, False)
+    m, plan, err = _vp(), StreamPlan(), ctypes.create_string_buffer(2048)
     try:
-        m = _load_streaming(c, int(max_ctx), int(bool(kv_f16)), int(threads), ctypes.byref(options), err, len(err))
+        st = _stream_load(c, int(max_ctx), int(bool(kv_f16)), int(threads), ctypes.byref(options),
+                          None if plan_only else ctypes.byref(m), ctypes.byref(plan), err, len(err))
     finally:
         _container_close(c)
-    if not m:
-        msg = err.value.decode(errors="replace")
-        raise _error_for(msg, ERR_BUDGET if "below the minimum" in msg else ERR_ARG)
+    fields = {n: getattr(plan, n) for n, _ in StreamPlan._fields_}
+    if st != OK:
+        e = _error_for(err.value.decode(errors="replace"), st)
+        if st == ERR_BUDGET:
+            e.plan = fields
+        raise e
+    if plan_only:
+        return None, fields
     h = ModelHandle.__new__(ModelHandle)
-    h._m = m
+    h._m, h._c = m.value, None
+    return h, fields
+
+
+def open_resident(path, max_ctx: int, kv_f16: bool, threads: int, verify: bool = True) -> ModelHandle:
+    """Open a container in C and register every tensor the model reads, borrowed from the file's mapping (any
+    storage: f32/f16/q8_0/MWQ). verify: check every tensor's checksum first. The handle keeps the container open
+    until it is closed."""
+    c = _open_container(path, verify)
+    err = ctypes.create_string_buffer(2048)
+    m = _load_model(c, int(max_ctx), int(bool(kv_f16)), int(threads), err, len(err))
+    if not m:
+        _container_close(c)
+        raise NativeError(err.value.decode(errors="replace"), ERR_ARG)
+    h = ModelHandle.__new__(ModelHandle)
+    h._m, h._c = m, c
     return h
 
 

@@ -114,41 +114,99 @@ class ArchSpec:
         return json.dumps(self.to_json(), sort_keys=True)
 
 
-# Container tensor names (GGUF-like, so llama.cpp users recognize them). One table, read by the exporter, the
-# NumPy reference and the C binding.
+# Container tensor names (GGUF-like, so llama.cpp users recognize them): the one tensor table, read by the exporter,
+# the NumPy reference and the C binding. The C core states the same table (native/src/tensor_table.c) and
+# tests/test_tensor_table.py keeps both identical (for every tiny family, merged experts and MWQ).
+# (role, container name pattern, scope, rows, cols, condition, need) with
+#   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
+#   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
+#   condition: when the config has it (_present()); need: "required" | "unless_tied" | "optional" | "if_routed".
+TENSOR_TABLE = (
+    ("embed", "token_embd.weight", "global", "vocab", "hidden", "always", "required"),
+    ("final_norm", "output_norm.weight", "global", None, "hidden", "always", "required"),
+    ("lm_head", "output.weight", "global", "vocab", "hidden", "always", "unless_tied"),
+    ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "always", "required"),
+    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "always", "required"),
+    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "always", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "always", "required"),
+    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "always", "required"),
+    ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "always", "required"),
+    ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "qkv_bias", "required"),
+    ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "qkv_bias", "required"),
+    ("bv", "blk.{layer}.attn_v.bias", "layer", None, "kv", "qkv_bias", "required"),
+    ("q_norm", "blk.{layer}.attn_q_norm.weight", "layer", None, "q_norm", "qk_norm", "required"),
+    ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "qk_norm", "required"),
+    ("router", "blk.{layer}.ffn_gate_inp.weight", "layer", "experts", "hidden", "moe", "required"),
+    ("predictor", "blk.{layer}.ffn_gate_inp_pre.weight", "layer", "experts", "hidden", "moe", "optional"),
+    ("sh_gate", "blk.{layer}.ffn_gate_shexp.weight", "layer", "shared_ffn", "hidden", "shared", "required"),
+    ("sh_up", "blk.{layer}.ffn_up_shexp.weight", "layer", "shared_ffn", "hidden", "shared", "required"),
+    ("sh_down", "blk.{layer}.ffn_down_shexp.weight", "layer", "hidden", "shared_ffn", "shared", "required"),
+    ("sh_gate_inp", "blk.{layer}.ffn_gate_inp_shexp.weight", "layer", None, "hidden", "shared_gate", "required"),
+    ("mlp_gate", "blk.{layer}.ffn_gate.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
+    ("mlp_up", "blk.{layer}.ffn_up.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
+    ("mlp_down", "blk.{layer}.ffn_down.weight", "layer", "hidden", "dense_ffn", "dense", "required"),
+    ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
+    ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
+    ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
+)
+
+
+def _dim(spec: ArchSpec, term: str) -> int:
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    full = spec.qk_norm == "full"
+    return {"hidden": spec.hidden, "vocab": spec.vocab, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
+            "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
+            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn}[term]
+
+
+def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
+    moe = spec.is_moe_layer(layer)
+    return {"always": True, "qkv_bias": bool(spec.qkv_bias), "qk_norm": spec.qk_norm != "none", "moe": moe,
+            "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
+            "dense": not moe}[condition]
+
+
+def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
+    """Every tensor a model of this spec reads, in table order (globals, then per layer its tensors and its stored
+    experts' matrices, expert-major): (name, shape, required). Optional ones (the fitted predictor; lm_head when
+    tied; a merged layer's stored expert no routed expert maps to) are listed with required False."""
+    out = []
+
+    def add(row, layer=0, expert=0, required=True):
+        _, pattern, _, rows, cols, _, need = row
+        shape = (_dim(spec, cols),) if rows is None else (_dim(spec, rows), _dim(spec, cols))
+        req = {"required": True, "unless_tied": not spec.tie_embeddings, "optional": False, "if_routed": required}[need]
+        out.append((pattern.format(layer=layer, expert=expert), shape, req))
+
+    for row in TENSOR_TABLE:
+        if row[2] == "global":
+            add(row)
+    for layer in range(spec.n_layers):
+        for row in TENSOR_TABLE:
+            if row[2] == "layer" and _present(spec, row[5], layer):
+                add(row, layer)
+        if not spec.is_moe_layer(layer):
+            continue
+        emap = spec.layer_expert_map(layer)
+        for e in range(spec.stored_experts(layer)):
+            for row in TENSOR_TABLE:
+                if row[2] == "expert":
+                    add(row, layer, e, emap is None or e in emap)
+    return out
+
+
 def dense_tensor_names(spec: ArchSpec, layer: int) -> dict[str, str]:
-    """Role -> container name for the dense (always resident) tensors of one layer."""
-    p = f"blk.{layer}."
-    names = {
-        "attn_norm": p + "attn_norm.weight",
-        "wq": p + "attn_q.weight",
-        "wk": p + "attn_k.weight",
-        "wv": p + "attn_v.weight",
-        "wo": p + "attn_output.weight",
-        "ffn_norm": p + "ffn_norm.weight",
-    }
-    if spec.qkv_bias:
-        names.update(bq=p + "attn_q.bias", bk=p + "attn_k.bias", bv=p + "attn_v.bias")
-    if spec.qk_norm != "none":
-        names.update(q_norm=p + "attn_q_norm.weight", k_norm=p + "attn_k_norm.weight")
-    if spec.is_moe_layer(layer):
-        names["router"] = p + "ffn_gate_inp.weight"
-        if spec.shared_ffn:
-            names.update(
-                sh_gate=p + "ffn_gate_shexp.weight", sh_up=p + "ffn_up_shexp.weight", sh_down=p + "ffn_down_shexp.weight"
-            )
-            if spec.shared_gate:
-                names["sh_gate_inp"] = p + "ffn_gate_inp_shexp.weight"
-    else:
-        names.update(mlp_gate=p + "ffn_gate.weight", mlp_up=p + "ffn_up.weight", mlp_down=p + "ffn_down.weight")
-    return names
+    """Role -> container name for the dense (always resident) tensors one layer must have."""
+    return {role: pattern.format(layer=layer) for role, pattern, scope, _, _, cond, need in TENSOR_TABLE
+            if scope == "layer" and need == "required" and _present(spec, cond, layer)}
 
 
-EXPERT_MATRICES = ("gate", "up", "down")  # gate/up: [expert_ffn, hidden]; down: [hidden, expert_ffn]
+EXPERT_MATRICES = tuple(row[0] for row in TENSOR_TABLE if row[2] == "expert")  # gate/up: [expert_ffn, hidden]; down
+_EXPERT_PATTERN = {row[0]: row[1] for row in TENSOR_TABLE if row[2] == "expert"}
 
 
 def expert_tensor_name(layer: int, expert: int, matrix: str) -> str:
-    return f"blk.{layer}.expert.{expert}.ffn_{matrix}.weight"
+    return _EXPERT_PATTERN[matrix].format(layer=layer, expert=expert)
 
 
-GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
+GLOBAL_TENSORS = {role: pattern for role, pattern, scope, *_ in TENSOR_TABLE if scope == "global"}

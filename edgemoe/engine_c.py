@@ -5,18 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import _native as N
-from .arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from .arch import ArchSpec, model_tensors
 
 
 def model_tensor_names(spec: ArchSpec) -> list[str]:
-    """Every tensor name the forward pass reads (arch.py's tables), lm_head included even when tied."""
-    names = list(GLOBAL_TENSORS.values())
-    for layer in range(spec.n_layers):
-        names += dense_tensor_names(spec, layer).values()
-        if spec.is_moe_layer(layer):
-            names += [expert_tensor_name(layer, e, m) for e in range(spec.stored_experts(layer))
-                      for m in ("gate", "up", "down")]
-    return names
+    """Every tensor name the forward pass reads (arch.py's table), lm_head included even when tied."""
+    return [name for name, _, _ in model_tensors(spec)]
 
 
 class CEngine:
@@ -44,6 +38,7 @@ class CEngine:
                  precision: int | None = None, planes=None, quant: dict[str, dict] | None = None):
         self.spec = spec
         self.max_ctx = int(max_ctx)
+        self.plan = None  # a budget's plan (open_streaming)
         # the core reads the same JSON a container stores (one parser, one set of rules; no mirrored struct)
         self._h = N.ModelHandle(spec.dumps(), self.max_ctx, kv_f16, max(1, int(threads)))
         self._seq_ids: list[list[int]] = [[]]  # per sequence: the tokens whose keys/values its KV cache holds
@@ -252,27 +247,64 @@ class CEngine:
                        max_ctx: int = 4096, kv_f16: bool = False, precision: int | None = None, prefetch: int = 1,
                        prefetch_extra: int = 1, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
                        verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False,
-                       n_seq: int = 1) -> CEngine:
+                       n_seq: int = 1, evict: str = "auto", prefetch_min_confidence: float | None = None) -> CEngine:
         """The model under a memory budget (bytes; None = no limit, every expert cached after its first use): the C
         core opens the container itself, reads the dense weights into anonymous memory and streams the experts through
-        its byte-budgeted cache (native/src/hebf.c). Raises N.BudgetError, stating the minimum, below it.
+        its byte-budgeted cache (native/src/stream_load.c, stream_forward.c). Raises N.BudgetError, stating the
+        minimum, below it.
 
         mode: "exact" (output identical to the all-resident model), "adaptive" (MWQ: compute an expert at its resident
         planes rather than wait for a refinement plane), "ondemand" (baseline: LRU, no prefetch, no overlap).
         prefetch: 0 none, 1 before each layer's attention, 2 also the next layer. verify: CRC-32 of expert reads
         ("first" read of each piece, "always", "never"). n_seq: sequences whose KV cache the budget holds (the most
-        set_n_seq / decode_batch can use)."""
-        self = cls.__new__(cls)
-        self.spec = spec
-        self.max_ctx = int(max_ctx)
-        self._arrays, self._plane_reader, self._quant, self._mwq, self._checked = [], None, {}, {}, {}
+        set_n_seq / decode_batch can use). evict ("auto", "lru", "cyclic", "freq") and prefetch_min_confidence
+        (0..1, default 0.5) override the cache policy, for experiments. The plan the budget was checked against
+        (emoe_stream_plan: minimum_bytes and its parts) is `engine.plan`."""
         opts = N.stream_options(memory_budget, mode, prefetch, prefetch_extra, precision, io_threads, direct,
-                                drop_cache, verify, n_seq)
-        self._h = N.open_streaming(path, self.max_ctx, kv_f16, max(1, int(threads)), opts)
-        self._seq_ids = [[] for _ in range(self._h.n_seq)]
-        if isa is not None:
-            self.set_isa(isa)
-        self._h.set_q8_f32_act(q8_f32_act)
+                                drop_cache, verify, n_seq, evict, prefetch_min_confidence)
+        h, plan = N.open_streaming(path, int(max_ctx), kv_f16, max(1, int(threads)), opts)
+        self = cls._over_handle(h, spec, max_ctx, isa, q8_f32_act)
+        self.plan = plan
+        return self
+
+    @staticmethod
+    def stream_plan(path, max_ctx: int = 4096, kv_f16: bool = False, threads: int = 1, **stream_options) -> dict:
+        """The memory a model under a budget holds, as numbers, without loading it (emoe_container_stream_load with
+        no model): minimum_bytes, dense_bytes, kv_bytes, scratch_bytes, min_cache_bytes, full_cache_bytes,
+        expert_bytes. stream_options: as open_streaming's (memory_budget as budget_bytes: BudgetError below the
+        minimum)."""
+        opts = N.stream_options(**stream_options)
+        return N.open_streaming(path, int(max_ctx), kv_f16, max(1, int(threads)), opts, plan_only=True)[1]
+
+    @classmethod
+    def from_container(cls, path, spec: ArchSpec, threads: int = 1, max_ctx: int = 4096, kv_f16: bool = False,
+                       precision: int | None = None, verify: bool = True, planes=None,
+                       mwq_planes: dict[str, int] | None = None, isa: int | str | None = None,
+                       q8_f32_act: bool = False) -> CEngine:
+        """The whole model resident: the C core opens the container and registers every tensor the model reads
+        (f32/f16/q8_0 and MWQ planes) from its mapping; nothing is copied but 1-D f16 tensors. verify: every
+        checksum is checked at open. Without it, pass planes (a (name, k) reader that checks each plane's checksum
+        on first read, Container.planes) and mwq_planes (MWQ tensor -> planes stored): the planes a precision uses
+        are then checked before the C core reads them."""
+        h = N.open_resident(path, int(max_ctx), kv_f16, max(1, int(threads)), verify)
+        self = cls._over_handle(h, spec, max_ctx, isa, q8_f32_act)
+        self._plane_reader, self._mwq = planes, dict(mwq_planes or {})
+        self.set_precision(precision)
+        return self
+
+    @classmethod
+    def _over_handle(cls, h: N.ModelHandle, spec: ArchSpec, max_ctx: int, isa, q8_f32_act: bool) -> CEngine:
+        self = cls.__new__(cls)
+        self.spec, self.max_ctx, self._h, self.plan = spec, int(max_ctx), h, None
+        self._arrays, self._plane_reader, self._quant, self._mwq, self._checked = [], None, {}, {}, {}
+        self._seq_ids = [[] for _ in range(h.n_seq)]
+        try:
+            if isa is not None:
+                self.set_isa(isa)
+            h.set_q8_f32_act(q8_f32_act)
+        except BaseException:
+            h.close()
+            raise
         return self
 
     @property

@@ -16,7 +16,6 @@ when the prefetch predicts well; the report gives tokens/s for no overlap (a flo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from .bandwidth import IO_ALIGN, memory_read_bandwidth, storage_read_bandwidth
@@ -30,7 +29,7 @@ from .units import format_bytes, parse_bytes
 def runtime_requirements(path: str | Path, spec, budget: int, max_ctx: int, threads: int = 1, mode: str = "exact",
                          precision: int | None = None, kv_f16: bool = False) -> dict:
     """Open the C streaming engine under `budget` and return its figures (it reads the dense weights, as a real
-    load does). Below the minimum: {"runs": False, "minimum_bytes", "message"} from the core's refusal."""
+    load does). Below the minimum: {"runs": False, "minimum_bytes", "message"} from the core's refusal (its plan)."""
     from . import _native as N
     from .engine_c import CEngine
 
@@ -38,7 +37,7 @@ def runtime_requirements(path: str | Path, spec, budget: int, max_ctx: int, thre
         eng = CEngine.open_streaming(path, spec, budget, mode, threads=threads, max_ctx=max_ctx, kv_f16=kv_f16,
                                      precision=precision, verify="never")
     except N.BudgetError as e:
-        return {"runs": False, "minimum_bytes": minimum_from_message(str(e)), "message": str(e)}
+        return {"runs": False, "minimum_bytes": e.plan["minimum_bytes"], "message": str(e)}
     try:
         s = eng.stats()
     finally:
@@ -48,23 +47,12 @@ def runtime_requirements(path: str | Path, spec, budget: int, max_ctx: int, thre
             "expert_cache_bytes": s["cache_capacity_bytes"], "run_planes": s["run_planes"] or s["n_planes"]}
 
 
-def minimum_from_message(message: str) -> int | None:
-    """The minimum in bytes from the core's budget refusal ("... below the minimum 7.2 MiB (7525256 bytes) ...")."""
-    m = re.search(r"below the minimum [^(]*\((\d+) bytes\)", message)
-    return int(m.group(1)) if m else None
-
-
 def minimum_budget_bytes(path: str | Path, max_ctx: int, threads: int = 1, mode: str = "exact",
                          precision: int | None = None, kv_f16: bool = False) -> int:
-    """The least budget the C core accepts for this model and context (it refuses a 1-byte budget, stating it)."""
-    c = open_container(path, verify=False)
-    try:
-        r = runtime_requirements(path, c.spec, 1, max_ctx, threads, mode, precision, kv_f16)
-    finally:
-        c.close()
-    if r["minimum_bytes"] is None:
-        raise EdgeMoEError(f"{path}: could not read the minimum budget from the runtime's message: {r['message']}")
-    return r["minimum_bytes"]
+    """The least budget the C core accepts for this model and context (its plan; nothing is loaded)."""
+    from .engine_c import CEngine
+
+    return CEngine.stream_plan(path, max_ctx, kv_f16, threads, mode=mode, precision=precision)["minimum_bytes"]
 
 
 # ---- which expert bytes a token needs --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 from .arch import GLOBAL_TENSORS
 from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
-from .errors import EdgeMoEError, FormatError
+from .errors import EdgeMoEError
 from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
@@ -114,7 +114,7 @@ class Model:
 
     def __init__(self, container: Container, memory_budget: int | str | None = None, threads: int | None = None, engine: str = "auto",
                  max_ctx: int | None = None, precision: int | None = None, mode: str = "exact",
-                 stream_options: dict | None = None, n_seq: int | None = None):
+                 stream_options: dict | None = None, n_seq: int | None = None, verify: bool = True):
         if engine not in ENGINES:
             raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
         if mode not in MODES:
@@ -136,10 +136,7 @@ class Model:
             opts = dict(stream_options or {}) | ({"n_seq": int(n_seq)} if n_seq else {})
             self.engine_name, self._engine = self._make_streaming_engine(engine, opts)
         else:
-            tensors = {n: container.array(n) for n, t in container.tensors.items() if t.kind != "blob"}
-            dtypes = {n: t.dtype for n, t in container.tensors.items()}
-            shapes = {n: t.shape for n, t in container.tensors.items()}
-            self.engine_name, self._engine = self._make_engine(engine, tensors, dtypes, shapes)
+            self.engine_name, self._engine = self._make_engine(engine, verify)
             if n_seq and n_seq > 1 and hasattr(self._engine, "set_n_seq"):
                 self._engine.set_n_seq(int(n_seq))
         tok = container.tensors.get("tokenizer.json")
@@ -175,10 +172,7 @@ class Model:
         if engine == "numpy":
             raise EdgeMoEError("a memory budget (or mode other than 'exact') needs the C engine; the NumPy engine maps "
                                "the whole file (use engine='auto' or 'c')")
-        try:
-            from .engine_c import CEngine
-        except Exception as e:  # noqa: BLE001 - the C core may be missing in a partial build
-            raise EdgeMoEError(f"a memory budget needs the C core, which is not available: {e}") from None
+        CEngine = _c_engine_class()
         eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
                                      threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
                                      **opts)
@@ -200,28 +194,18 @@ class Model:
                            {n: t.dtype for n, t in c.tensors.items()}, {n: t.shape for n, t in c.tensors.items()},
                            precision=self.precision, planes=c.planes, quant=self._plane_layouts())
 
-    def _make_engine(self, engine, tensors, dtypes, shapes):
-        has_mwq = self.stored_planes is not None
-        quant = self._plane_layouts()
-        if engine in ("auto", "c"):
-            try:
-                from .engine_c import CEngine
-
-                if has_mwq and not getattr(CEngine, "supports_mwq", False):
-                    raise EdgeMoEError("it does not run MWQ experts yet (use engine='numpy')")
-                kwargs = ({"precision": self.precision, "planes": self.container.planes, "quant": quant}
-                          if has_mwq else {})
-                return "c", CEngine(self.spec, tensors, dtypes, threads=self.threads or 1, max_ctx=self.max_ctx,
-                                    **kwargs)
-            except FormatError:  # a corrupt plane, found when the C engine read it: no fallback hides that
-                raise
-            except Exception as e:  # noqa: BLE001 - the C core may be missing in a partial build
-                if engine == "c":
-                    raise EdgeMoEError(f"the C engine is not available: {e}") from None
-        from .engine_numpy import NumpyEngine
-
-        return "numpy", NumpyEngine(self.spec, tensors, dtypes, shapes, precision=self.precision,
-                                    planes=self.container.planes, quant=quant)
+    def _make_engine(self, engine: str, verify: bool):
+        """engine "auto"/"c": the C core reads the container itself (every storage); a missing core or a file it
+        refuses is an error, never a switch to another engine. "numpy": the reference engine, only when asked."""
+        if engine == "numpy":
+            return "numpy", self.reference_engine()
+        CEngine = _c_engine_class()
+        c = self.container
+        mwq = {n: t.n_planes for n, t in c.tensors.items() if t.dtype == "mwq"}
+        # verified at open (load's verify), or each MWQ plane checked when a precision first uses it (Container.planes)
+        lazy = {} if verify else {"planes": c.planes, "mwq_planes": mwq}
+        return "c", CEngine.from_container(c.path, self.spec, threads=self.threads or 1, max_ctx=self.max_ctx,
+                                           precision=self.precision, verify=False, **lazy)
 
     # --- the verbs ------------------------------------------------------------------------------------------
     @property
@@ -551,6 +535,17 @@ class Model:
         self.close()
 
 
+def _c_engine_class():
+    """CEngine, or one clear error when the C core cannot be loaded (engine='numpy' is the only other engine)."""
+    try:
+        from .engine_c import CEngine
+    except (ImportError, OSError) as e:
+        raise EdgeMoEError(f"the C core is not available ({e}); build it (pip install -e ., or cmake -S native -B "
+                           f"build and set EDGEMOE_NATIVE_LIB), or pass engine='numpy' for the slow reference engine"
+                           ) from None
+    return CEngine
+
+
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
          max_ctx: int | None = None, verify: bool = True, precision: int | None = None, mode: str = "exact",
          prefetch: int = 1, verify_reads: str | None = None, n_seq: int | None = None, **stream_options) -> Model:
@@ -572,13 +567,15 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
     needed.
     """
     streaming = memory_budget is not None or mode != "exact"
+    # Without a budget every checksum is checked here (zlib's CRC-32 runs at memory speed; the C container's own
+    # check, emoe_container_verify, is several times slower today); with one, the C core checks what it reads.
     container = open_container(path, verify=verify and not streaming)
     reads = verify_reads or ("first" if verify else "never")
     opts = {"prefetch": prefetch, "verify": reads, **stream_options} if streaming else None
     try:
         if verify and streaming and "tokenizer.json" in container.tensors:
             container.verify("tokenizer.json")  # the C core checks what it reads; the tokenizer is read here
-        return Model(container, memory_budget, threads, engine, max_ctx, precision, mode, opts, n_seq)
+        return Model(container, memory_budget, threads, engine, max_ctx, precision, mode, opts, n_seq, verify)
     except BaseException:
         container.close()
         raise

@@ -9,7 +9,7 @@ import pytest
 
 import edgemoe
 from edgemoe import _native as N
-from edgemoe.fit import fit, minimum_budget_bytes, minimum_from_message
+from edgemoe.fit import fit, minimum_budget_bytes
 
 CALIB = ("the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. "
          "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9 ") * 80
@@ -27,9 +27,14 @@ def mwq_model(tiny_dir, tmp_path_factory):
 
 
 def _stated_minimum(path, max_ctx):
+    """The minimum the refusal carries as a number (BudgetError.plan), which its message states too."""
     with pytest.raises(N.BudgetError) as e:
         edgemoe.load(path, memory_budget=1, max_ctx=max_ctx)
-    return minimum_from_message(str(e.value))
+    plan = e.value.plan
+    assert "below the minimum" in str(e.value) and f"({plan['minimum_bytes']} bytes)" in str(e.value)
+    assert plan["minimum_bytes"] == plan["dense_bytes"] + plan["kv_bytes"] + plan["scratch_bytes"] + \
+        plan["min_cache_bytes"]
+    return plan["minimum_bytes"]
 
 
 def test_below_the_minimum_it_does_not_run_and_states_the_runtimes_minimum(mwq_model):

@@ -154,6 +154,14 @@ int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void
 /* The shape the model expects for `name` (1-D tensors: rows = 1); EMOE_ERR_ARG if the name is not one of its
  * tensors. */
 int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols);
+/* The tensors this model reads, from the one tensor table (native/src/tensor_table.c; edgemoe/arch.py states the same
+ * table for Python): globals, then per layer its tensors followed by its stored experts' matrices. Returns the count;
+ * for 0 <= i < count also fills tensor i's name (at most n bytes, NUL-terminated), ndim (1 or 2), shape (1-D
+ * tensors: rows = 1) and
+ * whether a model must have it (0: lm_head with tie_embeddings, the optional fitted predictor
+ * blk.L.ffn_gate_inp_pre.weight, a merged layer's stored expert no routed expert maps to). Any pointer may be NULL. */
+int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int *ndim, int64_t *rows, int64_t *cols,
+                      int *required);
 /* EMOE_OK if every required tensor is set, else EMOE_ERR_NOT_READY naming the first missing one. */
 int emoe_model_ready(emoe_model *m);
 /* Register an expert matrix (blk.L.expert.E.ffn_{gate,up,down}.weight) stored as MWQ bit planes: n_planes planes at
@@ -218,8 +226,8 @@ void emoe_model_reset_seq(emoe_model *m, int seq); /* empty sequence seq (a bad 
  * when it is reached and computed before the next is requested, plain LRU eviction.
  * Eviction (EXACT, ADAPTIVE): queued prefetches first, then refinement planes before base planes, then LRU +
  * frequency: the lowest use count decayed by 0.9 per token, ties to the layer whose next use is furthest (plain LRU
- * evicts exactly what the next layers need once the cache holds less than a token's experts). The environment
- * variable EDGEMOE_EVICT=lru|cyclic|freq overrides the policy (for experiments). */
+ * evicts exactly what the next layers need once the cache holds less than a token's experts). The option `evict`
+ * overrides the policy (for experiments). */
 typedef struct emoe_container emoe_container; /* edgemoe_container.h */
 enum { EMOE_MODE_EXACT = 0, EMOE_MODE_ADAPTIVE = 1, EMOE_MODE_ONDEMAND = 2 };
 enum { EMOE_VERIFY_READS_NEVER = 0, EMOE_VERIFY_READS_FIRST = 1, EMOE_VERIFY_READS_ALWAYS = 2 };
@@ -236,7 +244,12 @@ typedef struct {
     int32_t verify;         /* EMOE_VERIFY_READS_*: CRC-32 of each piece on its first read (default) or every read;
                                dense weights are checked once at load unless NEVER */
     int32_t n_seq;          /* sequences whose KV cache the budget holds (default 1; see emoe_model_set_n_seq) */
+    int32_t evict;          /* EMOE_EVICT_POLICY_*: AUTO (default) = LRU for ONDEMAND, FREQ otherwise; the others
+                               force a policy (for experiments) */
+    float prefetch_min_confidence; /* a prefetch may evict only above this probability that the expert is used
+                                      (default 0.5; 0..1) */
 } emoe_stream_options;
+enum { EMOE_EVICT_POLICY_AUTO = 0, EMOE_EVICT_POLICY_LRU = 1, EMOE_EVICT_POLICY_CYCLIC = 2, EMOE_EVICT_POLICY_FREQ = 3 };
 void emoe_stream_options_init(emoe_stream_options *o);
 
 #define EMOE_STATS_LEVELS 8 /* plane levels with their own hit/miss counters (level 0 = base plane) */
@@ -259,10 +272,29 @@ typedef struct {
 } emoe_stats;
 
 /* Open a model from a container under a memory budget (see above). The model copies what it needs: the container
- * may be closed right after. NULL on failure with a message in err; a budget below the minimum fails with
- * EMOE_ERR_BUDGET's message stating the minimum and its parts. */
+ * may be closed right after. NULL on failure with a message in err; a budget below the minimum fails with a message
+ * stating the minimum and its parts (emoe_container_stream_plan gives them as numbers). */
 emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
                                           const emoe_stream_options *opts, char *err, size_t errlen);
+
+/* What a model under a memory budget holds, as emoe_container_load_streaming counts it. */
+typedef struct {
+    int64_t minimum_bytes;   /* the least budget it runs in: dense + kv + scratch + min_cache */
+    int64_t dense_bytes;     /* resident dense weights */
+    int64_t kv_bytes;        /* KV cache of opts.n_seq sequences x max_ctx */
+    int64_t scratch_bytes;   /* activations, cache bookkeeping, thread stacks */
+    int64_t min_cache_bytes; /* the smallest expert cache: one layer's top-k experts at base precision */
+    int64_t full_cache_bytes; /* an expert cache holding every expert at the run precision (more is never used) */
+    int64_t expert_bytes;    /* expert weights on disk */
+} emoe_stream_plan;
+/* emoe_container_load_streaming with typed results: returns EMOE_OK (*model = the model), EMOE_ERR_BUDGET when
+ * opts->budget_bytes is below plan->minimum_bytes, or another status (EMOE_ERR_ARG: file or options refused,
+ * EMOE_ERR_NOT_READY: a tensor missing, EMOE_ERR_IO, EMOE_ERR_CORRUPT, EMOE_ERR_NOMEM), with the message in err.
+ * *plan (may be NULL) is filled whenever the file and options are usable, also on EMOE_ERR_BUDGET. model == NULL:
+ * plan only (nothing is read beyond the index; returns EMOE_OK or EMOE_ERR_BUDGET for a usable file). */
+int emoe_container_stream_load(emoe_container *c, int max_ctx, int kv_f16, int n_threads,
+                               const emoe_stream_options *opts, emoe_model **model, emoe_stream_plan *plan, char *err,
+                               size_t errlen);
 /* Statistics since the last reset (all zero for a model without streaming, mode = -1). */
 int emoe_model_stats(emoe_model *m, emoe_stats *out);
 void emoe_model_reset_stats(emoe_model *m);

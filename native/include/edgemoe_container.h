@@ -102,11 +102,13 @@ const void *emoe_container_data(const emoe_container *c, const emoe_tensor_info 
 /* Total stored bytes of the tensors of one kind (EMOE_KIND_*). */
 uint64_t emoe_container_kind_bytes(const emoe_container *c, int kind);
 
-/* Create a model for the container's architecture (as emoe_model_new_json would) and register every
- * dense and expert tensor the config uses, borrowing pointers into the mapping; tensors the config does not use are
- * skipped (as the Python engines do). Fails with a message if a used tensor has a dtype the core cannot run (MWQ
- * planes, bytes) or a shape the config does not expect, or if a required tensor is missing. The container must stay
- * open until the model is freed. Returns NULL on failure. */
+/* Create a model for the container's config (as emoe_model_new_json would) and register every
+ * tensor the tensor table names for it (native/src/tensor_table.c), borrowing pointers into the mapping: f32/f16/
+ * q8_0, and expert matrices stored as MWQ bit planes (run at all stored planes; emoe_model_set_precision lowers it).
+ * Every tensor is checked first (the same table walk as emoe_container_load_streaming's, native/src/load.c): a
+ * required tensor the file lacks is named, and each one's dtype, shape and stored bytes (MWQ: every plane's) must
+ * agree with the table. Tensors the table does not name are skipped. Checksums are those emoe_container_open checked
+ * (verify). The container must stay open until the model is freed. Returns NULL on failure, with the message in err. */
 emoe_model *emoe_container_load_model(emoe_container *c, int max_ctx, int kv_f16, int n_threads, char *err,
                                       size_t errlen);
 

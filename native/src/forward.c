@@ -419,7 +419,7 @@ int emoe_forward_batch(emoe_model *m, const int32_t *tokens, const int32_t *seqs
     return EMOE_OK;
 }
 
-/* ---- building blocks for the streaming MoE block (hebf.c) ---- */
+/* ---- building blocks for the streaming MoE block (stream_forward.c) ---- */
 
 void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps) { rmsnorm(out, x, w, n, eps); }
 void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy) {

@@ -1,6 +1,6 @@
-/* HEBF (hottest-expert-bit-first, D^2MoE) scheduling of one MoE layer's expert pieces, and the streaming engine that
- * runs it (hebf.c, second half: emoe_container_load_streaming and the per-layer executor behind the model's stream
- * hooks; public API in edgemoe.h).
+/* HEBF (hottest-expert-bit-first, D^2MoE) scheduling of one MoE layer's expert pieces (hebf.c). The streaming engine
+ * that runs it: stream_forward.c (the per-layer executor behind the model's stream hooks) and stream_load.c
+ * (emoe_container_load_streaming, the budget plan); public API in edgemoe.h.
  *
  * Input: the routed (expert, weight) pairs of a block of tokens and, per pair, how many planes that token needs
  * (exact mode: all planes the model runs at; adaptive or mixed precision: fewer for some tokens). Output: the

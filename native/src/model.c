@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include "model.h"
+#include "tensor_table.h"
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) {
     va_list ap;
@@ -234,7 +235,21 @@ void emoe_model_free(emoe_model *m) {
     free(m->layers);
     free_buffers(m);
     emoe_pool_free(m->pool);
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
     free(m);
+}
+
+void *model_own(emoe_model *m, size_t n) {
+    if (m->n_owned == m->cap_owned) {
+        const int cap = m->cap_owned ? 2 * m->cap_owned : 16;
+        void **p = realloc(m->owned, (size_t)cap * sizeof(void *));
+        if (!p) return NULL;
+        m->owned = p, m->cap_owned = cap;
+    }
+    void *b = malloc(n ? n : 1);
+    if (!b) return NULL;
+    return m->owned[m->n_owned++] = b;
 }
 
 int emoe_model_status(const emoe_model *m) { return m ? m->status : EMOE_ERR_ARG; }
@@ -334,96 +349,69 @@ void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *cons
     if (nq) mwq_run(m->pool, m->k, qj, nq, x, cols, n_tok, m->s.qbuf, m->s.mwq_xp, m->q8_f32_act);
 }
 
-/* ---- tensor names (edgemoe/arch.py: dense_tensor_names, expert_tensor_name, GLOBAL_TENSORS) ---- */
+/* ---- tensor names: the tensor table (tensor_table.c) ---- */
 
-enum { ONE_D = 1, MATRIX = 2 };
+/* The slot a table item fills. */
+static tensor_ref *slot_of(emoe_model *m, const tt_item *it) {
+    const tt_entry *t = &tt_table[it->entry];
+    if (t->scope == TT_GLOBAL) return (tensor_ref *)((char *)m + t->slot);
+    layer_weights *L = &m->layers[it->layer];
+    if (t->scope == TT_LAYER) return (tensor_ref *)((char *)L + t->slot);
+    return &L->experts[(size_t)it->expert * 3 + t->slot];
+}
 
-/* Resolve a container name to the slot it fills and the shape it must have. Returns EMOE_OK or an error (with the
- * message saying why the name does not belong to this config). */
-static int resolve(emoe_model *m, const char *name, tensor_ref **slot, int64_t *rows, int64_t *cols, int *one_d) {
-    const emoe_config *c = &m->cfg;
-    const int64_t H = c->hidden, V = c->vocab, Q = m->q_dim, KV = m->kv_dim, hd = c->head_dim;
-    *one_d = 0;
-    if (!strcmp(name, "token_embd.weight")) return *slot = &m->embed, *rows = V, *cols = H, EMOE_OK;
-    if (!strcmp(name, "output_norm.weight"))
-        return *slot = &m->final_norm, *rows = 1, *cols = H, *one_d = 1, EMOE_OK;
-    if (!strcmp(name, "output.weight")) return *slot = &m->lm_head, *rows = V, *cols = H, EMOE_OK;
-    if (strncmp(name, "blk.", 4)) return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
-    const char *p = name + 4;
-    long layer = 0;
-    if (*p < '0' || *p > '9') return model_error(m, EMOE_ERR_ARG, "bad layer number in tensor name '%s'", name);
-    while (*p >= '0' && *p <= '9' && layer <= 1000000) layer = layer * 10 + (*p++ - '0');
-    if (*p++ != '.' || layer >= c->n_layers)
-        return model_error(m, EMOE_ERR_ARG, "tensor '%s': layer out of range 0..%d", name, c->n_layers - 1);
-    layer_weights *L = &m->layers[layer];
-    if (!strncmp(p, "expert.", 7)) {
-        if (!L->is_moe) return model_error(m, EMOE_ERR_ARG, "tensor '%s': layer %ld is a dense layer", name, layer);
-        p += 7;
-        long e = 0;
-        if (*p < '0' || *p > '9') return model_error(m, EMOE_ERR_ARG, "bad expert number in tensor name '%s'", name);
-        while (*p >= '0' && *p <= '9' && e <= 1000000) e = e * 10 + (*p++ - '0');
-        if (e >= L->n_stored)
-            return model_error(m, EMOE_ERR_ARG, "tensor '%s': expert out of range 0..%d (stored experts of layer %ld)",
-                               name, L->n_stored - 1, layer);
-        tensor_ref *er = &L->experts[(size_t)e * 3];
-        if (!strcmp(p, ".ffn_gate.weight")) return *slot = &er[0], *rows = c->expert_ffn, *cols = H, EMOE_OK;
-        if (!strcmp(p, ".ffn_up.weight")) return *slot = &er[1], *rows = c->expert_ffn, *cols = H, EMOE_OK;
-        if (!strcmp(p, ".ffn_down.weight")) return *slot = &er[2], *rows = H, *cols = c->expert_ffn, EMOE_OK;
-        return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
-    }
-    /* suffix, slot, rows, cols, condition under which the config has this tensor */
-    const int qkn = c->qk_norm;
-    const struct {
-        const char *suffix;
-        tensor_ref *slot;
-        int64_t rows, cols;
-        int one_d;
-        int present;
-        const char *why; /* config condition, for the error message */
-    } table[] = {
-        {"attn_norm.weight", &L->attn_norm, 1, H, 1, 1, ""},
-        {"ffn_norm.weight", &L->ffn_norm, 1, H, 1, 1, ""},
-        {"attn_q.weight", &L->wq, Q, H, 0, 1, ""},
-        {"attn_k.weight", &L->wk, KV, H, 0, 1, ""},
-        {"attn_v.weight", &L->wv, KV, H, 0, 1, ""},
-        {"attn_output.weight", &L->wo, H, Q, 0, 1, ""},
-        {"attn_q.bias", &L->bq, 1, Q, 1, c->qkv_bias, "qkv_bias"},
-        {"attn_k.bias", &L->bk, 1, KV, 1, c->qkv_bias, "qkv_bias"},
-        {"attn_v.bias", &L->bv, 1, KV, 1, c->qkv_bias, "qkv_bias"},
-        {"attn_q_norm.weight", &L->q_norm, 1, qkn == EMOE_QK_NORM_FULL ? Q : hd, 1, qkn != EMOE_QK_NORM_NONE,
-         "qk_norm"},
-        {"attn_k_norm.weight", &L->k_norm, 1, qkn == EMOE_QK_NORM_FULL ? KV : hd, 1, qkn != EMOE_QK_NORM_NONE,
-         "qk_norm"},
-        {"ffn_gate_inp.weight", &L->router, c->n_experts, H, 0, L->is_moe, "a MoE layer"},
-        {"ffn_gate_shexp.weight", &L->sh_gate, c->shared_ffn, H, 0, L->is_moe && c->shared_ffn > 0, "shared_ffn"},
-        {"ffn_up_shexp.weight", &L->sh_up, c->shared_ffn, H, 0, L->is_moe && c->shared_ffn > 0, "shared_ffn"},
-        {"ffn_down_shexp.weight", &L->sh_down, H, c->shared_ffn, 0, L->is_moe && c->shared_ffn > 0, "shared_ffn"},
-        {"ffn_gate_inp_shexp.weight", &L->sh_gate_inp, 1, H, 1, L->is_moe && c->shared_ffn > 0 && c->shared_gate,
-         "shared_gate"},
-        {"ffn_gate.weight", &L->mlp_gate, c->dense_ffn, H, 0, !L->is_moe, "a dense layer"},
-        {"ffn_up.weight", &L->mlp_up, c->dense_ffn, H, 0, !L->is_moe, "a dense layer"},
-        {"ffn_down.weight", &L->mlp_down, H, c->dense_ffn, 0, !L->is_moe, "a dense layer"},
-    };
-    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
-        if (strcmp(p, table[i].suffix)) continue;
-        if (!table[i].present)
-            return model_error(m, EMOE_ERR_ARG, "tensor '%s' is not used by this config (needs %s)", name,
-                               table[i].why);
-        *slot = table[i].slot;
-        *rows = table[i].rows;
-        *cols = table[i].cols;
-        *one_d = table[i].one_d;
-        return EMOE_OK;
-    }
-    return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
+/* Resolve a container name to its table item (name, shape, flags). Returns EMOE_OK or an error (with the message
+ * saying why the name does not belong to this config). */
+static int resolve(emoe_model *m, const char *name, tt_item *it) {
+    int layer, expert;
+    const int e = tt_parse(name, &layer, &expert);
+    if (e < 0) return model_error(m, EMOE_ERR_ARG, "unknown tensor name '%s'", name);
+    const tt_entry *t = &tt_table[e];
+    if (t->scope != TT_GLOBAL && layer >= m->cfg.n_layers)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': layer out of range 0..%d", name, m->cfg.n_layers - 1);
+    if (t->scope != TT_GLOBAL && !tt_present(m, e, layer))
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s' is not used by this config (needs %s)", name,
+                           tt_condition_name(e));
+    if (t->scope == TT_EXPERT && expert >= m->layers[layer].n_stored)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': expert out of range 0..%d (stored experts of layer %d)",
+                           name, m->layers[layer].n_stored - 1, layer);
+    tt_instance(m, e, layer, expert, it);
+    return EMOE_OK;
+}
+
+typedef struct {
+    int i, n; /* the index asked for, items seen */
+    tt_item it;
+} nth_ctx;
+static int nth_item(void *ctx, const tt_item *it) {
+    nth_ctx *c = ctx;
+    if (c->n++ == c->i) c->it = *it;
+    return 0;
+}
+
+int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int *ndim, int64_t *rows, int64_t *cols,
+                      int *required) {
+    if (!m) return EMOE_ERR_ARG;
+    if (m->status) return model_error(m, m->status, "model creation failed earlier");
+    nth_ctx c = {.i = i};
+    tt_walk(m, nth_item, &c);
+    if (i < 0 || i >= c.n) return c.n;
+    if (name && n) snprintf(name, n, "%s", c.it.name);
+    if (ndim) *ndim = c.it.one_d ? 1 : 2;
+    if (rows) *rows = c.it.rows;
+    if (cols) *cols = c.it.cols;
+    if (required) *required = c.it.required;
+    return c.n;
 }
 
 int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols) {
     if (!m || !name || !rows || !cols) return EMOE_ERR_ARG;
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
-    tensor_ref *slot;
-    int one_d;
-    return resolve(m, name, &slot, rows, cols, &one_d);
+    tt_item it;
+    const int st = resolve(m, name, &it);
+    if (st) return st;
+    *rows = it.rows, *cols = it.cols;
+    return EMOE_OK;
 }
 
 static const char *dtype_name(int dtype) {
@@ -434,23 +422,21 @@ int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void
     if (!m) return EMOE_ERR_ARG;
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
     if (!name || !data) return model_error(m, EMOE_ERR_ARG, "emoe_model_set_tensor: name and data must not be NULL");
-    tensor_ref *slot;
-    int64_t er, ec;
-    int one_d;
-    int st = resolve(m, name, &slot, &er, &ec, &one_d);
+    tt_item it;
+    int st = resolve(m, name, &it);
     if (st) return st;
-    if (rows != er || cols != ec)
+    if (rows != it.rows || cols != it.cols)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': shape [%lld, %lld], expected [%lld, %lld]%s", name,
-                           (long long)rows, (long long)cols, (long long)er, (long long)ec,
-                           one_d ? " (1-D tensors are passed as rows=1)" : "");
-    if (one_d && dtype != EMOE_F32)
+                           (long long)rows, (long long)cols, (long long)it.rows, (long long)it.cols,
+                           it.one_d ? " (1-D tensors are passed as rows=1)" : "");
+    if (it.one_d && dtype != EMOE_F32)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': 1-D tensors must be f32, got %s", name, dtype_name(dtype));
     if (dtype != EMOE_F32 && dtype != EMOE_F16 && dtype != EMOE_Q8_0)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': unknown dtype %d", name, dtype);
     if (dtype == EMOE_Q8_0 && cols % QK)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': q8_0 needs cols %% 32 == 0, cols = %lld", name,
                            (long long)cols);
-    *slot = (tensor_ref){.data = data, .dtype = dtype, .rows = rows, .cols = cols};
+    *slot_of(m, &it) = (tensor_ref){.data = data, .dtype = dtype, .rows = rows, .cols = cols};
     return EMOE_OK;
 }
 
@@ -459,35 +445,20 @@ int model_mwq_buffers(emoe_model *m) {
     return m->s.mwq_xp ? EMOE_OK : EMOE_ERR_NOMEM;
 }
 
-/* Find the layer and slot index of an expert slot returned by resolve(), or -1. */
-static int expert_slot(emoe_model *m, const tensor_ref *slot, int *layer) {
-    for (int l = 0; l < m->cfg.n_layers; l++) {
-        const layer_weights *L = &m->layers[l];
-        if (L->experts && slot >= L->experts && slot < L->experts + (size_t)L->n_stored * 3) {
-            *layer = l;
-            return (int)(slot - L->experts);
-        }
-    }
-    return -1;
-}
-
 int emoe_model_set_expert_mwq(emoe_model *m, const char *name, const void *base, const int64_t *plane_offsets,
                               int n_planes, int base_bits, int group, int64_t rows, int64_t cols) {
     if (!m) return EMOE_ERR_ARG;
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
     if (!name || !base || !plane_offsets)
         return model_error(m, EMOE_ERR_ARG, "emoe_model_set_expert_mwq: name, base and plane_offsets must not be NULL");
-    tensor_ref *slot;
-    int64_t er, ec;
-    int one_d, layer = 0;
-    int st = resolve(m, name, &slot, &er, &ec, &one_d);
+    tt_item it;
+    int st = resolve(m, name, &it);
     if (st) return st;
-    const int idx = expert_slot(m, slot, &layer);
-    if (idx < 0)
+    if (tt_table[it.entry].scope != TT_EXPERT)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': only expert matrices can be MWQ bit planes", name);
-    if (rows != er || cols != ec)
+    if (rows != it.rows || cols != it.cols)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': shape [%lld, %lld], expected [%lld, %lld]", name,
-                           (long long)rows, (long long)cols, (long long)er, (long long)ec);
+                           (long long)rows, (long long)cols, (long long)it.rows, (long long)it.cols);
     if (n_planes < 1 || n_planes > MWQ_MAX_PLANES)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': %d MWQ planes, expected 1..%d", name, n_planes,
                            MWQ_MAX_PLANES);
@@ -500,37 +471,43 @@ int emoe_model_set_expert_mwq(emoe_model *m, const char *name, const void *base,
     for (int p = 0; p < n_planes; p++)
         if ((uintptr_t)((const char *)base + plane_offsets[p]) % 2)
             return model_error(m, EMOE_ERR_ARG, "tensor '%s': MWQ plane %d is not 2-byte aligned", name, p + 1);
-    layer_weights *L = &m->layers[layer];
+    layer_weights *L = &m->layers[it.layer];
     if (!L->experts_mwq) {
         L->experts_mwq = calloc((size_t)L->n_stored * 3, sizeof(mwq_layout));
         if (!L->experts_mwq) return model_error(m, EMOE_ERR_NOMEM, "out of memory");
     }
     if (model_mwq_buffers(m)) return model_error(m, EMOE_ERR_NOMEM, "out of memory");
-    mwq_layout *ly = &L->experts_mwq[idx];
+    mwq_layout *ly = &L->experts_mwq[(size_t)it.expert * 3 + tt_table[it.entry].slot];
     memset(ly, 0, sizeof(*ly));
     ly->n_planes = n_planes;
     ly->base_bits = base_bits;
     ly->group = group;
     memcpy(ly->plane_off, plane_offsets, (size_t)n_planes * sizeof(int64_t));
-    *slot = (tensor_ref){.data = base, .dtype = TENSOR_MWQ, .rows = rows, .cols = cols, .mwq = ly};
+    *slot_of(m, &it) = (tensor_ref){.data = base, .dtype = TENSOR_MWQ, .rows = rows, .cols = cols, .mwq = ly};
     return EMOE_OK;
 }
 
-/* The first MWQ expert matrix storing fewer than k planes, or NULL; its name in buf. */
-static const tensor_ref *mwq_short_of(emoe_model *m, int k, char *buf, size_t n) {
-    static const char *const mats[3] = {"gate", "up", "down"};
-    for (int l = 0; l < m->cfg.n_layers; l++) {
-        const layer_weights *L = &m->layers[l];
-        if (!L->is_moe) continue;
-        for (int e = 0; e < L->n_stored * 3; e++) {
-            const tensor_ref *t = &L->experts[e];
-            if (t->dtype == TENSOR_MWQ && t->mwq->n_planes < k) {
-                snprintf(buf, n, "blk.%d.expert.%d.ffn_%s.weight", l, e / 3, mats[e % 3]);
-                return t;
-            }
-        }
-    }
-    return NULL;
+/* tt_walk callbacks of emoe_model_ready and emoe_model_set_precision: the first tensor that is missing, or (k > 0)
+ * an MWQ expert matrix storing fewer than k planes. */
+typedef struct {
+    emoe_model *m;
+    int k;
+    tt_item it;
+    int planes;
+} check_ctx;
+static int find_missing(void *ctx, const tt_item *it) {
+    check_ctx *c = ctx;
+    if (!it->required || (c->m->stream && tt_table[it->entry].scope == TT_EXPERT)) return 0; /* streamed: cached */
+    if (slot_of(c->m, it)->data) return 0;
+    c->it = *it;
+    return 1;
+}
+static int find_short(void *ctx, const tt_item *it) {
+    check_ctx *c = ctx;
+    const tensor_ref *t = slot_of(c->m, it);
+    if (!t->data || t->dtype != TENSOR_MWQ || t->mwq->n_planes >= c->k) return 0;
+    c->it = *it, c->planes = t->mwq->n_planes;
+    return 1;
 }
 
 int emoe_model_set_precision(emoe_model *m, int k) {
@@ -538,11 +515,10 @@ int emoe_model_set_precision(emoe_model *m, int k) {
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
     if (k < 0 || k > MWQ_MAX_PLANES)
         return model_error(m, EMOE_ERR_ARG, "precision %d: expected 1..%d planes (0 = all stored)", k, MWQ_MAX_PLANES);
-    char name[96];
-    const tensor_ref *t = mwq_short_of(m, k, name, sizeof(name));
-    if (t)
-        return model_error(m, EMOE_ERR_ARG, "precision %d: tensor '%s' stores only %d MWQ planes", k, name,
-                           t->mwq->n_planes);
+    check_ctx c = {.m = m, .k = k};
+    if (k && tt_walk(m, find_short, &c))
+        return model_error(m, EMOE_ERR_ARG, "precision %d: tensor '%s' stores only %d MWQ planes", k, c.it.name,
+                           c.planes);
     m->precision = k;
     return EMOE_OK;
 }
@@ -552,57 +528,12 @@ int emoe_model_precision(const emoe_model *m) { return m ? m->precision : 0; }
 int emoe_model_ready(emoe_model *m) {
     if (!m) return EMOE_ERR_ARG;
     if (m->status) return model_error(m, m->status, "model creation failed earlier");
-    const emoe_config *c = &m->cfg;
-#define NEED(ref, ...)                                                                                                \
-    do {                                                                                                              \
-        if (!(ref).data) return model_error(m, EMOE_ERR_NOT_READY, "missing tensor " __VA_ARGS__);                    \
-    } while (0)
-    NEED(m->embed, "'token_embd.weight'");
-    NEED(m->final_norm, "'output_norm.weight'");
-    if (!c->tie_embeddings) NEED(m->lm_head, "'output.weight' (tie_embeddings is off)");
-    for (int l = 0; l < c->n_layers; l++) {
-        const layer_weights *L = &m->layers[l];
-        NEED(L->attn_norm, "'blk.%d.attn_norm.weight'", l);
-        NEED(L->ffn_norm, "'blk.%d.ffn_norm.weight'", l);
-        NEED(L->wq, "'blk.%d.attn_q.weight'", l);
-        NEED(L->wk, "'blk.%d.attn_k.weight'", l);
-        NEED(L->wv, "'blk.%d.attn_v.weight'", l);
-        NEED(L->wo, "'blk.%d.attn_output.weight'", l);
-        if (c->qkv_bias) {
-            NEED(L->bq, "'blk.%d.attn_q.bias'", l);
-            NEED(L->bk, "'blk.%d.attn_k.bias'", l);
-            NEED(L->bv, "'blk.%d.attn_v.bias'", l);
-        }
-        if (c->qk_norm != EMOE_QK_NORM_NONE) {
-            NEED(L->q_norm, "'blk.%d.attn_q_norm.weight'", l);
-            NEED(L->k_norm, "'blk.%d.attn_k_norm.weight'", l);
-        }
-        if (!L->is_moe) {
-            NEED(L->mlp_gate, "'blk.%d.ffn_gate.weight'", l);
-            NEED(L->mlp_up, "'blk.%d.ffn_up.weight'", l);
-            NEED(L->mlp_down, "'blk.%d.ffn_down.weight'", l);
-            continue;
-        }
-        NEED(L->router, "'blk.%d.ffn_gate_inp.weight'", l);
-        if (c->shared_ffn) {
-            NEED(L->sh_gate, "'blk.%d.ffn_gate_shexp.weight'", l);
-            NEED(L->sh_up, "'blk.%d.ffn_up_shexp.weight'", l);
-            NEED(L->sh_down, "'blk.%d.ffn_down_shexp.weight'", l);
-            if (c->shared_gate) NEED(L->sh_gate_inp, "'blk.%d.ffn_gate_inp_shexp.weight'", l);
-        }
-        static const char *const mats[3] = {"gate", "up", "down"};
-        for (int e = 0; e < L->n_stored && !m->stream; e++) { /* streamed experts come from the cache */
-            int used = !L->emap; /* a stored expert no routed expert maps to is never run */
-            for (int r = 0; L->emap && r < c->n_experts; r++) used |= L->emap[r] == e;
-            for (int j = 0; used && j < 3; j++)
-                NEED(L->experts[(size_t)e * 3 + (size_t)j], "'blk.%d.expert.%d.ffn_%s.weight'", l, e, mats[j]);
-        }
-    }
-#undef NEED
-    char name[96];
-    const tensor_ref *t = mwq_short_of(m, m->precision, name, sizeof(name));
-    if (t)
-        return model_error(m, EMOE_ERR_ARG, "precision %d: tensor '%s' stores only %d MWQ planes", m->precision, name,
-                           t->mwq->n_planes);
+    check_ctx c = {.m = m, .k = m->precision};
+    if (tt_walk(m, find_missing, &c))
+        return model_error(m, EMOE_ERR_NOT_READY, "missing tensor '%s'%s", c.it.name,
+                           tt_table[c.it.entry].need == TN_UNLESS_TIED ? " (tie_embeddings is off)" : "");
+    if (c.k && tt_walk(m, find_short, &c))
+        return model_error(m, EMOE_ERR_ARG, "precision %d: tensor '%s' stores only %d MWQ planes", m->precision,
+                           c.it.name, c.planes);
     return EMOE_OK;
 }

@@ -42,6 +42,7 @@ typedef struct {
     tensor_ref bq, bk, bv;                       /* [nh*hd], [nkv*hd] x2 (qkv_bias) */
     tensor_ref q_norm, k_norm;                   /* [hd] (head) or [nh*hd] / [nkv*hd] (full) */
     tensor_ref router;                           /* [E, H] */
+    tensor_ref pre;                              /* [E, H] fitted expert predictor (optional; streaming uses it) */
     tensor_ref sh_gate, sh_up, sh_down;          /* [S, H], [S, H], [H, S] (shared_ffn = S) */
     tensor_ref sh_gate_inp;                      /* [H] (shared_gate) */
     tensor_ref mlp_gate, mlp_up, mlp_down;       /* [D, H], [D, H], [H, D] (dense layers, dense_ffn = D) */
@@ -74,8 +75,9 @@ typedef struct {
     uint8_t *mwq_xp;    /* (B, ...) MWQ activation layout: allocated by model_mwq_buffers (first MWQ expert) */
 } run_state;
 
-/* Expert streaming under a memory budget (hebf.c: emoe_container_load_streaming). The model reaches it only through
- * these hooks, so the core (and test_kernels) builds without the streaming sources. */
+/* Expert streaming under a memory budget (stream_load.c: emoe_container_load_streaming; stream_forward.c: the hooks).
+ * The model reaches it only through these hooks, so the core (and test_kernels) builds without the streaming
+ * sources. */
 typedef struct emoe_stream emoe_stream;
 typedef struct {
     /* before layer l's attention (s->x = the layer input; for router_input = layer_input, s->logits_r holds the
@@ -106,9 +108,13 @@ struct emoe_model {
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
     const emoe_stream_ops *stream_ops;
+    void **owned;        /* buffers the model frees (model_own: converted or realigned copies of tensors) */
+    int n_owned, cap_owned;
 };
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* n bytes (malloc-aligned) that the model frees with itself; NULL when memory runs out. */
+void *model_own(emoe_model *m, size_t n);
 /* EMOE_OK if seq names one of the model's sequence slots, else EMOE_ERR_ARG with a message starting with `what`. */
 int model_check_seq(emoe_model *m, const char *what, int seq);
 /* The matrices of stored expert e of layer l. The single point where expert weights are looked up, so a later expert
@@ -125,7 +131,7 @@ void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *cons
 /* Bytes of the buffers emoe_model_new allocated (activations, KV cache excluded) plus the MWQ activation buffer. */
 size_t model_scratch_bytes(const emoe_model *m, int with_mwq);
 
-/* forward.c's building blocks, shared with the streaming MoE block (hebf.c) */
+/* forward.c's building blocks, shared with the streaming MoE block (stream_forward.c) */
 void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy);
 /* s->logits_r (n_tok, E) -> s->topk_idx (stored experts) and s->topk_w */

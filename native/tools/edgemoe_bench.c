@@ -67,6 +67,7 @@ static void usage(FILE *f) {
             "  --prefetch-extra N    predict top-(k+N) experts per token (default 1)\n"
             "  --precision K         MWQ experts: planes to run at (default all stored)\n"
             "  --direct              read experts with O_DIRECT; --drop-cache: fadvise(DONTNEED) after reads\n"
+            "  --evict P             auto (default), lru, cyclic or freq: force the expert cache's eviction policy\n"
             "  --io-threads N        reader threads (default 2)\n"
             "  --verify-reads W      never, first (default: each piece's first read) or always: CRC-32 of expert reads\n"
             "  --tg-prompt           tg: prefill the whole prompt (untimed) before the timed decode\n"
@@ -458,6 +459,17 @@ static int parse_args(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--io-threads")) INTARG(o->so.io_threads, 1, 16);
         else if (!strcmp(a, "--direct")) o->so.direct = 1;
         else if (!strcmp(a, "--drop-cache")) o->so.drop_cache = 1;
+        else if (!strcmp(a, "--evict")) { /* experiments: force the cache's eviction policy */
+            NEEDV();
+            static const char *const pol[] = {"auto", "lru", "cyclic", "freq"};
+            o->so.evict = -1;
+            for (int j = 0; j < 4; j++)
+                if (!strcmp(v, pol[j])) o->so.evict = j;
+            if (o->so.evict < 0) {
+                fprintf(stderr, "edgemoe-bench: --evict %s: expected auto, lru, cyclic or freq\n", v);
+                return -1;
+            }
+        }
         else if (!strcmp(a, "--tg-prompt")) o->tg_prompt = 1;
         else if (!strcmp(a, "--tg-text")) o->tg_text = 1;
         else if (!strcmp(a, "--verify-reads")) {

@@ -1,0 +1,174 @@
+/* The tensor table (see tensor_table.h): the one statement of which tensors a model reads. */
+#include "tensor_table.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "model.h"
+
+#define G(f) offsetof(emoe_model, f)
+#define L(f) offsetof(layer_weights, f)
+/* role, pattern, scope, rows, cols, condition, need, slot. Order = enumeration order (Python's TENSOR_TABLE too). */
+const tt_entry tt_table[] = {
+    {"embed", "token_embd.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, G(embed)},
+    {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, G(final_norm)},
+    {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TC_ALWAYS, TN_UNLESS_TIED, G(lm_head)},
+    {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(attn_norm)},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wq)},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wk)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wv)},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TC_ALWAYS, TN_REQUIRED, L(wo)},
+    {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(ffn_norm)},
+    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TC_QKV_BIAS, TN_REQUIRED, L(bq)},
+    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TC_QKV_BIAS, TN_REQUIRED, L(bk)},
+    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TC_QKV_BIAS, TN_REQUIRED, L(bv)},
+    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TC_QK_NORM, TN_REQUIRED, L(q_norm)},
+    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TC_QK_NORM, TN_REQUIRED, L(k_norm)},
+    {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_MOE, TN_REQUIRED, L(router)},
+    {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_MOE, TN_OPTIONAL, L(pre)},
+    {"sh_gate", "blk.%d.ffn_gate_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TC_SHARED, TN_REQUIRED,
+     L(sh_gate)},
+    {"sh_up", "blk.%d.ffn_up_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TC_SHARED, TN_REQUIRED, L(sh_up)},
+    {"sh_down", "blk.%d.ffn_down_shexp.weight", TT_LAYER, TD_HIDDEN, TD_SHARED_FFN, TC_SHARED, TN_REQUIRED,
+     L(sh_down)},
+    {"sh_gate_inp", "blk.%d.ffn_gate_inp_shexp.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_SHARED_GATE, TN_REQUIRED,
+     L(sh_gate_inp)},
+    {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TC_DENSE, TN_REQUIRED, L(mlp_gate)},
+    {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TC_DENSE, TN_REQUIRED, L(mlp_up)},
+    {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TC_DENSE, TN_REQUIRED, L(mlp_down)},
+    {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 0},
+    {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 1},
+    {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TC_MOE, TN_IF_ROUTED, 2},
+};
+#undef G
+#undef L
+const int tt_count = (int)(sizeof(tt_table) / sizeof(tt_table[0]));
+
+int64_t tt_dim(const emoe_model *m, int dim) {
+    const emoe_config *c = &m->cfg;
+    switch (dim) {
+    case TD_ONE: return 1;
+    case TD_HIDDEN: return c->hidden;
+    case TD_VOCAB: return c->vocab;
+    case TD_Q: return m->q_dim;
+    case TD_KV: return m->kv_dim;
+    case TD_QNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? m->q_dim : c->head_dim;
+    case TD_KNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? m->kv_dim : c->head_dim;
+    case TD_EXPERTS: return c->n_experts;
+    case TD_EXPERT_FFN: return c->expert_ffn;
+    case TD_SHARED_FFN: return c->shared_ffn;
+    case TD_DENSE_FFN: return c->dense_ffn;
+    }
+    return 0;
+}
+
+int tt_present(const emoe_model *m, int e, int layer) {
+    const emoe_config *c = &m->cfg;
+    const int moe = tt_table[e].scope == TT_GLOBAL ? 0 : m->layers[layer].is_moe;
+    switch (tt_table[e].cond) {
+    case TC_ALWAYS: return 1;
+    case TC_QKV_BIAS: return c->qkv_bias != 0;
+    case TC_QK_NORM: return c->qk_norm != EMOE_QK_NORM_NONE;
+    case TC_MOE: return moe;
+    case TC_SHARED: return moe && c->shared_ffn > 0;
+    case TC_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
+    case TC_DENSE: return !moe;
+    }
+    return 0;
+}
+
+const char *tt_condition_name(int e) {
+    static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
+                                      "a dense layer"};
+    return why[tt_table[e].cond];
+}
+
+/* Match one decimal number without sign or leading zeros; the number of characters read, 0 if none. */
+static int match_number(const char *s, int *out) {
+    if (*s < '0' || *s > '9' || (s[0] == '0' && s[1] >= '0' && s[1] <= '9')) return 0;
+    long v = 0;
+    int n = 0;
+    while (s[n] >= '0' && s[n] <= '9') {
+        v = v * 10 + (s[n++] - '0');
+        if (v > 100000000) return 0; /* no model has that many layers or experts */
+    }
+    *out = (int)v;
+    return n;
+}
+
+int tt_parse(const char *name, int *layer, int *expert) {
+    for (int e = 0; e < tt_count; e++) {
+        const char *p = tt_table[e].pattern, *s = name;
+        int nums[2] = {0, 0}, k = 0, ok = 1;
+        while (ok && *p) {
+            if (p[0] == '%' && p[1] == 'd') {
+                const int n = match_number(s, &nums[k++]);
+                ok = n > 0, s += n, p += 2;
+            } else {
+                ok = *p++ == *s++;
+            }
+        }
+        if (ok && !*s) {
+            *layer = nums[0], *expert = nums[1];
+            return e;
+        }
+    }
+    return -1;
+}
+
+int tt_name(char *buf, size_t n, int e, int layer, int expert) {
+    int len;
+    /* the patterns are literals of this file with 0..2 %d: say so to the compiler's format checks */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+    switch (tt_table[e].scope) {
+    case TT_GLOBAL: len = snprintf(buf, n, tt_table[e].pattern, 0); break;
+    case TT_LAYER: len = snprintf(buf, n, tt_table[e].pattern, layer); break;
+    default: len = snprintf(buf, n, tt_table[e].pattern, layer, expert); break;
+    }
+#pragma GCC diagnostic pop
+    return len < 0 || (size_t)len >= n ? -1 : len;
+}
+
+void tt_instance(const emoe_model *m, int e, int layer, int expert, tt_item *it) {
+    const tt_entry *t = &tt_table[e];
+    it->entry = e, it->layer = layer, it->expert = expert;
+    it->rows = tt_dim(m, t->rows), it->cols = tt_dim(m, t->cols);
+    it->one_d = t->rows == TD_ONE;
+    switch (t->need) {
+    case TN_REQUIRED: it->required = 1; break;
+    case TN_UNLESS_TIED: it->required = !m->cfg.tie_embeddings; break;
+    case TN_OPTIONAL: it->required = 0; break;
+    default: { /* TN_IF_ROUTED */
+        const layer_weights *L = &m->layers[layer];
+        it->required = !L->emap;
+        for (int r = 0; L->emap && r < m->cfg.n_experts && !it->required; r++) it->required = L->emap[r] == expert;
+    }
+    }
+    (void)tt_name(it->name, sizeof it->name, e, layer, expert); /* layer, expert < 1e8: always fits */
+}
+
+int tt_walk(const emoe_model *m, int (*fn)(void *ctx, const tt_item *it), void *ctx) {
+    tt_item it;
+    int rc;
+    for (int e = 0; e < tt_count; e++)
+        if (tt_table[e].scope == TT_GLOBAL) {
+            tt_instance(m, e, 0, 0, &it);
+            if ((rc = fn(ctx, &it))) return rc;
+        }
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        for (int e = 0; e < tt_count; e++)
+            if (tt_table[e].scope == TT_LAYER && tt_present(m, e, l)) {
+                tt_instance(m, e, l, 0, &it);
+                if ((rc = fn(ctx, &it))) return rc;
+            }
+        const int n_st = m->layers[l].is_moe ? m->layers[l].n_stored : 0;
+        for (int x = 0; x < n_st; x++)
+            for (int e = 0; e < tt_count; e++)
+                if (tt_table[e].scope == TT_EXPERT && tt_present(m, e, l)) {
+                    tt_instance(m, e, l, x, &it);
+                    if ((rc = fn(ctx, &it))) return rc;
+                }
+    }
+    return 0;
+}

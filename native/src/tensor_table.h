@@ -1,0 +1,68 @@
+/* The tensor table: every tensor a model reads, stated once (role, container name pattern, shape in terms of config
+ * fields, the condition under which the config has it). Name resolution and expected shapes (model.c), the resident
+ * and the streaming loaders (load.c, stream_load.c) and the checks all walk this table; edgemoe/arch.py states the
+ * same table for Python and tests/test_tensor_table.py keeps the two identical (emoe_model_tensor). */
+#ifndef EDGEMOE_TENSOR_TABLE_H
+#define EDGEMOE_TENSOR_TABLE_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "edgemoe.h"
+
+typedef struct emoe_model emoe_model;
+
+enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 1 (layer) or 2 (layer, expert) %d */
+/* Shape terms. */
+enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
+       TD_DENSE_FFN };
+/* When the config has the tensor. */
+enum { TC_ALWAYS, TC_QKV_BIAS, TC_QK_NORM, TC_MOE, TC_SHARED, TC_SHARED_GATE, TC_DENSE };
+/* Whether a model the config has it for must have it. */
+enum {
+    TN_REQUIRED,    /* always */
+    TN_UNLESS_TIED, /* unless tie_embeddings (the lm_head) */
+    TN_OPTIONAL,    /* never (the fitted expert predictor) */
+    TN_IF_ROUTED,   /* when some routed expert maps to this stored expert (merged layers may store unused ones) */
+};
+
+typedef struct {
+    const char *role;    /* Python's role key (edgemoe/arch.py TENSOR_TABLE) */
+    const char *pattern; /* container name; %d = the layer, then the expert */
+    int scope;           /* TT_* */
+    int rows, cols;      /* TD_*; 1-D tensors have rows = TD_ONE */
+    int cond;            /* TC_* */
+    int need;            /* TN_* */
+    size_t slot;         /* offsetof the tensor_ref in emoe_model (TT_GLOBAL) or layer_weights (TT_LAYER); for
+                          * TT_EXPERT the matrix index 0..2 (gate, up, down) in layer_weights.experts */
+} tt_entry;
+
+extern const tt_entry tt_table[];
+extern const int tt_count;
+
+/* One instance of a table entry (a concrete tensor of a concrete model). */
+typedef struct {
+    int entry; /* index into tt_table */
+    int layer, expert;
+    int64_t rows, cols;
+    int one_d, required;
+    char name[96];
+} tt_item;
+
+/* The value of a shape term for this config (model.c's derived sizes). */
+int64_t tt_dim(const emoe_model *m, int dim);
+/* Whether layer l of the model has entry e (scope TT_GLOBAL: l ignored). */
+int tt_present(const emoe_model *m, int e, int layer);
+/* Parse a container name: the table entry it matches (-1: none) and its numbers. Numbers are plain decimals without
+ * leading zeros, so one tensor has one name. */
+int tt_parse(const char *name, int *layer, int *expert);
+/* Write entry e's name for (layer, expert) into buf; the length, or -1 if it does not fit. */
+int tt_name(char *buf, size_t n, int e, int layer, int expert);
+/* Fill item for entry e at (layer, expert): name, shape, flags. */
+void tt_instance(const emoe_model *m, int e, int layer, int expert, tt_item *item);
+/* Call fn for every tensor the model reads, in table order: globals, then per layer its tensors followed by its stored
+ * experts' matrices (expert-major). Stops at the first nonzero return of fn and returns it; else 0. */
+int tt_walk(const emoe_model *m, int (*fn)(void *ctx, const tt_item *it), void *ctx);
+/* Why entry e is absent from a config (for messages): "qkv_bias", "a MoE layer", ... */
+const char *tt_condition_name(int e);
+
+#endif
