@@ -10,14 +10,12 @@ import edgemoe
 from edgemoe import _native as N
 from edgemoe.arch import ArchSpec, model_tensors
 from edgemoe.container import ContainerWriter, open_container
-from edgemoe.engine_c import native_config
 
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
 
 
 def c_tensors(spec: ArchSpec) -> list:
-    cfg, _keep = native_config(spec)  # the arrays the config points to, alive until the model copied them
-    h = N.ModelHandle(cfg, 8, False, 1)
+    h = N.ModelHandle(spec.dumps(), 8, False, 1)  # the core parses the same JSON a container stores
     try:
         return h.tensors()
     finally:
