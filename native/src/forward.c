@@ -8,7 +8,8 @@
  * ffn is a dense MLP (dense_layers) or the MoE block: router logits W_r r (r = ffn_norm(h), or the layer input x for
  * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (ties: lower index),
  * optional renormalization; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
- * when shared_gate). Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
+ * when the layer has that gate vector). Optional tensors (biases, shared expert, its gate) are run when the layer has
+ * them: the tensor table (tensor_table.c) states which a config has, and emoe_model_ready that they are all set. Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
  * weights can later be loaded just in time (expert_weights() is the single lookup point).
  * All arithmetic is f32; only the KV cache (kv_f16) and the Q8_0 / MWQ activation quantization (unless q8_f32_act)
  * round further.
@@ -159,7 +160,7 @@ static void attention(emoe_model *m, int l, int n_tok) {
         {.wtype = L->wv.dtype, .w = L->wv.data, .rows = L->wv.rows, .y = s->v, .ldy = (size_t)m->kv_dim},
     };
     mm_run(m->pool, m->k, jobs, 3, s->xn, H, n_tok, s->qbuf, m->q8_f32_act);
-    if (c->qkv_bias) {
+    if (L->bq.data) {
         add_bias(s->q, &L->bq, n_tok, m->q_dim);
         add_bias(s->k, &L->bk, n_tok, m->kv_dim);
         add_bias(s->v, &L->bv, n_tok, m->kv_dim);
@@ -257,18 +258,18 @@ static void route(emoe_model *m, const int32_t *emap, int n_tok) {
     }
 }
 
-/* s->tmp += the shared expert (scaled by sigmoid(w_sh . x) when shared_gate) on s->xn. */
+/* s->tmp += the shared expert (scaled by sigmoid(w_sh . x) when the layer has w_sh) on s->xn. */
 static void shared_expert(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
     run_state *s = &m->s;
     const int H = c->hidden;
-    if (c->shared_ffn) {
+    if (L->sh_gate.data) {
         gated_ffn(m, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, n_tok, s->yg, 0);
         for (int t = 0; t < n_tok; t++) {
             const float *xt = s->xn + (size_t)t * H, *src = s->yg + (size_t)t * H;
             float *dst = s->tmp + (size_t)t * H;
-            if (c->shared_gate) {
+            if (L->sh_gate_inp.data) {
                 const float *wg = L->sh_gate_inp.data;
                 float z = 0.0f;
                 for (int d = 0; d < H; d++) z += wg[d] * xt[d];

@@ -35,16 +35,17 @@ typedef struct {
             * [data, data + plane_off[k-1] + mwq_plane_bytes(k, ...)) for a container layout). 0 if not MWQ. */
 } expert_mats;
 
+/* One layer's tensors; which ones it has (and their shapes) is the tensor table's (tensor_table.c). */
 typedef struct {
     int is_moe, use_rope, swa; /* from dense_layers / nope_layers / swa_layers */
     tensor_ref attn_norm, ffn_norm;              /* [hidden] */
     tensor_ref wq, wk, wv, wo;                   /* [nh*hd, H], [nkv*hd, H] x2, [H, nh*hd] */
-    tensor_ref bq, bk, bv;                       /* [nh*hd], [nkv*hd] x2 (qkv_bias) */
+    tensor_ref bq, bk, bv;                       /* [nh*hd], [nkv*hd] x2 (optional) */
     tensor_ref q_norm, k_norm;                   /* [hd] (head) or [nh*hd] / [nkv*hd] (full) */
     tensor_ref router;                           /* [E, H] */
     tensor_ref pre;                              /* [E, H] fitted expert predictor (optional; streaming uses it) */
-    tensor_ref sh_gate, sh_up, sh_down;          /* [S, H], [S, H], [H, S] (shared_ffn = S) */
-    tensor_ref sh_gate_inp;                      /* [H] (shared_gate) */
+    tensor_ref sh_gate, sh_up, sh_down;          /* [S, H], [S, H], [H, S] shared expert (optional) */
+    tensor_ref sh_gate_inp;                      /* [H] shared expert's gate vector (optional) */
     tensor_ref mlp_gate, mlp_up, mlp_down;       /* [D, H], [D, H], [H, D] (dense layers, dense_ffn = D) */
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
