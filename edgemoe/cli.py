@@ -1,4 +1,4 @@
-"""The `edgemoe` command: export, info, run, chat, ppl, bench, analyze, fit, demo."""
+"""The `edgemoe` command: export, info, run, chat, serve, ppl, bench, analyze, fit, demo."""
 
 from __future__ import annotations
 
@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_tools import add_tool_parsers
 
     add_tool_parsers(sub, runtime_opts, sampling_opts)
+    from .server.command import add_serve_parser
+
+    add_serve_parser(sub, runtime_opts)
     for name in ("bench", "analyze", "chat"):
         if name in sub.choices and not sub.choices[name].epilog:
             sub.choices[name].epilog = EPILOGS[name]
