@@ -26,7 +26,7 @@ from ..errors import EdgeMoEError
 from ..sampling import SamplingParams, sample
 
 WS = " \t\n\r"
-MAX_WS = 16  # whitespace characters in a row between tokens: enough for pretty-printing, not for an endless run
+MAX_WS = 8  # whitespace characters in a row between tokens: a newline and indentation, not an endless run
 MAX_DIGITS = 16  # digits of a number (integer, fraction and exponent together): every number ends
 SAMPLE_TAIL = 1e-4  # sampling stops checking tokens when the rest hold less than this share of the allowed mass
 HEX = set("0123456789abcdefABCDEF")

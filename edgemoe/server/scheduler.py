@@ -72,6 +72,7 @@ class Scheduler:
         decode = model.tokenizer.decode if model.tokenizer is not None else (lambda ids: "".join(f" {i}" for i in ids))
         self._decode_text = decode
         self.steps = 0  # decode steps run (each one token for every running request)
+        self.peak_batch = 0  # the most requests one decode step has run together
         self._thread = threading.Thread(target=self._run, name="edgemoe-scheduler", daemon=True)
         self._thread.start()
 
@@ -96,7 +97,8 @@ class Scheduler:
 
     def load(self) -> dict:
         with self._cv:
-            return {"slots": self.n_slots, "running": len(self._running), "waiting": len(self._waiting)}
+            return {"slots": self.n_slots, "running": len(self._running), "waiting": len(self._waiting),
+                    "decode_steps": self.steps, "peak_batch": self.peak_batch}
 
     def close(self) -> None:
         """Cancel what is queued or running (each gets an error event) and stop the worker."""
@@ -185,6 +187,7 @@ class Scheduler:
         self.model._stats["decode_tokens"] += len(slots)
         self.model._stats["decode_s"] += time.perf_counter() - t0
         self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(slots))
         for row, slot in enumerate(slots):
             self._advance(self._running[slot], logits[row])
 
