@@ -366,3 +366,22 @@ def test_queue_full_and_sigterm(model_path):
         assert "stopped" in s.proc.stderr.read()
     finally:
         s.stop()
+
+
+def test_python_api_same_shapes(server, ref):
+    """Model.create_chat_completion / create_completion: the server's dicts, in-process."""
+    kw = {"temperature": 0, "max_tokens": 12}
+    r = ref.create_chat_completion(MESSAGES, **kw)
+    over_http = server.client().chat.completions.create(model="tiny", messages=MESSAGES, **kw)
+    assert r["object"] == "chat.completion" and r["choices"][0]["message"]["content"] == over_http.choices[0].message.content
+    assert r["usage"]["completion_tokens"] == over_http.usage.completion_tokens
+    chunks = list(ref.create_chat_completion(MESSAGES, stream=True, **kw))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == r["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == r["choices"][0]["finish_reason"]
+    c = ref.create_completion("to be or not", **kw)
+    assert c["choices"][0]["text"] == ref.generate("to be or not", max_new_tokens=12)
+    obj = json.loads(ref.create_chat_completion(MESSAGES, temperature=0, max_tokens=230, response_format={
+        "type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})["choices"][0]["message"]["content"])
+    jsonschema.validate(obj, SCHEMA)
+    with pytest.raises(edgemoe.EdgeMoEError, match="temperature"):
+        ref.create_chat_completion(MESSAGES, temperature=5)

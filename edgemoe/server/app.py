@@ -19,16 +19,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..chat_template import PLAIN_TRANSCRIPT_STOPS, render_plain_transcript
-from ..errors import EdgeMoEError
 from . import openai_api as api
-from .json_constraint import JsonConstraint, TokenIndex
 from .openai_api import APIError
+from .prepare import Prepared, Preparer
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from .tool_calls import ToolPlan, plan_tools
 
 MAX_BODY = 8 << 20  # bytes of JSON a request may send
 POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class Events:
@@ -56,8 +54,8 @@ class Server:
         self.model_ids = (self.model_id, Path(model.container.path).name)
         self.api_key = api_key
         self.created = api.now()
+        self.prepare = Preparer(model, self.model_ids)
         self.scheduler = Scheduler(model, max_queue)
-        self._token_index: TokenIndex | None = None  # built on the first constrained request
 
     def close(self) -> None:
         self.scheduler.close()
@@ -137,96 +135,23 @@ class Server:
         return JSONResponse(api.model_object(self.model_id, self.created))
 
     async def chat(self, request: Request):
-        body = await self._json_body(request)
-        api.check_fields(body, api.CHAT_FIELDS, "/v1/chat/completions")
-        api.check_model(body, self.model_ids)
-        opts = api.sampling_options(body, self.model.spec.vocab, "max_completion_tokens")
-        messages = api.chat_messages(body)
-        if body.get("top_logprobs") is not None:
-            raise APIError(400, "'top_logprobs' is not supported by edgemoe serve", "top_logprobs",
-                           "unsupported_parameter")
-        if self.model.tokenizer is None:
-            raise APIError(400, f"{self.model_ids[1]} has no tokenizer embedded: chat needs one (use /v1/completions "
-                                f"with token ids)", None, "unsupported_model")
-        tools = plan_tools(body, self.model.chat_template)
-        node = api.response_format_node(body.get("response_format"))
-        if node is not None and tools.forced:
-            raise APIError(400, "'response_format' and a forced tool call ('tool_choice') cannot be combined",
-                           "response_format", "invalid_value")
-        prompt, template_stops = self._chat_prompt(messages, tools)
-        constraint_node = tools.call_node() if tools.forced else node
-        if constraint_node is None:
-            opts.decoding.stops += template_stops
-        rid = api.new_id("chatcmpl")
-        job, events = self._submit(self._encode(prompt), opts, constraint_node)
-        if opts.stream:
-            return self._stream(request, job, events, self._chat_chunks(rid, job, events, opts, tools))
-        text, reason = await self._collect(request, job, events)
-        message = {"role": "assistant", "content": text, "refusal": None}
-        calls = tools.parse(text)
-        if calls:
-            message |= {"content": tools.content_before(text), "tool_calls": calls}
-            reason = "tool_calls"
-        return JSONResponse(api.chat_response(rid, self.model_id, api.now(), message, reason, self._usage(job)))
+        return await self._run(request, self.prepare.chat(await self._json_body(request)))
 
     async def completions(self, request: Request):
-        body = await self._json_body(request)
-        api.check_fields(body, api.COMPLETION_FIELDS, "/v1/completions")
-        api.check_model(body, self.model_ids)
-        opts = api.sampling_options(body, self.model.spec.vocab)
-        prompt = api.completion_prompt(body, self.model.spec.vocab)
-        ids = self._encode(prompt) if isinstance(prompt, str) else self._check_length(prompt)
-        rid = api.new_id("cmpl")
-        job, events = self._submit(ids, opts, None)
-        if opts.stream:
-            return self._stream(request, job, events, self._completion_chunks(rid, job, events, opts))
-        text, reason = await self._collect(request, job, events)
-        return JSONResponse(api.completion_response(rid, self.model_id, api.now(), text, reason, self._usage(job)))
+        return await self._run(request, self.prepare.completion(await self._json_body(request)))
 
-    # --- helpers ----------------------------------------------------------------------------------------------
-    def _chat_prompt(self, messages: list[dict], tools: ToolPlan) -> tuple[str, list[str]]:
-        """The prompt and the stop strings that end the reply, as Model.chat makes them (+ tools)."""
-        try:
-            if self.model.chat_template is not None:
-                prompt = self.model.apply_chat_template(messages, add_generation_prompt=True, **tools.template_vars())
-                eos = self.model._chat_tokens().get("eos_token")
-                return prompt + tools.prompt_suffix(), [eos] if eos else []
-            return render_plain_transcript(messages, add_generation_prompt=True), list(PLAIN_TRANSCRIPT_STOPS)
-        except EdgeMoEError as e:
-            raise APIError(400, str(e), "messages", "invalid_value") from None
-
-    def _encode(self, text: str) -> list[int]:
-        if self.model.tokenizer is None:
-            raise APIError(400, f"{self.model_ids[1]} has no tokenizer embedded: send the prompt as token ids",
-                           "prompt", "unsupported_model")
-        return self._check_length(self.model.encode(text))
-
-    def _check_length(self, ids: list[int]) -> list[int]:
-        if len(ids) >= self.model.max_ctx:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; the context holds {self.model.max_ctx} (prompt "
-                                f"+ reply; the server's --max-ctx, at most the model's {self.model.spec.max_position})",
-                           "messages", "context_length_exceeded")
-        if not ids:
-            raise APIError(400, "the prompt is empty (no tokens)", "prompt", "invalid_value")
-        return ids
-
-    def _submit(self, ids: list[int], opts: api.Options, node) -> tuple[Job, Events]:
-        room = self.model.max_ctx - len(ids)
-        opts.decoding.max_new_tokens = min(opts.max_tokens or room, room)
-        constraint = None
-        if node is not None:
-            if self.model.tokenizer is None:
-                raise APIError(400, "JSON output needs the model's tokenizer", "response_format", "unsupported_model")
-            if self._token_index is None:
-                self._token_index = TokenIndex(self.model.tokenizer, self.model.spec.vocab)
-            constraint = JsonConstraint(node, self._token_index)
+    # --- running a request ------------------------------------------------------------------------------------
+    async def _run(self, request: Request, prep: Prepared):
         events = Events(asyncio.get_running_loop())
-        job = Job(ids, opts.decoding, events.emit, constraint)
+        job = Job(prep.ids, prep.opts.decoding, events.emit, prep.constraint)
         try:
             self.scheduler.submit(job)
         except (QueueFull, ShuttingDown) as e:
             raise APIError(503, str(e), None, "overloaded" if isinstance(e, QueueFull) else "shutting_down") from None
-        return job, events
+        if prep.opts.stream:
+            return self._stream(job, events, prep)
+        text, reason = await self._collect(request, job, events)
+        return JSONResponse(prep.response(text, reason, self._usage(job)))
 
     def _usage(self, job: Job) -> dict:
         return api.usage(len(job.ids), job.n_completion, job.n_cached)
@@ -247,72 +172,26 @@ class Server:
             elif kind == "done":
                 return "".join(pieces), value
             else:
-                raise APIError(500 if value != "the server is shutting down" else 503, f"generation failed: {value}")
+                raise APIError(503 if value == SHUTTING_DOWN else 500, f"generation failed: {value}")
 
-    def _stream(self, request: Request, job: Job, events: Events, chunks):
-        async def sse():
+    def _stream(self, job: Job, events: Events, prep: Prepared):
+        def sse(chunk: dict) -> str:
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        async def body():
             try:
-                async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                for chunk in prep.first_chunks():
+                    yield sse(chunk)
+                while True:
+                    kind, value = await events.get()
+                    for chunk in prep.event_chunks(kind, value, lambda: self._usage(job)):
+                        yield sse(chunk)
+                    if kind != "text":
+                        break
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (the task is cancelled) or the stream ended: free the slot either way
                 if job.finish_reason is None:
                     self.scheduler.cancel(job)
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
+        return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def _events(self, events: Events):
-        """text pieces until the end; an error becomes an error object in the stream (OpenAI clients raise it)."""
-        while True:
-            kind, value = await events.get()
-            if kind == "error":
-                raise APIError(500, f"generation failed: {value}")
-            yield kind, value
-            if kind == "done":
-                return
-
-    async def _chat_chunks(self, rid, job, events, opts, tools: ToolPlan):
-        created = api.now()
-
-        def chunk(delta, reason=None):
-            return api.chat_chunk(rid, self.model_id, created, delta, reason, None, opts.include_usage)
-
-        yield chunk({"role": "assistant", "content": "", "refusal": None})
-        text, held = [], tools.stream_filter()
-        try:
-            async for kind, value in self._events(events):
-                if kind == "text":
-                    text.append(value)
-                    shown = held.push(value)
-                    if shown:
-                        yield chunk({"content": shown})
-                    continue
-                reason = value
-                rest = held.flush()
-                if rest:
-                    yield chunk({"content": rest})
-                calls = tools.parse("".join(text))
-                if calls:
-                    yield chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]})
-                    reason = "tool_calls"
-                yield chunk({}, reason)
-                if opts.include_usage:
-                    yield api.chat_chunk(rid, self.model_id, created, None, None, self._usage(job), True)
-        except APIError as e:
-            yield e.body()
-
-    async def _completion_chunks(self, rid, job, events, opts):
-        created = api.now()
-        try:
-            async for kind, value in self._events(events):
-                if kind == "text":
-                    yield api.completion_response(rid, self.model_id, created, value, None, None, True,
-                                                  opts.include_usage)
-                    continue
-                yield api.completion_response(rid, self.model_id, created, "", value, None, True, opts.include_usage)
-                if opts.include_usage:
-                    yield api.completion_response(rid, self.model_id, created, None, None, self._usage(job), True,
-                                                  True)
-        except APIError as e:
-            yield e.body()

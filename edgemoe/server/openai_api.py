@@ -17,7 +17,7 @@ from .json_constraint import Node, SchemaError, any_object, compile_schema
 from .sequence import Decoding
 
 
-class APIError(Exception):
+class APIError(EdgeMoEError):
     """An error the client gets as OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
