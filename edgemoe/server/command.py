@@ -68,11 +68,9 @@ def cmd_serve(args) -> int:
     try:
         model = load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
                      max_ctx=args.max_ctx, mode=args.mode, n_seq=args.n_seq)
-    except EdgeMoEError as e:
+    except BaseException:
         sock.close()
-        hint = (f" (the budget holds the KV cache of all --n-seq {args.n_seq} sequences at --max-ctx; lower one of "
-                f"them)" if args.budget and "budget" in str(e).lower() else "")
-        raise EdgeMoEError(f"{e}{hint}") from None
+        raise
     if model.engine_name == "numpy" and args.n_seq > 1:
         print("edgemoe serve: the NumPy engine decodes one request at a time (--n-seq needs the C engine)",
               file=sys.stderr)
