@@ -162,6 +162,9 @@ class Server:
         while True:
             try:
                 kind, value = await events.get(POLL_S)
+            except asyncio.CancelledError:  # the server stops and cancels what still runs
+                self.scheduler.cancel(job)
+                raise
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     self.scheduler.cancel(job)
