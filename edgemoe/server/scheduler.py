@@ -166,7 +166,11 @@ class Scheduler:
         self._advance(job, logits)
 
     def _advance(self, job: Job, logits) -> None:
-        piece, reason = job.seq.step(logits)
+        try:
+            piece, reason = job.seq.step(logits)
+        except Exception as e:  # noqa: BLE001 - e.g. no token can continue the JSON: this request fails, not all
+            self._finish(job, None, f"{type(e).__name__}: {e}")
+            return
         if piece:
             job.emit("text", piece)
         if reason:
