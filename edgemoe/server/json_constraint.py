@@ -6,9 +6,11 @@ e.g. enum [1, 12] after "1", or anyOf alternatives), each frame a tuple. A token
 its text keeps at least one stack alive; the end-of-sequence token when a complete value has been read. When the
 value is complete and nothing can extend it, the reply ends (finish_reason "stop").
 
-Token choice follows the logits: greedy takes the likeliest allowed token (exact). Sampling checks tokens from the
-likeliest down until the unchecked ones hold < 1e-4 of the probability of the allowed ones found, then samples among
-those with the request's top_k / top_p / min_p (so tokens with a negligible share are never drawn).
+Token choice follows the logits: greedy takes the likeliest allowed token (exact). Sampling draws with the request's
+top_k / top_p / min_p and rejects a token that is not allowed (it is masked and the draw repeated), which samples the
+distribution restricted to the allowed tokens without checking the whole vocabulary (the truncation is applied to the
+tokens not yet rejected); after REJECTIONS misses (a position where only a few tokens fit, e.g. "," or "}") it draws
+among the FALLBACK_TOP likeliest allowed tokens instead.
 
 Schema keywords enforced: type (or a list of types), properties, required, additionalProperties (with properties
 only the declared keys are generated), items, minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf
@@ -28,7 +30,8 @@ from ..sampling import SamplingParams, sample
 WS = " \t\n\r"
 MAX_WS = 8  # whitespace characters in a row between tokens: a newline and indentation, not an endless run
 MAX_DIGITS = 16  # digits of a number (integer, fraction and exponent together): every number ends
-SAMPLE_TAIL = 1e-4  # sampling stops checking tokens when the rest hold less than this share of the allowed mass
+REJECTIONS = 16  # draws rejected before sampling among the likeliest allowed tokens
+FALLBACK_TOP = 32
 HEX = set("0123456789abcdefABCDEF")
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
                "deprecated", "$defs", "definitions", "strict", "name"}
@@ -408,17 +411,20 @@ class JsonConstraint:
                 if self._allowed(tok, eos):
                     return tok
             raise EdgeMoEError("no token of the vocabulary can continue the JSON output")
-        z = logits.astype(np.float64) / params.temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        allowed, mass_seen, mass_ok = [], 0.0, 0.0
+        masked = logits.astype(np.float32, copy=True)
+        for _ in range(REJECTIONS):
+            tok = sample(masked, params, rng, [])
+            if not np.isfinite(masked[tok]):
+                break  # every token was rejected
+            if self._allowed(tok, eos):
+                return tok
+            masked[tok] = -np.inf
+        allowed = []
         for tok in order.tolist():
             if self._allowed(tok, eos):
                 allowed.append(tok)
-                mass_ok += p[tok]
-            mass_seen += p[tok]
-            if allowed and 1.0 - mass_seen < SAMPLE_TAIL * mass_ok:
-                break
+                if len(allowed) == FALLBACK_TOP:
+                    break
         if not allowed:
             raise EdgeMoEError("no token of the vocabulary can continue the JSON output")
         masked = np.full_like(logits, -np.inf)
