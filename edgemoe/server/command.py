@@ -74,6 +74,9 @@ def cmd_serve(args) -> int:
     if model.engine_name == "numpy" and args.n_seq > 1:
         print("edgemoe serve: the NumPy engine decodes one request at a time (--n-seq needs the C engine)",
               file=sys.stderr)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"edgemoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this port "
+              f"can use the model", file=sys.stderr)
     server = Server(model, args.model_name, args.api_key, args.queue)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=5, lifespan="off")
