@@ -1,4 +1,4 @@
-"""The `edgemoe` command: export, info, run, chat, serve, ppl, bench, analyze, fit, demo."""
+"""The `edgemoe` command: export, info, run, chat, ppl, bench, analyze, fit, demo."""
 
 from __future__ import annotations
 
