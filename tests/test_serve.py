@@ -385,3 +385,27 @@ def test_python_api_same_shapes(server, ref):
     jsonschema.validate(obj, SCHEMA)
     with pytest.raises(edgemoe.EdgeMoEError, match="temperature"):
         ref.create_chat_completion(MESSAGES, temperature=5)
+
+
+def test_command_line_explains_itself_and_refuses_clearly(model_path, tmp_path):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "edgemoe", "serve", *map(str, args)], check=False,
+                              capture_output=True,
+                              text=True, timeout=120)
+
+    r = serve("--help")
+    assert r.returncode == 0 and "examples:" in r.stdout and "edgemoe serve" in r.stdout
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [((tmp_path / "nope.emoe", "--port", "0"), "no such file"),
+                 ((model_path, "--port", port), f"cannot listen on 127.0.0.1:{port}"),
+                 ((model_path, "--port", "0", "--budget", "3XB"), "cannot read size '3XB'"),
+                 ((model_path, "--port", "0", "--budget", "1KB"), "below the minimum"),
+                 ((model_path, "--port", "0", "--n-seq", "0"), "--n-seq must be >= 1")]
+        for args, message in cases:
+            r = serve(*args)
+            assert (r.returncode, message in r.stderr, "Traceback" in r.stderr) == (1, True, False), (args, r.stderr)
