@@ -162,6 +162,31 @@ def test_sampling_is_seeded(server, ref):
                                   min_p=0.01, seed=7)
 
 
+def test_logprobs(server, ref):
+    """The model's log-probabilities: the first reply token's equals log-softmax of Model.logits at the prompt's last
+    position (greedy: the maximum); one entry per generated token; streamed entries == non-streamed."""
+    import numpy as np
+
+    c = server.client()
+    r = c.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=6, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    z = ref.logits(ref.encode(ref.apply_chat_template(MESSAGES)))[-1].astype(np.float64)
+    lsm = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert abs(content[0].logprob - lsm.max()) < 1e-4
+    assert [round(t.logprob, 4) for t in content[0].top_logprobs] == [round(x, 4) for x in np.sort(lsm)[::-1][:3]]
+    assert all(len(e.top_logprobs) == 3 and e.logprob == e.top_logprobs[0].logprob for e in content)
+    kw = {"model": "tiny", "prompt": "to be or not", "temperature": 0, "max_tokens": 8, "logprobs": 2}
+    full = c.completions.create(**kw).choices[0].logprobs
+    assert len(full.tokens) == len(full.token_logprobs) == len(full.top_logprobs) == 8
+    chunks = [ch.choices[0].logprobs for ch in c.completions.create(**kw, stream=True) if ch.choices]
+    streamed = [x for lp in chunks if lp for x in lp.token_logprobs]
+    assert streamed == full.token_logprobs
+    r = _post(server, "/chat/completions", {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2})
+    _error(r, 400, "invalid_value")
+
+
 def test_concurrent_clients_equal_serial(server, ref):
     """64 requests from 8 concurrent clients: each equals the serial greedy result, several were decoded in the
     same steps, and the server is alive afterwards."""

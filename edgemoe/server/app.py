@@ -144,6 +144,7 @@ class Server:
     async def _run(self, request: Request, prep: Prepared):
         events = Events(asyncio.get_running_loop())
         job = Job(prep.ids, prep.opts.decoding, events.emit, prep.constraint)
+        prep.entries = lambda: job.seq.logprobs if job.seq is not None else []
         try:
             self.scheduler.submit(job)
         except (QueueFull, ShuttingDown) as e:

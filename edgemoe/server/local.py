@@ -41,6 +41,7 @@ def create_completion(model, prompt: str | list[int], **params) -> dict | Iterat
 def _run(model, prep: Prepared):
     state = {}
     events = _events(model, prep, state)
+    prep.entries = lambda: state["seq"].logprobs if "seq" in state else []
 
     def usage() -> dict:
         return api.usage(len(prep.ids), state["seq"].n_new, state["cached"])

@@ -89,14 +89,24 @@ class Options:
     extra: dict = field(default_factory=dict)
 
 
-def sampling_options(body: dict, vocab: int, max_key: str = "max_tokens") -> Options:
+def sampling_options(body: dict, vocab: int, chat: bool = False) -> Options:
     """temperature, top_p, ..., stop, max_tokens -> Options (400 for a bad value or an unsupported one)."""
+    max_key = "max_completion_tokens" if chat else "max_tokens"
     n = _num(body, "n", 1, integer=True)
     if n != 1:
         raise APIError(400, f"'n' must be 1 (one choice per request; send several requests, they run in parallel), "
                             f"got {n}", "n", "unsupported_value")
-    if body.get("logprobs") not in (None, False):
-        raise APIError(400, "'logprobs' is not supported by edgemoe serve", "logprobs", "unsupported_parameter")
+    if chat:  # logprobs: true, top_logprobs: 0..20
+        want = body.get("logprobs")
+        if want not in (None, True, False):
+            raise APIError(400, f"'logprobs' must be true or false, got {json.dumps(want)}", "logprobs",
+                           "invalid_value")
+        top = _num(body, "top_logprobs", None, lo=0, hi=20, integer=True)
+        if top is not None and not want:
+            raise APIError(400, "'top_logprobs' needs \"logprobs\": true", "top_logprobs", "invalid_value")
+        logprobs = (top or 0) if want else None
+    else:  # logprobs: 0..5 alternatives
+        logprobs = _num(body, "logprobs", None, lo=0, hi=5, integer=True)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"'stream' must be true or false, got {json.dumps(stream)}", "stream", "invalid_value")
@@ -146,7 +156,8 @@ def sampling_options(body: dict, vocab: int, max_key: str = "max_tokens") -> Opt
         raise APIError(400, str(e), None, "invalid_value") from None
     decoding = Decoding(max_new_tokens=max_tokens or 0, params=params, seed=seed, stops=[s for s in stop or [] if s],
                         frequency_penalty=_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
-                        presence_penalty=_num(body, "presence_penalty", 0.0, lo=-2, hi=2), logit_bias=logit_bias)
+                        presence_penalty=_num(body, "presence_penalty", 0.0, lo=-2, hi=2), logit_bias=logit_bias,
+                        logprobs=logprobs)
     return Options(decoding, stream, include_usage, max_tokens)
 
 
@@ -231,18 +242,43 @@ def usage(n_prompt: int, n_completion: int, n_cached: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
-def chat_response(rid: str, model: str, created: int, message: dict, finish_reason: str, use: dict) -> dict:
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """Sequence.logprobs entries -> a chat choice's "logprobs" (None when not asked for)."""
+    if entries is None:
+        return None
+
+    def one(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [one(e["token"], e["logprob"]) | {"top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """Sequence.logprobs entries -> a completion choice's "logprobs" (the legacy layout; text_offset from offset)."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+
+
+def chat_response(rid: str, model: str, created: int, message: dict, finish_reason: str, use: dict,
+                  logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": use, "system_fingerprint": None}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict | None, finish_reason: str | None = None,
-               use: dict | None = None, with_usage: bool = False) -> dict:
+               use: dict | None = None, with_usage: bool = False, logprobs: dict | None = None) -> dict:
     """One SSE chunk; delta None = the usage-only chunk (choices [])."""
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": None,
-             "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                    "finish_reason": finish_reason}]}
     if with_usage:
         chunk["usage"] = use
@@ -250,10 +286,11 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict | None, finish_re
 
 
 def completion_response(rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                        use: dict | None, stream: bool = False, with_usage: bool = False) -> dict:
+                        use: dict | None, stream: bool = False, with_usage: bool = False,
+                        logprobs: dict | None = None) -> dict:
     """A /v1/completions response, or with stream=True one chunk of it (text None = the usage-only chunk)."""
     out = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
-           "choices": [] if text is None else [{"index": 0, "text": text, "logprobs": None,
+           "choices": [] if text is None else [{"index": 0, "text": text, "logprobs": logprobs,
                                                 "finish_reason": finish_reason}]}
     if not stream or with_usage:
         out["usage"] = use

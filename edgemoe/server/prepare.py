@@ -29,16 +29,32 @@ class Prepared:
     def __post_init__(self):
         self.rid = api.new_id("chatcmpl" if self.chat else "cmpl")
         self.created = api.now()
+        self.entries = list  # set by the runner: () -> the run's Sequence.logprobs so far
+        self._sent, self._chars = 0, 0  # logprob entries and text characters streamed so far
+
+    def _logprobs(self, new_only: bool = False) -> dict | None:
+        """The "logprobs" of a response, or of a chunk (the entries not sent yet); None when not asked for."""
+        if self.opts.decoding.logprobs is None:
+            return None
+        entries = self.entries()
+        start, self._sent = (self._sent, len(entries)) if new_only else (0, self._sent)
+        entries = entries[start:]
+        if self.chat:
+            return api.chat_logprobs(entries)
+        out = api.completion_logprobs(entries, self._chars if new_only else 0)
+        self._chars += sum(len(e["token"]) for e in entries) if new_only else 0
+        return out
 
     def response(self, text: str, reason: str, usage: dict) -> dict:
         if not self.chat:
-            return api.completion_response(self.rid, self.model_id, self.created, text, reason, usage)
+            return api.completion_response(self.rid, self.model_id, self.created, text, reason, usage,
+                                           logprobs=self._logprobs())
         message = {"role": "assistant", "content": text, "refusal": None}
         calls = self.tools.parse(text)
         if calls:
             message |= {"content": self.tools.content_before(text), "tool_calls": calls}
             reason = "tool_calls"
-        return api.chat_response(self.rid, self.model_id, self.created, message, reason, usage)
+        return api.chat_response(self.rid, self.model_id, self.created, message, reason, usage, self._logprobs())
 
     def first_chunks(self) -> list[dict]:
         """The stream's opening chunks (chat: the assistant role)."""
@@ -57,11 +73,14 @@ class Prepared:
             shown = self._held.push(value) if self.chat else value
             if not shown:
                 return []
-            return [self._chat_chunk({"content": shown}) if self.chat else
-                    api.completion_response(self.rid, self.model_id, self.created, shown, None, None, True, include)]
+            lp = self._logprobs(new_only=True)
+            return [self._chat_chunk({"content": shown}, logprobs=lp) if self.chat else
+                    api.completion_response(self.rid, self.model_id, self.created, shown, None, None, True, include,
+                                            lp)]
         reason = value
         if not self.chat:
-            out = [api.completion_response(self.rid, self.model_id, self.created, "", reason, None, True, include)]
+            out = [api.completion_response(self.rid, self.model_id, self.created, "", reason, None, True, include,
+                                           self._logprobs(new_only=True))]
             if include:
                 out.append(api.completion_response(self.rid, self.model_id, self.created, None, None, usage(), True,
                                                    True))
@@ -74,13 +93,14 @@ class Prepared:
         if calls:
             out.append(self._chat_chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]}))
             reason = "tool_calls"
-        out.append(self._chat_chunk({}, reason))
+        out.append(self._chat_chunk({}, reason, self._logprobs(new_only=True)))
         if include:
             out.append(api.chat_chunk(self.rid, self.model_id, self.created, None, None, usage(), True))
         return out
 
-    def _chat_chunk(self, delta: dict, reason: str | None = None) -> dict:
-        return api.chat_chunk(self.rid, self.model_id, self.created, delta, reason, None, self.opts.include_usage)
+    def _chat_chunk(self, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return api.chat_chunk(self.rid, self.model_id, self.created, delta, reason, None, self.opts.include_usage,
+                              logprobs)
 
 
 class Preparer:
@@ -94,11 +114,8 @@ class Preparer:
         m = self.model
         api.check_fields(body, api.CHAT_FIELDS, "/v1/chat/completions")
         api.check_model(body, self.model_ids)
-        opts = api.sampling_options(body, m.spec.vocab, "max_completion_tokens")
+        opts = api.sampling_options(body, m.spec.vocab, chat=True)
         messages = api.chat_messages(body)
-        if body.get("top_logprobs") is not None:
-            raise APIError(400, "'top_logprobs' is not supported by edgemoe serve", "top_logprobs",
-                           "unsupported_parameter")
         if m.tokenizer is None:
             raise APIError(400, f"{self.model_ids[-1]} has no tokenizer embedded: chat needs one (use completions "
                                 f"with token ids)", None, "unsupported_model")

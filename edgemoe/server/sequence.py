@@ -27,6 +27,7 @@ class Decoding:
     frequency_penalty: float = 0.0  # OpenAI's: logit -= count * frequency_penalty, over the tokens generated so far
     presence_penalty: float = 0.0  # logit -= presence_penalty for every token generated at least once
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None = off; n = each token's log-probability and the n likeliest alternatives
 
 
 class Sequence:
@@ -42,6 +43,8 @@ class Sequence:
         self.counts: dict[int, int] = {}  # generated token -> times (frequency/presence penalties)
         self.n_new = 0
         self.token: int | None = None
+        self.decode = decode
+        self.logprobs: list[dict] = []  # per generated token: {"token", "logprob", "top": [(text, logprob), ...]}
 
     def _adjusted(self, logits: np.ndarray) -> np.ndarray:
         d = self.d
@@ -69,6 +72,8 @@ class Sequence:
         tok = self._choose(logits)
         if self.d.stop_at_eos and tok == self.eos:
             return self.text.flush(), "stop"
+        if self.d.logprobs is not None:
+            self.logprobs.append(self._logprob_entry(logits, tok))
         self.history.append(tok)
         self.counts[tok] = self.counts.get(tok, 0) + 1
         self.n_new += 1
@@ -83,3 +88,12 @@ class Sequence:
         if self.n_new >= self.d.max_new_tokens or len(self.history) >= self.max_ctx:
             return piece + self.text.flush(), "length"
         return piece, None
+
+    def _logprob_entry(self, logits: np.ndarray, tok: int) -> dict:
+        """The model's log-probabilities (log-softmax of the raw logits, before penalties and sampling filters)."""
+        z = logits.astype(np.float64)
+        lse = z.max() + np.log(np.exp(z - z.max()).sum())
+        n = self.d.logprobs
+        top = np.argsort(-z, kind="stable")[:n].tolist() if n else []
+        return {"token": self.decode([tok]), "logprob": float(z[tok] - lse),
+                "top": [(self.decode([t]), float(z[t] - lse)) for t in top]}
