@@ -281,6 +281,17 @@ def test_tool_call(server, choice):
     assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_tools_auto_streams_like_non_streaming(server):
+    """tool_choice auto: the reply is free text (the random model writes no <tool_call>), streamed or not alike."""
+    c = server.client()
+    kw = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "temperature": 0,
+          "max_tokens": 16}
+    r = c.chat.completions.create(**kw)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+
+
 def _post(server, path, body, key=KEY, raw=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if raw is not None:
