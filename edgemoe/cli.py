@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_ppl)
 
     add_tool_parsers(sub)
+    from .server.command import add_serve_parser  # the web stack is an extra: imported when `serve` is parsed
+
+    add_serve_parser(sub, runtime_opts)
     for name in ("bench", "analyze", "chat"):
         if name in sub.choices and not sub.choices[name].epilog:
             sub.choices[name].epilog = EPILOGS[name]

@@ -450,6 +450,21 @@ class Model:
             stops += PLAIN_TRANSCRIPT_STOPS
         return self.generate(prompt, stop=stops, **generate_kwargs)
 
+    def create_chat_completion(self, messages: Sequence[dict], **openai_params):
+        """OpenAI's chat completion in-process (llama-cpp-python's name): the parameters of POST /v1/chat/completions
+        (max_tokens, temperature, stop, stream, response_format, tools, ...) -> its response dict, or with
+        stream=True an iterator of its chunk dicts. See edgemoe.server.local."""
+        from .server.local import create_chat_completion
+
+        return create_chat_completion(self, list(messages), **openai_params)
+
+    def create_completion(self, prompt: str | Sequence[int], **openai_params):
+        """OpenAI's (legacy) completion in-process: the parameters of POST /v1/completions -> its response dict, or
+        with stream=True an iterator of its chunk dicts. See edgemoe.server.local."""
+        from .server.local import create_completion
+
+        return create_completion(self, prompt if isinstance(prompt, str) else list(prompt), **openai_params)
+
     @property
     @_serialized
     def stats(self) -> dict:

@@ -18,3 +18,7 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    def special_ids(self) -> set[int]:
+        """Ids of the special added tokens (<s>, </s>, <|im_end|>, ...), which never stand for plain text."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
