@@ -300,10 +300,10 @@ class Model:
             with self._lock:
                 self._check_open()
                 if self._sequence != mine:
-                    raise EdgeMoEError("this generate() stream was resumed after another call (generate, chat, "
-                                       "logits, generate_batch or reset, from this or another thread) replaced its "
-                                       "sequence in the KV cache; finish one stream before starting another, or use "
-                                       "generate_batch (with n_seq) to generate several texts at once")
+                    raise EdgeMoEError("this generate() stream was resumed after another generate(), chat(), "
+                                       "logits(), generate_batch() or reset() call (from this or another thread) "
+                                       "replaced its sequence in the KV cache; finish one stream before starting "
+                                       "another, or use generate_batch (with n_seq) to generate several texts at once")
                 t1 = time.perf_counter()
                 logits = self._engine.decode(cont.token)
                 self._stats["decode_tokens"] += 1
