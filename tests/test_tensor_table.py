@@ -2,6 +2,8 @@
 equal the C table's (native/src/tensor_table.c, enumerated by emoe_model_tensor), for every tiny family, a merged
 layer and an MWQ container; and the C loader (one table walk for every storage) names what a file lacks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tiny_models import FAMILIES
@@ -54,11 +56,14 @@ def test_merged_layers_list_their_stored_experts_and_which_are_routed():
     spec = ArchSpec("qwen2moe", n_layers=3, hidden=64, vocab=50, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=6,
                     top_k=2, expert_ffn=32, qkv_bias=True, shared_ffn=48, shared_gate=True, dense_layers=[1],
                     dense_ffn=96, tie_embeddings=True,
-                    expert_map=[[0, 0, 1, 2, -1, 1], [], [0, 1, 3, 3, 1, 0]])  # layer 2 stores 4, expert 2 unused
+                    expert_map=[[0, 0, 1, 2, -1, 1], [], [0, 1, 2, 2, 1, 0]])  # layer 2 stores 3 groups
     py = model_tensors(spec)
     assert py == c_tensors(spec)
     req = {n: r for n, _, r in py}
-    assert req["blk.2.expert.3.ffn_up.weight"] and not req["blk.2.expert.2.ffn_up.weight"]
+    assert req["blk.2.expert.2.ffn_up.weight"] and "blk.2.expert.3.ffn_up.weight" not in req
+    gap = dataclasses.replace(spec, expert_map=[[0, 0, 1, 2, -1, 1], [], [0, 1, 3, 3, 1, 0]])  # group 2 unused
+    with pytest.raises(N.NativeError, match="no gaps"):
+        c_tensors(gap)
     assert not req["output.weight"] and not req["blk.0.ffn_gate_inp_pre.weight"]
     assert "blk.0.expert.3.ffn_gate.weight" not in req and "blk.1.ffn_down.weight" in req
 
