@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import EdgeMoEError
 from . import openai_api as api
 from .prepare import Prepared, Preparer
 from .scheduler import _common_prefix
@@ -67,9 +68,12 @@ def _events(model, prep: Prepared, state: dict):
     """("text", piece)... ("done", finish_reason): the request decoded on slot 0."""
     decode = model.tokenizer.decode if model.tokenizer is not None else (lambda ids: "".join(f" {i}" for i in ids))
     seq = Sequence(prep.ids, prep.opts.decoding, decode, model.spec.eos_token_id, model.max_ctx, prep.constraint)
-    state["seq"], state["cached"] = seq, _common_prefix(model._engine.cached_ids, prep.ids[:-1])
-    logits = model._prefill_reusing_cache(prep.ids)
-    model._sequence += 1  # slot 0 now holds this request: a generate() stream started before notices
+    with model._lock:  # each token's computation under the model's lock, the yield outside it (as generate does)
+        model._check_open()
+        state["seq"], state["cached"] = seq, _common_prefix(model._engine.cached_ids, prep.ids[:-1])
+        logits = model._prefill_reusing_cache(prep.ids)
+        model._sequence += 1  # slot 0 now holds this request: a generate() stream started before notices
+        mine = model._sequence
     while True:
         piece, reason = seq.step(logits)
         if piece:
@@ -77,7 +81,13 @@ def _events(model, prep: Prepared, state: dict):
         if reason:
             yield "done", reason
             return
-        t0 = time.perf_counter()
-        logits = model._engine.decode(seq.token)
-        model._stats["decode_tokens"] += 1
-        model._stats["decode_s"] += time.perf_counter() - t0
+        with model._lock:
+            model._check_open()
+            if model._sequence != mine:
+                raise EdgeMoEError("this completion stream was resumed after another call replaced its sequence in "
+                                   "the KV cache; finish one stream before starting another (or serve several "
+                                   "clients with `edgemoe serve --n-seq N`)")
+            t0 = time.perf_counter()
+            logits = model._engine.decode(seq.token)
+            model._stats["decode_tokens"] += 1
+            model._stats["decode_s"] += time.perf_counter() - t0
