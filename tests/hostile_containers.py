@@ -389,6 +389,10 @@ def _index_flips(b: Base, rng: random.Random, n_plain: int, n_repaired: int) -> 
     return out
 
 
+TENSOR_FIELDS = ("name", "dtype", "shape", "offset", "nbytes", "crc32", "kind", "planes", "quant")
+PLANE_FIELDS = ("offset", "nbytes", "crc32", "bits")
+
+
 class _Strict(ValueError):
     pass
 
@@ -450,10 +454,18 @@ def judge_index(b: Base, text: bytes) -> tuple[str, str]:
         elif top == "tensors":
             old = b.index["tensors"][path[1]]
             field = path[2] if len(path) > 2 else None
+            sub = path[-1] if len(path) > 3 else None
             lazy = old["kind"] == "expert"  # under a budget an expert's CRC is checked when it is first read
-            if field in ("kind", "nesting") or (len(path) > 3 and path[3] in ("nesting", "weighted")) or field == "name" and old["name"] == "tokenizer.json":
-                r = s = "either"
-            elif field in ("offset", "crc32") or (field == "planes" and len(path) > 4 and path[4] in ("crc32",)):
+            if field is None:
+                r = s = "refuse"
+            elif field == "kind" or field not in TENSOR_FIELDS:
+                r = s = "either"  # kind changed or missing (dense by default), or an unknown key
+            elif field == "quant" and sub not in ("base_bits", "group_size"):
+                r = s = "either"  # nesting / weighted are informative; an unknown key
+            elif (field == "planes" and len(path) > 4 and sub not in PLANE_FIELDS) or (
+                    field == "name" and old["name"] == "tokenizer.json"):
+                r = s = "either"  # an unknown plane key; the tokenizer renamed (the model runs without it)
+            elif field in ("offset", "crc32") or (field == "planes" and sub == "crc32"):
                 new_t = new["tensors"][path[1]]
                 inside = all(_is_int(new_t.get(k)) for k in ("offset", "nbytes"))
                 r, s = "refuse", ("either" if lazy and inside else "refuse")
@@ -582,12 +594,14 @@ def _deep_cases(b: Base) -> list[Case]:
 
 
 WHOLE = ("empty", "null", "array", "number", "string", "object_empty", "deep_array", "deep_object", "unclosed",
-         "trailing_garbage", "two_objects", "bom", "invalid_utf8", "nul_byte", "utf16")
+         "trailing_garbage", "two_objects", "invalid_utf8", "nul_byte", "utf16")
 
 
 def _whole_cases(b: Base) -> list[Case]:
     out = [Case(f"{b.name}/whole_index/{k}", b.name, "whole_index", (k,), "refuse", "refuse") for k in WHOLE]
     out.append(Case(f"{b.name}/whole_index/leading_space", b.name, "whole_index", ("leading_space",), "run", "run"))
+    # RFC 8259: a parser MAY ignore a byte order mark
+    out.append(Case(f"{b.name}/whole_index/bom", b.name, "whole_index", ("bom",), "either", "either"))
     return out
 
 

@@ -232,12 +232,13 @@ def minimum_budget(path: Path, max_ctx: int | None) -> int:
 
 
 def budgets_for(bases: dict[str, Path], max_ctx: int | None) -> dict[str, int]:
-    """A budget per valid container: its minimum + a quarter of its experts (so the cache evicts)."""
+    """A budget per valid container: its minimum + half its experts (so the cache evicts, and a valid top_k up to
+    n_experts still fits: the minimum holds one layer's top-k experts)."""
     out = {}
     for name, path in bases.items():
         b = hc.Base(name, path.read_bytes())
         experts = sum(t["nbytes"] for t in b.tensors.values() if t["kind"] == "expert")
-        out[name] = minimum_budget(path, max_ctx) + experts // 4
+        out[name] = minimum_budget(path, max_ctx) + experts // 2
     return out
 
 
