@@ -232,14 +232,10 @@ def minimum_budget(path: Path, max_ctx: int | None) -> int:
 
 
 def budgets_for(bases: dict[str, Path], max_ctx: int | None) -> dict[str, int]:
-    """A budget per valid container: its minimum + half its experts (so the cache evicts, and a valid top_k up to
-    n_experts still fits: the minimum holds one layer's top-k experts)."""
-    out = {}
-    for name, path in bases.items():
-        b = hc.Base(name, path.read_bytes())
-        experts = sum(t["nbytes"] for t in b.tensors.values() if t["kind"] == "expert")
-        out[name] = minimum_budget(path, max_ctx) + experts // 2
-    return out
+    """A budget per valid container: twice its minimum. The minimum holds one layer's top-k experts and scratch that
+    grows with top_k: a valid file whose top_k was raised to n_experts must still fit (with the minimum + half the
+    expert bytes it did not; a merged model counts top_k experts even where a layer stores fewer)."""
+    return {name: 2 * minimum_budget(path, max_ctx) for name, path in bases.items()}
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------------
