@@ -859,8 +859,11 @@ def cases(bases: dict[str, Base]) -> list[Case]:
     return out
 
 
+KEEP_ALL = ("dupkey", "deep")  # few cases, and the ones that crashed the process on main: always replayed
+
+
 def sample(all_cases: list[Case], every: int) -> list[Case]:
-    """Every Nth case of each class (each class keeps at least one case per base)."""
+    """Every Nth case of each class (each class keeps at least one case per base), and every case of KEEP_ALL."""
     if every <= 1:
         return list(all_cases)
     seen: dict[tuple, int] = {}
@@ -869,7 +872,7 @@ def sample(all_cases: list[Case], every: int) -> list[Case]:
         key = (c.base, c.cls)
         n = seen.get(key, 0)
         seen[key] = n + 1
-        if n % every == 0:
+        if n % every == 0 or c.cls in KEEP_ALL:
             out.append(c)
     return out
 

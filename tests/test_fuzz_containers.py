@@ -6,7 +6,8 @@ goes on with the next one). Outcomes per case and mode: ran, refused (an EdgeMoE
 exception, or a message saying "internal error"), crash (the child died), hang (no answer within the timeout).
 Failures: crashes, hangs, tracebacks, invalid files that ran, valid files that were refused. All must be 0.
 
-By default a deterministic sample (every 5th case of each class and base, about 1100 cases) and 21 CLI cases;
+By default a deterministic sample (every 5th case of each class and base plus every duplicate-key and deep-nesting
+case, about 1190 cases) and 21 CLI cases;
 EDGEMOE_FUZZ_FULL=1 replays every case (about 5300) and about 200 through the CLI. EDGEMOE_FUZZ_REPORT=FILE writes
 every failure (label, mode, outcome, message) as JSON lines. docs/fuzz.md says how to run it and what it found.
 """
