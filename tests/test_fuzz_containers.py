@@ -122,6 +122,19 @@ class _Child:
         self.err.close()
 
 
+def _crashes_alone(label: str, common: dict, tmp: Path) -> bool:
+    """Whether one case also kills a fresh child by itself (a crash inside a batch may be an earlier case's heap
+    damage surfacing later)."""
+    spec = tmp / "spec_alone.json"
+    spec.write_text(json.dumps(dict(common, labels=[label], tmp=str(tmp))))
+    try:
+        r = subprocess.run([sys.executable, __file__, "--worker", str(spec)], capture_output=True, timeout=TIMEOUT * 3,
+                           check=False)
+    except subprocess.TimeoutExpired:
+        return True
+    return r.returncode != 0
+
+
 def replay(cases: list, bases: dict[str, Path], budgets: dict[str, int], tmp: Path) -> dict:
     """-> {(label, mode): (outcome, message)} for every case, in WORKERS child processes."""
     common = {"bases": {k: str(v) for k, v in bases.items()}, "budgets": budgets}
@@ -139,6 +152,10 @@ def replay(cases: list, bases: dict[str, Path], budgets: dict[str, int], tmp: Pa
 
     def restart_after(ch, outcome, msg):
         i, mode = ch.current
+        if outcome == "crash" and not _crashes_alone(ch.labels[i], common, tmp):
+            # the heap was damaged by an earlier case of this child, which itself returned normally
+            msg = f"crashed only after earlier cases in the same process ({', '.join(ch.labels[max(0, i - 3):i])}" \
+                  f" ran just before; alone it does not crash): {msg}"
         results[(ch.labels[i], mode)] = (outcome, msg)
         if mode == "resident":  # the budgeted run of that case still gets its own try
             results[(ch.labels[i], "budget")] = ("not_run", "after a failure of the resident run")
