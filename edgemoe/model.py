@@ -140,7 +140,7 @@ class Model:
             if n_seq and n_seq > 1 and hasattr(self._engine, "set_n_seq"):
                 self._engine.set_n_seq(int(n_seq))
         tok = container.tensors.get("tokenizer.json")
-        self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
+        self.tokenizer = Tokenizer(container.blob("tokenizer.json"), str(container.path)) if tok is not None else None
         self._stats = _fresh_stats()
         self._sequence = 0  # bumped whenever the KV cache gets a new sequence: a stream notices it was replaced
         self._lock = threading.RLock()  # see _serialized
