@@ -153,7 +153,7 @@ def _set_f32(value: float, pattern: str = "experts", index: int = 5) -> Callable
 
 
 def _flip_low_mantissa(t: dict) -> None:
-    name = sorted(k for k in t if "experts" in k)[0]
+    name = min(k for k in t if "experts" in k)
     dtype, shape, raw = t[name]
     b = bytearray(raw)
     for i in range(0, len(b), 4 * 7):  # byte 0 of every 7th f32: the lowest mantissa bits (a change < 2^-15 relative)
@@ -291,8 +291,8 @@ def safetensors_cases(bases: dict[str, Path], sharded: Path | None = None) -> li
              _entry_edit(lambda h, e, n, fn=fn: e.__setitem__("data_offsets", fn(e["data_offsets"]))))
     add("offsets_same_as_other", "invalid", _header_edit(_alias_two_tensors))
     # consistent files with the wrong content
-    each("tensor_removed", "invalid", _tensor_edit(lambda t: t.pop(sorted(k for k in t if "experts" in k)[0])))
-    add("tensor_renamed", "invalid", _tensor_edit(lambda t: t.__setitem__("x.weight", t.pop(sorted(t)[-1]))))
+    each("tensor_removed", "invalid", _tensor_edit(lambda t: t.pop(min(k for k in t if "experts" in k))))
+    add("tensor_renamed", "invalid", _tensor_edit(lambda t: t.__setitem__("x.weight", t.pop(max(t)))))
     each("tensor_transposed", "invalid", _tensor_edit(_transpose_one))
     add("tensor_extra_unused", "benign", _tensor_edit(
         lambda t: t.__setitem__("model.rotary_emb.inv_freq", ("F32", [4], np.ones(4, np.float32).tobytes()))))
@@ -375,7 +375,7 @@ def _transpose_one(t: dict) -> None:
 
 def _to_bf16(t: dict) -> None:
     for name in [k for k in sorted(t) if "experts" in k][:3]:
-        dtype, shape, raw = t[name]
+        _dtype, shape, raw = t[name]
         arr = np.frombuffer(raw, np.uint32)
         t[name] = ("BF16", shape, (arr >> 16).astype(np.uint16).tobytes())
 
@@ -392,20 +392,20 @@ def _index_cases(sharded: Path) -> list[Case]:
         return edit
 
     def first_shard(d: Path) -> Path:
-        return sorted(d.glob("*.safetensors"))[0]
+        return min(d.glob("*.safetensors"))
 
     cases = [
         ("index.weight_map_list", index_edit(lambda doc: doc.__setitem__("weight_map", list(doc["weight_map"])))),
         ("index.weight_map_missing", index_edit(lambda doc: doc.pop("weight_map"))),
         ("index.weight_map_null", index_edit(lambda doc: doc.__setitem__("weight_map", None))),
         ("index.list", index_edit(lambda doc: [doc])),
-        ("index.value_int", index_edit(lambda doc: doc["weight_map"].__setitem__(sorted(doc["weight_map"])[0], 5))),
+        ("index.value_int", index_edit(lambda doc: doc["weight_map"].__setitem__(min(doc["weight_map"]), 5))),
         ("index.escape_dir", index_edit(
-            lambda doc: doc["weight_map"].__setitem__(sorted(doc["weight_map"])[0], "../../etc/passwd"))),
+            lambda doc: doc["weight_map"].__setitem__(min(doc["weight_map"]), "../../etc/passwd"))),
         ("index.absolute", index_edit(
-            lambda doc: doc["weight_map"].__setitem__(sorted(doc["weight_map"])[0], "/etc/hostname"))),
+            lambda doc: doc["weight_map"].__setitem__(min(doc["weight_map"]), "/etc/hostname"))),
         ("index.missing_shard", index_edit(
-            lambda doc: doc["weight_map"].__setitem__(sorted(doc["weight_map"])[0], "nope.safetensors"))),
+            lambda doc: doc["weight_map"].__setitem__(min(doc["weight_map"]), "nope.safetensors"))),
         ("index.wrong_shard", index_edit(_index_wrong_shard)),
         ("index.garbage", _write(idx, "{x")),
         ("index.deep", _write(idx, DEEP)),
@@ -432,14 +432,14 @@ def _dir_maker(base: Path, edit) -> Callable[[Path], Path]:
 def _index_wrong_shard(doc: dict) -> None:
     wm = doc["weight_map"]
     shards = sorted(set(wm.values()))
-    name = sorted(wm)[0]
+    name = min(wm)
     wm[name] = next(s for s in shards if s != wm[name])
 
 
 def _duplicate_across_shards(d: Path) -> None:
     shards = sorted(d.glob("*.safetensors"))
     a, b = _st_tensors(shards[0]), _st_tensors(shards[1])
-    name = sorted(a)[0]
+    name = min(a)
     b[name] = a[name]
     _rebuild_st(shards[1], b)
 
@@ -493,7 +493,7 @@ def _kv_value(key_suffix: str, value) -> Callable[[Path, bytearray], None]:
 
     def edit(base: Path, raw: bytearray) -> None:
         kvs, _, _, _ = _gguf_layout(base)
-        name, f, offs = next(k for k in kvs if k[0].endswith(key_suffix))
+        _name, f, offs = next(k for k in kvs if k[0].endswith(key_suffix))
         fmt = _GGUF_FMT[int(f.types[0])]
         v = value
         if fmt in ("<f", "<d"):
@@ -531,7 +531,7 @@ def _ti(index: int, part: int, fmt: str, value_fn) -> Callable[[Path, bytearray]
     """Overwrite part `part` (0 name_len, 1 name, 2 n_dims, 3 dims, 4 type, 5 offset) of tensor info `index`."""
 
     def edit(base: Path, raw: bytearray) -> None:
-        _, tinfo, data_start, align = _gguf_layout(base)
+        _, tinfo, _data_start, _align = _gguf_layout(base)
         t, offs = tinfo[index % len(tinfo)]
         if part == 1:
             raw[offs[1]] = value_fn(t)
@@ -543,7 +543,7 @@ def _ti(index: int, part: int, fmt: str, value_fn) -> Callable[[Path, bytearray]
 
 def _data_edit(fn: Callable[[np.ndarray], None], pick: str = "exps") -> Callable[[Path, bytearray], None]:
     def edit(base: Path, raw: bytearray) -> None:
-        _, tinfo, data_start, _ = _gguf_layout(base)
+        _, tinfo, _data_start, _ = _gguf_layout(base)
         f32 = [t for t, _ in tinfo if t.tensor_type.name == "F32"]
         t = next((t for t in f32 if pick in t.name), None) or next(t for t in f32 if "gate_inp" in t.name)
         view = np.frombuffer(raw, np.float32, count=int(t.n_elements), offset=int(t.data_offset))
@@ -577,7 +577,7 @@ def _swap_offsets(base: Path, raw: bytearray) -> None:
     for t, offs in tinfo:
         same.setdefault((tuple(t.shape.tolist()), t.tensor_type), []).append((t, offs))
     pair = next(v for v in same.values() if len(v) >= 2)
-    (a, ao), (b, bo) = pair[0], pair[1]
+    (_a, ao), (_b, bo) = pair[0], pair[1]
     oa = struct.unpack_from("<Q", raw, ao[5])[0]
     ob = struct.unpack_from("<Q", raw, bo[5])[0]
     _put(raw, ao[5], "<Q", ob)
@@ -703,7 +703,7 @@ def _arch_value_byte(byte: int, last: bool = False) -> Callable[[Path, bytearray
 def _token_byte(byte: int) -> Callable[[Path, bytearray], None]:
     def edit(base: Path, raw: bytearray) -> None:
         kvs, _, _, _ = _gguf_layout(base)
-        _name, f, offs = next(k for k in kvs if k[0] == "tokenizer.ggml.tokens")
+        _name, _f, offs = next(k for k in kvs if k[0] == "tokenizer.ggml.tokens")
         raw[offs[6]] = byte  # parts: klen, key, vtype, itype, alen, len0, str0, ...
 
     return edit
@@ -740,9 +740,9 @@ def _append_kv(base: Path, raw: bytearray) -> None:
 
 def _insert_kv(base: Path, raw: bytearray, key: bytes, vtype: int, value: bytes) -> None:
     """Insert one key after the last KV and re-pad the header, so the data section keeps its alignment."""
-    kvs, tinfo, data_start, align = _gguf_layout(base)
+    _kvs, tinfo, data_start, align = _gguf_layout(base)
     at = tinfo[0][1][0]  # the tensor infos follow the last KV
-    last_t, last_offs = tinfo[-1]
+    _last_t, last_offs = tinfo[-1]
     ti_end = last_offs[-1] + 8
     blob = struct.pack("<Q", len(key)) + key + struct.pack("<I", vtype) + value
     header = bytearray(raw[:at]) + blob + raw[at:ti_end]
@@ -793,7 +793,7 @@ def run_case(case: Case, work: Path, reference: np.ndarray | None, timeout: int 
         if "\n" in msg or not msg:
             return Outcome("internal", f"not one line: {msg!r}")
         return Outcome("refused", msg)
-    except BaseException as e:  # noqa: BLE001 - whatever escaped is what the corpus counts
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         return Outcome("internal", f"{type(e).__name__}: {str(e)[:200]}")
