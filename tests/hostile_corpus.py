@@ -640,8 +640,10 @@ def gguf_cases(bases: dict[str, Path]) -> list[Case]:
         add(f"kv.{suffix}.key_utf8", "invalid", _kv_key_byte(suffix, 0xFF))
         add(f"kv.{suffix}.key_len=2^63", "invalid", _kv_part(suffix, 0, "<Q", 2**63))
         add(f"kv.{suffix}.key_len=0", "invalid", _kv_part(suffix, 0, "<Q", 0))
-        for t in (99, 2**31, 8, 9, 12):
-            add(f"kv.{suffix}.type={t}", "invalid", _kv_part(suffix, 2, "<I", t), labels[t % len(labels)])
+        for t in (99, 2**31, 4, 8, 9, 12):
+            lab = labels[t % len(labels)]
+            if t != _kv_type(bases[lab], suffix):  # a type changed to itself is no change
+                add(f"kv.{suffix}.type={t}", "invalid", _kv_part(suffix, 2, "<I", t), lab)
     add("kv.architecture.value_len=2^62", "invalid", _kv_part("general.architecture", 3, "<Q", 2**62))
     add("kv.architecture.value_utf8", "invalid", _arch_value_byte(0xC3))
     add("kv.architecture=llamb", "invalid", _arch_value_byte(ord("b"), last=True))
@@ -665,11 +667,14 @@ def gguf_cases(bases: dict[str, Path]) -> list[Case]:
                           ("x2", lambda t: int(t.shape[0]) * 2), ("-1", lambda t: 2**64 - 1)):
             add(f"ti[{i}].dim0={label}", "invalid", _ti(i, 3, "<Q", fn), lab)
         for ty in (99, 2**31, 1, 8, 26, 24, 30, 2):  # unknown, unknown, F16, Q8_0, I32, I8, BF16, Q4_0
-            add(f"ti[{i}].type={ty}", "invalid", _ti(i, 4, "<I", ty), lab)
+            kind = _relabel_kind(bases[lab], i, ty)
+            if kind:
+                add(f"ti[{i}].type={ty}", kind, _ti(i, 4, "<I", ty), lab)
         for label, fn in (("+1", lambda t: _toff(t) + 1), ("+32", lambda t: _toff(t) + 32),
-                          ("-32", lambda t: max(0, _toff(t) - 32)), ("2^62", lambda t: 2**62),
+                          ("-32", lambda t: _toff(t) - 32), ("2^62", lambda t: 2**62),
                           ("2^64-1", lambda t: 2**64 - 1), ("0", lambda t: 0)):
-            add(f"ti[{i}].offset{label}", "invalid", _ti(i, 5, "<Q", fn), lab)
+            j = i or 1  # the first tensor is at offset 0 already
+            add(f"ti[{j}].offset{label}", "invalid", _ti(j, 5, "<Q", fn), lab)
     each("ti.offsets_swapped", "data", _swap_offsets)
     # tensor data
     for label, v in (("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf)):
@@ -678,8 +683,31 @@ def gguf_cases(bases: dict[str, Path]) -> list[Case]:
     each("data_low_mantissa", "data", _data_edit(_mantissa_flips))
     # benign: a key nobody reads, trailing bytes after the data
     each("kv.extra_key", "benign", _append_kv)
-    add("trailing_zeros", "benign", lambda b, r: r.extend(b"\0" * 64))
+    # bytes appended after the last tensor: refused too (every writer ends the file at the last tensor)
+    add("trailing_zeros", "invalid", lambda b, r: r.extend(b"\0" * 64))
     return cases
+
+
+def _relabel_kind(base: Path, index: int, new_type: int) -> str | None:
+    """A tensor's type changed to new_type: None when that is its type already; "data" when both types take the
+    same bytes for its shape (F16 <-> BF16: no header check can tell); "invalid" otherwise."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    _, tinfo, _, _ = _gguf_layout(base)
+    t = tinfo[index % len(tinfo)][0]
+    if int(t.tensor_type) == new_type:
+        return None
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(new_type)]
+    except (ValueError, KeyError):
+        return "invalid"
+    same = int(t.shape[0]) % block == 0 and int(t.n_elements) // block * size == int(t.n_bytes)
+    return "data" if same else "invalid"
+
+
+def _kv_type(base: Path, suffix: str) -> int:
+    kvs, _, _, _ = _gguf_layout(base)
+    return int(next(f for name, f, _ in kvs if name.endswith(suffix)).types[0])
 
 
 def _toff(t) -> int:
