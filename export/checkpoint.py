@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
-from edgemoe.errors import FormatError
+from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .families import Family, dense_hf_names, family_for
 from .json_input import read_json
@@ -55,8 +55,8 @@ class Checkpoint:
         self.family: Family = family_for(self.config, str(cfg_path))
         try:
             self.spec: ArchSpec = self.family.spec(self.config)
-        except FormatError as e:
-            raise FormatError(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
+        except (FormatError, UnsupportedModelError) as e:  # the family's reader names the field, this the file
+            raise type(e)(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
         self.tensors = SafetensorsSet(path)
         self._check_tensors(cfg_path)
         tok = path / "tokenizer.json"

@@ -121,8 +121,8 @@ class GGUFCheckpoint:
         self.config = self._config()
         try:
             spec = self.family.spec(self.config)
-        except FormatError as e:
-            raise FormatError(f"{path}: GGUF metadata does not describe a valid {arch} model ({e})") from None
+        except (FormatError, UnsupportedModelError) as e:
+            raise type(e)(f"{path}: GGUF metadata does not describe a valid {arch} model ({e})") from None
         rope_dim = self._kv_int(f"{arch}.rope.dimension_count", spec.head_dim, hi=spec.head_dim)
         if rope_dim % 2:
             raise FormatError(f"{path}: {arch}.rope.dimension_count = {rope_dim}: RoPE rotates pairs, expected an "
