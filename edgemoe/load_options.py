@@ -39,8 +39,7 @@ def check_memory_budget(value) -> None:
 
 def check_load_options(spec, memory_budget=None, max_ctx=None, threads=None, n_seq=None, precision=None,
                        mode: str = "exact", engine: str = "auto") -> None:
-    """Raise one EdgeMoEError for the first bad option; `spec` is the model's ArchSpec (for its context length).
-    precision's upper bound (the planes the container stores) is checked where the container is known."""
+    """Raise one EdgeMoEError for the first bad option; `spec` is the model's ArchSpec (for its context length)."""
     if engine not in ENGINES:
         raise EdgeMoEError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
     if mode not in MODES:
@@ -50,4 +49,6 @@ def check_load_options(spec, memory_budget=None, max_ctx=None, threads=None, n_s
            f" (this model's context length is {spec.max_position} tokens; None = min({spec.max_position}, 4096))")
     _whole("threads", threads, 1, MAX_THREADS, " (None = 1)")
     _whole("n_seq", n_seq, 1, MAX_SEQ, " (None = 1)")
-    _whole("precision", precision, 1, 64, " bit planes (None = all stored planes)")
+    if isinstance(precision, bool):  # True would pass for 1 plane
+        raise EdgeMoEError(f"precision={precision!r}: expected a whole number of bit planes (None = all stored)")
+    # its values (1..the planes the container stores) are Model._check_precision's, which knows the container
