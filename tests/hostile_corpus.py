@@ -4,7 +4,9 @@ Each `Case` writes one damaged source into a fresh directory and says what a cor
 - "invalid": the source is not a valid model; it must be refused (an EdgeMoEError, one line, no output file);
 - "benign": the source is valid and describes the same model; if accepted, the logits must equal the original's;
 - "data": tensor values changed in a way no header can reveal (low mantissa bits); if accepted, the logits must
-  be finite.
+  be finite;
+- "fuzz": random header bytes changed (`random_*_cases`); the result may or may not be a valid model, so it must be
+  refused or export finite logits.
 
 `run_case` exports one case in-process and classifies the outcome (refused / accepted / internal / hang / leftover /
 garbage); `corpus_counts` runs a list of cases and counts the outcomes. The mutations are independent of the
@@ -31,7 +33,7 @@ IDS = [3, 17, 42, 99, 150, 201, 250, 300]
 @dataclass
 class Case:
     name: str
-    kind: str  # invalid | benign | data
+    kind: str  # invalid | benign | data | fuzz
     make: Callable[[Path], Path]  # writes the damaged source under the given directory, returns its path
 
 
@@ -853,3 +855,52 @@ def corpus_counts(cases: list[Case], root: Path, references: dict[str, np.ndarra
         outcomes[case.name] = o
         shutil.rmtree(work, ignore_errors=True)
     return counts, outcomes
+
+
+# --- random header damage (seeded) -----------------------------------------------------------------------------------
+def _flip_bytes(raw: bytearray, lo: int, hi: int, rng: np.random.Generator) -> None:
+    """Change 1..3 bytes in raw[lo:hi] (each to a different random value)."""
+    for at in rng.integers(lo, hi, size=int(rng.integers(1, 4))):
+        raw[int(at)] = (raw[int(at)] + int(rng.integers(1, 256))) % 256
+
+
+def random_safetensors_cases(bases: dict[str, Path], n: int, seed: int = 0) -> list[Case]:
+    """n checkpoints with 1..3 random bytes of a safetensors header (or config.json) changed. Kind "fuzz": the
+    change may or may not leave a valid model, so the exporter must refuse it or export finite logits."""
+    rng = np.random.default_rng(seed)
+    fams = sorted(bases)
+    cases = []
+    for i in range(n):
+        fam = fams[i % len(fams)]
+        target = "config.json" if i % 5 == 4 else "model.safetensors"
+        case_seed = int(rng.integers(2**31))
+
+        def edit(d: Path, target=target, case_seed=case_seed) -> None:
+            r = np.random.default_rng(case_seed)
+            f = d / target
+            raw = bytearray(f.read_bytes())
+            hi = len(raw) if target == "config.json" else 8 + struct.unpack("<Q", raw[:8])[0]
+            _flip_bytes(raw, 0 if target == "config.json" else 8, hi, r)
+            f.write_bytes(bytes(raw))
+
+        cases.append(_st_case(f"{fam}/random#{i}:{target}", "fuzz", bases[fam], edit))
+    return cases
+
+
+def random_gguf_cases(bases: dict[str, Path], n: int, seed: int = 0) -> list[Case]:
+    """n GGUF files with 1..3 random bytes of the header (magic to the end of the tensor descriptors) changed."""
+    rng = np.random.default_rng(seed)
+    labels = sorted(bases)
+    cases = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        case_seed = int(rng.integers(2**31))
+
+        def edit(base: Path, raw: bytearray, case_seed=case_seed) -> None:
+            _, _, data_start, _ = _gguf_layout(base)
+            _flip_bytes(raw, 0, data_start, np.random.default_rng(case_seed))
+
+        base = bases[label]
+        cases.append(Case(f"{label}/random#{i}", "fuzz",
+                          lambda work, base=base, edit=edit: _gguf_patch(edit)(base, work)))
+    return cases

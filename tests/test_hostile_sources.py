@@ -7,6 +7,9 @@ exported into a container that computes what it should. Nothing in between.
   change gives logits equal to the original's, an accepted value change (low mantissa bits, offsets swapped between
   two tensors of one shape, F16 <-> BF16) finite logits. The corpus is fast (about 15 s), so CI runs all of it;
   EDGEMOE_HOSTILE_REPORT=1 prints every case's outcome.
+- random header damage (1..3 random bytes of a safetensors header, config.json or GGUF header changed, seeded):
+  100 of each in CI; EDGEMOE_HOSTILE_FUZZ=N runs N of each (EDGEMOE_HOSTILE_SEED picks another seed), e.g.
+  EDGEMOE_HOSTILE_FUZZ=1000 for the issue's 1000 + 1000 (about 1 minute).
 - the cases the issue names, one by one, with the field the message must name;
 - `edgemoe export` itself: exit status 1, one line on stderr, no output file.
 """
@@ -27,6 +30,8 @@ from hostile_corpus import (
     corpus_counts,
     gguf_cases,
     model_logits,
+    random_gguf_cases,
+    random_safetensors_cases,
     run_case,
     safetensors_cases,
 )
@@ -98,6 +103,26 @@ def test_damaged_gguf_files(gguf_bases, references, tmp_path):
         counts, outcomes = corpus_counts(cases, tmp_path, references)
     _check(counts, outcomes, 250, tmp_path)
     assert counts["refused"] >= 0.9 * len(cases)
+
+
+FUZZ_N = int(os.environ.get("EDGEMOE_HOSTILE_FUZZ") or 100)
+FUZZ_SEED = int(os.environ.get("EDGEMOE_HOSTILE_SEED") or 0)
+
+
+def test_random_safetensors_header_damage(st_bases, references, tmp_path):
+    cases = random_safetensors_cases(st_bases[0], FUZZ_N, FUZZ_SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts, outcomes = corpus_counts(cases, tmp_path, references)
+    _check(counts, outcomes, FUZZ_N, tmp_path)
+
+
+def test_random_gguf_header_damage(gguf_bases, references, tmp_path):
+    cases = random_gguf_cases(gguf_bases, FUZZ_N, FUZZ_SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts, outcomes = corpus_counts(cases, tmp_path, references)
+    _check(counts, outcomes, FUZZ_N, tmp_path)
 
 
 # The cases the issue names: refused, and the message names the file and the field.
