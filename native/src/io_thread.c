@@ -37,6 +37,7 @@ struct emoe_io {
     char *path;
     int fd;        /* buffered */
     int dfd;       /* O_DIRECT, or -1 */
+    struct stat st0; /* the file as opened: size, mtime, inode (file_changed) */
     char note[EMOE_IO_MSG_LEN];
     pthread_cond_t cv_work;
     io_entry *heap; /* binary min-heap on (key, seq) */
@@ -248,6 +249,32 @@ check:
     return 0;
 }
 
+#ifdef __APPLE__
+#define ST_MTIM(st) ((st).st_mtimespec)
+#else
+#define ST_MTIM(st) ((st).st_mtim)
+#endif
+
+/* Bytes read without a CRC check (verify "first": a piece evicted and read again; verify "never") are trusted only
+ * while the file is still the one opened: a container overwritten in place (same inode, new bytes) would otherwise be
+ * computed with silently. Reads whose CRC is checked are judged by their content (a file repaired in place reads fine
+ * again). A file replaced by rename keeps serving its old inode through this fd, which stays consistent, so that is
+ * not an error. One fstat per unchecked read (merged reads count once). */
+static int file_changed(const emoe_io *io, char *msg, size_t msglen) {
+    struct stat st;
+    if (fstat(io->fd, &st)) {
+        snprintf(msg, msglen, "%s: cannot stat the open file (%s)", io->path, strerror(errno));
+        return EMOE_ERR_IO;
+    }
+    if (st.st_size == io->st0.st_size && st.st_ino == io->st0.st_ino && st.st_dev == io->st0.st_dev &&
+        ST_MTIM(st).tv_sec == ST_MTIM(io->st0).tv_sec && ST_MTIM(st).tv_nsec == ST_MTIM(io->st0).tv_nsec)
+        return 0;
+    snprintf(msg, msglen, "%s: the file was modified after the model opened it (%lld bytes then, %lld now; its "
+             "modification time changed): the weights read from it can no longer be trusted; reload the model",
+             io->path, (long long)io->st0.st_size, (long long)st.st_size);
+    return EMOE_ERR_IO;
+}
+
 static void *io_main(void *arg) {
     io_worker *w = arg;
     emoe_io *io = w->io;
@@ -288,7 +315,10 @@ static void *io_main(void *arg) {
         uint64_t calls = 0, total = 0;
         const double t0 = now_s();
         msg[0] = '\0';
-        const int rc = do_read(w, jobs, n, msg, sizeof msg, &calls);
+        int rc = do_read(w, jobs, n, msg, sizeof msg, &calls);
+        int unchecked = 0;
+        for (int i = 0; i < n; i++) unchecked |= !jobs[i].check_crc;
+        if (!rc && unchecked) rc = file_changed(io, msg, sizeof msg);
         const double secs = now_s() - t0;
         for (int i = 0; i < n; i++) {
             total += jobs[i].len;
@@ -344,7 +374,7 @@ emoe_io *emoe_io_new(const emoe_io_config *cfg, char *err, size_t errlen) {
     if (!io->path) goto nomem;
     io->cfg.path = io->path;
     io->fd = open(cfg->path, O_RDONLY | O_CLOEXEC);
-    if (io->fd < 0) {
+    if (io->fd < 0 || fstat(io->fd, &io->st0)) {
         if (err) snprintf(err, errlen, "%s: %s", cfg->path, strerror(errno));
         goto fail;
     }
