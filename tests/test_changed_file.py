@@ -1,7 +1,8 @@
-"""A container overwritten in place while a budgeted model runs: every later generation stops with a clear error
-(native/src/io_thread.c compares the file's size, inode and modification time with those at open after every read
-whose CRC is not checked), instead of silently computing with the new bytes of pieces verified once, evicted and read
-again (verify_reads="first", the default) or never verified ("never")."""
+"""A container overwritten in place while a budgeted model runs: every later generation stops with a clear error,
+instead of silently computing with the new bytes of pieces verified once, evicted and read again (verify_reads="first",
+the default) or never verified ("never"). native/src/io_thread.c compares the file's size, inode and modification
+time with those at open after every read whose CRC is not checked; once they differ, every read is checked against its
+CRC (so a file restored in place reads fine again)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,9 @@ def _overwrite_experts_in_place(path) -> None:
 @pytest.mark.parametrize("verify_reads", ["first", "never"])
 def test_overwritten_container_is_an_error_on_every_later_read(container, verify_reads):
     ids = [3, 17, 42, 99, 150]
-    # a piece read for the first time under "first" is checked against its CRC, and fails it; every other read
-    # (re-reads under "first", all under "never") is stopped by the file's changed modification time
-    msg = r"a\.emoe: (the file was modified after the model opened it|checksum mismatch)" if verify_reads == "first" \
-        else r"a\.emoe: the file was modified after the model opened it"
+    # a piece read for the first time under "first" fails its CRC as damage; any other read finds the file changed
+    # since it was opened, is checked against its CRC too, and fails it
+    msg = r"a\.emoe: checksum mismatch in .*(the file was modified after the model opened it|the file is damaged)"
     with edgemoe.load(container, memory_budget="64MiB", verify_reads=verify_reads) as m:
         assert m.streaming
         first = m.generate(ids, max_new_tokens=4)
@@ -54,8 +54,26 @@ def test_overwritten_container_is_an_error_on_every_later_read(container, verify
         _overwrite_experts_in_place(container)
         for _ in range(3):
             m.drop_cache()  # the next generation reads every expert it uses again
-            with pytest.raises(EdgeMoEError, match=msg):
+            with pytest.raises(EdgeMoEError, match=msg) as info:
                 m.generate(ids, max_new_tokens=4)
+            if verify_reads == "never":  # nothing was checked before: only the changed file explains the check
+                assert "modified after the model opened it" in str(info.value)
+
+
+def test_restored_in_place_reads_again(container):
+    """Written back with its original bytes, the file is checked piece by piece and reads fine: same text."""
+    ids = [3, 17, 42, 99, 150]
+    original = container.read_bytes()
+    with edgemoe.load(container, memory_budget="64MiB", verify_reads="never") as m:
+        first = m.generate(ids, max_new_tokens=4)
+        _overwrite_experts_in_place(container)
+        m.drop_cache()
+        with pytest.raises(EdgeMoEError, match="modified after the model opened it"):
+            m.generate(ids, max_new_tokens=4)
+        with open(container, "r+b") as f:
+            f.write(original)
+        m.drop_cache()
+        assert m.generate(ids, max_new_tokens=4) == first
 
 
 def test_replaced_by_rename_keeps_the_opened_file(container, tmp_path):

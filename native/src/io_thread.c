@@ -255,24 +255,17 @@ check:
 #define ST_MTIM(st) ((st).st_mtim)
 #endif
 
-/* Bytes read without a CRC check (verify "first": a piece evicted and read again; verify "never") are trusted only
- * while the file is still the one opened: a container overwritten in place (same inode, new bytes) would otherwise be
- * computed with silently. Reads whose CRC is checked are judged by their content (a file repaired in place reads fine
- * again). A file replaced by rename keeps serving its old inode through this fd, which stays consistent, so that is
- * not an error. One fstat per unchecked read (merged reads count once). */
-static int file_changed(const emoe_io *io, char *msg, size_t msglen) {
+/* Bytes read without a CRC check (verify "first": a piece evicted and read again; verify "never") are trusted as they
+ * are only while the file is still the one opened. Once its size, inode or modification time differ (a container
+ * overwritten in place: same inode, new bytes), every read is checked against its CRC instead, so the model stops
+ * with a clear error rather than computing with other weights, yet a file restored in place reads fine again. A file
+ * replaced by rename keeps serving its old inode through this fd, which stays consistent. One fstat per unchecked
+ * read (merged reads count once); a failed fstat counts as a change. */
+static int file_changed(const emoe_io *io) {
     struct stat st;
-    if (fstat(io->fd, &st)) {
-        snprintf(msg, msglen, "%s: cannot stat the open file (%s)", io->path, strerror(errno));
-        return EMOE_ERR_IO;
-    }
-    if (st.st_size == io->st0.st_size && st.st_ino == io->st0.st_ino && st.st_dev == io->st0.st_dev &&
-        ST_MTIM(st).tv_sec == ST_MTIM(io->st0).tv_sec && ST_MTIM(st).tv_nsec == ST_MTIM(io->st0).tv_nsec)
-        return 0;
-    snprintf(msg, msglen, "%s: the file was modified after the model opened it (%lld bytes then, %lld now; its "
-             "modification time changed): the weights read from it can no longer be trusted; reload the model",
-             io->path, (long long)io->st0.st_size, (long long)st.st_size);
-    return EMOE_ERR_IO;
+    if (fstat(io->fd, &st)) return 1;
+    return !(st.st_size == io->st0.st_size && st.st_ino == io->st0.st_ino && st.st_dev == io->st0.st_dev &&
+             ST_MTIM(st).tv_sec == ST_MTIM(io->st0).tv_sec && ST_MTIM(st).tv_nsec == ST_MTIM(io->st0).tv_nsec);
 }
 
 static void *io_main(void *arg) {
@@ -315,10 +308,10 @@ static void *io_main(void *arg) {
         uint64_t calls = 0, total = 0;
         const double t0 = now_s();
         msg[0] = '\0';
-        int rc = do_read(w, jobs, n, msg, sizeof msg, &calls);
+        const int rc = do_read(w, jobs, n, msg, sizeof msg, &calls);
         int unchecked = 0;
         for (int i = 0; i < n; i++) unchecked |= !jobs[i].check_crc;
-        if (!rc && unchecked) rc = file_changed(io, msg, sizeof msg);
+        const int changed = !rc && unchecked && file_changed(io);
         const double secs = now_s() - t0;
         for (int i = 0; i < n; i++) {
             total += jobs[i].len;
@@ -326,14 +319,15 @@ static void *io_main(void *arg) {
             msgs[i][0] = '\0';
             if (rc) {
                 snprintf(msgs[i], sizeof msgs[i], "%s", msg);
-            } else if (jobs[i].check_crc) {
+            } else if (jobs[i].check_crc || changed) {
                 const uint32_t crc = emoe_crc32_fast(0, jobs[i].dst, (size_t)jobs[i].len);
                 if (crc != jobs[i].crc32) {
                     st[i] = EMOE_ERR_CORRUPT;
                     snprintf(msgs[i], sizeof msgs[i], "%s: checksum mismatch in %s (offset %llu, %llu bytes): CRC-32 "
-                             "%08x, the index says %08x; the file is damaged: re-export or re-download it", io->path,
-                             jobs[i].what ? jobs[i].what : "?", (unsigned long long)jobs[i].off,
-                             (unsigned long long)jobs[i].len, crc, jobs[i].crc32);
+                             "%08x, the index says %08x; %s", io->path, jobs[i].what ? jobs[i].what : "?",
+                             (unsigned long long)jobs[i].off, (unsigned long long)jobs[i].len, crc, jobs[i].crc32,
+                             changed ? "the file was modified after the model opened it: reload the model"
+                                     : "the file is damaged: re-export or re-download it");
                 }
             }
         }
