@@ -3,7 +3,9 @@
 `open_gguf(path)` returns an object with the interface of `checkpoint.Checkpoint` (`.spec`, `.config`, `.family`,
 `.tokenizer_json`, `.global_tensor_items()`, `.global_tensors()`, `.layer_dense(layer)`, `.layer_experts(layer)`),
 so every consumer of a Hugging Face checkpoint (the container pipeline, the GGUF and ONNX writers, calibration)
-reads a GGUF the same way. Tensors are memory-mapped by gguf-py and dequantized to f32 one at a time.
+reads a GGUF the same way. The header is parsed and checked against the file by `gguf_parse` (bounded counts
+and lengths, known types, tensors tiling the data section); tensors are memory-mapped and dequantized to f32 one at
+a time by gguf-py, and refused by name if they hold NaN or infinities.
 
 llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker -- the
 same table `gguf_export.LLAMA_CPP_ARCH` writes, read backwards. Metadata is turned into a Hugging Face-style
@@ -17,7 +19,10 @@ ArchSpec and the same tensors as an HF-sourced Mixtral: every downstream writer 
 (the GGUF writer permutes again when it writes `llama`, the ONNX writer rotates halves), so keeping the rows
 permuted with rope_kind "norm" would make a GGUF -> container -> GGUF round trip permute twice.
 
-Refused before anything is written, each by name: an architecture not in the table (or `llama` without experts),
+Refused before anything is written, each by name: a damaged header (see gguf_parse), a metadata value of the wrong
+type or out of range (block_count at most the tensor count, finite positive epsilon and RoPE base, top-k within the
+experts, ...), a tokenizer that does not load or round-trip, an architecture not in the table (or `llama` without
+experts),
 a tensor type gguf-py cannot dequantize (or an integer type), a tensor the architecture does not have, a missing
 tensor, and any tensor whose shape disagrees with what the metadata implies.
 

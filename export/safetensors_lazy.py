@@ -1,8 +1,13 @@
 """Lazy, memory-mapped safetensors reading (single files and sharded `model.safetensors.index.json` sets).
 
 The `safetensors` library's NumPy backend cannot return bfloat16, the dtype of most real MoE checkpoints, and
-materializes whole tensors; this reader maps each file once, validates every header against the file size (a
-truncated download is reported, not crashed on), and hands out one tensor at a time as float32.
+materializes whole tensors; this reader maps each file once and hands out one tensor at a time as float32.
+
+Nothing in a header is trusted before it is checked: strict JSON (no duplicate keys, no NaN), every entry's dtype,
+shape (non-negative integers) and data_offsets (an ordered pair), shape x dtype size == the bytes the offsets hold,
+and the data section indexed entirely without holes or overlaps, as the format requires (a truncated download, a
+dtype or shape changed in the header, two tensors sharing bytes are each refused by name). A weight must be floating
+point (F32 data relabelled I32 has the right size, but is not a weight) and finite.
 """
 
 from __future__ import annotations
