@@ -433,6 +433,10 @@ class GGUFCheckpoint:
         if no_space is not None:
             raise FormatError(f"{self.path}: tokenizer.ggml.merges[{no_space}] = {merges[no_space]!r:.40} is not two "
                               "pieces separated by a space")
+        odd = next((i for i, t in enumerate(types) if not 0 <= t <= 6), None)  # llama_token_type: 0..6
+        if odd is not None:
+            raise FormatError(f"{self.path}: tokenizer.ggml.token_type[{odd}] = {types[odd]}: expected a llama.cpp token "
+                              "type 0..6 (undefined, normal, unknown, control, user-defined, unused, byte)")
         if len(types) != len(tokens):
             raise FormatError(f"{self.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} "
                               "tokens")
