@@ -16,6 +16,7 @@ from .arch import GLOBAL_TENSORS
 from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
 from .errors import EdgeMoEError
+from .load_options import check_load_options
 from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
@@ -115,6 +116,7 @@ class Model:
     def __init__(self, container: Container, memory_budget: int | str | None = None, threads: int | None = None, engine: str = "auto",
                  max_ctx: int | None = None, precision: int | None = None, mode: str = "exact",
                  stream_options: dict | None = None, n_seq: int | None = None, verify: bool = True):
+        check_load_options(container.spec, memory_budget, max_ctx, threads, n_seq, precision, mode, engine)
         if engine not in ENGINES:
             raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
         if mode not in MODES:
