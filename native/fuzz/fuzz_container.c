@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "edgemoe.h"
+#include "arch.h" /* emoe_container_config: the vocab the forward needs (the fuzz target builds with the sources) */
 #include "edgemoe_container.h"
 
 enum { MAX_CTX = 16, N_THREADS = 1 };
