@@ -28,6 +28,7 @@ F32, F16, Q8_0 = 0, 1, 2
 MATMUL_F32_ACT = 0x100  # or-ed into a Q8_0 wtype for emoe_matmul: keep activations f32 (exact path)
 DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0}
 Q8_0_BLOCK, Q8_0_BLOCK_BYTES = 32, 34
+MWQ_NO_LUT = 0x200  # EMOE_MWQ_NO_LUT: or'ed into base_bits
 MWQ_MAX_PLANES = 8  # EMOE_MWQ_MAX_PLANES: MWQ expert matrices (bit planes) go through set_expert_mwq / matmul_mwq
 # instruction sets
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_AVX512VNNI, ISA_COUNT = -1, 0, 1, 2, 3, 4, 5
@@ -258,9 +259,11 @@ def plane_offsets(planes) -> tuple[np.ndarray, np.ndarray]:
 
 def matmul_mwq(planes, k: int, base_bits: int, group: int, x: np.ndarray, rows: int, cols: int,
                isa: int = ISA_AUTO, pool: Pool | None = None, out: np.ndarray | None = None,
-               f32_act: bool = False) -> np.ndarray:
+               f32_act: bool = False, lut: bool = True) -> np.ndarray:
     """Y [n_tok, rows] = X [n_tok, cols] @ W_hat_k^T straight from the bit planes (a list of the K plane byte arrays,
-    of which the first k are read). f32_act: keep the activations f32 instead of int8 per block of 32."""
+    of which the first k are read). f32_act: keep the activations f32 instead of int8 per block of 32. lut=False: not
+    the table-lookup kernels (native/src/mwq_lut.h; used by default where the ISA has them) but the per-plane
+    dot-product kernels."""
     planes = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in planes]
     if not 1 <= k <= len(planes):
         raise ValueError(f"k={k}: expected 1..{len(planes)}")
@@ -272,7 +275,7 @@ def matmul_mwq(planes, k: int, base_bits: int, group: int, x: np.ndarray, rows: 
     y = np.empty((x.shape[0], rows), dtype=np.float32) if out is None else out
     if y.dtype != np.float32 or not y.flags.c_contiguous or y.size != x.shape[0] * rows:
         raise ValueError("out must be a C-contiguous float32 array of n_tok * rows values")
-    bb = base_bits | (MATMUL_F32_ACT if f32_act else 0)
+    bb = base_bits | (MATMUL_F32_ACT if f32_act else 0) | (0 if lut else MWQ_NO_LUT)
     _check(_matmul_mwq(pool._p if pool else None, isa, _ptr(base), _ptr(offs), k, bb, group, rows, cols, _ptr(x),
                        x.shape[0], _ptr(y)), "matmul_mwq")
     return y
