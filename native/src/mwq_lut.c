@@ -14,8 +14,8 @@ void mwq_lut_build(const block_q8_act *xq, int64_t cols, uint8_t *lut) {
         int32_t s = 0;
         for (int m = 0; m < 8; m++) {
             const int8_t *x = xq[b].qs + 4 * m;
-            uint8_t *l = L + 16 * m;
-            int8_t *h = H + 16 * m;
+            uint8_t *l = L + 64 * (m & 1) + 16 * (m >> 1);
+            int8_t *h = H + 64 * (m & 1) + 16 * (m >> 1);
             l[0] = 0;
             h[0] = 0;
             /* entry n = entry n without its lowest set bit + that bit's input */
@@ -35,9 +35,10 @@ static inline unsigned even_bits(unsigned c) { /* bits 0,2,4,6 -> 0..3 (the code
     return (c & 1u) | ((c >> 1) & 2u) | ((c >> 2) & 4u) | ((c >> 3) & 8u);
 }
 
-/* sum x over the set bits of nibble n of group m: L + 16 H */
+/* sum x over the set bits of nibble n of group m: L + 16 H (even groups first, then odd: see mwq_lut.h) */
 static inline int32_t tl(const uint8_t *T, int m, unsigned n) {
-    return (int32_t)T[16 * m + n] + 16 * (int32_t)(int8_t)T[128 + 16 * m + n];
+    const int e = 64 * (m & 1) + 16 * (m >> 1) + (int)n;
+    return (int32_t)T[e] + 16 * (int32_t)(int8_t)T[128 + e];
 }
 
 void mwq_lut_block_ints(const mwq_matrix *w, int64_t o, int64_t b, const uint8_t *lut, int32_t *I) {

@@ -7,10 +7,12 @@
  * number of planes read. The tables are integers and split so that every entry fits a byte (exact, see below).
  *
  * Table layout (one token, cols % 32 == 0, nb = cols / 32 blocks of 32 inputs), 64-byte aligned:
- *   tab[nb][256]: block b = groups m = 0..7 of 4 inputs i = 32b + 4m + j (j = 0..3);
- *       bytes   0..127  L[m][n] = sum_{bit j of n set} (x_i & 15)   (uint8, 0..60)
- *       bytes 128..255  H[m][n] = sum_{bit j of n set} (x_i >> 4)   (int8, -32..28; arithmetic shift)
- *     so sum_{bit j of n set} x_i = L[m][n] + 16 H[m][n] exactly (x = 16 (x >> 4) + (x & 15) for every int8 x).
+ *   tab[nb][256]: block b = groups m = 0..7 of 4 inputs i = 32b + 4m + j (j = 0..3), each 16 entries n, the even
+ *     groups first (entry e = 64 (m & 1) + 16 (m >> 1) + n: a sign byte's low nibbles then index one 64-byte table
+ *     and its high nibbles the other, with 16 * byte position added):
+ *       bytes   0..127  L[e] = sum_{bit j of n set} (x_i & 15)   (uint8, 0..60)
+ *       bytes 128..255  H[e] = sum_{bit j of n set} (x_i >> 4)   (int8, -32..28; arithmetic shift)
+ *     so sum_{bit j of n set} x_i = L[e] + 16 H[e] exactly (x = 16 (x >> 4) + (x & 15) for every int8 x).
  *   d[nb]  float: the block's activation scale;  sx[nb] int32: the sum of the block's int8 activations.
  *
  * Math per (row o, block b), all integer and exact:

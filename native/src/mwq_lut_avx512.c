@@ -3,10 +3,12 @@
  * Lanes are rows: a tile of 16 rows, one int32 lane per row. The planes are row-major, so per superchunk of 512
  * inputs (16 blocks) each plane's 16 x 64 bytes are transposed as a 16 x 16 dword matrix: dword lane r of vector c
  * then holds row r's 32 sign bits of block c (the codes: 2 dwords per block). In that vector byte q of a lane is sign
- * byte q of the block (groups 2q, 2q + 1), so one vpermi2b over the block's 128-byte table (8 groups x 16) looks up
- * 64 nibbles at once with index nibble | 16 * group. Per block and plane: 2 lookups (L, H) per nibble half, the halves
+ * byte q of the block (groups 2q, 2q + 1): its low nibbles index the block's 64-byte table of the even groups and its
+ * high nibbles that of the odd groups (mwq_lut.h), so one vpermb looks up 64 nibbles at once with index
+ * nibble | 16 q. Per block and plane: 2 lookups (L, H) per nibble half, the halves
  * added in bytes, then vpdpbusd with 1 and 16 sums each lane's 4 bytes into its row: ik = sum L + 16 sum H.
- * The codes: one vgf2p8affineqb per vector gathers each code byte's low bits into its low nibble and high bits into
+ * The codes (bytes reordered at load so a block's first dword holds the even groups, its second the odd ones): one
+ * vgf2p8affineqb per vector gathers each code byte's low bits into its low nibble and high bits into
  * its high nibble, then the same lookups, iq = T[n0] + 2 T[n1]. Byte sums stay in range: L <= 60, so L + L' <= 120 and
  * L + 2 L' <= 180 (unsigned bytes); H in [-32, 28], so H + H' and H + 2 H' lie in [-96, 84] (signed bytes).
  * Then the f32 stage of mwq_lut.h, 16 rows per vector, in the same order as the scalar reference (fma = fmaf).
@@ -49,11 +51,19 @@ LUT_INLINE void transpose16(__m512i r[16]) {
     }
 }
 
-/* Load dwords [dw0, dw0 + n) (n <= 16) of 16 rows (row r at p[r] + 4 dw0) and transpose them into out[0..15]. */
-LUT_INLINE void load_t(const uint8_t *const *p, int64_t dw0, int n, __m512i *out) {
+/* Load dwords [dw0, dw0 + n) (n <= 16) of 16 rows (row r at p[r] + 4 dw0) and transpose them into out[0..15].
+ * codes: reorder the bytes of every qword (a block's 8 code bytes = groups 0..7) to 0, 2, 4, 6, 1, 3, 5, 7, so that a
+ * block's first dword holds the even groups and its second the odd ones, like the sign bytes' nibbles. */
+LUT_INLINE void load_t(const uint8_t *const *p, int64_t dw0, int n, int codes, __m512i *out) {
     const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    const __m512i eo = _mm512_set1_epi64(0x0705030106040200LL); /* bytes 0, 2, 4, 6, 1, 3, 5, 7 */
+    const __m512i sh = _mm512_add_epi8(eo, _mm512_set_epi64(8 * 0x0101010101010101LL, 0, 8 * 0x0101010101010101LL, 0,
+                                                            8 * 0x0101010101010101LL, 0, 8 * 0x0101010101010101LL, 0));
     __m512i r[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(m, p[i] + 4 * dw0);
+    for (int i = 0; i < 16; i++) {
+        r[i] = _mm512_maskz_loadu_epi32(m, p[i] + 4 * dw0);
+        if (codes) r[i] = _mm512_shuffle_epi8(r[i], sh);
+    }
     transpose16(r);
     for (int i = 0; i < 16; i++) _mm512_store_si512(out + i, r[i]);
 }
@@ -68,12 +78,12 @@ LUT_INLINE void scales_t(const uint16_t *const *p, int64_t j0, int n, __m512 *ou
     for (int i = 0; i < 16; i++) out[i] = _mm512_castsi512_ps(r[i]);
 }
 
-/* sum L + 16 sum H over the 4 bytes of each lane: lo/hi = table indices of the two nibble halves, w = 1 (signs: the
- * halves are two groups) or 2 (codes: the high bits of the same group). */
-LUT_INLINE __m512i lookup(__m512i I, __m512i lo, __m512i hi, __m512i La, __m512i Lb, __m512i Ha, __m512i Hb,
+/* sum L + 16 sum H over the 4 bytes of each lane: lo/hi = table indices of the two nibble halves (into the tables
+ * L0/H0 and L1/H1), two = 0 (signs: two groups) or 1 (codes: the high bits of the same group, weight 2). */
+LUT_INLINE __m512i lookup(__m512i I, __m512i lo, __m512i hi, __m512i L0, __m512i L1, __m512i H0, __m512i H1,
                           int two) {
-    __m512i l0 = _mm512_permutex2var_epi8(La, lo, Lb), l1 = _mm512_permutex2var_epi8(La, hi, Lb);
-    __m512i h0 = _mm512_permutex2var_epi8(Ha, lo, Hb), h1 = _mm512_permutex2var_epi8(Ha, hi, Hb);
+    __m512i l0 = _mm512_permutexvar_epi8(lo, L0), l1 = _mm512_permutexvar_epi8(hi, L1);
+    __m512i h0 = _mm512_permutexvar_epi8(lo, H0), h1 = _mm512_permutexvar_epi8(hi, H1);
     if (two) {
         l1 = _mm512_add_epi8(l1, l1);
         h1 = _mm512_add_epi8(h1, h1);
@@ -105,9 +115,7 @@ LUT_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq_
     for (int u = 0; u < TT; u++) dv[u] = mwq_lut_d(lut[u], cols), sxv[u] = mwq_lut_sx(lut[u], cols);
 
     const __m512i M15 = _mm512_set1_epi8(15);
-    const __m512i POS_S = _mm512_set1_epi32(0x60402000); /* byte q: 32 q (group 2q; + 16 for the high nibble) */
-    const __m512i POS_C0 = _mm512_set1_epi32(0x30201000), POS_C1 = _mm512_set1_epi32(0x70605040); /* 16 (4h + q) */
-    const __m512i S16 = _mm512_set1_epi8(16);
+    const __m512i POS = _mm512_set1_epi32(0x30201000); /* byte q of a dword: 16 q, its slot in a 64-byte table */
     /* vgf2p8affineqb matrix: result bit i (row byte 7 - i) = code bit 2i (i < 4), bit 2(i - 4) + 1 (i >= 4) */
     const __m512i GF = _mm512_set1_epi64((long long)0x0104104002082080ULL);
 
@@ -124,31 +132,30 @@ LUT_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq_
             _mm_prefetch((const char *)cp[r] + 8 * (s0 + 2 * SC_BLOCKS) + 64, _MM_HINT_T0);
             for (int p = 0; p < nr; p++) _mm_prefetch((const char *)sp[p][r] + 4 * (s0 + 2 * SC_BLOCKS), _MM_HINT_T0);
         }
-        load_t(cp, 2 * s0, 2 * nblk < 16 ? 2 * nblk : 16, tc);
-        if (nblk > 8) load_t(cp, 2 * s0 + 16, 2 * nblk - 16, tc + 16);
-        for (int p = 0; p < nr; p++) load_t(sp[p], s0, nblk, ts[p]);
+        load_t(cp, 2 * s0, 2 * nblk < 16 ? 2 * nblk : 16, 1, tc);
+        if (nblk > 8) load_t(cp, 2 * s0 + 16, 2 * nblk - 16, 1, tc + 16);
+        for (int p = 0; p < nr; p++) load_t(sp[p], s0, nblk, 0, ts[p]);
         for (int bl = 0; bl < nblk; bl++) {
             const int64_t b = s0 + bl;
             const __m512i e0 = _mm512_gf2p8affine_epi64_epi8(tc[2 * bl], GF, 0);
             const __m512i e1 = _mm512_gf2p8affine_epi64_epi8(tc[2 * bl + 1], GF, 0);
-            const __m512i c0lo = _mm512_ternarylogic_epi32(e0, M15, POS_C0, 0xEA);
-            const __m512i c0hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(e0, 4), M15, POS_C0, 0xEA);
-            const __m512i c1lo = _mm512_ternarylogic_epi32(e1, M15, POS_C1, 0xEA);
-            const __m512i c1hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(e1, 4), M15, POS_C1, 0xEA);
+            const __m512i c0lo = _mm512_ternarylogic_epi32(e0, M15, POS, 0xEA);
+            const __m512i c0hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(e0, 4), M15, POS, 0xEA);
+            const __m512i c1lo = _mm512_ternarylogic_epi32(e1, M15, POS, 0xEA);
+            const __m512i c1hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(e1, 4), M15, POS, 0xEA);
             for (int u = 0; u < TT; u++) {
                 const __m512i *T = (const __m512i *)(const void *)(lut[u] + (size_t)b * MWQ_LUT_BLOCK_BYTES);
-                const __m512i La = _mm512_load_si512(T), Lb = _mm512_load_si512(T + 1);
-                const __m512i Ha = _mm512_load_si512(T + 2), Hb = _mm512_load_si512(T + 3);
+                const __m512i Le = _mm512_load_si512(T), Lo = _mm512_load_si512(T + 1);
+                const __m512i He = _mm512_load_si512(T + 2), Ho = _mm512_load_si512(T + 3);
                 const __m512 d = _mm512_set1_ps(dv[u][b]);
-                __m512i I = lookup(_mm512_setzero_si512(), c0lo, c0hi, La, Lb, Ha, Hb, 1);
-                I = lookup(I, c1lo, c1hi, La, Lb, Ha, Hb, 1);
+                __m512i I = lookup(_mm512_setzero_si512(), c0lo, c0hi, Le, Le, He, He, 1);
+                I = lookup(I, c1lo, c1hi, Lo, Lo, Ho, Ho, 1);
                 F[u][0] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(I), F[u][0]);
                 for (int p = 0; p < nr; p++) {
                     const __m512i s = ts[p][bl];
-                    const __m512i lo = _mm512_ternarylogic_epi32(s, M15, POS_S, 0xEA);
-                    const __m512i hi =
-                        _mm512_ternarylogic_epi32(_mm512_srli_epi16(s, 4), M15, _mm512_add_epi8(POS_S, S16), 0xEA);
-                    const __m512i J = lookup(_mm512_setzero_si512(), lo, hi, La, Lb, Ha, Hb, 0);
+                    const __m512i lo = _mm512_ternarylogic_epi32(s, M15, POS, 0xEA);
+                    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(s, 4), M15, POS, 0xEA);
+                    const __m512i J = lookup(_mm512_setzero_si512(), lo, hi, Le, Lo, He, Ho, 0);
                     F[u][p + 1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(J), F[u][p + 1]);
                 }
             }
