@@ -110,6 +110,10 @@ const mwq_kernels *mwq_lut_kernels_get(int isa) {
 #if defined(EMOE_HAVE_AVX2)
     case EMOE_ISA_AVX512VNNI: return emoe_x86_gfni_vbmi() ? &mwq_lut_kernels_avx512 : NULL;
 #endif
+#if defined(EMOE_HAVE_NEON)
+    case EMOE_ISA_NEON: return &mwq_lut_kernels_neon;
+    case EMOE_ISA_NEON_DOTPROD: return &mwq_lut_kernels_neon_dotprod;
+#endif
     default: return NULL;
     }
 }

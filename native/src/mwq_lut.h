@@ -72,6 +72,7 @@ extern const mwq_kernels mwq_lut_kernels_avx512;
 #endif
 #if defined(EMOE_HAVE_NEON)
 extern const mwq_kernels mwq_lut_kernels_neon;
+extern const mwq_kernels mwq_lut_kernels_neon_dotprod;
 #endif
 /* The LUT kernels for an ISA (EMOE_ISA_AUTO = the best), or NULL if that ISA has none. */
 const mwq_kernels *mwq_lut_kernels_get(int isa);

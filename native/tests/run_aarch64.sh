@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 # the core's sources (EDGEMOE_SOURCES in native/CMakeLists.txt)
 SOURCES=""
 for f in core crc32 quant dispatch kernels_scalar kernels_avx2 kernels_neon kernels_mwq_scalar kernels_mwq_avx2 \
-    kernels_mwq_neon mwq threadpool matmul model forward; do
+    kernels_mwq_neon mwq mwq_lut mwq_lut_avx512 mwq_lut_neon threadpool matmul model forward; do
     SOURCES="$SOURCES $NATIVE/src/$f.c"
 done
 status=0
