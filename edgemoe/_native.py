@@ -115,6 +115,7 @@ _quantize_act = _sig("emoe_quantize_act", _int, _int, _vp, _vp, _i64)
 _axpy = _sig("emoe_axpy", _int, _int, _int, _f32, _vp, _vp, _i64)
 _convert_f16 = _sig("emoe_convert_f16", _int, _int, _int, _vp, _vp, _i64)
 _mwq_plane_bytes = _sig("emoe_mwq_plane_bytes", _i64, _int, _int, _int, _i64, _i64)
+_mwq_lut_available = _sig("emoe_mwq_lut_available", _int, _int)
 _matmul_mwq = _sig("emoe_matmul_mwq", _int, _vp, _int, _vp, _vp, _int, _int, _int, _i64, _i64, _vp, _i64, _vp)
 _model_new = _sig("emoe_model_new", _vp, ctypes.POINTER(Config), _int, _int, _int)
 _model_free = _sig("emoe_model_free", None, _vp)
@@ -240,6 +241,11 @@ def matmul(w: np.ndarray, wtype: int, x: np.ndarray, rows: int, cols: int, isa: 
     _check(_matmul(pool._p if pool else None, isa, wtype, _ptr(w), rows, cols, _ptr(x), x.shape[0], _ptr(y)),
            "matmul")
     return y
+
+
+def mwq_lut_available(isa: int = ISA_AUTO) -> bool:
+    """True if matmul_mwq on this ISA uses the table-lookup kernels (base_bits 2, group % 32 == 0)."""
+    return bool(_mwq_lut_available(isa))
 
 
 def mwq_plane_bytes(plane: int, base_bits: int, group: int, rows: int, cols: int) -> int:

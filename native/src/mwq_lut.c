@@ -117,3 +117,5 @@ const mwq_kernels *mwq_lut_kernels_get(int isa) {
     default: return NULL;
     }
 }
+
+int emoe_mwq_lut_available(int isa) { return mwq_lut_kernels_get(isa) != NULL; }
