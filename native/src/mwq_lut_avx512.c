@@ -92,9 +92,22 @@ LUT_INLINE __m512i lookup(__m512i I, __m512i lo, __m512i hi, __m512i L0, __m512i
     return _mm512_dpbusd_epi32(I, _mm512_set1_epi8(16), _mm512_add_epi8(h0, h1));
 }
 
-/* Rows o0 .. o0 + nrows - 1 (nrows <= 16), tokens t0 .. t0 + TT - 1. */
+/* Prefetch part `s` of `parts` of the planes of rows [on, on + nn) into L2 (each plane's rows are one contiguous
+ * range). The tile walks 16 rows x k planes at once, more streams than the hardware prefetchers follow from DRAM;
+ * fetching the next tile sequentially while this one computes keeps the planes coming at streaming speed. */
+LUT_INLINE void prefetch_tile(const int nr, const mwq_matrix *w, int64_t on, int64_t nn, int64_t s, int64_t parts) {
+    if (nn <= 0) return;
+    for (int q = 0; q <= nr; q++) {
+        const uint8_t *base = q == 0 ? w->codes + (size_t)(on * w->cols / 4) : w->signs[q - 1] + (size_t)(on * w->cols / 8);
+        const int64_t lines = (nn * w->cols / (q == 0 ? 4 : 8) + 63) / 64;
+        for (int64_t l = s * lines / parts; l < (s + 1) * lines / parts; l++)
+            _mm_prefetch((const char *)base + 64 * l, _MM_HINT_T1);
+    }
+}
+
+/* Rows o0 .. o0 + nrows - 1 (nrows <= 16), tokens t0 .. t0 + TT - 1; the next tile (prefetched) has nn rows. */
 LUT_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq_act *a, int64_t o0, int nrows, int t0,
-                     float *y, size_t ldy) {
+                     float *y, size_t ldy, int64_t nn) {
     const int64_t cols = w->cols, nb = cols / 32, bpg = w->group / 32, ng = cols / w->group;
     const uint8_t *cp[16], *sp[MWQ_MAX_PLANES - 1][16];
     const uint16_t *scp[MWQ_MAX_PLANES + 1][16]; /* s1, m1, s_2 .. s_k of each row */
@@ -125,13 +138,10 @@ LUT_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq_
         acc[u] = _mm512_setzero_ps();
         for (int q = 0; q <= nr; q++) F[u][q] = _mm512_setzero_ps();
     }
+    const int64_t n_sc = (nb + SC_BLOCKS - 1) / SC_BLOCKS;
     for (int64_t s0 = 0; s0 < nb; s0 += SC_BLOCKS) {
         const int nblk = nb - s0 < SC_BLOCKS ? (int)(nb - s0) : SC_BLOCKS;
-        for (int r = 0; r < 16; r++) {
-            _mm_prefetch((const char *)cp[r] + 8 * (s0 + 2 * SC_BLOCKS), _MM_HINT_T0);
-            _mm_prefetch((const char *)cp[r] + 8 * (s0 + 2 * SC_BLOCKS) + 64, _MM_HINT_T0);
-            for (int p = 0; p < nr; p++) _mm_prefetch((const char *)sp[p][r] + 4 * (s0 + 2 * SC_BLOCKS), _MM_HINT_T0);
-        }
+        prefetch_tile(nr, w, o0 + 16, nn, s0 / SC_BLOCKS, n_sc);
         load_t(cp, 2 * s0, 2 * nblk < 16 ? 2 * nblk : 16, 1, tc);
         if (nblk > 8) load_t(cp, 2 * s0 + 16, 2 * nblk - 16, 1, tc + 16);
         for (int p = 0; p < nr; p++) load_t(sp[p], s0, nblk, 0, ts[p]);
@@ -192,9 +202,11 @@ LUT_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq_
     LUT_FN static void NAME(const mwq_matrix *w, const mwq_act *a, float *y, size_t ldy, int64_t r0, int64_t r1) {   \
         for (int64_t o0 = r0; o0 < r1; o0 += 16) {                                                                    \
             const int nrows = r1 - o0 < 16 ? (int)(r1 - o0) : 16;                                                     \
+            const int64_t nn = r1 - o0 - 16 < 16 ? r1 - o0 - 16 : 16; /* rows of the next tile */                     \
             int t = 0;                                                                                                \
-            for (; t + TT_MAX <= a->n_tok; t += TT_MAX) tile(TT_MAX, NR, w, a, o0, nrows, t, y, ldy);                 \
-            for (; t < a->n_tok; t++) tile(1, NR, w, a, o0, nrows, t, y, ldy);                                        \
+            for (; t + TT_MAX <= a->n_tok; t += TT_MAX)                                                               \
+                tile(TT_MAX, NR, w, a, o0, nrows, t, y, ldy, t + TT_MAX < a->n_tok ? 0 : nn);                         \
+            for (; t < a->n_tok; t++) tile(1, NR, w, a, o0, nrows, t, y, ldy, t + 1 < a->n_tok ? 0 : nn);             \
         }                                                                                                             \
     }
 DEF_LUT(lut_k1, 0)
