@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--in-cache", action="store_true",
                     help="1024 x 4096 matrices (about 2.4-4.3 MiB, inside the last-level cache): the kernels' compute "
                          "ceilings per core, independent of DRAM and of other processes' memory traffic")
+    ap.add_argument("--shape", default=None, metavar="ROWS,COLS",
+                    help="MWQ matrix shape instead of the defaults (e.g. 32768,2048: 32 experts' gate rows at OLMoE's "
+                         "width, streamed from memory); the Q8_0 matrix gets the same shape")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the calling thread's CPU time instead of the wall clock (1 thread only): on a "
                          "loaded machine the wall clock also counts the time spent waiting for a core")
@@ -135,6 +138,9 @@ def main() -> None:
         rows_q8 = rows_mwq = 1024
         cols = 4096
         rounds, min_time = 200, 2.0
+    if args.shape:
+        rows_q8, cols = (int(v) for v in args.shape.split(","))
+        rows_mwq = rows_q8
 
     mem_array = np.ones(((GiB // 2) if args.quick else GiB) // 8, dtype=np.float64)
     mem = {}
