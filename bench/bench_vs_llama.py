@@ -194,8 +194,24 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128, help="generated tokens (tg)")
     ap.add_argument("--pairs", default="q8_0,f16,mwq2,mwq3,mwq4")
     ap.add_argument("--no-q2k", action="store_true", help="skip the Q2_K GGUF")
+    ap.add_argument("--llama-no-extra-bufts", action="store_true",
+                    help="load the GGUFs with use_extra_bufts = false: no AMX and no repacked (interleaved) weight "
+                         "layouts in llama.cpp. For machines whose cpuid advertises AMX that the hypervisor does not "
+                         "enable (llama.cpp's AMX kernels die with SIGILL); it also costs llama.cpp its repacked "
+                         "Q4_0 kernels, so say so next to the results")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.llama_no_extra_bufts:
+        import llama_cpp.llama_cpp as llama_lib  # the module Llama() takes its default model parameters from
+
+        default_params = llama_lib.llama_model_default_params
+
+        def no_extra_bufts():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        llama_lib.llama_model_default_params = no_extra_bufts
     cfg = json.loads((args.model / "config.json").read_text())
     top_k, n_exp = int(cfg["num_experts_per_tok"]), int(cfg["num_experts"])
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -286,6 +302,7 @@ def main() -> None:
                 r.setdefault("tg_ratio_vs", {})[x["engine"]] = round(r[f"tg{args.n}_tok_s"] / x[f"tg{args.n}_tok_s"], 3)
                 r.setdefault("pp_ratio_vs", {})[x["engine"]] = round(r[f"pp{args.p}_tok_s"] / x[f"pp{args.p}_tok_s"], 3)
     info = {"machine": platform.machine(), "model": str(args.model), "config": cfg, "threads": threads_list,
+            "llama_use_extra_bufts": not args.llama_no_extra_bufts,
             "reps": args.reps, "p": args.p, "n": args.n, "loadavg_at_start": load, "loadavg_at_end": os.getloadavg(),
             "rows": rows}
     print(f"\nedgemoe {N.version()} vs llama.cpp, {args.model} ({cfg['num_hidden_layers']} layers, hidden "

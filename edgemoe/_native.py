@@ -28,6 +28,7 @@ F32, F16, Q8_0 = 0, 1, 2
 MATMUL_F32_ACT = 0x100  # or-ed into a Q8_0 wtype for emoe_matmul: keep activations f32 (exact path)
 DTYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0}
 Q8_0_BLOCK, Q8_0_BLOCK_BYTES = 32, 34
+MWQ_NO_LUT = 0x200  # EMOE_MWQ_NO_LUT: or'ed into base_bits
 MWQ_MAX_PLANES = 8  # EMOE_MWQ_MAX_PLANES: MWQ expert matrices (bit planes) go through set_expert_mwq / matmul_mwq
 # instruction sets
 ISA_AUTO, ISA_SCALAR, ISA_AVX2, ISA_NEON, ISA_NEON_DOTPROD, ISA_AVX512VNNI, ISA_COUNT = -1, 0, 1, 2, 3, 4, 5
@@ -100,6 +101,7 @@ _quantize_act = _sig("emoe_quantize_act", _int, _int, _vp, _vp, _i64)
 _axpy = _sig("emoe_axpy", _int, _int, _int, _f32, _vp, _vp, _i64)
 _convert_f16 = _sig("emoe_convert_f16", _int, _int, _int, _vp, _vp, _i64)
 _mwq_plane_bytes = _sig("emoe_mwq_plane_bytes", _i64, _int, _int, _int, _i64, _i64)
+_mwq_lut_available = _sig("emoe_mwq_lut_available", _int, _int)
 _matmul_mwq = _sig("emoe_matmul_mwq", _int, _vp, _int, _vp, _vp, _int, _int, _int, _i64, _i64, _vp, _i64, _vp)
 _model_new_json = _sig("emoe_model_new_json", _vp, _cp, _sz, _int, _int, _int, ctypes.POINTER(_int), _cp, _sz)
 _arch_check = _sig("emoe_arch_check", _int, _cp, _sz, _cp, _sz)
@@ -228,6 +230,11 @@ def matmul(w: np.ndarray, wtype: int, x: np.ndarray, rows: int, cols: int, isa: 
     return y
 
 
+def mwq_lut_available(isa: int = ISA_AUTO) -> bool:
+    """True if matmul_mwq on this ISA uses the table-lookup kernels (base_bits 2, group % 32 == 0)."""
+    return bool(_mwq_lut_available(isa))
+
+
 def mwq_plane_bytes(plane: int, base_bits: int, group: int, rows: int, cols: int) -> int:
     """Bytes of MWQ plane `plane` (1 = base) of a [rows, cols] matrix, scales included (0 if invalid)."""
     return int(_mwq_plane_bytes(plane, base_bits, group, rows, cols))
@@ -245,9 +252,11 @@ def plane_offsets(planes) -> tuple[np.ndarray, np.ndarray]:
 
 def matmul_mwq(planes, k: int, base_bits: int, group: int, x: np.ndarray, rows: int, cols: int,
                isa: int = ISA_AUTO, pool: Pool | None = None, out: np.ndarray | None = None,
-               f32_act: bool = False) -> np.ndarray:
+               f32_act: bool = False, lut: bool = True) -> np.ndarray:
     """Y [n_tok, rows] = X [n_tok, cols] @ W_hat_k^T straight from the bit planes (a list of the K plane byte arrays,
-    of which the first k are read). f32_act: keep the activations f32 instead of int8 per block of 32."""
+    of which the first k are read). f32_act: keep the activations f32 instead of int8 per block of 32. lut=False: not
+    the table-lookup kernels (native/src/mwq_lut.h; used by default where the ISA has them) but the per-plane
+    dot-product kernels."""
     planes = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in planes]
     if not 1 <= k <= len(planes):
         raise ValueError(f"k={k}: expected 1..{len(planes)}")
@@ -259,7 +268,7 @@ def matmul_mwq(planes, k: int, base_bits: int, group: int, x: np.ndarray, rows: 
     y = np.empty((x.shape[0], rows), dtype=np.float32) if out is None else out
     if y.dtype != np.float32 or not y.flags.c_contiguous or y.size != x.shape[0] * rows:
         raise ValueError("out must be a C-contiguous float32 array of n_tok * rows values")
-    bb = base_bits | (MATMUL_F32_ACT if f32_act else 0)
+    bb = base_bits | (MATMUL_F32_ACT if f32_act else 0) | (0 if lut else MWQ_NO_LUT)
     _check(_matmul_mwq(pool._p if pool else None, isa, _ptr(base), _ptr(offs), k, bb, group, rows, cols, _ptr(x),
                        x.shape[0], _ptr(y)), "matmul_mwq")
     return y

@@ -12,6 +12,10 @@ native/tests/test_mwq.c), at every k and base_bits 2/4/8, matvec (1 token) and m
   ~2.4 sigma) that is 0.55% of sigma, so a dot product with independent weights moves by ~0.55% RMS: normalized MSE
   ~3e-5 (measured 2-4e-5 here). We assert <= 1e-4.
 - SIMD == scalar to 1e-7, and decode (one token) == prefill (several) bit for bit.
+- The table-lookup kernels (default for base_bits 2, group % 32 == 0 where the ISA has them: scalar, avx512vnni with
+  GFNI + VBMI, neon): every such ISA equals the scalar LUT reference bit for bit (integer tables, one f32 order), at
+  every k, odd row counts and 1..6 tokens, on the exporter's fitted planes too; against the per-plane kernels
+  (lut=False) and the dequantized reference the difference is f32 rounding only.
 
 Engine: a tiny OLMoE exported to MWQ (calibrated, Q8_0 dense weights), at every precision k:
 - with f32 activations the C engine matches the NumPy engine to 1e-5 (max |diff| / max |ref| of the logits): same
@@ -156,6 +160,41 @@ def test_simd_matches_scalar_and_decode_matches_prefill(planes_case, isa):
             for t in range(x.shape[0]):
                 one = N.matmul_mwq(planes, k, b1, g, x[t:t + 1], rows, cols, isa=isa, f32_act=f32_act)
                 assert np.array_equal(one[0], got[t]), (k, f32_act, t)
+
+
+LUT_ISAS = [i for i in ISAS if N.mwq_lut_available(i)]
+
+
+@pytest.mark.parametrize("isa", LUT_ISAS, ids=N.isa_name)
+@pytest.mark.parametrize("g,cols", [(128, 512), (32, 96), (64, 1088), (256, 1536)])
+def test_lut_kernels_equal_scalar_bit_for_bit(isa, g, cols):
+    rng = np.random.default_rng(g + cols)
+    for rows in (1, 17, 45):  # the AVX-512 tile is 16 rows, NEON 4: tails on every ISA
+        planes = random_planes(rows, cols, 2, g, 6, rng) if rows != 17 else fitted_planes(rows, cols, 2, g, 7, rng)
+        x = (3 * rng.standard_normal((6, cols))).astype(np.float32)
+        for k in range(1, len(planes) + 1):
+            ref = N.matmul_mwq(planes, k, 2, g, x, rows, cols, isa=N.ISA_SCALAR)
+            got = N.matmul_mwq(planes, k, 2, g, x, rows, cols, isa=isa)
+            assert np.array_equal(got, ref), (rows, k)
+            assert np.array_equal(N.matmul_mwq(planes, k, 2, g, x[2:3], rows, cols, isa=isa)[0], ref[2]), (rows, k)
+            old = N.matmul_mwq(planes, k, 2, g, x, rows, cols, isa=isa, lut=False)
+            assert nmse(got, old) <= 1e-9, (rows, k, nmse(got, old))
+            W = dequantize(planes, k, rows, cols, 2, g).astype(np.float64)
+            assert nmse(got, quantize_act_emulated(x) @ W.T) <= 1e-9, (rows, k)
+
+
+def test_lut_kernels_are_used_where_this_cpu_allows():
+    """scalar always has them; on x86 the avx512vnni ISA has them when it runs the GFNI + VBMI kernels, avx2 not."""
+    assert N.mwq_lut_available(N.ISA_SCALAR)
+    if N.ISA_AVX2 in ISAS:
+        assert not N.mwq_lut_available(N.ISA_AVX2)
+    if N.ISA_AVX512VNNI in ISAS:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        except OSError:
+            flags = set()
+        assert N.mwq_lut_available(N.ISA_AVX512VNNI) == ({"gfni", "avx512vbmi"} <= flags)
 
 
 def test_threads_do_not_change_results():

@@ -121,6 +121,13 @@ int emoe_convert_f16(int isa, int to_f16, const void *src, void *dst, int64_t n)
  * SIMD kernels run when 256/base_bits (the inputs of 32 code bytes) and group divide one another (every power-of-two
  * group >= 16, and >= 8 for base_bits 4 and 8); other groups run the scalar kernel on every ISA. */
 #define EMOE_MWQ_MAX_PLANES 8
+/* base_bits | EMOE_MWQ_NO_LUT: do not use the table-lookup kernels (native/src/mwq_lut.h: base_bits 2, group % 32
+ * == 0; they are the default where the ISA has them: scalar, avx512vnni with GFNI + VBMI, neon) but the per-plane
+ * dot-product kernels above (for comparisons and benchmarks; the results differ by f32 rounding only). */
+#define EMOE_MWQ_NO_LUT 0x200
+/* 1 if emoe_matmul_mwq on this ISA (EMOE_ISA_AUTO = the best) uses table-lookup kernels for (base_bits 2, group % 32
+ * == 0); 0 if it runs its per-plane kernels there too. */
+int emoe_mwq_lut_available(int isa);
 /* Bytes of plane `plane` (1 = base) of an MWQ matrix, scales included; 0 if a parameter is invalid. */
 int64_t emoe_mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, int64_t cols);
 /* Y[t, o] = sum_i W_hat_k[o, i] X[t, i]: X is [n_tok, cols] f32, Y is [n_tok, rows] f32, pool may be NULL. */

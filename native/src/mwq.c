@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "internal.h"
+#include "mwq_lut.h"
 
 #define MIN_CHUNK_ROWS 16
 #define TASKS_PER_THREAD 8
@@ -141,9 +142,9 @@ static void prep_xp(int layout, int base_bits, int64_t cols, const block_q8_act 
 }
 
 size_t mwq_xpbuf_bytes(int64_t cols, int n_tok) {
-    size_t mx = 0;
+    size_t mx = cols % 32 ? 0 : mwq_lut_bytes(cols); /* the LUT kernels' tables (mwq_lut.h) */
     for (int b1 = 2; b1 <= 8; b1 *= 2) mx = mwq_xp_bytes(b1, cols) > mx ? mwq_xp_bytes(b1, cols) : mx;
-    return mx * (size_t)(n_tok > 0 ? n_tok : 1) + 32;
+    return mx * (size_t)(n_tok > 0 ? n_tok : 1) + 64;
 }
 
 /* ---- threaded driver ---- */
@@ -180,7 +181,7 @@ static void dispatch(emoe_pool *pool, const mwq_kernels *mk, const mwq_job *jobs
         const int nt = emoe_pool_threads(pool);
         int64_t chunk = (total + (int64_t)nt * TASKS_PER_THREAD - 1) / ((int64_t)nt * TASKS_PER_THREAD);
         if (chunk < MIN_CHUNK_ROWS) chunk = MIN_CHUNK_ROWS;
-        c.chunk = (chunk + 3) & ~(int64_t)3;
+        c.chunk = (chunk + MWQ_LUT_TILE - 1) & ~(int64_t)(MWQ_LUT_TILE - 1); /* whole LUT tiles */
         c.task_start[0] = 0;
         for (int j = 0; j < nj; j++)
             c.task_start[j + 1] = c.task_start[j] + (int)((jobs[j].w.rows + c.chunk - 1) / c.chunk);
@@ -193,6 +194,8 @@ static void dispatch(emoe_pool *pool, const mwq_kernels *mk, const mwq_job *jobs
 void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_jobs, const float *x, int64_t cols,
              int n_tok, block_q8_act *qbuf, uint8_t *xpbuf, int f32_act) {
     if (n_tok <= 0 || n_jobs <= 0) return;
+    const int no_lut = (f32_act & MWQ_RUN_NO_LUT) != 0;
+    f32_act &= ~MWQ_RUN_NO_LUT;
     const mwq_kernels *mk = mwq_kernels_get(k->isa);
     if (!mk) mk = &mwq_kernels_scalar;
     mwq_act act = {.n_tok = n_tok, .x = x, .x_stride = (size_t)cols};
@@ -204,7 +207,29 @@ void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_
     for (int t = 0; t < n_tok; t++) quantize_row(k, x + (size_t)t * (size_t)cols, cols, qbuf + (size_t)t * nb);
     act.xq = qbuf;
     act.xq_stride = nb;
-    uint8_t *xp = xpbuf ? (uint8_t *)(((uintptr_t)xpbuf + 31) & ~(uintptr_t)31) : NULL;
+    uint8_t *xp = xpbuf ? (uint8_t *)(((uintptr_t)xpbuf + 63) & ~(uintptr_t)63) : NULL;
+    const mwq_kernels *lk = no_lut || !xp ? NULL : mwq_lut_kernels_get(k->isa);
+    if (lk) { /* the table-lookup kernels take every matrix they can (mwq_lut.h), for any n_tok */
+        mwq_job lj[MAX_JOBS], oj[MAX_JOBS];
+        int nl = 0, no = 0;
+        for (int j = 0; j < n_jobs; j++) {
+            if (mwq_lut_ok(&jobs[j].w)) lj[nl++] = jobs[j];
+            else oj[no++] = jobs[j];
+            if (nl == MAX_JOBS || no == MAX_JOBS || j == n_jobs - 1) {
+                if (nl) {
+                    const size_t ls = mwq_lut_bytes(cols);
+                    for (int t = 0; t < n_tok; t++) mwq_lut_build(qbuf + (size_t)t * nb, cols, xp + (size_t)t * ls);
+                    mwq_act la = act;
+                    la.xp = xp;
+                    la.xp_stride = ls;
+                    dispatch(pool, lk, lj, nl, &la, 0);
+                }
+                if (no) mwq_run(pool, k, oj, no, x, cols, n_tok, qbuf, xpbuf, f32_act | MWQ_RUN_NO_LUT);
+                nl = no = 0;
+            }
+        }
+        return;
+    }
     /* one dispatch per base_bits (the xp layout depends on it); consecutive jobs with the same b1 share it */
     for (int j0 = 0; j0 < n_jobs;) {
         const int b1 = jobs[j0].w.base_bits;
@@ -232,8 +257,8 @@ void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_
 
 int emoe_matmul_mwq(emoe_pool *pool, int isa, const void *planes_base, const int64_t *plane_offsets, int k,
                     int base_bits, int group, int64_t rows, int64_t cols, const float *x, int64_t n_tok, float *y) {
-    const int f32_act = (base_bits & EMOE_MATMUL_F32_ACT) != 0;
-    base_bits &= ~EMOE_MATMUL_F32_ACT;
+    const int f32_act = (base_bits & EMOE_MATMUL_F32_ACT) != 0, no_lut = (base_bits & EMOE_MWQ_NO_LUT) != 0;
+    base_bits &= ~(EMOE_MATMUL_F32_ACT | EMOE_MWQ_NO_LUT);
     const emoe_kernels *kt = emoe_kernels_get(isa);
     if (!kt) return EMOE_ERR_ISA;
     if (!x || !y || n_tok < 0 || n_tok > INT32_MAX) return EMOE_ERR_ARG;
@@ -252,7 +277,7 @@ int emoe_matmul_mwq(emoe_pool *pool, int isa, const void *planes_base, const int
             return EMOE_ERR_NOMEM;
         }
     }
-    mwq_run(pool, kt, &job, 1, x, cols, (int)n_tok, q, xp, f32_act);
+    mwq_run(pool, kt, &job, 1, x, cols, (int)n_tok, q, xp, f32_act | (no_lut ? MWQ_RUN_NO_LUT : 0));
     free(q);
     free(xp);
     return EMOE_OK;
