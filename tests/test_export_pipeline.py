@@ -194,3 +194,15 @@ def test_bench_tools_still_write_merged_layers(tiny_dir, tmp_path):
         assert np.isfinite(m.logits([5, 9, 17])).all()
     info = json.loads(edgemoe_cli(tmp_path, "info", out, "--json").stdout)
     assert info["metadata"]["export_summary"]["merge_map"]
+
+
+def test_nncf_logs_stay_off_stdout(tiny_dir, tmp_path):
+    """`--onnx-weights int8` runs NNCF, whose INFO lines and bitwidth table went to stdout, into the summary."""
+    pytest.importorskip("nncf", reason="NNCF is not installed")
+    pytest.importorskip("onnx", reason="onnx is not installed")
+    r = edgemoe_cli(tmp_path, "export", tiny_dir("qwen3moe"), "-o", tmp_path / "m.emoe", "--bits", "16",
+                    "--onnx", tmp_path / "onnx", "--onnx-weights", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "INFO:nncf" in r.stderr  # NNCF did report (on stderr)
+    assert "INFO:nncf" not in r.stdout and "bitwidth" not in r.stdout, r.stdout
+    assert "time per stage" in r.stdout and "wrote" in r.stdout
