@@ -99,7 +99,8 @@ class Plan:
 
 
 # --- plan ----------------------------------------------------------------------------------------------------------
-def check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge: MergePlan | None) -> None:
+def check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge: MergePlan | None,
+                  seq_len: int = CALIB_SEQ_LEN) -> None:
     if bits not in SUPPORTED_BITS:
         raise EdgeMoEError(f"--bits {bits} is not available; supported: 32, 16 (floats) or 8..2 (MWQ bit planes)")
     if dense_bits not in (None, 32, 16, 8):
@@ -108,8 +109,8 @@ def check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge: Mer
         check_bits(base_bits, bits)
         if nesting not in NESTINGS:
             raise EdgeMoEError(f"--nesting {nesting!r}: expected one of {', '.join(NESTINGS)}")
-    if calib_tokens < CALIB_SEQ_LEN:
-        raise EdgeMoEError(f"--calib-tokens {calib_tokens}: need at least {CALIB_SEQ_LEN}")
+    if calib_tokens < seq_len:
+        raise EdgeMoEError(f"--calib-tokens {calib_tokens}: need at least {seq_len} (one calibration sequence)")
     if merge is None:
         return
     if merge.method not in MERGE_METHODS + MERGE_EXPERIMENTAL:
@@ -418,7 +419,7 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
         merge = MergePlan(merge_method, merge_ratio, experts_per_layer, low_rank)
     elif low_rank is not None:
         raise EdgeMoEError("--low-rank approximates merged experts: give --merge-ratio or --experts-per-layer too")
-    check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge)
+    check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge, seq_len)
     src, out = Path(src), Path(out)
     if out.is_dir():
         raise EdgeMoEError(f"{out}: is a directory; give the output file name, e.g. {out / 'model.emoe'}")
