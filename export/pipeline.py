@@ -213,12 +213,13 @@ def merge_counts(ckpt, plan: Plan, seqs, show_progress: bool) -> list[int] | Non
 def expert_layers(ckpt, plan: Plan, seqs, rec: ExportRecorder, show_progress: bool) -> Iterator[ExpertLayer]:
     """Yield each MoE layer's stored experts with what the later stages need (Grams, routed tokens, predictor)."""
     spec = ckpt.spec
+    from .calibrate import calibrate, layer_experts
+
     if seqs is None:  # no calibration: the experts as read
         for layer in range(spec.n_layers):
             if spec.is_moe_layer(layer):
-                yield ExpertLayer(layer, dict(ckpt.layer_experts(layer)))
+                yield ExpertLayer(layer, layer_experts(ckpt, layer))
         return
-    from .calibrate import calibrate
     from .predictor import fit_layer
 
     collect = plan.weighted or (plan.merge is not None and plan.merge.method == "regmean")
@@ -253,18 +254,18 @@ class Encoded:
     quant: dict | None = None
 
 
-def quantize_layer(el: ExpertLayer, plan: Plan) -> list[Encoded]:
-    """Encode every stored expert matrix of a layer: floats, or MWQ planes fitted on the matrix's Gram blocks when
-    the expert (group) saw at least `min_calib_tokens` routed calibration tokens (else the weight-only error)."""
-    out = []
+def quantize_layer(el: ExpertLayer, plan: Plan) -> Iterator[Encoded]:
+    """Encode every stored expert matrix of a layer, one at a time (the caller writes each as it comes): floats, or
+    MWQ planes fitted on the matrix's Gram blocks when the expert (group) saw at least `min_calib_tokens` routed
+    calibration tokens (else the weight-only error)."""
     if not plan.mwq:
         np_dtype, dtype = (np.float32, "f32") if plan.bits == 32 else (np.float16, "f16")
         for g in range(el.n_stored):
             for m in EXPERT_MATRICES:
                 name = expert_tensor_name(el.layer, g, m)
                 arr = el.experts[name]
-                out.append(Encoded(name, arr.shape, arr.astype(np_dtype), dtype))
-        return out
+                yield Encoded(name, arr.shape, arr.astype(np_dtype), dtype)
+        return
     min_tokens = min_calib_tokens(plan.group_size)
     for g in range(el.n_stored):
         weighted = plan.weighted and el.tokens is not None and int(el.tokens[g]) >= min_tokens
@@ -272,8 +273,7 @@ def quantize_layer(el: ExpertLayer, plan: Plan) -> list[Encoded]:
             name = expert_tensor_name(el.layer, g, m)
             gram = (el.gram_mid if m == "down" else el.gram_in).get(g) if weighted else None
             qm = quantize_matrix(el.experts[name], gram, plan.base_bits, plan.bits, plan.group_size, plan.nesting)
-            out.append(Encoded(name, qm.shape, planes=qm.planes, quant={**qm.quant_params()}))
-    return out
+            yield Encoded(name, qm.shape, planes=qm.planes, quant=qm.quant_params())
 
 
 # --- write ---------------------------------------------------------------------------------------------------------
@@ -336,9 +336,7 @@ def write_container(ckpt, out: Path, layers: Iterable[ExpertLayer], metadata: di
             if encode_layer is not None:
                 encode_layer(w, el)
             else:
-                with stage(w, "quantize"):
-                    encoded = quantize_layer(el, plan)
-                write_encoded(w, encoded)
+                write_encoded(w, rec.clock.iterate(quantize_layer(el, plan), "quantize"))
             dt = time.perf_counter() - t0
             report["fit_s"] += dt
             if plan.weighted:
