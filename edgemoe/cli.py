@@ -307,6 +307,11 @@ EPILOGS = {
           edgemoe export ./Mixtral -o merged.emoe --merge-ratio 0.5 --bits 4
           edgemoe export model.gguf -o model.emoe --bits 16 --gguf model-f16.gguf
 
+        One pipeline for every source and option: read, calibrate, [merge], quantize, [predictor], write, one layer
+        at a time. Calibration text: --calib FILE, else the model directory's calib.txt, else the exporter's shipped
+        multi-domain text; --calib none fits MWQ planes to the weights alone. The pre-attention expert predictor
+        (prefetching) is fitted whenever calibration runs (--no-predictor skips it).
+
         Progress bars go to stderr (-q hides them); a closing table shows each part's size before and after, its
         bits per weight (scales included), the merge map when experts were merged, and the time per stage. The
         output is written to OUT.tmp and renamed when complete: an interrupted export leaves no partial file.
