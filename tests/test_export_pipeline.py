@@ -206,3 +206,12 @@ def test_nncf_logs_stay_off_stdout(tiny_dir, tmp_path):
     assert "INFO:nncf" in r.stderr  # NNCF did report (on stderr)
     assert "INFO:nncf" not in r.stdout and "bitwidth" not in r.stdout, r.stdout
     assert "time per stage" in r.stdout and "wrote" in r.stdout
+
+
+def test_experts_are_held_as_float16_only_when_exact():
+    from edgemoe_export.calibrate import compact
+
+    exact = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float16).astype(np.float32)
+    assert compact(exact).dtype == np.float16 and np.array_equal(compact(exact).astype(np.float32), exact)
+    inexact = exact + np.float32(1e-6)  # bf16 or f32 checkpoints: kept as they are
+    assert compact(inexact).dtype == np.float32 and compact(inexact) is inexact
