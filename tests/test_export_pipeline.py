@@ -85,6 +85,8 @@ def test_calib_none_is_weight_only_and_refuses_what_needs_text(bare_dir, tmp_pat
         assert all(np.array_equal(a, b) for a, b in zip(c2.planes(name), qm.planes))
     with edgemoe.load(out, engine="numpy") as m:
         assert np.isfinite(m.logits([5, 9, 17, 33])).all()
+    r = edgemoe_cli(tmp_path, "info", out)  # `info` says how the planes were fitted
+    assert r.returncode == 0 and "calibration: none (weight-only MWQ fitting)" in r.stdout
     for kwargs in ({"merge_ratio": 0.5}, {"predictor": True}):
         with pytest.raises(EdgeMoEError, match="--calib none: .* needs calibration text"):
             export(bare_dir, tmp_path / "x.emoe", bits=16, calib="none", show_progress=False, **kwargs)
