@@ -141,3 +141,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         hidden = np.split(h, np.cumsum(lengths)[:-1])
         cal.hidden_out = hidden
         yield cal
+        # drop this layer's weights before the next layer is read (the caller has dropped or cleared its `cal`), so
+        # the stream holds one layer of experts, not two
+        del cal, dense, experts, weights, w
+        on_route = on_expert = None  # the hooks hold `cal` too
