@@ -30,19 +30,11 @@ def _need_exporter():
 def cmd_export(args) -> int:
     exporter = _need_exporter()
     t0 = time.perf_counter()
-    if args.merge_ratio is not None or args.experts_per_layer is not None:
-        from edgemoe_export.merge_stage import export_merged
-
-        out = export_merged(args.src, args.output, merge_ratio=args.merge_ratio,
-                            experts_per_layer=args.experts_per_layer, method=args.merge_method,
-                            calib_path=args.calib, calib_tokens=args.calib_tokens, bits=args.bits,
-                            dense_bits=args.dense_bits, low_rank=args.low_rank, group_size=args.group_size,
-                            base_bits=args.base_bits, show_progress=not args.quiet)
-        out = Path(out)
-    else:
-        out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
-                              show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
-                              nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens)
+    out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
+                          show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
+                          nesting=args.nesting, calib=args.calib, calib_tokens=args.calib_tokens,
+                          merge_ratio=args.merge_ratio, experts_per_layer=args.experts_per_layer,
+                          merge_method=args.merge_method, low_rank=args.low_rank, predictor=args.predictor)
     print(f"wrote {out} ({format_bytes(out.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
     from .container import open_container
 
@@ -68,7 +60,7 @@ def cmd_export(args) -> int:
 
 EXPORT_PARTS = ("embeddings", "attention", "norms", "router", "predictor", "shared expert", "dense FFN", "experts",
                 "lm_head", "other")
-EXPORT_STAGES = ("read", "calibrate", "merge", "quantize", "write")
+EXPORT_STAGES = ("read", "calibrate", "merge", "quantize", "predictor", "write")
 
 
 def format_export_summary(s: dict, file_bytes: int) -> str:
@@ -104,6 +96,10 @@ def format_export_summary(s: dict, file_bytes: int) -> str:
             groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in m["groups"])
             pruned = f", pruned {m['pruned']}" if m["pruned"] else ""
             lines.append(f"  layer {layer}: {m['experts']} -> {m['stored']}: {groups}{pruned}")
+    cal = s.get("calibration")
+    if cal:
+        lines.append(f"calibration: {cal['text']}, {cal['tokens']} tokens ({cal['note']})" if cal["text"] else
+                     f"calibration: none ({cal['note']})")
     stages = s.get("stages_s", {})
     if stages:
         parts = ", ".join(f"{k} {stages[k]:.1f} s" for k in EXPORT_STAGES if k in stages)
@@ -292,6 +288,11 @@ EPILOGS = {
           edgemoe export ./Mixtral -o merged.emoe --merge-ratio 0.5 --bits 4
           edgemoe export model.gguf -o model.emoe --bits 16 --gguf model-f16.gguf
 
+        One pipeline for every source and option: read, calibrate, [merge], quantize, [predictor], write, one layer
+        at a time. Calibration text: --calib FILE, else the model directory's calib.txt, else the exporter's shipped
+        multi-domain text; --calib none fits MWQ planes to the weights alone. The pre-attention expert predictor
+        (prefetching) is fitted whenever calibration runs (--no-predictor skips it).
+
         Progress bars go to stderr (-q hides them); a closing table shows each part's size before and after, its
         bits per weight (scales included), the merge map when experts were merged, and the time per stage. The
         output is written to OUT.tmp and renamed when complete: an interrupted export leaves no partial file.
@@ -390,11 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MWQ: how the planes are fitted: mwq = residual planes fitted to each expert's "
                         "calibration inputs (default); msb = most-significant-bit slices of per-group 8-bit codes "
                         "(comparison mode, no calibration)")
-    e.add_argument("--calib", default=None, metavar="FILE",
-                   help="MWQ: UTF-8 calibration text (like the training data, not the evaluation text); default: "
-                        "calib.txt in the model directory")
+    e.add_argument("--calib", default=None, metavar="FILE|none",
+                   help="calibration text for MWQ fitting, merging and the predictor (UTF-8, like the training data, "
+                        "not the evaluation text); default: calib.txt in the model directory, else the exporter's "
+                        "shipped multi-domain text; none = no calibration (weight-only MWQ fitting)")
     e.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
-                   help="MWQ: calibration tokens to stream through the model (default 16384)")
+                   help="calibration tokens to stream through the model (default 16384)")
+    e.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the pre-attention expert predictor the runtime prefetches with; default: yes when "
+                        "calibration runs (MWQ --bits 2..8 or merging), no otherwise")
     e.add_argument("--merge-ratio", type=float, default=None, metavar="R",
                    help="MC-SMoE: keep this fraction of all experts (per-layer counts by routing frequency); "
                         "members of a group share one merged expert, the router keeps every row")

@@ -58,10 +58,14 @@ def route(spec: ArchSpec, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, weights.astype(np.float32)
 
 
-def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+        on_act: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """The gated FFN; `on_act(act)` sees the down projection's input (the exporter's calibration collects it)."""
     g = x @ gate.T
-    act = silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)
-    return (act * (x @ up.T)) @ down.T
+    act = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * (x @ up.T)
+    if on_act is not None:
+        on_act(act)
+    return act @ down.T
 
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
@@ -92,8 +96,12 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
 
 
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
-        on_route: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+        on_route: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+        on_expert: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """Routed experts (one at a time, over the tokens routed to each) plus the optional shared expert.
+
+    on_route(layer, ids, weights) sees the routing; on_expert(e, rows, x_rows, act) each stored expert's routed
+    token rows, their inputs and the activation entering its down projection (the exporter's calibration).
 
     With a merge map, experts mapped to -1 are masked out of routing, and when top-k selects several members of
     one merged group their weights are summed and the group's expert runs once.
@@ -111,7 +119,9 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
         rows = np.nonzero((stored == e).any(axis=1))[0]
         gate_w = np.where(stored[rows] == e, weights[rows], 0.0).sum(axis=1)
         gate, up, down = (w(expert_tensor_name(layer, int(e), m)) for m in ("gate", "up", "down"))
-        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, x[rows], gate, up, down)
+        xr = x[rows]
+        hook = None if on_expert is None else (lambda act, e=int(e), rows=rows, xr=xr: on_expert(e, rows, xr, act))
+        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, xr, gate, up, down, hook)
     if spec.shared_ffn:
         sh = ffn(spec, x, w(names["sh_gate"]), w(names["sh_up"]), w(names["sh_down"]))
         if spec.shared_gate:

@@ -57,8 +57,11 @@ What onnxruntime 1.31.1's CPU EP does with these graphs (measured; tests/test_on
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -473,6 +476,32 @@ class _Builder:
         return model
 
 
+@contextlib.contextmanager
+def _nncf_logs_to_stderr(show: bool):
+    """NNCF logs (INFO lines, a handler bound to sys.stdout at import) and its rich progress bars (a Console on
+    sys.stdout) go to stderr, so stdout carries only results (the export summary); -q keeps its warnings only."""
+    try:
+        from nncf.common.logging.logger import nncf_logger
+    except ImportError:
+        nncf_logger = None
+    saved = []
+    if nncf_logger is not None:
+        saved = [(h, h.stream) for h in nncf_logger.handlers if isinstance(h, logging.StreamHandler)]
+        for h, _ in saved:
+            h.setStream(sys.stderr)
+        level = nncf_logger.level
+        if not show:
+            nncf_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, stream in saved:
+            h.setStream(stream)
+        if nncf_logger is not None:
+            nncf_logger.setLevel(level)
+
+
 def _compress_dense(model, weights: str, group_size: int):
     """NNCF weight compression of the dense MatMuls / Gemm / Gather (not the MoE ops, which NNCF does not see)."""
     try:
@@ -532,7 +561,8 @@ def export_onnx(src, out_dir, weights: str = "fp32", opset: int = 21, *, moe_op:
         if owned:
             ckpt.close()
     if weights != "fp32":
-        model = _compress_dense(model, weights, group_size)
+        with _nncf_logs_to_stderr(show_progress):
+            model = _compress_dense(model, weights, group_size)
         model.ir_version = IR_VERSION
     total = sum(len(t.raw_data) for t in model.graph.initializer)
     use_external = total > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)

@@ -1,20 +1,30 @@
-"""`edgemoe export`: checkpoint -> container, streamed layer by layer.
+"""`edgemoe export`: one pipeline for every checkpoint, streamed layer by layer.
 
-The container's dense part (embeddings, norms, attention, routers, shared experts, lm_head) is written first,
-then each expert matrix in its own 4 KiB-aligned region. Only one layer's tensors are in memory at a time.
+    read -> calibrate -> [merge] -> quantize -> [predictor] -> write
 
-Stages (one function each):
-1. `_check_options` / `_plan`: validate the options and decide the storage of every part;
-2. `_write_dense`: the tokenizer and every dense tensor (f32, f16 or Q8_0);
-3. `_write_experts_float` (--bits 32/16) or `_write_experts_mwq` (--bits 2..8): the expert matrices. The MWQ path
-   streams calibration text through the model one layer at a time (`calibrate.py`, a second pass over the
-   checkpoint) and fits each expert's bit planes to that expert's own inputs (`mwq.py`).
+Each stage is a function from plain data to plain data, and every option combination runs through the same ones:
+- read (`sources.open_source`): a Hugging Face directory or a GGUF file, both as the Checkpoint interface;
+- `make_plan`: the options checked and resolved once (storage of every part, which calibration text, merge counts);
+- `calibration_ids`: the calibration text tokenized (the checkpoint's calib.txt, else the shipped multi-domain
+  default `assets/calib/calib-default.txt`; `--calib none` skips calibration: weight-only fitting);
+- `expert_layers`: per MoE layer, `calibrate.calibrate` (the reference forward pass, one layer at a time, with the
+  Gram blocks of each expert's routed inputs), then `merge_stage.merge_stage` when merging, then
+  `predictor.fit_layer` (the pre-attention predictor, fitted on the same pass) -> an `ExpertLayer`;
+- `quantize_layer`: an ExpertLayer's stored experts encoded (f32 / f16, or MWQ planes fitted on their Grams);
+- `write_container`: the dense part first (the one dense encoder, `encode_dense`), then each layer's experts and
+  its predictor as they arrive. Only one layer's weights are in memory at a time.
+
+Predictor default: fitted whenever calibration runs (MWQ `--bits 2..8`, merging) and the router reads the
+post-attention state (not SmallThinker, whose router already reads the layer input); `--no-predictor` skips it,
+`--predictor` fits it also for a float export (which then runs the calibration pass for it).
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +35,10 @@ from edgemoe.container import ContainerWriter
 from edgemoe.errors import EdgeMoEError
 from edgemoe.quant import Q8_0_BLOCK, quantize_q8_0
 
+from .merge_stage import ExpertLayer, merge_stage
 from .mwq import NESTINGS, check_bits, choose_group_size, quantize_matrix
 from .progress import progress
-from .sources import open_source as open_checkpoint  # HF directory or .gguf
+from .sources import open_source
 from .summary import ExportRecorder, stage
 
 FLOAT_BITS = (32, 16)
@@ -36,6 +47,10 @@ SUPPORTED_BITS = FLOAT_BITS + MWQ_BITS
 DEFAULT_CALIB_TOKENS = 16384
 CALIB_SEQ_LEN = 256
 CALIB_FILE = "calib.txt"  # a checkpoint directory may ship its own calibration text under this name
+CALIB_NONE = "none"  # --calib none: no calibration (weight-only MWQ fitting, no predictor, no merging)
+DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib" / "calib-default.txt"
+MERGE_METHODS = ("mcsmoe", "average", "prune")
+MERGE_EXPERIMENTAL = ("regmean",)  # studied in bench/merge_study.py, not offered on the command line
 
 
 def min_calib_tokens(group_size: int) -> int:
@@ -49,14 +64,27 @@ def min_calib_tokens(group_size: int) -> int:
 
 
 @dataclass
+class MergePlan:
+    method: str = "mcsmoe"
+    merge_ratio: float | None = None
+    experts_per_layer: int | None = None
+    low_rank: int | None = None
+    counts: list[int] | None = None  # stored experts per layer, decided before the first layer is merged
+
+
+@dataclass
 class Plan:
     bits: int
     dense_bits: int
     base_bits: int | None = None
     group_size: int | None = None
     nesting: str | None = None
-    calib: Path | None = None
+    calib: Path | None = None  # the text calibration runs on; None: no calibration pass
+    calib_source: str = CALIB_NONE  # "checkpoint" (its calib.txt) | "default" (shipped) | "file" (--calib) | "none"
     calib_tokens: int = DEFAULT_CALIB_TOKENS
+    seq_len: int = CALIB_SEQ_LEN
+    merge: MergePlan | None = None
+    predictor: bool = False
     dense_f16_fallback: list[str] = field(default_factory=list)  # matrices Q8_0 cannot store (in % 32 != 0)
     calib_tokens_used: int = 0
 
@@ -64,8 +92,15 @@ class Plan:
     def mwq(self) -> bool:
         return self.bits in MWQ_BITS
 
+    @property
+    def weighted(self) -> bool:
+        """MWQ planes fitted to calibration inputs (else to the weight-only error)."""
+        return self.mwq and self.nesting == "mwq" and self.calib is not None
 
-def _check_options(bits, dense_bits, base_bits, nesting, calib_tokens) -> None:
+
+# --- plan ----------------------------------------------------------------------------------------------------------
+def check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge: MergePlan | None,
+                  seq_len: int = CALIB_SEQ_LEN) -> None:
     if bits not in SUPPORTED_BITS:
         raise EdgeMoEError(f"--bits {bits} is not available; supported: 32, 16 (floats) or 8..2 (MWQ bit planes)")
     if dense_bits not in (None, 32, 16, 8):
@@ -74,30 +109,175 @@ def _check_options(bits, dense_bits, base_bits, nesting, calib_tokens) -> None:
         check_bits(base_bits, bits)
         if nesting not in NESTINGS:
             raise EdgeMoEError(f"--nesting {nesting!r}: expected one of {', '.join(NESTINGS)}")
-        if calib_tokens < CALIB_SEQ_LEN:
-            raise EdgeMoEError(f"--calib-tokens {calib_tokens}: need at least {CALIB_SEQ_LEN}")
+    if calib_tokens < seq_len:
+        raise EdgeMoEError(f"--calib-tokens {calib_tokens}: need at least {seq_len} (one calibration sequence)")
+    if merge is None:
+        return
+    if merge.method not in MERGE_METHODS + MERGE_EXPERIMENTAL:
+        raise EdgeMoEError(f"--merge-method {merge.method!r}: expected one of {', '.join(MERGE_METHODS)}")
+    if (merge.merge_ratio is None) == (merge.experts_per_layer is None):
+        raise EdgeMoEError("give exactly one of --merge-ratio and --experts-per-layer")
+    if merge.merge_ratio is not None and not 0.0 < merge.merge_ratio <= 1.0:
+        raise EdgeMoEError(f"--merge-ratio {merge.merge_ratio}: expected a fraction in (0, 1]")
+    if merge.experts_per_layer is not None and merge.experts_per_layer < 1:
+        raise EdgeMoEError(f"--experts-per-layer {merge.experts_per_layer}: expected at least 1")
+    if merge.low_rank is not None and merge.low_rank < 1:
+        raise EdgeMoEError(f"--low-rank {merge.low_rank}: expected a rank >= 1")
 
 
-def _plan(ckpt, src: Path, bits, dense_bits, base_bits, group_size, nesting, calib, calib_tokens) -> Plan:
+def resolve_calib(src: Path, calib: str | Path | None) -> tuple[Path | None, str]:
+    """--calib FILE | none | (not given: the checkpoint's calib.txt, else the shipped default) -> (path, source)."""
+    if calib is not None and str(calib) == CALIB_NONE:
+        return None, CALIB_NONE
+    if calib is not None:
+        p = Path(calib)
+        if not p.is_file():
+            raise EdgeMoEError(f"--calib {calib}: no such file; give a UTF-8 text like the model's training data, "
+                               f"or --calib none for weight-only fitting")
+        return p, "file"
+    own = (src if src.is_dir() else src.parent) / CALIB_FILE
+    if own.is_file():
+        return own, "checkpoint"
+    if not DEFAULT_CALIB.is_file():
+        raise EdgeMoEError(f"{DEFAULT_CALIB}: the exporter's default calibration text is missing (a broken "
+                           f"install); pass --calib FILE or --calib none")
+    return DEFAULT_CALIB, "default"
+
+
+def make_plan(ckpt, src: Path, bits: int, dense_bits: int | None = None, base_bits: int = 2,
+              group_size: int | None = None, nesting: str = "mwq", calib: str | Path | None = None,
+              calib_tokens: int = DEFAULT_CALIB_TOKENS, merge: MergePlan | None = None,
+              predictor: bool | None = None, seq_len: int = CALIB_SEQ_LEN) -> Plan:
+    """Decide every part's storage and which stages run. predictor None = fitted when calibration runs anyway."""
     spec = ckpt.spec
-    if bits in FLOAT_BITS:
-        return Plan(bits, dense_bits or bits)
-    g = choose_group_size([spec.hidden, spec.expert_ffn], group_size)
-    plan = Plan(bits, dense_bits or 8, base_bits, g, nesting, None, calib_tokens)
-    if nesting == "msb":
-        return plan  # MSB slicing is min/max per group: no calibration
-    calib_path = Path(calib) if calib else (src if src.is_dir() else src.parent) / CALIB_FILE
-    if not calib_path.exists():
-        where = f"{calib}: no such file" if calib else f"{src} has no {CALIB_FILE}"
-        raise EdgeMoEError(f"--bits {bits} fits the expert planes to calibration text ({where}): pass --calib FILE, "
-                           f"a UTF-8 text like the model's training data (not its evaluation text)")
+    plan = Plan(bits, dense_bits or (bits if bits in FLOAT_BITS else 8), calib_tokens=calib_tokens,
+                seq_len=min(seq_len, spec.max_position), merge=merge)
+    if plan.mwq:
+        plan.base_bits, plan.nesting = base_bits, nesting
+        plan.group_size = choose_group_size([spec.hidden, spec.expert_ffn], group_size)
+    calib_path, source = resolve_calib(src, calib)
+    has_moe = any(spec.is_moe_layer(i) for i in range(spec.n_layers))
+    can_predict = has_moe and spec.router_input != "layer_input"
+    if predictor and not can_predict:
+        raise EdgeMoEError(f"--predictor: {spec.family}'s router already reads the layer input before attention; the "
+                           "engine prefetches with it directly and needs no fitted predictor")
+    wanted = {"--merge-ratio/--experts-per-layer (routing statistics)": merge is not None,
+              "--predictor": bool(predictor)}
+    if calib_path is None:
+        needing = [k for k, v in wanted.items() if v]
+        if needing:
+            raise EdgeMoEError(f"--calib none: {needing[0]} needs calibration text; drop --calib none or pass "
+                               f"--calib FILE")
+        return plan
+    runs = (plan.mwq and nesting == "mwq") or merge is not None or bool(predictor)
+    if not runs:
+        return plan  # float export, msb nesting: nothing uses calibration
     if ckpt.tokenizer_json is None:
-        raise EdgeMoEError(f"{src}: no tokenizer.json, which calibration (--bits {bits}) needs")
-    plan.calib = calib_path
+        raise EdgeMoEError(f"{src}: no tokenizer.json (or GGUF tokenizer), which calibration on text needs; pass "
+                           f"--calib none for weight-only fitting")
+    plan.calib, plan.calib_source = calib_path, source
+    plan.predictor = can_predict if predictor is None else predictor
     return plan
 
 
-def _encode_dense(name: str, arr: np.ndarray, plan: Plan) -> tuple[np.ndarray, str, tuple[int, ...]]:
+# --- calibrate -> [merge] -> [predictor]: one ExpertLayer per MoE layer ----------------------------------------------
+def calibration_ids(ckpt, plan: Plan) -> list[np.ndarray] | None:
+    from .calibrate import load_calibration_ids
+
+    if plan.calib is None:
+        return None
+    seqs = load_calibration_ids(ckpt.tokenizer_json, plan.calib, plan.calib_tokens, plan.seq_len, ckpt.spec.vocab)
+    plan.calib_tokens_used = int(sum(len(s) for s in seqs))
+    return seqs
+
+
+def merge_counts(ckpt, plan: Plan, seqs, show_progress: bool) -> list[int] | None:
+    """Stored experts per layer. The adaptive rule (--merge-ratio) needs every layer's selection frequencies before
+    the first layer is merged, while calibration yields one layer at a time: a cheap routing-only first pass
+    (no Gram blocks; it keeps E counts per layer) gets them, so no layer's weights are buffered."""
+    from .calibrate import calibrate
+    from .merge import group_counts
+
+    m, spec = plan.merge, ckpt.spec
+    if m is None:
+        return None
+    min_groups = spec.top_k if m.method == "prune" else 1
+    if m.experts_per_layer is not None:
+        sizes = [np.zeros(spec.n_experts) if spec.is_moe_layer(i) else None for i in range(spec.n_layers)]
+        return group_counts(sizes, experts_per_layer=m.experts_per_layer, min_groups=min_groups)
+    freqs = [None if cal.freq is None else cal.freq.copy()
+             for cal in calibrate(ckpt, seqs, collect_grams=False, show_progress=show_progress)]
+    return group_counts(freqs, merge_ratio=m.merge_ratio, min_groups=min_groups)
+
+
+def expert_layers(ckpt, plan: Plan, seqs, rec: ExportRecorder, show_progress: bool) -> Iterator[ExpertLayer]:
+    """Yield each MoE layer's stored experts with what the later stages need (Grams, routed tokens, predictor)."""
+    spec = ckpt.spec
+    from .calibrate import calibrate, layer_experts
+
+    if seqs is None:  # no calibration: the experts as read
+        for layer in range(spec.n_layers):
+            if spec.is_moe_layer(layer):
+                yield ExpertLayer(layer, layer_experts(ckpt, layer))
+        return
+    from .predictor import fit_layer
+
+    collect = plan.weighted or (plan.merge is not None and plan.merge.method == "regmean")
+    stream = calibrate(ckpt, seqs, group_size=plan.group_size or 128, collect_grams=collect,
+                       show_progress=show_progress)
+    for cal in rec.clock.iterate(stream, "calibrate"):
+        if cal.freq is None:
+            continue
+        if plan.merge is not None:
+            with rec.clock.stage("merge"):
+                m = plan.merge
+                el = merge_stage(cal, spec, plan.merge.counts[cal.layer], m.method, m.low_rank)
+        else:
+            el = ExpertLayer(cal.layer, cal.experts, None, cal.gram_in, cal.gram_mid, cal.expert_tokens)
+        rec.note_routing(cal.layer, el.tokens, plan.calib_tokens_used)
+        if plan.predictor:
+            with rec.clock.stage("predictor"):
+                el.predictor, el.predictor_report = fit_layer(cal, spec)
+        cal.experts, cal.gram_in, cal.gram_mid, cal.hidden_out = {}, {}, {}, None  # the stream keeps `cal` alive
+        yield el
+
+
+# --- quantize ------------------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """One stored expert matrix: `planes` (MWQ) or `data` with `dtype`."""
+    name: str
+    shape: tuple[int, int]
+    data: np.ndarray | None = None
+    dtype: str | None = None
+    planes: list[np.ndarray] | None = None
+    quant: dict | None = None
+
+
+def quantize_layer(el: ExpertLayer, plan: Plan) -> Iterator[Encoded]:
+    """Encode every stored expert matrix of a layer, one at a time (the caller writes each as it comes): floats, or
+    MWQ planes fitted on the matrix's Gram blocks when the expert (group) saw at least `min_calib_tokens` routed
+    calibration tokens (else the weight-only error)."""
+    if not plan.mwq:
+        np_dtype, dtype = (np.float32, "f32") if plan.bits == 32 else (np.float16, "f16")
+        for g in range(el.n_stored):
+            for m in EXPERT_MATRICES:
+                name = expert_tensor_name(el.layer, g, m)
+                arr = el.experts[name]
+                yield Encoded(name, arr.shape, arr.astype(np_dtype), dtype)
+        return
+    min_tokens = min_calib_tokens(plan.group_size)
+    for g in range(el.n_stored):
+        weighted = plan.weighted and el.tokens is not None and int(el.tokens[g]) >= min_tokens
+        for m in EXPERT_MATRICES:
+            name = expert_tensor_name(el.layer, g, m)
+            gram = (el.gram_mid if m == "down" else el.gram_in).get(g) if weighted else None
+            qm = quantize_matrix(el.experts[name], gram, plan.base_bits, plan.bits, plan.group_size, plan.nesting)
+            yield Encoded(name, qm.shape, planes=qm.planes, quant=qm.quant_params())
+
+
+# --- write ---------------------------------------------------------------------------------------------------------
+def encode_dense(name: str, arr: np.ndarray, plan: Plan) -> tuple[np.ndarray, str, tuple[int, ...]]:
     """Storage for one dense tensor: 1-D tensors (norms, biases) stay f32; matrices follow --dense-bits."""
     width = plan.dense_bits
     if arr.ndim == 1 or width == 32:
@@ -109,123 +289,149 @@ def _encode_dense(name: str, arr: np.ndarray, plan: Plan) -> tuple[np.ndarray, s
     return arr.astype(np.float16), "f16", arr.shape
 
 
-def _write_dense(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> None:
+def write_dense(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> None:
     if ckpt.tokenizer_json is not None:
         w.add_tensor("tokenizer.json", np.frombuffer(ckpt.tokenizer_json, np.uint8), "bytes", kind="blob")
     for name, arr in ckpt.global_tensors().items():
         with stage(w, "quantize"):  # the writes inside are charged to "write"
-            w.add_tensor(name, *_encode_dense(name, arr, plan))
+            w.add_tensor(name, *encode_dense(name, arr, plan))
     for layer in progress(range(ckpt.spec.n_layers), "dense layers (read, quantize, write)", show_progress):
         for name, arr in ckpt.layer_dense(layer).items():
             with stage(w, "quantize"):
-                w.add_tensor(name, *_encode_dense(name, arr, plan))
+                w.add_tensor(name, *encode_dense(name, arr, plan))
 
 
-def _write_experts_float(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> None:
+def write_encoded(w: ContainerWriter, encoded: Iterable[Encoded]) -> None:
+    for t in encoded:
+        if t.planes is not None:
+            w.add_planes(t.name, t.planes, t.shape, kind="expert", quant=t.quant)
+        else:
+            w.add_tensor(t.name, t.data, t.dtype, kind="expert")
+
+
+LayerEncoder = Callable[[ContainerWriter, ExpertLayer], None]  # writes one layer's stored experts (bench hook)
+
+
+def write_container(ckpt, out: Path, layers: Iterable[ExpertLayer], metadata: dict, plan: Plan,
+                    rec: ExportRecorder | None = None, show_progress: bool = False,
+                    encode_layer: LayerEncoder | None = None) -> dict:
+    """Dense part first (one layer at a time from the checkpoint), then each layer's stored experts and its
+    predictor (`blk.L.ffn_gate_inp_pre.weight`, f32 [E, H]) as `layers` yields them. A merged layer's e -> g map is
+    recorded in the written ArchSpec. Returns what the layers reported (for the metadata)."""
     spec = ckpt.spec
-    dtype, np_dtype = ("f32", np.float32) if plan.bits == 32 else ("f16", np.float16)
-    for layer in progress(range(spec.n_layers), f"expert layers (read, {dtype}, write)", show_progress):
-        if not spec.is_moe_layer(layer):
-            continue
-        for name, arr in ckpt.layer_experts(layer):
-            with stage(w, "quantize"):
-                w.add_tensor(name, arr.astype(np_dtype), dtype, kind="expert")
+    out_spec = copy.deepcopy(spec)
+    merged = plan.merge is not None
+    if merged:
+        out_spec.expert_map = [[] for _ in range(spec.n_layers)]
+    rec = rec or ExportRecorder(ckpt)
+    min_tokens = min_calib_tokens(plan.group_size) if plan.weighted else 0
+    report = {"weight_only": [], "tokens": {}, "predictor": [], "fit_s": 0.0}
+    n_moe = sum(1 for i in range(spec.n_layers) if spec.is_moe_layer(i))
+    with rec.writer(out, out_spec, metadata) as w:
+        write_dense(w, ckpt, plan, show_progress)
+        for el in progress(layers, f"expert layers of {n_moe} ({stages_of(plan)})", show_progress):
+            if merged:
+                out_spec.expert_map[el.layer] = el.expert_map
+            t0 = time.perf_counter()
+            if encode_layer is not None:
+                encode_layer(w, el)
+            else:
+                write_encoded(w, rec.clock.iterate(quantize_layer(el, plan), "quantize"))
+            dt = time.perf_counter() - t0
+            report["fit_s"] += dt
+            if plan.weighted:
+                for g in range(el.n_stored):
+                    prefix, seen = f"blk.{el.layer}.expert.{g}", int(el.tokens[g]) if el.tokens is not None else 0
+                    report["tokens"][prefix] = seen
+                    if seen < min_tokens:
+                        report["weight_only"].append(prefix)
+            if el.predictor is not None:
+                from .predictor import predictor_name
+
+                w.add_tensor(predictor_name(el.layer), np.ascontiguousarray(el.predictor, np.float32), "f32")
+                report["predictor"].append(el.predictor_report)
+            if show_progress:
+                print(f"  layer {el.layer}: {el.n_stored} experts encoded in {dt:.1f} s", file=sys.stderr)
+            el.experts.clear()
+        missing = [i for i in range(spec.n_layers) if merged and spec.is_moe_layer(i) and not out_spec.expert_map[i]]
+        if missing:  # raised inside the writer: the partial file is removed
+            raise EdgeMoEError(f"{out}: no experts were written for layers {missing}")
+        w.metadata.update(_report_metadata(plan, report))
+        if plan.dense_f16_fallback:
+            w.metadata["dense_f16_fallback"] = plan.dense_f16_fallback
+        summary = rec.summary(w)
+        summary["calibration"] = calibration_summary(plan)
+        w.metadata["export_summary"] = summary
+    return report
 
 
-@dataclass
-class ExpertLayer:
-    layer: int
-    experts: dict[str, np.ndarray]  # container name -> f32 [out, in]
-    gram_in: dict[int, np.ndarray] = field(default_factory=dict)
-    gram_mid: dict[int, np.ndarray] = field(default_factory=dict)
-    tokens: np.ndarray | None = None  # [E] routed calibration tokens per expert
+def stages_of(plan: Plan) -> str:
+    names = ["read"] + (["calibrate"] if plan.calib else []) + (["merge"] if plan.merge else [])
+    names += ["quantize"] + (["predictor"] if plan.predictor else []) + ["write"]
+    return ", ".join(names)
 
 
-def _expert_layers(ckpt, plan: Plan, show_progress: bool, rec: ExportRecorder | None = None):
-    """Yield each MoE layer's experts with their calibration statistics (mwq) or without (msb)."""
-    spec = ckpt.spec
-    rec = rec or ExportRecorder(None)
-    if plan.nesting == "msb":
-        for layer in progress(range(spec.n_layers), f"MWQ-{plan.bits} (msb) per layer", show_progress):
-            if spec.is_moe_layer(layer):
-                yield ExpertLayer(layer, dict(ckpt.layer_experts(layer)))
-        return
-    from .calibrate import calibrate, load_calibration_ids
-
-    seq_len = min(CALIB_SEQ_LEN, spec.max_position)
-    with rec.clock.stage("calibrate"):
-        seqs = load_calibration_ids(ckpt.tokenizer_json, plan.calib, plan.calib_tokens, seq_len, spec.vocab)
-    plan.calib_tokens_used = sum(len(s) for s in seqs)
-    stream = calibrate(ckpt, seqs, group_size=plan.group_size, show_progress=show_progress)
-    for cal in rec.clock.iterate(stream, "calibrate"):
-        if spec.is_moe_layer(cal.layer):
-            rec.note_routing(cal.layer, cal.expert_tokens, plan.calib_tokens_used)
-            yield ExpertLayer(cal.layer, cal.experts, cal.gram_in, cal.gram_mid, cal.expert_tokens)
+def calibration_summary(plan: Plan) -> dict:
+    """What calibration ran on, for the summary table and `edgemoe info`."""
+    if plan.calib is None:
+        why = "weight-only MWQ fitting" if plan.mwq and plan.nesting == "mwq" else "not needed"
+        return {"source": CALIB_NONE, "text": None, "tokens": 0, "note": why}
+    return {"source": plan.calib_source, "text": plan.calib.name, "tokens": plan.calib_tokens_used,
+            "note": {"checkpoint": "the checkpoint's calib.txt", "default": "the exporter's shipped multi-domain text",
+                     "file": "--calib"}[plan.calib_source]}
 
 
-def _write_experts_mwq(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool,
-                       rec: ExportRecorder | None = None) -> dict:
-    """Write every expert matrix as nested planes, layer by layer. Returns metadata to record."""
-    spec = ckpt.spec
-    g = plan.group_size
-    min_tokens = min_calib_tokens(g)
-    weight_only: list[str] = []
-    tokens_per_expert: dict[str, int] = {}
-    quant = {"base_bits": plan.base_bits, "group_size": g, "nesting": plan.nesting}
-    fit_s = 0.0
-    for el in _expert_layers(ckpt, plan, show_progress, rec):
-        t0 = time.perf_counter()
-        for e in range(spec.stored_experts(el.layer)):
-            prefix = f"blk.{el.layer}.expert.{e}"
-            seen = int(el.tokens[e]) if el.tokens is not None and e < len(el.tokens) else 0
-            weighted = plan.nesting == "mwq" and seen >= min_tokens
-            if plan.nesting == "mwq":
-                tokens_per_expert[prefix] = seen
-                if not weighted:
-                    weight_only.append(prefix)
-            for matrix in EXPERT_MATRICES:
-                name = expert_tensor_name(el.layer, e, matrix)
-                gram = (el.gram_mid if matrix == "down" else el.gram_in).get(e) if weighted else None
-                with stage(w, "quantize"):
-                    qm = quantize_matrix(el.experts[name], gram, plan.base_bits, plan.bits, g, plan.nesting)
-                w.add_planes(name, qm.planes, qm.shape, kind="expert", quant={**quant, "weighted": qm.weighted})
-        dt = time.perf_counter() - t0
-        fit_s += dt
-        if show_progress:
-            print(f"  layer {el.layer}: {spec.stored_experts(el.layer)} experts quantized in {dt:.1f} s",
-                  file=sys.stderr)
-        el.experts.clear()
-    meta = {}
-    if show_progress:
-        print(f"MWQ fitting took {fit_s:.1f} s in all", file=sys.stderr)
-    if plan.nesting == "mwq":
-        if show_progress:
-            print(f"MWQ: {len(weight_only)} of {len(tokens_per_expert)} experts saw fewer than {min_tokens} "
-                  f"calibration tokens and were fitted to the weight-only error", file=sys.stderr)
-        meta.update(calib_source=plan.calib.name, calib_tokens=plan.calib_tokens_used, mwq_min_tokens=min_tokens,
-                    mwq_weight_only_experts=weight_only, expert_calib_tokens=tokens_per_expert)
+def _report_metadata(plan: Plan, report: dict) -> dict:
+    meta: dict = {"calib_source": plan.calib.name if plan.calib else CALIB_NONE,
+                  "calibration": calibration_summary(plan)}
+    if plan.mwq and plan.nesting == "mwq":
+        meta["mwq_fit"] = "calibration-weighted" if plan.weighted else "weight-only (no calibration)"
+    if plan.weighted:
+        meta.update(calib_tokens=plan.calib_tokens_used, mwq_min_tokens=min_calib_tokens(plan.group_size),
+                    mwq_weight_only_experts=report["weight_only"], expert_calib_tokens=report["tokens"])
+    if report["predictor"]:
+        from .predictor import PREDICTOR_KIND, PREDICTOR_NAME
+
+        meta["predictor"] = {"kind": PREDICTOR_KIND, "tensor": PREDICTOR_NAME,
+                             "layers": [r["layer"] for r in report["predictor"]], "report": report["predictor"]}
     return meta
 
 
+# --- the export ----------------------------------------------------------------------------------------------------
 def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | None = None,
            show_progress: bool = True, base_bits: int = 2, group_size: int | None = None, nesting: str = "mwq",
-           calib: str | Path | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS) -> Path:
-    """Convert a Hugging Face MoE checkpoint directory into an .emoe container.
+           calib: str | Path | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
+           merge_ratio: float | None = None, experts_per_layer: int | None = None, merge_method: str = "mcsmoe",
+           low_rank: int | None = None, predictor: bool | None = None, seq_len: int = CALIB_SEQ_LEN) -> Path:
+    """Convert a MoE checkpoint (Hugging Face directory or .gguf) into an .emoe container.
 
     bits: 32 / 16 store the experts as floats; 8..2 store them as MWQ bit planes (a `base_bits` base plane plus
-    bits - base_bits binary residual planes), fitted on `calib` (default: `src`/calib.txt). dense_bits: storage of
-    the dense matrices (default: = bits for float exports, 8 = Q8_0 when the experts are quantized).
+    bits - base_bits binary residual planes). calib: FILE, "none" (weight-only fitting), or None = `src`/calib.txt
+    when it exists, else the shipped default text. merge_ratio / experts_per_layer: merge the experts
+    (`merge_method` mcsmoe | average | prune) before quantizing. predictor: None = fitted when calibration runs.
+    dense_bits: storage of the dense matrices (default: = bits for float exports, 8 = Q8_0 for MWQ experts).
     group_size: None = 128, or the largest power of two below it that divides the expert input dimensions.
     """
-    _check_options(bits, dense_bits, base_bits, nesting, calib_tokens)
+    merge = None
+    if merge_ratio is not None or experts_per_layer is not None:
+        merge = MergePlan(merge_method, merge_ratio, experts_per_layer, low_rank)
+    elif low_rank is not None:
+        raise EdgeMoEError("--low-rank approximates merged experts: give --merge-ratio or --experts-per-layer too")
+    check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge, seq_len)
     src, out = Path(src), Path(out)
     if out.is_dir():
         raise EdgeMoEError(f"{out}: is a directory; give the output file name, e.g. {out / 'model.emoe'}")
     if not out.parent.exists():
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
-    ckpt = open_checkpoint(src)
-    plan = _plan(ckpt, src, bits, dense_bits, base_bits, group_size, nesting, calib, calib_tokens)
+    ckpt = open_source(src)
+    plan = make_plan(ckpt, src, bits, dense_bits, base_bits, group_size, nesting, calib, calib_tokens, merge,
+                     predictor, seq_len)
     rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]
+    source = rec.source(ckpt)  # tensor reads charged to the "read" stage
+    with rec.clock.stage("calibrate"):
+        seqs = calibration_ids(source, plan)
+        if merge is not None:
+            merge.counts = merge_counts(source, plan, seqs, show_progress)
     metadata = {
         "source": str(src.resolve().name),
         "source_model_type": ckpt.config.get("model_type"),
@@ -237,14 +443,18 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
     if plan.mwq:
         metadata.update(base_bits=plan.base_bits, group_size=plan.group_size, nesting=plan.nesting,
                         mwq_planes=bits - plan.base_bits + 1)
-    source = rec.source(ckpt)  # tensor reads charged to the "read" stage
-    with rec.writer(out, ckpt.spec, metadata) as w:
-        _write_dense(w, source, plan, show_progress)
-        if plan.mwq:
-            w.metadata.update(_write_experts_mwq(w, source, plan, show_progress, rec))
-        else:
-            _write_experts_float(w, source, plan, show_progress)
-        if plan.dense_f16_fallback:
-            w.metadata["dense_f16_fallback"] = plan.dense_f16_fallback
-        w.metadata["export_summary"] = rec.summary(w)
+    if merge is not None:
+        metadata["merge"] = {
+            "method": merge.method, "merge_ratio": merge.merge_ratio, "experts_per_layer": merge.experts_per_layer,
+            "low_rank": merge.low_rank, "group_counts": merge.counts, "calib_file": plan.calib.name,
+            "calib_tokens": plan.calib_tokens_used,
+            "counts_pass": "routing-only first pass" if merge.merge_ratio is not None else "fixed"}
+    layers = expert_layers(source, plan, seqs, rec, show_progress)
+    report = write_container(source, out, layers, metadata, plan, rec, show_progress)
+    if show_progress:
+        print(f"expert encoding took {report['fit_s']:.1f} s in all", file=sys.stderr)
+        if plan.weighted:
+            print(f"MWQ: {len(report['weight_only'])} of {len(report['tokens'])} experts saw fewer than "
+                  f"{min_calib_tokens(plan.group_size)} calibration tokens and were fitted to the weight-only error",
+                  file=sys.stderr)
     return out

@@ -11,6 +11,9 @@ little across one attention block); this module fits a correction by ridge least
 `blk.{l}.ffn_gate_inp_pre.weight` (f32 [E, H], a dense tensor) and used by the C engine when present.
 SmallThinker needs none: its router already reads the layer input before attention.
 
+`edgemoe export` fits it inside its pipeline (`fit_layer`, on the calibration pass it runs anyway; see
+pipeline.py). For a container exported without it:
+
     python -m edgemoe_export.predictor CHECKPOINT_DIR MODEL.emoe OUT.emoe --calib TEXT [--tokens 16384]
 
 `fit_predictors` reports recall@(k+delta) (the share of the true top-k found in the predicted top-(k+delta)) of the
@@ -31,6 +34,7 @@ from edgemoe.container import EXPERT_ALIGN, ContainerWriter, open_container
 from edgemoe.errors import EdgeMoEError
 
 PREDICTOR_NAME = "blk.{layer}.ffn_gate_inp_pre.weight"
+PREDICTOR_KIND = "ridge_least_squares"
 
 
 def predictor_name(layer: int) -> str:
@@ -64,6 +68,27 @@ def recall_at(pred_logits: np.ndarray, true_logits: np.ndarray, top_k: int, delt
     return hits / max(1, true.size)
 
 
+def fit_layer(cal, spec: ArchSpec, ridge: float = 0.1, holdout: float = 0.2, delta: int = 1
+              ) -> tuple[np.ndarray, dict]:
+    """One calibrated MoE layer (`calibrate.LayerCalibration`) -> (W_pre [E, H] fitted on every sampled token, a
+    report row with the recall of the plain router and of a fit on the other tokens, on held-out tokens)."""
+    from edgemoe.arch import dense_tensor_names
+
+    router = cal.dense[dense_tensor_names(spec, cal.layer)["router"]]
+    X, Z = cal.pre_attn_input, cal.router_logits
+    # held out: the last sequences (calibration samples are in token order), not random tokens of the same
+    # sequences, which share context with the training rows and flatter an overfitted fit
+    n_test = max(1, int(len(X) * holdout))
+    train, test = np.arange(len(X) - n_test), np.arange(len(X) - n_test, len(X))
+    W = fit_layer_predictor(X[train], Z[train], router, ridge)
+    row = {"layer": cal.layer, "train_tokens": len(train), "test_tokens": int(n_test)}
+    for name, w in (("router", router), ("fitted", W)):
+        p = X[test] @ np.asarray(w, dtype=np.float32).T
+        row[f"{name}_recall_k"] = round(recall_at(p, Z[test], spec.top_k, 0), 4)
+        row[f"{name}_recall_k+{delta}"] = round(recall_at(p, Z[test], spec.top_k, delta), 4)
+    return fit_layer_predictor(X, Z, router, ridge), row  # final fit on every token
+
+
 def fit_predictors(src, calib, tokens: int = 16384, ridge: float = 0.1, holdout: float = 0.2, delta: int = 1,
                    show_progress: bool = True, seqs: list[np.ndarray] | None = None
                    ) -> tuple[dict[int, np.ndarray], list[dict]]:
@@ -87,20 +112,7 @@ def fit_predictors(src, calib, tokens: int = 16384, ridge: float = 0.1, holdout:
     for cal in calibrate(ckpt, seqs, collect_grams=False, show_progress=show_progress):
         if cal.router_logits is None:
             continue
-        router = next(v for k, v in cal.dense.items() if k.endswith(".ffn_gate_inp.weight"))
-        X, Z = cal.pre_attn_input, cal.router_logits
-        # held out: the last sequences (calibration samples are in token order), not random tokens of the same
-        # sequences, which share context with the training rows and flatter an overfitted fit
-        n_test = max(1, int(len(X) * holdout))
-        train, test = np.arange(len(X) - n_test), np.arange(len(X) - n_test, len(X))
-        W = fit_layer_predictor(X[train], Z[train], router, ridge)
-        row = {"layer": cal.layer, "train_tokens": len(train), "test_tokens": int(n_test)}
-        for name, w in (("router", router), ("fitted", W)):
-            p = X[test] @ np.asarray(w, dtype=np.float32).T
-            row[f"{name}_recall_k"] = recall_at(p, Z[test], spec.top_k, 0)
-            row[f"{name}_recall_k+{delta}"] = recall_at(p, Z[test], spec.top_k, delta)
-        # final fit on every token
-        preds[cal.layer] = fit_layer_predictor(X, Z, router, ridge)
+        preds[cal.layer], row = fit_layer(cal, spec, ridge, holdout, delta)
         report.append(row)
     return preds, report
 
@@ -117,18 +129,17 @@ def add_predictors(container_path, out_path, predictors: dict[int, np.ndarray], 
                 raise EdgeMoEError(f"predictor of layer {layer}: shape {w.shape}, expected "
                                    f"{(spec.n_experts, spec.hidden)}")
         meta = dict(src.metadata)
-        meta["predictor"] = {"kind": "ridge_least_squares", "tensor": PREDICTOR_NAME, "layers": sorted(predictors)}
+        meta["predictor"] = {"kind": PREDICTOR_KIND, "tensor": PREDICTOR_NAME, "layers": sorted(predictors)}
         if report:
             meta["predictor"]["report"] = report
         order = sorted(src.tensors.values(), key=lambda t: t.offset)
         with ContainerWriter(out_path, spec, meta) as w:
             inserted = False
 
-            def insert():
+            def insert():  # every given predictor (an existing one of the same layer is skipped below)
                 for layer in sorted(predictors):
-                    name = predictor_name(layer)
-                    if name not in src.tensors:
-                        w.add_tensor(name, np.ascontiguousarray(predictors[layer], dtype=np.float32), "f32")
+                    w.add_tensor(predictor_name(layer), np.ascontiguousarray(predictors[layer], dtype=np.float32),
+                                 "f32")
 
             for t in order:
                 if t.name.endswith(".ffn_gate_inp_pre.weight") and t.name in {predictor_name(l) for l in predictors}:

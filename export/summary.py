@@ -1,6 +1,7 @@
 """What an export did, as data: time per stage, bytes per part before and after, the merge map, routing counts.
 
-The exporter streams one layer at a time, so its stages (read, calibrate, merge, quantize, write) interleave.
+The exporter streams one layer at a time, so its stages (read, calibrate, merge, quantize, predictor, write)
+interleave.
 `StageClock` measures each stage's exclusive time: a stage entered inside another (the checkpoint read that
 calibration triggers) is charged to itself and taken out of the outer one, so the stage times add up to the total.
 `RecordingWriter` is the container writer that also times its writes and notes each stored tensor's size.
@@ -18,7 +19,7 @@ import numpy as np
 
 from edgemoe.container import ContainerWriter
 
-STAGES = ("read", "calibrate", "merge", "quantize", "write")
+STAGES = ("read", "calibrate", "merge", "quantize", "predictor", "write")
 PARTS = ("embeddings", "attention", "norms", "router", "predictor", "shared expert", "dense FFN", "experts",
          "lm_head", "other")
 
