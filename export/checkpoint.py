@@ -96,16 +96,28 @@ class Checkpoint:
         ours = dense_tensor_names(self.spec, layer)
         shapes = expected_shapes(self.spec, layer)
         if "router" in hf and hf["router"] not in self.tensors:
-            hf["router"] = f"model.layers.{layer}.mlp.gate.weight"  # transformers 5 fused layout (Mixtral too)
-        return {ours[role]: self._get(hf[role], shapes[role]) for role in ours}
+            hf["router"] = f"model.layers.{layer}.{self.family.router_fused}"  # transformers 5 fused layout
+        out = {}
+        if self.family.shared_fused and "sh_gate" in ours:  # Granite: one [2S, H] input matrix, gate rows first
+            p, S = f"model.layers.{layer}.{self.family.shared_fused}.", self.spec.shared_ffn
+            gu = self._get(p + "input_linear.weight", (2 * S, self.spec.hidden))
+            out[ours["sh_gate"]], out[ours["sh_up"]] = np.ascontiguousarray(gu[:S]), np.ascontiguousarray(gu[S:])
+            out[ours["sh_down"]] = self._get(p + "output_linear.weight", shapes["sh_down"])
+        for role in ours:
+            if ours[role] not in out:
+                out[ours[role]] = self._get(hf[role], shapes[role])
+        return out
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
         s = self.spec
-        fused_gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-        if fused_gu in self.tensors:  # transformers 5 in-memory layout: gate rows first, then up
+        for gu_name, down_name in (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), *self.family.fused_experts):
+            fused_gu, fused_down = f"model.layers.{layer}.{gu_name}", f"model.layers.{layer}.{down_name}"
+            if fused_gu in self.tensors:
+                break
+        if fused_gu in self.tensors:  # fused layouts: gate rows first, then up
             gu = self._get(fused_gu, (s.n_experts, 2 * s.expert_ffn, s.hidden))
-            down = self._get(f"model.layers.{layer}.mlp.experts.down_proj", (s.n_experts, s.hidden, s.expert_ffn))
+            down = self._get(fused_down, (s.n_experts, s.hidden, s.expert_ffn))
             for e in range(s.n_experts):
                 yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[e, : s.expert_ffn])
                 yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e, s.expert_ffn :])
