@@ -234,3 +234,82 @@ def test_unsupported_granite_options_are_refused(tiny_dir, tmp_path):
         (d / "config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(EdgeMoEError, match=msg):
             export(d, tmp_path / f"{key}.emoe", bits=32, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's `granitemoe` (both variants), through the pinned llama-cpp-python
+
+
+@pytest.fixture(scope="module")
+def granite_gguf(tiny_dir, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not importable (pip install llama-cpp-python==0.3.36)")
+    from edgemoe_export.gguf_export import export_gguf
+
+    root = tmp_path_factory.mktemp("granite_gguf")
+    cache = {}
+
+    def get(family, gguf_type="F32"):
+        if (family, gguf_type) not in cache:
+            cache[family, gguf_type] = export_gguf(tiny_dir(family), root / f"{family}_{gguf_type}.gguf", gguf_type,
+                                                   show_progress=False)
+        return cache[family, gguf_type]
+
+    return get
+
+
+@pytest.mark.parametrize("family", GRANITE)
+def test_gguf_f32_in_llama_cpp_matches_transformers_and_greedy_tokens_match_edgemoe(family, tiny_dir, tiny_emoe,
+                                                                                       granite_gguf):
+    from edgemoe_export.gguf_reader import open_gguf
+    from llama_cpp import Llama
+
+    path = granite_gguf(family)
+    meta = open_gguf(path).config  # the multipliers are written under llama.cpp's names
+    assert meta["residual_multiplier"] == pytest.approx(0.6) and meta["logits_scaling"] == pytest.approx(2.5)
+    llm = Llama(model_path=str(path), n_ctx=256, n_batch=128, n_threads=2, n_threads_batch=2, logits_all=True,
+                type_k=0, type_v=0, verbose=False)  # fp32 KV cache
+    try:
+        llm.eval(IDS.tolist())
+        got = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+        ref = hf_logits(tiny_dir(family), IDS)
+        assert rel_err(got, ref) <= 1e-5 and (got.argmax(-1) == ref.argmax(-1)).all()
+        prompt = IDS[:6].tolist()  # 16 greedy steps, each engine feeding back its own token
+        with edgemoe.load(tiny_emoe(family, 32), engine="c", threads=2) as m:
+            logits = m._engine.prefill(prompt)
+            llm.reset()
+            llm.eval(prompt)
+            ours, theirs = [], []
+            for _ in range(16):
+                theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                ours.append(int(np.argmax(logits)))
+                logits = m._engine.decode(ours[-1])
+                llm.eval([theirs[-1]])
+        assert ours == theirs
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("family", GRANITE)
+def test_gguf_reads_back_to_the_same_model(family, tiny_dir, tiny_emoe, granite_gguf, tmp_path):
+    # GGUF -> container: the same description (multipliers from llama.cpp's keys, q/k rows un-permuted) and logits
+    from edgemoe_export import export
+
+    path = export(granite_gguf(family), tmp_path / "from_gguf.emoe", bits=32, show_progress=False)
+    a, b = open_container(path).spec, open_container(tiny_emoe(family, 32)).spec
+    for field in ("embed_scale", "attn_scale", "residual_scale", "logit_divisor", "shared_ffn", "n_experts", "top_k",
+                  "norm_topk", "rope_kind", "rope_theta"):
+        assert getattr(a, field) == pytest.approx(getattr(b, field)), field
+    with edgemoe.load(path, engine="c") as m:
+        assert rel_err(m.logits(IDS), hf_logits(tiny_dir(family), IDS)) <= 1e-5
+
+
+def test_gguf_export_refuses_scalings_other_architectures_cannot_express():
+    from edgemoe_export.gguf_export import _check_supported
+
+    from edgemoe.arch import ArchSpec
+    from edgemoe.errors import EdgeMoEError
+
+    mixtral_like = ArchSpec("mixtral", n_layers=1, hidden=8, vocab=4, n_heads=2, n_kv_heads=1, head_dim=4,
+                            n_experts=3, top_k=2, expert_ffn=4, norm_topk=True, residual_scale=0.5)
+    with pytest.raises(EdgeMoEError, match="scalings are not supported by llama.cpp's 'llama'"):
+        _check_supported(mixtral_like, "llama")
