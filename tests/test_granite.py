@@ -313,3 +313,21 @@ def test_gguf_export_refuses_scalings_other_architectures_cannot_express():
                             n_experts=3, top_k=2, expert_ffn=4, norm_topk=True, residual_scale=0.5)
     with pytest.raises(EdgeMoEError, match="scalings are not supported by llama.cpp's 'llama'"):
         _check_supported(mixtral_like, "llama")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX (onnxruntime CPU): the multipliers as Mul / Div nodes, the experts through com.microsoft.MoE
+
+
+@pytest.mark.parametrize("family", GRANITE)
+def test_onnx_fp32_prefill_and_decode_match_transformers(family, tiny_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from edgemoe_export.onnx_export import export_onnx
+    from tiny_models_onnx import ort_greedy, ort_session
+
+    path = export_onnx(tiny_dir(family), tmp_path / "onnx", "fp32", show_progress=False)
+    prompt = IDS[:8].tolist()
+    ids, got = ort_greedy(ort_session(path), prompt, 16)  # 16 decode steps through the KV cache
+    ref = hf_logits(tiny_dir(family), ids)
+    assert rel_err(got, ref) <= 1e-5
+    assert ids[len(prompt):] == [int(t) for t in ref[len(prompt) - 1: -1].argmax(-1)]
