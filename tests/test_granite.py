@@ -236,6 +236,35 @@ def test_unsupported_granite_options_are_refused(tiny_dir, tmp_path):
             export(d, tmp_path / f"{key}.emoe", bits=32, show_progress=False)
 
 
+@pytest.mark.parametrize("family", GRANITE)
+def test_merged_experts_keep_the_shared_mlp_and_run_budgeted_bit_identical(family, tiny_dir, tiny_emoe, tmp_path):
+    # MC-SMoE merge to 60% of the experts: the shared MLP and the scalings pass through unchanged; the C engine
+    # equals the NumPy reference on the merged container; the budget changes nothing, bit for bit.
+    from edgemoe_export.merge_stage import export_merged
+
+    (tmp_path / "calib.txt").write_text(CALIB)
+    path = export_merged(tiny_dir(family), tmp_path / "m.emoe", merge_ratio=0.6, calib_path=tmp_path / "calib.txt",
+                         calib_tokens=512, seq_len=64, bits=32, show_progress=False)
+    merged, plain = open_container(path), open_container(tiny_emoe(family, 32))
+    s = merged.spec
+    assert sum(s.stored_experts(layer) for layer in range(s.n_layers)) < s.n_experts * s.n_layers
+    assert (s.embed_scale, s.attn_scale, s.residual_scale, s.logit_divisor) == (
+        plain.spec.embed_scale, plain.spec.attn_scale, plain.spec.residual_scale, plain.spec.logit_divisor)
+    for name in (n for n in plain.tensors if "shexp" in n):
+        np.testing.assert_array_equal(merged.array(name), plain.array(name))
+    assert any("shexp" in n for n in merged.tensors) == (family == "granitemoeshared")
+    with edgemoe.load(path, engine="numpy") as m:
+        ref = m.logits(IDS)
+    with edgemoe.load(path, engine="c") as m:
+        assert rel_err(m.logits(IDS), ref) <= 1e-5
+    ids = IDS.tolist()
+    with edgemoe.load(path, max_ctx=64, threads=2) as m:
+        toks_ref, logits_ref = _greedy(m._engine, ids, 6)
+    with edgemoe.load(path, memory_budget=_minimum_budget(path, 64, 2), max_ctx=64, threads=2) as m:
+        toks, logits = _greedy(m._engine, ids, 6)
+    assert toks == toks_ref and all(np.array_equal(a, b) for a, b in zip(logits, logits_ref))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GGUF: llama.cpp's `granitemoe` (both variants), through the pinned llama-cpp-python
 
