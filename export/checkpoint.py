@@ -123,6 +123,9 @@ class Checkpoint:
                 yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e, s.expert_ffn :])
                 yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(down[e])
             return
+        if not all(self.family.expert_names):  # a family stored only fused (Granite): name what is missing
+            raise FormatError(f"{self.path}: checkpoint is missing tensor "
+                              f"'model.layers.{layer}.{self.family.fused_experts[0][0]}'")
         prefix = f"model.layers.{layer}.{self.family.moe_prefix}.experts"
         for e in range(s.n_experts):
             for matrix, hf_leaf in zip(EXPERT_MATRICES, self.family.expert_names):
