@@ -6,7 +6,8 @@ residual 0.22, logits 1/6. Depth: --layers of the real 32 (the speed per layer d
 and the machine's time do). Writes the HF checkpoint (original Granite names: input_linear / output_linear /
 router.layer, f16), exports it (MWQ, MSB nesting: no calibration text needed), then decodes in a child process
 resident and under --budget-frac of the file, and prints one JSON line per run (tok/s, peak RSS, bytes read per
-token) and whether the greedy tokens agree.
+token) and whether every logit of the budgeted run is bit-identical to the resident one (prefill, then --tokens
+teacher-forced decode steps of random ids: random weights would greedily repeat one token and one set of experts).
 
     python bench/granite_real_size.py /tmp/granite3b --layers 4 --bits 4 --tokens 16
 """
@@ -31,25 +32,48 @@ CONFIG = {
 }
 
 CHILD = r"""
-import json, resource, sys, time
+import hashlib, json, sys, time
 import numpy as np
 import edgemoe
 path, budget, n = sys.argv[1], (int(sys.argv[2]) or None), int(sys.argv[3])
-ids = [int(i) for i in np.random.default_rng(0).integers(100, 49000, 32)]
+rng = np.random.default_rng(0)
+ids = [int(i) for i in rng.integers(100, 49000, 32)]
+feed = [int(i) for i in rng.integers(100, 49000, n)]  # teacher-forced: random weights would repeat one token
 with edgemoe.load(path, memory_budget=budget, max_ctx=256, threads=2) as m:
     eng = m._engine
     t0 = time.perf_counter()
     logits = eng.prefill(ids)
     t1 = time.perf_counter()
-    toks = []
-    for _ in range(n):
-        toks.append(int(np.argmax(logits)))
-        logits = eng.decode(toks[-1])
+    h = hashlib.sha256(logits.tobytes())
+    for t in feed:
+        logits = eng.decode(t)
+        h.update(logits.tobytes())
     t2 = time.perf_counter()
     st = m.stats
+hwm = [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")][0]  # not inherited
 print(json.dumps({"engine": m.engine_name, "budget": budget, "prefill_tok_s": len(ids) / (t1 - t0),
-                  "decode_tok_s": n / (t2 - t1), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "bytes_read_per_token": st.get("bytes_read_per_token"), "tokens": toks}))
+                  "decode_tok_s": n / (t2 - t1), "peak_rss_bytes": hwm,
+                  "bytes_read_per_token": st.get("bytes_read_per_token"), "logits_sha256": h.hexdigest()}))
+"""
+
+LLAMA_CHILD = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, n = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+ids = [int(i) for i in rng.integers(100, 49000, 32)]
+feed = [int(i) for i in rng.integers(100, 49000, n)]
+llm = Llama(model_path=path, n_ctx=256, n_batch=64, n_threads=2, n_threads_batch=2, verbose=False)
+t0 = time.perf_counter()
+llm.eval(ids)
+t1 = time.perf_counter()
+for t in feed:
+    llm.eval([t])
+t2 = time.perf_counter()
+hwm = [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")][0]
+print(json.dumps({"engine": "llama.cpp", "prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1),
+                  "peak_rss_bytes": hwm}))
 """
 
 
@@ -94,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--budget-frac", type=float, default=0.5)
+    p.add_argument("--llama", default="", help="also run llama.cpp (llama-cpp-python) on a GGUF of this type, e.g. F16")
     args = p.parse_args(argv)
     from edgemoe_export import export
 
@@ -110,7 +135,17 @@ def main(argv=None) -> int:
                            capture_output=True, text=True, check=True)
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps({"file_bytes": size, "layers": args.layers, **runs[-1]}))
-    print(json.dumps({"greedy_tokens_identical": runs[0]["tokens"] == runs[1]["tokens"]}))
+    print(json.dumps({"logits_bit_identical": runs[0]["logits_sha256"] == runs[1]["logits_sha256"]}))
+    if args.llama:
+        from edgemoe_export.gguf_export import export_gguf
+
+        gguf = args.work / f"granite3b_{args.layers}l_{args.llama}.gguf"
+        if not gguf.exists():
+            export_gguf(ckpt, gguf, args.llama, show_progress=False)
+        r = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(gguf), str(args.tokens)], capture_output=True,
+                           text=True, check=True)
+        print(json.dumps({"file_bytes": gguf.stat().st_size, "gguf_type": args.llama,
+                          **json.loads(r.stdout.strip().splitlines()[-1])}))
     return 0
 
 
