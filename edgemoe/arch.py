@@ -51,6 +51,11 @@ class ArchSpec:
     sliding_window: int = 0  # window size for layers in swa_layers (0 = none)
     swa_layers: list[int] = field(default_factory=list)
     tie_embeddings: bool = False
+    # Scalings (Granite's multipliers; the defaults change nothing)
+    embed_scale: float = 1.0  # token embeddings are multiplied by it
+    attn_scale: float = 0.0  # attention scores are multiplied by it; 0 = 1/sqrt(head_dim)
+    residual_scale: float = 1.0  # each block's output (attention, FFN) is multiplied by it before the residual add
+    logit_divisor: float = 1.0  # the logits are divided by it
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)

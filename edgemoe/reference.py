@@ -85,7 +85,8 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         k = rope(k, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
     rep = nh // nkv
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [T, nh, hd]
-    scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))
+    scores = np.einsum("thd,shd->hts", q, k)
+    scores = scores * np.float32(spec.attn_scale) if spec.attn_scale else scores / np.float32(np.sqrt(hd))
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     mask = j > i
     if spec.sliding_window and layer in spec.swa_layers:
@@ -133,17 +134,18 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
 def reference_logits(spec: ArchSpec, w: WeightFn, ids, on_route=None) -> np.ndarray:
     """Logits [T, vocab] for the token ids of a fresh sequence."""
     ids = np.asarray(ids, dtype=np.int64)
-    x = w(GLOBAL_TENSORS["embed"])[ids].astype(np.float32)
+    x = w(GLOBAL_TENSORS["embed"])[ids].astype(np.float32) * np.float32(spec.embed_scale)
+    rs = np.float32(spec.residual_scale)
     for layer in range(spec.n_layers):
         names = dense_tensor_names(spec, layer)
         layer_input = x
-        x = x + attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
+        x = x + attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names) * rs
         h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
         if spec.is_moe_layer(layer):
             router_x = layer_input if spec.router_input == "layer_input" else h
-            x = x + moe(spec, layer, h, router_x, w, names, on_route)
+            x = x + moe(spec, layer, h, router_x, w, names, on_route) * rs
         else:
-            x = x + ffn(spec, h, w(names["mlp_gate"]), w(names["mlp_up"]), w(names["mlp_down"]))
+            x = x + ffn(spec, h, w(names["mlp_gate"]), w(names["mlp_up"]), w(names["mlp_down"])) * rs
     x = rms_norm(x, w(GLOBAL_TENSORS["final_norm"]), spec.norm_eps)
     head = w(GLOBAL_TENSORS["embed"] if spec.tie_embeddings else GLOBAL_TENSORS["lm_head"])
-    return (x @ head.T).astype(np.float32)
+    return ((x @ head.T) / np.float32(spec.logit_divisor)).astype(np.float32)

@@ -71,14 +71,29 @@ class Checkpoint:
         """Container name -> (HF name, expected shape) for one layer's attention, norms, router and shared expert."""
         hf = dense_hf_names(self.family, self.spec, layer)
         if "router" in hf and hf["router"] not in self.tensors:
-            hf["router"] = f"model.layers.{layer}.mlp.gate.weight"  # transformers 5 fused layout (Mixtral too)
+            hf["router"] = f"model.layers.{layer}.{self.family.router_fused}"  # transformers 5 fused layout
         shapes = expected_shapes(self.spec, layer)
-        return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()}
+        fused_shared = self._shared_fused(layer)
+        return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()
+                if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down"))}
+
+    def _shared_fused(self, layer: int) -> dict[str, tuple[int, ...]] | None:
+        """HF name -> shape of a shared MLP stored fused (Granite: input_linear = gate rows then up rows [2S, H],
+        output_linear = down [H, S]), or None."""
+        s = self.spec
+        if not (self.family.shared_fused and s.shared_ffn and s.is_moe_layer(layer)):
+            return None
+        p = f"model.layers.{layer}.{self.family.shared_fused}."
+        return {p + "input_linear.weight": (2 * s.shared_ffn, s.hidden),
+                p + "output_linear.weight": (s.hidden, s.shared_ffn)}
 
     def _fused_experts(self, layer: int) -> tuple[str, str] | None:
-        """(gate_up, down) HF names when the layer's experts are stacked (transformers 5 in-memory layout)."""
-        gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-        return (gu, f"model.layers.{layer}.mlp.experts.down_proj") if gu in self.tensors else None
+        """(gate_up, down) HF names when the layer's experts are stacked (transformers 5 in-memory layout, or a
+        family stored fused: Granite's input_linear / output_linear)."""
+        for gu, down in (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), *self.family.fused_experts):
+            if f"model.layers.{layer}.{gu}" in self.tensors:
+                return f"model.layers.{layer}.{gu}", f"model.layers.{layer}.{down}"
+        return None
 
     def _expert_plan(self, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         """HF name -> expected shape of every tensor holding one MoE layer's experts."""
@@ -86,6 +101,8 @@ class Checkpoint:
         fused = self._fused_experts(layer)
         if fused:
             return {fused[0]: (s.n_experts, 2 * s.expert_ffn, s.hidden), fused[1]: (s.n_experts, s.hidden, s.expert_ffn)}
+        if not all(self.family.expert_names):  # a family stored only fused (Granite): name what is missing
+            return {f"model.layers.{layer}.{self.family.fused_experts[0][0]}": (s.n_experts, 2 * s.expert_ffn, s.hidden)}
         prefix = f"model.layers.{layer}.{self.family.moe_prefix}.experts"
         return {f"{prefix}.{e}.{leaf}.weight": expert_shape(s, matrix)
                 for e in range(s.n_experts) for matrix, leaf in zip(EXPERT_MATRICES, self.family.expert_names)}
@@ -103,6 +120,7 @@ class Checkpoint:
             want["lm_head.weight"] = (s.vocab, s.hidden)
         for layer in range(s.n_layers):
             want.update(self._dense_plan(layer).values())
+            want.update(self._shared_fused(layer) or {})
             if s.is_moe_layer(layer):
                 want.update(self._expert_plan(layer))
         for hf_name, shape in want.items():
@@ -140,7 +158,15 @@ class Checkpoint:
 
     def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
         """Container name -> f32 array for one layer's attention, norms, router and shared expert."""
-        return {name: self._get(hf, shape) for name, (hf, shape) in self._dense_plan(layer).items()}
+        out = {name: self._get(hf, shape) for name, (hf, shape) in self._dense_plan(layer).items()}
+        fused = self._shared_fused(layer)
+        if fused:  # Granite: one [2S, H] input matrix, gate rows first
+            (gu_name, gu_shape), (down_name, down_shape) = fused.items()
+            ours, S = dense_tensor_names(self.spec, layer), self.spec.shared_ffn
+            gu = self._get(gu_name, gu_shape)
+            out[ours["sh_gate"]], out[ours["sh_up"]] = np.ascontiguousarray(gu[:S]), np.ascontiguousarray(gu[S:])
+            out[ours["sh_down"]] = self._get(down_name, down_shape)
+        return out
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
@@ -154,6 +180,9 @@ class Checkpoint:
                 yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e, s.expert_ffn :])
                 yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(down[e])
             return
+        if not all(self.family.expert_names):  # a family stored only fused (Granite): name what is missing
+            raise FormatError(f"{self.path}: checkpoint is missing tensor "
+                              f"'model.layers.{layer}.{self.family.fused_experts[0][0]}'")
         prefix = f"model.layers.{layer}.{self.family.moe_prefix}.experts"
         for e in range(s.n_experts):
             for matrix, hf_leaf in zip(EXPERT_MATRICES, self.family.expert_names):

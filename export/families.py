@@ -253,6 +253,32 @@ def _spec(common: dict, **fields) -> ArchSpec:
         raise FormatError(str(e)) from None
 
 
+def granitemoe_spec(cfg: dict) -> ArchSpec:
+    """Granite-MoE and its shared-expert variant (transformers' modeling_granitemoe / modeling_granitemoeshared).
+
+    - embeddings x embedding_multiplier; attention scores x attention_multiplier (instead of 1/sqrt(head_dim));
+      each block's output (attention, then MoE + shared MLP) x residual_multiplier before the residual add;
+      logits / logits_scaling;
+    - routing: top-k of the router logits, then softmax over those k = softmax over all, top-k, renormalize;
+    - experts fused: input_linear [E, 2F, H] (rows: gate, then up: `.chunk(2)`), output_linear [E, H, F] = down;
+      the shared MLP (shared_intermediate_size > 0) the same with [2S, H] / [H, S], ungated, in every layer.
+    """
+    c = ConfigFields(cfg)
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"Granite-MoE with hidden_act={cfg.get('hidden_act')!r} is not supported yet "
+                                    f"(expected 'silu')")
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError("Granite-MoE with attention_bias is not supported yet")
+    common = _common(c, "granitemoe", 10000.0)
+    scales = {field: c.float(key, 1.0) for key, field in (
+        ("embedding_multiplier", "embed_scale"), ("attention_multiplier", "attn_scale"),
+        ("residual_multiplier", "residual_scale"), ("logits_scaling", "logit_divisor"))}
+    n_experts, top_k = _experts(c, "num_local_experts", "num_experts_per_tok")
+    return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("intermediate_size"),
+                 router_fn="softmax", norm_topk=True, shared_ffn=c.int("shared_intermediate_size", 0, lo=0),
+                 **scales)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -260,6 +286,11 @@ class Family:
     moe_prefix: str  # module holding the router and experts, under model.layers.{i}.
     router: str  # router weight name under moe_prefix
     expert_names: tuple[str, str, str]  # per-expert (gate, up, down) names under {moe_prefix}.experts.{e}.
+    # Fused expert tensors under model.layers.{i}.: (gate+up [E, 2F, H], down [E, H, F]) name pairs, tried in order
+    # after transformers 5's in-memory names (mlp.experts.gate_up_proj, mlp.experts.down_proj).
+    fused_experts: tuple[tuple[str, str], ...] = ()
+    router_fused: str = "mlp.gate.weight"  # the router's name in transformers 5's in-memory layout
+    shared_fused: str = ""  # a shared MLP stored fused (input_linear = gate+up [2S, H], output_linear = down)
 
 
 FAMILIES: dict[str, Family] = {
@@ -269,9 +300,15 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", mixtral_spec, "block_sparse_moe", "gate.weight", ("w1", "w3", "w2")),
     "smallthinker": Family("smallthinker", smallthinker_spec, "block_sparse_moe", "primary_router.weight",
                            ("gate", "up", "down")),
+    "granitemoe": Family("granitemoe", granitemoe_spec, "block_sparse_moe", "router.layer.weight", ("", "", ""),
+                         (("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+                          ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj")),
+                         "block_sparse_moe.router.weight", "shared_mlp"),
 }
+FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 
-SUPPORTED = "OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker (smallthinker)"
+SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
+             "(smallthinker), Granite-MoE (granitemoe, granitemoeshared)")
 
 
 def family_for(cfg: dict, where: str) -> Family:

@@ -6,7 +6,7 @@ time, each layer's experts stacked into `blk.N.ffn_{gate,up,down}_exps` ([E, out
 reads as {in, out, E}).
 
 llama.cpp architectures: olmoe, qwen2moe, qwen3moe, llama (Mixtral; Q/K rows permuted to llama.cpp's adjacent-pair
-RoPE), smallthinker. Whatever llama.cpp's graph for the architecture cannot express (GQA in `olmoe`, top-k
+RoPE), smallthinker, granitemoe (Granite-MoE and its shared variant; Q/K permuted as for llama). Whatever llama.cpp's graph for the architecture cannot express (GQA in `olmoe`, top-k
 renormalization it does not do, dense layers, SmallThinker layouts other than the one it hard-codes) is refused with
 an `EdgeMoEError` rather than written as a file that loads and computes something else.
 
@@ -55,7 +55,7 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
                            "supported")
     if arch != "smallthinker" and (spec.nope_layers or spec.swa_layers):
         raise EdgeMoEError(f"{where}: NoPE or sliding-window layers are not supported by llama.cpp's '{arch}'")
-    if arch in ("olmoe", "qwen3moe", "llama", "smallthinker") and spec.dense_layers:
+    if arch in ("olmoe", "qwen3moe", "llama", "smallthinker", "granitemoe") and spec.dense_layers:
         raise EdgeMoEError(f"{where}: dense (non-MoE) layers {spec.dense_layers} are not supported by llama.cpp's "
                            f"'{arch}' graph, which makes every layer an MoE layer")
     if arch == "olmoe":
@@ -88,14 +88,20 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
     if arch == "qwen3moe" and not spec.norm_topk:
         raise EdgeMoEError(f"{where}: norm_topk_prob=false is not supported: llama.cpp's qwen3moe always "
                            "renormalizes the top-k weights")
-    if arch in ("llama", "smallthinker") and not spec.norm_topk:
+    if arch in ("llama", "smallthinker", "granitemoe") and not spec.norm_topk:
         raise EdgeMoEError(f"{where}: llama.cpp's '{arch}' always renormalizes the top-k weights")
     if arch != "smallthinker" and (spec.activation != "swiglu" or spec.router_input != "ffn_norm"
                                    or spec.router_fn != "softmax"):
         raise EdgeMoEError(f"{where}: llama.cpp's '{arch}' uses SwiGLU experts and a softmax router on the "
                            "normed FFN input")
-    if arch != "qwen2moe" and spec.shared_ffn:
+    if arch not in ("qwen2moe", "granitemoe") and spec.shared_ffn:
         raise EdgeMoEError(f"{where}: shared experts are not supported by llama.cpp's '{arch}'")
+    if arch == "granitemoe" and (spec.shared_gate or spec.qkv_bias or spec.qk_norm != "none"):
+        raise EdgeMoEError(f"{where}: llama.cpp's granitemoe has no shared-expert gate, QKV bias or QK-norm")
+    scaled = (spec.embed_scale, spec.attn_scale, spec.residual_scale, spec.logit_divisor) != (1.0, 0.0, 1.0, 1.0)
+    if arch != "granitemoe" and scaled:
+        raise EdgeMoEError(f"{where}: embedding / attention / residual / logit scalings are not supported by "
+                           f"llama.cpp's '{arch}'")
     if arch == "smallthinker":
         if spec.activation != "reglu" or spec.router_input != "layer_input":
             raise EdgeMoEError(f"{where}: llama.cpp's smallthinker uses ReGLU experts routed on the layer input")
@@ -257,7 +263,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
         dense = ckpt.layer_dense(layer)
         for role, name in names.items():
             arr = dense[name]
-            if arch == "llama" and role in ("wq", "wk"):
+            if arch in ("llama", "granitemoe") and role in ("wq", "wk"):  # both rotate adjacent pairs
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
             yield name, arr
         del dense
@@ -315,8 +321,13 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     # expert_feed_forward_length. Writing both is what the upstream converters do.
     w.add_feed_forward_length(spec.expert_ffn if arch != "qwen2moe" else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
-    if arch == "qwen2moe":
+    if arch == "qwen2moe" or (arch == "granitemoe" and spec.shared_ffn):
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if arch == "granitemoe":  # llama.cpp's names for Granite's multipliers; attention.scale 0 = 1/sqrt(head_dim)
+        w.add_embedding_scale(spec.embed_scale)
+        w.add_residual_scale(spec.residual_scale)
+        w.add_attention_scale(spec.attn_scale)
+        w.add_logit_scale(spec.logit_divisor)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

@@ -7,7 +7,7 @@ reads a GGUF the same way. The header is parsed and checked against the file by 
 and lengths, known types, tensors tiling the data section); tensors are memory-mapped and dequantized to f32 one at
 a time by gguf-py, and refused by name if they hold NaN or infinities.
 
-llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker -- the
+llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker, granitemoe -- the
 table the writer uses (`llama_cpp_names.LLAMA_CPP_ARCH`), read backwards. Metadata is turned into a Hugging Face-style
 config (`.config`) and the ArchSpec comes from the same `families.py` function that reads a real config.json, so
 a GGUF and the checkpoint it was converted from give the same description.
@@ -55,6 +55,7 @@ from .tokenizer_check import check_tokenizer
 GGUF_ARCH_TO_FAMILY = {arch: family for family, arch in LLAMA_CPP_ARCH.items()}
 # edgemoe family -> HF model_type (the key of families.FAMILIES)
 _MODEL_TYPE = {fam.name: model_type for model_type, fam in FAMILIES.items()}
+NORM_ROPE_ARCHS = ("llama", "granitemoe")  # llama.cpp rotates adjacent pairs: converters permute the q/k rows
 
 _MISSING = object()
 
@@ -133,7 +134,7 @@ class GGUFCheckpoint:
             raise FormatError(f"{path}: {arch}.rope.dimension_count = {rope_dim}: RoPE rotates pairs, expected an "
                               "even number")
         if rope_dim != spec.head_dim:
-            if arch == "llama":
+            if arch in NORM_ROPE_ARCHS:
                 raise UnsupportedModelError(f"{path}: partial RoPE ({rope_dim} of {spec.head_dim} dims) with "
                                             "llama's row permutation is not supported")
             spec.rope_dim = rope_dim
@@ -256,6 +257,14 @@ class GGUFCheckpoint:
                        num_experts_per_tok=top_k, decoder_sparse_step=1, norm_topk_prob=True)
         elif a == "llama":
             cfg.update(intermediate_size=expert_ffn, num_local_experts=n_experts, num_experts_per_tok=top_k)
+        elif a == "granitemoe":  # llama.cpp's names for Granite's multipliers; attention.scale 0 = 1/sqrt(head_dim)
+            att = _f32_value(self._kv(p + "attention.scale", 0.0))
+            cfg.update(intermediate_size=expert_ffn, num_local_experts=n_experts, num_experts_per_tok=top_k,
+                       shared_intermediate_size=self._kv_int(p + "expert_shared_feed_forward_length", 0),
+                       embedding_multiplier=_f32_value(self._kv(p + "embedding_scale", 1.0)),
+                       residual_multiplier=_f32_value(self._kv(p + "residual_scale", 1.0)),
+                       attention_multiplier=att or float(1.0 / np.sqrt(np.float32(head_dim))),
+                       logits_scaling=_f32_value(self._kv(p + "logit_scale", 1.0)))
         elif a == "smallthinker":
             import gguf
 
@@ -367,7 +376,7 @@ class GGUFCheckpoint:
         out = {}
         for role, name in dense_tensor_names(s, layer).items():
             arr = self._get(name)
-            if self.arch == "llama" and role in ("wq", "wk", "bq", "bk"):
+            if self.arch in NORM_ROPE_ARCHS and role in ("wq", "wk", "bq", "bk"):
                 arr = self._unpermute(arr, s.n_heads if role in ("wq", "bq") else s.n_kv_heads)
             out[name] = arr
         return out

@@ -9,6 +9,7 @@ LLAMA_CPP_ARCH = {
     "qwen3moe": "qwen3moe",
     "mixtral": "llama",
     "smallthinker": "smallthinker",
+    "granitemoe": "granitemoe",  # both granitemoe and granitemoeshared (llama.cpp runs the shared MLP when present)
 }
 
 # Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.

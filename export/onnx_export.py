@@ -10,7 +10,8 @@ onnxruntime-genai's decoder layout, so a plain onnxruntime loop can prefill and 
 
 Ops (everything runs on onnxruntime's CPU execution provider; choices verified against it, see tests/test_onnx.py):
 - RMSNorm, RoPE (neox halves or norm pairs, partial rotary dims), QK-norm (per head and over the projection),
-  GQA attention with the causal / padding / sliding-window mask, shared experts with a sigmoid gate, dense MLPs:
+  GQA attention with the causal / padding / sliding-window mask, shared experts with a sigmoid gate, dense MLPs,
+  Granite's scalings (embedding, attention, residual: Mul; logits: Div):
   standard ONNX ops (opset 21), so NNCF and `onnx.checker` see a plain graph. GQA is done without repeating K/V:
   the query heads of one KV group are stacked along the sequence axis ([B, kv, rep*S, hd]) and the mask is tiled.
 - Routed experts: `com.microsoft.MoE` (fp32) or `com.microsoft.QMoE` (int8 / int4), which softmax the router
@@ -315,7 +316,7 @@ class _Builder:
             q, k = self._rope(q, p + "_rope_q"), self._rope(k, p + "_rope_k")
         pk = g.op_to("Concat", [f"past_key_values.{layer}.key", k], [f"present.{layer}.key"], axis=2)
         pv = g.op_to("Concat", [f"past_key_values.{layer}.value", v], [f"present.{layer}.value"], axis=2)
-        q = g.op("Mul", [q, g.const(1.0 / np.sqrt(hd), np.float32)], name=p + "_qscale")
+        q = g.op("Mul", [q, g.const(s.attn_scale or 1.0 / np.sqrt(hd), np.float32)], name=p + "_qscale")
         q = g.op("Reshape", [q, g.const([0, nkv, -1, hd])], name=p + "_qgroups")  # [B, nkv, rep*S, hd]
         scores = g.op("MatMul", [q, g.op("Transpose", [pk], name=p + "_kTT", perm=[0, 1, 3, 2])], name=p + "_scores")
         mask = self.masks["swa" if s.sliding_window and layer in s.swa_layers else "full"]
@@ -326,6 +327,12 @@ class _Builder:
         out = g.op("Transpose", [out], name=p + "_ctxT", perm=[0, 2, 1, 3])
         out = g.op("Reshape", [out, g.const([0, 0, nh * hd])], name=p + "_ctx3")
         return g.matmul(out, d[names["wo"]], p + ".o_proj")
+
+    def _residual(self, y: str, name: str) -> str:
+        """A block's output as the residual stream adds it (Granite's residual_multiplier)."""
+        if self.spec.residual_scale == 1.0:
+            return y
+        return self.g.op("Mul", [y, self.g.const(self.spec.residual_scale, np.float32)], name=name + "_scaled")
 
     def _router_input(self, logits: str, layer: int, name: str) -> str:
         """Router logits -> what MoE's softmax must see (see the module docstring)."""
@@ -429,6 +436,8 @@ class _Builder:
         glob = ck.global_tensors()
         embed = glob[GLOBAL_TENSORS["embed"]]
         x = g.op("Gather", [g.init("model.embed_tokens.weight", embed), "input_ids"], name="embed", axis=0)
+        if s.embed_scale != 1.0:  # Granite's multipliers (ArchSpec's scalings)
+            x = g.op("Mul", [x, g.const(s.embed_scale, np.float32)], name="embed_scale")
         self._prologue()
         for layer in progress(range(s.n_layers), "ONNX layers", show_progress):
             names = dense_tensor_names(s, layer)
@@ -436,7 +445,7 @@ class _Builder:
             p = f"model.layers.{layer}"
             layer_in = x
             h = g.rms_norm(x, d[names["attn_norm"]], s.norm_eps, p + ".input_layernorm")
-            x = g.op("Add", [x, self._attention(layer, h, d, names)], name=p + "_attn_res")
+            x = g.op("Add", [x, self._residual(self._attention(layer, h, d, names), p + "_attn")], name=p + "_attn_res")
             h = g.rms_norm(x, d[names["ffn_norm"]], s.norm_eps, p + ".post_attention_layernorm")
             if s.is_moe_layer(layer):
                 experts = dict(ck.layer_experts(layer))
@@ -445,17 +454,20 @@ class _Builder:
                 del experts
             else:
                 y = _ffn(g, s, h, d[names["mlp_gate"]], d[names["mlp_up"]], d[names["mlp_down"]], p + ".mlp")
-            x = g.op("Add", [x, y], name=p + "_ffn_res")
+            x = g.op("Add", [x, self._residual(y, p + "_ffn")], name=p + "_ffn_res")
             del d
         x = g.rms_norm(x, glob[GLOBAL_TENSORS["final_norm"]], s.norm_eps, "model.norm")
+        head_out = "logits" if s.logit_divisor == 1.0 else "unscaled_logits"
         if s.tie_embeddings:  # share the embedding initializer: Gemm(x, E, transB=1) on [B*S, H]
             x2 = g.op("Reshape", [x, g.const([-1, s.hidden])], name="final_tokens")
             y = g.op("Gemm", [x2, "model.embed_tokens.weight"], name="lm_head", transB=1)
             out_shape = g.op("Concat", [self.shape_ids, g.const([s.vocab])], name="logits_shape", axis=0)
-            g.op_to("Reshape", [y, out_shape], ["logits"])
+            g.op_to("Reshape", [y, out_shape], [head_out])
         else:
             w = g.init("lm_head.weight", np.ascontiguousarray(glob[GLOBAL_TENSORS["lm_head"]].T))
-            g.op_to("MatMul", [x, w], ["logits"])
+            g.op_to("MatMul", [x, w], [head_out])
+        if s.logit_divisor != 1.0:
+            g.op_to("Div", [head_out, g.const(s.logit_divisor, np.float32)], ["logits"])
         del glob
 
         f, i64 = TensorProto.FLOAT, TensorProto.INT64

@@ -44,10 +44,27 @@ def _configs():
             **COMMON, intermediate_size=40, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
             num_local_experts=4, num_experts_per_tok=2,
         ),
+        # Granite-MoE: the four multipliers away from 1 (attention_multiplier != 1/sqrt(head_dim)), fused experts,
+        # softmax over the top-k logits, an odd expert count; the shared variant adds an ungated shared MLP and ties
+        # the embeddings (as the published checkpoints do).
+        "granitemoe": tf.GraniteMoeConfig(
+            **COMMON, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+            num_local_experts=5, num_experts_per_tok=3, **GRANITE_SCALES,
+        ),
+        "granitemoeshared": tf.GraniteMoeSharedConfig(
+            **{**COMMON, "tie_word_embeddings": True}, intermediate_size=40, shared_intermediate_size=56,
+            num_attention_heads=4, num_key_value_heads=1, num_local_experts=7, num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **GRANITE_SCALES,
+        ),
     }
 
 
+GRANITE_SCALES = {"embedding_multiplier": 3.0, "attention_multiplier": 0.07, "residual_multiplier": 0.6,
+                  "logits_scaling": 2.5}
+
+
 FAMILIES = ("olmoe", "qwen2moe", "qwen3moe", "mixtral")
+GRANITE = ("granitemoe", "granitemoeshared")  # tests/test_granite.py
 
 
 def build_tiny_model(family: str, out_dir: Path, seed: int = 0, **save_kwargs) -> Path:

@@ -26,7 +26,7 @@ static const struct field {
     field_kind kind;
     int required;
     size_t off;              /* into emoe_config (F_INT, F_FLOAT, F_BOOL, F_ENUM); unused otherwise */
-    int64_t lo, hi, def;     /* F_INT / F_ID range and default */
+    int64_t lo, hi, def;     /* F_INT / F_ID range and default; F_FLOAT: lo = 1 also allows 0 (a derived default) */
     double fdef;             /* F_FLOAT default */
     const char *const *names; /* F_ENUM: allowed strings (index = stored value; absent -> 0) */
 } FIELDS[] = {
@@ -58,6 +58,10 @@ static const struct field {
     {"sliding_window", F_INT, 0, CFG(sliding_window), 0, INT32_MAX, 0, 0, NULL},
     {"swa_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
     {"tie_embeddings", F_BOOL, 0, CFG(tie_embeddings), 0, 0, 0, 0, NULL},
+    {"embed_scale", F_FLOAT, 0, CFG(embed_scale), 0, 0, 0, 1.0, NULL},
+    {"attn_scale", F_FLOAT, 0, CFG(attn_scale), 1, 0, 0, 0.0, NULL},
+    {"residual_scale", F_FLOAT, 0, CFG(residual_scale), 0, 0, 0, 1.0, NULL},
+    {"logit_divisor", F_FLOAT, 0, CFG(logit_divisor), 0, 0, 0, 1.0, NULL},
     {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
     {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
     {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
@@ -127,8 +131,13 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
         if (!json_double(d, node, &v))
             return invalid(err, errlen, "'%s' must be a number, got %s", f->key, kind_name(t));
         /* finite (the parser refuses inf/nan literals), positive, and still positive and finite as a float */
+        if (f->lo == 1 && v == 0.0) {
+            *cfg_f32(&a->cfg, f->off) = 0.0f;
+            return EMOE_OK;
+        }
         if (!(v > 0.0) || v > 3.0e38 || (float)v <= 0.0f)
-            return invalid(err, errlen, "'%s' = %g must be a positive number that fits in a float", f->key, v);
+            return invalid(err, errlen, "'%s' = %g must be a positive number%s that fits in a float", f->key, v,
+                           f->lo == 1 ? " (or 0: the default)" : "");
         *cfg_f32(&a->cfg, f->off) = (float)v;
         return EMOE_OK;
     }

@@ -58,6 +58,8 @@ typedef struct emoe_config {
     int32_t dense_ffn;
     int32_t sliding_window; /* 0 = none */
     int32_t tie_embeddings; /* bool */
+    /* Granite's multipliers (ArchSpec.embed_scale ...); 0 = the default (emoe_model_new: 1, attn_scale 1/sqrt(hd)) */
+    float embed_scale, attn_scale, residual_scale, logit_divisor;
     int32_t n_dense_layers, n_nope_layers, n_swa_layers;
     const int32_t *dense_layers, *nope_layers, *swa_layers;
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert

@@ -55,6 +55,11 @@ static void add_bias(float *y, const tensor_ref *b, int n_tok, int dim) {
         for (int i = 0; i < dim; i++) y[(size_t)t * dim + i] += bv[i];
 }
 
+/* x += y * scale (Granite's residual_multiplier; scale 1 is exact, so other families are unchanged). */
+static void add_residual(float *x, const float *y, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] += y[i] * scale;
+}
+
 /* ---- RoPE ---- */
 
 /* cos/sin for the block's positions (s.pos), computed like HF's f32 path: inv_freq = 1 / theta^(2j/d) (f32),
@@ -123,7 +128,7 @@ static void att_task(void *arg, int task, int thread) {
     const float *qg = m->s.q + (size_t)t * m->q_dim + (size_t)g * grp * hd;
     m->k->matmul[m->kv_f16 ? EMOE_F16 : EMOE_F32](hd, kb, row_bytes, qg, (size_t)hd * sizeof(float), S, (size_t)n,
                                                   grp, 0, n);
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = c->attn_scale; /* 1/sqrt(hd) unless the arch gives one (Granite) */
     for (int h = 0; h < grp; h++) {
         float *sr = S + (size_t)h * n;
         float mx = -INFINITY;
@@ -195,7 +200,7 @@ static void attention(emoe_model *m, int l, int n_tok) {
     att_ctx a = {.m = m, .layer = l, .swa = L->swa};
     pool_run(m->pool, att_task, &a, n_tok * c->n_kv_heads);
     matmul(m, &L->wo, s->att, n_tok, s->tmp, (size_t)H);
-    for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] += s->tmp[i];
+    add_residual(s->x, s->tmp, (size_t)n_tok * H, c->residual_scale);
 }
 
 /* ---- feed-forward ---- */
@@ -323,6 +328,8 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
     run_state *s = &m->s;
     const int H = c->hidden;
     for (int t = 0; t < n_tok; t++) embed_row(m->k, &m->embed, tokens[t], s->x + (size_t)t * H);
+    if (c->embed_scale != 1.0f)
+        for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] *= c->embed_scale;
     rope_tables(m, n_tok);
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *L = &m->layers[l];
@@ -339,7 +346,7 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
             moe(m, l, n_tok);
         } else
             gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->tmp, 0);
-        for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] += s->tmp[i];
+        add_residual(s->x, s->tmp, (size_t)n_tok * H, c->residual_scale);
     }
     if (!logits) return EMOE_OK;
     const int first = all_logits ? 0 : n_tok - 1, n_out = n_tok - first;
@@ -347,6 +354,8 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
         rmsnorm(s->xn + (size_t)(t - first) * H, s->x + (size_t)t * H, m->final_norm.data, H, c->norm_eps);
     const tensor_ref *head = m->lm_head.data ? &m->lm_head : &m->embed;
     matmul(m, head, s->xn, n_out, logits, (size_t)c->vocab);
+    if (c->logit_divisor != 1.0f) /* Granite's logits_scaling: a division, as transformers does it */
+        for (size_t i = 0; i < (size_t)n_out * (size_t)c->vocab; i++) logits[i] /= c->logit_divisor;
     return EMOE_OK;
 }
 

@@ -1,4 +1,5 @@
 /* Model lifetime: config validation, buffers, KV cache, thread pool, tensor registration by container name, errors. */
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -171,6 +172,11 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
     }
     m->cfg = *cfg;
     if (m->cfg.rope_dim == 0) m->cfg.rope_dim = m->cfg.head_dim;
+    /* the scalings' defaults (0 only in a struct built in C: the arch reader refuses 0 but for attn_scale) */
+    if (m->cfg.embed_scale == 0.0f) m->cfg.embed_scale = 1.0f;
+    if (m->cfg.residual_scale == 0.0f) m->cfg.residual_scale = 1.0f;
+    if (m->cfg.logit_divisor == 0.0f) m->cfg.logit_divisor = 1.0f;
+    if (m->cfg.attn_scale == 0.0f && m->cfg.head_dim > 0) m->cfg.attn_scale = 1.0f / sqrtf((float)m->cfg.head_dim);
     if ((m->status = validate_config(m, &m->cfg, max_ctx, n_threads))) return m;
     const emoe_config *c = &m->cfg;
     m->max_ctx = max_ctx;
