@@ -260,7 +260,7 @@ class GGUFCheckpoint:
         elif a == "granitemoe":  # llama.cpp's names for Granite's multipliers; attention.scale 0 = 1/sqrt(head_dim)
             att = _f32_value(self._kv(p + "attention.scale", 0.0))
             cfg.update(intermediate_size=expert_ffn, num_local_experts=n_experts, num_experts_per_tok=top_k,
-                       shared_intermediate_size=self._kv_int(p + "expert_shared_feed_forward_length", 0),
+                       shared_intermediate_size=self._kv_int(p + "expert_shared_feed_forward_length", 0, lo=0),
                        embedding_multiplier=_f32_value(self._kv(p + "embedding_scale", 1.0)),
                        residual_multiplier=_f32_value(self._kv(p + "residual_scale", 1.0)),
                        attention_multiplier=att or float(1.0 / np.sqrt(np.float32(head_dim))),
