@@ -135,7 +135,8 @@ def _olmoe_16_experts(out):
 
     cfg = tf.OlmoeConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, intermediate_size=64,
                          num_attention_heads=2, num_key_value_heads=2, num_experts=16, num_experts_per_tok=2,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+                         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)  # OLMoE's default ids (50279 ...) are outside this 320-token vocabulary
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
