@@ -157,6 +157,57 @@ def smallthinker_spec(cfg: dict) -> ArchSpec:
     )
 
 
+def _rotary_fraction(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+
+
+def glm4moe_spec(cfg: dict) -> ArchSpec:
+    """GLM-4.5 MoE (transformers' modeling_glm4_moe.py): DeepSeek-V3 routing (sigmoid, e_score_correction_bias for
+    selection, n_group / topk_group with the top-2-sum group score, norm_topk_prob, routed_scaling_factor), a shared
+    expert of n_shared_experts * moe_intermediate_size, dense MLP layers before first_k_dense_replace, NeoX RoPE on
+    the first partial_rotary_factor of each head, optional per-head QK-norm and q/k/v biases (o_proj has none).
+    The next-token-prediction (MTP) layers after num_hidden_layers are not read."""
+    base = _common(cfg, "glm4moe", 10000.0)
+    n_experts = int(cfg["n_routed_experts"])
+    moe_ffn = int(cfg["moe_intermediate_size"])
+    return ArchSpec(
+        **base, n_experts=n_experts, top_k=int(cfg["num_experts_per_tok"]), expert_ffn=moe_ffn,
+        rope_dim=int(base["head_dim"] * _rotary_fraction(cfg)), qkv_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm="head" if cfg.get("use_qk_norm") else "none", router_fn="sigmoid",
+        norm_topk=bool(cfg.get("norm_topk_prob", True)), score_bias=True, n_group=int(cfg.get("n_group") or 1),
+        topk_group=int(cfg.get("topk_group") or 1), routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+        shared_ffn=moe_ffn * int(cfg.get("n_shared_experts") or 0), dense_ffn=int(cfg["intermediate_size"]),
+        dense_layers=list(range(min(int(cfg.get("first_k_dense_replace") or 0), base["n_layers"]))),
+    )
+
+
+def ernie45moe_spec(cfg: dict) -> ArchSpec:
+    """ERNIE-4.5 MoE (transformers' modeling_ernie4_5_moe.py): MoE on layers i with (i + 1) % moe_layer_interval == 0
+    and moe_layer_start_index <= i <= moe_layer_end_index (-1 = the last), a dense MLP elsewhere; softmax router,
+    experts chosen by prob + e_score_correction_bias, weights = the chosen probs renormalized (denominator clamped
+    at moe_norm_min, 1e-12: a sum of k probabilities that small does not occur in float32 routing, so plain
+    renormalization is exact); shared experts of moe_num_shared_experts * moe_intermediate_size; interleaved
+    ("norm") RoPE over the whole head; tied embeddings by default."""
+    if cfg.get("use_bias"):
+        raise UnsupportedModelError("ERNIE-4.5 MoE with use_bias=true (biases on every projection) is not supported yet")
+    base = _common(cfg, "ernie4_5moe", 500000.0)
+    base["rope_kind"] = "norm"  # its rotate_half pairs (2i, 2i+1)
+    base["tie_embeddings"] = bool(cfg.get("tie_word_embeddings", True))
+    n = base["n_layers"]
+    start, interval = int(cfg.get("moe_layer_start_index", 1)), int(cfg.get("moe_layer_interval", 1) or 1)
+    end = int(cfg.get("moe_layer_end_index", -1))
+    end = n - 1 if end == -1 else end
+    moe_layers = [i for i in range(n) if (i + 1) % interval == 0 and start <= i <= end]
+    moe_ffn = int(cfg["moe_intermediate_size"])
+    return ArchSpec(
+        **base, n_experts=int(cfg["moe_num_experts"]), top_k=int(cfg["moe_k"]), expert_ffn=moe_ffn,
+        router_fn="softmax", norm_topk=True, score_bias=True,
+        shared_ffn=moe_ffn * int(cfg.get("moe_num_shared_experts") or 0), dense_ffn=int(cfg["intermediate_size"]),
+        dense_layers=[i for i in range(n) if i not in moe_layers],
+    )
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -164,6 +215,8 @@ class Family:
     moe_prefix: str  # module holding the router and experts, under model.layers.{i}.
     router: str  # router weight name under moe_prefix
     expert_names: tuple[str, str, str]  # per-expert (gate, up, down) names under {moe_prefix}.experts.{e}.
+    shared: str = "shared_expert"  # the shared expert's module under moe_prefix
+    score_bias: str = ""  # the selection-only router bias under moe_prefix (ArchSpec.score_bias)
 
 
 FAMILIES: dict[str, Family] = {
@@ -173,9 +226,14 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", mixtral_spec, "block_sparse_moe", "gate.weight", ("w1", "w3", "w2")),
     "smallthinker": Family("smallthinker", smallthinker_spec, "block_sparse_moe", "primary_router.weight",
                            ("gate", "up", "down")),
+    "glm4_moe": Family("glm4moe", glm4moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                       "shared_experts", "gate.e_score_correction_bias"),
+    "ernie4_5_moe": Family("ernie4_5moe", ernie45moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                           "shared_experts", "moe_statics.e_score_correction_bias"),
 }
 
-SUPPORTED = "OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker (smallthinker)"
+SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker (smallthinker), "
+             "GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE (ernie4_5_moe)")
 
 
 def family_for(cfg: dict, where: str) -> Family:
@@ -203,9 +261,11 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
     m = p + fam.moe_prefix + "."
     if spec.is_moe_layer(layer):
         names["router"] = m + fam.router
+        if spec.score_bias:
+            names["score_bias"] = m + fam.score_bias
         if spec.shared_ffn:
-            names.update(sh_gate=m + "shared_expert.gate_proj.weight", sh_up=m + "shared_expert.up_proj.weight",
-                         sh_down=m + "shared_expert.down_proj.weight")
+            sh = m + fam.shared + "."
+            names.update(sh_gate=sh + "gate_proj.weight", sh_up=sh + "up_proj.weight", sh_down=sh + "down_proj.weight")
             if spec.shared_gate:
                 names["sh_gate_inp"] = m + "shared_expert_gate.weight"
     else:

@@ -44,6 +44,14 @@ SPECS = {
                              router_fn="sigmoid"),
     "merged": ArchSpec("olmoe", **{**BASE, "n_experts": 8, "top_k": 3}, norm_topk=True,
                        expert_map=[[0, 1, 1, 2, -1, 3, 0, 4], []]),
+    # DeepSeek-V3-style routing: sigmoid + selection bias, 2 of 4 groups kept, renormalized and scaled (GLM-4.5)
+    "glm4moe": ArchSpec("glm4moe", **{**BASE, "n_layers": 3, "n_experts": 8, "top_k": 3}, qkv_bias=True,
+                        qk_norm="head", rope_dim=8, router_fn="sigmoid", norm_topk=True, score_bias=True, n_group=4,
+                        topk_group=2, routed_scaling=2.5, shared_ffn=32, dense_ffn=80, dense_layers=[0]),
+    # ERNIE-4.5: softmax + selection bias, renormalized; odd expert count; a dense first layer
+    "ernie4_5moe": ArchSpec("ernie4_5moe", **{**BASE, "n_layers": 3, "n_experts": 7, "top_k": 3}, rope_kind="norm",
+                            norm_topk=True, score_bias=True, shared_ffn=64, dense_ffn=80, dense_layers=[0],
+                            tie_embeddings=True),
 }
 
 
@@ -59,7 +67,7 @@ def tensor_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
                        "wv": (nkv * hd, H), "wo": (H, nh * hd), "bq": (nh * hd,), "bk": (nkv * hd,), "bv": (nkv * hd,),
                        "router": (spec.n_experts, H), "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H),
                        "sh_down": (H, spec.shared_ffn), "sh_gate_inp": (H,), "mlp_gate": (spec.dense_ffn, H),
-                       "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn)}
+                       "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn), "score_bias": (spec.n_experts,)}
         if qn:
             role_shapes.update(q_norm=(qn[0],), k_norm=(qn[1],))
         for role, name in dense_tensor_names(spec, layer).items():
