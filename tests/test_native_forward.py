@@ -86,7 +86,8 @@ def random_tensors(spec: ArchSpec, seed: int = 0) -> dict[str, np.ndarray]:
     for name, shape in tensor_shapes(spec).items():
         if len(shape) == 1:
             base = 1.0 if "norm" in name else 0.0
-            a = base + 0.2 * rng.standard_normal(shape)
+            # a selection bias of a few hundredths, like trained ones: it reorders near experts without swamping
+            a = base + (0.05 if "exp_probs_b" in name else 0.2) * rng.standard_normal(shape)
         else:
             a = rng.standard_normal(shape) * (2.0 / np.sqrt(shape[1]))
         out[name] = np.ascontiguousarray(a, dtype=np.float32)
