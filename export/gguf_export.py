@@ -30,7 +30,13 @@ from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor
 from edgemoe.errors import EdgeMoEError
 
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
-from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SMALLTHINKER_SWA_WINDOW, SPLIT_REGEX_PRE
+from .llama_cpp_names import (
+    GGUF_RENAMES,
+    LLAMA_CPP_ARCH,
+    SMALLTHINKER_SWA_PERIOD,
+    SMALLTHINKER_SWA_WINDOW,
+    SPLIT_REGEX_PRE,
+)
 from .progress import progress
 
 # Q4_0_Q8_0: per-tensor types, experts Q4_0 and every other matrix Q8_0 (MWQ experts + Q8_0 dense, llama.cpp side)
@@ -47,9 +53,37 @@ class _Planned:
 # checks: what llama.cpp's graph for each architecture can express
 
 
+def _check_glm4moe(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's glm4moe: sigmoid router with exp_probs_b, no group limit, leading dense layers, shared experts a
+    whole multiple of the expert width."""
+    if spec.router_fn != "sigmoid" or not spec.score_bias or spec.activation != "swiglu":
+        raise EdgeMoEError(f"{where}: llama.cpp's glm4moe expects SwiGLU experts and a sigmoid router with a "
+                           "selection bias")
+    if spec.n_group > 1:
+        raise EdgeMoEError(f"{where}: group-limited routing (n_group = {spec.n_group}, topk_group = "
+                           f"{spec.topk_group}) is not implemented by llama.cpp's glm4moe graph")
+    if spec.dense_layers != list(range(len(spec.dense_layers))):
+        raise EdgeMoEError(f"{where}: llama.cpp's glm4moe needs the dense layers first (0..k-1), got "
+                           f"{spec.dense_layers}")
+    if spec.shared_ffn % spec.expert_ffn:
+        raise EdgeMoEError(f"{where}: llama.cpp's glm4moe sizes the shared expert as a whole number of experts "
+                           f"(shared_ffn = {spec.shared_ffn}, expert_ffn = {spec.expert_ffn})")
+
+
+def _gguf_name(arch: str, name: str) -> str:
+    for (a, suffix), new in GGUF_RENAMES.items():
+        if a == arch and name.endswith(suffix):
+            return name[: -len(suffix)] + new
+    return name
+
+
 def _check_supported(spec: ArchSpec, arch: str) -> None:
     fam = spec.family
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
+    if arch == "glm4moe":
+        return _check_glm4moe(spec, where)
+    if spec.score_bias or spec.n_group > 1 or spec.routed_scaling != 1.0:
+        raise EdgeMoEError(f"{where}: DeepSeek-V3-style routing is not supported by llama.cpp's '{arch}'")
     if spec.rope_dim != spec.head_dim:
         raise EdgeMoEError(f"{where}: partial RoPE (rope_dim={spec.rope_dim} < head_dim={spec.head_dim}) is not "
                            "supported")
@@ -236,7 +270,7 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         for role, name in dense_tensor_names(spec, layer).items():
-            add(name, shapes[role])
+            add(_gguf_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
                 add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
@@ -259,7 +293,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch == "llama" and role in ("wq", "wk"):
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
-            yield name, arr
+            yield _gguf_name(arch, name), arr
         del dense
         if spec.is_moe_layer(layer):
             stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
@@ -313,10 +347,17 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_used_count(spec.top_k)
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
-    w.add_feed_forward_length(spec.expert_ffn if arch != "qwen2moe" else (spec.dense_ffn or spec.expert_ffn))
+    w.add_feed_forward_length(spec.expert_ffn if arch not in ("qwen2moe", "glm4moe") else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if arch == "glm4moe":
+        w.add_expert_shared_count(spec.shared_ffn // spec.expert_ffn)
+        w.add_leading_dense_block_count(len(spec.dense_layers))
+        w.add_expert_weights_scale(spec.routed_scaling)
+        w.add_expert_weights_norm(spec.norm_topk)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_nextn_predict_layers(0)  # the MTP layers are not exported
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

@@ -9,7 +9,12 @@ LLAMA_CPP_ARCH = {
     "qwen3moe": "qwen3moe",
     "mixtral": "llama",
     "smallthinker": "smallthinker",
+    "glm4moe": "glm4moe",
 }
+
+# Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.
+# (glm4moe reads the post-attention RMSNorm as `post_attention_norm`.)
+GGUF_RENAMES = {("glm4moe", ".ffn_norm.weight"): ".post_attention_norm.weight"}
 
 # Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
 SPLIT_REGEX_PRE = {

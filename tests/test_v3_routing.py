@@ -93,3 +93,48 @@ def test_bias_and_group_limit_matter(v3, model_type):
             assert spec.n_group == 4 and spec.topk_group == 2 and spec.routed_scaling == 2.5
             no_groups = dataclasses.replace(spec, n_group=1, topk_group=1)
             assert rel_err(reference_logits(no_groups, w, IDS), ref) > 1e-3
+
+
+# --- GGUF: llama.cpp's glm4moe (through llama-cpp-python) is the oracle -----------------------------------------
+
+
+def _needs_llama_and_gguf():
+    pytest.importorskip("gguf", reason="needs gguf-py")
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+
+
+def test_glm4moe_gguf_f32_matches_transformers_and_greedy_tokens_match(tmp_path):
+    _needs_llama_and_gguf()
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import llama_logits
+
+    ckpt = build_v3_model("glm4_moe_g1", tmp_path / "glm")
+    path = export_gguf(ckpt, tmp_path / "glm.gguf", "F32", show_progress=False)
+    got, ref = llama_logits(path, IDS), hf_logits(ckpt, IDS)
+    assert rel_err(got, ref) <= 1e-4  # fp32 on both sides (test_gguf.py's F32 tolerance)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    # greedy decoding: edgemoe's C engine picks, llama.cpp agrees at every step
+    cont = export(ckpt, tmp_path / "glm.emoe", bits=32, show_progress=False)
+    prompt = IDS[:8].tolist()
+    toks = []
+    with edgemoe.load(cont, engine="c", threads=2) as m:
+        logits = m._engine.prefill(prompt)
+        for _ in range(8):
+            toks.append(int(np.argmax(logits)))
+            logits = m._engine.decode(toks[-1])
+    seq = prompt + toks
+    steps = llama_logits(path, seq[:-1])[len(prompt) - 1:].argmax(-1)
+    assert steps.tolist() == toks
+
+
+def test_glm4moe_gguf_refuses_group_limited_routing(tmp_path):
+    _needs_llama_and_gguf()
+    from edgemoe_export.gguf_export import export_gguf
+
+    from edgemoe.errors import EdgeMoEError
+
+    ckpt = build_v3_model("glm4_moe", tmp_path / "glm")
+    with pytest.raises(EdgeMoEError, match="group-limited routing"):
+        export_gguf(ckpt, tmp_path / "glm.gguf", "F32", show_progress=False)
+    assert not (tmp_path / "glm.gguf").exists()

@@ -23,6 +23,8 @@ CONFIGS = {
                      topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
                      n_shared_experts=1, use_qk_norm=True, attention_bias=True, tie_word_embeddings=False,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # the same without group limiting (llama.cpp's glm4moe graph has none; real GLM-4.5 uses n_group = 1 too)
+    "glm4_moe_g1": None,
     # ERNIE-4.5: an odd expert count, top-3, two shared experts, MoE on layers 1 and 3 (start 1, interval 2), tied
     # embeddings (its default), interleaved RoPE.
     "ernie4_5_moe": dict(COMMON, num_hidden_layers=4, moe_num_experts=7, moe_k=3, moe_num_shared_experts=2,
@@ -31,27 +33,32 @@ CONFIGS = {
 }
 
 
-def build_v3_model(model_type: str, out_dir: Path, seed: int = 0) -> Path:
+CONFIGS["glm4_moe_g1"] = dict(CONFIGS["glm4_moe"], n_group=1, topk_group=1)
+
+
+def build_v3_model(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """name: a key of CONFIGS (its model_type, or a variant of one)."""
     import torch
     import transformers as tf
     from tiny_models import _write_tokenizer
 
-    cfg = tf.AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    model_type = name.removesuffix("_g1")
+    cfg = tf.AutoConfig.for_model(model_type, **CONFIGS[name])
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "e_score_correction_bias" in name:
+        for pname, p in model.named_parameters():
+            if "e_score_correction_bias" in pname:
                 continue
             if p.dim() >= 2:
                 p.normal_(0.0, 0.15)  # larger than HF's 0.02 init so logits and routing vary a lot
-            elif "norm" in name:
+            elif "norm" in pname:
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.1)
         n_bias = 0
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("e_score_correction_bias"):
+        for pname, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if pname.endswith("e_score_correction_bias"):
                 t.normal_(0.0, 0.05)
                 n_bias += 1
         assert n_bias, f"{model_type}: no e_score_correction_bias found"
