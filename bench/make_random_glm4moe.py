@@ -44,9 +44,15 @@ def main(argv=None) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     rng = np.random.default_rng(0)
     dt = np.dtype(args.dtype)
+    # Speed does not depend on the values, and drawing ~4e9 normals would take longer than the run itself: every
+    # tensor is a window of one pool of 2^24 normals at a random offset (distinct per tensor, so experts differ).
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32)).astype(dt)
 
     def rand(*shape, scale=0.02):
-        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dt)
+        n = int(np.prod(shape))
+        start = int(rng.integers(0, pool.size))
+        flat = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start:start + n]
+        return (flat.reshape(shape) * dt.type(scale)).astype(dt)
 
     weight_map = {}
 

@@ -70,6 +70,33 @@ def _check_glm4moe(spec: ArchSpec, where: str) -> None:
                            f"(shared_ffn = {spec.shared_ffn}, expert_ffn = {spec.expert_ffn})")
 
 
+def _ernie_moe_layout(spec: ArchSpec) -> tuple[int, int] | None:
+    """(leading dense blocks, MoE layer step) for llama.cpp's ernie4_5-moe (layer i is MoE when i >= lead and
+    (i + 1) % step == 0); None if the spec's MoE layers cannot be written that way."""
+    moe = [i for i in range(spec.n_layers) if spec.is_moe_layer(i)]
+    if not moe:
+        return None
+    # The pinned llama.cpp's loader wants MoE tensors in every layer from the lead on, whatever the step: so step 1
+    # (ERNIE-4.5-21B-A3B's layout), i.e. dense layers first, then MoE layers to the end.
+    return (moe[0], 1) if moe == list(range(moe[0], spec.n_layers)) else None
+
+
+def _check_ernie45moe(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's ernie4_5-moe: softmax router with exp_probs_b, renormalized, unscaled, no groups, NORM RoPE over
+    whole heads, MoE layers from a start index at a fixed step up to the last layer."""
+    if (spec.router_fn != "softmax" or not spec.score_bias or not spec.norm_topk or spec.routed_scaling != 1.0
+            or spec.n_group > 1 or spec.activation != "swiglu"):
+        raise EdgeMoEError(f"{where}: llama.cpp's ernie4_5-moe expects SwiGLU experts, a softmax router with a "
+                           "selection bias, renormalized and unscaled weights, and no expert groups")
+    if spec.rope_kind != "norm" or spec.rope_dim != spec.head_dim or spec.qk_norm != "none":
+        raise EdgeMoEError(f"{where}: llama.cpp's ernie4_5-moe rotates adjacent pairs over whole heads, without "
+                           "QK-norm")
+    if _ernie_moe_layout(spec) is None:
+        raise EdgeMoEError(f"{where}: the pinned llama.cpp's ernie4_5-moe loader needs every layer after the leading "
+                           f"dense ones to be MoE (moe_layer_interval 1); dense layers {spec.dense_layers} of "
+                           f"{spec.n_layers} do not follow that rule")
+
+
 def _gguf_name(arch: str, name: str) -> str:
     for (a, suffix), new in GGUF_RENAMES.items():
         if a == arch and name.endswith(suffix):
@@ -82,6 +109,8 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
     if arch == "glm4moe":
         return _check_glm4moe(spec, where)
+    if arch == "ernie4_5-moe":
+        return _check_ernie45moe(spec, where)
     if spec.score_bias or spec.n_group > 1 or spec.routed_scaling != 1.0:
         raise EdgeMoEError(f"{where}: DeepSeek-V3-style routing is not supported by llama.cpp's '{arch}'")
     if spec.rope_dim != spec.head_dim:
@@ -347,7 +376,8 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_used_count(spec.top_k)
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
-    w.add_feed_forward_length(spec.expert_ffn if arch not in ("qwen2moe", "glm4moe") else (spec.dense_ffn or spec.expert_ffn))
+    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe")  # feed_forward_length = the dense MLP's width
+    w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
@@ -358,6 +388,11 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_expert_weights_norm(spec.norm_topk)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_nextn_predict_layers(0)  # the MTP layers are not exported
+    if arch == "ernie4_5-moe":
+        lead, step = _ernie_moe_layout(spec)
+        w.add_leading_dense_block_count(lead)
+        w.add_interleave_moe_layer_step(step)
+        w.add_expert_shared_feed_forward_length(spec.shared_ffn)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

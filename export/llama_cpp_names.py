@@ -10,6 +10,7 @@ LLAMA_CPP_ARCH = {
     "mixtral": "llama",
     "smallthinker": "smallthinker",
     "glm4moe": "glm4moe",
+    "ernie4_5moe": "ernie4_5-moe",
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.

@@ -15,7 +15,7 @@ pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export
 pytest.importorskip("transformers")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
-TYPES = ("glm4_moe", "ernie4_5_moe")
+TYPES = ("glm4_moe", "ernie4_5_moe", "ernie4_5_moe_i2")
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +126,36 @@ def test_glm4moe_gguf_f32_matches_transformers_and_greedy_tokens_match(tmp_path)
     seq = prompt + toks
     steps = llama_logits(path, seq[:-1])[len(prompt) - 1:].argmax(-1)
     assert steps.tolist() == toks
-    from edgemoe.errors import UnsupportedModelError
     from edgemoe_export.gguf_reader import GGUFCheckpoint
+
+    from edgemoe.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="not supported yet"):  # no GGUF import for glm4moe yet
         GGUFCheckpoint(path)
+
+
+def test_ernie45moe_gguf_f32_matches_transformers(tmp_path):
+    _needs_llama_and_gguf()
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import llama_logits
+
+    ckpt = build_v3_model("ernie4_5_moe", tmp_path / "ernie")
+    path = export_gguf(ckpt, tmp_path / "ernie.gguf", "F32", show_progress=False)
+    got, ref = llama_logits(path, IDS), hf_logits(ckpt, IDS)
+    assert rel_err(got, ref) <= 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_ernie45moe_gguf_refuses_moe_every_second_layer(tmp_path):
+    _needs_llama_and_gguf()
+    from edgemoe_export.gguf_export import export_gguf
+
+    from edgemoe.errors import EdgeMoEError
+
+    ckpt = build_v3_model("ernie4_5_moe_i2", tmp_path / "ernie")
+    with pytest.raises(EdgeMoEError, match="moe_layer_interval 1"):
+        export_gguf(ckpt, tmp_path / "ernie.gguf", "F32", show_progress=False)
+    assert not (tmp_path / "ernie.gguf").exists()
 
 
 def test_glm4moe_gguf_refuses_group_limited_routing(tmp_path):

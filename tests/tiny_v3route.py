@@ -25,15 +25,18 @@ CONFIGS = {
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     # the same without group limiting (llama.cpp's glm4moe graph has none; real GLM-4.5 uses n_group = 1 too)
     "glm4_moe_g1": None,
-    # ERNIE-4.5: an odd expert count, top-3, two shared experts, MoE on layers 1 and 3 (start 1, interval 2), tied
+    # ERNIE-4.5: an odd expert count, top-3, two shared experts, MoE on layers 1..3 (start 1, interval 1), tied
     # embeddings (its default), interleaved RoPE.
     "ernie4_5_moe": dict(COMMON, num_hidden_layers=4, moe_num_experts=7, moe_k=3, moe_num_shared_experts=2,
-                         moe_layer_start_index=1, moe_layer_interval=2, moe_layer_end_index=-1,
+                         moe_layer_start_index=1, moe_layer_interval=1, moe_layer_end_index=-1,
                          tie_word_embeddings=True),
 }
 
 
 CONFIGS["glm4_moe_g1"] = dict(CONFIGS["glm4_moe"], n_group=1, topk_group=1)
+# ERNIE with MoE on every second layer (1 and 3): the reader's interval rule (llama.cpp's loader takes step 1 only)
+CONFIGS["ernie4_5_moe_i2"] = dict(CONFIGS["ernie4_5_moe"], moe_layer_interval=2)
+MODEL_TYPE = {"glm4_moe_g1": "glm4_moe", "ernie4_5_moe_i2": "ernie4_5_moe"}
 
 
 def build_v3_model(name: str, out_dir: Path, seed: int = 0) -> Path:
@@ -42,7 +45,7 @@ def build_v3_model(name: str, out_dir: Path, seed: int = 0) -> Path:
     import transformers as tf
     from tiny_models import _write_tokenizer
 
-    model_type = name.removesuffix("_g1")
+    model_type = MODEL_TYPE.get(name, name)
     cfg = tf.AutoConfig.for_model(model_type, **CONFIGS[name])
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
