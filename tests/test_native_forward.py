@@ -48,6 +48,10 @@ SPECS = {
     "glm4moe": ArchSpec("glm4moe", **{**BASE, "n_layers": 3, "n_experts": 8, "top_k": 3}, qkv_bias=True,
                         qk_norm="head", rope_dim=8, router_fn="sigmoid", norm_topk=True, score_bias=True, n_group=4,
                         topk_group=2, routed_scaling=2.5, shared_ffn=32, dense_ffn=80, dense_layers=[0]),
+    # DeepSeek-V2's group-limited greedy (routing options only; MLA is not implemented): softmax, groups scored by
+    # their best expert, 2 of 4 groups kept, weights scaled without renormalization
+    "v2_groups": ArchSpec("deepseek_v2_routing", **{**BASE, "n_experts": 8, "top_k": 2}, n_group=4, topk_group=2,
+                          group_score="max", routed_scaling=1.5, shared_ffn=32),
     # ERNIE-4.5: softmax + selection bias, renormalized; odd expert count; a dense first layer
     "ernie4_5moe": ArchSpec("ernie4_5moe", **{**BASE, "n_layers": 3, "n_experts": 7, "top_k": 3}, rope_kind="norm",
                             norm_topk=True, score_bias=True, shared_ffn=64, dense_ffn=80, dense_layers=[0],
