@@ -168,3 +168,14 @@ def test_glm4moe_gguf_refuses_group_limited_routing(tmp_path):
     with pytest.raises(EdgeMoEError, match="group-limited routing"):
         export_gguf(ckpt, tmp_path / "glm.gguf", "F32", show_progress=False)
     assert not (tmp_path / "glm.gguf").exists()
+
+
+def test_onnx_export_refuses_v3_routing_clearly(v3, tmp_path):
+    pytest.importorskip("onnx", reason="needs onnx")
+    from edgemoe_export.onnx_export import export_onnx
+
+    from edgemoe.errors import EdgeMoEError
+
+    ckpt, _ = v3("glm4_moe")
+    with pytest.raises(EdgeMoEError, match="DeepSeek-V3-style routing"):
+        export_onnx(ckpt, tmp_path / "onnx")
