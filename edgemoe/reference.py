@@ -114,7 +114,8 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
     emap = spec.layer_expert_map(layer)
     if emap is not None:
         logits = np.where(np.asarray(emap)[None, :] < 0, -np.inf, logits)
-    ids, weights = route(spec, logits, w(names["score_bias"]) if spec.score_bias else None)
+    # the bias only when the layer has one, so route(spec, logits) keeps its two-argument form for every other family
+    ids, weights = route(spec, logits, w(names["score_bias"])) if spec.score_bias else route(spec, logits)
     if on_route is not None:
         on_route(layer, ids, weights)
     stored = ids if emap is None else np.asarray(emap)[ids]

@@ -100,7 +100,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         if spec.is_moe_layer(layer):
             router_x = x_in if spec.router_input == "layer_input" else hn
             logits = router_x @ w(names["router"]).T
-            ids, gates = route(spec, logits, w(names["score_bias"]) if spec.score_bias else None)
+            ids, gates = route(spec, logits, w(names["score_bias"])) if spec.score_bias else route(spec, logits)
             cal.freq = np.bincount(ids.reshape(-1), minlength=spec.n_experts).astype(np.float64)
             cal.router_logits = logits[sample]
             cal.pre_attn_input = rms_norm(x_in[sample], w(names["attn_norm"]), spec.norm_eps)
