@@ -168,6 +168,9 @@ def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer:
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
     ckpt = open_checkpoint(src)
     spec = ckpt.spec
+    if spec.n_group > 1:  # the arch reader refuses an expert_map with groups: say so before writing anything
+        raise EdgeMoEError(f"{src}: merging experts of a model with group-limited routing (n_group = {spec.n_group}) "
+                           "is not supported: merged groups would change which experts each routing group holds")
     rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]
     source = rec.source(ckpt)  # tensor reads charged to the "read" stage
     if calib_path is None and (Path(src) / "calib.txt").exists():

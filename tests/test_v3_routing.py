@@ -179,3 +179,24 @@ def test_onnx_export_refuses_v3_routing_clearly(v3, tmp_path):
     ckpt, _ = v3("glm4_moe")
     with pytest.raises(EdgeMoEError, match="DeepSeek-V3-style routing"):
         export_onnx(ckpt, tmp_path / "onnx")
+
+
+def test_merge_keeps_the_selection_bias_and_refuses_groups(v3, tmp_path):
+    """MC-SMoE merge: ERNIE (no groups) merges, and the C and NumPy engines agree on the merged container (the bias
+    is per routed expert, applied before the routed -> stored map); GLM with n_group > 1 is refused before writing."""
+    pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
+    from edgemoe_export.merge_stage import export_merged
+
+    from edgemoe.errors import EdgeMoEError
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    kw = {"merge_ratio": 0.5, "calib_path": calib, "calib_tokens": 256, "seq_len": 64, "bits": 32,
+          "show_progress": False}
+    out = export_merged(v3("ernie4_5_moe")[0], tmp_path / "m.emoe", **kw)
+    with edgemoe.load(out, engine="numpy") as a, edgemoe.load(out, engine="c", threads=2) as b:
+        assert a.spec.score_bias and any(len(set(m)) < len(m) for m in a.spec.expert_map if m)
+        assert rel_err(b.logits(IDS), a.logits(IDS)) <= 1e-5
+    with pytest.raises(EdgeMoEError, match="group-limited routing"):
+        export_merged(v3("glm4_moe")[0], tmp_path / "g.emoe", **kw)
+    assert not (tmp_path / "g.emoe").exists()
