@@ -17,6 +17,7 @@ QK_NORM_KINDS = ("none", "head", "full")  # head: RMSNorm over each head (Qwen3)
 ROUTER_FNS = ("softmax", "sigmoid")
 ROUTER_INPUTS = ("ffn_norm", "layer_input")  # layer_input: SmallThinker's router on the layer input, before attention
 ACTIVATIONS = ("swiglu", "reglu")
+GROUP_SCORES = ("top2_sum", "max")  # a group's score: its two best selection scores summed (DeepSeek-V3), or its best
 
 
 @dataclass
@@ -56,6 +57,14 @@ class ArchSpec:
     attn_scale: float = 0.0  # attention scores are multiplied by it; 0 = 1/sqrt(head_dim)
     residual_scale: float = 1.0  # each block's output (attention, FFN) is multiplied by it before the residual add
     logit_divisor: float = 1.0  # the logits are divided by it
+    # DeepSeek-V3-style routing (GLM-4.5, ERNIE-4.5; reusable by DeepSeek-V2/V3): experts are chosen by prob + the
+    # layer's score-bias tensor (selection only), among the topk_group best of n_group equal groups of consecutive
+    # experts; the chosen probs (renormalized if norm_topk) are then multiplied by routed_scaling.
+    score_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    routed_scaling: float = 1.0
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -70,6 +79,7 @@ class ArchSpec:
             ("router_fn", ROUTER_FNS),
             ("router_input", ROUTER_INPUTS),
             ("activation", ACTIVATIONS),
+            ("group_score", GROUP_SCORES),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -78,6 +88,12 @@ class ArchSpec:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+        if self.n_group > 1 and (self.n_experts % self.n_group
+                                 or self.top_k > self.topk_group * (self.n_experts // self.n_group)):
+            raise ValueError(f"n_group={self.n_group} must divide n_experts={self.n_experts} and its topk_group="
+                             f"{self.topk_group} groups must hold top_k={self.top_k} experts")
         if self.rope_dim == 0:
             self.rope_dim = self.head_dim
 
@@ -143,6 +159,7 @@ TENSOR_TABLE = (
     ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "qk_norm", "required"),
     ("router", "blk.{layer}.ffn_gate_inp.weight", "layer", "experts", "hidden", "moe", "required"),
     ("predictor", "blk.{layer}.ffn_gate_inp_pre.weight", "layer", "experts", "hidden", "moe", "optional"),
+    ("score_bias", "blk.{layer}.exp_probs_b.bias", "layer", None, "experts", "score_bias", "required"),
     ("sh_gate", "blk.{layer}.ffn_gate_shexp.weight", "layer", "shared_ffn", "hidden", "shared", "required"),
     ("sh_up", "blk.{layer}.ffn_up_shexp.weight", "layer", "shared_ffn", "hidden", "shared", "required"),
     ("sh_down", "blk.{layer}.ffn_down_shexp.weight", "layer", "hidden", "shared_ffn", "shared", "required"),
@@ -168,7 +185,7 @@ def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     moe = spec.is_moe_layer(layer)
     return {"always": True, "qkv_bias": bool(spec.qkv_bias), "qk_norm": spec.qk_norm != "none", "moe": moe,
             "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
-            "dense": not moe}[condition]
+            "dense": not moe, "score_bias": moe and bool(spec.score_bias)}[condition]
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:

@@ -47,15 +47,27 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def route(spec: ArchSpec, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Router logits [T, E] -> (expert ids [T, k], weights [T, k]), chosen by probability."""
+def route(spec: ArchSpec, logits: np.ndarray, bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits [T, E] -> (expert ids [T, k], weights [T, k]): chosen by probability (+ the selection-only
+    score bias, among the topk_group best groups when n_group > 1), weighted by probability (renormalized if
+    norm_topk) times routed_scaling."""
     probs = softmax(logits) if spec.router_fn == "softmax" else 1.0 / (1.0 + np.exp(-logits))
-    # stable sort on -probs: ties go to the lower expert id, like torch.topk on CPU in practice
-    ids = np.argsort(-probs, axis=-1, kind="stable")[:, : spec.top_k]
+    sel = probs if bias is None else probs + bias
+    sel = np.where(np.isneginf(logits), -np.inf, sel)  # pruned by a merge map
+    if spec.n_group > 1:
+        T, G = sel.shape[0], spec.n_group
+        grouped = np.sort(sel.reshape(T, G, -1), axis=-1)
+        gscore = grouped[..., -1] if spec.group_score == "max" else grouped[..., -1] + grouped[..., -2]
+        keep = np.argsort(-gscore, axis=-1, kind="stable")[:, : spec.topk_group]
+        mask = np.zeros((T, G), dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=-1)
+        sel = np.where(np.repeat(mask, sel.shape[1] // G, axis=-1), sel, -np.inf)
+    # stable sort on -sel: ties go to the lower expert id, like torch.topk on CPU in practice
+    ids = np.argsort(-sel, axis=-1, kind="stable")[:, : spec.top_k]
     weights = np.take_along_axis(probs, ids, axis=-1)
     if spec.norm_topk:
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return ids, weights.astype(np.float32)
+    return ids, (weights * np.float32(spec.routed_scaling)).astype(np.float32)
 
 
 def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
@@ -111,7 +123,8 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
     emap = spec.layer_expert_map(layer)
     if emap is not None:
         logits = np.where(np.asarray(emap)[None, :] < 0, -np.inf, logits)
-    ids, weights = route(spec, logits)
+    # the bias only when the layer has one, so route(spec, logits) keeps its two-argument form for every other family
+    ids, weights = route(spec, logits, w(names["score_bias"])) if spec.score_bias else route(spec, logits)
     if on_route is not None:
         on_route(layer, ids, weights)
     stored = ids if emap is None else np.asarray(emap)[ids]

@@ -28,7 +28,7 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "wo": (H, nh * hd), "bq": (nh * hd,), "bk": (nkv * hd,), "bv": (nkv * hd,),
         "q_norm": (hd,) if spec.qk_norm == "head" else (nh * hd,),
         "k_norm": (hd,) if spec.qk_norm == "head" else (nkv * hd,),
-        "router": (spec.n_experts, H),
+        "router": (spec.n_experts, H), "score_bias": (spec.n_experts,),
         "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H), "sh_down": (H, spec.shared_ffn),
         "sh_gate_inp": (H,),
         "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),

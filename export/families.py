@@ -277,6 +277,57 @@ def granitemoe_spec(cfg: dict) -> ArchSpec:
     return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("intermediate_size"),
                  router_fn="softmax", norm_topk=True, shared_ffn=c.int("shared_intermediate_size", 0, lo=0),
                  **scales)
+def _rotary_fraction(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+
+
+def glm4moe_spec(cfg: dict) -> ArchSpec:
+    """GLM-4.5 MoE (transformers' modeling_glm4_moe.py): DeepSeek-V3 routing (sigmoid, e_score_correction_bias for
+    selection, n_group / topk_group with the top-2-sum group score, norm_topk_prob, routed_scaling_factor), a shared
+    expert of n_shared_experts * moe_intermediate_size, dense MLP layers before first_k_dense_replace, NeoX RoPE on
+    the first partial_rotary_factor of each head, optional per-head QK-norm and q/k/v biases (o_proj has none).
+    The next-token-prediction (MTP) layers after num_hidden_layers are not read."""
+    c = ConfigFields(cfg)
+    base = _common(c, "glm4moe", 10000.0)
+    n_experts, top_k = _experts(c, "n_routed_experts", "num_experts_per_tok")
+    moe_ffn = c.int("moe_intermediate_size")
+    return _spec(
+        base, n_experts=n_experts, top_k=top_k, expert_ffn=moe_ffn,
+        rope_dim=int(base["head_dim"] * _rotary_fraction(cfg)), qkv_bias=c.bool("attention_bias", False),
+        qk_norm="head" if c.bool("use_qk_norm", False) else "none", router_fn="sigmoid",
+        norm_topk=c.bool("norm_topk_prob", True), score_bias=True, n_group=c.int("n_group", 1),
+        topk_group=c.int("topk_group", 1), routed_scaling=c.float("routed_scaling_factor", 1.0),
+        shared_ffn=moe_ffn * c.int("n_shared_experts", 0, lo=0), dense_ffn=c.int("intermediate_size"),
+        dense_layers=list(range(min(c.int("first_k_dense_replace", 0, lo=0), base["n_layers"]))),
+    )
+
+
+def ernie45moe_spec(cfg: dict) -> ArchSpec:
+    """ERNIE-4.5 MoE (transformers' modeling_ernie4_5_moe.py): MoE on layers i with (i + 1) % moe_layer_interval == 0
+    and moe_layer_start_index <= i <= moe_layer_end_index (-1 = the last), a dense MLP elsewhere; softmax router,
+    experts chosen by prob + e_score_correction_bias, weights = the chosen probs renormalized (denominator clamped
+    at moe_norm_min, 1e-12: a sum of k probabilities that small does not occur in float32 routing, so plain
+    renormalization is exact); shared experts of moe_num_shared_experts * moe_intermediate_size; interleaved
+    ("norm") RoPE over the whole head; tied embeddings by default."""
+    if cfg.get("use_bias"):
+        raise UnsupportedModelError("ERNIE-4.5 MoE with use_bias=true (biases on every projection) is not supported yet")
+    c = ConfigFields(cfg)
+    base = _common(c, "ernie4_5moe", 500000.0, tie_default=True)
+    base["rope_kind"] = "norm"  # its rotate_half pairs (2i, 2i+1)
+    n = base["n_layers"]
+    start, interval = c.int("moe_layer_start_index", 1, lo=0), c.int("moe_layer_interval", 1)
+    end = c.int("moe_layer_end_index", -1, lo=-1)
+    end = n - 1 if end == -1 else end
+    moe_layers = [i for i in range(n) if (i + 1) % interval == 0 and start <= i <= end]
+    moe_ffn = c.int("moe_intermediate_size")
+    n_experts, top_k = _experts(c, "moe_num_experts", "moe_k")
+    return _spec(
+        base, n_experts=n_experts, top_k=top_k, expert_ffn=moe_ffn,
+        router_fn="softmax", norm_topk=True, score_bias=True,
+        shared_ffn=moe_ffn * c.int("moe_num_shared_experts", 0, lo=0), dense_ffn=c.int("intermediate_size"),
+        dense_layers=[i for i in range(n) if i not in moe_layers],
+    )
 
 
 @dataclass(frozen=True)
@@ -291,6 +342,8 @@ class Family:
     fused_experts: tuple[tuple[str, str], ...] = ()
     router_fused: str = "mlp.gate.weight"  # the router's name in transformers 5's in-memory layout
     shared_fused: str = ""  # a shared MLP stored fused (input_linear = gate+up [2S, H], output_linear = down)
+    shared: str = "shared_expert"  # the shared expert's module under moe_prefix
+    score_bias: str = ""  # the selection-only router bias under moe_prefix (ArchSpec.score_bias)
 
 
 FAMILIES: dict[str, Family] = {
@@ -304,11 +357,16 @@ FAMILIES: dict[str, Family] = {
                          (("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
                           ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj")),
                          "block_sparse_moe.router.weight", "shared_mlp"),
+    "glm4_moe": Family("glm4moe", glm4moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                       shared="shared_experts", score_bias="gate.e_score_correction_bias"),
+    "ernie4_5_moe": Family("ernie4_5moe", ernie45moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                           shared="shared_experts", score_bias="moe_statics.e_score_correction_bias"),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
-             "(smallthinker), Granite-MoE (granitemoe, granitemoeshared)")
+             "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
+             "(ernie4_5_moe)")
 
 
 def family_for(cfg: dict, where: str) -> Family:
@@ -336,9 +394,11 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
     m = p + fam.moe_prefix + "."
     if spec.is_moe_layer(layer):
         names["router"] = m + fam.router
+        if spec.score_bias:
+            names["score_bias"] = m + fam.score_bias
         if spec.shared_ffn:
-            names.update(sh_gate=m + "shared_expert.gate_proj.weight", sh_up=m + "shared_expert.up_proj.weight",
-                         sh_down=m + "shared_expert.down_proj.weight")
+            sh = m + fam.shared + "."
+            names.update(sh_gate=sh + "gate_proj.weight", sh_up=sh + "up_proj.weight", sh_down=sh + "down_proj.weight")
             if spec.shared_gate:
                 names["sh_gate_inp"] = m + "shared_expert_gate.weight"
     else:

@@ -30,7 +30,13 @@ from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor
 from edgemoe.errors import EdgeMoEError
 
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
-from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SMALLTHINKER_SWA_WINDOW, SPLIT_REGEX_PRE
+from .llama_cpp_names import (
+    GGUF_RENAMES,
+    LLAMA_CPP_ARCH,
+    SMALLTHINKER_SWA_PERIOD,
+    SMALLTHINKER_SWA_WINDOW,
+    SPLIT_REGEX_PRE,
+)
 from .progress import progress
 
 # Q4_0_Q8_0: per-tensor types, experts Q4_0 and every other matrix Q8_0 (MWQ experts + Q8_0 dense, llama.cpp side)
@@ -47,9 +53,66 @@ class _Planned:
 # checks: what llama.cpp's graph for each architecture can express
 
 
+def _check_glm4moe(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's glm4moe: sigmoid router with exp_probs_b, no group limit, leading dense layers, shared experts a
+    whole multiple of the expert width."""
+    if spec.router_fn != "sigmoid" or not spec.score_bias or spec.activation != "swiglu":
+        raise EdgeMoEError(f"{where}: llama.cpp's glm4moe expects SwiGLU experts and a sigmoid router with a "
+                           "selection bias")
+    if spec.n_group > 1:
+        raise EdgeMoEError(f"{where}: group-limited routing (n_group = {spec.n_group}, topk_group = "
+                           f"{spec.topk_group}) is not implemented by llama.cpp's glm4moe graph")
+    if spec.dense_layers != list(range(len(spec.dense_layers))):
+        raise EdgeMoEError(f"{where}: llama.cpp's glm4moe needs the dense layers first (0..k-1), got "
+                           f"{spec.dense_layers}")
+    if spec.shared_ffn % spec.expert_ffn:
+        raise EdgeMoEError(f"{where}: llama.cpp's glm4moe sizes the shared expert as a whole number of experts "
+                           f"(shared_ffn = {spec.shared_ffn}, expert_ffn = {spec.expert_ffn})")
+
+
+def _ernie_moe_layout(spec: ArchSpec) -> tuple[int, int] | None:
+    """(leading dense blocks, MoE layer step) for llama.cpp's ernie4_5-moe (layer i is MoE when i >= lead and
+    (i + 1) % step == 0); None if the spec's MoE layers cannot be written that way."""
+    moe = [i for i in range(spec.n_layers) if spec.is_moe_layer(i)]
+    if not moe:
+        return None
+    # The pinned llama.cpp's loader wants MoE tensors in every layer from the lead on, whatever the step: so step 1
+    # (ERNIE-4.5-21B-A3B's layout), i.e. dense layers first, then MoE layers to the end.
+    return (moe[0], 1) if moe == list(range(moe[0], spec.n_layers)) else None
+
+
+def _check_ernie45moe(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's ernie4_5-moe: softmax router with exp_probs_b, renormalized, unscaled, no groups, NORM RoPE over
+    whole heads, MoE layers from a start index at a fixed step up to the last layer."""
+    if (spec.router_fn != "softmax" or not spec.score_bias or not spec.norm_topk or spec.routed_scaling != 1.0
+            or spec.n_group > 1 or spec.activation != "swiglu"):
+        raise EdgeMoEError(f"{where}: llama.cpp's ernie4_5-moe expects SwiGLU experts, a softmax router with a "
+                           "selection bias, renormalized and unscaled weights, and no expert groups")
+    if spec.rope_kind != "norm" or spec.rope_dim != spec.head_dim or spec.qk_norm != "none":
+        raise EdgeMoEError(f"{where}: llama.cpp's ernie4_5-moe rotates adjacent pairs over whole heads, without "
+                           "QK-norm")
+    if _ernie_moe_layout(spec) is None:
+        raise EdgeMoEError(f"{where}: the pinned llama.cpp's ernie4_5-moe loader needs every layer after the leading "
+                           f"dense ones to be MoE (moe_layer_interval 1); dense layers {spec.dense_layers} of "
+                           f"{spec.n_layers} do not follow that rule")
+
+
+def _gguf_name(arch: str, name: str) -> str:
+    for (a, suffix), new in GGUF_RENAMES.items():
+        if a == arch and name.endswith(suffix):
+            return name[: -len(suffix)] + new
+    return name
+
+
 def _check_supported(spec: ArchSpec, arch: str) -> None:
     fam = spec.family
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
+    if arch == "glm4moe":
+        return _check_glm4moe(spec, where)
+    if arch == "ernie4_5-moe":
+        return _check_ernie45moe(spec, where)
+    if spec.score_bias or spec.n_group > 1 or spec.routed_scaling != 1.0:
+        raise EdgeMoEError(f"{where}: DeepSeek-V3-style routing is not supported by llama.cpp's '{arch}'")
     if spec.rope_dim != spec.head_dim:
         raise EdgeMoEError(f"{where}: partial RoPE (rope_dim={spec.rope_dim} < head_dim={spec.head_dim}) is not "
                            "supported")
@@ -242,7 +305,7 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         for role, name in dense_tensor_names(spec, layer).items():
-            add(name, shapes[role])
+            add(_gguf_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
                 add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
@@ -265,7 +328,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch in ("llama", "granitemoe") and role in ("wq", "wk"):  # both rotate adjacent pairs
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
-            yield name, arr
+            yield _gguf_name(arch, name), arr
         del dense
         if spec.is_moe_layer(layer):
             stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
@@ -319,7 +382,8 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_used_count(spec.top_k)
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
-    w.add_feed_forward_length(spec.expert_ffn if arch != "qwen2moe" else (spec.dense_ffn or spec.expert_ffn))
+    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe")  # feed_forward_length = the dense MLP's width
+    w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe" or (arch == "granitemoe" and spec.shared_ffn):
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
@@ -328,6 +392,18 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_residual_scale(spec.residual_scale)
         w.add_attention_scale(spec.attn_scale)
         w.add_logit_scale(spec.logit_divisor)
+    if arch == "glm4moe":
+        w.add_expert_shared_count(spec.shared_ffn // spec.expert_ffn)
+        w.add_leading_dense_block_count(len(spec.dense_layers))
+        w.add_expert_weights_scale(spec.routed_scaling)
+        w.add_expert_weights_norm(spec.norm_topk)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_nextn_predict_layers(0)  # the MTP layers are not exported
+    if arch == "ernie4_5-moe":
+        lead, step = _ernie_moe_layout(spec)
+        w.add_leading_dense_block_count(lead)
+        w.add_interleave_moe_layer_step(step)
+        w.add_expert_shared_feed_forward_length(spec.shared_ffn)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

@@ -10,7 +10,13 @@ LLAMA_CPP_ARCH = {
     "mixtral": "llama",
     "smallthinker": "smallthinker",
     "granitemoe": "granitemoe",  # both granitemoe and granitemoeshared (llama.cpp runs the shared MLP when present)
+    "glm4moe": "glm4moe",
+    "ernie4_5moe": "ernie4_5-moe",
 }
+
+# Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.
+# (glm4moe reads the post-attention RMSNorm as `post_attention_norm`.)
+GGUF_RENAMES = {("glm4moe", ".ffn_norm.weight"): ".post_attention_norm.weight"}
 
 # Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
 SPLIT_REGEX_PRE = {

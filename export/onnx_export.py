@@ -566,6 +566,10 @@ def export_onnx(src, out_dir, weights: str = "fp32", opset: int = 21, *, moe_op:
         pruned = dict(getattr(ckpt, "pruned", {}) or {})
         if ckpt.spec.expert_map:
             raise EdgeMoEError("ONNX export: the source has an unexpanded expert_map (pass the container path)")
+        s = ckpt.spec
+        if s.score_bias or s.n_group > 1 or s.routed_scaling != 1.0:
+            raise EdgeMoEError(f"ONNX export: {s.family}'s DeepSeek-V3-style routing (selection bias, group-limited "
+                               f"top-k, routed scaling) is not written to ONNX yet; use the container or GGUF")
         b = _Builder(ckpt, weights, moe_op, group_size, pruned)
         model = b.build(show_progress)
         tokenizer_json = ckpt.tokenizer_json

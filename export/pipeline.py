@@ -424,6 +424,10 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
     if not out.parent.exists():
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
     ckpt = open_source(src)
+    if merge is not None and ckpt.spec.n_group > 1:  # the arch reader refuses an expert_map with groups: say so now
+        raise EdgeMoEError(f"{src}: merging experts of a model with group-limited routing (n_group = "
+                           f"{ckpt.spec.n_group}) is not supported: merged groups would change which experts each "
+                           "routing group holds")
     plan = make_plan(ckpt, src, bits, dense_bits, base_bits, group_size, nesting, calib, calib_tokens, merge,
                      predictor, seq_len)
     rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]

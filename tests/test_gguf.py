@@ -224,10 +224,10 @@ def well_conditioned_ids(ckpt_dir: Path, min_gap: float, length: int = 16, tries
     smallest = [np.inf]
     orig_route = ref.route
 
-    def recording_route(spec, logits):
+    def recording_route(spec, logits, bias=None):
         srt = -np.sort(-logits, axis=-1)
         smallest[0] = min(smallest[0], float((srt[:, spec.top_k - 1] - srt[:, spec.top_k]).min()))
-        return orig_route(spec, logits)
+        return orig_route(spec, logits, bias)
 
     ref.route = recording_route
     try:

@@ -44,6 +44,18 @@ SPECS = {
                              router_fn="sigmoid"),
     "merged": ArchSpec("olmoe", **{**BASE, "n_experts": 8, "top_k": 3}, norm_topk=True,
                        expert_map=[[0, 1, 1, 2, -1, 3, 0, 4], []]),
+    # DeepSeek-V3-style routing: sigmoid + selection bias, 2 of 4 groups kept, renormalized and scaled (GLM-4.5)
+    "glm4moe": ArchSpec("glm4moe", **{**BASE, "n_layers": 3, "n_experts": 8, "top_k": 3}, qkv_bias=True,
+                        qk_norm="head", rope_dim=8, router_fn="sigmoid", norm_topk=True, score_bias=True, n_group=4,
+                        topk_group=2, routed_scaling=2.5, shared_ffn=32, dense_ffn=80, dense_layers=[0]),
+    # DeepSeek-V2's group-limited greedy (routing options only; MLA is not implemented): softmax, groups scored by
+    # their best expert, 2 of 4 groups kept, weights scaled without renormalization
+    "v2_groups": ArchSpec("deepseek_v2_routing", **{**BASE, "n_experts": 8, "top_k": 2}, n_group=4, topk_group=2,
+                          group_score="max", routed_scaling=1.5, shared_ffn=32),
+    # ERNIE-4.5: softmax + selection bias, renormalized; odd expert count; a dense first layer
+    "ernie4_5moe": ArchSpec("ernie4_5moe", **{**BASE, "n_layers": 3, "n_experts": 7, "top_k": 3}, rope_kind="norm",
+                            norm_topk=True, score_bias=True, shared_ffn=64, dense_ffn=80, dense_layers=[0],
+                            tie_embeddings=True),
 }
 
 
@@ -59,7 +71,7 @@ def tensor_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
                        "wv": (nkv * hd, H), "wo": (H, nh * hd), "bq": (nh * hd,), "bk": (nkv * hd,), "bv": (nkv * hd,),
                        "router": (spec.n_experts, H), "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H),
                        "sh_down": (H, spec.shared_ffn), "sh_gate_inp": (H,), "mlp_gate": (spec.dense_ffn, H),
-                       "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn)}
+                       "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn), "score_bias": (spec.n_experts,)}
         if qn:
             role_shapes.update(q_norm=(qn[0],), k_norm=(qn[1],))
         for role, name in dense_tensor_names(spec, layer).items():
@@ -78,7 +90,8 @@ def random_tensors(spec: ArchSpec, seed: int = 0) -> dict[str, np.ndarray]:
     for name, shape in tensor_shapes(spec).items():
         if len(shape) == 1:
             base = 1.0 if "norm" in name else 0.0
-            a = base + 0.2 * rng.standard_normal(shape)
+            # a selection bias of a few hundredths, like trained ones: it reorders near experts without swamping
+            a = base + (0.05 if "exp_probs_b" in name else 0.2) * rng.standard_normal(shape)
         else:
             a = rng.standard_normal(shape) * (2.0 / np.sqrt(shape[1]))
         out[name] = np.ascontiguousarray(a, dtype=np.float32)

@@ -97,11 +97,11 @@ def well_conditioned_ids(spec, weights: dict, min_gap: float, length: int = 16, 
     smallest = [np.inf]
     orig_route = ref.route
 
-    def recording_route(spec_, logits):
+    def recording_route(spec_, logits, *bias):
         srt = -np.sort(-logits, axis=-1)
         if srt.shape[-1] > spec_.top_k:
             smallest[0] = min(smallest[0], float((srt[:, spec_.top_k - 1] - srt[:, spec_.top_k]).min()))
-        return orig_route(spec_, logits)
+        return orig_route(spec_, logits, *bias)
 
     ref.route = recording_route
     try:

@@ -17,6 +17,7 @@ static const char *const QK_NORMS[] = {"none", "head", "full", NULL};
 static const char *const ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
 static const char *const ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
 static const char *const ACTIVATIONS[] = {"swiglu", "reglu", NULL};
+static const char *const GROUP_SCORES[] = {"top2_sum", "max", NULL};
 
 /* Every key an arch object may hold (ArchSpec's fields): required ones first have no default. Integers are checked
  * against lo..hi here and against each other in check_relations. */
@@ -62,6 +63,11 @@ static const struct field {
     {"attn_scale", F_FLOAT, 0, CFG(attn_scale), 1, 0, 0, 0.0, NULL},
     {"residual_scale", F_FLOAT, 0, CFG(residual_scale), 0, 0, 0, 1.0, NULL},
     {"logit_divisor", F_FLOAT, 0, CFG(logit_divisor), 0, 0, 0, 1.0, NULL},
+    {"score_bias", F_BOOL, 0, CFG(score_bias), 0, 0, 0, 0, NULL},
+    {"n_group", F_INT, 0, CFG(n_group), 1, EMOE_MAX_EXPERTS, 1, 0, NULL},
+    {"topk_group", F_INT, 0, CFG(topk_group), 1, EMOE_MAX_EXPERTS, 1, 0, NULL},
+    {"group_score", F_ENUM, 0, CFG(group_score), 0, 0, 0, 0, GROUP_SCORES},
+    {"routed_scaling", F_FLOAT, 0, CFG(routed_scaling), 0, 0, 0, 1.0, NULL},
     {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
     {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
     {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
@@ -252,8 +258,13 @@ static int read_expert_map(const json_doc *d, int node, const emoe_config *c, in
                                "gaps)", l, top, g);
         *used = 1;
     }
+    if (*used && c->n_group > 1) /* merging would change which experts fill a group */
+        return invalid(err, errlen, "'expert_map' with n_group = %d: merged experts with group-limited routing are "
+                       "not supported (merge a model with n_group = 1)", c->n_group);
     return EMOE_OK;
 }
+
+static int check_groups(const emoe_config *c, char *err, size_t errlen);
 
 /* Rules that tie fields together (ArchSpec.__post_init__ and what the forward pass needs). */
 static int check_relations(const emoe_config *c, char *err, size_t errlen) {
@@ -271,6 +282,22 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
     if (c->shared_gate && !c->shared_ffn) return invalid(err, errlen, "shared_gate is true but shared_ffn = 0");
     if (c->n_swa_layers && !c->sliding_window)
         return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
+    return check_groups(c, err, errlen);
+}
+
+/* Group-limited routing: n_group equal groups (at least 2 experts each for the top-2 score), topk_group of them kept,
+ * and enough experts in the kept groups for top_k. */
+static int check_groups(const emoe_config *c, char *err, size_t errlen) {
+    if (c->topk_group > c->n_group)
+        return invalid(err, errlen, "topk_group = %d must be in 1..n_group = %d", c->topk_group, c->n_group);
+    if (c->n_group == 1) return EMOE_OK;
+    const int32_t per = c->n_experts / c->n_group;
+    if (c->n_experts % c->n_group || (c->group_score == EMOE_GROUP_TOP2_SUM && per < 2))
+        return invalid(err, errlen, "n_group = %d must divide n_experts = %d into groups of at least %d experts",
+                       c->n_group, c->n_experts, c->group_score == EMOE_GROUP_TOP2_SUM ? 2 : 1);
+    if (c->top_k > c->topk_group * per)
+        return invalid(err, errlen, "top_k = %d exceeds the %d experts of topk_group = %d groups", c->top_k,
+                       c->topk_group * per, c->topk_group);
     return EMOE_OK;
 }
 

@@ -27,6 +27,7 @@ enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
 enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
 enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
 enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1 };
+enum { EMOE_GROUP_TOP2_SUM = 0, EMOE_GROUP_MAX = 1 }; /* DeepSeek-V3 / GLM-4.5; DeepSeek-V2 group_limited_greedy */
 
 /* Bounds of the sizes (emoe_arch_read): every product the core forms (vocab * hidden, n_layers * n_experts,
  * n_heads * head_dim, ...) fits in int64, and per-row sizes in int32. */
@@ -60,6 +61,13 @@ typedef struct emoe_config {
     int32_t tie_embeddings; /* bool */
     /* Granite's multipliers (ArchSpec.embed_scale ...); 0 = the default (emoe_model_new: 1, attn_scale 1/sqrt(hd)) */
     float embed_scale, attn_scale, residual_scale, logit_divisor;
+    /* DeepSeek-V3-style routing (GLM-4.5, ERNIE-4.5, DeepSeek-V2/V3): experts are chosen by prob + score_bias (the
+     * layer's exp_probs_b tensor: selection only), among the topk_group best of n_group equal groups of experts
+     * (group score: group_score); the chosen probs (renormalized if norm_topk) are scaled by routed_scaling. */
+    int32_t score_bias;   /* bool */
+    int32_t n_group, topk_group; /* 1, 1 = no group limit */
+    int32_t group_score;  /* EMOE_GROUP_* */
+    float routed_scaling; /* 1 = none */
     int32_t n_dense_layers, n_nope_layers, n_swa_layers;
     const int32_t *dense_layers, *nope_layers, *swa_layers;
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert

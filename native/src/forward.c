@@ -6,8 +6,8 @@
  *   h   = x + wo(attention(rope(qk_norm(wq xa + bq), wk xa + bk), wv xa + bv))   with xa = attn_norm(x)
  *   out = h + ffn(ffn_norm(h))
  * ffn is a dense MLP (dense_layers) or the MoE block: router logits W_r r (r = ffn_norm(h), or the layer input x for
- * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (ties: lower index),
- * optional renormalization; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
+ * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (+ score_bias, within the
+ * topk_group best groups when n_group > 1; ties: lower index), optional renormalization, times routed_scaling; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
  * when the layer has that gate vector). Optional tensors (biases, shared expert, its gate) are run when the layer has
  * them: the tensor table (tensor_table.c) states which a config has, and emoe_model_ready that they are all set. Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
  * weights can later be loaded just in time (expert_weights() is the single lookup point).
@@ -222,12 +222,40 @@ static void gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *u
     model_matmuls(m, 1, &down, &y, k, s->hg, n_tok);
 }
 
-/* Router probabilities -> top-k indices and weights per token, from s->logits_r (n_tok, E). Experts pruned by the
- * merge map get probability 0 (logit -inf) and are never chosen (validate_config keeps at least top_k alive). */
-static void route(emoe_model *m, const int32_t *emap, int n_tok) {
+/* Group-limited routing (n_group > 1): keep the topk_group groups of consecutive experts with the best score (the sum
+ * of a group's two best selection scores, or its best one; ties: lower group) and mask the others' sel to -inf.
+ * gs: n_group floats of scratch. */
+static void limit_groups(const emoe_config *c, float *sel, float *gs) {
+    const int G = c->n_group, per = c->n_experts / G;
+    for (int g = 0; g < G; g++) {
+        const float *v = sel + (size_t)g * per;
+        float a = -INFINITY, b = -INFINITY; /* best, second best */
+        for (int i = 0; i < per; i++) {
+            if (v[i] > a) b = a, a = v[i];
+            else if (v[i] > b) b = v[i];
+        }
+        gs[g] = c->group_score == EMOE_GROUP_MAX ? a : a + b;
+    }
+    for (int j = 0; j < G - c->topk_group; j++) { /* drop the worst groups one by one (ties: the higher group) */
+        int worst = -1;
+        for (int g = 0; g < G; g++)
+            if (!isnan(gs[g]) && (worst < 0 || gs[g] <= gs[worst])) worst = g;
+        gs[worst] = NAN; /* dropped */
+        for (int i = 0; i < per; i++) sel[(size_t)worst * per + i] = -INFINITY;
+    }
+}
+
+/* Router probabilities -> top-k indices and weights per token, from s->logits_r (n_tok, E). Experts are chosen by
+ * sel = prob (+ the layer's score_bias; limited to the best groups when n_group > 1) and weighted by prob
+ * (renormalized if norm_topk, then times routed_scaling). Experts pruned by the merge map get probability 0
+ * (logit -inf) and are never chosen (validate_config keeps at least top_k alive). */
+static void route(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
+    const int32_t *emap = m->layers[l].emap;
+    const float *bias = m->layers[l].score_bias.data;
     run_state *s = &m->s;
     const int E = c->n_experts, K = c->top_k;
+    float *sel = s->sel;
     for (int t = 0; t < n_tok; t++) {
         float *p = s->logits_r + (size_t)t * E;
         if (emap)
@@ -241,16 +269,18 @@ static void route(emoe_model *m, const int32_t *emap, int n_tok) {
         } else {
             for (int e = 0; e < E; e++) p[e] = 1.0f / (1.0f + expf(-p[e]));
         }
+        for (int e = 0; e < E; e++) sel[e] = emap && emap[e] < 0 ? -INFINITY : bias ? p[e] + bias[e] : p[e];
+        if (c->n_group > 1) limit_groups(c, sel, sel + E);
         int *idx = s->topk_idx + (size_t)t * K;
         float *w = s->topk_w + (size_t)t * K;
         float wsum = 0.0f;
         for (int j = 0; j < K; j++) { /* k is small: repeated arg-max, ties to the lower index */
             int best = -1;
             for (int e = 0; e < E; e++) {
-                if (emap && emap[e] < 0) continue;
+                if (sel[e] == -INFINITY) continue; /* pruned, or outside the kept groups */
                 int taken = 0;
                 for (int i = 0; i < j; i++) taken |= idx[i] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+                if (!taken && (best < 0 || sel[e] > sel[best])) best = e;
             }
             idx[j] = best;
             w[j] = p[best];
@@ -258,6 +288,8 @@ static void route(emoe_model *m, const int32_t *emap, int n_tok) {
         }
         if (c->norm_topk)
             for (int j = 0; j < K; j++) w[j] /= wsum;
+        if (c->routed_scaling != 1.0f)
+            for (int j = 0; j < K; j++) w[j] *= c->routed_scaling;
         if (emap)
             for (int j = 0; j < K; j++) idx[j] = emap[idx[j]]; /* routed -> stored expert */
     }
@@ -293,7 +325,7 @@ static void moe(emoe_model *m, int l, int n_tok) {
     run_state *s = &m->s;
     const int H = c->hidden, E = c->n_experts, K = c->top_k;
     if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
-    route(m, L->emap, n_tok);
+    route(m, l, n_tok);
     memset(s->tmp, 0, (size_t)n_tok * H * sizeof(float));
     for (int e = 0; e < L->n_stored; e++) {
         int n_e = 0;
@@ -435,7 +467,7 @@ void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
 void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy) {
     matmul(m, w, x, n_tok, y, ldy);
 }
-void fwd_route(emoe_model *m, const int32_t *emap, int n_tok) { route(m, emap, n_tok); }
+void fwd_route(emoe_model *m, int l, int n_tok) { route(m, l, n_tok); }
 void fwd_gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down, const float *x,
                    int n_tok, float *y, int k) {
     gated_ffn(m, gate, up, down, x, n_tok, y, k);

@@ -124,6 +124,7 @@ static int alloc_buffers(emoe_model *m) {
     s->logits_r = xcalloc(B * (size_t)(c->n_experts > 0 ? c->n_experts : 1), sizeof(float), &fail);
     s->topk_idx = xcalloc(B * (size_t)(c->top_k > 0 ? c->top_k : 1), sizeof(int), &fail);
     s->topk_w = xcalloc(B * (size_t)(c->top_k > 0 ? c->top_k : 1), sizeof(float), &fail);
+    s->sel = xcalloc((size_t)(c->n_experts > 0 ? c->n_experts : 1) + (size_t)c->n_group, sizeof(float), &fail);
     s->etok = xcalloc(B, sizeof(int), &fail);
     s->ew = xcalloc(B, sizeof(float), &fail);
     s->xg = xcalloc(B * H, sizeof(float), &fail);
@@ -145,7 +146,8 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     const size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), F = (size_t)m->ffn_max;
     const size_t group = (size_t)(c->n_heads / c->n_kv_heads);
     size_t f = B * H * 5 + B * (size_t)m->q_dim * 2 + B * (size_t)m->kv_dim * 2 + B * E + B * K + B + B * F * 2 +
-               B * (size_t)(c->rope_dim / 2 + 1) * 2 + (size_t)emoe_pool_threads(m->pool) * group * (size_t)m->max_ctx;
+               B * (size_t)(c->rope_dim / 2 + 1) * 2 + E + (size_t)c->n_group +
+               (size_t)emoe_pool_threads(m->pool) * group * (size_t)m->max_ctx;
     size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
@@ -155,7 +157,7 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
 static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
-                    s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
+                    s->sel, s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
                     s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));

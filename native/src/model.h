@@ -44,6 +44,7 @@ typedef struct {
     tensor_ref q_norm, k_norm;                   /* [hd] (head) or [nh*hd] / [nkv*hd] (full) */
     tensor_ref router;                           /* [E, H] */
     tensor_ref pre;                              /* [E, H] fitted expert predictor (optional; streaming uses it) */
+    tensor_ref score_bias;                       /* [E] selection-only bias (score_bias; DeepSeek-V3 style) */
     tensor_ref sh_gate, sh_up, sh_down;          /* [S, H], [S, H], [H, S] shared expert (optional) */
     tensor_ref sh_gate_inp;                      /* [H] shared expert's gate vector (optional) */
     tensor_ref mlp_gate, mlp_up, mlp_down;       /* [D, H], [D, H], [H, D] (dense layers, dense_ffn = D) */
@@ -64,6 +65,7 @@ typedef struct {
     float *logits_r; /* (B, E) router logits */
     int *topk_idx;   /* (B, top_k) */
     float *topk_w;   /* (B, top_k) */
+    float *sel;      /* (E + n_group) one token's selection scores, then its group scores (route) */
     int *etok;       /* (B) tokens routed to the current expert */
     float *ew;       /* (B) their routing weights (summed over merged group members) */
     float *xg;       /* (B, H) gathered expert input */
@@ -135,8 +137,8 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq);
 /* forward.c's building blocks, shared with the streaming MoE block (stream_forward.c) */
 void fwd_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 void fwd_matmul(emoe_model *m, const tensor_ref *w, const float *x, int n_tok, float *y, size_t ldy);
-/* s->logits_r (n_tok, E) -> s->topk_idx (stored experts) and s->topk_w */
-void fwd_route(emoe_model *m, const int32_t *emap, int n_tok);
+/* s->logits_r (n_tok, E) -> s->topk_idx (stored experts) and s->topk_w, with layer l's expert map and score bias */
+void fwd_route(emoe_model *m, int l, int n_tok);
 void fwd_gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down, const float *x,
                    int n_tok, float *y, int k);
 /* s->tmp += the shared expert of layer l on s->xn (no-op without one) */

@@ -198,7 +198,7 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
     const uint64_t seq = S->seq + (uint64_t)l;
     emoe_cache_set_position(S->cache, l, S->seq / (uint64_t)c->n_layers); /* epoch = forward blocks (tokens) */
     if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) fwd_matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
-    fwd_route(m, L->emap, n_tok);
+    fwd_route(m, l, n_tok);
     if (S->pred_layer == l && S->pred_n == n_tok) {
         score_prediction(m, S->pred, n_tok, &S->st.pred_experts, &S->st.pred_hits, &S->st.pred_hits_k,
                          &S->st.true_experts);

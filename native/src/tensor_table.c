@@ -26,6 +26,8 @@ const tt_entry tt_table[] = {
     {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TC_QK_NORM, TN_REQUIRED, L(k_norm)},
     {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_MOE, TN_REQUIRED, L(router)},
     {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_MOE, TN_OPTIONAL, L(pre)},
+    {"score_bias", "blk.%d.exp_probs_b.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TC_SCORE_BIAS, TN_REQUIRED,
+     L(score_bias)},
     {"sh_gate", "blk.%d.ffn_gate_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TC_SHARED, TN_REQUIRED,
      L(sh_gate)},
     {"sh_up", "blk.%d.ffn_up_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TC_SHARED, TN_REQUIRED, L(sh_up)},
@@ -73,13 +75,14 @@ int tt_present(const emoe_model *m, int e, int layer) {
     case TC_SHARED: return moe && c->shared_ffn > 0;
     case TC_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
     case TC_DENSE: return !moe;
+    case TC_SCORE_BIAS: return moe && c->score_bias;
     }
     return 0;
 }
 
 const char *tt_condition_name(int e) {
     static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
-                                      "a dense layer"};
+                                      "a dense layer", "score_bias"};
     return why[tt_table[e].cond];
 }
 

@@ -268,7 +268,8 @@ typedef struct {
 
 static int tiny_model_test(int isa, int wtype, int kv_f16, int n_threads, int q8_f32_act) {
     const int32_t dense[] = {1}, nope[] = {2}, swa[] = {0};
-    emoe_config c = {.n_layers = 3, .hidden = 64, .vocab = 50, .n_heads = 4, .n_kv_heads = 2, .head_dim = 16,
+    emoe_config c = {.n_group = 1, .topk_group = 1, .routed_scaling = 1.0f,
+                     .n_layers = 3, .hidden = 64, .vocab = 50, .n_heads = 4, .n_kv_heads = 2, .head_dim = 16,
                      .n_experts = 4, .top_k = 2, .expert_ffn = 32, .norm_eps = 1e-6f, .rope_kind = EMOE_ROPE_NEOX,
                      .rope_theta = 10000.0f, .rope_dim = 8, .qkv_bias = 1, .qk_norm = EMOE_QK_NORM_HEAD,
                      .router_fn = EMOE_ROUTER_SOFTMAX, .norm_topk = 1, .router_input = EMOE_ROUTER_IN_FFN_NORM,
@@ -383,7 +384,8 @@ static int tiny_model_test(int isa, int wtype, int kv_f16, int n_threads, int q8
 }
 
 static void test_bad_config(void) {
-    emoe_config c = {.n_layers = 1, .hidden = 8, .vocab = 4, .n_heads = 3, .n_kv_heads = 2, .head_dim = 4};
+    emoe_config c = {.n_group = 1, .topk_group = 1, .routed_scaling = 1.0f,
+                     .n_layers = 1, .hidden = 8, .vocab = 4, .n_heads = 3, .n_kv_heads = 2, .head_dim = 4};
     emoe_model *m = emoe_model_new(&c, 8, 0, 1);
     CHECK(m && emoe_model_status(m) == EMOE_ERR_ARG && strstr(emoe_model_last_error(m), "n_kv_heads"),
           "bad config is reported: %s", m ? emoe_model_last_error(m) : "NULL");

@@ -372,7 +372,8 @@ static int build(tt *ts) {
 }
 
 static emoe_model *tiny_model(int isa, int threads, const tt *ts, int n, int mwq, int q8_f32_act) {
-    emoe_config c = {.n_layers = NL, .hidden = H, .vocab = V, .n_heads = 4, .n_kv_heads = 2, .head_dim = 16,
+    emoe_config c = {.n_group = 1, .topk_group = 1, .routed_scaling = 1.0f,
+                     .n_layers = NL, .hidden = H, .vocab = V, .n_heads = 4, .n_kv_heads = 2, .head_dim = 16,
                      .n_experts = NE, .top_k = 2, .expert_ffn = F, .norm_eps = 1e-6f, .rope_kind = EMOE_ROPE_NEOX,
                      .rope_theta = 10000.0f, .router_fn = EMOE_ROUTER_SOFTMAX, .norm_topk = 1,
                      .activation = EMOE_ACT_SWIGLU};
