@@ -7,6 +7,7 @@ import resource
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ import numpy as np
 from .arch import GLOBAL_TENSORS
 from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
-from .errors import EdgeMoEError
+from .errors import ContextError, EdgeMoEError
 from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
@@ -36,7 +37,53 @@ def _peak_rss_bytes() -> int:
 
 
 def _fresh_stats() -> dict:
-    return {"prefill_tokens": 0, "prompt_tokens_reused": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+    return {"prefill_tokens": 0, "prompt_tokens_reused": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+            "finish_reason": None, "finish_reasons": {r: 0 for r in FINISH_REASONS}, "context_shifts": 0,
+            "context_shift_tokens": 0}
+
+
+# Why a generation ended: "stop" = the end-of-sequence token or a stop string; "length" = max_new_tokens;
+# "context" = the context (max_ctx) was full and no context shift was asked for.
+FINISH_REASONS = ("stop", "length", "context")
+
+
+@dataclass
+class Generation:
+    """What one generation produced and why it ended (generate(..., return_info=True), or a stream's .info)."""
+
+    text: str
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int  # as run (after truncate)
+    completion_tokens: int
+    prompt_tokens_truncated: int = 0  # dropped from a prompt longer than the context (truncate="left"/"right")
+    context_shifts: int = 0  # times the context was full and its oldest half (after n_keep) was dropped
+
+
+class GenerationStream:
+    """generate(stream=True): an iterator of text pieces. Once it is exhausted, `.info` is the Generation (text
+    joined, finish_reason, token counts) and `.finish_reason` its reason; both are None before."""
+
+    def __init__(self, pieces: Iterator[str], info: dict):
+        self._pieces, self._info = pieces, info
+        self.info: Generation | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self.info is None and self._info.get("finish_reason"):
+                self.info = Generation(**self._info)
+            raise
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.info.finish_reason if self.info else None
 
 
 def _ids_as_text(ids: list[int]) -> str:
@@ -79,26 +126,49 @@ class _Continuation:
     (stop strings, end of sequence, max_new_tokens, the context). Shared by generate() and generate_batch()."""
 
     def __init__(self, model: Model, ids: list[int], max_new_tokens: int, params: SamplingParams,
-                 rng: np.random.Generator, stops: list[str], stop_at_eos: bool):
+                 rng: np.random.Generator, stops: list[str], stop_at_eos: bool, n_keep: int | None = None):
         decode = model.tokenizer.decode if model.tokenizer is not None else _ids_as_text
         self.text = TextStream(decode, stops)
         self.history = list(ids)  # what the repetition penalty looks at: prompt + output
+        self.context = list(ids)  # the sequence in the KV cache, then the token to run next (shifts drop some)
         self.max_new_tokens, self.params, self.rng, self.stop_at_eos = max_new_tokens, params, rng, stop_at_eos
         self.eos, self.max_ctx = model.spec.eos_token_id, model.max_ctx
-        self.n_new = 0
+        self.n_keep = n_keep  # None: no context shift, the generation ends when the context is full
+        self.n_new, self.shifts = 0, 0
+        self.finish_reason: str | None = "length" if max_new_tokens == 0 else None
         self.token: int | None = None  # the last token sampled: the next one to run through the model
 
     def step(self, logits: np.ndarray) -> tuple[str, bool]:
         """Sample the next token from `logits` -> (the text it completes, whether the sequence is finished). When
-        not finished, self.token must be run next."""
+        not finished, self.token must be run next (after shift() when needs_shift())."""
         tok = sample(logits, self.params, self.rng, self.history)
         if self.stop_at_eos and tok == self.eos:
+            self.finish_reason = "stop"
             return "", True
         self.history.append(tok)
+        self.context.append(tok)
         self.n_new += 1
         self.token = tok
         piece = self.text.push(tok)
-        return piece, self.text.stopped or self.n_new == self.max_new_tokens or len(self.history) >= self.max_ctx
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif self.n_new == self.max_new_tokens:
+            self.finish_reason = "length"
+        elif len(self.context) >= self.max_ctx and self.n_keep is None:
+            self.finish_reason = "context"
+        return piece, self.finish_reason is not None
+
+    def needs_shift(self) -> bool:
+        return self.n_keep is not None and len(self.context) >= self.max_ctx
+
+    def shift(self) -> int:
+        """The context shift (llama.cpp's): keep the first n_keep tokens, drop the oldest half of the rest. Returns
+        the number of leading tokens the KV cache keeps; the caller re-runs self.context from there (re-running the
+        kept tail, rather than re-rotating its cached keys, gives exactly a fresh run on the shifted tokens)."""
+        n_discard = (len(self.context) - self.n_keep) // 2
+        del self.context[self.n_keep:self.n_keep + n_discard]
+        self.shifts += 1
+        return self.n_keep
 
     def finish(self) -> str:
         """The text held back (a possible start of a stop string that was not one)."""
@@ -234,9 +304,22 @@ class Model:
         if bad:
             raise EdgeMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab - 1})")
         if len(ids) > self.max_ctx:
-            raise EdgeMoEError(f"{len(ids)} {what} exceed the context of {self.max_ctx} tokens (max_ctx; "
-                               f"edgemoe.load(..., max_ctx=N) raises it up to the model's {self.spec.max_position})")
+            raise ContextError(f"{len(ids)} {what} exceed the context of {self.max_ctx} tokens (max_ctx; "
+                               + (f"edgemoe.load(..., max_ctx=N) raises it up to the model's {self.spec.max_position}; "
+                                  if self.max_ctx < self.spec.max_position else "the model's maximum; ")
+                               + "generate(..., truncate='left') keeps the prompt's end)",
+                               len(ids), self.max_ctx, self.spec.max_position)
         return ids
+
+    def _truncated(self, ids: list[int], truncate: str | None, max_new_tokens: int) -> tuple[list[int], int]:
+        """A prompt longer than the context, cut (truncate "left": drop its start; "right": drop its end) to leave
+        room for max_new_tokens, but never to less than half the context. -> (ids, tokens dropped)."""
+        if truncate not in (None, "left", "right"):
+            raise EdgeMoEError(f"truncate {truncate!r}: expected None, 'left' or 'right'")
+        if truncate is None or len(ids) <= self.max_ctx:
+            return ids, 0
+        keep = max(self.max_ctx - max_new_tokens, self.max_ctx // 2, 1)
+        return (ids[-keep:] if truncate == "left" else ids[:keep]), len(ids) - keep
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` with the embedded tokenizer (no special tokens added)."""
@@ -247,7 +330,9 @@ class Model:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = 0, stop: str | Sequence[str] | None = None,
-                 stream: bool = False, stop_at_eos: bool = True) -> str | Iterator[str]:
+                 stream: bool = False, stop_at_eos: bool = True, return_info: bool = False,
+                 context_shift: bool = False, n_keep: int = 0,
+                 truncate: str | None = None) -> str | Generation | GenerationStream:
         """Continue `prompt` (a string, or a list of token ids). Returns the new text, or with stream=True an
         iterator of text pieces that join to exactly that text (multi-byte characters are never split).
 
@@ -262,8 +347,16 @@ class Model:
         stop: a string or list of strings; generation ends when the text contains one, and the text returned ends
         just before it. A stream holds back any tail that could begin a stop string until it is decided.
         stop_at_eos: end at the model's end-of-sequence token (not included in the text).
-        Ends after max_new_tokens tokens, or when the context (max_ctx) is full. A prompt longer than the context
-        raises EdgeMoEError stating both lengths.
+        Ends after max_new_tokens tokens (finish_reason "length"), at end-of-sequence or a stop string ("stop"), or
+        when the context (max_ctx) is full ("context"). return_info=True returns a Generation (text, finish_reason,
+        token counts) instead of the text; a stream is a GenerationStream whose .info is that Generation once it
+        is exhausted. stats["finish_reason"] is the latest generation's.
+        context_shift=True: when the context is full, keep the first n_keep tokens, drop the oldest half of the rest
+        and continue (llama.cpp's context shift); the kept tokens are run again, so the continuation is exactly a
+        fresh run on the shifted tokens (it costs one prefill of about half the context per shift).
+        A prompt longer than the context raises ContextError (an EdgeMoEError) stating both lengths, unless
+        truncate="left" (drop the prompt's start) or "right" (its end) cuts it to leave room for max_new_tokens
+        (keeping at least half the context).
 
         The prompt is run as one prefill. The KV cache is kept between calls: when the new prompt's token ids start
         with ids the cache holds (the previous prompt and its output, e.g. a chat's earlier turns), only the rest
@@ -272,9 +365,24 @@ class Model:
         params, max_new_tokens = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p,
                                                    repetition_penalty, repeat_last_n)
         stops = stop_strings(stop)
-        ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt tokens")
-        pieces = self._generate(ids, max_new_tokens, params, np.random.default_rng(seed), stops, stop_at_eos)
-        return pieces if stream else self._joined(pieces)
+        keep = self._check_n_keep(n_keep) if context_shift else None
+        ids = [int(i) for i in np.asarray(self.encode(prompt) if isinstance(prompt, str) else prompt).reshape(-1)]
+        ids, dropped = self._truncated(ids, truncate, max_new_tokens)
+        ids = self._check_ids(ids, "prompt tokens")
+        info = {"prompt_tokens": len(ids), "prompt_tokens_truncated": dropped}
+        pieces = self._generate(ids, max_new_tokens, params, np.random.default_rng(seed), stops, stop_at_eos, keep,
+                                info)
+        if stream:
+            return GenerationStream(pieces, info)
+        text = self._joined(pieces)
+        return Generation(**info) if return_info else text
+
+    def _check_n_keep(self, n_keep) -> int:
+        """n_keep for a context shift: tokens kept at the start; a shift must still free at least one position."""
+        if int(n_keep) != n_keep or not 0 <= n_keep <= self.max_ctx - 2:
+            raise EdgeMoEError(f"n_keep {n_keep!r}: expected 0..{self.max_ctx - 2} tokens kept at the start of the "
+                               f"context (max_ctx {self.max_ctx}) when it shifts")
+        return int(n_keep)
 
     @_serialized
     def _joined(self, pieces: Iterator[str]) -> str:
@@ -282,35 +390,60 @@ class Model:
         return "".join(pieces)
 
     def _generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, rng: np.random.Generator,
-                  stops: list[str], stop_at_eos: bool) -> Iterator[str]:
-        if max_new_tokens == 0:
-            return
-        cont = _Continuation(self, ids, max_new_tokens, params, rng, stops, stop_at_eos)
-        with self._lock:  # each token's computation under the lock, the yield outside it (see _serialized)
-            self._check_open()
-            logits = self._prefill_reusing_cache(ids)
-            self._sequence += 1  # the KV cache now belongs to this generation
-            mine = self._sequence
-        while True:
-            piece, finished = cont.step(logits)
-            if piece:
-                yield piece
-            if finished:
-                break
-            with self._lock:
+                  stops: list[str], stop_at_eos: bool, n_keep: int | None, info: dict) -> Iterator[str]:
+        cont = _Continuation(self, ids, max_new_tokens, params, rng, stops, stop_at_eos, n_keep)
+        text: list[str] = []
+        if max_new_tokens:
+            with self._lock:  # each token's computation under the lock, the yield outside it (see _serialized)
                 self._check_open()
-                if self._sequence != mine:
-                    raise EdgeMoEError("this generate() stream was resumed after another generate(), chat(), "
-                                       "logits(), generate_batch() or reset() call (from this or another thread) "
-                                       "replaced its sequence in the KV cache; finish one stream before starting "
-                                       "another, or use generate_batch (with n_seq) to generate several texts at once")
-                t1 = time.perf_counter()
-                logits = self._engine.decode(cont.token)
-                self._stats["decode_tokens"] += 1
-                self._stats["decode_s"] += time.perf_counter() - t1
-        rest = cont.finish()
-        if rest:
-            yield rest
+                logits = self._prefill_reusing_cache(ids)
+                self._sequence += 1  # the KV cache now belongs to this generation
+                mine = self._sequence
+            while True:
+                piece, finished = cont.step(logits)
+                if piece:
+                    text.append(piece)
+                    yield piece
+                if finished:
+                    break
+                with self._lock:
+                    self._check_open()
+                    if self._sequence != mine:
+                        raise EdgeMoEError("this generate() stream was resumed after another generate(), chat(), "
+                                           "logits(), generate_batch() or reset() call (from this or another thread) "
+                                           "replaced its sequence in the KV cache; finish one stream before starting "
+                                           "another, or use generate_batch (with n_seq) to generate several texts at "
+                                           "once")
+                    logits = self._shift(cont) if cont.needs_shift() else self._decode(cont.token)
+            rest = cont.finish()
+            if rest:
+                text.append(rest)
+                yield rest
+        info.update(text="".join(text), finish_reason=cont.finish_reason, completion_tokens=cont.n_new,
+                    context_shifts=cont.shifts)
+        with self._lock:
+            self._stats["finish_reason"] = cont.finish_reason
+            self._stats["finish_reasons"][cont.finish_reason] += 1
+
+    def _decode(self, token: int, seq: int = 0) -> np.ndarray:
+        t1 = time.perf_counter()
+        logits = self._engine.decode(token, **({"seq": seq} if seq else {}))
+        self._stats["decode_tokens"] += 1
+        self._stats["decode_s"] += time.perf_counter() - t1
+        return logits
+
+    def _shift(self, cont: _Continuation, seq: int = 0) -> np.ndarray:
+        """Shift a full context (cont.shift) and re-run the kept tail with the pending token: its logits."""
+        on_seq = {"seq": seq} if seq else {}
+        keep = cont.shift()
+        t0 = time.perf_counter()
+        self._engine.truncate(keep, **on_seq)
+        logits = self._engine.extend(cont.context[keep:], **on_seq)
+        self._stats["prefill_tokens"] += len(cont.context) - keep
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        self._stats["context_shifts"] += 1
+        self._stats["context_shift_tokens"] += len(cont.context) - keep
+        return logits
 
     @_serialized
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
@@ -479,6 +612,10 @@ class Model:
             "prompt_tokens_reused": s["prompt_tokens_reused"],
             "decode_tokens": s["decode_tokens"],
             "decode_tok_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
+            "finish_reason": s["finish_reason"],
+            "finish_reasons": dict(s["finish_reasons"]),
+            "context_shifts": s["context_shifts"],
+            "context_shift_tokens": s["context_shift_tokens"],
             "peak_rss_bytes": _peak_rss_bytes(),
             "memory_budget_bytes": self.memory_budget,
             "dense_bytes": self.dense_bytes,
@@ -596,4 +733,4 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
         raise
 
 
-__all__ = ["GLOBAL_TENSORS", "Model", "load"]
+__all__ = ["FINISH_REASONS", "GLOBAL_TENSORS", "Generation", "GenerationStream", "Model", "load"]
