@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_options import load_args, runtime_opts, sampling_kwargs, sampling_opts
-from .errors import EdgeMoEError
+from .cli_options import context_opts, generate_kwargs, load_args, runtime_opts, sampling_kwargs, sampling_opts
+from .errors import ContextError, EdgeMoEError
 from .units import format_bytes
 
 
@@ -151,9 +151,13 @@ def cmd_chat(args) -> int:
     with load(args.model, **load_args(args)) as m:
         if m.tokenizer is None:
             raise EdgeMoEError(f"{args.model}: no tokenizer embedded; chat needs one")
-        sampling = sampling_kwargs(args, m.generate)
+        sampling = {**sampling_kwargs(args, m.generate), **generate_kwargs(args)}
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages: list[dict] = []
+        if m.chat_template is None:
+            print(f"edgemoe chat: {Path(args.model).name} has no chat template, so it is probably a base model (not "
+                  f"trained to chat): it continues a plain 'User: ... Assistant:' transcript, and its replies may not "
+                  f"read like answers", file=sys.stderr)
         print("edgemoe chat: type a message; /reset forgets, /exit or Ctrl-D quits", file=sys.stderr)
         while True:
             line = _read_line()
@@ -195,13 +199,17 @@ def _chat_turn(m, system: list[dict], messages: list[dict], n: int, sampling: di
             for piece in pieces:
                 reply.append(piece)
                 print(piece, end="", flush=True)
-            print()
+            if not "".join(reply[-1:]).endswith("\n"):
+                print()
+            if pieces.finish_reason == "context":
+                print("[the reply filled the context: --context-shift goes on past it, --max-ctx raises it]",
+                      file=sys.stderr)
             return "".join(reply).strip()
-        except EdgeMoEError as e:
-            if "exceed" not in str(e) and "context" not in str(e):
-                raise
+        except ContextError as e:
             if len(messages) <= 1:
-                print(f"edgemoe: {e}; message dropped", file=sys.stderr)
+                print(f"edgemoe: the message has {e.n_tokens} tokens with the chat template; the context holds "
+                      f"{e.max_ctx} (--max-ctx raises it up to the model's {e.model_max}); message dropped",
+                      file=sys.stderr)
                 return None
             del messages[:2]  # the oldest user message and its reply
 
@@ -251,8 +259,7 @@ def add_tool_parsers(sub) -> None:
     c.add_argument("model", help=".emoe file")
     c.add_argument("-n", type=int, default=256, help="max tokens per reply (default 256)")
     c.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
-    c.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                   help="context length (default: the model's, at most 4096); older turns are dropped beyond it")
+    context_opts(c, chat=True)
     sampling_opts(c)
     runtime_opts(c)
     c.set_defaults(func=cmd_chat)

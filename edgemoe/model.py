@@ -21,7 +21,7 @@ from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
 from .tokenizer import Tokenizer
-from .units import parse_bytes
+from .units import format_size_like, parse_bytes
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -192,9 +192,10 @@ class Model:
         self.container = container
         self.spec = container.spec
         self.memory_budget = parse_bytes(memory_budget)
+        self._budget_typed = memory_budget  # echoed in the units it was given in
         self.threads = threads
         self.precision, self.stored_planes = self._check_precision(container, precision)
-        self.max_ctx = int(max_ctx or min(self.spec.max_position, 4096))
+        self.max_ctx = int(max_ctx or default_max_ctx(self.spec))
         self.dense_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "dense")
         self.expert_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "expert")
         self.mode = mode
@@ -243,10 +244,37 @@ class Model:
             raise EdgeMoEError("a memory budget (or mode other than 'exact') needs the C engine; the NumPy engine maps "
                                "the whole file (use engine='auto' or 'c')")
         CEngine = _c_engine_class()
-        eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
-                                     threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
-                                     **opts)
+        from . import _native as N
+
+        try:
+            eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
+                                         threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
+                                         **opts)
+        except N.BudgetError as e:
+            raise EdgeMoEError(self._budget_message(e.plan, opts)) from None
         return "c-stream", eng
+
+    def _budget_message(self, plan: dict, opts: dict) -> str:
+        """A budget below the minimum: the parts, in the units the budget was given in, and the context that fits."""
+        def size(n):
+            return format_size_like(n, self._budget_typed)
+
+        n_seq = int(opts.get("n_seq") or 1)
+        fits = context_for_budget(self.container.path, self.memory_budget, threads=self.threads or 1, mode=self.mode,
+                                  precision=self.precision, n_seq=n_seq, limit=self.max_ctx - 1)
+        seqs = f" x {n_seq} sequences" if n_seq > 1 else ""
+        msg = (f"memory budget {size(self.memory_budget)} is below the minimum {size(plan['minimum_bytes'])} for "
+               f"{self.container.path.name} with max_ctx {self.max_ctx}{seqs}: dense weights "
+               f"{size(plan['dense_bytes'])} + KV cache {size(plan['kv_bytes'])} + scratch "
+               f"{size(plan['scratch_bytes'])} + expert cache {size(plan['min_cache_bytes'])} (one layer's top-"
+               f"{self.spec.top_k} experts)")
+        if fits:
+            return msg + (f"; a context of {fits} tokens fits in it: pass --max-ctx {fits} (edgemoe.load(..., "
+                          f"max_ctx={fits})), or raise the budget")
+        smallest = CEngine_plan(self.container.path, MIN_AUTO_CTX, self.threads or 1, self.mode, self.precision,
+                                n_seq)["minimum_bytes"]
+        return msg + (f"; even a context of {MIN_AUTO_CTX} tokens needs {size(smallest)}: raise the budget to at "
+                      f"least that")
 
     def _plane_layouts(self) -> dict[str, dict]:
         """MWQ tensor name -> its quantization parameters and plane offsets (relative to the tensor's start)."""
@@ -698,6 +726,42 @@ def _c_engine_class():
     return CEngine
 
 
+MIN_AUTO_CTX = 64  # the shortest context context_for_budget offers: below it a chat holds hardly a turn
+
+
+def default_max_ctx(spec) -> int:
+    """The context edgemoe.load uses when max_ctx is not given: the model's, at most 4096."""
+    return int(min(spec.max_position, 4096))
+
+
+def CEngine_plan(path, max_ctx: int, threads: int, mode: str, precision: int | None, n_seq: int) -> dict:
+    """The C core's plan for a budgeted load (minimum and its parts), without loading anything."""
+    return _c_engine_class().stream_plan(path, max_ctx, threads=threads, mode=mode, precision=precision,
+                                         n_seq=n_seq)
+
+
+def context_for_budget(path: str | Path, memory_budget, threads: int = 1, mode: str = "exact",
+                       precision: int | None = None, n_seq: int = 1, limit: int | None = None) -> int | None:
+    """The largest context (a power of two from MIN_AUTO_CTX up to the model's default, or `limit`) whose KV cache
+    the budget holds beside the dense weights, scratch and the smallest expert cache; None if none does. The
+    rest of the budget is expert cache: a shorter context leaves more of it (and fewer reads per token)."""
+    budget = parse_bytes(memory_budget)
+    c = open_container(path, verify=False)
+    try:
+        top = default_max_ctx(c.spec)
+    finally:
+        c.close()
+    if limit is not None:
+        top = min(top, limit)
+    if budget is None:
+        return top
+    ctx = 1 << (max(top, 1).bit_length() - 1)
+    for c in ([top] if top != ctx else []) + [ctx >> i for i in range(ctx.bit_length()) if ctx >> i >= MIN_AUTO_CTX]:
+        if CEngine_plan(path, c, threads, mode, precision, n_seq)["minimum_bytes"] <= budget:
+            return c
+    return None
+
+
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
          max_ctx: int | None = None, verify: bool = True, precision: int | None = None, mode: str = "exact",
          prefetch: int = 1, verify_reads: str | None = None, n_seq: int | None = None, **stream_options) -> Model:
@@ -733,4 +797,4 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
         raise
 
 
-__all__ = ["FINISH_REASONS", "GLOBAL_TENSORS", "Generation", "GenerationStream", "Model", "load"]
+__all__ = ["FINISH_REASONS", "GLOBAL_TENSORS", "Generation", "GenerationStream", "Model", "context_for_budget", "load"]
