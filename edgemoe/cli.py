@@ -20,6 +20,7 @@ from .cli_options import (
     sampling_kwargs,
     sampling_opts,
 )
+from .cli_progress import Progress
 from .cli_tools import add_tool_parsers
 from .errors import ContextError, EdgeMoEError
 from .units import format_bytes, format_size_like
@@ -249,7 +250,14 @@ def cmd_ppl(args) -> int:
     if text is None:
         raise EdgeMoEError(f"{args.text}: no such file")
     with load(args.model, **load_args(args), max_ctx=args.ctx) as m:
-        r = perplexity(m, text, ctx=args.ctx, max_tokens=args.max_tokens)
+        bar = Progress("perplexity", 1, quiet=args.quiet)
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done)
+
+        r = perplexity(m, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=progress)
+        bar.close()
     print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens (ctx {args.ctx})")
     return 0
 
@@ -488,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ctx", type=int, default=256, help="window length in tokens (default 256)")
     q.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     q.add_argument("--json", action="store_true")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     runtime_opts(q)
     q.set_defaults(func=cmd_ppl)
 
