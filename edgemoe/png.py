@@ -86,10 +86,10 @@ def colour(v: np.ndarray) -> np.ndarray:
 
 
 def labelled_heatmap(values: np.ndarray, title: str, xlabel: str = "expert", ylabel: str = "layer",
-                     scale_label: str = "share of the layer's routings") -> np.ndarray:
+                     scale_label: str = "share of the layer's routings", layout: dict | None = None) -> np.ndarray:
     """[rows, cols] values >= 0 -> an RGB image: one cell per value (row r = ylabel r, column c = xlabel c), tick
     labels (every column while they fit, else every k-th), the axis names, a title and a colour bar from 0 to the
-    largest value (in percent)."""
+    largest value (in percent). layout: a dict to receive the grid's place (left, top, cell_w, cell_h, bar_x)."""
     v = np.asarray(values, dtype=np.float64)
     rows, cols = v.shape
     vmax = float(v.max()) if v.size and v.max() > 0 else 1.0
@@ -107,6 +107,8 @@ def labelled_heatmap(values: np.ndarray, title: str, xlabel: str = "expert", yla
     bottom = top + grid_h + 6 + CHAR_H + 6 + CHAR_H + 8
     width = max(right, left + text_width(title) + 8, left + text_width(scale_label) + 8)
     img = np.full((bottom + CHAR_H + 8, width, 3), 255, np.uint8)
+    if layout is not None:
+        layout.update(left=left, top=top, cell_w=cw, cell_h=ch, bar_x=bar_x)
     draw_text(img, left, 6, title)
     draw_text(img, left - text_width(ylabel) - 8, top - CHAR_H - 6, ylabel)
     cells = colour(v / vmax)
