@@ -14,6 +14,7 @@ from pathlib import Path
 from .cli_options import (
     check_model_path,
     context_opts,
+    default_threads,
     generate_kwargs,
     load_args,
     runtime_opts,
@@ -518,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-ctx", type=int, default=None, metavar="N",
                    help="context length the KV cache is sized for (default: the model's, at most 4096)")
     f.add_argument("--mode", default="exact", choices=("exact", "adaptive", "ondemand"), help="runtime mode")
-    f.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads (default 1)")
+    f.add_argument("--threads", type=int, default=default_threads(), metavar="N",
+                   help=f"compute threads (default {default_threads()}: the physical cores, as run uses)")
     f.add_argument("--precision", type=int, default=None, metavar="K",
                    help="MWQ: run experts at K bit planes (default: all stored)")
     f.add_argument("--kv-f16", action="store_true", help="f16 KV cache (half the memory)")
