@@ -250,8 +250,10 @@ class Model:
             eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
                                          threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
                                          **opts)
-        except N.BudgetError as e:
-            raise EdgeMoEError(self._budget_message(e.plan, opts)) from None
+        except N.BudgetError as e:  # the same error (its plan kept), said in the budget's units, with what fits
+            better = N.BudgetError(self._budget_message(e.plan, opts), N.ERR_BUDGET)
+            better.plan = e.plan
+            raise better from None
         return "c-stream", eng
 
     def _budget_message(self, plan: dict, opts: dict) -> str:
@@ -263,7 +265,8 @@ class Model:
         fits = context_for_budget(self.container.path, self.memory_budget, threads=self.threads or 1, mode=self.mode,
                                   precision=self.precision, n_seq=n_seq, limit=self.max_ctx - 1)
         seqs = f" x {n_seq} sequences" if n_seq > 1 else ""
-        msg = (f"memory budget {size(self.memory_budget)} is below the minimum {size(plan['minimum_bytes'])} for "
+        msg = (f"memory budget {size(self.memory_budget)} ({self.memory_budget} bytes) is below the minimum "
+               f"{size(plan['minimum_bytes'])} ({plan['minimum_bytes']} bytes) for "
                f"{self.container.path.name} with max_ctx {self.max_ctx}{seqs}: dense weights "
                f"{size(plan['dense_bytes'])} + KV cache {size(plan['kv_bytes'])} + scratch "
                f"{size(plan['scratch_bytes'])} + expert cache {size(plan['min_cache_bytes'])} (one layer's top-"
@@ -477,7 +480,9 @@ class Model:
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                        repetition_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = 0,
-                       stop: str | Sequence[str] | None = None, stop_at_eos: bool = True) -> list[str]:
+                       stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
+                       return_info: bool = False, context_shift: bool = False,
+                       n_keep: int = 0) -> list[str] | list[Generation]:
         """Continue several prompts at once; returns their new texts, in order. Each text is exactly what
         generate(prompt, ...) returns with the same arguments (every prompt gets its own random generator seeded
         with `seed`), but the decode steps of the running sequences are one batch: an expert chosen by several of
@@ -490,7 +495,8 @@ class Model:
         finishes (a finished sequence drops out of the batch and its slot takes the next prompt). Each prompt is run
         as one prefill; a sequence slot keeps its prompt's KV cache, so a later call whose prompt in that slot starts
         the same way reuses it (stats["prompt_tokens_reused"]). The NumPy engine runs the prompts one after another.
-        Replaces the sequence generate() keeps in the KV cache.
+        Replaces the sequence generate() keeps in the KV cache. return_info, context_shift and n_keep: as generate's
+        (return_info=True returns a Generation per prompt, with its finish_reason).
         """
         params, max_new_tokens = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p,
                                                    repetition_penalty, repeat_last_n)
@@ -499,12 +505,15 @@ class Model:
         stops = stop_strings(stop)
         all_ids = [self._check_ids(self.encode(p) if isinstance(p, str) else p, f"prompt tokens (prompt {i})")
                    for i, p in enumerate(prompts)]
+        keep = self._check_n_keep(n_keep) if context_shift else None
         if not hasattr(self._engine, "decode_batch"):
             return [self.generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                  repeat_last_n, seed, stop, stop_at_eos=stop_at_eos) for ids in all_ids]
+                                  repeat_last_n, seed, stop, stop_at_eos=stop_at_eos, return_info=return_info,
+                                  context_shift=context_shift, n_keep=n_keep) for ids in all_ids]
         texts: list[list[str]] = [[] for _ in all_ids]
+        done: list[_Continuation | None] = [None for _ in all_ids]
         if max_new_tokens == 0 or not all_ids:
-            return ["" for _ in all_ids]
+            return [Generation("", "length", len(ids), 0) if return_info else "" for ids in all_ids]
         if not self.streaming and self._engine.n_seq < len(all_ids):
             self._engine.set_n_seq(len(all_ids))  # not budgeted: the KV cache may grow
         self._sequence += 1  # slot 0 no longer holds what generate() left there
@@ -514,13 +523,16 @@ class Model:
         def finish(slot: int) -> None:
             i, cont = running.pop(slot)
             texts[i].append(cont.finish())
+            done[i] = cont
+            self._stats["finish_reason"] = cont.finish_reason
+            self._stats["finish_reasons"][cont.finish_reason] += 1
 
         while waiting or running:
             for slot in range(self._engine.n_seq):  # free slots take the next prompts
                 while slot not in running and waiting:
                     i = waiting.pop()
                     cont = _Continuation(self, all_ids[i], max_new_tokens, params, np.random.default_rng(seed),
-                                         stops, stop_at_eos)
+                                         stops, stop_at_eos, keep)
                     running[slot] = (i, cont)
                     piece, finished = cont.step(self._prefill_reusing_cache(all_ids[i], slot))
                     texts[i].append(piece)
@@ -529,16 +541,26 @@ class Model:
             if not running:
                 break
             slots = sorted(running)
-            t1 = time.perf_counter()
-            logits = self._engine.decode_batch([running[s][1].token for s in slots], slots)
-            self._stats["decode_tokens"] += len(slots)
-            self._stats["decode_s"] += time.perf_counter() - t1
-            for row, slot in enumerate(slots):
-                piece, finished = running[slot][1].step(logits[row])
+            shifting = [s for s in slots if running[s][1].needs_shift()]  # their context is full: re-run alone
+            batch = [s for s in slots if s not in shifting]
+            rows: dict[int, np.ndarray] = {}
+            if batch:
+                t1 = time.perf_counter()
+                logits = self._engine.decode_batch([running[s][1].token for s in batch], batch)
+                self._stats["decode_tokens"] += len(batch)
+                self._stats["decode_s"] += time.perf_counter() - t1
+                rows = {s: logits[k] for k, s in enumerate(batch)}
+            for s in shifting:
+                rows[s] = self._shift(running[s][1], s)
+            for slot in slots:
+                piece, finished = running[slot][1].step(rows[slot])
                 texts[running[slot][0]].append(piece)
                 if finished:
                     finish(slot)
-        return ["".join(t) for t in texts]
+        if not return_info:
+            return ["".join(t) for t in texts]
+        return [Generation("".join(t), c.finish_reason, len(ids), c.n_new, 0, c.shifts)
+                for t, c, ids in zip(texts, done, all_ids)]
 
     def _prefill_reusing_cache(self, ids: list[int], seq: int = 0) -> np.ndarray:
         """Run the prompt in sequence slot `seq`; keep the longest prefix its KV cache already holds (at least the

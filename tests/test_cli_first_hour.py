@@ -96,7 +96,7 @@ def test_sizes_are_echoed_in_the_units_typed(tmp_path, olmoe, typed, echoed):
     if echoed is None:  # fits: the statistics line says the budget as typed
         assert r.returncode == 0 and "(budget 8.0 MB)" in r.stderr
     else:
-        assert r.returncode == 1 and f"memory budget {echoed} is below the minimum" in r.stderr
+        assert r.returncode == 1 and f"memory budget {echoed} (" in r.stderr and "is below the minimum" in r.stderr
         assert "0.0 MiB" not in r.stderr
 
 

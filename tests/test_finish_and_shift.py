@@ -96,3 +96,19 @@ def test_a_long_prompt_is_refused_or_truncated(olmoe):
             m.generate(ids, truncate="middle")
         with pytest.raises(EdgeMoEError, match="n_keep 15"):
             m.generate(ids[:4], context_shift=True, n_keep=15)
+
+
+@pytest.mark.parametrize("kwargs", ENGINES, ids=ENGINE_IDS)
+def test_a_batch_reports_finish_reasons_and_shifts_like_single_generations(olmoe, kwargs):
+    prompts = [_ids(10, 1), _ids(3, 2), _ids(12, 3)]
+    budget_seqs = {"n_seq": 3} if "memory_budget" in kwargs else {}
+    with em.load(olmoe, max_ctx=16, **kwargs, **budget_seqs) as m:
+        args = {"stop_at_eos": False, "context_shift": True, "n_keep": 2, "return_info": True}
+        singles = [m.generate(p, max_new_tokens=25, **args) for p in prompts]
+        batch = m.generate_batch(prompts, max_new_tokens=25, **args)
+        assert [b.text for b in batch] == [s.text for s in singles]
+        assert [(b.finish_reason, b.context_shifts) for b in batch] == \
+            [(s.finish_reason, s.context_shifts) for s in singles]
+        assert all(b.context_shifts >= 2 for b in batch)
+        plain = m.generate_batch(prompts, max_new_tokens=25, stop_at_eos=False, return_info=True)
+        assert [p.finish_reason for p in plain] == ["context", "context", "context"]
