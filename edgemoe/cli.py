@@ -362,9 +362,13 @@ EPILOGS = {
           edgemoe run model.emoe -p "Once upon a time" -n 200 --budget 1.5GB --threads 4
           edgemoe run model.emoe -p "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 7 --stop "\\n\\n"
           edgemoe run model.emoe -p "Hello" --budget 800MB --mode adaptive --json
+          edgemoe run model.emoe -p "Once upon a time" -n 5000 --max-ctx 1024 --context-shift --keep 8
+          edgemoe run model.emoe -p "$(cat long.txt)" --truncate left
 
         The text streams to stdout; speed, peak RSS and (with a budget) the expert cache's hit rate, bytes read
-        per token, I/O stall and prefetch recall go to stderr, or into the JSON with --json.
+        per token, I/O stall and prefetch recall go to stderr, or into the JSON with --json. Both say why the
+        generation ended: stop (end of text or a stop string), length (-n tokens) or context (the context is full;
+        --context-shift goes on instead).
         """,
     "chat": """
         examples:
@@ -372,8 +376,11 @@ EPILOGS = {
           edgemoe chat model.emoe --budget 1GB --temperature 0.7 --system "You are terse."
 
         Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits. The model's
-        chat template is used when the container has one; the KV cache keeps earlier turns, so each turn only
-        runs the new text. When the conversation outgrows the context, the oldest turns are dropped.
+        chat template is used when the container has one (without one, chat says the model is probably a base
+        model); the KV cache keeps earlier turns, so each turn only runs the new text. When the conversation
+        outgrows the context, the oldest turns are dropped; a reply that fills the context stops there, or with
+        --context-shift drops the oldest half of the context and goes on. With --budget and no --max-ctx, the
+        context is the largest the budget holds (said on stderr).
         """,
     "ppl": """
         examples:
