@@ -50,8 +50,9 @@ def check_model_path(path) -> None:
     except OSError:
         return  # missing or unreadable: the loader says so
     if magic == b"GGUF":
-        raise EdgeMoEError(f"{p}: a llama.cpp GGUF file, not an .emoe container; convert it first: "
-                           f"edgemoe export {p} -o {p.with_suffix('.emoe').name} --bits 4")
+        out = p.stem + (".emoe" if p.suffix != ".emoe" else "-converted.emoe")
+        raise EdgeMoEError(f"{p}: a llama.cpp GGUF file, not an edgemoe container (.emoe); convert it first: "
+                           f"edgemoe export {p} -o {out} --bits 4")
 
 
 def runtime_opts(sp) -> None:

@@ -270,7 +270,9 @@ class Model:
                f"{self.container.path.name} with max_ctx {self.max_ctx}{seqs}: dense weights "
                f"{size(plan['dense_bytes'])} + KV cache {size(plan['kv_bytes'])} + scratch "
                f"{size(plan['scratch_bytes'])} + expert cache {size(plan['min_cache_bytes'])} (one layer's top-"
-               f"{self.spec.top_k} experts)")
+               f"{self.spec.top_k} experts)"
+               + ("; it is smaller than the dense part alone, which must stay resident"
+                  if self.memory_budget < plan["dense_bytes"] else ""))
         if fits:
             return msg + (f"; a context of {fits} tokens fits in it: pass --max-ctx {fits} (edgemoe.load(..., "
                           f"max_ctx={fits})), or raise the budget")
