@@ -276,7 +276,7 @@ class Model:
         if fits:
             return msg + (f"; a context of {fits} tokens fits in it: pass --max-ctx {fits} (edgemoe.load(..., "
                           f"max_ctx={fits})), or raise the budget")
-        smallest = CEngine_plan(self.container.path, MIN_AUTO_CTX, self.threads or 1, self.mode, self.precision,
+        smallest = budget_plan(self.container.path, MIN_AUTO_CTX, self.threads or 1, self.mode, self.precision,
                                 n_seq)["minimum_bytes"]
         return msg + (f"; even a context of {MIN_AUTO_CTX} tokens needs {size(smallest)}: raise the budget to at "
                       f"least that")
@@ -758,7 +758,7 @@ def default_max_ctx(spec) -> int:
     return int(min(spec.max_position, 4096))
 
 
-def CEngine_plan(path, max_ctx: int, threads: int, mode: str, precision: int | None, n_seq: int) -> dict:
+def budget_plan(path, max_ctx: int, threads: int, mode: str, precision: int | None, n_seq: int) -> dict:
     """The C core's plan for a budgeted load (minimum and its parts), without loading anything."""
     return _c_engine_class().stream_plan(path, max_ctx, threads=threads, mode=mode, precision=precision,
                                          n_seq=n_seq)
@@ -781,7 +781,7 @@ def context_for_budget(path: str | Path, memory_budget, threads: int = 1, mode: 
         return top
     ctx = 1 << (max(top, 1).bit_length() - 1)
     for c in ([top] if top != ctx else []) + [ctx >> i for i in range(ctx.bit_length()) if ctx >> i >= MIN_AUTO_CTX]:
-        if CEngine_plan(path, c, threads, mode, precision, n_seq)["minimum_bytes"] <= budget:
+        if budget_plan(path, c, threads, mode, precision, n_seq)["minimum_bytes"] <= budget:
             return c
     return None
 

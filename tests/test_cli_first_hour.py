@@ -14,7 +14,7 @@ from test_cli_chat import PtyChild  # tests/ is on sys.path (conftest.py)
 
 import edgemoe as em
 from edgemoe.cli_options import MAX_DEFAULT_THREADS, physical_cores
-from edgemoe.model import CEngine_plan
+from edgemoe.model import budget_plan
 
 
 def edgemoe(cwd, *args, input=None, merged=False):
@@ -73,9 +73,9 @@ def test_a_long_prompt_gets_command_line_advice_or_is_truncated(tmp_path, olmoe)
 
 def test_a_budget_without_max_ctx_picks_a_context_that_fits_and_says_so(tmp_path, olmoe):
     threads = min(physical_cores(), MAX_DEFAULT_THREADS)
-    full = CEngine_plan(olmoe, 256, threads, "exact", None, 1)["minimum_bytes"]
-    at64 = CEngine_plan(olmoe, 64, threads, "exact", None, 1)["minimum_bytes"]
-    at128 = CEngine_plan(olmoe, 128, threads, "exact", None, 1)["minimum_bytes"]
+    full = budget_plan(olmoe, 256, threads, "exact", None, 1)["minimum_bytes"]
+    at64 = budget_plan(olmoe, 64, threads, "exact", None, 1)["minimum_bytes"]
+    at128 = budget_plan(olmoe, 128, threads, "exact", None, 1)["minimum_bytes"]
     assert at64 < at128 < full
     budget = f"{(at64 + at128) // 2}B"  # holds a context of 64, not 128, nor the model's 256
     r = edgemoe(tmp_path, "run", olmoe, "-p", "the quick", "-n", "3", "--budget", budget)
