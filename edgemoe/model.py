@@ -17,6 +17,7 @@ from .arch import GLOBAL_TENSORS
 from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
 from .errors import ContextError, EdgeMoEError
+from .load_options import check_load_options
 from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
@@ -185,6 +186,7 @@ class Model:
     def __init__(self, container: Container, memory_budget: int | str | None = None, threads: int | None = None, engine: str = "auto",
                  max_ctx: int | None = None, precision: int | None = None, mode: str = "exact",
                  stream_options: dict | None = None, n_seq: int | None = None, verify: bool = True):
+        check_load_options(container.spec, memory_budget, max_ctx, threads, n_seq, precision, mode, engine)
         if engine not in ENGINES:
             raise EdgeMoEError(f"engine {engine!r}: expected one of {ENGINES}")
         if mode not in MODES:
@@ -211,7 +213,7 @@ class Model:
             if n_seq and n_seq > 1 and hasattr(self._engine, "set_n_seq"):
                 self._engine.set_n_seq(int(n_seq))
         tok = container.tensors.get("tokenizer.json")
-        self.tokenizer = Tokenizer(container.blob("tokenizer.json")) if tok is not None else None
+        self.tokenizer = Tokenizer(container.blob("tokenizer.json"), str(container.path)) if tok is not None else None
         self._stats = _fresh_stats()
         self._sequence = 0  # bumped whenever the KV cache gets a new sequence: a stream notices it was replaced
         self._lock = threading.RLock()  # see _serialized

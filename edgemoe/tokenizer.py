@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from .errors import InvalidFileError
+
 
 class Tokenizer:
-    def __init__(self, tokenizer_json: bytes):
+    def __init__(self, tokenizer_json: bytes, where: str = "the container"):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_str(tokenizer_json.decode("utf-8"))
+        try:
+            self._tok = HFTokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+            raise InvalidFileError(f"{where}: the embedded tokenizer.json cannot be loaded ({e}); re-export the "
+                                   f"model") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

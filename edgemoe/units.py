@@ -6,6 +6,8 @@ A size is echoed in the kind of unit the user typed (format_size_like), so "--bu
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 from .errors import EdgeMoEError
@@ -18,9 +20,13 @@ def parse_bytes(value) -> int | None:
     """None/"none"/"unlimited" -> None; ints pass through; "512MB" -> 512_000_000; "1GiB" -> 1073741824."""
     if value is None:
         return None
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise EdgeMoEError(f"memory budget must be positive, got {value}")
+    if isinstance(value, bool):
+        raise EdgeMoEError(f"cannot read size {value!r}; use e.g. 512MB, 1.5GB or 2GiB")
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):  # NaN compares false with everything; inf bytes is not a budget
+            raise EdgeMoEError(f"memory budget must be a finite size, got {value!r} (None means unlimited)")
+        if int(value) < 1:
+            raise EdgeMoEError(f"memory budget must be positive, got {value!r}")
         return int(value)
     s = str(value).strip().lower()
     if s in ("none", "unlimited", "inf"):

@@ -7,16 +7,17 @@ config implies, so a checkpoint that disagrees with its config is reported by na
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
-from edgemoe.errors import FormatError
+from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .families import Family, dense_hf_names, family_for
-from .safetensors_lazy import SafetensorsSet
+from .json_input import read_json
+from .safetensors_lazy import FLOAT_DTYPES, SafetensorsSet
+from .tokenizer_check import check_tokenizer
 
 
 def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
@@ -49,34 +50,81 @@ class Checkpoint:
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise FormatError(f"{path}: no config.json; expected a Hugging Face model directory")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+        self.config = read_json(cfg_path)
         self.path = path
         self.family: Family = family_for(self.config, str(cfg_path))
         try:
             self.spec: ArchSpec = self.family.spec(self.config)
-        except KeyError as e:
-            raise FormatError(f"{cfg_path}: missing key {e} for a {self.family.name} config") from None
+        except (FormatError, UnsupportedModelError) as e:  # the family's reader names the field, this the file
+            raise type(e)(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
         self.tensors = SafetensorsSet(path)
+        self._check_tensors(cfg_path)
         tok = path / "tokenizer.json"
-        self.tokenizer_json: bytes | None = tok.read_bytes() if tok.exists() else None
+        self.tokenizer_json: bytes | None = None
+        if tok.exists():
+            self.tokenizer_json = check_tokenizer(tok.read_bytes() if not tok.is_dir() else b"", self.spec.vocab,
+                                                  str(tok))
         self.chat_metadata: dict = read_chat_template(path)
+
+    # --- which tensor is where -----------------------------------------------------------------------------
+    def _dense_plan(self, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Container name -> (HF name, expected shape) for one layer's attention, norms, router and shared expert."""
+        hf = dense_hf_names(self.family, self.spec, layer)
+        if "router" in hf and hf["router"] not in self.tensors:
+            hf["router"] = f"model.layers.{layer}.mlp.gate.weight"  # transformers 5 fused layout (Mixtral too)
+        shapes = expected_shapes(self.spec, layer)
+        return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()}
+
+    def _fused_experts(self, layer: int) -> tuple[str, str] | None:
+        """(gate_up, down) HF names when the layer's experts are stacked (transformers 5 in-memory layout)."""
+        gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        return (gu, f"model.layers.{layer}.mlp.experts.down_proj") if gu in self.tensors else None
+
+    def _expert_plan(self, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """HF name -> expected shape of every tensor holding one MoE layer's experts."""
+        s = self.spec
+        fused = self._fused_experts(layer)
+        if fused:
+            return {fused[0]: (s.n_experts, 2 * s.expert_ffn, s.hidden), fused[1]: (s.n_experts, s.hidden, s.expert_ffn)}
+        prefix = f"model.layers.{layer}.{self.family.moe_prefix}.experts"
+        return {f"{prefix}.{e}.{leaf}.weight": expert_shape(s, matrix)
+                for e in range(s.n_experts) for matrix, leaf in zip(EXPERT_MATRICES, self.family.expert_names)}
+
+    def _check_tensors(self, cfg_path: Path) -> None:
+        """Every tensor the config implies is present, floating point and of the implied shape -- from the headers,
+        before anything is read or written."""
+        s = self.spec
+        n_tensors = len(self.tensors.names())
+        if s.n_layers > n_tensors:
+            raise FormatError(f"{cfg_path}: num_hidden_layers = {s.n_layers}, but the checkpoint holds only {n_tensors} "
+                              "tensors")
+        want = {"model.embed_tokens.weight": (s.vocab, s.hidden), "model.norm.weight": (s.hidden,)}
+        if not s.tie_embeddings:
+            want["lm_head.weight"] = (s.vocab, s.hidden)
+        for layer in range(s.n_layers):
+            want.update(self._dense_plan(layer).values())
+            if s.is_moe_layer(layer):
+                want.update(self._expert_plan(layer))
+        for hf_name, shape in want.items():
+            self._check_header(hf_name, shape)
+
+    def _check_header(self, hf_name: str, shape: tuple[int, ...]) -> None:
+        if hf_name not in self.tensors:
+            raise FormatError(f"{self.path}: checkpoint is missing tensor '{hf_name}'")
+        where = self.tensors.file_of(hf_name)
+        dtype = self.tensors.dtype(hf_name)
+        if dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{where}: tensor '{hf_name}' is stored as {dtype}; weights must be floating point "
+                              f"({', '.join(FLOAT_DTYPES)})")
+        got = self.tensors.shape(hf_name)
+        if got != shape and not (len(shape) == 1 and int(np.prod(got)) == shape[0]):  # e.g. [1, H] -> [H]
+            raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(got)}, but config.json implies "
+                              f"{list(shape)}")
 
     # --- tensor access with shape checks -----------------------------------------------------------------
     def _get(self, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if hf_name not in self.tensors:
-            raise FormatError(f"{self.path}: checkpoint is missing tensor '{hf_name}'")
-        arr = self.tensors.get(hf_name)
-        if arr.shape != shape:
-            if arr.size == int(np.prod(shape)) and len(shape) == 1:  # e.g. shared_expert_gate [1, H] -> [H]
-                return arr.reshape(shape)
-            raise FormatError(
-                f"{self.tensors.file_of(hf_name)}: tensor '{hf_name}' has shape {list(arr.shape)}, "
-                f"but config.json implies {list(shape)}"
-            )
-        return arr
+        self._check_header(hf_name, shape)
+        return self.tensors.get(hf_name).reshape(shape)
 
     def global_tensor_items(self):
         """Yield (container name, f32 array) for embeddings, final norm and lm_head, one at a time."""
@@ -92,20 +140,15 @@ class Checkpoint:
 
     def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
         """Container name -> f32 array for one layer's attention, norms, router and shared expert."""
-        hf = dense_hf_names(self.family, self.spec, layer)
-        ours = dense_tensor_names(self.spec, layer)
-        shapes = expected_shapes(self.spec, layer)
-        if "router" in hf and hf["router"] not in self.tensors:
-            hf["router"] = f"model.layers.{layer}.mlp.gate.weight"  # transformers 5 fused layout (Mixtral too)
-        return {ours[role]: self._get(hf[role], shapes[role]) for role in ours}
+        return {name: self._get(hf, shape) for name, (hf, shape) in self._dense_plan(layer).items()}
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
         s = self.spec
-        fused_gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-        if fused_gu in self.tensors:  # transformers 5 in-memory layout: gate rows first, then up
-            gu = self._get(fused_gu, (s.n_experts, 2 * s.expert_ffn, s.hidden))
-            down = self._get(f"model.layers.{layer}.mlp.experts.down_proj", (s.n_experts, s.hidden, s.expert_ffn))
+        fused = self._fused_experts(layer)
+        if fused:  # gate rows first, then up
+            plan = self._expert_plan(layer)
+            gu, down = (self._get(n, plan[n]) for n in fused)
             for e in range(s.n_experts):
                 yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[e, : s.expert_ffn])
                 yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e, s.expert_ffn :])
@@ -132,14 +175,9 @@ def read_chat_template(path: Path) -> dict:
     cfg_path = path / "tokenizer_config.json"
     cfg: dict = {}
     if cfg_path.exists():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise FormatError(f"{cfg_path}: expected a JSON object")
+        cfg = read_json(cfg_path)
     jinja = path / "chat_template.jinja"
-    template = jinja.read_text(encoding="utf-8") if jinja.exists() else cfg.get("chat_template")
+    template = _read_text(jinja) if jinja.exists() else cfg.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
@@ -159,6 +197,15 @@ def read_chat_template(path: Path) -> dict:
         if isinstance(value, str):
             tokens[key] = value
     return {"chat_template": template, "chat_template_tokens": tokens}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

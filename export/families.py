@@ -5,105 +5,203 @@ Adding a family means adding a `Family` entry here; the forward passes never cha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgemoe.arch import ArchSpec
-from edgemoe.errors import UnsupportedModelError
+from edgemoe.errors import FormatError, UnsupportedModelError
+
+# Bounds on what a config may say, far above any real model (hidden 16384, 256 experts, 262k vocabularies, 126
+# layers): a value beyond them is a damaged or hostile file, refused before any loop or allocation depends on it.
+MAX_DIM = 1 << 20  # widths, head counts, expert counts
+MAX_VOCAB = 1 << 24
+MAX_LAYERS = 1 << 12
+MAX_POSITION = (1 << 31) - 1  # the runtime's positions are int32
+_ABSENT = object()
 
 
-def _rope_theta(cfg: dict, default: float) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if isinstance(params, dict) and params.get("rope_type", "default") not in ("default", None):
-        raise UnsupportedModelError(f"RoPE scaling type {params.get('rope_type')!r} is not supported yet")
-    return float(params.get("rope_theta") or cfg.get("rope_theta") or default)
+class ConfigFields:
+    """Typed, bounded reads of config.json fields. Each bad value is a FormatError naming the field, its value and
+    what was expected (the caller prefixes the file). JSON null counts as absent (configs write "head_dim": null)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def _get(self, key: str, default):
+        v = self.cfg.get(key)
+        if v is None:
+            if default is _ABSENT:
+                raise FormatError(f"missing key '{key}'")
+            return default
+        return v
+
+    def int(self, key: str, default=_ABSENT, lo: int = 1, hi: int = MAX_DIM) -> int:
+        v = self._get(key, default)
+        if type(v) is not int or not lo <= v <= hi:
+            raise FormatError(f"{key} = {v!r}: expected an integer in {lo}..{hi}")
+        return v
+
+    def float(self, key: str, default, lo: float = 0.0, hi: float = math.inf) -> float:
+        """A finite number with lo < value < hi."""
+        v = self._get(key, default)
+        if type(v) not in (int, float) or not math.isfinite(v) or not lo < v < hi:
+            bound = f"a finite number above {lo}" + (f" and below {hi}" if math.isfinite(hi) else "")
+            raise FormatError(f"{key} = {v!r}: expected {bound}")
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self._get(key, default)
+        if type(v) is not bool:
+            raise FormatError(f"{key} = {v!r}: expected true or false")
+        return v
+
+    def layer_list(self, key: str, n_layers: int) -> list[int]:
+        v = self._get(key, [])
+        if not isinstance(v, list) or not all(type(i) is int and 0 <= i < n_layers for i in v):
+            raise FormatError(f"{key} = {v!r:.80}: expected a list of layer indices in 0..{n_layers - 1}")
+        return v
+
+    def flags(self, key: str, n_layers: int, default: int) -> list[int]:
+        """A per-layer list of 0/1 (SmallThinker's layouts); absent = `default` for every layer."""
+        v = self._get(key, [])
+        if v == []:
+            return [default] * n_layers
+        if not isinstance(v, list) or len(v) != n_layers or not all(type(i) is int and i in (0, 1) for i in v):
+            raise FormatError(f"{key} = {v!r:.80}: expected a list of {n_layers} flags (0 or 1), one per layer")
+        return v
+
+    def token_id(self, key: str, vocab: int) -> int | None:
+        """bos/eos: an id or a list of ids (the first is the one recorded), each in 0..vocab-1."""
+        v = self._get(key, None)
+        ids = v if isinstance(v, list) else [] if v is None else [v]
+        if not all(type(i) is int and 0 <= i < vocab for i in ids):
+            raise FormatError(f"{key} = {v!r:.80}: expected a token id (or a list of them) in 0..{vocab - 1}")
+        return ids[0] if ids else None
 
 
-def _common(cfg: dict, family: str, theta_default: float) -> dict:
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
+def _rope_theta(c: ConfigFields, default: float) -> float:
+    for key in ("rope_parameters", "rope_scaling"):
+        params = c.cfg.get(key)
+        if params is not None and not isinstance(params, dict):
+            raise FormatError(f"{key} = {params!r:.80}: expected an object (or null)")
+        if params and params.get("rope_type", params.get("type", "default")) not in ("default", None):
+            raise UnsupportedModelError(f"RoPE scaling type {params.get('rope_type', params.get('type'))!r} is not "
+                                        "supported yet")
+    params = c.cfg.get("rope_parameters") or c.cfg.get("rope_scaling") or {}
+    top = c.float("rope_theta", default)  # checked even when rope_parameters holds the value
+    if params.get("rope_theta") is None:
+        return top
+    theta = ConfigFields(params).float("rope_theta", default)
+    if c.cfg.get("rope_theta") is not None and top != theta:
+        raise FormatError(f"rope_theta = {top} disagrees with rope_parameters.rope_theta = {theta}; which is it?")
+    return theta
+
+
+def _common(c: ConfigFields, family: str, theta_default: float, kv_default: int | None = None,
+            head_dim_default: int | None = None, tie_default: bool = False, max_position_default: int = 4096) -> dict:
+    heads = c.int("num_attention_heads")
+    hidden = c.int("hidden_size")
+    n_layers = c.int("num_hidden_layers", lo=1, hi=MAX_LAYERS)
+    vocab = c.int("vocab_size", lo=1, hi=MAX_VOCAB)
+    n_kv = c.int("num_key_value_heads", kv_default or heads, hi=heads)
+    if heads % n_kv:
+        raise FormatError(f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {n_kv}")
+    if head_dim_default is None and c.cfg.get("head_dim") is None and hidden % heads:
+        raise FormatError(f"hidden_size = {hidden} is not a multiple of num_attention_heads = {heads} (and there is "
+                          "no head_dim)")
+    head_dim = c.int("head_dim", head_dim_default or hidden // heads)
+    if head_dim % 2:
+        raise FormatError(f"head_dim = {head_dim}: RoPE rotates pairs of dimensions, expected an even number")
     return {
         "family": family,
-        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_layers": n_layers,
         "hidden": hidden,
-        "vocab": int(cfg["vocab_size"]),
+        "vocab": vocab,
         "n_heads": heads,
-        "n_kv_heads": int(cfg.get("num_key_value_heads") or heads),
-        "head_dim": int(cfg.get("head_dim") or hidden // heads),
-        "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "n_kv_heads": n_kv,
+        "head_dim": head_dim,
+        "norm_eps": c.float("rms_norm_eps", 1e-6, 0.0, 1.0),
         "rope_kind": "neox",  # HF applies rotate_half to every family (Mixtral's checkpoint rows are pre-permuted)
-        "rope_theta": _rope_theta(cfg, theta_default),
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "max_position": int(cfg.get("max_position_embeddings", 4096)),
-        "bos_token_id": _first_id(cfg.get("bos_token_id")),
-        "eos_token_id": _first_id(cfg.get("eos_token_id")),
+        "rope_theta": _rope_theta(c, theta_default),
+        "tie_embeddings": c.bool("tie_word_embeddings", tie_default),
+        "max_position": c.int("max_position_embeddings", max_position_default, hi=MAX_POSITION),
+        "bos_token_id": c.token_id("bos_token_id", vocab),
+        "eos_token_id": c.token_id("eos_token_id", vocab),
     }
 
 
-def _first_id(v):
-    if isinstance(v, list):
-        return int(v[0]) if v else None
-    return None if v is None else int(v)
+def _experts(c: ConfigFields, count_key: str, topk_key: str, count_default=_ABSENT) -> tuple[int, int]:
+    n = c.int(count_key, count_default)
+    return n, c.int(topk_key, hi=n)
 
 
-def _qwen_dense_layers(cfg: dict) -> list[int]:
-    step = int(cfg.get("decoder_sparse_step", 1) or 1)
-    only = set(cfg.get("mlp_only_layers") or [])
-    n_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
-    return [i for i in range(int(cfg["num_hidden_layers"])) if i in only or n_experts == 0 or (i + 1) % step]
+def _qwen_dense_layers(c: ConfigFields, n_layers: int) -> list[int]:
+    step = c.int("decoder_sparse_step", 1, hi=MAX_LAYERS)
+    only = set(c.layer_list("mlp_only_layers", n_layers))
+    return [i for i in range(n_layers) if i in only or (i + 1) % step]
+
+
+def _dense_ffn(c: ConfigFields, dense_layers: list[int]) -> int:
+    """intermediate_size: the width of the plain MLP of dense layers (required only when there are some)."""
+    return c.int("intermediate_size", 0 if not dense_layers else _ABSENT, lo=1 if dense_layers else 0)
 
 
 def _no_sliding(cfg: dict, family: str) -> None:
     # Sliding-window attention only matters beyond the window; we refuse rather than silently differ.
-    if (cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window"))) and (
-            family != "mixtral" or int(cfg.get("sliding_window") or 0) < int(cfg.get("max_position_embeddings", 0))):
+    window = cfg.get("sliding_window")
+    if window is not None and (type(window) is not int or window < 0):
+        raise FormatError(f"sliding_window = {window!r:.40}: expected a number of positions (or null)")
+    if (cfg.get("use_sliding_window") or (family == "mixtral" and window)) and (
+            family != "mixtral" or (window or 0) < (cfg.get("max_position_embeddings") or 0)):
         raise UnsupportedModelError(f"{family} with sliding-window attention is not supported yet")
 
 
 def olmoe_spec(cfg: dict) -> ArchSpec:
+    c = ConfigFields(cfg)
     if cfg.get("clip_qkv") is not None:
         raise UnsupportedModelError("OLMoE with clip_qkv is not supported yet")
     if cfg.get("attention_bias"):
         raise UnsupportedModelError("OLMoE with attention_bias is not supported yet")
-    return ArchSpec(
-        **_common(cfg, "olmoe", 10000.0), n_experts=int(cfg["num_experts"]), top_k=int(cfg["num_experts_per_tok"]),
-        expert_ffn=int(cfg["intermediate_size"]), qk_norm="full", router_fn="softmax",
-        norm_topk=bool(cfg.get("norm_topk_prob", False)),
-    )
+    common = _common(c, "olmoe", 10000.0)
+    n_experts, top_k = _experts(c, "num_experts", "num_experts_per_tok")
+    return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("intermediate_size"), qk_norm="full",
+                 router_fn="softmax", norm_topk=c.bool("norm_topk_prob", False))
 
 
 def qwen2moe_spec(cfg: dict) -> ArchSpec:
+    c = ConfigFields(cfg)
+    common = _common(c, "qwen2moe", 10000.0)
     _no_sliding(cfg, "qwen2moe")
-    return ArchSpec(
-        **_common(cfg, "qwen2moe", 10000.0), n_experts=int(cfg["num_experts"]), top_k=int(cfg["num_experts_per_tok"]),
-        expert_ffn=int(cfg["moe_intermediate_size"]), qkv_bias=bool(cfg.get("qkv_bias", True)), router_fn="softmax",
-        norm_topk=bool(cfg.get("norm_topk_prob", False)),
-        shared_ffn=int(cfg.get("shared_expert_intermediate_size") or 0),
-        shared_gate=bool(cfg.get("shared_expert_intermediate_size")),
-        dense_ffn=int(cfg.get("intermediate_size", 0)), dense_layers=_qwen_dense_layers(cfg),
-    )
+    n_experts, top_k = _experts(c, "num_experts", "num_experts_per_tok")
+    dense = _qwen_dense_layers(c, common["n_layers"])
+    shared = c.int("shared_expert_intermediate_size", 0, lo=0)
+    return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("moe_intermediate_size"),
+                 qkv_bias=c.bool("qkv_bias", True), router_fn="softmax", norm_topk=c.bool("norm_topk_prob", False),
+                 shared_ffn=shared, shared_gate=bool(shared), dense_ffn=_dense_ffn(c, dense), dense_layers=dense)
 
 
 def qwen3moe_spec(cfg: dict) -> ArchSpec:
-    _no_sliding(cfg, "qwen3moe")
+    c = ConfigFields(cfg)
     if cfg.get("attention_bias"):
         raise UnsupportedModelError("Qwen3-MoE with attention_bias is not supported yet")
-    n_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts"))
-    return ArchSpec(
-        **_common(cfg, "qwen3moe", 10000.0), n_experts=n_experts, top_k=int(cfg["num_experts_per_tok"]),
-        expert_ffn=int(cfg["moe_intermediate_size"]), qk_norm="head", router_fn="softmax",
-        norm_topk=bool(cfg.get("norm_topk_prob", False)),
-        dense_ffn=int(cfg.get("intermediate_size", 0)), dense_layers=_qwen_dense_layers(cfg),
-    )
+    common = _common(c, "qwen3moe", 10000.0)
+    _no_sliding(cfg, "qwen3moe")
+    count_key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    n_experts, top_k = _experts(c, count_key, "num_experts_per_tok")
+    dense = _qwen_dense_layers(c, common["n_layers"])
+    return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("moe_intermediate_size"),
+                 qk_norm="head", router_fn="softmax", norm_topk=c.bool("norm_topk_prob", False),
+                 dense_ffn=_dense_ffn(c, dense), dense_layers=dense)
 
 
 def mixtral_spec(cfg: dict) -> ArchSpec:
+    c = ConfigFields(cfg)
+    common = _common(c, "mixtral", 1e6)
     _no_sliding(cfg, "mixtral")
-    return ArchSpec(
-        **_common(cfg, "mixtral", 1e6), n_experts=int(cfg["num_local_experts"]),
-        top_k=int(cfg["num_experts_per_tok"]), expert_ffn=int(cfg["intermediate_size"]), router_fn="softmax",
-        norm_topk=True,
-    )
+    n_experts, top_k = _experts(c, "num_local_experts", "num_experts_per_tok")
+    return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("intermediate_size"),
+                 router_fn="softmax", norm_topk=True)
 
 
 def smallthinker_spec(cfg: dict) -> ArchSpec:
@@ -119,42 +217,40 @@ def smallthinker_spec(cfg: dict) -> ArchSpec:
       sliding_window_size positions;
     - tie_word_embeddings defaults to true (then there is no lm_head.weight).
     """
-    n_layers = int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    sliding = list(cfg.get("sliding_window_layout") or [])
-    rope_layout = list(cfg.get("rope_layout") or [1] * n_layers)
-    for key, layout in (("rope_layout", rope_layout), ("sliding_window_layout", sliding)):
-        if layout and len(layout) != n_layers:
-            raise UnsupportedModelError(f"SmallThinker config: {key} has {len(layout)} entries for {n_layers} layers")
+    c = ConfigFields(cfg)
+    common = _common(c, "smallthinker", 1e6, kv_default=2, head_dim_default=128, tie_default=True,
+                     max_position_default=4096 * 32)
+    n_layers = common["n_layers"]
+    sliding = c.flags("sliding_window_layout", n_layers, 0)
+    rope_layout = c.flags("rope_layout", n_layers, 1)
     # Options of PowerInfer's internal configuration that the published model code does not implement.
     if cfg.get("use_qk_norm"):
         raise UnsupportedModelError("SmallThinker with use_qk_norm is not supported yet")
     if cfg.get("moe_enable_secondary_experts"):
         raise UnsupportedModelError("SmallThinker with secondary experts is not supported yet")
-    if int(cfg.get("moe_shared_primary_experts") or 0):
+    if c.int("moe_shared_primary_experts", 0, lo=0):
         raise UnsupportedModelError("SmallThinker with shared primary experts is not supported yet")
     if cfg.get("moe_enable_early_router") is False:
         raise UnsupportedModelError("SmallThinker with moe_enable_early_router=false is not supported yet")
-    if 0 in (cfg.get("moe_layer_layout") or []):
+    if 0 in c.flags("moe_layer_layout", n_layers, 1):
         raise UnsupportedModelError("SmallThinker with dense layers (moe_layer_layout) is not supported yet")
-    window = int(cfg.get("sliding_window_size") or 4096)
+    window = c.int("sliding_window_size", 4096, hi=MAX_POSITION)
     swa_layers = [i for i, s in enumerate(sliding) if s]
-    return ArchSpec(
-        family="smallthinker", n_layers=n_layers, hidden=hidden, vocab=int(cfg["vocab_size"]), n_heads=heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or 2), head_dim=int(cfg.get("head_dim") or 128),
-        n_experts=int(cfg["moe_num_primary_experts"]), top_k=int(cfg["moe_num_active_primary_experts"]),
-        expert_ffn=int(cfg["moe_ffn_hidden_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_kind="neox", rope_theta=_rope_theta(cfg, 1e6),
-        router_fn="softmax" if cfg.get("moe_primary_router_apply_softmax", False) else "sigmoid",
+    n_experts, top_k = _experts(c, "moe_num_primary_experts", "moe_num_active_primary_experts")
+    return _spec(
+        common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("moe_ffn_hidden_size"),
+        router_fn="softmax" if c.bool("moe_primary_router_apply_softmax", False) else "sigmoid",
         norm_topk=True, router_input="layer_input", activation="reglu",
         nope_layers=[i for i in range(n_layers) if not rope_layout[i]],
-        sliding_window=window if swa_layers else 0,
-        swa_layers=swa_layers,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        max_position=int(cfg.get("max_position_embeddings", 4096 * 32)),
-        bos_token_id=_first_id(cfg.get("bos_token_id")), eos_token_id=_first_id(cfg.get("eos_token_id")),
+        sliding_window=window if swa_layers else 0, swa_layers=swa_layers,
     )
+
+
+def _spec(common: dict, **fields) -> ArchSpec:
+    try:
+        return ArchSpec(**common, **fields)
+    except ValueError as e:  # ArchSpec's own consistency checks
+        raise FormatError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -180,7 +276,7 @@ SUPPORTED = "OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtra
 
 def family_for(cfg: dict, where: str) -> Family:
     model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} is not supported; edgemoe reads {SUPPORTED}"
         )

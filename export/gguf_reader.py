@@ -3,7 +3,9 @@
 `open_gguf(path)` returns an object with the interface of `checkpoint.Checkpoint` (`.spec`, `.config`, `.family`,
 `.tokenizer_json`, `.global_tensor_items()`, `.global_tensors()`, `.layer_dense(layer)`, `.layer_experts(layer)`),
 so every consumer of a Hugging Face checkpoint (the container pipeline, the GGUF and ONNX writers, calibration)
-reads a GGUF the same way. Tensors are memory-mapped by gguf-py and dequantized to f32 one at a time.
+reads a GGUF the same way. The header is parsed and checked against the file by `gguf_parse` (bounded counts
+and lengths, known types, tensors tiling the data section); tensors are memory-mapped and dequantized to f32 one at
+a time by gguf-py, and refused by name if they hold NaN or infinities.
 
 llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker -- the
 table the writer uses (`llama_cpp_names.LLAMA_CPP_ARCH`), read backwards. Metadata is turned into a Hugging Face-style
@@ -17,7 +19,10 @@ ArchSpec and the same tensors as an HF-sourced Mixtral: every downstream writer 
 (the GGUF writer permutes again when it writes `llama`, the ONNX writer rotates halves), so keeping the rows
 permuted with rope_kind "norm" would make a GGUF -> container -> GGUF round trip permute twice.
 
-Refused before anything is written, each by name: an architecture not in the table (or `llama` without experts),
+Refused before anything is written, each by name: a damaged header (see gguf_parse), a metadata value of the wrong
+type or out of range (block_count at most the tensor count, finite positive epsilon and RoPE base, top-k within the
+experts, ...), a tokenizer that does not load or round-trip, an architecture not in the table (or `llama` without
+experts),
 a tensor type gguf-py cannot dequantize (or an integer type), a tensor the architecture does not have, a missing
 tensor, and any tensor whose shape disagrees with what the metadata implies.
 
@@ -31,6 +36,7 @@ Q8_0, Q2_K..Q6_K, IQ*, TQ*, MXFP4, ...).
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -40,8 +46,10 @@ from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor
 from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .checkpoint import expected_shapes, expert_shape
-from .families import FAMILIES, Family
+from .families import FAMILIES, MAX_DIM, MAX_LAYERS, MAX_POSITION, MAX_VOCAB, Family
+from .gguf_parse import ARRAY, FLOAT_TYPES, INT_TYPES, STRING, parse_gguf
 from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SPLIT_REGEX_PRE
+from .tokenizer_check import check_tokenizer
 
 # llama.cpp architecture -> edgemoe family (the writer's table read backwards)
 GGUF_ARCH_TO_FAMILY = {arch: family for family, arch in LLAMA_CPP_ARCH.items()}
@@ -86,7 +94,7 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str | Path):
         try:
-            import gguf
+            import gguf  # noqa: F401 - gguf-py dequantizes the tensors
         except ImportError:
             raise FormatError("reading GGUF needs gguf-py: pip install gguf") from None
         path = Path(path)
@@ -95,18 +103,18 @@ class GGUFCheckpoint:
         if path.is_dir():
             raise FormatError(f"{path}: is a directory, expected a .gguf file")
         try:
-            self._reader = gguf.GGUFReader(str(path))
-        except (ValueError, KeyError, IndexError, OSError) as e:
-            raise FormatError(f"{path}: not a readable GGUF file ({e})") from None
+            self._reader = parse_gguf(path)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
         self.path = path
         self._fields = self._reader.fields
         self._tensors = {t.name: t for t in self._reader.tensors}
-        n_split = self._kv("split.count", 1)
-        if int(n_split) > 1:
+        n_split = self._kv_int("split.count", 1, lo=0, hi=MAX_LAYERS)
+        if n_split > 1:
             raise UnsupportedModelError(f"{path}: one part of a split GGUF ({n_split} files); merge them first "
                                         "(llama-gguf-split --merge)")
         arch = self._kv("general.architecture", None)
-        if arch not in GGUF_ARCH_TO_FAMILY:
+        if not isinstance(arch, str) or arch not in GGUF_ARCH_TO_FAMILY:
             raise UnsupportedModelError(
                 f"{path}: GGUF architecture {arch!r} is not supported; edgemoe reads the MoE architectures "
                 f"{', '.join(sorted(GGUF_ARCH_TO_FAMILY))} (llama only with experts, i.e. Mixtral)"
@@ -118,9 +126,12 @@ class GGUFCheckpoint:
         self.config = self._config()
         try:
             spec = self.family.spec(self.config)
-        except (KeyError, ValueError, TypeError) as e:
-            raise FormatError(f"{path}: GGUF metadata does not describe a valid {arch} model ({e})") from None
-        rope_dim = int(self._kv(f"{arch}.rope.dimension_count", spec.head_dim))
+        except (FormatError, UnsupportedModelError) as e:
+            raise type(e)(f"{path}: GGUF metadata does not describe a valid {arch} model ({e})") from None
+        rope_dim = self._kv_int(f"{arch}.rope.dimension_count", spec.head_dim, hi=spec.head_dim)
+        if rope_dim % 2:
+            raise FormatError(f"{path}: {arch}.rope.dimension_count = {rope_dim}: RoPE rotates pairs, expected an "
+                              "even number")
         if rope_dim != spec.head_dim:
             if arch == "llama":
                 raise UnsupportedModelError(f"{path}: partial RoPE ({rope_dim} of {spec.head_dim} dims) with "
@@ -134,51 +145,74 @@ class GGUFCheckpoint:
 
     # --- metadata ------------------------------------------------------------------------------------------
     def _kv(self, key: str, default=_MISSING):
-        f = self._fields.get(key)
-        if f is None:
+        if key not in self._fields:
             if default is _MISSING:
                 raise FormatError(f"{self.path}: GGUF metadata key '{key}' is missing")
             return default
-        v = f.contents()
+        return self._fields[key]
+
+    def _kv_int(self, key: str, default=_MISSING, lo: int = 1, hi: int = MAX_DIM) -> int:
+        """An integer key (or a uniform per-layer array of them) in lo..hi."""
+        v = self._kv(key, default)
+        if key in self._fields:
+            ty = self._reader.types[key]
+            if ty[-1] not in INT_TYPES:
+                raise FormatError(f"{self.path}: GGUF metadata '{key}' has type {ty}, expected an integer")
+            if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv): only uniform ones are supported
+                if len(set(v)) != 1:
+                    raise UnsupportedModelError(f"{self.path}: '{key}' differs between layers ({v[:8]}...); "
+                                                "per-layer shapes are not supported")
+                v = v[0]
+        if not lo <= v <= hi:
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' = {v}: expected {lo}..{hi}")
         return v
 
-    def _kv_int(self, key: str, default=_MISSING) -> int:
+    def _kv_float(self, key: str, default=_MISSING, hi: float = math.inf) -> float:
+        """A finite float key with 0 < value < hi, as the shortest decimal that rounds to its float32."""
         v = self._kv(key, default)
-        if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv): only uniform ones are supported
-            if len(set(v)) != 1:
-                raise UnsupportedModelError(f"{self.path}: '{key}' differs between layers ({v[:8]}...); "
-                                            "per-layer shapes are not supported")
-            v = v[0]
-        return int(v)
+        if key in self._fields and self._reader.types[key][0] not in FLOAT_TYPES:
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' has type {self._reader.types[key]}, expected a float")
+        if not math.isfinite(v) or not 0 < v < hi:
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' = {v}: expected a finite number above 0"
+                              f"{f' and below {hi}' if math.isfinite(hi) else ''}")
+        return _f32_value(v)
+
+    def _kv_strings(self, key: str, default=_MISSING) -> list[str]:
+        v = self._kv(key, default)
+        if key in self._fields and self._reader.types[key] != (ARRAY, STRING):
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' must be an array of strings")
+        return v
 
     def _config(self) -> dict:
         """GGUF metadata -> a Hugging Face-style config.json dict for this family."""
         a = self.arch
         p = a + "."
-        n_layers = self._kv_int(p + "block_count")
+        # every layer has tensors: a block_count above the tensor count is a damaged header (and would be looped over)
+        n_layers = self._kv_int(p + "block_count", hi=min(MAX_LAYERS, len(self._tensors)))
         hidden = self._kv_int(p + "embedding_length")
         heads = self._kv_int(p + "attention.head_count")
-        kv_heads = self._kv_int(p + "attention.head_count_kv", heads)
-        head_dim = self._kv_int(p + "attention.key_length", hidden // heads if heads else 0)
+        kv_heads = self._kv_int(p + "attention.head_count_kv", heads, hi=heads)
+        head_dim = self._kv_int(p + "attention.key_length", max(1, hidden // heads))
         v_len = self._kv_int(p + "attention.value_length", head_dim)
         if v_len != head_dim:
             raise UnsupportedModelError(f"{self.path}: key_length {head_dim} != value_length {v_len} is not supported")
-        n_experts = self._kv_int(p + "expert_count", 0)
-        if n_experts <= 0:
+        n_experts = self._kv_int(p + "expert_count", 0, lo=0)
+        if n_experts == 0:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture '{a}' without experts ({p}expert_count missing or 0) is a dense "
                 "model; edgemoe reads Mixture-of-Experts models only"
             )
-        top_k = self._kv_int(p + "expert_used_count")
-        if self._kv_int(p + "leading_dense_block_count", 0):
+        top_k = self._kv_int(p + "expert_used_count", hi=n_experts)
+        if self._kv_int(p + "leading_dense_block_count", 0, lo=0):
             raise UnsupportedModelError(f"{self.path}: leading dense blocks are not supported for '{a}'")
         scaling = self._kv(p + "rope.scaling.type", "none")
         if scaling not in ("none", None, ""):
             raise UnsupportedModelError(f"{self.path}: RoPE scaling type {scaling!r} is not supported yet")
-        theta = _f32_value(self._kv(p + "rope.freq_base", 10000.0))
-        eps = _f32_value(self._kv(p + "attention.layer_norm_rms_epsilon"))
-        ffn = self._kv_int(p + "feed_forward_length", 0)
-        ffn_exp = self._kv_int(p + "expert_feed_forward_length", 0)
+        theta = self._kv_float(p + "rope.freq_base", 10000.0)
+        eps = self._kv_float(p + "attention.layer_norm_rms_epsilon", hi=1.0)
+        ffn = self._kv_int(p + "feed_forward_length", 0, lo=int(p + "feed_forward_length" in self._fields))
+        ffn_exp = self._kv_int(p + "expert_feed_forward_length", 0, lo=int(p + "expert_feed_forward_length" in
+                                                                                 self._fields))
         # llama.cpp's olmoe and llama size experts by feed_forward_length; the others by expert_feed_forward_length
         expert_ffn = ffn if a in ("olmoe", "llama") else (ffn_exp or ffn)
         if not expert_ffn:
@@ -187,7 +221,7 @@ class GGUFCheckpoint:
         if emb is None:
             raise FormatError(f"{self.path}: GGUF has no tensor '{GLOBAL_TENSORS['embed']}'")
         vocab = int(emb.shape[-1]) if len(emb.shape) == 2 else 0
-        meta_vocab = self._kv_int(p + "vocab_size", vocab)
+        meta_vocab = self._kv_int(p + "vocab_size", vocab, lo=0, hi=MAX_VOCAB)
         if meta_vocab != vocab:
             raise FormatError(f"{self.path}: metadata {p}vocab_size = {meta_vocab}, but tensor 'token_embd.weight' "
                               f"has {vocab} rows")
@@ -197,19 +231,20 @@ class GGUFCheckpoint:
             "num_hidden_layers": n_layers, "hidden_size": hidden, "vocab_size": vocab,
             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
             "rms_norm_eps": eps, "rope_theta": theta,
-            "max_position_embeddings": self._kv_int(p + "context_length", 4096),
+            "max_position_embeddings": self._kv_int(p + "context_length", 4096, hi=MAX_POSITION),
             "tie_word_embeddings": tie,
         }
         for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
-            v = self._kv(f"tokenizer.ggml.{key}", None)
+            v = self._kv_int(f"tokenizer.ggml.{key}", None, lo=0, hi=vocab - 1) if f"tokenizer.ggml.{key}" in \
+                self._fields else None
             if v is not None:
-                cfg[hf] = int(v)
+                cfg[hf] = v
         if a == "olmoe":
             cfg.update(intermediate_size=expert_ffn, num_experts=n_experts, num_experts_per_tok=top_k,
                        norm_topk_prob=False)  # llama.cpp's olmoe graph does not renormalize
         elif a == "qwen2moe":
-            sh = self._kv_int(p + "expert_shared_feed_forward_length", 0)
+            sh = self._kv_int(p + "expert_shared_feed_forward_length", 0, lo=0)
             if not sh and "blk.0.ffn_up_shexp.weight" in self._tensors:
                 sh = int(self._tensors["blk.0.ffn_up_shexp.weight"].shape[-1])
             cfg.update(intermediate_size=ffn or expert_ffn, moe_intermediate_size=expert_ffn,
@@ -224,7 +259,7 @@ class GGUFCheckpoint:
         elif a == "smallthinker":
             import gguf
 
-            gating = self._kv_int(p + "expert_gating_func", int(gguf.ExpertGatingFuncType.SOFTMAX))
+            gating = self._kv_int(p + "expert_gating_func", int(gguf.ExpertGatingFuncType.SOFTMAX), lo=0)
             if gating not in (int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)):
                 raise UnsupportedModelError(f"{self.path}: smallthinker expert_gating_func {gating} is not supported")
             hybrid = self._kv(p + "attention.sliding_window", None) is not None
@@ -304,8 +339,12 @@ class GGUFCheckpoint:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:  # pragma: no cover - filtered by _check_types
             raise UnsupportedModelError(f"{self.path}: tensor '{name}': {e}") from None
-        arr = np.asarray(arr, dtype=np.float32).reshape(self._expected[name])
-        return np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(np.asarray(arr, dtype=np.float32).reshape(self._expected[name]))
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr.reshape(-1)))[0])
+            raise FormatError(f"{self.path}: tensor '{name}' holds NaN or infinite values (first at flat index {bad}); "
+                              "the file is damaged")
+        return arr
 
     def _unpermute(self, arr: np.ndarray, n_head: int) -> np.ndarray:
         """llama.cpp NORM row order -> HF rotate-half order (inverse of gguf_export._permute_rope_rows)."""
@@ -357,13 +396,14 @@ class GGUFCheckpoint:
         template = self._kv("tokenizer.chat_template", None)
         if not isinstance(template, str) or not template:
             return {}
-        tokens = self._kv("tokenizer.ggml.tokens", None) or []
+        tokens = self._kv_strings("tokenizer.ggml.tokens", None) or []
         named = {}
         for key, name in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"),
                           ("unknown_token_id", "unk_token"), ("padding_token_id", "pad_token")):
-            i = self._kv(f"tokenizer.ggml.{key}", None)
-            if i is not None and 0 <= int(i) < len(tokens):
-                named[name] = str(tokens[int(i)])
+            k = f"tokenizer.ggml.{key}"
+            i = self._kv_int(k, None, lo=0, hi=self.spec.vocab - 1) if k in self._fields else None
+            if i is not None and i < len(tokens):
+                named[name] = tokens[i]
         return {"chat_template": template, "chat_template_tokens": named}
 
     def _tokenizer_json(self) -> bytes | None:
@@ -376,14 +416,27 @@ class GGUFCheckpoint:
                           "is); the container will have no tokenizer", stacklevel=3)
             return None
         pre_name = self._kv("tokenizer.ggml.pre", "gpt-2")
+        if not isinstance(pre_name, str) or not isinstance(model, str):
+            raise FormatError(f"{self.path}: tokenizer.ggml.model and tokenizer.ggml.pre must be strings")
         pre = _pre_tokenizer(pre_name)
         if pre is None:
             warnings.warn(f"{self.path.name}: pre-tokenizer {pre_name!r} is not one edgemoe can rebuild (gpt-2, "
                           f"{', '.join(sorted(_PRE_REGEX))}); the container will have no tokenizer", stacklevel=3)
             return None
-        tokens = self._kv("tokenizer.ggml.tokens")
+        tokens = self._kv_strings("tokenizer.ggml.tokens")
         types = self._kv("tokenizer.ggml.token_type", [1] * len(tokens))
-        merges = self._kv("tokenizer.ggml.merges", [])
+        if "tokenizer.ggml.token_type" in self._fields and self._reader.types["tokenizer.ggml.token_type"][-1] \
+                not in INT_TYPES:
+            raise FormatError(f"{self.path}: tokenizer.ggml.token_type must be an array of integers")
+        merges = self._kv_strings("tokenizer.ggml.merges", [])
+        no_space = next((i for i, m in enumerate(merges) if " " not in m), None)
+        if no_space is not None:
+            raise FormatError(f"{self.path}: tokenizer.ggml.merges[{no_space}] = {merges[no_space]!r:.40} is not two "
+                              "pieces separated by a space")
+        odd = next((i for i, t in enumerate(types) if not 0 <= t <= 6), None)  # llama_token_type: 0..6
+        if odd is not None:
+            raise FormatError(f"{self.path}: tokenizer.ggml.token_type[{odd}] = {types[odd]}: expected a llama.cpp token "
+                              "type 0..6 (undefined, normal, unknown, control, user-defined, unused, byte)")
         if len(types) != len(tokens):
             raise FormatError(f"{self.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} "
                               "tokens")
@@ -409,7 +462,8 @@ class GGUFCheckpoint:
                 "vocab": vocab, "merges": [m.split(" ", 1) for m in merges],
             },
         }
-        return json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        return check_tokenizer(json.dumps(doc, ensure_ascii=False).encode("utf-8"), self.spec.vocab,
+                               f"{self.path} (its tokenizer.ggml.* vocabulary)")
 
 
 def open_gguf(path: str | Path) -> GGUFCheckpoint:

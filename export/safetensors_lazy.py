@@ -1,13 +1,17 @@
 """Lazy, memory-mapped safetensors reading (single files and sharded `model.safetensors.index.json` sets).
 
 The `safetensors` library's NumPy backend cannot return bfloat16, the dtype of most real MoE checkpoints, and
-materializes whole tensors; this reader maps each file once, validates every header against the file size (a
-truncated download is reported, not crashed on), and hands out one tensor at a time as float32.
+materializes whole tensors; this reader maps each file once and hands out one tensor at a time as float32.
+
+Nothing in a header is trusted before it is checked: strict JSON (no duplicate keys, no NaN), every entry's dtype,
+shape (non-negative integers) and data_offsets (an ordered pair), shape x dtype size == the bytes the offsets hold,
+and the data section indexed entirely without holes or overlaps, as the format requires (a truncated download, a
+dtype or shape changed in the header, two tensors sharing bytes are each refused by name). A weight must be floating
+point (F32 data relabelled I32 has the right size, but is not a weight) and finite.
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from pathlib import Path
@@ -16,15 +20,69 @@ import numpy as np
 
 from edgemoe.errors import FormatError
 
+from .json_input import parse_json, read_json
+
 _NP_DTYPES = {
     "F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # what a weight may be stored as
+MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+def _check_entry(path: Path, name: str, e, size: int) -> dict:
+    """One header entry, every field checked: {"dtype", "shape", "data_offsets"} with the types and sizes the format
+    defines. Returns the entry with plain Python values."""
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(e, dict):
+        raise FormatError(f"{where}: header entry is a {type(e).__name__}, expected an object with dtype, shape and "
+                          "data_offsets")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in e:
+            raise FormatError(f"{where}: header entry has no '{key}'")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _NP_DTYPES:
+        raise FormatError(f"{where}: unsupported dtype {dtype!r} (edgemoe reads {', '.join(_NP_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise FormatError(f"{where}: data_offsets {offsets!r} is not a pair [begin, end] of integers with "
+                          "0 <= begin <= end")
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * np.dtype(_NP_DTYPES[dtype]).itemsize
+    if nbytes != offsets[1] - offsets[0]:
+        raise FormatError(f"{where}: shape {shape} of {dtype} is {nbytes} bytes, but data_offsets {offsets} hold "
+                          f"{offsets[1] - offsets[0]} (the header is corrupt)")
+    if offsets[1] > size:
+        raise FormatError(f"{where}: truncated: data ends at byte {offsets[1]} of the data section, which has {size} "
+                          "bytes")
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def _check_layout(path: Path, entries: dict[str, dict], size: int) -> None:
+    """The format requires the data section to be indexed entirely, without holes or overlaps: sorted by begin,
+    each tensor starts where the previous one ends and the last ends at the end of the file."""
+    pos, prev = 0, None
+    for name, e in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = e["data_offsets"]
+        if begin != pos:
+            what = "overlaps" if begin < pos else f"leaves a hole of {begin - pos} bytes after"
+            raise FormatError(f"{path}: tensor '{name}' (data_offsets {e['data_offsets']}) {what} "
+                              f"{repr(prev) if prev else 'the start of the data section'}; the header is corrupt")
+        pos, prev = end, name
+    if pos != size:
+        raise FormatError(f"{path}: the tensors end at byte {pos} of the data section, but it has {size} bytes "
+                          "(truncated, or the header is corrupt)")
 
 
 class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
+        if path.is_dir():
+            raise FormatError(f"{path}: is a directory, expected a .safetensors file")
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
@@ -33,28 +91,28 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", head)
             if 8 + n > size:
                 raise FormatError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise FormatError(f"{path}: not a safetensors file ({e})") from None
+            if n > MAX_HEADER:
+                raise FormatError(f"{path}: safetensors header of {n} bytes (at most {MAX_HEADER}); not a valid file")
+            header = parse_json(f.read(n), f"{path} (safetensors header)")
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
         self._base = 8 + n
-        header.pop("__metadata__", None)
-        self.entries = header
-        for name, e in header.items():
-            _start, end = e["data_offsets"]
-            if self._base + end > size:
-                raise FormatError(
-                    f"{path}: truncated: tensor '{name}' ends at byte {self._base + end}, the file has {size} bytes"
-                )
-            if e["dtype"] not in _NP_DTYPES:
-                raise FormatError(f"{path}: tensor '{name}' has unsupported dtype {e['dtype']}")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise FormatError(f"{path}: __metadata__ must be an object of strings, got {meta!r:.80}")
+        self.entries = {name: _check_entry(path, name, e, size - self._base) for name, e in header.items()}
+        _check_layout(path, self.entries, size - self._base)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
     def get_f32(self, name: str) -> np.ndarray:
         e = self.entries[name]
+        if e["dtype"] not in FLOAT_DTYPES:
+            raise FormatError(f"{self.path}: tensor '{name}' is stored as {e['dtype']}; weights must be floating point "
+                              f"({', '.join(FLOAT_DTYPES)})")
         start, end = e["data_offsets"]
         arr = np.frombuffer(self._mm, dtype=_NP_DTYPES[e["dtype"]], count=(end - start) // np.dtype(
             _NP_DTYPES[e["dtype"]]).itemsize, offset=self._base + start)
@@ -63,6 +121,10 @@ class SafetensorsFile:
         out = arr.astype(np.float32).reshape(e["shape"])  # always a copy
         del arr
         self._release(self._base + start, end - start)
+        if not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out.reshape(-1)))[0])
+            raise FormatError(f"{self.path}: tensor '{name}' holds NaN or infinite values (first at flat index {bad}); "
+                              "the checkpoint is damaged")
         return out
 
     def _release(self, offset: int, length: int) -> None:
@@ -84,16 +146,25 @@ class SafetensorsSet:
     def __init__(self, model_dir: Path):
         index_path = model_dir / "model.safetensors.index.json"
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise FormatError(f"{index_path}: malformed shard index ({e})") from None
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise FormatError(f"{index_path}: 'weight_map' must be an object of tensor name -> shard file name, "
+                                  f"got {type(weight_map).__name__}")
+            bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+            if bad is not None:
+                raise FormatError(f"{index_path}: weight_map['{bad}'] = {weight_map[bad]!r:.40}: expected a shard file "
+                                  "name")
             shard_names = sorted(set(weight_map.values()))
+            escaping = [s for s in shard_names if Path(s).name != s]
+            if escaping:
+                raise FormatError(f"{index_path}: shard '{escaping[0]}' is not a file name in {model_dir}; an index "
+                                  "names shards beside it")
             missing = [s for s in shard_names if not (model_dir / s).exists()]
             if missing:
                 raise FormatError(f"{index_path}: shard file(s) missing: {', '.join(missing)}")
             files = [model_dir / s for s in shard_names]
         else:
+            weight_map = None
             files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise FormatError(f"{model_dir}: no *.safetensors files found")
@@ -101,7 +172,16 @@ class SafetensorsSet:
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for name in f.entries:
+                if name in self._where:
+                    raise FormatError(f"{model_dir}: tensor '{name}' is in both {self._where[name].path.name} and "
+                                      f"{f.path.name}; which one is the model's? (remove the stray file)")
                 self._where[name] = f
+        if weight_map is not None:
+            wrong = [n for n, shard in weight_map.items() if n not in self._where or self._where[n].path.name != shard]
+            if wrong:
+                n = wrong[0]
+                found = f"it is in {self._where[n].path.name}" if n in self._where else "that shard has no such tensor"
+                raise FormatError(f"{index_path}: weight_map puts tensor '{n}' in {weight_map[n]}, but {found}")
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -119,3 +199,6 @@ class SafetensorsSet:
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path
+
+    def dtype(self, name: str) -> str:
+        return self._where[name].dtype(name)

@@ -304,7 +304,8 @@ def test_calibration_for_merging_uses_bounded_memory(tmp_path, calib_file):
     n_layers, E, H, I = 8, 16, 32, 256
     cfg = tf.OlmoeConfig(vocab_size=320, hidden_size=H, num_hidden_layers=n_layers, intermediate_size=I,
                          num_attention_heads=2, num_key_value_heads=2, num_experts=E, num_experts_per_tok=2,
-                         max_position_embeddings=128, tie_word_embeddings=False)
+                         max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)  # OLMoE's default ids (50279 ...) are outside this 320-token vocabulary
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     src = tmp_path / "deep"

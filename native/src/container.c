@@ -535,6 +535,11 @@ emoe_container *emoe_container_open_status(const char *path, int verify, int *st
                 (unsigned long long)c->index_offset + (unsigned long long)c->index_nbytes, c->size);
         goto fail;
     }
+    if (c->index_offset + c->index_nbytes != c->size) { /* FORMAT.md: the file ends with its index */
+        set_err(err, errlen, "%s: %llu bytes follow the index (the file ends with its index: damaged or appended "
+                "to; re-export it)", path, (unsigned long long)(c->size - c->index_offset - c->index_nbytes));
+        goto fail;
+    }
     if (c->index_offset < EMOE_CONTAINER_PREAMBLE_SIZE) {
         set_err(err, errlen, "%s: the index offset %llu lies inside the %d-byte preamble (corrupt preamble)", path,
                 (unsigned long long)c->index_offset, EMOE_CONTAINER_PREAMBLE_SIZE);

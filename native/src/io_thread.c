@@ -37,6 +37,7 @@ struct emoe_io {
     char *path;
     int fd;        /* buffered */
     int dfd;       /* O_DIRECT, or -1 */
+    struct stat st0; /* the file as opened: size, mtime, inode (file_changed) */
     char note[EMOE_IO_MSG_LEN];
     pthread_cond_t cv_work;
     io_entry *heap; /* binary min-heap on (key, seq) */
@@ -209,6 +210,25 @@ check:
     return 0;
 }
 
+#ifdef __APPLE__
+#define ST_MTIM(st) ((st).st_mtimespec)
+#else
+#define ST_MTIM(st) ((st).st_mtim)
+#endif
+
+/* Bytes read without a CRC check (verify "first": a piece evicted and read again; verify "never") are trusted as they
+ * are only while the file is still the one opened. Once its size, inode or modification time differ (a container
+ * overwritten in place: same inode, new bytes), every read is checked against its CRC instead, so the model stops
+ * with a clear error rather than computing with other weights, yet a file restored in place reads fine again. A file
+ * replaced by rename keeps serving its old inode through this fd, which stays consistent. One fstat per unchecked
+ * read (merged reads count once); a failed fstat counts as a change. */
+static int file_changed(const emoe_io *io) {
+    struct stat st;
+    if (fstat(io->fd, &st)) return 1;
+    return !(st.st_size == io->st0.st_size && st.st_ino == io->st0.st_ino && st.st_dev == io->st0.st_dev &&
+             ST_MTIM(st).tv_sec == ST_MTIM(io->st0).tv_sec && ST_MTIM(st).tv_nsec == ST_MTIM(io->st0).tv_nsec);
+}
+
 static void *io_main(void *arg) {
     io_worker *w = arg;
     emoe_io *io = w->io;
@@ -250,6 +270,9 @@ static void *io_main(void *arg) {
         const double t0 = now_s();
         msg[0] = '\0';
         const int rc = do_read(w, jobs, n, msg, sizeof msg, &calls);
+        int unchecked = 0;
+        for (int i = 0; i < n; i++) unchecked |= !jobs[i].check_crc;
+        const int changed = !rc && unchecked && file_changed(io);
         const double secs = now_s() - t0;
         for (int i = 0; i < n; i++) {
             total += jobs[i].len;
@@ -257,14 +280,15 @@ static void *io_main(void *arg) {
             msgs[i][0] = '\0';
             if (rc) {
                 snprintf(msgs[i], sizeof msgs[i], "%s", msg);
-            } else if (jobs[i].check_crc) {
+            } else if (jobs[i].check_crc || changed) {
                 const uint32_t crc = emoe_crc32_fast(0, jobs[i].dst, (size_t)jobs[i].len);
                 if (crc != jobs[i].crc32) {
                     st[i] = EMOE_ERR_CORRUPT;
                     snprintf(msgs[i], sizeof msgs[i], "%s: checksum mismatch in %s (offset %llu, %llu bytes): CRC-32 "
-                             "%08x, the index says %08x; the file is damaged: re-export or re-download it", io->path,
-                             jobs[i].what ? jobs[i].what : "?", (unsigned long long)jobs[i].off,
-                             (unsigned long long)jobs[i].len, crc, jobs[i].crc32);
+                             "%08x, the index says %08x; %s", io->path, jobs[i].what ? jobs[i].what : "?",
+                             (unsigned long long)jobs[i].off, (unsigned long long)jobs[i].len, crc, jobs[i].crc32,
+                             changed ? "the file was modified after the model opened it: reload the model"
+                                     : "the file is damaged: re-export or re-download it");
                 }
             }
         }
@@ -305,7 +329,7 @@ emoe_io *emoe_io_new(const emoe_io_config *cfg, char *err, size_t errlen) {
     if (!io->path) goto nomem;
     io->cfg.path = io->path;
     io->fd = open(cfg->path, O_RDONLY | O_CLOEXEC);
-    if (io->fd < 0) {
+    if (io->fd < 0 || fstat(io->fd, &io->st0)) {
         if (err) snprintf(err, errlen, "%s: %s", cfg->path, strerror(errno));
         goto fail;
     }

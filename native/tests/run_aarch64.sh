@@ -13,12 +13,9 @@ for tool in "$CC" "$QEMU"; do
     command -v "$tool" >/dev/null 2>&1 || { echo "missing $tool (apt-get install -y gcc-aarch64-linux-gnu qemu-user)" >&2; exit 2; }
 done
 mkdir -p "$OUT"
-# the core's sources (EDGEMOE_SOURCES in native/CMakeLists.txt)
-SOURCES=""
-for f in core crc32 quant dispatch kernels_scalar kernels_avx2 kernels_neon kernels_mwq_scalar kernels_mwq_avx2 \
-    kernels_mwq_neon mwq threadpool matmul model forward; do
-    SOURCES="$SOURCES $NATIVE/src/$f.c"
-done
+# the core's compute sources: read from native/CMakeLists.txt (EDGEMOE_COMPUTE_SOURCES), the one list of them
+SOURCES=$(sed -n '/^set(EDGEMOE_COMPUTE_SOURCES/,/^)/p' "$NATIVE/CMakeLists.txt" | grep -o 'src/[a-z0-9_]*\.c' | \
+    sed "s|^|$NATIVE/|" | tr '\n' ' ')
 status=0
 # test_kernels: the core's kernels and forward pass; test_mwq: the MWQ plane kernels and MWQ experts
 for prog in test_kernels test_mwq; do
