@@ -16,8 +16,16 @@ from .units import format_bytes
 
 def cmd_bench(args) -> int:
     from .bench import EdgeMoERunner, LlamaCppRunner, format_table, run_bench
+    from .container import open_container
     from .model import load
 
+    c = open_container(args.model, verify=False)
+    limit = c.spec.max_position
+    c.close()
+    if args.p + args.n + 8 > limit:
+        raise EdgeMoEError(f"bench -p {args.p} -n {args.n} needs a context of {args.p + args.n + 8} tokens; "
+                           f"{Path(args.model).name} holds {limit}: pass a smaller -p and -n (e.g. -p {limit // 2} "
+                           f"-n {limit // 4})")
     with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
               max_ctx=args.p + args.n + 8, mode=getattr(args, "mode", "exact")) as m:
         runners = [EdgeMoERunner(m)]

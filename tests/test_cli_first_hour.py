@@ -150,3 +150,8 @@ def test_on_a_terminal_the_statistics_start_on_their_own_line(tmp_path, olmoe):
     finally:
         c.close()
     assert re.search(r"(^|\n)\[engine ", screen), screen
+
+
+def test_bench_says_when_its_token_counts_exceed_the_context(tmp_path, olmoe):
+    r = edgemoe(tmp_path, "bench", olmoe)  # the defaults, -p 512 -n 128, on a model of 256 positions
+    assert r.returncode == 1 and "needs a context of 648 tokens" in r.stderr and "-p 128 -n 64" in r.stderr

@@ -6,6 +6,7 @@ heldout/shakespeare.txt); the README's placeholders (path/to/hf-model, held_out.
 it). Each command must exit 0 without a traceback; the tutorial's Python block is run too.
 """
 
+import json
 import re
 import shutil
 import subprocess
@@ -49,6 +50,9 @@ def commands(block: str) -> list[str]:
 def src(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("src") / "small-moe"
     shutil.copytree(tiny_dir("qwen3moe"), d)  # llama.cpp runs its GQA (its olmoe cannot)
+    config = json.loads((d / "config.json").read_text())  # a real model's context: bench's default -p 512 -n 128
+    config["max_position_embeddings"] = 1024
+    (d / "config.json").write_text(json.dumps(config))
     (d / "calib.txt").write_text(TEXT)
     (d / "heldout").mkdir()
     (d / "heldout" / "shakespeare.txt").write_text(TEXT)
