@@ -143,10 +143,13 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return best
 
 
-def format_table(results: list[BenchResult], model_name: str) -> str:
+def format_table(results: list[BenchResult], model_files: dict[str, str] | str) -> str:
+    """The llama-bench-shaped table; model_files: engine name -> the file it ran (or one name for all)."""
+    files = model_files if isinstance(model_files, dict) else {}
     lines = ["| model | engine | threads | test | t/s |", "|---|---|---:|---|---:|"]
     for r in results:
-        lines.append(f"| {model_name} | {r.engine} | {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
+        model = files.get(r.engine, model_files if isinstance(model_files, str) else "")
+        lines.append(f"| {model} | {r.engine} | {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
     by_test: dict[str, dict[str, float]] = {}
     for r in results:
         by_test.setdefault(r.test, {})[r.engine] = r.avg_ts

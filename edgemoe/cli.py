@@ -11,10 +11,20 @@ import textwrap
 import time
 from pathlib import Path
 
-from .cli_options import load_args, runtime_opts, sampling_kwargs, sampling_opts
+from .cli_options import (
+    check_model_path,
+    context_opts,
+    default_threads,
+    generate_kwargs,
+    load_args,
+    runtime_opts,
+    sampling_kwargs,
+    sampling_opts,
+)
+from .cli_progress import Progress
 from .cli_tools import add_tool_parsers
-from .errors import EdgeMoEError
-from .units import format_bytes
+from .errors import ContextError, EdgeMoEError
+from .units import format_bytes, format_size_like
 
 
 def _need_exporter():
@@ -186,17 +196,47 @@ def cmd_run(args) -> int:
 
     with load(args.model, **load_args(args)) as m:
         pieces = []
-        stream = m.generate(args.prompt, max_new_tokens=args.n, stream=True, **sampling_kwargs(args, m.generate))
+        try:
+            stream = m.generate(args.prompt, max_new_tokens=args.n, stream=True, **sampling_kwargs(args, m.generate),
+                                **generate_kwargs(args))
+        except ContextError as e:
+            raise EdgeMoEError(context_advice(e, "the prompt")) from None
         for piece in stream:
             pieces.append(piece)
             if not args.json:
                 print(piece, end="", flush=True)
+        info = stream.info
         if args.json:
-            print(json.dumps({"prompt": args.prompt, "text": "".join(pieces), "stats": m.stats}))
+            print(json.dumps({"prompt": args.prompt, "text": "".join(pieces), "finish_reason": info.finish_reason,
+                              "prompt_tokens": info.prompt_tokens, "completion_tokens": info.completion_tokens,
+                              "prompt_tokens_truncated": info.prompt_tokens_truncated,
+                              "context_shifts": info.context_shifts, "stats": m.stats}))
         else:
-            print()
-            print_stats(m.stats)
+            end_line(pieces)
+            if info.prompt_tokens_truncated:
+                print(f"[prompt truncated ({args.truncate}): {info.prompt_tokens_truncated} of "
+                      f"{info.prompt_tokens + info.prompt_tokens_truncated} tokens dropped]", file=sys.stderr)
+            print_stats(m.stats, budget_typed=args.budget, max_new_tokens=args.n)
     return 0
+
+
+def end_line(pieces: list[str]) -> None:
+    """After streamed text: end its line (unless it ended one), so what follows on a terminal starts a line."""
+    if not "".join(pieces[-1:]).endswith("\n"):
+        print()
+    sys.stdout.flush()
+
+
+def context_advice(e: ContextError, what: str) -> str:
+    """A text longer than the context, in the command line's terms."""
+    fixes = []
+    if e.max_ctx < e.model_max:
+        fixes.append(f"--max-ctx {min(e.model_max, max(e.n_tokens + 64, 2 * e.max_ctx))} (up to the model's "
+                     f"{e.model_max}; under --budget it needs more memory)")
+    fixes.append("--truncate left (keep its end) or right (keep its start)")
+    return (f"{what} has {e.n_tokens} tokens; the context holds {e.max_ctx}"
+            + ("" if e.max_ctx < e.model_max else " (the model's maximum)") + ": pass " + ", or ".join(fixes)
+            + ", or shorten it")
 
 
 def cmd_ppl(args) -> int:
@@ -207,7 +247,14 @@ def cmd_ppl(args) -> int:
     if text is None:
         raise EdgeMoEError(f"{args.text}: no such file")
     with load(args.model, **load_args(args), max_ctx=args.ctx) as m:
-        r = perplexity(m, text, ctx=args.ctx, max_tokens=args.max_tokens)
+        bar = Progress("perplexity", 1, quiet=args.quiet)
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done)
+
+        r = perplexity(m, text, ctx=args.ctx, max_tokens=args.max_tokens, progress=progress)
+        bar.close()
     print(json.dumps(r) if args.json else f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens (ctx {args.ctx})")
     return 0
 
@@ -229,12 +276,20 @@ def cmd_demo(args) -> int:
     return run_demo(budget=args.budget, threads=args.threads, n=args.n, workdir=args.workdir)
 
 
-def print_stats(st: dict) -> None:
+FINISH_TEXT = {"stop": "stopped: end of text or a stop string", "length": "stopped: -n {n} tokens",
+               "context": "stopped: the context is full (--context-shift goes on, --max-ctx raises it)"}
+
+
+def print_stats(st: dict, budget_typed=None, max_new_tokens: int | None = None) -> None:
     """One line of speed and memory on stderr; with a budget, a second with the expert cache's figures."""
-    budget = format_bytes(st["memory_budget_bytes"]) if st.get("memory_budget_bytes") else "unlimited"
+    budget = (format_size_like(st["memory_budget_bytes"], budget_typed) if st.get("memory_budget_bytes")
+              else "unlimited")
+    why = FINISH_TEXT.get(st.get("finish_reason"), "").format(n=max_new_tokens)
+    shifts = f", {st['context_shifts']} context shift(s)" if st.get("context_shifts") else ""
     print(f"[engine {st['engine']}] prefill {st['prefill_tokens']} tok at {st['prefill_tok_s']:.1f} tok/s, "
           f"decode {st['decode_tokens']} tok at {st['decode_tok_s']:.1f} tok/s, "
-          f"peak RSS {format_bytes(st['peak_rss_bytes'])} (budget {budget})", file=sys.stderr)
+          f"peak RSS {format_bytes(st['peak_rss_bytes'])} (budget {budget}){shifts}" + (f"; {why}" if why else ""),
+          file=sys.stderr)
     if st.get("cache_hit_rate") is not None:
         def pct(x):
             return "-" if x is None else f"{x:.0%}"
@@ -308,9 +363,13 @@ EPILOGS = {
           edgemoe run model.emoe -p "Once upon a time" -n 200 --budget 1.5GB --threads 4
           edgemoe run model.emoe -p "Write a haiku" --temperature 0.8 --top-p 0.95 --seed 7 --stop "\\n\\n"
           edgemoe run model.emoe -p "Hello" --budget 800MB --mode adaptive --json
+          edgemoe run model.emoe -p "Once upon a time" -n 5000 --max-ctx 1024 --context-shift --keep 8
+          edgemoe run model.emoe -p "$(cat long.txt)" --truncate left
 
         The text streams to stdout; speed, peak RSS and (with a budget) the expert cache's hit rate, bytes read
-        per token, I/O stall and prefetch recall go to stderr, or into the JSON with --json.
+        per token, I/O stall and prefetch recall go to stderr, or into the JSON with --json. Both say why the
+        generation ended: stop (end of text or a stop string), length (-n tokens) or context (the context is full;
+        --context-shift goes on instead).
         """,
     "chat": """
         examples:
@@ -318,8 +377,11 @@ EPILOGS = {
           edgemoe chat model.emoe --budget 1GB --temperature 0.7 --system "You are terse."
 
         Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) quits. The model's
-        chat template is used when the container has one; the KV cache keeps earlier turns, so each turn only
-        runs the new text. When the conversation outgrows the context, the oldest turns are dropped.
+        chat template is used when the container has one (without one, chat says the model is probably a base
+        model); the KV cache keeps earlier turns, so each turn only runs the new text. When the conversation
+        outgrows the context, the oldest turns are dropped; a reply that fills the context stops there, or with
+        --context-shift drops the oldest half of the context and goes on. With --budget and no --max-ctx, the
+        context is the largest the budget holds (said on stderr).
         """,
     "ppl": """
         examples:
@@ -433,10 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help=".emoe file")
     r.add_argument("-p", "--prompt", required=True, help="prompt text")
     r.add_argument("-n", type=int, default=64, help="new tokens to generate at most (default 64)")
-    r.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                   help="context length: prompt + new tokens (default: the model's, at most 4096); a smaller one "
-                        "lowers the KV cache's share of the budget")
-    r.add_argument("--json", action="store_true", help="print text and statistics as JSON")
+    r.add_argument("--json", action="store_true",
+                   help="print text, finish_reason (stop, length or context), token counts and statistics as JSON")
+    context_opts(r)
     sampling_opts(r)
     runtime_opts(r)
     r.set_defaults(func=cmd_run)
@@ -448,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ctx", type=int, default=256, help="window length in tokens (default 256)")
     q.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     q.add_argument("--json", action="store_true")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     runtime_opts(q)
     q.set_defaults(func=cmd_ppl)
 
@@ -469,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-ctx", type=int, default=None, metavar="N",
                    help="context length the KV cache is sized for (default: the model's, at most 4096)")
     f.add_argument("--mode", default="exact", choices=("exact", "adaptive", "ondemand"), help="runtime mode")
-    f.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads (default 1)")
+    f.add_argument("--threads", type=int, default=default_threads(), metavar="N",
+                   help=f"compute threads (default {default_threads()}: the physical cores, as run uses)")
     f.add_argument("--precision", type=int, default=None, metavar="K",
                    help="MWQ: run experts at K bit planes (default: all stored)")
     f.add_argument("--kv-f16", action="store_true", help="f16 KV cache (half the memory)")
@@ -492,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "export" and isinstance(getattr(args, "model", None), str):
+            check_model_path(args.model)  # a .gguf or checkpoint directory: point to `edgemoe export`
         return args.func(args)
     except EdgeMoEError as e:
         print(f"edgemoe: error: {e}", file=sys.stderr)

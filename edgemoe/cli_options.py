@@ -4,8 +4,55 @@ arguments of edgemoe.load and Model.generate (used by cli.py and cli_tools.py al
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+from pathlib import Path
 
-from .units import parse_bytes
+from .errors import EdgeMoEError
+from .units import format_size_like, parse_bytes
+
+MAX_DEFAULT_THREADS = 8  # decode is bound by memory bandwidth: more threads than this rarely help a small device
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting hyperthreads of one core once (Linux sysfs topology; elsewhere
+    os.cpu_count())."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """The CLI's --threads default (as llama.cpp's): the physical cores, at most MAX_DEFAULT_THREADS."""
+    return min(physical_cores(), MAX_DEFAULT_THREADS)
+
+
+def check_model_path(path) -> None:
+    """A runtime command given something that is not an .emoe container: say which command converts it."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").exists():
+            raise EdgeMoEError(f"{p}: a Hugging Face checkpoint directory, not an .emoe container; convert it first: "
+                               f"edgemoe export {p} -o {p.name or 'model'}.emoe --bits 4")
+        if any(p.glob("*.onnx")):
+            raise EdgeMoEError(f"{p}: an ONNX export (for onnxruntime, e.g. edgemoe bench MODEL.emoe --vs-onnx "
+                               f"{p / 'model.onnx'}); this command runs an .emoe container")
+        raise EdgeMoEError(f"{p}: is a directory, expected an .emoe container file")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return  # missing or unreadable: the loader says so
+    if magic == b"GGUF":
+        out = p.stem + (".emoe" if p.suffix != ".emoe" else "-converted.emoe")
+        raise EdgeMoEError(f"{p}: a llama.cpp GGUF file, not an edgemoe container (.emoe); convert it first: "
+                           f"edgemoe export {p} -o {out} --bits 4")
 
 
 def runtime_opts(sp) -> None:
@@ -17,7 +64,9 @@ def runtime_opts(sp) -> None:
                    help="with a budget: exact = output identical to the unlimited run (default); adaptive = skip a "
                         "refinement bit plane that would stall (MWQ experts); ondemand = baseline LRU cache, no "
                         "prefetch")
-    g.add_argument("--threads", type=int, default=None, metavar="N", help="threads for the C core (default 1)")
+    g.add_argument("--threads", type=int, default=default_threads(), metavar="N",
+                   help=f"threads for the C core (default {default_threads()}: this machine's physical cores, at "
+                        f"most {MAX_DEFAULT_THREADS})")
     g.add_argument("--engine", default="auto", choices=("auto", "c", "numpy"),
                    help="compute engine (default auto: the C core when built)")
 
@@ -46,12 +95,55 @@ def sampling_kwargs(args, generate) -> dict:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
+def context_opts(sp, chat: bool = False) -> None:
+    """--max-ctx, and what happens at the context's end: --context-shift / --keep (and for run, --truncate)."""
+    g = sp.add_argument_group("context")
+    g.add_argument("--max-ctx", type=int, default=None, metavar="N",
+                   help="context length: prompt + new tokens (default: the model's, at most 4096; with --budget, the "
+                        "largest power of two the budget holds, said on stderr); a smaller one lowers the KV cache's "
+                        "share of the budget")
+    g.add_argument("--context-shift", action="store_true",
+                   help="when the context is full, drop the oldest half of it (after --keep tokens) and go on, "
+                        "re-running the kept tokens (llama.cpp's context shift); default: stop there"
+                        + ("" if chat else " (finish reason 'context')"))
+    g.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="tokens at the start kept by a context shift (default 0)")
+    if not chat:
+        g.add_argument("--truncate", choices=("left", "right"), default=None,
+                       help="a prompt longer than the context: left = drop its start, right = drop its end, leaving "
+                            "room for -n new tokens (at least half the context is kept); default: an error")
+
+
 def load_args(args) -> dict:
-    """The keyword arguments of edgemoe.load from the runtime options (--budget, --threads, --engine, --mode)."""
+    """The keyword arguments of edgemoe.load from the runtime options (--budget, --threads, --engine, --mode,
+    --max-ctx). With a budget and no --max-ctx, the context is the largest the budget holds, said on stderr."""
     parse_bytes(args.budget)  # a bad size is reported before anything is opened
+    check_model_path(args.model)
     kw = {"memory_budget": args.budget, "threads": args.threads, "engine": args.engine}
     if getattr(args, "mode", None):
         kw["mode"] = args.mode
     if getattr(args, "max_ctx", None):
         kw["max_ctx"] = args.max_ctx
+    elif args.budget is not None and hasattr(args, "max_ctx") and Path(args.model).is_file():
+        from .container import open_container
+        from .model import context_for_budget, default_max_ctx
+
+        ctx = context_for_budget(args.model, args.budget, threads=args.threads or 1, mode=kw.get("mode", "exact"))
+        c = open_container(args.model, verify=False)
+        full = default_max_ctx(c.spec)
+        c.close()
+        if ctx is not None and ctx < full:  # None: load() refuses the budget and says what it needs
+            kw["max_ctx"] = ctx
+            budget = format_size_like(parse_bytes(args.budget), args.budget)
+            print(f"edgemoe: context {ctx} tokens (of the model's {full}): the largest power of two the {budget} "
+                  f"budget holds beside the dense weights and scratch; --max-ctx N chooses (a shorter context "
+                  f"leaves more expert cache)", file=sys.stderr)
+    return kw
+
+
+def generate_kwargs(args) -> dict:
+    """generate()'s context options from context_opts."""
+    kw = {"context_shift": args.context_shift, "n_keep": args.keep}
+    if getattr(args, "truncate", None):
+        kw["truncate"] = args.truncate
     return kw

@@ -8,15 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_options import load_args, runtime_opts, sampling_kwargs, sampling_opts
-from .errors import EdgeMoEError
+from .cli_options import context_opts, generate_kwargs, load_args, runtime_opts, sampling_kwargs, sampling_opts
+from .cli_progress import Progress
+from .errors import ContextError, EdgeMoEError
 from .units import format_bytes
 
 
 def cmd_bench(args) -> int:
     from .bench import EdgeMoERunner, LlamaCppRunner, format_table, run_bench
+    from .container import open_container
     from .model import load
 
+    c = open_container(args.model, verify=False)
+    limit = c.spec.max_position
+    c.close()
+    if args.p + args.n + 8 > limit:
+        raise EdgeMoEError(f"bench -p {args.p} -n {args.n} needs a context of {args.p + args.n + 8} tokens; "
+                           f"{Path(args.model).name} holds {limit}: pass a smaller -p and -n (e.g. -p {limit // 2} "
+                           f"-n {limit // 4})")
     with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
               max_ctx=args.p + args.n + 8, mode=getattr(args, "mode", "exact")) as m:
         runners = [EdgeMoERunner(m)]
@@ -31,24 +40,33 @@ def cmd_bench(args) -> int:
                             threads=args.threads or 1, progress=say)
         stats = m.stats
     name = Path(args.model).name
+    files = {"edgemoe": name}  # each row names the file its engine ran
+    if args.vs_llama_cpp:
+        files["llama.cpp"] = Path(args.vs_llama_cpp).name
+    if args.vs_onnx:
+        files["onnxruntime"] = str(Path(Path(args.vs_onnx).parent.name) / Path(args.vs_onnx).name)
     if args.json:
         print(json.dumps({"model_filename": name, "engine_c": stats["engine"], "prompt": "random token ids, seed 0",
-                          "peak_rss_bytes": stats["peak_rss_bytes"], "results": [r.to_json() for r in results]},
+                          "peak_rss_bytes": stats["peak_rss_bytes"],
+                          "results": [{**r.to_json(), "model_filename": files.get(r.engine, name)} for r in results]},
                          indent=2))
     else:
-        print(format_table(results, name))
+        print(format_table(results, files))
         print(f"(prompt: random token ids, seed 0; edgemoe engine {stats['engine']}; "
               f"peak RSS {format_bytes(stats['peak_rss_bytes'])})")
     return 0
 
 
-def collect_routes(model, ids: list[int], ctx: int) -> list[np.ndarray]:
-    """Experts chosen per token and layer over a text, with the NumPy engine's routing hook."""
+def collect_routes(model, ids: list[int], ctx: int, progress=None) -> list[np.ndarray]:
+    """Experts chosen per token and layer over a text, with the NumPy engine's routing hook. progress(done, total)
+    after each window."""
     engine = model.reference_engine()
     routes: dict[int, list[np.ndarray]] = {}
     for start in range(0, len(ids), ctx):
         window = ids[start : start + ctx]
         engine.logits(window, on_route=lambda layer, e, w: routes.setdefault(layer, []).append(e))
+        if progress is not None:
+            progress(start + len(window), len(ids))
     return [np.concatenate(routes[layer]) for layer in sorted(routes)]
 
 
@@ -64,7 +82,7 @@ def cmd_analyze(args) -> int:
         usage,
     )
     from .model import load
-    from .png import heatmap, write_png
+    from .png import labelled_heatmap, write_png
 
     text_path = Path(args.text)
     if not text_path.exists():
@@ -73,7 +91,9 @@ def cmd_analyze(args) -> int:
         if m.tokenizer is None:
             raise EdgeMoEError(f"{args.model}: no tokenizer embedded; analyze needs one")
         ids = m.tokenizer.encode(text_path.read_text(encoding="utf-8", errors="replace"))[: args.max_tokens]
-        routes = collect_routes(m, ids, args.ctx)
+        bar = Progress("routing", len(ids), quiet=args.quiet or args.json)
+        routes = collect_routes(m, ids, args.ctx, lambda done, total: bar.update(done))
+        bar.close()
         s = m.spec
         tensors = dict(m.container.tensors)
     moe_layers = [layer for layer in range(s.n_layers) if s.is_moe_layer(layer)]
@@ -90,7 +110,8 @@ def cmd_analyze(args) -> int:
     fixed, parts = _budget_fixed_part(args)
     u = usage(routes, s.n_experts)
     out_png = Path(args.heatmap or Path(args.model).with_suffix(".routing.png"))
-    write_png(out_png, heatmap(u))
+    write_png(out_png, labelled_heatmap(u, f"expert usage per layer: {len(ids)} tokens of {text_path.name}",
+                                        scale_label="share of the layer's expert choices (top-k per token)"))
     k, m_seg = s.top_k, args.segment
     layers = []
     for layer, r in enumerate(routes):
@@ -151,9 +172,13 @@ def cmd_chat(args) -> int:
     with load(args.model, **load_args(args)) as m:
         if m.tokenizer is None:
             raise EdgeMoEError(f"{args.model}: no tokenizer embedded; chat needs one")
-        sampling = sampling_kwargs(args, m.generate)
+        sampling = {**sampling_kwargs(args, m.generate), **generate_kwargs(args)}
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages: list[dict] = []
+        if m.chat_template is None:
+            print(f"edgemoe chat: {Path(args.model).name} has no chat template, so it is probably a base model (not "
+                  f"trained to chat): it continues a plain 'User: ... Assistant:' transcript, and its replies may not "
+                  f"read like answers", file=sys.stderr)
         print("edgemoe chat: type a message; /reset forgets, /exit or Ctrl-D quits", file=sys.stderr)
         while True:
             line = _read_line()
@@ -195,13 +220,17 @@ def _chat_turn(m, system: list[dict], messages: list[dict], n: int, sampling: di
             for piece in pieces:
                 reply.append(piece)
                 print(piece, end="", flush=True)
-            print()
+            if not "".join(reply[-1:]).endswith("\n"):
+                print()
+            if pieces.finish_reason == "context":
+                print("[the reply filled the context: --context-shift goes on past it, --max-ctx raises it]",
+                      file=sys.stderr)
             return "".join(reply).strip()
-        except EdgeMoEError as e:
-            if "exceed" not in str(e) and "context" not in str(e):
-                raise
+        except ContextError as e:
             if len(messages) <= 1:
-                print(f"edgemoe: {e}; message dropped", file=sys.stderr)
+                print(f"edgemoe: the message has {e.n_tokens} tokens with the chat template; the context holds "
+                      f"{e.max_ctx} (--max-ctx raises it up to the model's {e.model_max}); message dropped",
+                      file=sys.stderr)
                 return None
             del messages[:2]  # the oldest user message and its reply
 
@@ -228,10 +257,26 @@ def add_tool_parsers(sub) -> None:
 
     a = sub.add_parser("analyze", help="routing statistics to decide how to deploy (cache size, budget)",
                        description="Route a text through the model and report per-layer expert usage (a heatmap "
-                                   "PNG), the hit rate an LRU expert cache would reach, the local routing consistency "
-                                   "metrics SCH and SRP (arXiv 2505.16056), and the smallest cache / memory budget "
-                                   "whose expected hit rate passes the target. "
-                                   "Example: edgemoe analyze m.emoe --text held_out.txt")
+                                   "PNG: layers down, experts across, darker = chosen more often), the hit rate an "
+                                   "LRU expert cache would reach, the local routing consistency metrics SCH and SRP "
+                                   "(arXiv 2505.16056), and the smallest cache / memory budget whose expected hit "
+                                   "rate passes the target.",
+                       epilog="""
+        examples:
+          edgemoe analyze m.emoe --text held_out.txt
+          edgemoe analyze m.emoe --text held_out.txt --target 0.9 --heatmap routing.png --json
+
+        The columns of the table:
+          entropy   how evenly a layer spreads its choices: log2(experts) bits = uniform, lower = a few experts
+                    dominate (a cache of those few hits often).
+          LRU       hit rate of a per-layer cache of C experts, evicting the least recently used, for each C.
+          SCH       segment cache hit rate: an oracle cache of rho x top-k experts (rho = 2) that on a miss evicts
+                    the expert used least in the next --segment tokens: the best any cache of that size could do
+                    with perfect foresight. High SCH = routing is local in time, so caching and prefetch pay off.
+          SRP       segment routing best performance: the best F1 of one fixed expert set per --segment tokens
+                    against the true choices, and that set's size in multiples of top-k. High F1 at a small size =
+                    a segment needs few distinct experts.
+        """)
     a.add_argument("model", help=".emoe file")
     a.add_argument("--text", required=True, help="UTF-8 text (real text: random ids make routing uniform)")
     a.add_argument("--max-tokens", type=int, default=4096, help="tokens to analyze (default 4096)")
@@ -244,6 +289,7 @@ def add_tool_parsers(sub) -> None:
     a.add_argument("--precision", type=int, default=None, metavar="K", help="MWQ experts: planes run (default all)")
     a.add_argument("--heatmap", default=None, help="PNG path (default: MODEL.routing.png)")
     a.add_argument("--json", action="store_true")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a.set_defaults(func=cmd_analyze)
 
     c = sub.add_parser("chat", help="interactive chat loop with history",
@@ -251,8 +297,7 @@ def add_tool_parsers(sub) -> None:
     c.add_argument("model", help=".emoe file")
     c.add_argument("-n", type=int, default=256, help="max tokens per reply (default 256)")
     c.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
-    c.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                   help="context length (default: the model's, at most 4096); older turns are dropped beyond it")
+    context_opts(c, chat=True)
     sampling_opts(c)
     runtime_opts(c)
     c.set_defaults(func=cmd_chat)

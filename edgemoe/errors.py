@@ -27,3 +27,11 @@ class CorruptFileError(FormatError):
 
 class InvalidFileError(FormatError):
     """The file's index or architecture description breaks the format (types, ranges, unknown or missing fields)."""
+
+
+class ContextError(EdgeMoEError):
+    """A prompt longer than the context (max_ctx). Carries the numbers, so the CLI can name its own options."""
+
+    def __init__(self, message: str, n_tokens: int, max_ctx: int, model_max: int):
+        super().__init__(message)
+        self.n_tokens, self.max_ctx, self.model_max = n_tokens, max_ctx, model_max

@@ -7,6 +7,7 @@ import resource
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,13 +16,13 @@ import numpy as np
 from .arch import GLOBAL_TENSORS
 from .chat_template import PLAIN_TRANSCRIPT_STOPS, render_chat_template, render_plain_transcript
 from .container import Container, open_container
-from .errors import EdgeMoEError
+from .errors import ContextError, EdgeMoEError
 from .load_options import check_load_options
 from .procfs import peak_rss_bytes
 from .sampling import SamplingParams, sample
 from .textstream import TextStream, stop_strings
 from .tokenizer import Tokenizer
-from .units import parse_bytes
+from .units import format_size_like, parse_bytes
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
@@ -37,7 +38,53 @@ def _peak_rss_bytes() -> int:
 
 
 def _fresh_stats() -> dict:
-    return {"prefill_tokens": 0, "prompt_tokens_reused": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+    return {"prefill_tokens": 0, "prompt_tokens_reused": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
+            "finish_reason": None, "finish_reasons": {r: 0 for r in FINISH_REASONS}, "context_shifts": 0,
+            "context_shift_tokens": 0}
+
+
+# Why a generation ended: "stop" = the end-of-sequence token or a stop string; "length" = max_new_tokens;
+# "context" = the context (max_ctx) was full and no context shift was asked for.
+FINISH_REASONS = ("stop", "length", "context")
+
+
+@dataclass
+class Generation:
+    """What one generation produced and why it ended (generate(..., return_info=True), or a stream's .info)."""
+
+    text: str
+    finish_reason: str  # one of FINISH_REASONS
+    prompt_tokens: int  # as run (after truncate)
+    completion_tokens: int
+    prompt_tokens_truncated: int = 0  # dropped from a prompt longer than the context (truncate="left"/"right")
+    context_shifts: int = 0  # times the context was full and its oldest half (after n_keep) was dropped
+
+
+class GenerationStream:
+    """generate(stream=True): an iterator of text pieces. Once it is exhausted, `.info` is the Generation (text
+    joined, finish_reason, token counts) and `.finish_reason` its reason; both are None before."""
+
+    def __init__(self, pieces: Iterator[str], info: dict):
+        self._pieces, self._info = pieces, info
+        self.info: Generation | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self.info is None and self._info.get("finish_reason"):
+                self.info = Generation(**self._info)
+            raise
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.info.finish_reason if self.info else None
 
 
 def _ids_as_text(ids: list[int]) -> str:
@@ -80,26 +127,49 @@ class _Continuation:
     (stop strings, end of sequence, max_new_tokens, the context). Shared by generate() and generate_batch()."""
 
     def __init__(self, model: Model, ids: list[int], max_new_tokens: int, params: SamplingParams,
-                 rng: np.random.Generator, stops: list[str], stop_at_eos: bool):
+                 rng: np.random.Generator, stops: list[str], stop_at_eos: bool, n_keep: int | None = None):
         decode = model.tokenizer.decode if model.tokenizer is not None else _ids_as_text
         self.text = TextStream(decode, stops)
         self.history = list(ids)  # what the repetition penalty looks at: prompt + output
+        self.context = list(ids)  # the sequence in the KV cache, then the token to run next (shifts drop some)
         self.max_new_tokens, self.params, self.rng, self.stop_at_eos = max_new_tokens, params, rng, stop_at_eos
         self.eos, self.max_ctx = model.spec.eos_token_id, model.max_ctx
-        self.n_new = 0
+        self.n_keep = n_keep  # None: no context shift, the generation ends when the context is full
+        self.n_new, self.shifts = 0, 0
+        self.finish_reason: str | None = "length" if max_new_tokens == 0 else None
         self.token: int | None = None  # the last token sampled: the next one to run through the model
 
     def step(self, logits: np.ndarray) -> tuple[str, bool]:
         """Sample the next token from `logits` -> (the text it completes, whether the sequence is finished). When
-        not finished, self.token must be run next."""
+        not finished, self.token must be run next (after shift() when needs_shift())."""
         tok = sample(logits, self.params, self.rng, self.history)
         if self.stop_at_eos and tok == self.eos:
+            self.finish_reason = "stop"
             return "", True
         self.history.append(tok)
+        self.context.append(tok)
         self.n_new += 1
         self.token = tok
         piece = self.text.push(tok)
-        return piece, self.text.stopped or self.n_new == self.max_new_tokens or len(self.history) >= self.max_ctx
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif self.n_new == self.max_new_tokens:
+            self.finish_reason = "length"
+        elif len(self.context) >= self.max_ctx and self.n_keep is None:
+            self.finish_reason = "context"
+        return piece, self.finish_reason is not None
+
+    def needs_shift(self) -> bool:
+        return self.n_keep is not None and len(self.context) >= self.max_ctx
+
+    def shift(self) -> int:
+        """The context shift (llama.cpp's): keep the first n_keep tokens, drop the oldest half of the rest. Returns
+        the number of leading tokens the KV cache keeps; the caller re-runs self.context from there (re-running the
+        kept tail, rather than re-rotating its cached keys, gives exactly a fresh run on the shifted tokens)."""
+        n_discard = (len(self.context) - self.n_keep) // 2
+        del self.context[self.n_keep:self.n_keep + n_discard]
+        self.shifts += 1
+        return self.n_keep
 
     def finish(self) -> str:
         """The text held back (a possible start of a stop string that was not one)."""
@@ -124,9 +194,10 @@ class Model:
         self.container = container
         self.spec = container.spec
         self.memory_budget = parse_bytes(memory_budget)
+        self._budget_typed = memory_budget  # echoed in the units it was given in
         self.threads = threads
         self.precision, self.stored_planes = self._check_precision(container, precision)
-        self.max_ctx = int(max_ctx or min(self.spec.max_position, 4096))
+        self.max_ctx = int(max_ctx or default_max_ctx(self.spec))
         self.dense_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "dense")
         self.expert_bytes = sum(t.nbytes for t in container.tensors.values() if t.kind == "expert")
         self.mode = mode
@@ -175,10 +246,42 @@ class Model:
             raise EdgeMoEError("a memory budget (or mode other than 'exact') needs the C engine; the NumPy engine maps "
                                "the whole file (use engine='auto' or 'c')")
         CEngine = _c_engine_class()
-        eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
-                                     threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
-                                     **opts)
+        from . import _native as N
+
+        try:
+            eng = CEngine.open_streaming(self.container.path, self.spec, self.memory_budget, self.mode,
+                                         threads=self.threads or 1, max_ctx=self.max_ctx, precision=self.precision,
+                                         **opts)
+        except N.BudgetError as e:  # the same error (its plan kept), said in the budget's units, with what fits
+            better = N.BudgetError(self._budget_message(e.plan, opts), N.ERR_BUDGET)
+            better.plan = e.plan
+            raise better from None
         return "c-stream", eng
+
+    def _budget_message(self, plan: dict, opts: dict) -> str:
+        """A budget below the minimum: the parts, in the units the budget was given in, and the context that fits."""
+        def size(n):
+            return format_size_like(n, self._budget_typed)
+
+        n_seq = int(opts.get("n_seq") or 1)
+        fits = context_for_budget(self.container.path, self.memory_budget, threads=self.threads or 1, mode=self.mode,
+                                  precision=self.precision, n_seq=n_seq, limit=self.max_ctx - 1)
+        seqs = f" x {n_seq} sequences" if n_seq > 1 else ""
+        msg = (f"memory budget {size(self.memory_budget)} ({self.memory_budget} bytes) is below the minimum "
+               f"{size(plan['minimum_bytes'])} ({plan['minimum_bytes']} bytes) for "
+               f"{self.container.path.name} with max_ctx {self.max_ctx}{seqs}: dense weights "
+               f"{size(plan['dense_bytes'])} + KV cache {size(plan['kv_bytes'])} + scratch "
+               f"{size(plan['scratch_bytes'])} + expert cache {size(plan['min_cache_bytes'])} (one layer's top-"
+               f"{self.spec.top_k} experts)"
+               + ("; it is smaller than the dense part alone, which must stay resident"
+                  if self.memory_budget < plan["dense_bytes"] else ""))
+        if fits:
+            return msg + (f"; a context of {fits} tokens fits in it: pass --max-ctx {fits} (edgemoe.load(..., "
+                          f"max_ctx={fits})), or raise the budget")
+        smallest = budget_plan(self.container.path, MIN_AUTO_CTX, self.threads or 1, self.mode, self.precision,
+                                n_seq)["minimum_bytes"]
+        return msg + (f"; even a context of {MIN_AUTO_CTX} tokens needs {size(smallest)}: raise the budget to at "
+                      f"least that")
 
     def _plane_layouts(self) -> dict[str, dict]:
         """MWQ tensor name -> its quantization parameters and plane offsets (relative to the tensor's start)."""
@@ -236,9 +339,22 @@ class Model:
         if bad:
             raise EdgeMoEError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab - 1})")
         if len(ids) > self.max_ctx:
-            raise EdgeMoEError(f"{len(ids)} {what} exceed the context of {self.max_ctx} tokens (max_ctx; "
-                               f"edgemoe.load(..., max_ctx=N) raises it up to the model's {self.spec.max_position})")
+            raise ContextError(f"{len(ids)} {what} exceed the context of {self.max_ctx} tokens (max_ctx; "
+                               + (f"edgemoe.load(..., max_ctx=N) raises it up to the model's {self.spec.max_position}; "
+                                  if self.max_ctx < self.spec.max_position else "the model's maximum; ")
+                               + "generate(..., truncate='left') keeps the prompt's end)",
+                               len(ids), self.max_ctx, self.spec.max_position)
         return ids
+
+    def _truncated(self, ids: list[int], truncate: str | None, max_new_tokens: int) -> tuple[list[int], int]:
+        """A prompt longer than the context, cut (truncate "left": drop its start; "right": drop its end) to leave
+        room for max_new_tokens, but never to less than half the context. -> (ids, tokens dropped)."""
+        if truncate not in (None, "left", "right"):
+            raise EdgeMoEError(f"truncate {truncate!r}: expected None, 'left' or 'right'")
+        if truncate is None or len(ids) <= self.max_ctx:
+            return ids, 0
+        keep = max(self.max_ctx - max_new_tokens, self.max_ctx // 2, 1)
+        return (ids[-keep:] if truncate == "left" else ids[:keep]), len(ids) - keep
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` with the embedded tokenizer (no special tokens added)."""
@@ -249,7 +365,9 @@ class Model:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = 0, stop: str | Sequence[str] | None = None,
-                 stream: bool = False, stop_at_eos: bool = True) -> str | Iterator[str]:
+                 stream: bool = False, stop_at_eos: bool = True, return_info: bool = False,
+                 context_shift: bool = False, n_keep: int = 0,
+                 truncate: str | None = None) -> str | Generation | GenerationStream:
         """Continue `prompt` (a string, or a list of token ids). Returns the new text, or with stream=True an
         iterator of text pieces that join to exactly that text (multi-byte characters are never split).
 
@@ -264,8 +382,16 @@ class Model:
         stop: a string or list of strings; generation ends when the text contains one, and the text returned ends
         just before it. A stream holds back any tail that could begin a stop string until it is decided.
         stop_at_eos: end at the model's end-of-sequence token (not included in the text).
-        Ends after max_new_tokens tokens, or when the context (max_ctx) is full. A prompt longer than the context
-        raises EdgeMoEError stating both lengths.
+        Ends after max_new_tokens tokens (finish_reason "length"), at end-of-sequence or a stop string ("stop"), or
+        when the context (max_ctx) is full ("context"). return_info=True returns a Generation (text, finish_reason,
+        token counts) instead of the text; a stream is a GenerationStream whose .info is that Generation once it
+        is exhausted. stats["finish_reason"] is the latest generation's.
+        context_shift=True: when the context is full, keep the first n_keep tokens, drop the oldest half of the rest
+        and continue (llama.cpp's context shift); the kept tokens are run again, so the continuation is exactly a
+        fresh run on the shifted tokens (it costs one prefill of about half the context per shift).
+        A prompt longer than the context raises ContextError (an EdgeMoEError) stating both lengths, unless
+        truncate="left" (drop the prompt's start) or "right" (its end) cuts it to leave room for max_new_tokens
+        (keeping at least half the context).
 
         The prompt is run as one prefill. The KV cache is kept between calls: when the new prompt's token ids start
         with ids the cache holds (the previous prompt and its output, e.g. a chat's earlier turns), only the rest
@@ -274,9 +400,24 @@ class Model:
         params, max_new_tokens = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p,
                                                    repetition_penalty, repeat_last_n)
         stops = stop_strings(stop)
-        ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt tokens")
-        pieces = self._generate(ids, max_new_tokens, params, np.random.default_rng(seed), stops, stop_at_eos)
-        return pieces if stream else self._joined(pieces)
+        keep = self._check_n_keep(n_keep) if context_shift else None
+        ids = [int(i) for i in np.asarray(self.encode(prompt) if isinstance(prompt, str) else prompt).reshape(-1)]
+        ids, dropped = self._truncated(ids, truncate, max_new_tokens)
+        ids = self._check_ids(ids, "prompt tokens")
+        info = {"prompt_tokens": len(ids), "prompt_tokens_truncated": dropped}
+        pieces = self._generate(ids, max_new_tokens, params, np.random.default_rng(seed), stops, stop_at_eos, keep,
+                                info)
+        if stream:
+            return GenerationStream(pieces, info)
+        text = self._joined(pieces)
+        return Generation(**info) if return_info else text
+
+    def _check_n_keep(self, n_keep) -> int:
+        """n_keep for a context shift: tokens kept at the start; a shift must still free at least one position."""
+        if int(n_keep) != n_keep or not 0 <= n_keep <= self.max_ctx - 2:
+            raise EdgeMoEError(f"n_keep {n_keep!r}: expected 0..{self.max_ctx - 2} tokens kept at the start of the "
+                               f"context (max_ctx {self.max_ctx}) when it shifts")
+        return int(n_keep)
 
     @_serialized
     def _joined(self, pieces: Iterator[str]) -> str:
@@ -284,41 +425,68 @@ class Model:
         return "".join(pieces)
 
     def _generate(self, ids: list[int], max_new_tokens: int, params: SamplingParams, rng: np.random.Generator,
-                  stops: list[str], stop_at_eos: bool) -> Iterator[str]:
-        if max_new_tokens == 0:
-            return
-        cont = _Continuation(self, ids, max_new_tokens, params, rng, stops, stop_at_eos)
-        with self._lock:  # each token's computation under the lock, the yield outside it (see _serialized)
-            self._check_open()
-            logits = self._prefill_reusing_cache(ids)
-            self._sequence += 1  # the KV cache now belongs to this generation
-            mine = self._sequence
-        while True:
-            piece, finished = cont.step(logits)
-            if piece:
-                yield piece
-            if finished:
-                break
-            with self._lock:
+                  stops: list[str], stop_at_eos: bool, n_keep: int | None, info: dict) -> Iterator[str]:
+        cont = _Continuation(self, ids, max_new_tokens, params, rng, stops, stop_at_eos, n_keep)
+        text: list[str] = []
+        if max_new_tokens:
+            with self._lock:  # each token's computation under the lock, the yield outside it (see _serialized)
                 self._check_open()
-                if self._sequence != mine:
-                    raise EdgeMoEError("this generate() stream was resumed after another generate(), chat(), "
-                                       "logits(), generate_batch() or reset() call (from this or another thread) "
-                                       "replaced its sequence in the KV cache; finish one stream before starting "
-                                       "another, or use generate_batch (with n_seq) to generate several texts at once")
-                t1 = time.perf_counter()
-                logits = self._engine.decode(cont.token)
-                self._stats["decode_tokens"] += 1
-                self._stats["decode_s"] += time.perf_counter() - t1
-        rest = cont.finish()
-        if rest:
-            yield rest
+                logits = self._prefill_reusing_cache(ids)
+                self._sequence += 1  # the KV cache now belongs to this generation
+                mine = self._sequence
+            while True:
+                piece, finished = cont.step(logits)
+                if piece:
+                    text.append(piece)
+                    yield piece
+                if finished:
+                    break
+                with self._lock:
+                    self._check_open()
+                    if self._sequence != mine:
+                        raise EdgeMoEError("this generate() stream was resumed after another generate(), chat(), "
+                                           "logits(), generate_batch() or reset() call (from this or another thread) "
+                                           "replaced its sequence in the KV cache; finish one stream before starting "
+                                           "another, or use generate_batch (with n_seq) to generate several texts at "
+                                           "once")
+                    logits = self._shift(cont) if cont.needs_shift() else self._decode(cont.token)
+            rest = cont.finish()
+            if rest:
+                text.append(rest)
+                yield rest
+        info.update(text="".join(text), finish_reason=cont.finish_reason, completion_tokens=cont.n_new,
+                    context_shifts=cont.shifts)
+        with self._lock:
+            self._stats["finish_reason"] = cont.finish_reason
+            self._stats["finish_reasons"][cont.finish_reason] += 1
+
+    def _decode(self, token: int, seq: int = 0) -> np.ndarray:
+        t1 = time.perf_counter()
+        logits = self._engine.decode(token, **({"seq": seq} if seq else {}))
+        self._stats["decode_tokens"] += 1
+        self._stats["decode_s"] += time.perf_counter() - t1
+        return logits
+
+    def _shift(self, cont: _Continuation, seq: int = 0) -> np.ndarray:
+        """Shift a full context (cont.shift) and re-run the kept tail with the pending token: its logits."""
+        on_seq = {"seq": seq} if seq else {}
+        keep = cont.shift()
+        t0 = time.perf_counter()
+        self._engine.truncate(keep, **on_seq)
+        logits = self._engine.extend(cont.context[keep:], **on_seq)
+        self._stats["prefill_tokens"] += len(cont.context) - keep
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        self._stats["context_shifts"] += 1
+        self._stats["context_shift_tokens"] += len(cont.context) - keep
+        return logits
 
     @_serialized
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                        repetition_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = 0,
-                       stop: str | Sequence[str] | None = None, stop_at_eos: bool = True) -> list[str]:
+                       stop: str | Sequence[str] | None = None, stop_at_eos: bool = True,
+                       return_info: bool = False, context_shift: bool = False,
+                       n_keep: int = 0) -> list[str] | list[Generation]:
         """Continue several prompts at once; returns their new texts, in order. Each text is exactly what
         generate(prompt, ...) returns with the same arguments (every prompt gets its own random generator seeded
         with `seed`), but the decode steps of the running sequences are one batch: an expert chosen by several of
@@ -331,7 +499,8 @@ class Model:
         finishes (a finished sequence drops out of the batch and its slot takes the next prompt). Each prompt is run
         as one prefill; a sequence slot keeps its prompt's KV cache, so a later call whose prompt in that slot starts
         the same way reuses it (stats["prompt_tokens_reused"]). The NumPy engine runs the prompts one after another.
-        Replaces the sequence generate() keeps in the KV cache.
+        Replaces the sequence generate() keeps in the KV cache. return_info, context_shift and n_keep: as generate's
+        (return_info=True returns a Generation per prompt, with its finish_reason).
         """
         params, max_new_tokens = _sampling_options(max_new_tokens, temperature, top_k, top_p, min_p,
                                                    repetition_penalty, repeat_last_n)
@@ -340,12 +509,15 @@ class Model:
         stops = stop_strings(stop)
         all_ids = [self._check_ids(self.encode(p) if isinstance(p, str) else p, f"prompt tokens (prompt {i})")
                    for i, p in enumerate(prompts)]
+        keep = self._check_n_keep(n_keep) if context_shift else None
         if not hasattr(self._engine, "decode_batch"):
             return [self.generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                  repeat_last_n, seed, stop, stop_at_eos=stop_at_eos) for ids in all_ids]
+                                  repeat_last_n, seed, stop, stop_at_eos=stop_at_eos, return_info=return_info,
+                                  context_shift=context_shift, n_keep=n_keep) for ids in all_ids]
         texts: list[list[str]] = [[] for _ in all_ids]
+        done: list[_Continuation | None] = [None for _ in all_ids]
         if max_new_tokens == 0 or not all_ids:
-            return ["" for _ in all_ids]
+            return [Generation("", "length", len(ids), 0) if return_info else "" for ids in all_ids]
         if not self.streaming and self._engine.n_seq < len(all_ids):
             self._engine.set_n_seq(len(all_ids))  # not budgeted: the KV cache may grow
         self._sequence += 1  # slot 0 no longer holds what generate() left there
@@ -355,13 +527,16 @@ class Model:
         def finish(slot: int) -> None:
             i, cont = running.pop(slot)
             texts[i].append(cont.finish())
+            done[i] = cont
+            self._stats["finish_reason"] = cont.finish_reason
+            self._stats["finish_reasons"][cont.finish_reason] += 1
 
         while waiting or running:
             for slot in range(self._engine.n_seq):  # free slots take the next prompts
                 while slot not in running and waiting:
                     i = waiting.pop()
                     cont = _Continuation(self, all_ids[i], max_new_tokens, params, np.random.default_rng(seed),
-                                         stops, stop_at_eos)
+                                         stops, stop_at_eos, keep)
                     running[slot] = (i, cont)
                     piece, finished = cont.step(self._prefill_reusing_cache(all_ids[i], slot))
                     texts[i].append(piece)
@@ -370,16 +545,26 @@ class Model:
             if not running:
                 break
             slots = sorted(running)
-            t1 = time.perf_counter()
-            logits = self._engine.decode_batch([running[s][1].token for s in slots], slots)
-            self._stats["decode_tokens"] += len(slots)
-            self._stats["decode_s"] += time.perf_counter() - t1
-            for row, slot in enumerate(slots):
-                piece, finished = running[slot][1].step(logits[row])
+            shifting = [s for s in slots if running[s][1].needs_shift()]  # their context is full: re-run alone
+            batch = [s for s in slots if s not in shifting]
+            rows: dict[int, np.ndarray] = {}
+            if batch:
+                t1 = time.perf_counter()
+                logits = self._engine.decode_batch([running[s][1].token for s in batch], batch)
+                self._stats["decode_tokens"] += len(batch)
+                self._stats["decode_s"] += time.perf_counter() - t1
+                rows = {s: logits[k] for k, s in enumerate(batch)}
+            for s in shifting:
+                rows[s] = self._shift(running[s][1], s)
+            for slot in slots:
+                piece, finished = running[slot][1].step(rows[slot])
                 texts[running[slot][0]].append(piece)
                 if finished:
                     finish(slot)
-        return ["".join(t) for t in texts]
+        if not return_info:
+            return ["".join(t) for t in texts]
+        return [Generation("".join(t), c.finish_reason, len(ids), c.n_new, 0, c.shifts)
+                for t, c, ids in zip(texts, done, all_ids)]
 
     def _prefill_reusing_cache(self, ids: list[int], seq: int = 0) -> np.ndarray:
         """Run the prompt in sequence slot `seq`; keep the longest prefix its KV cache already holds (at least the
@@ -481,6 +666,10 @@ class Model:
             "prompt_tokens_reused": s["prompt_tokens_reused"],
             "decode_tokens": s["decode_tokens"],
             "decode_tok_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
+            "finish_reason": s["finish_reason"],
+            "finish_reasons": dict(s["finish_reasons"]),
+            "context_shifts": s["context_shifts"],
+            "context_shift_tokens": s["context_shift_tokens"],
             "peak_rss_bytes": _peak_rss_bytes(),
             "memory_budget_bytes": self.memory_budget,
             "dense_bytes": self.dense_bytes,
@@ -563,6 +752,42 @@ def _c_engine_class():
     return CEngine
 
 
+MIN_AUTO_CTX = 64  # the shortest context context_for_budget offers: below it a chat holds hardly a turn
+
+
+def default_max_ctx(spec) -> int:
+    """The context edgemoe.load uses when max_ctx is not given: the model's, at most 4096."""
+    return int(min(spec.max_position, 4096))
+
+
+def budget_plan(path, max_ctx: int, threads: int, mode: str, precision: int | None, n_seq: int) -> dict:
+    """The C core's plan for a budgeted load (minimum and its parts), without loading anything."""
+    return _c_engine_class().stream_plan(path, max_ctx, threads=threads, mode=mode, precision=precision,
+                                         n_seq=n_seq)
+
+
+def context_for_budget(path: str | Path, memory_budget, threads: int = 1, mode: str = "exact",
+                       precision: int | None = None, n_seq: int = 1, limit: int | None = None) -> int | None:
+    """The largest context (a power of two from MIN_AUTO_CTX up to the model's default, or `limit`) whose KV cache
+    the budget holds beside the dense weights, scratch and the smallest expert cache; None if none does. The
+    rest of the budget is expert cache: a shorter context leaves more of it (and fewer reads per token)."""
+    budget = parse_bytes(memory_budget)
+    c = open_container(path, verify=False)
+    try:
+        top = default_max_ctx(c.spec)
+    finally:
+        c.close()
+    if limit is not None:
+        top = min(top, limit)
+    if budget is None:
+        return top
+    ctx = 1 << (max(top, 1).bit_length() - 1)
+    for c in ([top] if top != ctx else []) + [ctx >> i for i in range(ctx.bit_length()) if ctx >> i >= MIN_AUTO_CTX]:
+        if budget_plan(path, c, threads, mode, precision, n_seq)["minimum_bytes"] <= budget:
+            return c
+    return None
+
+
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
          max_ctx: int | None = None, verify: bool = True, precision: int | None = None, mode: str = "exact",
          prefetch: int = 1, verify_reads: str | None = None, n_seq: int | None = None, **stream_options) -> Model:
@@ -598,4 +823,4 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
         raise
 
 
-__all__ = ["GLOBAL_TENSORS", "Model", "load"]
+__all__ = ["FINISH_REASONS", "GLOBAL_TENSORS", "Generation", "GenerationStream", "Model", "context_for_budget", "load"]

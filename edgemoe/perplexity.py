@@ -13,7 +13,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def perplexity(model, text: str, ctx: int = 256, max_tokens: int | None = None) -> dict:
+def perplexity(model, text: str, ctx: int = 256, max_tokens: int | None = None, progress=None) -> dict:
+    """Perplexity of `text` over windows of ctx tokens. progress(done, total): called after each window."""
     if model.tokenizer is None:
         raise EdgeMoEError("the container has no tokenizer; perplexity needs one")
     ids = model.tokenizer.encode(text)
@@ -29,4 +30,6 @@ def perplexity(model, text: str, ctx: int = 256, max_tokens: int | None = None) 
         lp = log_softmax(model.logits(window[:-1]))
         nll -= float(lp[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
+        if progress is not None:
+            progress(count, len(ids) - 1)
     return {"ppl": float(np.exp(nll / count)), "nll": nll / count, "tokens": count, "ctx": ctx}

@@ -1,4 +1,8 @@
-"""Parsing human sizes ("512MB", "1.5GiB") into bytes."""
+"""Human sizes: parsing "512MB" / "1.5GiB" into bytes, and printing bytes back.
+
+One convention, as `edgemoe --help` says: KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB powers of 1024.
+A size is echoed in the kind of unit the user typed (format_size_like), so "--budget 8MB" comes back as 8.0 MB.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +49,22 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def format_decimal_bytes(n: float) -> str:
+    """Powers of 1000: 8000000 -> "8.0 MB", 10000 -> "10.0 KB"."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def is_decimal_size(typed) -> bool:
+    """Whether a size as typed ("8MB", "1.5GiB", 1000000) uses powers of 1000 (plain numbers and B count as such)."""
+    return not re.search(r"ib\s*$", str(typed).strip().lower())
+
+
+def format_size_like(n: float, typed) -> str:
+    """n bytes in the kind of unit `typed` used: "8MB" -> "8.0 MB", "2GiB" -> "2.0 GiB"; None -> binary units."""
+    return format_decimal_bytes(n) if typed is not None and is_decimal_size(typed) else format_bytes(n)

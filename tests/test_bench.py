@@ -33,9 +33,10 @@ def test_bench_prints_onnxruntime_column_and_ratio(exported, tmp_path):
     emoe, onnx_path = exported
     r = edgemoe(tmp_path, "bench", emoe, "-p", "16", "-n", "4", "-r", "2", "--threads", "1", "--vs-onnx", onnx_path)
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| m.emoe |")]
-    engines_tests = {(c[2].strip(), c[4].strip()) for c in (row.split("|") for row in rows)}
-    assert engines_tests == {("edgemoe", "pp16"), ("edgemoe", "tg4"), ("onnxruntime", "pp16"), ("onnxruntime", "tg4")}
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("| m.emoe |", "| onnx/model.onnx |"))]
+    engines_tests = {(c[1].strip(), c[2].strip(), c[4].strip()) for c in (row.split("|") for row in rows)}
+    assert engines_tests == {("m.emoe", "edgemoe", "pp16"), ("m.emoe", "edgemoe", "tg4"),  # each row: its file
+                             ("onnx/model.onnx", "onnxruntime", "pp16"), ("onnx/model.onnx", "onnxruntime", "tg4")}
     assert all(c.split("|")[3].strip() == "1" for c in rows)  # same thread count for both engines
     for test in ("pp16", "tg4"):
         m = re.search(rf"^{test}: edgemoe / onnxruntime = ([0-9.]+)$", r.stdout, re.MULTILINE)

@@ -158,7 +158,7 @@ def test_bad_invocations_of_a_user_never_show_a_traceback(tmp_path, tiny_emoe):
     model = tiny_emoe("olmoe", 32)
     cases = [
         (["run", model, "-p", "hi", "--budget", "3XB"], 1, "cannot read size '3XB'"),
-        (["run", model, "-p", "one two three " * 20, "--max-ctx", "16"], 1, "exceed the context of 16"),
+        (["run", model, "-p", "one two three " * 20, "--max-ctx", "16"], 1, "; the context holds 16: pass --max-ctx"),
         (["run", model, "-p", "hi", "--mode", "fastest"], 2, "invalid choice: 'fastest'"),
         (["run", model], 2, "required: -p/--prompt"),
         (["fit", model], 2, "required: --budget"),

@@ -116,7 +116,9 @@ def test_cli_fit_text_json_and_refusal(mwq_model, tmp_path):
         return subprocess.run([sys.executable, "-m", "edgemoe", "fit", str(mwq_model), *args], check=False,
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
-    minimum = minimum_budget_bytes(mwq_model, 64)
+    from edgemoe.cli_options import default_threads
+
+    minimum = minimum_budget_bytes(mwq_model, 64, threads=default_threads())  # fit's default threads, as run's
     r = cli("--budget", str(minimum + 30_000), "--max-ctx", "64")
     assert r.returncode == 0, r.stderr
     assert "runs: minimum" in r.stdout and "storage read" in r.stdout and "tok/s" in r.stdout
