@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import numpy as np
 
 from .arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
@@ -20,11 +22,38 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(var + eps)).astype(np.float32) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, kind: str) -> np.ndarray:
+def rope_inv_freq(spec: ArchSpec) -> np.ndarray:
+    """inv_freq [rope_dim/2] in f32 like HF: theta^-(2j/d), or YaRN's blend (modeling_rope_utils._compute_yarn_
+    parameters): interpolated (/ rope_factor) below dim `low`, extrapolated above `high`, a linear ramp between."""
+    d = spec.rope_dim
+    pos_freqs = (np.float64(spec.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(
+        np.float32)
+    inv = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    if spec.rope_scaling != "yarn":
+        return inv
+
+    def corr(rot: float) -> float:
+        return d * math.log(spec.yarn_orig_ctx / (rot * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+
+    low, high = corr(spec.yarn_beta_fast), corr(spec.yarn_beta_slow)
+    if spec.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extra = (np.float32(1) - ramp).astype(np.float32)
+    interp = (np.float32(1.0) / (np.float32(spec.rope_factor) * pos_freqs)).astype(np.float32)
+    return (interp * (np.float32(1) - extra) + inv * extra).astype(np.float32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, spec: ArchSpec) -> np.ndarray:
     """Rotate the first `rope_dim` dims of each head. x: [T, heads, head_dim]."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float32) / rope_dim))
-    freqs = positions[:, None].astype(np.float32) * inv_freq[None, :]  # [T, rope_dim/2]
+    rope_dim, kind = spec.rope_dim, spec.rope_kind
+    freqs = positions[:, None].astype(np.float32) * rope_inv_freq(spec)[None, :]  # [T, rope_dim/2]
     cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]
+    if spec.rope_attn_factor != 1.0:  # YaRN's attention scaling, on cos and sin (so on q and k)
+        cos, sin = cos * np.float32(spec.rope_attn_factor), sin * np.float32(spec.rope_attn_factor)
     out = x.copy()
     r = x[..., :rope_dim]
     if kind == "neox":  # pairs (i, i + d/2): HF rotate_half
@@ -58,10 +87,18 @@ def route(spec: ArchSpec, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, weights.astype(np.float32)
 
 
-def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    g = x @ gate.T
-    act = silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)
-    return (act * (x @ up.T)) @ down.T
+def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+        bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    g, u = x @ gate.T, x @ up.T
+    if bias is not None:
+        g, u = g + bias[0], u + bias[1]
+    if spec.activation == "swiglu_clamp":  # gpt-oss: (clamp(up) + 1) * g * sigmoid(alpha g), g clamped above
+        g, u = np.minimum(g, spec.swiglu_limit), np.clip(u, -spec.swiglu_limit, spec.swiglu_limit)
+        h = (u + np.float32(1)) * (g / (np.float32(1) + np.exp(-g * np.float32(spec.swiglu_alpha))))
+    else:
+        h = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * u
+    y = h @ down.T
+    return y if bias is None else y + bias[2]
 
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
@@ -77,8 +114,7 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
     if layer not in spec.nope_layers:
         pos = np.arange(T)
-        q = rope(q, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
-        k = rope(k, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
+        q, k = rope(q, pos, spec), rope(k, pos, spec)
     rep = nh // nkv
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [T, nh, hd]
     scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd))
@@ -87,8 +123,13 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
     if spec.sliding_window and layer in spec.swa_layers:
         mask |= j <= i - spec.sliding_window
     scores = np.where(mask[None], -np.inf, scores)
-    out = np.einsum("hts,shd->thd", softmax(scores), v).reshape(T, nh * hd)
-    return out @ w(names["wo"]).T
+    if spec.attn_sinks:  # gpt-oss: a per-head logit joins the softmax, its probability is dropped
+        sinks = np.broadcast_to(w(names["sinks"])[:, None, None], (nh, T, 1))
+        probs = softmax(np.concatenate([scores, sinks], axis=-1))[..., :T]
+    else:
+        probs = softmax(scores)
+    out = np.einsum("hts,shd->thd", probs, v).reshape(T, nh * hd) @ w(names["wo"]).T
+    return out + w(names["bo"]) if spec.o_bias else out
 
 
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
@@ -99,6 +140,8 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
     one merged group their weights are summed and the group's expert runs once.
     """
     logits = router_x @ w(names["router"]).T
+    if spec.router_bias:
+        logits = logits + w(names["router_b"])
     emap = spec.layer_expert_map(layer)
     if emap is not None:
         logits = np.where(np.asarray(emap)[None, :] < 0, -np.inf, logits)
@@ -111,7 +154,8 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
         rows = np.nonzero((stored == e).any(axis=1))[0]
         gate_w = np.where(stored[rows] == e, weights[rows], 0.0).sum(axis=1)
         gate, up, down = (w(expert_tensor_name(layer, int(e), m)) for m in ("gate", "up", "down"))
-        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, x[rows], gate, up, down)
+        bias = tuple(w(names[b])[int(e)] for b in ("gate_b", "up_b", "down_b")) if spec.expert_bias else None
+        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, x[rows], gate, up, down, bias)
     if spec.shared_ffn:
         sh = ffn(spec, x, w(names["sh_gate"]), w(names["sh_up"]), w(names["sh_down"]))
         if spec.shared_gate:

@@ -31,6 +31,8 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H), "sh_down": (H, spec.shared_ffn),
         "sh_gate_inp": (H,),
         "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),
+        "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
+        "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
     }
     return shapes
 
@@ -97,12 +99,27 @@ class Checkpoint:
         shapes = expected_shapes(self.spec, layer)
         if "router" in hf and hf["router"] not in self.tensors:
             hf["router"] = f"model.layers.{layer}.mlp.gate.weight"  # transformers 5 fused layout (Mixtral too)
-        return {ours[role]: self._get(hf[role], shapes[role]) for role in ours}
+        out = {}
+        for role in ours:
+            if role in ("gate_b", "up_b") and self.family.fused == "gpt_oss":  # [E, 2F], gate / up interleaved
+                gub = self._get(hf[role], (self.spec.n_experts, 2 * self.spec.expert_ffn))
+                out[ours[role]] = np.ascontiguousarray(gub[:, 0::2] if role == "gate_b" else gub[:, 1::2])
+            else:
+                out[ours[role]] = self._get(hf[role], shapes[role])
+        return out
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
         s = self.spec
         fused_gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        if self.family.fused == "gpt_oss":  # [E, H, 2F] (x @ W), gate / up interleaved; down [E, F, H]
+            gu = self._get(fused_gu, (s.n_experts, s.hidden, 2 * s.expert_ffn))
+            down = self._get(f"model.layers.{layer}.mlp.experts.down_proj", (s.n_experts, s.expert_ffn, s.hidden))
+            for e in range(s.n_experts):
+                yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[e][:, 0::2].T)
+                yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e][:, 1::2].T)
+                yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(down[e].T)
+            return
         if fused_gu in self.tensors:  # transformers 5 in-memory layout: gate rows first, then up
             gu = self._get(fused_gu, (s.n_experts, 2 * s.expert_ffn, s.hidden))
             down = self._get(f"model.layers.{layer}.mlp.experts.down_proj", (s.n_experts, s.hidden, s.expert_ffn))

@@ -5,6 +5,7 @@ Adding a family means adding a `Family` entry here; the forward passes never cha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,14 +13,14 @@ from edgemoe.arch import ArchSpec
 from edgemoe.errors import UnsupportedModelError
 
 
-def _rope_theta(cfg: dict, default: float) -> float:
+def _rope_theta(cfg: dict, default: float, rope_types: tuple = ("default", None)) -> float:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if isinstance(params, dict) and params.get("rope_type", "default") not in ("default", None):
+    if isinstance(params, dict) and params.get("rope_type", "default") not in rope_types:
         raise UnsupportedModelError(f"RoPE scaling type {params.get('rope_type')!r} is not supported yet")
     return float(params.get("rope_theta") or cfg.get("rope_theta") or default)
 
 
-def _common(cfg: dict, family: str, theta_default: float) -> dict:
+def _common(cfg: dict, family: str, theta_default: float, rope_types: tuple = ("default", None)) -> dict:
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     return {
@@ -32,7 +33,7 @@ def _common(cfg: dict, family: str, theta_default: float) -> dict:
         "head_dim": int(cfg.get("head_dim") or hidden // heads),
         "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
         "rope_kind": "neox",  # HF applies rotate_half to every family (Mixtral's checkpoint rows are pre-permuted)
-        "rope_theta": _rope_theta(cfg, theta_default),
+        "rope_theta": _rope_theta(cfg, theta_default, rope_types),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "max_position": int(cfg.get("max_position_embeddings", 4096)),
         "bos_token_id": _first_id(cfg.get("bos_token_id")),
@@ -157,6 +158,57 @@ def smallthinker_spec(cfg: dict) -> ArchSpec:
     )
 
 
+def _yarn(cfg: dict) -> dict:
+    """YaRN RoPE fields from rope_parameters (transformers 5) or rope_scaling, resolved as transformers'
+    _compute_yarn_parameters does (factor from the context ratio when absent; attention_factor from mscale)."""
+    p = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if p.get("rope_type", "default") in ("default", None):
+        return {}
+    if p.get("rope_type") != "yarn":
+        raise UnsupportedModelError(f"RoPE scaling type {p.get('rope_type')!r} is not supported yet")
+    if float(p.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModelError("YaRN with partial_rotary_factor != 1 is not supported yet")
+    orig = int(p["original_max_position_embeddings"])
+    factor = p.get("factor")
+    factor = float(factor) if factor is not None else int(cfg["max_position_embeddings"]) / orig
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = p.get("attention_factor")
+    if attn is None:
+        ms, ms_all = p.get("mscale"), p.get("mscale_all_dim")
+        attn = mscale(factor, ms) / mscale(factor, ms_all) if ms and ms_all else mscale(factor)
+    return {"rope_scaling": "yarn", "rope_factor": factor, "yarn_beta_fast": float(p.get("beta_fast") or 32),
+            "yarn_beta_slow": float(p.get("beta_slow") or 1), "yarn_orig_ctx": orig,
+            "yarn_truncate": bool(p.get("truncate", True)), "rope_attn_factor": float(attn)}
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gpt_oss_spec(cfg: dict) -> ArchSpec:
+    """gpt-oss (transformers 5 `gpt_oss`): attention sinks, sliding / full layers, YaRN, biases on q/k/v/o, router
+    and experts, clamped SwiGLU, softmax over the top-k router logits (= softmax, top-k, renormalize)."""
+    n_layers = int(cfg["num_hidden_layers"])
+    types = list(cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                            for i in range(n_layers)])
+    if len(types) != n_layers or any(t not in GPT_OSS_LAYER_TYPES for t in types):
+        raise UnsupportedModelError(f"gpt-oss config: layer_types must list {n_layers} of {GPT_OSS_LAYER_TYPES}, "
+                                    f"got {types}")
+    window = int(cfg.get("sliding_window") or 0)
+    swa = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
+    bias = bool(cfg.get("attention_bias", True))
+    return ArchSpec(
+        **_common(cfg, "gptoss", 150000.0, ("default", None, "yarn")), n_experts=int(cfg["num_local_experts"]),
+        top_k=int(cfg["num_experts_per_tok"]), expert_ffn=int(cfg["intermediate_size"]), qkv_bias=bias,
+        o_bias=bias, router_fn="softmax", norm_topk=True, activation="swiglu_clamp",
+        swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+        attn_sinks=True, router_bias=True, expert_bias=True, sliding_window=window if swa else 0, swa_layers=swa,
+        **_yarn(cfg),
+    )
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -164,6 +216,9 @@ class Family:
     moe_prefix: str  # module holding the router and experts, under model.layers.{i}.
     router: str  # router weight name under moe_prefix
     expert_names: tuple[str, str, str]  # per-expert (gate, up, down) names under {moe_prefix}.experts.{e}.
+    # fused expert tensors: "gate_first" = transformers 5's [E, 2F, H] (gate rows, then up); "gpt_oss" = [E, H, 2F]
+    # with gate / up interleaved in the columns, down [E, F, H], biases gate_up_proj_bias [E, 2F] / down_proj_bias
+    fused: str = "gate_first"
 
 
 FAMILIES: dict[str, Family] = {
@@ -173,9 +228,12 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", mixtral_spec, "block_sparse_moe", "gate.weight", ("w1", "w3", "w2")),
     "smallthinker": Family("smallthinker", smallthinker_spec, "block_sparse_moe", "primary_router.weight",
                            ("gate", "up", "down")),
+    "gpt_oss": Family("gptoss", gpt_oss_spec, "mlp", "router.weight", ("gate_proj", "up_proj", "down_proj"),
+                      fused="gpt_oss"),
 }
 
-SUPPORTED = "OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker (smallthinker)"
+SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
+             "(smallthinker), gpt-oss (gpt_oss)")
 
 
 def family_for(cfg: dict, where: str) -> Family:
@@ -200,9 +258,18 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
         names.update(bq=a + "q_proj.bias", bk=a + "k_proj.bias", bv=a + "v_proj.bias")
     if spec.qk_norm != "none":
         names.update(q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight")
+    if spec.o_bias:
+        names["bo"] = a + "o_proj.bias"
+    if spec.attn_sinks:
+        names["sinks"] = a + "sinks"
     m = p + fam.moe_prefix + "."
     if spec.is_moe_layer(layer):
         names["router"] = m + fam.router
+        if spec.router_bias:
+            names["router_b"] = m + fam.router.rsplit(".", 1)[0] + ".bias"
+        if spec.expert_bias:  # read from the fused bias tensors by Checkpoint.layer_dense
+            names.update(gate_b=m + "experts.gate_up_proj_bias", up_b=m + "experts.gate_up_proj_bias",
+                         down_b=m + "experts.down_proj_bias")
         if spec.shared_ffn:
             names.update(sh_gate=m + "shared_expert.gate_proj.weight", sh_up=m + "shared_expert.up_proj.weight",
                          sh_down=m + "shared_expert.down_proj.weight")

@@ -98,9 +98,10 @@ def _plan(ckpt, src: Path, bits, dense_bits, base_bits, group_size, nesting, cal
 
 
 def _encode_dense(name: str, arr: np.ndarray, plan: Plan) -> tuple[np.ndarray, str, tuple[int, ...]]:
-    """Storage for one dense tensor: 1-D tensors (norms, biases) stay f32; matrices follow --dense-bits."""
+    """Storage for one dense tensor: 1-D tensors (norms, biases) and every bias stay f32; matrices follow
+    --dense-bits."""
     width = plan.dense_bits
-    if arr.ndim == 1 or width == 32:
+    if arr.ndim == 1 or name.endswith(".bias") or width == 32:
         return arr.astype(np.float32), "f32", arr.shape
     if width == 8:
         if arr.shape[-1] % Q8_0_BLOCK == 0:
