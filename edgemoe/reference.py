@@ -6,9 +6,8 @@ architecture description in `arch.py`; nothing here is specific to one family.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
+from collections.abc import Callable
 
 import numpy as np
 

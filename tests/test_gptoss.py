@@ -1,0 +1,147 @@
+"""gpt-oss (`gpt_oss`): a tiny transformers 5 checkpoint -> export -> edgemoe, against transformers and itself.
+
+The tiny model (tiny_gptoss.py) makes every gpt-oss option matter on a 24-token sequence; the feature test shows it:
+dropping any one of them from the description moves the logits far from transformers'."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import hf_logits, rel_err
+
+import edgemoe
+from edgemoe.arch import ArchSpec, model_tensors
+from edgemoe.container import open_container
+from edgemoe.errors import UnsupportedModelError
+from edgemoe.reference import reference_logits
+
+N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
+pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
+
+IDS = np.random.default_rng(0).integers(3, 320, 24)
+CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
+
+
+@pytest.fixture(scope="module")
+def gptoss(tmp_path_factory):
+    """(bits) -> container; .dir is the HF checkpoint."""
+    from edgemoe_export import export
+    from tiny_gptoss import build_tiny_gptoss
+
+    root = tmp_path_factory.mktemp("gptoss")
+    ckpt = build_tiny_gptoss(root / "ckpt")
+    (root / "calib.txt").write_text(CALIB)
+    cache = {}
+
+    def get(bits: int = 32):
+        if bits not in cache:
+            cache[bits] = export(ckpt, root / f"g{bits}.emoe", bits=bits, calib=root / "calib.txt", calib_tokens=512,
+                                 show_progress=False)
+        return cache[bits]
+
+    get.dir = ckpt
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_ref(gptoss):
+    return hf_logits(gptoss.dir, IDS)
+
+
+def test_reader_describes_every_gpt_oss_option(gptoss):
+    s = open_container(gptoss(32), verify=False).spec
+    assert (s.family, s.n_experts, s.top_k, s.expert_ffn, s.head_dim) == ("gptoss", 5, 3, 40, 24)
+    assert s.attn_sinks and s.qkv_bias and s.o_bias and s.router_bias and s.expert_bias
+    assert s.activation == "swiglu_clamp" and s.swiglu_limit == 1.5 and s.swiglu_alpha == pytest.approx(1.702)
+    assert s.sliding_window == 5 and s.swa_layers == [0, 2]  # layer_types: sliding, full, sliding
+    assert s.rope_scaling == "yarn" and s.rope_factor == 8.0 and s.yarn_orig_ctx == 4096 and not s.yarn_truncate
+    assert s.rope_attn_factor == pytest.approx(0.1 * np.log(8.0) + 1.0)
+    assert s.router_fn == "softmax" and s.norm_topk  # softmax over the top-k logits
+
+
+@pytest.mark.parametrize("engine", ["numpy", "c"])
+def test_gptoss_fp32_logits_match_transformers(gptoss, hf_ref, engine):
+    with edgemoe.load(gptoss(32), engine=engine, threads=2) as m:
+        ours = m.logits(IDS)
+    assert rel_err(ours, hf_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("drop", [
+    {"swa_layers": [], "sliding_window": 0}, {"attn_sinks": False}, {"rope_scaling": "none"},
+    {"rope_attn_factor": 1.0}, {"activation": "swiglu"}, {"router_bias": False}, {"expert_bias": False},
+    {"o_bias": False},
+])
+def test_every_gpt_oss_option_changes_the_logits(gptoss, hf_ref, drop):
+    c = open_container(gptoss(32), verify=False)
+    spec = dataclasses.replace(c.spec, **drop)
+    assert rel_err(reference_logits(spec, c.array, IDS), hf_ref) > 1e-3
+    assert rel_err(reference_logits(c.spec, c.array, IDS), hf_ref) <= 1e-5
+
+
+def test_c_prefill_equals_token_by_token_decode(gptoss):
+    with edgemoe.load(gptoss(32), engine="c", threads=2) as m:
+        full = m._engine.prefill(IDS)
+    with edgemoe.load(gptoss(32), engine="c", threads=2) as m:
+        last = m._engine.prefill(IDS[:1])
+        for t in IDS[1:]:
+            last = m._engine.decode(int(t))
+    np.testing.assert_allclose(last, full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_python_and_c_tensor_tables_agree(gptoss):
+    path = gptoss(32)
+    spec = open_container(path, verify=False).spec
+    py = model_tensors(spec)
+    assert ("blk.0.attn_sinks.weight", (4,), True) in py and ("blk.1.ffn_up_exps.bias", (5, 40), True) in py
+    h = N.open_resident(path, 8, False, 1)
+    try:
+        assert h.tensors() == py
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_budgeted_run_is_bit_identical_to_resident(gptoss, bits):
+    from test_budget import greedy_logits, minimum_budget
+
+    path = gptoss(bits)
+    ids = np.random.default_rng(3).integers(3, 320, 70).tolist()  # > one 64-token block, > the window
+    with edgemoe.load(path, max_ctx=128, threads=2) as ref:
+        toks_ref, logits_ref = greedy_logits(ref._engine, ids, 10)
+    budget = minimum_budget(path, 128, threads=2)
+    with edgemoe.load(path, memory_budget=budget, max_ctx=128, threads=2) as m:
+        assert m.engine_name == "c-stream"
+        toks, logits = greedy_logits(m._engine, ids, 10)
+        assert m.stats["evictions"] > 0
+    assert toks == toks_ref
+    for a, b in zip(logits, logits_ref):
+        np.testing.assert_array_equal(a, b)
+
+
+# Errors in line with the other families' (tiny qwen3moe, same export: 1.1e-3, 0.28, 0.22); the default quantized
+# export also stores dense matrices as Q8_0 and runs them on Q8 activations.
+@pytest.mark.parametrize("bits,tol", [(16, 5e-3), (8, 0.1), (4, 0.3)])
+def test_quantized_containers_stay_near_transformers(gptoss, hf_ref, bits, tol):
+    with edgemoe.load(gptoss(bits), engine="c", threads=2) as m:
+        err = rel_err(m.logits(IDS), hf_ref)
+    assert err <= tol
+
+
+def test_c_engine_equals_numpy_engine_on_the_f16_container(gptoss):
+    outs = []
+    for engine in ("c", "numpy"):
+        with edgemoe.load(gptoss(16), engine=engine, threads=2) as m:
+            outs.append(m.logits(IDS))
+    assert rel_err(outs[0], outs[1]) <= 1e-5
+
+
+def test_unsupported_gpt_oss_variants_are_refused():
+    from edgemoe_export.families import gpt_oss_spec
+    from tiny_gptoss import CONFIG
+
+    base = {**CONFIG, "model_type": "gpt_oss", "num_hidden_layers": 2}
+    with pytest.raises(UnsupportedModelError, match="layer_types"):
+        gpt_oss_spec({**base, "layer_types": ["sliding_attention", "chunked_attention"]})
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        gpt_oss_spec({**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}})
+    assert isinstance(gpt_oss_spec(base), ArchSpec)
