@@ -424,6 +424,10 @@ def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = Tru
     if spec.expert_map:
         raise EdgeMoEError("GGUF export: this source has merged experts (expert_map); write it with "
                            "export_gguf_from_container / export_gguf_merged, which expand the map for llama.cpp")
+    if spec.family == "gptoss":  # llama.cpp's arch is `gpt-oss`; its tensors and keys are not written here yet
+        raise EdgeMoEError("GGUF export: gpt-oss (llama.cpp arch 'gpt-oss') is not written by edgemoe yet (it needs "
+                           "attention sinks, expert biases and the YaRN keys); export to the edgemoe container, or "
+                           "use llama.cpp's convert_hf_to_gguf.py for the published checkpoint")
     if spec.family not in LLAMA_CPP_ARCH:
         raise EdgeMoEError(f"GGUF export: family {spec.family!r} has no llama.cpp architecture")
     _check_supported(spec, LLAMA_CPP_ARCH[spec.family])
