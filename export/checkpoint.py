@@ -16,6 +16,7 @@ from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor
 from edgemoe.errors import FormatError
 
 from .families import Family, dense_hf_names, family_for
+from .mxfp4 import dequantize_mxfp4
 from .safetensors_lazy import SafetensorsSet
 
 
@@ -112,6 +113,9 @@ class Checkpoint:
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
         s = self.spec
         fused_gu = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        if self.family.fused == "gpt_oss" and fused_gu + "_blocks" in self.tensors:
+            yield from self._gpt_oss_mxfp4_experts(layer)
+            return
         if self.family.fused == "gpt_oss":  # [E, H, 2F] (x @ W), gate / up interleaved; down [E, F, H]
             gu = self._get(fused_gu, (s.n_experts, s.hidden, 2 * s.expert_ffn))
             down = self._get(f"model.layers.{layer}.mlp.experts.down_proj", (s.n_experts, s.expert_ffn, s.hidden))
@@ -133,6 +137,27 @@ class Checkpoint:
             for matrix, hf_leaf in zip(EXPERT_MATRICES, self.family.expert_names):
                 name = f"{prefix}.{e}.{hf_leaf}.weight"
                 yield expert_tensor_name(layer, e, matrix), self._get(name, expert_shape(s, matrix))
+
+
+    def _gpt_oss_mxfp4_experts(self, layer: int):
+        """The published gpt-oss experts: MXFP4 [out, in] (gate_up rows interleaved gate, up), dequantized to f32
+        one expert at a time."""
+        s = self.spec
+        p = f"model.layers.{layer}.mlp.experts."
+        mats = {}
+        for leaf, rows, cols in (("gate_up_proj", 2 * s.expert_ffn, s.hidden), ("down_proj", s.hidden, s.expert_ffn)):
+            if cols % 32:
+                raise FormatError(f"{self.path}: MXFP4 tensor '{p}{leaf}_blocks' needs a multiple of 32 inputs, the "
+                                  f"config implies {cols}")
+            blocks = self._get(p + leaf + "_blocks", (s.n_experts, rows, cols // 32, 16)).astype(np.uint8)
+            scales = self._get(p + leaf + "_scales", (s.n_experts, rows, cols // 32)).astype(np.uint8)
+            mats[leaf] = (blocks, scales)
+        for e in range(s.n_experts):
+            gu = dequantize_mxfp4(mats["gate_up_proj"][0][e], mats["gate_up_proj"][1][e])  # [2F, H]
+            yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[0::2])
+            yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[1::2])
+            yield expert_tensor_name(layer, e, "down"), dequantize_mxfp4(mats["down_proj"][0][e],
+                                                                         mats["down_proj"][1][e])
 
 
 # The special tokens transformers hands a chat template as variables (bos_token, eos_token, ...).

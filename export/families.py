@@ -196,6 +196,10 @@ def gpt_oss_spec(cfg: dict) -> ArchSpec:
     if len(types) != n_layers or any(t not in GPT_OSS_LAYER_TYPES for t in types):
         raise UnsupportedModelError(f"gpt-oss config: layer_types must list {n_layers} of {GPT_OSS_LAYER_TYPES}, "
                                     f"got {types}")
+    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    if quant not in (None, "mxfp4"):
+        raise UnsupportedModelError(f"gpt-oss config: quantization {quant!r} is not supported (edgemoe reads "
+                                    "f32/f16/bf16 and MXFP4 experts)")
     window = int(cfg.get("sliding_window") or 0)
     swa = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
     bias = bool(cfg.get("attention_bias", True))

@@ -145,3 +145,41 @@ def test_unsupported_gpt_oss_variants_are_refused():
     with pytest.raises(UnsupportedModelError, match="longrope"):
         gpt_oss_spec({**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}})
     assert isinstance(gpt_oss_spec(base), ArchSpec)
+
+
+def test_mxfp4_experts_are_read_like_transformers_dequantizes_them(tmp_path):
+    """A checkpoint with MXFP4 experts (the published layout) exports to the same model transformers runs after its
+    own dequantizer (integrations.mxfp4.convert_moe_packed_tensors) unpacks the same blocks and scales."""
+    import torch
+    import transformers as tf
+    from safetensors.numpy import load_file
+    from tiny_gptoss import build_tiny_gptoss, mxfp4_copy
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from edgemoe_export import export
+
+    src = build_tiny_gptoss(tmp_path / "bf", intermediate_size=64)  # MXFP4 groups are 32 inputs
+    d = mxfp4_copy(src, tmp_path / "mxfp4")
+    packed = load_file(str(d / "model.safetensors"))
+    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for leaf in ("gate_up_proj", "down_proj"):
+                k = f"model.layers.{i}.mlp.experts.{leaf}"
+                w = convert_moe_packed_tensors(torch.from_numpy(packed[k + "_blocks"]),
+                                               torch.from_numpy(packed[k + "_scales"]), dtype=torch.float32)
+                assert not torch.equal(w, getattr(layer.mlp.experts, leaf))  # really quantized
+                getattr(layer.mlp.experts, leaf).copy_(w)
+        ref = model(torch.tensor(IDS)[None]).logits[0].numpy()
+    path = export(d, tmp_path / "mxfp4.emoe", bits=32, show_progress=False)
+    with edgemoe.load(path, engine="c", threads=2) as m:
+        assert rel_err(m.logits(IDS), ref) <= 1e-5
+
+
+def test_unknown_quantization_is_refused():
+    from edgemoe_export.families import gpt_oss_spec
+    from tiny_gptoss import CONFIG
+
+    with pytest.raises(UnsupportedModelError, match="quantization 'fp8'"):
+        gpt_oss_spec({**CONFIG, "model_type": "gpt_oss", "num_hidden_layers": 2,
+                      "quantization_config": {"quant_method": "fp8"}})

@@ -43,3 +43,48 @@ def build_tiny_gptoss(out_dir: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(out_dir)
     _write_tokenizer(out_dir, cfg.vocab_size)
     return out_dir
+
+
+def to_mxfp4(w):
+    """Quantize f32 [..., n] (n % 32 == 0) to MXFP4 (blocks [..., n/32, 16] uint8, scales [..., n/32] uint8): per
+    group of 32 the smallest power-of-two scale that fits max |x| in FP4's +-6, each value rounded to the nearest
+    FP4 magnitude. Written here (not edgemoe's code) so the reader is checked against transformers' dequantizer."""
+    import numpy as np
+
+    mags = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32).astype(np.float32)
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)).astype(np.int32)
+    x = g / np.ldexp(np.float32(1), exp)
+    idx = np.abs(np.abs(x)[..., None] - mags).argmin(axis=-1).astype(np.uint8) | np.where(x < 0, 8, 0).astype(np.uint8)
+    blocks = (idx[..., 0::2] | (idx[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exp[..., 0] + 127).astype(np.uint8)
+
+
+def mxfp4_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint at src with its experts stored as the published gpt-oss checkpoints store them: MXFP4
+    `*_blocks` / `*_scales` of the [out, in] matrices (gate_up rows interleaved), biases kept, quantization_config."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json",):
+        shutil.copy(Path(src) / f, dst / f)
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                  "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    t = load_file(str(Path(src) / "model.safetensors"))
+    out = {}
+    for k, v in t.items():
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            blocks, scales = to_mxfp4(np.ascontiguousarray(np.swapaxes(v, 1, 2)))  # [E, in, out] -> [E, out, in]
+            out[k + "_blocks"], out[k + "_scales"] = blocks, scales
+        else:
+            out[k] = v
+    save_file(out, str(dst / "model.safetensors"))
+    return dst
