@@ -152,11 +152,10 @@ def test_mxfp4_experts_are_read_like_transformers_dequantizes_them(tmp_path):
     own dequantizer (integrations.mxfp4.convert_moe_packed_tensors) unpacks the same blocks and scales."""
     import torch
     import transformers as tf
+    from edgemoe_export import export
     from safetensors.numpy import load_file
     from tiny_gptoss import build_tiny_gptoss, mxfp4_copy
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    from edgemoe_export import export
 
     src = build_tiny_gptoss(tmp_path / "bf", intermediate_size=64)  # MXFP4 groups are 32 inputs
     d = mxfp4_copy(src, tmp_path / "mxfp4")

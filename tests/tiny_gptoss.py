@@ -81,7 +81,7 @@ def mxfp4_copy(src: Path, dst: Path) -> Path:
     t = load_file(str(Path(src) / "model.safetensors"))
     out = {}
     for k, v in t.items():
-        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
             blocks, scales = to_mxfp4(np.ascontiguousarray(np.swapaxes(v, 1, 2)))  # [E, in, out] -> [E, out, in]
             out[k + "_blocks"], out[k + "_scales"] = blocks, scales
         else:
