@@ -30,7 +30,14 @@ from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor
 from edgemoe.errors import EdgeMoEError
 
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
-from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SMALLTHINKER_SWA_WINDOW, SPLIT_REGEX_PRE
+from .llama_cpp_names import (
+    GPT_OSS_NAMES,
+    GPT_OSS_SWIGLU,
+    LLAMA_CPP_ARCH,
+    SMALLTHINKER_SWA_PERIOD,
+    SMALLTHINKER_SWA_WINDOW,
+    SPLIT_REGEX_PRE,
+)
 from .progress import progress
 
 # Q4_0_Q8_0: per-tensor types, experts Q4_0 and every other matrix Q8_0 (MWQ experts + Q8_0 dense, llama.cpp side)
@@ -53,6 +60,12 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
     if spec.rope_dim != spec.head_dim:
         raise EdgeMoEError(f"{where}: partial RoPE (rope_dim={spec.rope_dim} < head_dim={spec.head_dim}) is not "
                            "supported")
+    if arch == "gpt-oss":
+        _check_gpt_oss(spec, where)
+        return
+    if spec.attn_sinks or spec.o_bias or spec.router_bias or spec.expert_bias or spec.rope_scaling != "none":
+        raise EdgeMoEError(f"{where}: attention sinks, o/router/expert biases and YaRN are gpt-oss options that "
+                           f"llama.cpp's '{arch}' does not have")
     if arch != "smallthinker" and (spec.nope_layers or spec.swa_layers):
         raise EdgeMoEError(f"{where}: NoPE or sliding-window layers are not supported by llama.cpp's '{arch}'")
     if arch in ("olmoe", "qwen3moe", "llama", "smallthinker") and spec.dense_layers:
@@ -102,6 +115,24 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
         if spec.qkv_bias or spec.qk_norm != "none":
             raise EdgeMoEError(f"{where}: QKV bias / QK-norm are not supported by llama.cpp's smallthinker")
         _smallthinker_swa(spec, where)
+
+
+def _check_gpt_oss(spec: ArchSpec, where: str) -> None:
+    """What llama.cpp's gpt-oss graph hard-codes: sliding window on even layers, SwiGLU alpha 1.702 / limit 7,
+    YaRN with a truncated correction range, every bias and the sinks, softmax over the top-k logits."""
+    even = [i for i in range(spec.n_layers) if i % 2 == 0]
+    if sorted(spec.swa_layers) != even or not spec.sliding_window:
+        raise EdgeMoEError(f"{where}: llama.cpp's gpt-oss uses sliding-window attention on the even layers {even}; "
+                           f"this model has it on {sorted(spec.swa_layers)} (window {spec.sliding_window})")
+    if (spec.swiglu_alpha, spec.swiglu_limit) != GPT_OSS_SWIGLU:
+        raise EdgeMoEError(f"{where}: llama.cpp's gpt-oss hard-codes swiglu alpha, limit = {GPT_OSS_SWIGLU}; this "
+                           f"model has {spec.swiglu_alpha}, {spec.swiglu_limit}")
+    if spec.rope_scaling == "yarn" and not spec.yarn_truncate:
+        raise EdgeMoEError(f"{where}: llama.cpp always rounds YaRN's correction range (truncate=true); this model "
+                           "has rope_parameters.truncate=false, which llama.cpp would compute differently")
+    if spec.rope_dim != spec.head_dim or not (spec.attn_sinks and spec.qkv_bias and spec.o_bias and spec.router_bias
+                                               and spec.expert_bias and spec.norm_topk):
+        raise EdgeMoEError(f"{where}: llama.cpp's gpt-oss needs full RoPE, sinks, every bias and top-k softmax")
 
 
 def _smallthinker_swa(spec: ArchSpec, where: str) -> bool:
@@ -208,7 +239,7 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: list[str]):
     from gguf import GGMLQuantizationType as Q
 
-    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):  # norms, biases, routers: exact
+    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", ".bias")):  # norms, biases, routers: exact
         return Q.F32
     if gguf_type == "F32":
         return Q.F32
@@ -220,6 +251,15 @@ def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: 
         fallbacks.append(f"{name} {list(shape)}")
         return Q.F16
     return want
+
+
+def _gguf_name(arch: str, name: str) -> str:
+    """llama.cpp's name of a container tensor (they agree except where an arch renames one)."""
+    if arch == "gpt-oss":
+        for ours, theirs in GPT_OSS_NAMES.items():
+            if name.endswith("." + ours):
+                return name[: -len(ours)] + theirs
+    return name
 
 
 def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tuple[list[_Planned], list[str]]:
@@ -236,7 +276,7 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         for role, name in dense_tensor_names(spec, layer).items():
-            add(name, shapes[role])
+            add(_gguf_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
                 add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
@@ -259,7 +299,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch == "llama" and role in ("wq", "wk"):
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
-            yield name, arr
+            yield _gguf_name(arch, name), arr
         del dense
         if spec.is_moe_layer(layer):
             stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
@@ -317,6 +357,14 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if arch == "gpt-oss":
+        w.add_sliding_window(spec.sliding_window)
+        if spec.rope_scaling == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(spec.rope_factor)
+            w.add_rope_scaling_orig_ctx_len(spec.yarn_orig_ctx)
+            w.add_rope_scaling_yarn_beta_fast(spec.yarn_beta_fast)
+            w.add_rope_scaling_yarn_beta_slow(spec.yarn_beta_slow)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)
@@ -424,10 +472,6 @@ def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = Tru
     if spec.expert_map:
         raise EdgeMoEError("GGUF export: this source has merged experts (expert_map); write it with "
                            "export_gguf_from_container / export_gguf_merged, which expand the map for llama.cpp")
-    if spec.family == "gptoss":  # llama.cpp's arch is `gpt-oss`; its tensors and keys are not written here yet
-        raise EdgeMoEError("GGUF export: gpt-oss (llama.cpp arch 'gpt-oss') is not written by edgemoe yet (it needs "
-                           "attention sinks, expert biases and the YaRN keys); export to the edgemoe container, or "
-                           "use llama.cpp's convert_hf_to_gguf.py for the published checkpoint")
     if spec.family not in LLAMA_CPP_ARCH:
         raise EdgeMoEError(f"GGUF export: family {spec.family!r} has no llama.cpp architecture")
     _check_supported(spec, LLAMA_CPP_ARCH[spec.family])

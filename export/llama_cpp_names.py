@@ -9,7 +9,13 @@ LLAMA_CPP_ARCH = {
     "qwen3moe": "qwen3moe",
     "mixtral": "llama",
     "smallthinker": "smallthinker",
+    "gptoss": "gpt-oss",
 }
+
+# llama.cpp's gpt-oss names the pre-FFN norm `post_attention_norm` (edgemoe: ffn_norm), makes even layers sliding-window
+# (swa pattern 2), hard-codes the clamped SwiGLU's alpha and limit, and always floors/ceils YaRN's correction range.
+GPT_OSS_NAMES = {"ffn_norm.weight": "post_attention_norm.weight"}
+GPT_OSS_SWIGLU = (1.702, 7.0)
 
 # Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
 SPLIT_REGEX_PRE = {

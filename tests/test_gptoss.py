@@ -182,3 +182,63 @@ def test_unknown_quantization_is_refused():
     with pytest.raises(UnsupportedModelError, match="quantization 'fp8'"):
         gpt_oss_spec({**CONFIG, "model_type": "gpt_oss", "num_hidden_layers": 2,
                       "quantization_config": {"quant_method": "fp8"}})
+
+
+# --- GGUF: llama.cpp's `gpt-oss` ---------------------------------------------------------------------------------
+
+# llama.cpp hard-codes swiglu limit 7 and always rounds YaRN's correction range: the GGUF variant of the tiny model
+# uses those (the default tiny model's limit 1.5 and truncate=false are refused; run anyway they differ by ~0.5).
+GGUF_VARIANT = {"swiglu_limit": 7.0, "rope_parameters": {
+    "rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+    "original_max_position_embeddings": 4096}}
+
+
+@pytest.fixture(scope="module")
+def gguf_ckpt(tmp_path_factory):
+    from tiny_gptoss import build_tiny_gptoss
+
+    return build_tiny_gptoss(tmp_path_factory.mktemp("gptoss_gguf") / "ckpt", **GGUF_VARIANT)
+
+
+def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from test_gguf import llama_logits
+
+    from edgemoe_export.gguf_export import export_gguf
+
+    path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
+    got, ref = llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)
+    assert rel_err(got, ref) <= 1e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from llama_cpp import Llama
+
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+
+    path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
+    prompt = [int(t) for t in IDS[:8]]
+    with edgemoe.load(export(gguf_ckpt, tmp_path / "g.emoe", bits=32, show_progress=False), engine="c") as m:
+        ours = m._engine.prefill(prompt)
+        toks = []
+        for _ in range(12):
+            toks.append(int(np.argmax(ours)))
+            ours = m._engine.decode(toks[-1])
+    llm = Llama(model_path=str(path), n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
+    try:
+        theirs = [int(t) for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1), range(12))]
+    finally:
+        llm.close()
+    assert theirs == toks
+
+
+def test_gguf_refuses_what_llama_cpp_hard_codes(gptoss, tmp_path):
+    from edgemoe.errors import EdgeMoEError
+    from edgemoe_export.gguf_export import export_gguf
+
+    with pytest.raises(EdgeMoEError, match="hard-codes swiglu"):  # the default tiny model: limit 1.5
+        export_gguf(gptoss.dir, tmp_path / "x.gguf", "F32", show_progress=False)
+    assert not (tmp_path / "x.gguf").exists()
