@@ -202,9 +202,8 @@ def gguf_ckpt(tmp_path_factory):
 
 def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
-    from test_gguf import llama_logits
-
     from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import llama_logits
 
     path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
     got, ref = llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)
@@ -214,10 +213,9 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
 
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
-    from llama_cpp import Llama
-
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
+    from llama_cpp import Llama
 
     path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
     prompt = [int(t) for t in IDS[:8]]
@@ -236,8 +234,9 @@ def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
 
 
 def test_gguf_refuses_what_llama_cpp_hard_codes(gptoss, tmp_path):
-    from edgemoe.errors import EdgeMoEError
     from edgemoe_export.gguf_export import export_gguf
+
+    from edgemoe.errors import EdgeMoEError
 
     with pytest.raises(EdgeMoEError, match="hard-codes swiglu"):  # the default tiny model: limit 1.5
         export_gguf(gptoss.dir, tmp_path / "x.gguf", "F32", show_progress=False)
