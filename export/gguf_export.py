@@ -37,6 +37,7 @@ from .llama_cpp_names import (
     SMALLTHINKER_SWA_PERIOD,
     SMALLTHINKER_SWA_WINDOW,
     SPLIT_REGEX_PRE,
+    gguf_tensor_name,
 )
 from .progress import progress
 
@@ -253,15 +254,6 @@ def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: 
     return want
 
 
-def _gguf_name(arch: str, name: str) -> str:
-    """llama.cpp's name of a container tensor (they agree except where an arch renames one)."""
-    if arch == "gpt-oss":
-        for ours, theirs in GPT_OSS_NAMES.items():
-            if name.endswith("." + ours):
-                return name[: -len(ours)] + theirs
-    return name
-
-
 def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tuple[list[_Planned], list[str]]:
     fallbacks: list[str] = []
     plan: list[_Planned] = []
@@ -276,7 +268,7 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         for role, name in dense_tensor_names(spec, layer).items():
-            add(_gguf_name(arch, name), shapes[role])
+            add(gguf_tensor_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
                 add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
@@ -299,7 +291,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch == "llama" and role in ("wq", "wk"):
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
-            yield _gguf_name(arch, name), arr
+            yield gguf_tensor_name(arch, name), arr
         del dense
         if spec.is_moe_layer(layer):
             stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}

@@ -17,6 +17,15 @@ LLAMA_CPP_ARCH = {
 GPT_OSS_NAMES = {"ffn_norm.weight": "post_attention_norm.weight"}
 GPT_OSS_SWIGLU = (1.702, 7.0)
 
+
+def gguf_tensor_name(arch: str, name: str) -> str:
+    """llama.cpp's name of a container tensor (they agree except where an arch renames one)."""
+    if arch == "gpt-oss":
+        for ours, theirs in GPT_OSS_NAMES.items():
+            if name.endswith("." + ours):
+                return name[: -len(ours)] + theirs
+    return name
+
 # Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
 SPLIT_REGEX_PRE = {
     # Qwen2 / Qwen2.5 / Qwen3 / SmallThinker (single digits)

@@ -241,3 +241,18 @@ def test_gguf_refuses_what_llama_cpp_hard_codes(gptoss, tmp_path):
     with pytest.raises(EdgeMoEError, match="hard-codes swiglu"):  # the default tiny model: limit 1.5
         export_gguf(gptoss.dir, tmp_path / "x.gguf", "F32", show_progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_import_reads_llama_cpp_gpt_oss_back(gguf_ckpt, tmp_path):
+    """GGUF -> edgemoe: the description comes back from llama.cpp's keys (sliding window on even layers, YaRN,
+    the hard-coded SwiGLU) and the weights from its names (post_attention_norm, sinks, biases)."""
+    pytest.importorskip("gguf", reason="needs gguf-py")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+
+    g = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
+    path = export(g, tmp_path / "from_gguf.emoe", bits=32, show_progress=False)
+    spec = open_container(path, verify=False).spec
+    assert spec.family == "gptoss" and spec.rope_scaling == "yarn" and spec.swa_layers == [0, 2]
+    with edgemoe.load(path, engine="c", threads=2) as m:
+        assert rel_err(m.logits(IDS), hf_logits(gguf_ckpt, IDS)) <= 1e-5
