@@ -31,7 +31,6 @@ from edgemoe.errors import EdgeMoEError
 
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
 from .llama_cpp_names import (
-    GPT_OSS_NAMES,
     GPT_OSS_SWIGLU,
     LLAMA_CPP_ARCH,
     SMALLTHINKER_SWA_PERIOD,
