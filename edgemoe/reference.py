@@ -88,6 +88,23 @@ def route(spec: ArchSpec, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
         bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    y = ffn_hidden(spec, x, gate, up, bias) @ down.T
+    return y if bias is None else y + bias[2]
+
+
+def router_logits(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    logits = x @ w(names["router"]).T
+    return logits + w(names["router_b"]) if spec.router_bias else logits
+
+
+def expert_bias(spec: ArchSpec, w: WeightFn, names: dict[str, str], e: int):
+    """Stored expert e's (gate, up, down) biases, or None."""
+    return tuple(w(names[b])[e] for b in ("gate_b", "up_b", "down_b")) if spec.expert_bias else None
+
+
+def ffn_hidden(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray,
+               bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The activation the down projection reads: act(gate x + bg) * (up x + bu) for the spec's activation."""
     g, u = x @ gate.T, x @ up.T
     if bias is not None:
         g, u = g + bias[0], u + bias[1]
@@ -96,8 +113,7 @@ def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: n
         h = (u + np.float32(1)) * (g / (np.float32(1) + np.exp(-g * np.float32(spec.swiglu_alpha))))
     else:
         h = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * u
-    y = h @ down.T
-    return y if bias is None else y + bias[2]
+    return h
 
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
@@ -138,9 +154,7 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
     With a merge map, experts mapped to -1 are masked out of routing, and when top-k selects several members of
     one merged group their weights are summed and the group's expert runs once.
     """
-    logits = router_x @ w(names["router"]).T
-    if spec.router_bias:
-        logits = logits + w(names["router_b"])
+    logits = router_logits(spec, router_x, w, names)
     emap = spec.layer_expert_map(layer)
     if emap is not None:
         logits = np.where(np.asarray(emap)[None, :] < 0, -np.inf, logits)
@@ -153,7 +167,7 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
         rows = np.nonzero((stored == e).any(axis=1))[0]
         gate_w = np.where(stored[rows] == e, weights[rows], 0.0).sum(axis=1)
         gate, up, down = (w(expert_tensor_name(layer, int(e), m)) for m in ("gate", "up", "down"))
-        bias = tuple(w(names[b])[int(e)] for b in ("gate_b", "up_b", "down_b")) if spec.expert_bias else None
+        bias = expert_bias(spec, w, names, int(e))
         out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, x[rows], gate, up, down, bias)
     if spec.shared_ffn:
         sh = ffn(spec, x, w(names["sh_gate"]), w(names["sh_up"]), w(names["sh_down"]))

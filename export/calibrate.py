@@ -18,7 +18,7 @@ import numpy as np
 
 from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import EdgeMoEError
-from edgemoe.reference import attention, ffn, rms_norm, route, silu
+from edgemoe.reference import attention, expert_bias, ffn, ffn_hidden, rms_norm, route, router_logits
 
 from .checkpoint import Checkpoint
 from .progress import progress
@@ -99,7 +99,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)
         if spec.is_moe_layer(layer):
             router_x = x_in if spec.router_input == "layer_input" else hn
-            logits = router_x @ w(names["router"]).T
+            logits = router_logits(spec, router_x, w, names)
             ids, gates = route(spec, logits)
             cal.freq = np.bincount(ids.reshape(-1), minlength=spec.n_experts).astype(np.float64)
             cal.router_logits = logits[sample]
@@ -112,10 +112,11 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
                 if not len(rows):
                     continue
                 xe = hn[rows]
-                g = xe @ w(expert_tensor_name(layer, e, "gate")).T
-                act = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * (
-                    xe @ w(expert_tensor_name(layer, e, "up")).T)
-                out[rows] += gates[rows, slot][:, None] * (act @ w(expert_tensor_name(layer, e, "down")).T)
+                bias = expert_bias(spec, w, names, e)
+                act = ffn_hidden(spec, xe, w(expert_tensor_name(layer, e, "gate")),
+                                 w(expert_tensor_name(layer, e, "up")), bias)
+                y = act @ w(expert_tensor_name(layer, e, "down")).T
+                out[rows] += gates[rows, slot][:, None] * (y if bias is None else y + bias[2])
                 if collect_grams:
                     cal.gram_in[e] = gram_blocks(xe, gi)
                     cal.gram_mid[e] = gram_blocks(act, gm)

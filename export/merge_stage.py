@@ -168,6 +168,9 @@ def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer:
         raise EdgeMoEError(f"{out.parent}: output directory does not exist")
     ckpt = open_checkpoint(src)
     spec = ckpt.spec
+    if spec.expert_bias:  # the bias rows are per stored expert and would have to be merged with the matrices
+        raise EdgeMoEError(f"{src}: merging experts that carry biases ({spec.family}: expert_bias) is not supported "
+                           "yet; export without --merge-ratio / --experts-per-layer")
     rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]
     source = rec.source(ckpt)  # tensor reads charged to the "read" stage
     if calib_path is None and (Path(src) / "calib.txt").exists():

@@ -256,3 +256,34 @@ def test_gguf_import_reads_llama_cpp_gpt_oss_back(gguf_ckpt, tmp_path):
     assert spec.family == "gptoss" and spec.rope_scaling == "yarn" and spec.swa_layers == [0, 2]
     with edgemoe.load(path, engine="c", threads=2) as m:
         assert rel_err(m.logits(IDS), hf_logits(gguf_ckpt, IDS)) <= 1e-5
+
+
+def test_calibration_routes_like_the_reference_forward(gptoss):
+    """MWQ calibration runs the gpt-oss layers (router bias, biased clamped experts, sinks, sliding window): its
+    per-layer routing counts equal the reference forward's on the same sequences."""
+    from edgemoe_export import open_checkpoint
+    from edgemoe_export.calibrate import calibrate
+
+    seqs = [np.random.default_rng(s).integers(3, 320, 20) for s in range(3)]
+    ckpt = open_checkpoint(gptoss.dir)
+    got = {cal.layer: cal.freq for cal in calibrate(ckpt, seqs, group_size=8)}
+    c = open_container(gptoss(32), verify=False)
+    want = {layer: np.zeros(5) for layer in range(3)}
+
+    def count(layer, ids, weights):
+        want[layer] += np.bincount(ids.reshape(-1), minlength=5)
+
+    for s in seqs:
+        reference_logits(c.spec, c.array, s, on_route=count)
+    for layer in range(3):
+        np.testing.assert_array_equal(got[layer], want[layer])
+
+
+def test_merging_experts_with_biases_is_refused(gptoss, tmp_path):
+    from edgemoe_export.merge_stage import export_merged
+
+    from edgemoe.errors import EdgeMoEError
+
+    with pytest.raises(EdgeMoEError, match="expert_bias"):
+        export_merged(gptoss.dir, tmp_path / "m.emoe", merge_ratio=0.6)
+    assert not (tmp_path / "m.emoe").exists()
