@@ -52,6 +52,10 @@ static void predicted_logits(emoe_model *m, int l, const float *x, int n_tok) {
     for (int t = 0; t < n_tok; t++)
         fwd_rmsnorm(S->xpre + (size_t)t * H, x + (size_t)t * H, L->attn_norm.data, H, c->norm_eps);
     fwd_matmul(m, w, S->xpre, n_tok, S->plog, (size_t)c->n_experts);
+    if (w == &L->router && L->router_b.data) /* gpt-oss: the router's bias shifts the guess as it shifts routing */
+        for (int t = 0; t < n_tok; t++)
+            for (int e = 0; e < c->n_experts; e++)
+                S->plog[(size_t)t * c->n_experts + e] += ((const float *)L->router_b.data)[e];
 }
 
 /* P(routed | predicted at rank r while absent), from the predictions scored so far (a uniform prior first). */
