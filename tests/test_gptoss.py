@@ -187,7 +187,8 @@ def test_unknown_quantization_is_refused():
 # --- GGUF: llama.cpp's `gpt-oss` ---------------------------------------------------------------------------------
 
 # llama.cpp hard-codes swiglu limit 7 and always rounds YaRN's correction range: the GGUF variant of the tiny model
-# uses those (the default tiny model's limit 1.5 and truncate=false are refused; run anyway they differ by ~0.5).
+# uses those (the default tiny model's limit 1.5 is refused: run anyway, llama.cpp's logits differ by ~0.5;
+# truncate=false, as in the published configs, is written with a warning: it differs by ~2e-3).
 GGUF_VARIANT = {"swiglu_limit": 7.0, "rope_parameters": {
     "rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
     "original_max_position_embeddings": 4096}}
@@ -241,6 +242,16 @@ def test_gguf_refuses_what_llama_cpp_hard_codes(gptoss, tmp_path):
     with pytest.raises(EdgeMoEError, match="hard-codes swiglu"):  # the default tiny model: limit 1.5
         export_gguf(gptoss.dir, tmp_path / "x.gguf", "F32", show_progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_of_an_untruncated_yarn_model_warns(tmp_path):
+    from edgemoe_export.gguf_export import export_gguf
+    from tiny_gptoss import build_tiny_gptoss
+
+    d = build_tiny_gptoss(tmp_path / "ckpt", swiglu_limit=7.0)  # truncate=false, as gpt-oss-20b's config
+    with pytest.warns(UserWarning, match="truncate"):
+        export_gguf(d, tmp_path / "x.gguf", "F32", show_progress=False)
+    assert (tmp_path / "x.gguf").exists()
 
 
 def test_gguf_import_reads_llama_cpp_gpt_oss_back(gguf_ckpt, tmp_path):
