@@ -302,8 +302,9 @@ def test_merging_experts_with_biases_is_refused(gptoss, tmp_path):
 
 def test_onnx_export_refuses_gpt_oss_by_name(gptoss, tmp_path):
     pytest.importorskip("onnx", reason="needs onnx")
-    from edgemoe.errors import EdgeMoEError
     from edgemoe_export.onnx_export import export_onnx
+
+    from edgemoe.errors import EdgeMoEError
 
     with pytest.raises(EdgeMoEError, match="attn_sinks.*container"):
         export_onnx(gptoss.dir, tmp_path / "onnx")
