@@ -2,6 +2,7 @@
 memory budget: tok/s, peak RSS, bytes read per token. Run it in a fresh process per budget (peak RSS is the process's).
 
     python bench/bench_gptoss_real.py MODEL.emoe --budget-frac 0.5 [-n 16] [--prompt 16] [--threads 2]
+    python bench/bench_gptoss_real.py MODEL.gguf          # the same with llama.cpp (llama-cpp-python), resident
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-ctx", type=int, default=256)
     args = p.parse_args(argv)
+    if args.model.endswith(".gguf"):
+        return run_llama_cpp(args)
     import edgemoe
 
     size = os.path.getsize(args.model)
@@ -54,6 +57,28 @@ def main(argv=None) -> None:
            "threads": args.threads, "prompt": args.prompt, "n": args.n}
     m.close()
     print(json.dumps(out))
+
+
+def run_llama_cpp(args) -> None:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=args.model, n_ctx=args.max_ctx, n_threads=args.threads, n_threads_batch=args.threads,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), args.prompt).tolist()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.n):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    decode_s = time.perf_counter() - t0
+    print(json.dumps({"file_bytes": os.path.getsize(args.model), "engine": "llama.cpp", "load_s": round(load_s, 2),
+                      "prefill_tok_s": round(args.prompt / prefill_s, 3), "decode_tok_s": round(args.n / decode_s, 3),
+                      "peak_rss_bytes": peak_rss_bytes(), "threads": args.threads, "prompt": args.prompt,
+                      "n": args.n}))
+    llm.close()
 
 
 if __name__ == "__main__":
