@@ -16,8 +16,9 @@ ROPE_KINDS = ("neox", "norm")  # neox: rotate halves (GPT-NeoX/HF); norm: rotate
 QK_NORM_KINDS = ("none", "head", "full")  # head: RMSNorm over each head (Qwen3); full: over the whole projection (OLMoE)
 ROUTER_FNS = ("softmax", "sigmoid")
 ROUTER_INPUTS = ("ffn_norm", "layer_input")  # layer_input: SmallThinker's router on the layer input, before attention
-ACTIVATIONS = ("swiglu", "reglu")
 GROUP_SCORES = ("top2_sum", "max")  # a group's score: its two best selection scores summed (DeepSeek-V3), or its best
+ACTIVATIONS = ("swiglu", "reglu", "swiglu_clamp")  # swiglu_clamp: gpt-oss's (see swiglu_alpha / swiglu_limit)
+ROPE_SCALINGS = ("none", "yarn")
 
 
 @dataclass
@@ -65,6 +66,24 @@ class ArchSpec:
     topk_group: int = 1
     group_score: str = "top2_sum"
     routed_scaling: float = 1.0
+    # gpt-oss: attention sinks, o_proj / router / expert biases, clamped SwiGLU, YaRN RoPE.
+    attn_sinks: bool = False  # a learned logit per query head joins each softmax denominator (blk.N.attn_sinks)
+    o_bias: bool = False  # bias on the attention output projection
+    router_bias: bool = False  # bias on the router logits (used for selection and weights)
+    expert_bias: bool = False  # biases on every routed expert's gate, up and down ([experts, width] per layer)
+    # swiglu_clamp: act = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # YaRN (rope_scaling = "yarn"): inv_freq blended between theta^-(2j/d) and that / rope_factor by a linear ramp
+    # over the dims [low, high] found from yarn_beta_fast / yarn_beta_slow rotations in yarn_orig_ctx positions
+    # (floor/ceil when yarn_truncate); cos and sin are multiplied by rope_attn_factor (HF's attention_scaling).
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_orig_ctx: int = 4096
+    yarn_truncate: bool = True
+    rope_attn_factor: float = 1.0
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -80,6 +99,7 @@ class ArchSpec:
             ("router_input", ROUTER_INPUTS),
             ("activation", ACTIVATIONS),
             ("group_score", GROUP_SCORES),
+            ("rope_scaling", ROPE_SCALINGS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -167,6 +187,13 @@ TENSOR_TABLE = (
     ("mlp_gate", "blk.{layer}.ffn_gate.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
     ("mlp_up", "blk.{layer}.ffn_up.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
     ("mlp_down", "blk.{layer}.ffn_down.weight", "layer", "hidden", "dense_ffn", "dense", "required"),
+    ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "o_bias", "required"),
+    ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn_sinks", "required"),
+    ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "router_bias", "required"),
+    # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
+    ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
+    ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
+    ("down_b", "blk.{layer}.ffn_down_exps.bias", "layer", "experts", "hidden", "expert_bias", "required"),
     ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
@@ -176,7 +203,7 @@ TENSOR_TABLE = (
 def _dim(spec: ArchSpec, term: str) -> int:
     q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
     full = spec.qk_norm == "full"
-    return {"hidden": spec.hidden, "vocab": spec.vocab, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
+    return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
             "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
             "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn}[term]
 
@@ -185,7 +212,9 @@ def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     moe = spec.is_moe_layer(layer)
     return {"always": True, "qkv_bias": bool(spec.qkv_bias), "qk_norm": spec.qk_norm != "none", "moe": moe,
             "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
-            "dense": not moe, "score_bias": moe and bool(spec.score_bias)}[condition]
+            "dense": not moe, "score_bias": moe and bool(spec.score_bias), "o_bias": bool(spec.o_bias),
+            "attn_sinks": bool(spec.attn_sinks),
+            "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias)}[condition]
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:

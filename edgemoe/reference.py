@@ -6,6 +6,7 @@ architecture description in `arch.py`; nothing here is specific to one family.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -20,11 +21,38 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(var + eps)).astype(np.float32) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, kind: str) -> np.ndarray:
+def rope_inv_freq(spec: ArchSpec) -> np.ndarray:
+    """inv_freq [rope_dim/2] in f32 like HF: theta^-(2j/d), or YaRN's blend (modeling_rope_utils._compute_yarn_
+    parameters): interpolated (/ rope_factor) below dim `low`, extrapolated above `high`, a linear ramp between."""
+    d = spec.rope_dim
+    pos_freqs = (np.float64(spec.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(
+        np.float32)
+    inv = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    if spec.rope_scaling != "yarn":
+        return inv
+
+    def corr(rot: float) -> float:
+        return d * math.log(spec.yarn_orig_ctx / (rot * 2 * math.pi)) / (2 * math.log(spec.rope_theta))
+
+    low, high = corr(spec.yarn_beta_fast), corr(spec.yarn_beta_slow)
+    if spec.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extra = (np.float32(1) - ramp).astype(np.float32)
+    interp = (np.float32(1.0) / (np.float32(spec.rope_factor) * pos_freqs)).astype(np.float32)
+    return (interp * (np.float32(1) - extra) + inv * extra).astype(np.float32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, spec: ArchSpec) -> np.ndarray:
     """Rotate the first `rope_dim` dims of each head. x: [T, heads, head_dim]."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float32) / rope_dim))
-    freqs = positions[:, None].astype(np.float32) * inv_freq[None, :]  # [T, rope_dim/2]
+    rope_dim, kind = spec.rope_dim, spec.rope_kind
+    freqs = positions[:, None].astype(np.float32) * rope_inv_freq(spec)[None, :]  # [T, rope_dim/2]
     cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]
+    if spec.rope_attn_factor != 1.0:  # YaRN's attention scaling, on cos and sin (so on q and k)
+        cos, sin = cos * np.float32(spec.rope_attn_factor), sin * np.float32(spec.rope_attn_factor)
     out = x.copy()
     r = x[..., :rope_dim]
     if kind == "neox":  # pairs (i, i + d/2): HF rotate_half
@@ -71,13 +99,38 @@ def route(spec: ArchSpec, logits: np.ndarray, bias: np.ndarray | None = None) ->
 
 
 def ffn(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+        bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         on_act: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
     """The gated FFN; `on_act(act)` sees the down projection's input (the exporter's calibration collects it)."""
-    g = x @ gate.T
-    act = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * (x @ up.T)
+    act = ffn_hidden(spec, x, gate, up, bias)
     if on_act is not None:
         on_act(act)
-    return act @ down.T
+    y = act @ down.T
+    return y if bias is None else y + bias[2]
+
+
+def router_logits(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    logits = x @ w(names["router"]).T
+    return logits + w(names["router_b"]) if spec.router_bias else logits
+
+
+def expert_bias(spec: ArchSpec, w: WeightFn, names: dict[str, str], e: int):
+    """Stored expert e's (gate, up, down) biases, or None."""
+    return tuple(w(names[b])[e] for b in ("gate_b", "up_b", "down_b")) if spec.expert_bias else None
+
+
+def ffn_hidden(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray,
+               bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The activation the down projection reads: act(gate x + bg) * (up x + bu) for the spec's activation."""
+    g, u = x @ gate.T, x @ up.T
+    if bias is not None:
+        g, u = g + bias[0], u + bias[1]
+    if spec.activation == "swiglu_clamp":  # gpt-oss: (clamp(up) + 1) * g * sigmoid(alpha g), g clamped above
+        g, u = np.minimum(g, spec.swiglu_limit), np.clip(u, -spec.swiglu_limit, spec.swiglu_limit)
+        h = (u + np.float32(1)) * (g / (np.float32(1) + np.exp(-g * np.float32(spec.swiglu_alpha))))
+    else:
+        h = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * u
+    return h
 
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
@@ -93,8 +146,7 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
     if layer not in spec.nope_layers:
         pos = np.arange(T)
-        q = rope(q, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
-        k = rope(k, pos, spec.rope_theta, spec.rope_dim, spec.rope_kind)
+        q, k = rope(q, pos, spec), rope(k, pos, spec)
     rep = nh // nkv
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [T, nh, hd]
     scores = np.einsum("thd,shd->hts", q, k)
@@ -104,8 +156,13 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
     if spec.sliding_window and layer in spec.swa_layers:
         mask |= j <= i - spec.sliding_window
     scores = np.where(mask[None], -np.inf, scores)
-    out = np.einsum("hts,shd->thd", softmax(scores), v).reshape(T, nh * hd)
-    return out @ w(names["wo"]).T
+    if spec.attn_sinks:  # gpt-oss: a per-head logit joins the softmax, its probability is dropped
+        sinks = np.broadcast_to(w(names["sinks"])[:, None, None], (nh, T, 1))
+        probs = softmax(np.concatenate([scores, sinks], axis=-1))[..., :T]
+    else:
+        probs = softmax(scores)
+    out = np.einsum("hts,shd->thd", probs, v).reshape(T, nh * hd) @ w(names["wo"]).T
+    return out + w(names["bo"]) if spec.o_bias else out
 
 
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
@@ -119,7 +176,7 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
     With a merge map, experts mapped to -1 are masked out of routing, and when top-k selects several members of
     one merged group their weights are summed and the group's expert runs once.
     """
-    logits = router_x @ w(names["router"]).T
+    logits = router_logits(spec, router_x, w, names)
     emap = spec.layer_expert_map(layer)
     if emap is not None:
         logits = np.where(np.asarray(emap)[None, :] < 0, -np.inf, logits)
@@ -135,7 +192,8 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
         gate, up, down = (w(expert_tensor_name(layer, int(e), m)) for m in ("gate", "up", "down"))
         xr = x[rows]
         hook = None if on_expert is None else (lambda act, e=int(e), rows=rows, xr=xr: on_expert(e, rows, xr, act))
-        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, xr, gate, up, down, hook)
+        bias = expert_bias(spec, w, names, int(e))
+        out[rows] += gate_w[:, None].astype(np.float32) * ffn(spec, xr, gate, up, down, bias, hook)
     if spec.shared_ffn:
         sh = ffn(spec, x, w(names["sh_gate"]), w(names["sh_up"]), w(names["sh_down"]))
         if spec.shared_gate:

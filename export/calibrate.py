@@ -18,7 +18,7 @@ import numpy as np
 
 from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names
 from edgemoe.errors import EdgeMoEError
-from edgemoe.reference import attention, ffn, moe, rms_norm
+from edgemoe.reference import attention, ffn, moe, rms_norm, router_logits
 
 from .checkpoint import Checkpoint
 from .progress import progress
@@ -120,7 +120,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)
         if spec.is_moe_layer(layer):
             router_x = x_in if spec.router_input == "layer_input" else hn
-            cal.router_logits = router_x[sample] @ w(names["router"]).T
+            cal.router_logits = router_logits(spec, router_x[sample], w, names)
             cal.pre_attn_input = rms_norm(x_in[sample], w(names["attn_norm"]), spec.norm_eps)
             cal.expert_tokens = np.zeros(spec.n_experts, dtype=np.int64)
 

@@ -16,6 +16,7 @@ from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .families import Family, dense_hf_names, family_for
 from .json_input import read_json
+from .mxfp4 import dequantize_mxfp4
 from .safetensors_lazy import FLOAT_DTYPES, SafetensorsSet
 from .tokenizer_check import check_tokenizer
 
@@ -32,6 +33,8 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H), "sh_down": (H, spec.shared_ffn),
         "sh_gate_inp": (H,),
         "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),
+        "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
+        "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
     }
     return shapes
 
@@ -73,6 +76,8 @@ class Checkpoint:
         if "router" in hf and hf["router"] not in self.tensors:
             hf["router"] = f"model.layers.{layer}.{self.family.router_fused}"  # transformers 5 fused layout
         shapes = expected_shapes(self.spec, layer)
+        if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
+            shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
         fused_shared = self._shared_fused(layer)
         return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()
                 if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down"))}
@@ -87,6 +92,27 @@ class Checkpoint:
         return {p + "input_linear.weight": (2 * s.shared_ffn, s.hidden),
                 p + "output_linear.weight": (s.hidden, s.shared_ffn)}
 
+    def _interleaved_bias(self) -> bool:
+        return self.family.fused == "gpt_oss" and self.spec.expert_bias
+
+    def _mxfp4(self, layer: int) -> bool:
+        """gpt-oss's published experts: MXFP4 *_blocks / *_scales instead of float gate_up_proj / down_proj."""
+        return f"model.layers.{layer}.mlp.experts.gate_up_proj_blocks" in self.tensors
+
+    def _mxfp4_plan(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape of gpt-oss's MXFP4 expert tensors: blocks [E, out, in/32, 16] and scales [E, out, in/32]
+        (U8), for gate_up (rows interleaved gate, up) and down."""
+        s = self.spec
+        p = f"model.layers.{layer}.mlp.experts."
+        plan = {}
+        for leaf, rows, cols in (("gate_up_proj", 2 * s.expert_ffn, s.hidden), ("down_proj", s.hidden, s.expert_ffn)):
+            if cols % 32:
+                raise FormatError(f"{self.path}: MXFP4 tensor '{p}{leaf}_blocks' needs a multiple of 32 inputs, the "
+                                  f"config implies {cols}")
+            plan[p + leaf + "_blocks"] = (s.n_experts, rows, cols // 32, 16)
+            plan[p + leaf + "_scales"] = (s.n_experts, rows, cols // 32)
+        return plan
+
     def _fused_experts(self, layer: int) -> tuple[str, str] | None:
         """(gate_up, down) HF names when the layer's experts are stacked (transformers 5 in-memory layout, or a
         family stored fused: Granite's input_linear / output_linear)."""
@@ -99,6 +125,12 @@ class Checkpoint:
         """HF name -> expected shape of every tensor holding one MoE layer's experts."""
         s = self.spec
         fused = self._fused_experts(layer)
+        if self.family.fused == "gpt_oss":  # x @ W layout: gate_up [E, H, 2F] (columns interleaved), down [E, F, H]
+            if self._mxfp4(layer):
+                return self._mxfp4_plan(layer)
+            p = f"model.layers.{layer}.mlp.experts."
+            return {p + "gate_up_proj": (s.n_experts, s.hidden, 2 * s.expert_ffn),
+                    p + "down_proj": (s.n_experts, s.expert_ffn, s.hidden)}
         if fused:
             return {fused[0]: (s.n_experts, 2 * s.expert_ffn, s.hidden), fused[1]: (s.n_experts, s.hidden, s.expert_ffn)}
         if not all(self.family.expert_names):  # a family stored only fused (Granite): name what is missing
@@ -124,16 +156,17 @@ class Checkpoint:
             if s.is_moe_layer(layer):
                 want.update(self._expert_plan(layer))
         for hf_name, shape in want.items():
-            self._check_header(hf_name, shape)
+            self._check_header(hf_name, shape, ("U8",) if hf_name.endswith(("_blocks", "_scales")) else FLOAT_DTYPES)
 
-    def _check_header(self, hf_name: str, shape: tuple[int, ...]) -> None:
+    def _check_header(self, hf_name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = FLOAT_DTYPES) -> None:
         if hf_name not in self.tensors:
             raise FormatError(f"{self.path}: checkpoint is missing tensor '{hf_name}'")
         where = self.tensors.file_of(hf_name)
         dtype = self.tensors.dtype(hf_name)
-        if dtype not in FLOAT_DTYPES:
-            raise FormatError(f"{where}: tensor '{hf_name}' is stored as {dtype}; weights must be floating point "
-                              f"({', '.join(FLOAT_DTYPES)})")
+        if dtype not in dtypes:
+            what = "MXFP4 blocks and scales must be U8" if dtypes == ("U8",) else \
+                f"weights must be floating point ({', '.join(FLOAT_DTYPES)})"
+            raise FormatError(f"{where}: tensor '{hf_name}' is stored as {dtype}; {what}")
         got = self.tensors.shape(hf_name)
         if got != shape and not (len(shape) == 1 and int(np.prod(got)) == shape[0]):  # e.g. [1, H] -> [H]
             raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(got)}, but config.json implies "
@@ -166,12 +199,27 @@ class Checkpoint:
             gu = self._get(gu_name, gu_shape)
             out[ours["sh_gate"]], out[ours["sh_up"]] = np.ascontiguousarray(gu[:S]), np.ascontiguousarray(gu[S:])
             out[ours["sh_down"]] = self._get(down_name, down_shape)
+        if self._interleaved_bias():  # gpt-oss: gate_up_proj_bias [E, 2F], gate / up interleaved
+            ours = dense_tensor_names(self.spec, layer)
+            for role, start in (("gate_b", 0), ("up_b", 1)):
+                out[ours[role]] = np.ascontiguousarray(out[ours[role]][:, start::2])
         return out
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
         s = self.spec
+        if self.family.fused == "gpt_oss" and self._mxfp4(layer):
+            yield from self._gpt_oss_mxfp4_experts(layer)
+            return
         fused = self._fused_experts(layer)
+        if fused and self.family.fused == "gpt_oss":  # [E, H, 2F] (x @ W), gate / up interleaved; down [E, F, H]
+            plan = self._expert_plan(layer)
+            gu, down = (self._get(n, plan[n]) for n in fused)
+            for e in range(s.n_experts):
+                yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[e][:, 0::2].T)
+                yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e][:, 1::2].T)
+                yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(down[e].T)
+            return
         if fused:  # gate rows first, then up
             plan = self._expert_plan(layer)
             gu, down = (self._get(n, plan[n]) for n in fused)
@@ -188,6 +236,24 @@ class Checkpoint:
             for matrix, hf_leaf in zip(EXPERT_MATRICES, self.family.expert_names):
                 name = f"{prefix}.{e}.{hf_leaf}.weight"
                 yield expert_tensor_name(layer, e, matrix), self._get(name, expert_shape(s, matrix))
+
+
+    def _gpt_oss_mxfp4_experts(self, layer: int):
+        """The published gpt-oss experts: MXFP4 [out, in] (gate_up rows interleaved gate, up), dequantized to f32
+        one expert at a time."""
+        s = self.spec
+        plan = self._mxfp4_plan(layer)
+        for name, shape in plan.items():
+            self._check_header(name, shape, ("U8",))
+        p = f"model.layers.{layer}.mlp.experts."
+        mats = {leaf: tuple(self.tensors.get_u8(p + leaf + part) for part in ("_blocks", "_scales"))
+                for leaf in ("gate_up_proj", "down_proj")}
+        for e in range(s.n_experts):
+            gu = dequantize_mxfp4(mats["gate_up_proj"][0][e], mats["gate_up_proj"][1][e])  # [2F, H]
+            yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[0::2])
+            yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[1::2])
+            yield expert_tensor_name(layer, e, "down"), dequantize_mxfp4(mats["down_proj"][0][e],
+                                                                         mats["down_proj"][1][e])
 
 
 # The special tokens transformers hands a chat template as variables (bos_token, eos_token, ...).

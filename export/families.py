@@ -80,12 +80,12 @@ class ConfigFields:
         return ids[0] if ids else None
 
 
-def _rope_theta(c: ConfigFields, default: float) -> float:
+def _rope_theta(c: ConfigFields, default: float, rope_types: tuple = ("default", None)) -> float:
     for key in ("rope_parameters", "rope_scaling"):
         params = c.cfg.get(key)
         if params is not None and not isinstance(params, dict):
             raise FormatError(f"{key} = {params!r:.80}: expected an object (or null)")
-        if params and params.get("rope_type", params.get("type", "default")) not in ("default", None):
+        if params and params.get("rope_type", params.get("type", "default")) not in rope_types:
             raise UnsupportedModelError(f"RoPE scaling type {params.get('rope_type', params.get('type'))!r} is not "
                                         "supported yet")
     params = c.cfg.get("rope_parameters") or c.cfg.get("rope_scaling") or {}
@@ -99,7 +99,8 @@ def _rope_theta(c: ConfigFields, default: float) -> float:
 
 
 def _common(c: ConfigFields, family: str, theta_default: float, kv_default: int | None = None,
-            head_dim_default: int | None = None, tie_default: bool = False, max_position_default: int = 4096) -> dict:
+            head_dim_default: int | None = None, tie_default: bool = False, max_position_default: int = 4096,
+            rope_types: tuple = ("default", None)) -> dict:
     heads = c.int("num_attention_heads")
     hidden = c.int("hidden_size")
     n_layers = c.int("num_hidden_layers", lo=1, hi=MAX_LAYERS)
@@ -123,7 +124,7 @@ def _common(c: ConfigFields, family: str, theta_default: float, kv_default: int 
         "head_dim": head_dim,
         "norm_eps": c.float("rms_norm_eps", 1e-6, 0.0, 1.0),
         "rope_kind": "neox",  # HF applies rotate_half to every family (Mixtral's checkpoint rows are pre-permuted)
-        "rope_theta": _rope_theta(c, theta_default),
+        "rope_theta": _rope_theta(c, theta_default, rope_types),
         "tie_embeddings": c.bool("tie_word_embeddings", tie_default),
         "max_position": c.int("max_position_embeddings", max_position_default, hi=MAX_POSITION),
         "bos_token_id": c.token_id("bos_token_id", vocab),
@@ -277,6 +278,8 @@ def granitemoe_spec(cfg: dict) -> ArchSpec:
     return _spec(common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("intermediate_size"),
                  router_fn="softmax", norm_topk=True, shared_ffn=c.int("shared_intermediate_size", 0, lo=0),
                  **scales)
+
+
 def _rotary_fraction(cfg: dict) -> float:
     params = cfg.get("rope_parameters") or {}
     return float(params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
@@ -330,6 +333,71 @@ def ernie45moe_spec(cfg: dict) -> ArchSpec:
     )
 
 
+def _yarn(c: ConfigFields) -> dict:
+    """YaRN RoPE fields from rope_parameters (transformers 5) or rope_scaling, resolved as transformers'
+    _compute_yarn_parameters does (factor from the context ratio when absent; attention_factor from mscale)."""
+    p = c.cfg.get("rope_parameters") or c.cfg.get("rope_scaling") or {}
+    if not isinstance(p, dict):
+        raise FormatError(f"rope_parameters = {p!r:.80}: expected an object (or null)")
+    if p.get("rope_type", "default") in ("default", None):
+        return {}
+    if p.get("rope_type") != "yarn":
+        raise UnsupportedModelError(f"RoPE scaling type {p.get('rope_type')!r} is not supported yet")
+    y = ConfigFields(p)
+    if y.float("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("YaRN with partial_rotary_factor != 1 is not supported yet")
+    orig = y.int("original_max_position_embeddings", hi=MAX_POSITION)
+    factor = y.float("factor", c.int("max_position_embeddings", hi=MAX_POSITION) / orig)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = p.get("attention_factor")
+    if attn is None:
+        ms, ms_all = p.get("mscale"), p.get("mscale_all_dim")
+        attn = mscale(factor, y.float("mscale", 1.0)) / mscale(factor, y.float("mscale_all_dim", 1.0)) \
+            if ms and ms_all else mscale(factor)
+    else:
+        attn = y.float("attention_factor", 1.0)
+    return {"rope_scaling": "yarn", "rope_factor": factor, "yarn_beta_fast": y.float("beta_fast", 32.0),
+            "yarn_beta_slow": y.float("beta_slow", 1.0), "yarn_orig_ctx": orig,
+            "yarn_truncate": y.bool("truncate", True), "rope_attn_factor": float(attn)}
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gpt_oss_spec(cfg: dict) -> ArchSpec:
+    """gpt-oss (transformers 5 `gpt_oss`): attention sinks, sliding / full layers, YaRN, biases on q/k/v/o, router
+    and experts, clamped SwiGLU, softmax over the top-k router logits (= softmax, top-k, renormalize)."""
+    c = ConfigFields(cfg)
+    common = _common(c, "gptoss", 150000.0, rope_types=("default", None, "yarn"))
+    n_layers = common["n_layers"]
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                       for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or not all(isinstance(t, str) for t in types):
+        raise FormatError(f"layer_types = {types!r:.80}: expected a list of {n_layers} layer type names")
+    if any(t not in GPT_OSS_LAYER_TYPES for t in types):  # a layer kind edgemoe does not run
+        raise UnsupportedModelError(f"gpt-oss layer_types {sorted(set(types) - set(GPT_OSS_LAYER_TYPES))} are not "
+                                    f"supported (edgemoe runs {GPT_OSS_LAYER_TYPES})")
+    qcfg = cfg.get("quantization_config") or {}
+    quant = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg
+    if quant not in (None, "mxfp4"):
+        raise UnsupportedModelError(f"gpt-oss quantization {quant!r:.40} is not supported (edgemoe reads "
+                                    "f32/f16/bf16 and MXFP4 experts)")
+    window = c.int("sliding_window", 0, lo=0, hi=MAX_POSITION)
+    swa = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
+    bias = c.bool("attention_bias", True)
+    n_experts, top_k = _experts(c, "num_local_experts", "num_experts_per_tok")
+    return _spec(
+        common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("intermediate_size"), qkv_bias=bias,
+        o_bias=bias, router_fn="softmax", norm_topk=True, activation="swiglu_clamp",
+        swiglu_alpha=c.float("swiglu_alpha", 1.702), swiglu_limit=c.float("swiglu_limit", 7.0),
+        attn_sinks=True, router_bias=True, expert_bias=True, sliding_window=window if swa else 0, swa_layers=swa,
+        **_yarn(c),
+    )
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -344,6 +412,9 @@ class Family:
     shared_fused: str = ""  # a shared MLP stored fused (input_linear = gate+up [2S, H], output_linear = down)
     shared: str = "shared_expert"  # the shared expert's module under moe_prefix
     score_bias: str = ""  # the selection-only router bias under moe_prefix (ArchSpec.score_bias)
+    # "gpt_oss": mlp.experts.gate_up_proj is [E, H, 2F] with gate / up interleaved in the columns, down [E, F, H],
+    # biases gate_up_proj_bias [E, 2F] / down_proj_bias; or MXFP4 (*_blocks / *_scales, [out, in] rows interleaved)
+    fused: str = "gate_first"
 
 
 FAMILIES: dict[str, Family] = {
@@ -361,12 +432,14 @@ FAMILIES: dict[str, Family] = {
                        shared="shared_experts", score_bias="gate.e_score_correction_bias"),
     "ernie4_5_moe": Family("ernie4_5moe", ernie45moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
                            shared="shared_experts", score_bias="moe_statics.e_score_correction_bias"),
+    "gpt_oss": Family("gptoss", gpt_oss_spec, "mlp", "router.weight", ("gate_proj", "up_proj", "down_proj"),
+                      fused="gpt_oss"),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
              "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
-             "(ernie4_5_moe)")
+             "(ernie4_5_moe), gpt-oss (gpt_oss)")
 
 
 def family_for(cfg: dict, where: str) -> Family:
@@ -391,11 +464,20 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
         names.update(bq=a + "q_proj.bias", bk=a + "k_proj.bias", bv=a + "v_proj.bias")
     if spec.qk_norm != "none":
         names.update(q_norm=a + "q_norm.weight", k_norm=a + "k_norm.weight")
+    if spec.o_bias:
+        names["bo"] = a + "o_proj.bias"
+    if spec.attn_sinks:
+        names["sinks"] = a + "sinks"
     m = p + fam.moe_prefix + "."
     if spec.is_moe_layer(layer):
         names["router"] = m + fam.router
         if spec.score_bias:
             names["score_bias"] = m + fam.score_bias
+        if spec.router_bias:
+            names["router_b"] = m + fam.router.rsplit(".", 1)[0] + ".bias"
+        if spec.expert_bias:  # read from the fused bias tensors by Checkpoint.layer_dense
+            names.update(gate_b=m + "experts.gate_up_proj_bias", up_b=m + "experts.gate_up_proj_bias",
+                         down_b=m + "experts.down_proj_bias")
         if spec.shared_ffn:
             sh = m + fam.shared + "."
             names.update(sh_gate=sh + "gate_proj.weight", sh_up=sh + "up_proj.weight", sh_down=sh + "down_proj.weight")

@@ -31,11 +31,12 @@ from edgemoe.errors import EdgeMoEError
 
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
 from .llama_cpp_names import (
-    GGUF_RENAMES,
+    GPT_OSS_SWIGLU,
     LLAMA_CPP_ARCH,
     SMALLTHINKER_SWA_PERIOD,
     SMALLTHINKER_SWA_WINDOW,
     SPLIT_REGEX_PRE,
+    gguf_tensor_name,
 )
 from .progress import progress
 
@@ -97,13 +98,6 @@ def _check_ernie45moe(spec: ArchSpec, where: str) -> None:
                            f"{spec.n_layers} do not follow that rule")
 
 
-def _gguf_name(arch: str, name: str) -> str:
-    for (a, suffix), new in GGUF_RENAMES.items():
-        if a == arch and name.endswith(suffix):
-            return name[: -len(suffix)] + new
-    return name
-
-
 def _check_supported(spec: ArchSpec, arch: str) -> None:
     fam = spec.family
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
@@ -116,6 +110,12 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
     if spec.rope_dim != spec.head_dim:
         raise EdgeMoEError(f"{where}: partial RoPE (rope_dim={spec.rope_dim} < head_dim={spec.head_dim}) is not "
                            "supported")
+    if arch == "gpt-oss":
+        _check_gpt_oss(spec, where)
+        return
+    if spec.attn_sinks or spec.o_bias or spec.router_bias or spec.expert_bias or spec.rope_scaling != "none":
+        raise EdgeMoEError(f"{where}: attention sinks, o/router/expert biases and YaRN are gpt-oss options that "
+                           f"llama.cpp's '{arch}' does not have")
     if arch != "smallthinker" and (spec.nope_layers or spec.swa_layers):
         raise EdgeMoEError(f"{where}: NoPE or sliding-window layers are not supported by llama.cpp's '{arch}'")
     if arch in ("olmoe", "qwen3moe", "llama", "smallthinker", "granitemoe") and spec.dense_layers:
@@ -171,6 +171,25 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
         if spec.qkv_bias or spec.qk_norm != "none":
             raise EdgeMoEError(f"{where}: QKV bias / QK-norm are not supported by llama.cpp's smallthinker")
         _smallthinker_swa(spec, where)
+
+
+def _check_gpt_oss(spec: ArchSpec, where: str) -> None:
+    """What llama.cpp's gpt-oss graph hard-codes: sliding window on even layers, SwiGLU alpha 1.702 / limit 7,
+    YaRN with a truncated correction range, every bias and the sinks, softmax over the top-k logits."""
+    even = [i for i in range(spec.n_layers) if i % 2 == 0]
+    if sorted(spec.swa_layers) != even or not spec.sliding_window:
+        raise EdgeMoEError(f"{where}: llama.cpp's gpt-oss uses sliding-window attention on the even layers {even}; "
+                           f"this model has it on {sorted(spec.swa_layers)} (window {spec.sliding_window})")
+    if (spec.swiglu_alpha, spec.swiglu_limit) != GPT_OSS_SWIGLU:
+        raise EdgeMoEError(f"{where}: llama.cpp's gpt-oss hard-codes swiglu alpha, limit = {GPT_OSS_SWIGLU}; this "
+                           f"model has {spec.swiglu_alpha}, {spec.swiglu_limit}")
+    if spec.rope_scaling == "yarn" and not spec.yarn_truncate:  # the published gpt-oss configs: warn, do not refuse
+        warnings.warn(f"{where}: llama.cpp always rounds YaRN's correction range (truncate=true) while this model's "
+                      "rope_parameters.truncate is false: llama.cpp will compute slightly different RoPE frequencies "
+                      "than transformers and edgemoe (2e-3 relative logits on the tiny test model)", stacklevel=3)
+    if spec.rope_dim != spec.head_dim or not (spec.attn_sinks and spec.qkv_bias and spec.o_bias and spec.router_bias
+                                               and spec.expert_bias and spec.norm_topk):
+        raise EdgeMoEError(f"{where}: llama.cpp's gpt-oss needs full RoPE, sinks, every bias and top-k softmax")
 
 
 def _smallthinker_swa(spec: ArchSpec, where: str) -> bool:
@@ -277,7 +296,7 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: list[str]):
     from gguf import GGMLQuantizationType as Q
 
-    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):  # norms, biases, routers: exact
+    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", ".bias")):  # norms, biases, routers: exact
         return Q.F32
     if gguf_type == "F32":
         return Q.F32
@@ -305,7 +324,7 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         for role, name in dense_tensor_names(spec, layer).items():
-            add(_gguf_name(arch, name), shapes[role])
+            add(gguf_tensor_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
                 add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
@@ -328,7 +347,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch in ("llama", "granitemoe") and role in ("wq", "wk"):  # both rotate adjacent pairs
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
-            yield _gguf_name(arch, name), arr
+            yield gguf_tensor_name(arch, name), arr
         del dense
         if spec.is_moe_layer(layer):
             stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
@@ -404,6 +423,14 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_leading_dense_block_count(lead)
         w.add_interleave_moe_layer_step(step)
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if arch == "gpt-oss":
+        w.add_sliding_window(spec.sliding_window)
+        if spec.rope_scaling == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(spec.rope_factor)
+            w.add_rope_scaling_orig_ctx_len(spec.yarn_orig_ctx)
+            w.add_rope_scaling_yarn_beta_fast(spec.yarn_beta_fast)
+            w.add_rope_scaling_yarn_beta_slow(spec.yarn_beta_slow)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

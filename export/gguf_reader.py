@@ -48,7 +48,7 @@ from edgemoe.errors import FormatError, UnsupportedModelError
 from .checkpoint import expected_shapes, expert_shape
 from .families import FAMILIES, MAX_DIM, MAX_LAYERS, MAX_POSITION, MAX_VOCAB, Family
 from .gguf_parse import ARRAY, FLOAT_TYPES, INT_TYPES, STRING, parse_gguf
-from .llama_cpp_names import LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SPLIT_REGEX_PRE
+from .llama_cpp_names import GPT_OSS_SWIGLU, LLAMA_CPP_ARCH, SMALLTHINKER_SWA_PERIOD, SPLIT_REGEX_PRE, gguf_tensor_name
 from .tokenizer_check import check_tokenizer
 
 # llama.cpp architecture -> edgemoe family (the writer's table read backwards)
@@ -210,7 +210,7 @@ class GGUFCheckpoint:
         if self._kv_int(p + "leading_dense_block_count", 0, lo=0):
             raise UnsupportedModelError(f"{self.path}: leading dense blocks are not supported for '{a}'")
         scaling = self._kv(p + "rope.scaling.type", "none")
-        if scaling not in ("none", None, ""):
+        if scaling not in ("none", None, "") and not (a == "gpt-oss" and scaling == "yarn"):
             raise UnsupportedModelError(f"{self.path}: RoPE scaling type {scaling!r} is not supported yet")
         theta = self._kv_float(p + "rope.freq_base", 10000.0)
         eps = self._kv_float(p + "attention.layer_norm_rms_epsilon", hi=1.0)
@@ -268,6 +268,20 @@ class GGUFCheckpoint:
                        residual_multiplier=_f32_value(self._kv(p + "residual_scale", 1.0)),
                        attention_multiplier=att or float(1.0 / np.sqrt(np.float32(head_dim))),
                        logits_scaling=_f32_value(self._kv(p + "logit_scale", 1.0)))
+        elif a == "gpt-oss":  # what llama.cpp's graph hard-codes: see llama_cpp_names
+            window = self._kv_int(p + "attention.sliding_window", hi=MAX_POSITION)
+            cfg.update(intermediate_size=expert_ffn, num_local_experts=n_experts, num_experts_per_tok=top_k,
+                       sliding_window=window, swiglu_alpha=GPT_OSS_SWIGLU[0], swiglu_limit=GPT_OSS_SWIGLU[1],
+                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+                       attention_bias="blk.0.attn_q.bias" in self._tensors)
+            rope = {"rope_type": "default", "rope_theta": theta}
+            if scaling == "yarn":
+                rope.update(rope_type="yarn", factor=self._kv_float(p + "rope.scaling.factor"),
+                            original_max_position_embeddings=self._kv_int(
+                                p + "rope.scaling.original_context_length", hi=MAX_POSITION),
+                            beta_fast=self._kv_float(p + "rope.scaling.yarn_beta_fast", 32.0),
+                            beta_slow=self._kv_float(p + "rope.scaling.yarn_beta_slow", 1.0), truncate=True)
+            cfg["rope_parameters"] = rope
         elif a == "smallthinker":
             import gguf
 
@@ -307,7 +321,7 @@ class GGUFCheckpoint:
         for layer in range(s.n_layers):
             shapes = expected_shapes(s, layer)
             for role, name in dense_tensor_names(s, layer).items():
-                exp[name] = shapes[role]
+                exp[gguf_tensor_name(self.arch, name)] = shapes[role]
             if s.is_moe_layer(layer):
                 for m in EXPERT_MATRICES:
                     if self._legacy_experts(layer):  # blk.N.ffn_{gate,up,down}.E.weight, one tensor per expert
@@ -378,7 +392,7 @@ class GGUFCheckpoint:
         s = self.spec
         out = {}
         for role, name in dense_tensor_names(s, layer).items():
-            arr = self._get(name)
+            arr = self._get(gguf_tensor_name(self.arch, name))
             if self.arch in NORM_ROPE_ARCHS and role in ("wq", "wk", "bq", "bk"):
                 arr = self._unpermute(arr, s.n_heads if role in ("wq", "bq") else s.n_kv_heads)
             out[name] = arr

@@ -12,11 +12,24 @@ LLAMA_CPP_ARCH = {
     "granitemoe": "granitemoe",  # both granitemoe and granitemoeshared (llama.cpp runs the shared MLP when present)
     "glm4moe": "glm4moe",
     "ernie4_5moe": "ernie4_5-moe",
+    "gptoss": "gpt-oss",
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.
-# (glm4moe reads the post-attention RMSNorm as `post_attention_norm`.)
-GGUF_RENAMES = {("glm4moe", ".ffn_norm.weight"): ".post_attention_norm.weight"}
+# (glm4moe and gpt-oss read the pre-FFN RMSNorm, edgemoe's ffn_norm, as `post_attention_norm`.)
+GGUF_RENAMES = {("glm4moe", ".ffn_norm.weight"): ".post_attention_norm.weight",
+                ("gpt-oss", ".ffn_norm.weight"): ".post_attention_norm.weight"}
+# llama.cpp's gpt-oss makes even layers sliding-window (swa pattern 2), hard-codes the clamped SwiGLU's alpha and
+# limit, and always floors/ceils YaRN's correction range.
+GPT_OSS_SWIGLU = (1.702, 7.0)
+
+
+def gguf_tensor_name(arch: str, name: str) -> str:
+    """llama.cpp's name of a container tensor (they agree except where an arch renames one)."""
+    for (a, suffix), new in GGUF_RENAMES.items():
+        if a == arch and name.endswith(suffix):
+            return name[: -len(suffix)] + new
+    return name
 
 # Byte-level BPE pre-tokenizer regexes (as tokenizer.json spells them) -> llama.cpp `tokenizer.ggml.pre` names.
 SPLIT_REGEX_PRE = {

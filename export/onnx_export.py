@@ -216,6 +216,13 @@ class _Builder:
         self.pruned = pruned
         self.g = _Graph()
         s = self.spec
+        gpt_oss = [k for k in ("attn_sinks", "o_bias", "router_bias", "expert_bias") if getattr(s, k)]
+        if gpt_oss or s.activation == "swiglu_clamp" or s.rope_scaling != "none":
+            raise EdgeMoEError(f"ONNX export: {s.family} needs {', '.join(gpt_oss) or s.activation} (and "
+                               f"rope_scaling={s.rope_scaling!r}), which this ONNX writer does not build yet: attention "
+                               "sinks need a softmax over an extra logit (not in com.microsoft.GroupQueryAttention "
+                               "of the pinned onnxruntime) and the clamped SwiGLU experts are not com.microsoft.MoE's "
+                               "activation; export to the edgemoe container instead")
         self.ort_moe = moe_op != "standard" and (s.router_fn == "softmax" or s.norm_topk)
         if moe_op == "ort" and not self.ort_moe:
             raise EdgeMoEError("ONNX export: com.microsoft.MoE softmaxes the router input; sigmoid routing without "

@@ -278,9 +278,10 @@ def quantize_layer(el: ExpertLayer, plan: Plan) -> Iterator[Encoded]:
 
 # --- write ---------------------------------------------------------------------------------------------------------
 def encode_dense(name: str, arr: np.ndarray, plan: Plan) -> tuple[np.ndarray, str, tuple[int, ...]]:
-    """Storage for one dense tensor: 1-D tensors (norms, biases) stay f32; matrices follow --dense-bits."""
+    """Storage for one dense tensor: 1-D tensors (norms, biases) and every bias stay f32; matrices follow
+    --dense-bits."""
     width = plan.dense_bits
-    if arr.ndim == 1 or width == 32:
+    if arr.ndim == 1 or name.endswith(".bias") or width == 32:
         return arr.astype(np.float32), "f32", arr.shape
     if width == 8:
         if arr.shape[-1] % Q8_0_BLOCK == 0:
@@ -428,6 +429,9 @@ def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | N
         raise EdgeMoEError(f"{src}: merging experts of a model with group-limited routing (n_group = "
                            f"{ckpt.spec.n_group}) is not supported: merged groups would change which experts each "
                            "routing group holds")
+    if merge is not None and ckpt.spec.expert_bias:  # the bias rows are per stored expert: they would need merging too
+        raise EdgeMoEError(f"{src}: merging experts that carry biases ({ckpt.spec.family}: expert_bias) is not "
+                           "supported yet; export without --merge-ratio / --experts-per-layer")
     plan = make_plan(ckpt, src, bits, dense_bits, base_bits, group_size, nesting, calib, calib_tokens, merge,
                      predictor, seq_len)
     rec = ExportRecorder(ckpt)  # stage times and part sizes: metadata["export_summary"]

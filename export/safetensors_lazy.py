@@ -127,6 +127,17 @@ class SafetensorsFile:
                               "the checkpoint is damaged")
         return out
 
+    def get_u8(self, name: str) -> np.ndarray:
+        """A U8 tensor (MXFP4 blocks and scales) as stored, copied out."""
+        e = self.entries[name]
+        if e["dtype"] != "U8":
+            raise FormatError(f"{self.path}: tensor '{name}' is stored as {e['dtype']}; expected U8 (MXFP4 blocks / "
+                              "scales)")
+        start, end = e["data_offsets"]
+        out = np.frombuffer(self._mm, dtype=np.uint8, count=end - start, offset=self._base + start).copy()
+        self._release(self._base + start, end - start)
+        return out.reshape(e["shape"])
+
     def _release(self, offset: int, length: int) -> None:
         """Drop the mapped pages of a tensor already copied out, so reading a checkpoint layer by layer keeps the
         process's resident memory at one layer rather than letting the whole file accumulate in RSS."""
@@ -196,6 +207,11 @@ class SafetensorsSet:
         if name not in self._where:
             raise FormatError(f"checkpoint is missing tensor '{name}'")
         return self._where[name].get_f32(name)
+
+    def get_u8(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise FormatError(f"checkpoint is missing tensor '{name}'")
+        return self._where[name].get_u8(name)
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path

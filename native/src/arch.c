@@ -16,8 +16,9 @@ static const char *const ROPE_KINDS[] = {"neox", "norm", NULL};
 static const char *const QK_NORMS[] = {"none", "head", "full", NULL};
 static const char *const ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
 static const char *const ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
-static const char *const ACTIVATIONS[] = {"swiglu", "reglu", NULL};
+static const char *const ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", NULL};
 static const char *const GROUP_SCORES[] = {"top2_sum", "max", NULL};
+static const char *const ROPE_SCALINGS[] = {"none", "yarn", NULL};
 
 /* Every key an arch object may hold (ArchSpec's fields): required ones first have no default. Integers are checked
  * against lo..hi here and against each other in check_relations. */
@@ -68,6 +69,19 @@ static const struct field {
     {"topk_group", F_INT, 0, CFG(topk_group), 1, EMOE_MAX_EXPERTS, 1, 0, NULL},
     {"group_score", F_ENUM, 0, CFG(group_score), 0, 0, 0, 0, GROUP_SCORES},
     {"routed_scaling", F_FLOAT, 0, CFG(routed_scaling), 0, 0, 0, 1.0, NULL},
+    {"attn_sinks", F_BOOL, 0, CFG(attn_sinks), 0, 0, 0, 0, NULL},
+    {"o_bias", F_BOOL, 0, CFG(o_bias), 0, 0, 0, 0, NULL},
+    {"router_bias", F_BOOL, 0, CFG(router_bias), 0, 0, 0, 0, NULL},
+    {"expert_bias", F_BOOL, 0, CFG(expert_bias), 0, 0, 0, 0, NULL},
+    {"swiglu_alpha", F_FLOAT, 0, CFG(swiglu_alpha), 0, 0, 0, 1.702, NULL},
+    {"swiglu_limit", F_FLOAT, 0, CFG(swiglu_limit), 0, 0, 0, 7.0, NULL},
+    {"rope_scaling", F_ENUM, 0, CFG(rope_scaling), 0, 0, 0, 0, ROPE_SCALINGS},
+    {"rope_factor", F_FLOAT, 0, CFG(rope_factor), 0, 0, 0, 1.0, NULL},
+    {"yarn_beta_fast", F_FLOAT, 0, CFG(yarn_beta_fast), 0, 0, 0, 32.0, NULL},
+    {"yarn_beta_slow", F_FLOAT, 0, CFG(yarn_beta_slow), 0, 0, 0, 1.0, NULL},
+    {"yarn_orig_ctx", F_INT, 0, CFG(yarn_orig_ctx), 1, INT32_MAX, 4096, 0, NULL},
+    {"yarn_truncate", F_BOOL, 0, CFG(yarn_truncate), 0, 0, 1, 0, NULL},
+    {"rope_attn_factor", F_FLOAT, 0, CFG(rope_attn_factor), 0, 0, 0, 1.0, NULL},
     {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
     {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
     {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
@@ -280,6 +294,9 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
     if (c->n_dense_layers && c->dense_ffn < 1)
         return invalid(err, errlen, "dense_layers given but dense_ffn = %d (expected >= 1)", c->dense_ffn);
     if (c->shared_gate && !c->shared_ffn) return invalid(err, errlen, "shared_gate is true but shared_ffn = 0");
+    if (c->rope_scaling == EMOE_ROPE_SCALING_YARN && !(c->yarn_beta_fast > c->yarn_beta_slow))
+        return invalid(err, errlen, "yarn_beta_fast = %g must be greater than yarn_beta_slow = %g",
+                       (double)c->yarn_beta_fast, (double)c->yarn_beta_slow);
     if (c->n_swa_layers && !c->sliding_window)
         return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
     return check_groups(c, err, errlen);

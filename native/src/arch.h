@@ -26,8 +26,9 @@ enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
 enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
 enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
 enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
-enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1 };
 enum { EMOE_GROUP_TOP2_SUM = 0, EMOE_GROUP_MAX = 1 }; /* DeepSeek-V3 / GLM-4.5; DeepSeek-V2 group_limited_greedy */
+enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1, EMOE_ACT_SWIGLU_CLAMP = 2 };
+enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 
 /* Bounds of the sizes (emoe_arch_read): every product the core forms (vocab * hidden, n_layers * n_experts,
  * n_heads * head_dim, ...) fits in int64, and per-row sizes in int32. */
@@ -68,6 +69,13 @@ typedef struct emoe_config {
     int32_t n_group, topk_group; /* 1, 1 = no group limit */
     int32_t group_score;  /* EMOE_GROUP_* */
     float routed_scaling; /* 1 = none */
+    /* gpt-oss (ArchSpec documents each): sinks and biases (bools), the clamped SwiGLU, YaRN RoPE */
+    int32_t attn_sinks, o_bias, router_bias, expert_bias;
+    float swiglu_alpha, swiglu_limit;
+    int32_t rope_scaling; /* EMOE_ROPE_SCALING_* */
+    float rope_factor, yarn_beta_fast, yarn_beta_slow;
+    int32_t yarn_orig_ctx, yarn_truncate;
+    float rope_attn_factor;
     int32_t n_dense_layers, n_nope_layers, n_swa_layers;
     const int32_t *dense_layers, *nope_layers, *swa_layers;
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert

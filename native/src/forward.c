@@ -62,17 +62,47 @@ static void add_residual(float *x, const float *y, size_t n, float scale) {
 
 /* ---- RoPE ---- */
 
-/* cos/sin for the block's positions (s.pos), computed like HF's f32 path: inv_freq = 1 / theta^(2j/d) (f32),
- * angle = f32(pos * inv_freq), then cos/sin of that f32 angle. cs: (T, rope_dim/2, 2). */
+/* inv_freq[j], j < rope_dim/2, like HF's f32 path: theta^-(2j/d); YaRN (HF _compute_yarn_parameters) blends it with
+ * inv_freq / factor by a linear ramp over [low, high], the dims that turn beta_fast..beta_slow times in
+ * yarn_orig_ctx positions (clamped to 0..d-1; floor/ceil when truncating). */
+static void rope_inv_freq(const emoe_config *c, float *inv, int half) {
+    const int d = c->rope_dim;
+    double low = 0.0, high = 0.0;
+    if (c->rope_scaling == EMOE_ROPE_SCALING_YARN) {
+        const double lb = 2.0 * log((double)c->rope_theta), two_pi = 2.0 * 3.14159265358979323846;
+        low = d * log(c->yarn_orig_ctx / (c->yarn_beta_fast * two_pi)) / lb;
+        high = d * log(c->yarn_orig_ctx / (c->yarn_beta_slow * two_pi)) / lb;
+        if (c->yarn_truncate) low = floor(low), high = ceil(high);
+        low = low > 0.0 ? low : 0.0;
+        high = high < d - 1 ? high : d - 1;
+        if (low == high) high += 0.001; /* HF: prevent a singular ramp */
+    }
+    for (int j = 0; j < half; j++) {
+        const float pos_freq = (float)pow((double)c->rope_theta, (double)((float)(2 * j) / (float)d));
+        inv[j] = 1.0f / pos_freq;
+        if (c->rope_scaling == EMOE_ROPE_SCALING_YARN) {
+            float ramp = ((float)j - (float)low) / (float)(high - low);
+            ramp = ramp < 0.0f ? 0.0f : ramp > 1.0f ? 1.0f : ramp;
+            const float extra = 1.0f - ramp, interp = 1.0f / (c->rope_factor * pos_freq);
+            inv[j] = interp * (1.0f - extra) + inv[j] * extra;
+        }
+    }
+}
+
+/* cos/sin for the block's positions (s.pos), computed like HF's f32 path: angle = f32(pos * inv_freq), then cos/sin
+ * of that f32 angle, times rope_attn_factor (YaRN's attention scaling; 1 otherwise). cs: (T, rope_dim/2, 2). */
 static void rope_tables(emoe_model *m, int n_tok) {
     const int half = m->cfg.rope_dim / 2;
+    const float af = m->cfg.rope_attn_factor;
+    float inv[EMOE_MAX_HEAD_DIM / 2];
+    rope_inv_freq(&m->cfg, inv, half);
     for (int j = 0; j < half; j++) {
-        const float e = (float)(2 * j) / (float)m->cfg.rope_dim;
-        const float inv = 1.0f / (float)pow((double)m->cfg.rope_theta, (double)e);
         for (int t = 0; t < n_tok; t++) {
-            const float angle = (float)m->s.pos[t] * inv;
-            m->s.rope_cs[((size_t)t * half + j) * 2] = (float)cos((double)angle);
-            m->s.rope_cs[((size_t)t * half + j) * 2 + 1] = (float)sin((double)angle);
+            const float angle = (float)m->s.pos[t] * inv[j];
+            float co = (float)cos((double)angle), si = (float)sin((double)angle);
+            if (af != 1.0f) co *= af, si *= af;
+            m->s.rope_cs[((size_t)t * half + j) * 2] = co;
+            m->s.rope_cs[((size_t)t * half + j) * 2 + 1] = si;
         }
     }
 }
@@ -129,14 +159,15 @@ static void att_task(void *arg, int task, int thread) {
     m->k->matmul[m->kv_f16 ? EMOE_F16 : EMOE_F32](hd, kb, row_bytes, qg, (size_t)hd * sizeof(float), S, (size_t)n,
                                                   grp, 0, n);
     const float scale = c->attn_scale; /* 1/sqrt(hd) unless the arch gives one (Granite) */
+    const float *sinks = m->layers[a->layer].sinks.data; /* gpt-oss: one more logit per head, in the sum only */
     for (int h = 0; h < grp; h++) {
         float *sr = S + (size_t)h * n;
-        float mx = -INFINITY;
+        float mx = sinks ? sinks[g * grp + h] : -INFINITY;
         for (int p = 0; p < n; p++) {
             sr[p] *= scale;
             mx = sr[p] > mx ? sr[p] : mx;
         }
-        float sum = 0.0f;
+        float sum = sinks ? expf(sinks[g * grp + h] - mx) : 0.0f;
         for (int p = 0; p < n; p++) {
             sr[p] = expf(sr[p] - mx);
             sum += sr[p];
@@ -200,26 +231,65 @@ static void attention(emoe_model *m, int l, int n_tok) {
     att_ctx a = {.m = m, .layer = l, .swa = L->swa};
     pool_run(m->pool, att_task, &a, n_tok * c->n_kv_heads);
     matmul(m, &L->wo, s->att, n_tok, s->tmp, (size_t)H);
+    if (L->bo.data) add_bias(s->tmp, &L->bo, n_tok, H);
     add_residual(s->x, s->tmp, (size_t)n_tok * H, c->residual_scale);
 }
 
 /* ---- feed-forward ---- */
 
-/* y (n_tok, H) = down(act(gate x) * up x), act = silu (SwiGLU) or relu (ReGLU). x: (n_tok, H). MWQ matrices run at
- * k planes (0 = all stored). */
-static void gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
-                      const float *x, int n_tok, float *y, int k) {
+/* Bias row `row` of a [rows, n] f32 tensor added to each of n_tok rows of y (n_tok, n). */
+static void add_bias_row(float *y, const tensor_ref *b, int row, int n_tok, int n) {
+    const float *bv = (const float *)b->data + (size_t)row * (size_t)n;
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < n; i++) y[(size_t)t * n + i] += bv[i];
+}
+
+/* y (n_tok, H) = down(act(gate x + bg) * (up x + bu)) + bd, act = silu (SwiGLU), relu (ReGLU) or gpt-oss's clamped
+ * SwiGLU; biases are row `brow` of the layer's expert bias tensors (bias NULL: none). x: (n_tok, H). MWQ matrices
+ * run at k planes (0 = all stored). */
+static void gated_ffn_b(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
+                        const layer_weights *bias, int brow, const float *x, int n_tok, float *y, int k) {
     run_state *s = &m->s;
+    const emoe_config *c = &m->cfg;
     const int F = (int)gate->rows;
     const tensor_ref *gu[2] = {gate, up};
     float *const hgu[2] = {s->hg, s->hu};
     model_matmuls(m, 2, gu, hgu, k, x, n_tok);
+    if (bias) add_bias_row(s->hg, &bias->gate_b, brow, n_tok, F), add_bias_row(s->hu, &bias->up_b, brow, n_tok, F);
     const size_t n = (size_t)n_tok * F;
-    if (m->cfg.activation == EMOE_ACT_SWIGLU)
+    if (c->activation == EMOE_ACT_SWIGLU)
         for (size_t i = 0; i < n; i++) s->hg[i] = s->hg[i] / (1.0f + expf(-s->hg[i])) * s->hu[i];
-    else
+    else if (c->activation == EMOE_ACT_REGLU)
         for (size_t i = 0; i < n; i++) s->hg[i] = (s->hg[i] > 0.0f ? s->hg[i] : 0.0f) * s->hu[i];
+    else { /* gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha g) */
+        const float lim = c->swiglu_limit, alpha = c->swiglu_alpha;
+        for (size_t i = 0; i < n; i++) {
+            const float g = s->hg[i] < lim ? s->hg[i] : lim;
+            const float u = s->hu[i] < -lim ? -lim : s->hu[i] > lim ? lim : s->hu[i];
+            s->hg[i] = (u + 1.0f) * (g / (1.0f + expf(-g * alpha)));
+        }
+    }
     model_matmuls(m, 1, &down, &y, k, s->hg, n_tok);
+    if (bias) add_bias_row(y, &bias->down_b, brow, n_tok, c->hidden);
+}
+
+static void gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
+                      const float *x, int n_tok, float *y, int k) {
+    gated_ffn_b(m, gate, up, down, NULL, 0, x, n_tok, y, k);
+}
+
+/* Stored expert e of layer l on x: its matrices with its biases (expert_bias). */
+static void expert_ffn(emoe_model *m, int l, int e, const tensor_ref *gate, const tensor_ref *up,
+                       const tensor_ref *down, const float *x, int n_tok, float *y, int k) {
+    const layer_weights *L = &m->layers[l];
+    gated_ffn_b(m, gate, up, down, L->gate_b.data ? L : NULL, e, x, n_tok, y, k);
+}
+
+/* s->logits_r (n_tok, E) = router(x) (+ its bias: gpt-oss). */
+static void router_logits(emoe_model *m, int l, const float *x, int n_tok) {
+    const layer_weights *L = &m->layers[l];
+    matmul(m, &L->router, x, n_tok, m->s.logits_r, (size_t)m->cfg.n_experts);
+    if (L->router_b.data) add_bias(m->s.logits_r, &L->router_b, n_tok, m->cfg.n_experts);
 }
 
 /* Group-limited routing (n_group > 1): keep the topk_group groups of consecutive experts with the best score (the sum
@@ -323,8 +393,8 @@ static void moe(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
     run_state *s = &m->s;
-    const int H = c->hidden, E = c->n_experts, K = c->top_k;
-    if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
+    const int H = c->hidden, K = c->top_k;
+    if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) router_logits(m, l, s->xn, n_tok);
     route(m, l, n_tok);
     memset(s->tmp, 0, (size_t)n_tok * H * sizeof(float));
     for (int e = 0; e < L->n_stored; e++) {
@@ -343,7 +413,7 @@ static void moe(emoe_model *m, int l, int n_tok) {
         for (int i = 0; i < n_e; i++)
             memcpy(s->xg + (size_t)i * H, s->xn + (size_t)s->etok[i] * H, (size_t)H * sizeof(float));
         const expert_mats em = expert_weights(m, l, e);
-        gated_ffn(m, em.gate, em.up, em.down, s->xg, n_e, s->yg, em.k);
+        expert_ffn(m, l, e, em.gate, em.up, em.down, s->xg, n_e, s->yg, em.k);
         for (int i = 0; i < n_e; i++) {
             float *dst = s->tmp + (size_t)s->etok[i] * H;
             const float *src = s->yg + (size_t)i * H;
@@ -366,7 +436,7 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *L = &m->layers[l];
         if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
-            matmul(m, &L->router, s->x, n_tok, s->logits_r, (size_t)c->n_experts);
+            router_logits(m, l, s->x, n_tok);
         if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
         attention(m, l, n_tok);
         for (int t = 0; t < n_tok; t++)
@@ -473,3 +543,8 @@ void fwd_gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, 
     gated_ffn(m, gate, up, down, x, n_tok, y, k);
 }
 void fwd_shared_expert(emoe_model *m, int l, int n_tok) { shared_expert(m, l, n_tok); }
+void fwd_expert_ffn(emoe_model *m, int l, int e, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
+                    const float *x, int n_tok, float *y, int k) {
+    expert_ffn(m, l, e, gate, up, down, x, n_tok, y, k);
+}
+void fwd_router_logits(emoe_model *m, int l, const float *x, int n_tok) { router_logits(m, l, x, n_tok); }

@@ -3,6 +3,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "model.h"
 #include "tensor_table.h"
@@ -48,8 +49,10 @@ static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int
             c->router_fn);
     REQUIRE(c->router_input == EMOE_ROUTER_IN_FFN_NORM || c->router_input == EMOE_ROUTER_IN_LAYER_INPUT,
             "config: bad router_input %d", c->router_input);
-    REQUIRE(c->activation == EMOE_ACT_SWIGLU || c->activation == EMOE_ACT_REGLU, "config: bad activation %d",
+    REQUIRE(c->activation >= EMOE_ACT_SWIGLU && c->activation <= EMOE_ACT_SWIGLU_CLAMP, "config: bad activation %d",
             c->activation);
+    REQUIRE(c->rope_scaling == EMOE_ROPE_SCALING_NONE || c->rope_scaling == EMOE_ROPE_SCALING_YARN,
+            "config: bad rope_scaling %d", c->rope_scaling);
     REQUIRE(c->norm_eps >= 0.0f && c->rope_theta > 0.0f, "config: norm_eps must be >= 0 and rope_theta > 0");
     REQUIRE(c->shared_ffn >= 0 && c->dense_ffn >= 0 && c->sliding_window >= 0,
             "config: shared_ffn, dense_ffn, sliding_window must be >= 0");
@@ -437,8 +440,11 @@ int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': shape [%lld, %lld], expected [%lld, %lld]%s", name,
                            (long long)rows, (long long)cols, (long long)it.rows, (long long)it.cols,
                            it.one_d ? " (1-D tensors are passed as rows=1)" : "");
-    if (it.one_d && dtype != EMOE_F32)
-        return model_error(m, EMOE_ERR_ARG, "tensor '%s': 1-D tensors must be f32, got %s", name, dtype_name(dtype));
+    const size_t nlen = strlen(name);
+    const int is_bias = nlen > 5 && !strcmp(name + nlen - 5, ".bias");
+    if ((it.one_d || is_bias) && dtype != EMOE_F32)
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s': 1-D tensors and biases must be f32, got %s", name,
+                           dtype_name(dtype));
     if (dtype != EMOE_F32 && dtype != EMOE_F16 && dtype != EMOE_Q8_0)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': unknown dtype %d", name, dtype);
     if (dtype == EMOE_Q8_0 && cols % QK)

@@ -52,6 +52,10 @@ static void predicted_logits(emoe_model *m, int l, const float *x, int n_tok) {
     for (int t = 0; t < n_tok; t++)
         fwd_rmsnorm(S->xpre + (size_t)t * H, x + (size_t)t * H, L->attn_norm.data, H, c->norm_eps);
     fwd_matmul(m, w, S->xpre, n_tok, S->plog, (size_t)c->n_experts);
+    if (w == &L->router && L->router_b.data) /* gpt-oss: the router's bias shifts the guess as it shifts routing */
+        for (int t = 0; t < n_tok; t++)
+            for (int e = 0; e < c->n_experts; e++)
+                S->plog[(size_t)t * c->n_experts + e] += ((const float *)L->router_b.data)[e];
 }
 
 /* P(routed | predicted at rank r while absent), from the predictions scored so far (a uniform prior first). */
@@ -174,7 +178,7 @@ static void compute_group(emoe_model *m, int l, int g, int k) {
         for (int p = 0; p < k; p++) ly->plane_off[p] = (const char *)emoe_cache_data(S->cache, pid(S, l, e, mat, p)) - base;
         S->tref[mat] = (tensor_ref){.data = base, .dtype = TENSOR_MWQ, .rows = rows, .cols = cols, .mwq = ly};
     }
-    fwd_gated_ffn(m, &S->tref[0], &S->tref[1], &S->tref[2], s->xg, n_e, s->yg, S->mwq ? k : 0);
+    fwd_expert_ffn(m, l, e, &S->tref[0], &S->tref[1], &S->tref[2], s->xg, n_e, s->yg, S->mwq ? k : 0);
     memcpy(S->ybuf + (size_t)S->yoff[g] * H, s->yg, (size_t)n_e * H * sizeof(float));
     S->st.experts_run++;
     S->st.experts_at_planes[(k > 0 ? k : 1) - 1 < EMOE_STATS_LEVELS ? (k > 0 ? k : 1) - 1 : EMOE_STATS_LEVELS - 1]++;
@@ -194,10 +198,10 @@ static int stream_moe(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
     run_state *s = &m->s;
-    const int H = c->hidden, E = c->n_experts, K = c->top_k, n_st = L->n_stored;
+    const int H = c->hidden, K = c->top_k, n_st = L->n_stored;
     const uint64_t seq = S->seq + (uint64_t)l;
     emoe_cache_set_position(S->cache, l, S->seq / (uint64_t)c->n_layers); /* epoch = forward blocks (tokens) */
-    if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) fwd_matmul(m, &L->router, s->xn, n_tok, s->logits_r, (size_t)E);
+    if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) fwd_router_logits(m, l, s->xn, n_tok);
     fwd_route(m, l, n_tok);
     if (S->pred_layer == l && S->pred_n == n_tok) {
         score_prediction(m, S->pred, n_tok, &S->st.pred_experts, &S->st.pred_hits, &S->st.pred_hits_k,

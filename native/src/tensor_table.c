@@ -38,6 +38,14 @@ const tt_entry tt_table[] = {
     {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TC_DENSE, TN_REQUIRED, L(mlp_gate)},
     {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TC_DENSE, TN_REQUIRED, L(mlp_up)},
     {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TC_DENSE, TN_REQUIRED, L(mlp_down)},
+    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TC_O_BIAS, TN_REQUIRED, L(bo)},
+    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TC_SINKS, TN_REQUIRED, L(sinks)},
+    {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TC_ROUTER_BIAS, TN_REQUIRED, L(router_b)},
+    /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
+    {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED,
+     L(gate_b)},
+    {"up_b", "blk.%d.ffn_up_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED, L(up_b)},
+    {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_EXPERT_BIAS, TN_REQUIRED, L(down_b)},
     {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 0},
     {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 1},
     {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TC_MOE, TN_IF_ROUTED, 2},
@@ -60,6 +68,7 @@ int64_t tt_dim(const emoe_model *m, int dim) {
     case TD_EXPERT_FFN: return c->expert_ffn;
     case TD_SHARED_FFN: return c->shared_ffn;
     case TD_DENSE_FFN: return c->dense_ffn;
+    case TD_HEADS: return c->n_heads;
     }
     return 0;
 }
@@ -76,13 +85,18 @@ int tt_present(const emoe_model *m, int e, int layer) {
     case TC_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
     case TC_DENSE: return !moe;
     case TC_SCORE_BIAS: return moe && c->score_bias;
+    case TC_O_BIAS: return c->o_bias != 0;
+    case TC_SINKS: return c->attn_sinks != 0;
+    case TC_ROUTER_BIAS: return moe && c->router_bias;
+    case TC_EXPERT_BIAS: return moe && c->expert_bias;
     }
     return 0;
 }
 
 const char *tt_condition_name(int e) {
     static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
-                                      "a dense layer", "score_bias"};
+                                      "a dense layer", "score_bias", "o_bias", "attn_sinks", "router_bias",
+                                      "expert_bias"};
     return why[tt_table[e].cond];
 }
 
