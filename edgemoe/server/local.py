@@ -5,7 +5,6 @@ its KV cache for prefix reuse the same way); no web stack is needed."""
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +86,4 @@ def _events(model, prep: Prepared, state: dict):
                 raise EdgeMoEError("this completion stream was resumed after another call replaced its sequence in "
                                    "the KV cache; finish one stream before starting another (or serve several "
                                    "clients with `edgemoe serve --n-seq N`)")
-            t0 = time.perf_counter()
-            logits = model._engine.decode(seq.token)
-            model._stats["decode_tokens"] += 1
-            model._stats["decode_s"] += time.perf_counter() - t0
+            logits = model._decode(seq.token)  # the model's one decode step (its statistics included)
