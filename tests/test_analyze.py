@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from subprocess_python import PYTHON
 
 from edgemoe.analyze import (
     decode_requests,
@@ -98,7 +98,7 @@ def test_analyze_prediction_matches_the_runtime_hit_rate_at_the_recommended_budg
     text = tmp_path / "heldout.txt"
     text.write_text((SMALL_MOE / "heldout" / "shakespeare.txt").read_text(encoding="utf-8")[:8000], encoding="utf-8")
     png = tmp_path / "routing.png"
-    p = subprocess.run([sys.executable, "-m", "edgemoe.cli", "analyze", str(small_f16), "--text", str(text),
+    p = subprocess.run([*PYTHON, "-m", "edgemoe.cli", "analyze", str(small_f16), "--text", str(text),
                         "--max-tokens", str(n), "--ctx", str(n), "--max-ctx", str(max_ctx), "--heatmap", str(png),
                         "--json"], capture_output=True, text=True, timeout=600, check=False,
                        cwd=tmp_path)
@@ -135,7 +135,7 @@ def test_analyze_runs_on_mwq_experts_and_routes_like_the_model(tiny_dir, tmp_pat
     path = export(tiny_dir("olmoe"), tmp_path / "mwq.emoe", bits=4, nesting="msb", show_progress=False)
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
-    p = subprocess.run([sys.executable, "-m", "edgemoe.cli", "analyze", str(path), "--text", str(text),
+    p = subprocess.run([*PYTHON, "-m", "edgemoe.cli", "analyze", str(path), "--text", str(text),
                         "--max-tokens", "64", "--max-ctx", "128", "--json"],
                        capture_output=True, text=True, timeout=300, check=False,
                        cwd=tmp_path)

@@ -10,11 +10,11 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import zlib
 
 import numpy as np
 import pytest
+from subprocess_python import PYTHON
 
 import edgemoe
 from edgemoe import _native as N
@@ -165,7 +165,7 @@ for name, path, budget in json.loads(sys.argv[1]):
 def test_hostile_indexes_are_refused_by_every_path(hostile):
     jobs = [(name, str(p), budget) for name, (p, _) in hostile.items() for budget in (None, BUDGET)]
     try:
-        run = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(jobs)], check=False,
+        run = subprocess.run([*PYTHON, "-c", RUNNER, json.dumps(jobs)], check=False,
                              capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
         last = (e.stdout or b"").decode(errors="replace").strip().splitlines()[-1:]

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+from subprocess_python import PYTHON
+
 from edgemoe.cli import main
 
 
@@ -102,9 +104,8 @@ def test_unsupported_bits_and_bad_budget(capsys, tmp_path, tiny_dir, tiny_emoe):
 
 def test_cli_entry_point_help(tmp_path):
     import subprocess
-    import sys
 
     # cwd elsewhere: from the repository root, `python -m` would import the source tree instead of the installed package
-    out = subprocess.run([sys.executable, "-m", "edgemoe", "export", "--help"], check=False,
+    out = subprocess.run([*PYTHON, "-m", "edgemoe", "export", "--help"], check=False,
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "--bits" in out.stdout and "Hugging Face" in out.stdout

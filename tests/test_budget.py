@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from subprocess_python import PYTHON
 
 N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
 if not hasattr(N, "open_streaming"):
@@ -221,7 +221,7 @@ def big_container(tmp_path_factory):
 def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     # The child imports edgemoe as this process does (the installed package, or PYTHONPATH in development); its
     # cwd is not the repository, whose source tree has no compiled core.
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    p = subprocess.run([*PYTHON, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                        timeout=timeout, cwd=tempfile.gettempdir(), check=False)
     assert p.returncode == 0, f"child failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p

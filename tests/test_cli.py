@@ -4,14 +4,14 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
+from subprocess_python import PYTHON
 
 
 def edgemoe(tmp_path, *args, input=None):
     exe = shutil.which("edgemoe")
-    cmd = [exe] if exe else [sys.executable, "-m", "edgemoe"]
+    cmd = [exe] if exe else [*PYTHON, "-m", "edgemoe"]
     # cwd elsewhere than the repository, so the installed package is the one imported
     return subprocess.run(cmd + [str(a) for a in args], check=False, capture_output=True, text=True, cwd=tmp_path,
                           input=input, timeout=600)

@@ -7,10 +7,10 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import time
 
 import pytest
+from subprocess_python import PYTHON
 
 import edgemoe
 
@@ -20,7 +20,7 @@ TIMEOUT = 60.0
 class PtyChild:
     def __init__(self, args, cwd):
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgemoe", *args], stdin=slave, stdout=slave,
+        self.proc = subprocess.Popen([*PYTHON, "-m", "edgemoe", *args], stdin=slave, stdout=slave,
                                      stderr=slave, cwd=cwd, close_fds=True)
         os.close(slave)
         self.seen = b""

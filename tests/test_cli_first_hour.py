@@ -6,10 +6,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from subprocess_python import PYTHON
 from test_cli_chat import PtyChild  # tests/ is on sys.path (conftest.py)
 
 import edgemoe as em
@@ -18,7 +18,7 @@ from edgemoe.model import budget_plan
 
 
 def edgemoe(cwd, *args, input=None, merged=False):
-    return subprocess.run([sys.executable, "-m", "edgemoe", *map(str, args)], check=False, capture_output=not merged,
+    return subprocess.run([*PYTHON, "-m", "edgemoe", *map(str, args)], check=False, capture_output=not merged,
                           stdout=subprocess.PIPE if merged else None, stderr=subprocess.STDOUT if merged else None,
                           text=True, cwd=cwd, input=input, timeout=300)
 

@@ -3,12 +3,12 @@ file per engine, sizes in the units typed, ignore rules for what the tutorial wr
 
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from subprocess_python import PYTHON
 
 from edgemoe.bench import BenchResult, format_table
 from edgemoe.png import CHAR_H, colour, draw_text, labelled_heatmap, text_width, write_png
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def edgemoe(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "edgemoe", *map(str, args)], check=False, capture_output=True,
+    return subprocess.run([*PYTHON, "-m", "edgemoe", *map(str, args)], check=False, capture_output=True,
                           text=True, cwd=cwd, timeout=300)
 
 

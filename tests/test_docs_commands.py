@@ -10,10 +10,10 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from subprocess_python import PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 30
@@ -60,7 +60,7 @@ def src(tiny_dir, tmp_path_factory):
 
 
 def python(code: str, cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=cwd, capture_output=True, text=True,
+    r = subprocess.run([*PYTHON, "-c", code], check=False, cwd=cwd, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -69,7 +69,7 @@ def run(cmd: str, cwd: Path, env_src: Path):
     import shlex
 
     args = shlex.split(cmd.replace("$SRC", str(env_src)))
-    r = subprocess.run([sys.executable, "-m", *args], check=False, cwd=cwd, capture_output=True, text=True,
+    r = subprocess.run([*PYTHON, "-m", *args], check=False, cwd=cwd, capture_output=True, text=True,
                        timeout=600, input="hello\n" if args[1] == "chat" else None)
     assert r.returncode == 0 and "Traceback" not in r.stderr, f"{cmd}\n{r.stdout}\n{r.stderr}"
     return r

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from contextlib import closing
 
 import numpy as np
 import pytest
+from subprocess_python import PYTHON
 
 import edgemoe
 from edgemoe.container import open_container
@@ -21,7 +21,7 @@ TEXT = ("the quick brown fox jumps over the lazy dog, to be or not to be, that i
 
 def edgemoe_cli(cwd, *args):
     exe = shutil.which("edgemoe")
-    cmd = [exe] if exe else [sys.executable, "-m", "edgemoe"]
+    cmd = [exe] if exe else [*PYTHON, "-m", "edgemoe"]
     return subprocess.run(cmd + [str(a) for a in args], check=False, capture_output=True, text=True, cwd=cwd,
                           timeout=600)
 

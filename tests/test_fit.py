@@ -2,10 +2,10 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from subprocess_python import PYTHON
 
 import edgemoe
 from edgemoe import _native as N
@@ -113,7 +113,7 @@ def test_bandwidths_are_measured_quickly_and_give_tokens_per_second(mwq_model):
 
 def test_cli_fit_text_json_and_refusal(mwq_model, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "edgemoe", "fit", str(mwq_model), *args], check=False,
+        return subprocess.run([*PYTHON, "-m", "edgemoe", "fit", str(mwq_model), *args], check=False,
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
     from edgemoe.cli_options import default_threads

@@ -25,6 +25,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from subprocess_python import PYTHON
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -260,7 +262,7 @@ def budgets_for(bases: dict[str, Path], max_ctx: int | None) -> dict[str, int]:
 
 
 def cli_outcome(path: Path, budget: int | None) -> tuple[str, str]:
-    cmd = [sys.executable, "-m", "edgemoe", "run", str(path), "-p", "hi", "-n", "2"]
+    cmd = [*PYTHON, "-m", "edgemoe", "run", str(path), "-p", "hi", "-n", "2"]
     if budget:
         cmd += ["--budget", str(budget)]
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from hostile_corpus import (
     run_case,
     safetensors_cases,
 )
+from subprocess_python import PYTHON
 
 FAMILIES = ("olmoe", "qwen2moe", "qwen3moe", "mixtral")
 BAD = ("internal", "hang", "leftover", "garbage")
@@ -204,7 +204,7 @@ def test_cli_export_of_a_damaged_source_prints_one_line(what, tiny_dir, gguf_bas
     out = tmp_path / "out.emoe"
     env = {**os.environ, "EDGEMOE_DEBUG": ""}
     env.pop("EDGEMOE_DEBUG")
-    r = subprocess.run([sys.executable, "-m", "edgemoe", "export", str(src), "-o", str(out), "--quiet"],
+    r = subprocess.run([*PYTHON, "-m", "edgemoe", "export", str(src), "-o", str(out), "--quiet"],
                        check=False, capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 1

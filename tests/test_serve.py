@@ -7,12 +7,12 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from subprocess_python import PYTHON
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -43,7 +43,7 @@ TOOL_TEMPLATE = (
 
 class ServerProcess:
     def __init__(self, model, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", str(model), "--port", "0", *args],
+        self.proc = subprocess.Popen([*PYTHON, "-m", "edgemoe", "serve", str(model), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = ""
         deadline = time.monotonic() + START_TIMEOUT
@@ -425,7 +425,7 @@ def test_python_api_same_shapes(server, ref):
 
 def test_command_line_explains_itself_and_refuses_clearly(model_path, tmp_path):
     def serve(*args):
-        return subprocess.run([sys.executable, "-m", "edgemoe", "serve", *map(str, args)], check=False,
+        return subprocess.run([*PYTHON, "-m", "edgemoe", "serve", *map(str, args)], check=False,
                               capture_output=True,
                               text=True, timeout=120)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import textwrap
 
 import pytest
+from subprocess_python import PYTHON
 
 N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
 
@@ -103,7 +103,7 @@ def test_threads_on_one_model_get_the_serial_results_or_a_clear_refusal(tiny_emo
     serial = _serial(path, budget)
     rounds = 6
     args = json.dumps([str(path), budget, n_threads, rounds, PROMPTS, N_NEW, MAX_CTX])
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKER), args], capture_output=True, text=True,
+    p = subprocess.run([*PYTHON, "-c", textwrap.dedent(WORKER), args], capture_output=True, text=True,
                        timeout=300, cwd=tempfile.gettempdir(), check=False)
     assert p.returncode == 0, f"child died ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     out = json.loads(p.stdout.strip().splitlines()[-1])
