@@ -63,10 +63,15 @@ def _find_library() -> Path:
         if p.is_file():
             return p
         tried.append(str(p))
+    here = Path(__file__).resolve().parent
+    # The commonest cause after `pip install .`: Python started in the checkout imports its edgemoe/ (no core).
+    checkout = (f" This edgemoe is the source tree in {here.parent}; after `pip install .` run from another "
+                "directory, or install with `pip install -e .`."
+                if (here.parent / "native" / "CMakeLists.txt").is_file() else "")
     raise NativeLibraryNotFound(
-        f"edgemoe's C core ({LIB_NAME}) was not found (tried: {', '.join(tried)}). Install the package with pip "
-        "(it builds native/ with CMake), or build it yourself (cmake -S native -B build && cmake --build build) and "
-        "set EDGEMOE_NATIVE_LIB=build/" + LIB_NAME
+        f"edgemoe's C core ({LIB_NAME}) was not found (tried: {', '.join(tried)}).{checkout} Install the package "
+        "with pip (it builds native/ with CMake), or build it yourself (cmake -S native -B build && cmake --build "
+        "build) and set EDGEMOE_NATIVE_LIB=build/" + LIB_NAME
     )
 
 

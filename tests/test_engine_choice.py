@@ -5,6 +5,7 @@ import json
 import struct
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,21 @@ def test_a_missing_c_core_is_one_clear_error(tiny_emoe, monkeypatch):
             edgemoe.load(tiny_emoe("olmoe", 16), **kw)
     with edgemoe.load(tiny_emoe("olmoe", 16), engine="numpy") as m:  # the reference, when asked for
         assert m.engine_name == "numpy" and m.logits([1, 2, 3]).shape == (3, m.spec.vocab)
+
+
+def test_a_checkout_without_its_core_says_so(tmp_path):
+    """`python` started in a checkout after `pip install .` imports the checkout's edgemoe/, which has no C core:
+    the error names that cause, not only the paths it tried."""
+    import os
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(edgemoe.__file__).parent, checkout / "edgemoe",
+                    ignore=shutil.ignore_patterns("*.so", "*.dylib", "*.dll", "__pycache__"))
+    (checkout / "native").mkdir()
+    (checkout / "native" / "CMakeLists.txt").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "EDGEMOE_NATIVE_LIB"}
+    r = subprocess.run([sys.executable, "-c", "import edgemoe._native"], cwd=checkout, env=env, capture_output=True,
+                       text=True, check=False, timeout=60)
+    assert r.returncode != 0 and f"source tree in {checkout}" in r.stderr and "pip install -e ." in r.stderr, r.stderr
