@@ -82,6 +82,13 @@ static const struct field {
     {"yarn_orig_ctx", F_INT, 0, CFG(yarn_orig_ctx), 1, INT32_MAX, 4096, 0, NULL},
     {"yarn_truncate", F_BOOL, 0, CFG(yarn_truncate), 0, 0, 1, 0, NULL},
     {"rope_attn_factor", F_FLOAT, 0, CFG(rope_attn_factor), 0, 0, 0, 1.0, NULL},
+    {"linear_attn_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
+    {"linear_k_heads", F_INT, 0, CFG(linear_k_heads), 0, EMOE_MAX_HEADS, 0, 0, NULL},
+    {"linear_v_heads", F_INT, 0, CFG(linear_v_heads), 0, EMOE_MAX_HEADS, 0, 0, NULL},
+    {"linear_k_dim", F_INT, 0, CFG(linear_k_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
+    {"linear_v_dim", F_INT, 0, CFG(linear_v_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
+    {"linear_conv", F_INT, 0, CFG(linear_conv), 0, EMOE_MAX_CONV, 0, 0, NULL},
+    {"attn_gate", F_BOOL, 0, CFG(attn_gate), 0, 0, 0, 0, NULL},
     {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
     {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
     {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
@@ -299,6 +306,12 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
                        (double)c->yarn_beta_fast, (double)c->yarn_beta_slow);
     if (c->n_swa_layers && !c->sliding_window)
         return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
+    if (c->n_linear_attn_layers &&
+        (c->linear_k_heads < 1 || c->linear_v_heads < 1 || c->linear_k_dim < 1 || c->linear_v_dim < 1 ||
+         c->linear_conv < 1 || c->linear_v_heads % c->linear_k_heads))
+        return invalid(err, errlen, "linear_attn_layers given: linear_k_heads, linear_v_heads (a multiple of "
+                       "linear_k_heads), linear_k_dim, linear_v_dim and linear_conv must be >= 1 (got %d, %d, %d, %d, "
+                       "%d)", c->linear_k_heads, c->linear_v_heads, c->linear_k_dim, c->linear_v_dim, c->linear_conv);
     return check_groups(c, err, errlen);
 }
 
@@ -334,7 +347,9 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
                            "re-export the model with this version)", key);
     }
     emoe_config *c = &a->cfg;
-    int lists[3] = {JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
+    enum { N_LISTS = 4 };
+    static const char *const list_keys[N_LISTS] = {"dense_layers", "nope_layers", "swa_layers", "linear_attn_layers"};
+    int lists[N_LISTS] = {JSON_NONE, JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
     for (size_t i = 0; i < N_FIELDS; i++) {
         const struct field *f = &FIELDS[i];
         const int node = json_get(d, obj, f->key);
@@ -343,26 +358,28 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
             set_default(f, a);
             continue;
         }
-        if (f->kind == F_LIST) lists[!strcmp(f->key, "dense_layers") ? 0 : !strcmp(f->key, "nope_layers") ? 1 : 2] = node;
-        else if (f->kind == F_MAP) map = node;
+        if (f->kind == F_LIST) {
+            int li = 0;
+            while (strcmp(f->key, list_keys[li])) li++; /* every F_LIST key is in list_keys */
+            lists[li] = node;
+        } else if (f->kind == F_MAP) map = node;
         else {
             const int st = read_scalar(d, node, f, a, err, errlen);
             if (st) return st;
         }
     }
-    /* storage: three lists of at most n_layers, and the expert map (bounded: n_layers * n_experts <= 2^26 only
+    /* storage: N_LISTS lists of at most n_layers, and the expert map (bounded: n_layers * n_experts <= 2^26 only
      * matters when a map is given) */
     const int with_map = map != JSON_NONE && json_len(d, map) > 0;
     const size_t cells = (size_t)c->n_layers * (size_t)c->n_experts;
     if (with_map && cells > EMOE_MAX_LAYER_EXPERTS)
         return invalid(err, errlen, "'expert_map' with n_layers = %d and n_experts = %d is too large (at most %d "
                        "entries)", c->n_layers, c->n_experts, EMOE_MAX_LAYER_EXPERTS);
-    a->ints = malloc((3 * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
+    a->ints = malloc((N_LISTS * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
     if (!a->ints) return EMOE_ERR_NOMEM;
-    static const char *const list_keys[3] = {"dense_layers", "nope_layers", "swa_layers"};
-    int32_t *ns[3] = {&c->n_dense_layers, &c->n_nope_layers, &c->n_swa_layers};
-    const int32_t **ptrs[3] = {&c->dense_layers, &c->nope_layers, &c->swa_layers};
-    for (int i = 0; i < 3; i++) {
+    int32_t *ns[N_LISTS] = {&c->n_dense_layers, &c->n_nope_layers, &c->n_swa_layers, &c->n_linear_attn_layers};
+    const int32_t **ptrs[N_LISTS] = {&c->dense_layers, &c->nope_layers, &c->swa_layers, &c->linear_attn_layers};
+    for (int i = 0; i < N_LISTS; i++) {
         int32_t *dst = a->ints + (size_t)i * (size_t)c->n_layers;
         const int st = read_layer_list(d, lists[i], list_keys[i], c->n_layers, dst, ns[i], err, errlen);
         if (st) return st;
@@ -371,7 +388,7 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
     int st = check_relations(c, err, errlen);
     if (st) return st;
     if (with_map) {
-        int32_t *dst = a->ints + 3 * (size_t)c->n_layers;
+        int32_t *dst = a->ints + N_LISTS * (size_t)c->n_layers;
         int used;
         unsigned char *seen = malloc((size_t)c->n_experts);
         if (!seen) return EMOE_ERR_NOMEM;
@@ -404,6 +421,10 @@ void emoe_arch_free(emoe_arch *a) {
     free(a->family);
     free(a->ints);
     memset(a, 0, sizeof(*a));
+}
+
+int emoe_arch_is_attention_layer(const emoe_config *c, int layer) {
+    return !in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer);
 }
 
 /* ---- public entry points (edgemoe.h) ---- */
