@@ -36,6 +36,12 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
         "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
     }
+    if spec.linear_attn_layers or spec.attn_gate:  # Qwen3.5 / Next
+        conv = 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim
+        vh, v = spec.linear_v_heads, spec.linear_v_heads * spec.linear_v_dim
+        shapes.update(attn_gate=(nh * hd, H), la_qkv=(conv, H), la_z=(v, H), la_b=(vh, H), la_a=(vh, H),
+                      la_conv=(conv * spec.linear_conv,), la_dt=(vh,), la_a_log=(vh,), la_norm=(spec.linear_v_dim,),
+                      la_out=(H, v))
     return shapes
 
 
@@ -79,8 +85,10 @@ class Checkpoint:
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
         fused_shared = self._shared_fused(layer)
+        if self.spec.attn_gate:  # q_proj holds [q | gate] per head: read once, split by layer_dense
+            shapes["wq"] = (2 * self.spec.n_heads * self.spec.head_dim, self.spec.hidden)
         return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()
-                if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down"))}
+                if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down")) and role != "attn_gate"}
 
     def _shared_fused(self, layer: int) -> dict[str, tuple[int, ...]] | None:
         """HF name -> shape of a shared MLP stored fused (Granite: input_linear = gate rows then up rows [2S, H],
@@ -181,9 +189,13 @@ class Checkpoint:
         """Yield (container name, f32 array) for embeddings, final norm and lm_head, one at a time."""
         s = self.spec
         yield GLOBAL_TENSORS["embed"], self._get("model.embed_tokens.weight", (s.vocab, s.hidden))
-        yield GLOBAL_TENSORS["final_norm"], self._get("model.norm.weight", (s.hidden,))
+        yield GLOBAL_TENSORS["final_norm"], self._norm(self._get("model.norm.weight", (s.hidden,)))
         if not s.tie_embeddings:
             yield GLOBAL_TENSORS["lm_head"], self._get("lm_head.weight", (s.vocab, s.hidden))
+
+    def _norm(self, w: np.ndarray) -> np.ndarray:
+        """An RMSNorm weight as the forward pass multiplies by it (Family.norm_offset: stored as w - 1)."""
+        return (w + np.float32(1)).astype(np.float32) if self.family.norm_offset else w
 
     def global_tensors(self) -> dict[str, np.ndarray]:
         """Container name -> f32 array for embeddings, final norm and lm_head."""
@@ -199,8 +211,16 @@ class Checkpoint:
             gu = self._get(gu_name, gu_shape)
             out[ours["sh_gate"]], out[ours["sh_up"]] = np.ascontiguousarray(gu[:S]), np.ascontiguousarray(gu[S:])
             out[ours["sh_down"]] = self._get(down_name, down_shape)
+        ours = dense_tensor_names(self.spec, layer)
+        for role in ("attn_norm", "ffn_norm", "q_norm", "k_norm"):
+            if role in ours:
+                out[ours[role]] = self._norm(out[ours[role]])
+        if "attn_gate" in ours:  # Qwen3.5 / Next q_proj rows per head: head_dim query rows, then head_dim gate rows
+            s = self.spec
+            qg = out[ours["wq"]].reshape(s.n_heads, 2, s.head_dim, s.hidden)
+            out[ours["wq"]] = np.ascontiguousarray(qg[:, 0].reshape(-1, s.hidden))
+            out[ours["attn_gate"]] = np.ascontiguousarray(qg[:, 1].reshape(-1, s.hidden))
         if self._interleaved_bias():  # gpt-oss: gate_up_proj_bias [E, 2F], gate / up interleaved
-            ours = dense_tensor_names(self.spec, layer)
             for role, start in (("gate_b", 0), ("up_b", 1)):
                 out[ours[role]] = np.ascontiguousarray(out[ours[role]][:, start::2])
         return out
