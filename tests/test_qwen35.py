@@ -205,3 +205,60 @@ def test_unsupported_qwen35_variants_are_refused():
     with pytest.raises(UnsupportedModelError, match="attention_bias"):
         qwen35moe_spec({**base, "attention_bias": True})
     assert isinstance(qwen35moe_spec(base), ArchSpec)
+
+
+# --- GGUF: llama.cpp's `qwen35moe` -------------------------------------------------------------------------------
+
+# llama.cpp's DeltaNet needs key and value heads of one size and full attention every n-th layer; the variant keeps
+# two value heads per key head, so the exporter's head reordering (tiled in llama.cpp, grouped in transformers) is
+# exercised.
+GGUF_VARIANT = {"linear_key_head_dim": 12, "linear_value_head_dim": 12, "num_hidden_layers": 4,
+                "layer_types": ["linear_attention"] * 3 + ["full_attention"]}
+
+
+@pytest.fixture(scope="module")
+def gguf_ckpt(tmp_path_factory):
+    from tiny_qwen35 import build_tiny_qwen35
+
+    return build_tiny_qwen35(tmp_path_factory.mktemp("qwen35_gguf") / "ckpt", **GGUF_VARIANT)
+
+
+def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import llama_logits
+
+    path = export_gguf(gguf_ckpt, tmp_path / "q.gguf", "F32", show_progress=False)
+    got, ref = llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)
+    assert rel_err(got, ref) <= 1e-5  # measured 3.9e-6; without the v-head reordering 1.18
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+    from llama_cpp import Llama
+
+    path = export_gguf(gguf_ckpt, tmp_path / "q.gguf", "F32", show_progress=False)
+    prompt = [int(t) for t in IDS[:8]]
+    with edgemoe.load(export(gguf_ckpt, tmp_path / "q.emoe", bits=32, show_progress=False), engine="c") as m:
+        ours = m._engine.prefill(prompt)
+        toks = []
+        for _ in range(12):
+            toks.append(int(np.argmax(ours)))
+            ours = m._engine.decode(toks[-1])
+    llm = Llama(model_path=str(path), n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
+    try:
+        theirs = [int(t) for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1), range(12))]
+    finally:
+        llm.close()
+    assert theirs == toks
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_run(qwen35, tmp_path):
+    from edgemoe_export.gguf_export import export_gguf
+
+    with pytest.raises(EdgeMoEError, match="linear_key_head_dim == linear_value_head_dim"):  # 16 vs 12
+        export_gguf(qwen35.dir, tmp_path / "x.gguf", "F32", show_progress=False)
+    assert not (tmp_path / "x.gguf").exists()
