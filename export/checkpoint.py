@@ -85,8 +85,13 @@ class Checkpoint:
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
         fused_shared = self._shared_fused(layer)
-        if self.spec.attn_gate:  # q_proj holds [q | gate] per head: read once, split by layer_dense
-            shapes["wq"] = (2 * self.spec.n_heads * self.spec.head_dim, self.spec.hidden)
+        s = self.spec
+        if s.attn_gate:  # q_proj holds [q | gate] per head: read once, split by layer_dense
+            shapes["wq"] = (2 * s.n_heads * s.head_dim, s.hidden)
+        if self.family.fused_qkvz:  # Qwen3-Next: read whole, split by layer_dense
+            qkvz = 2 * s.linear_k_heads * s.linear_k_dim + 2 * s.linear_v_heads * s.linear_v_dim
+            shapes["la_qkv"] = shapes["la_z"] = (qkvz, s.hidden)
+            shapes["la_b"] = shapes["la_a"] = (2 * s.linear_v_heads, s.hidden)
         return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()
                 if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down")) and role != "attn_gate"}
 
@@ -215,6 +220,8 @@ class Checkpoint:
         for role in ("attn_norm", "ffn_norm", "q_norm", "k_norm"):
             if role in ours:
                 out[ours[role]] = self._norm(out[ours[role]])
+        if self.family.fused_qkvz and "la_qkv" in ours:
+            self._split_qkvz(out, ours)
         if "attn_gate" in ours:  # Qwen3.5 / Next q_proj rows per head: head_dim query rows, then head_dim gate rows
             s = self.spec
             qg = out[ours["wq"]].reshape(s.n_heads, 2, s.head_dim, s.hidden)
@@ -224,6 +231,20 @@ class Checkpoint:
             for role, start in (("gate_b", 0), ("up_b", 1)):
                 out[ours[role]] = np.ascontiguousarray(out[ours[role]][:, start::2])
         return out
+
+    def _split_qkvz(self, out: dict, ours: dict) -> None:
+        """Qwen3-Next: in_proj_qkvz rows per key head [q dk | k dk | v r*dv | z r*dv] and in_proj_ba per key head
+        [b r | a r] (r = value heads per key head) -> la_qkv = [all q | all k | all v], la_z, la_b, la_a."""
+        s = self.spec
+        K, dk, dv, r, H = s.linear_k_heads, s.linear_k_dim, s.linear_v_dim, s.linear_v_heads // s.linear_k_heads, \
+            s.hidden
+        w = out[ours["la_qkv"]].reshape(K, 2 * dk + 2 * r * dv, H)
+        parts = np.split(w, [dk, 2 * dk, 2 * dk + r * dv], axis=1)
+        out[ours["la_qkv"]] = np.ascontiguousarray(np.concatenate([p.reshape(-1, H) for p in parts[:3]]))
+        out[ours["la_z"]] = np.ascontiguousarray(parts[3].reshape(-1, H))
+        ba = out[ours["la_b"]].reshape(K, 2 * r, H)
+        out[ours["la_b"]] = np.ascontiguousarray(ba[:, :r].reshape(-1, H))
+        out[ours["la_a"]] = np.ascontiguousarray(ba[:, r:].reshape(-1, H))
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""

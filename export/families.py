@@ -5,6 +5,7 @@ Adding a family means adding a `Family` entry here; the forward passes never cha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -401,7 +402,18 @@ def gpt_oss_spec(cfg: dict) -> ArchSpec:
 QWEN35_LAYER_TYPES = ("linear_attention", "full_attention")
 
 
-def qwen35moe_spec(cfg: dict) -> ArchSpec:
+def qwen3next_spec(cfg: dict) -> ArchSpec:
+    """Qwen3-Next (`qwen3_next`, modeling_qwen3_next.py): Qwen3.5-MoE's layers (qwen35moe_spec) with the DeltaNet
+    projections fused per key head (in_proj_qkvz, in_proj_ba: Checkpoint.layer_dense splits them), norm_topk_prob
+    from the config and dense MLP layers by decoder_sparse_step / mlp_only_layers."""
+    c = ConfigFields(cfg)
+    spec = qwen35moe_spec(cfg, "qwen3next")
+    dense = _qwen_dense_layers(c, spec.n_layers)
+    return dataclasses.replace(spec, norm_topk=c.bool("norm_topk_prob", True), dense_layers=dense,
+                               dense_ffn=_dense_ffn(c, dense))
+
+
+def qwen35moe_spec(cfg: dict, family: str = "qwen35moe") -> ArchSpec:
     """Qwen3.5 / 3.6 MoE text model (transformers 5 `qwen3_5_moe_text`, modeling_qwen3_5_moe.py): layer_types mixes
     Gated DeltaNet (`linear_attention`) and gated full attention (q_proj also yields a per-head output gate; per-head
     QK-norm; NeoX RoPE on the first partial_rotary_factor of each head -- its multimodal sections coincide for text
@@ -413,7 +425,7 @@ def qwen35moe_spec(cfg: dict) -> ArchSpec:
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"Qwen3.5-MoE with hidden_act={cfg.get('hidden_act')!r} is not supported "
                                     "(expected 'silu')")
-    common = _common(c, "qwen35moe", 10000.0)
+    common = _common(c, family, 10000.0)
     n_layers = common["n_layers"]
     interval = c.int("full_attention_interval", 4, hi=MAX_LAYERS)
     types = cfg.get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
@@ -457,6 +469,7 @@ class Family:
     # biases gate_up_proj_bias [E, 2F] / down_proj_bias; or MXFP4 (*_blocks / *_scales, [out, in] rows interleaved)
     fused: str = "gate_first"
     norm_offset: bool = False  # RMSNorm weights stored as w - 1 (the norm scales by 1 + w): the reader adds 1
+    fused_qkvz: bool = False  # Qwen3-Next: DeltaNet in_proj_qkvz / in_proj_ba grouped per key head
 
 
 FAMILIES: dict[str, Family] = {
@@ -478,12 +491,14 @@ FAMILIES: dict[str, Family] = {
                       fused="gpt_oss"),
     "qwen3_5_moe_text": Family("qwen35moe", qwen35moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj",
                                                                                   "down_proj"), norm_offset=True),
+    "qwen3_next": Family("qwen3next", qwen3next_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                         norm_offset=True, fused_qkvz=True),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
              "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
-             "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text)")
+             "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next)")
 
 
 def family_for(cfg: dict, where: str) -> Family:
@@ -515,8 +530,10 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
     if spec.attn_gate:  # the gate rows are interleaved in q_proj (Checkpoint.layer_dense splits them)
         names["attn_gate"] = a + "q_proj.weight"
     la = p + "linear_attn."
-    names.update(la_qkv=la + "in_proj_qkv.weight", la_z=la + "in_proj_z.weight", la_b=la + "in_proj_b.weight",
-                 la_a=la + "in_proj_a.weight", la_conv=la + "conv1d.weight", la_dt=la + "dt_bias",
+    qkv, z, b, a = ((la + "in_proj_qkvz.weight",) * 2 + (la + "in_proj_ba.weight",) * 2 if fam.fused_qkvz else
+                    (la + "in_proj_qkv.weight", la + "in_proj_z.weight", la + "in_proj_b.weight",
+                     la + "in_proj_a.weight"))
+    names.update(la_qkv=qkv, la_z=z, la_b=b, la_a=a, la_conv=la + "conv1d.weight", la_dt=la + "dt_bias",
                  la_a_log=la + "A_log", la_norm=la + "norm.weight", la_out=la + "out_proj.weight")
     m = p + fam.moe_prefix + "."
     if spec.is_moe_layer(layer):

@@ -552,6 +552,9 @@ def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = Tru
     if spec.expert_map:
         raise EdgeMoEError("GGUF export: this source has merged experts (expert_map); write it with "
                            "export_gguf_from_container / export_gguf_merged, which expand the map for llama.cpp")
+    if spec.family == "qwen3next":
+        raise EdgeMoEError("GGUF export: llama.cpp's 'qwen3next' reads Qwen3-Next's fused DeltaNet projections in its "
+                           "own layout, which this exporter does not write yet; export to the edgemoe container")
     if spec.family not in LLAMA_CPP_ARCH:
         raise EdgeMoEError(f"GGUF export: family {spec.family!r} has no llama.cpp architecture")
     _check_supported(spec, LLAMA_CPP_ARCH[spec.family])

@@ -195,6 +195,33 @@ def test_c_engine_equals_numpy_engine_on_the_f16_container(qwen35):
     assert rel_err(outs[0], outs[1]) <= 1e-5
 
 
+def test_qwen3_next_fused_projections_and_dense_layers_match_transformers(tmp_path):
+    from edgemoe_export import export
+    from tiny_qwen35 import build_tiny_qwen35
+
+    ckpt = build_tiny_qwen35(tmp_path / "next", model_type="qwen3_next")
+    path = export(ckpt, tmp_path / "next.emoe", bits=32, show_progress=False)
+    s = open_container(path, verify=False).spec
+    assert s.family == "qwen3next" and s.dense_layers == [2] and not s.norm_topk and s.linear_attn_layers == [0, 2, 3]
+    ref = hf_logits(ckpt, IDS)
+    for engine in ("numpy", "c"):
+        with edgemoe.load(path, engine=engine, threads=2) as m:
+            assert rel_err(m.logits(IDS), ref) <= 1e-5
+
+
+def test_onnx_and_next_gguf_exports_are_refused_with_the_reason(qwen35, tmp_path):
+    from edgemoe_export.gguf_export import export_gguf
+    from edgemoe_export.onnx_export import export_onnx
+    from tiny_qwen35 import build_tiny_qwen35
+
+    with pytest.raises(EdgeMoEError, match="GatedDeltaNet"):
+        export_onnx(qwen35.dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+    nxt = build_tiny_qwen35(tmp_path / "next", model_type="qwen3_next")
+    with pytest.raises(EdgeMoEError, match="'qwen3next'"):
+        export_gguf(nxt, tmp_path / "n.gguf", "F32", show_progress=False)
+
+
 def test_unsupported_qwen35_variants_are_refused():
     from edgemoe_export.families import qwen35moe_spec
     from tiny_qwen35 import CONFIG

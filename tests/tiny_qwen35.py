@@ -23,12 +23,17 @@ CONFIG = {
 }
 
 
-def build_tiny_qwen35(out_dir: Path, seed: int = 0, **overrides) -> Path:
+# Qwen3-Next: the same layers with fused DeltaNet projections, plus a dense MLP layer and unnormalized top-k.
+NEXT_CONFIG = {**CONFIG, "mlp_only_layers": [2], "intermediate_size": 48, "norm_topk_prob": False}
+
+
+def build_tiny_qwen35(out_dir: Path, seed: int = 0, model_type: str = "qwen3_5_moe_text", **overrides) -> Path:
     import torch
     import transformers as tf
     from tiny_models import _write_tokenizer
 
-    cfg = tf.AutoConfig.for_model("qwen3_5_moe_text", **{**CONFIG, **overrides})
+    base = NEXT_CONFIG if model_type == "qwen3_next" else CONFIG
+    cfg = tf.AutoConfig.for_model(model_type, **{**base, **overrides})
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
