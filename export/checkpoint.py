@@ -14,7 +14,7 @@ import numpy as np
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import FormatError, UnsupportedModelError
 
-from .families import Family, dense_hf_names, family_for
+from .families import Family, dense_hf_names, family_for, text_part
 from .json_input import read_json
 from .mxfp4 import dequantize_mxfp4
 from .safetensors_lazy import FLOAT_DTYPES, SafetensorsSet
@@ -59,14 +59,14 @@ class Checkpoint:
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise FormatError(f"{path}: no config.json; expected a Hugging Face model directory")
-        self.config = read_json(cfg_path)
+        self.config, prefix = text_part(read_json(cfg_path), str(cfg_path))
         self.path = path
         self.family: Family = family_for(self.config, str(cfg_path))
         try:
             self.spec: ArchSpec = self.family.spec(self.config)
         except (FormatError, UnsupportedModelError) as e:  # the family's reader names the field, this the file
             raise type(e)(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
-        self.tensors = SafetensorsSet(path)
+        self.tensors = SafetensorsSet(path) if prefix is None else _TextPart(SafetensorsSet(path), prefix)
         self._check_tensors(cfg_path)
         tok = path / "tokenizer.json"
         self.tokenizer_json: bytes | None = None
@@ -295,6 +295,38 @@ class Checkpoint:
             yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[1::2])
             yield expert_tensor_name(layer, e, "down"), dequantize_mxfp4(mats["down_proj"][0][e],
                                                                          mats["down_proj"][1][e])
+
+
+class _TextPart:
+    """A multimodal checkpoint's text model under the text-only names: "model.X" is read from "{prefix}X"."""
+
+    def __init__(self, inner: SafetensorsSet, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def _real(self, name: str) -> str:
+        return self.prefix + name[len("model."):] if name.startswith("model.") else name
+
+    def __contains__(self, name: str) -> bool:
+        return self._real(name) in self.inner
+
+    def names(self) -> list[str]:
+        return ["model." + n[len(self.prefix):] for n in self.inner.names() if n.startswith(self.prefix)] + \
+            [n for n in self.inner.names() if not n.startswith("model.")]
+
+    def shape(self, name: str):
+        return self.inner.shape(self._real(name))
+
+    def get(self, name: str) -> np.ndarray:
+        return self.inner.get(self._real(name))
+
+    def get_u8(self, name: str) -> np.ndarray:
+        return self.inner.get_u8(self._real(name))
+
+    def file_of(self, name: str) -> Path:
+        return self.inner.file_of(self._real(name))
+
+    def dtype(self, name: str) -> str:
+        return self.inner.dtype(self._real(name))
 
 
 # The special tokens transformers hands a chat template as variables (bos_token, eos_token, ...).

@@ -501,6 +501,27 @@ SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtr
              "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next)")
 
 
+# Multimodal checkpoints whose text model edgemoe runs (the vision tower is not read): model_type -> (the text
+# model's model_type, the prefix its tensors carry instead of "model.").
+TEXT_PARTS = {"qwen3_5_moe": ("qwen3_5_moe_text", "model.language_model.")}
+
+
+def text_part(cfg: dict, where: str) -> tuple[dict, str | None]:
+    """(the config of the model edgemoe runs, the tensor-name prefix of a multimodal checkpoint's text model or
+    None)."""
+    model_type = cfg.get("model_type")
+    if model_type not in TEXT_PARTS:
+        return cfg, None
+    text_type, prefix = TEXT_PARTS[model_type]
+    tc = cfg.get("text_config")
+    if not isinstance(tc, dict):
+        raise FormatError(f"{where}: model_type {model_type!r} has no text_config object; edgemoe runs its text model")
+    tc = {**tc, "model_type": text_type}
+    if cfg.get("tie_word_embeddings") is not None:  # the composite model ties (or not) its own lm_head
+        tc["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return tc, prefix
+
+
 def family_for(cfg: dict, where: str) -> Family:
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in FAMILIES:

@@ -222,6 +222,30 @@ def test_onnx_and_next_gguf_exports_are_refused_with_the_reason(qwen35, tmp_path
         export_gguf(nxt, tmp_path / "n.gguf", "F32", show_progress=False)
 
 
+def test_the_multimodal_checkpoint_exports_its_text_model(tmp_path):
+    """The published Qwen3.5/3.6 checkpoints are `qwen3_5_moe` (text_config + a vision tower, the text model's
+    tensors under model.language_model.): the text model is read, and computes what transformers' does on text."""
+    import torch
+    import transformers as tf
+    from edgemoe_export import export
+    from tiny_qwen35 import CONFIG
+
+    vision = {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 64,
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 16}
+    cfg = tf.AutoConfig.for_model("qwen3_5_moe", text_config=dict(CONFIG), vision_config=vision)
+    torch.manual_seed(0)
+    model = tf.AutoModelForImageTextToText.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if "norm" in name else 0.1)
+        ref = model(input_ids=torch.tensor(IDS)[None]).logits[0].numpy()
+    model.save_pretrained(tmp_path / "mm")
+    path = export(tmp_path / "mm", tmp_path / "mm.emoe", bits=32, show_progress=False)
+    assert open_container(path, verify=False).spec.family == "qwen35moe"
+    with edgemoe.load(path, engine="c", threads=2) as m:
+        assert rel_err(m.logits(IDS), ref) <= 1e-5
+
+
 def test_unsupported_qwen35_variants_are_refused():
     from edgemoe_export.families import qwen35moe_spec
     from tiny_qwen35 import CONFIG
