@@ -143,6 +143,36 @@ def test_python_and_c_tensor_tables_agree(qwen35):
         h.close()
 
 
+def test_the_budget_counts_the_recurrent_state_like_the_kv_cache(qwen35):
+    with pytest.raises(N.BudgetError) as e:
+        edgemoe.load(qwen35(32), memory_budget=1, max_ctx=128, threads=2)
+    kv = 2 * 5 * 128 * (2 * 24) * 4  # K and V of every layer, f32
+    conv_dim = 2 * 2 * 16 + 4 * 12
+    state = 3 * ((4 - 1) * conv_dim + 4 * 16 * 12) * 4  # 3 DeltaNet layers: conv window + S per value head
+    assert e.value.plan["kv_bytes"] == kv + state
+
+
+def test_calibration_runs_through_the_deltanet_layers(qwen35):
+    """The quantized exports calibrate on text (reference forward, gated_deltanet included): the Gram-weighted MWQ
+    fit and the pre-attention predictor of every layer come from it."""
+    c = open_container(qwen35(4), verify=False)
+    assert all(f"blk.{i}.ffn_gate_inp_pre.weight" in c.tensors for i in range(5))
+
+
+def test_merged_experts_run_the_same_in_c_and_numpy(qwen35, tmp_path):
+    from edgemoe_export import export
+
+    path = export(qwen35.dir, tmp_path / "m.emoe", bits=32, experts_per_layer=3, calib=None, calib_tokens=512,
+                  show_progress=False)
+    spec = open_container(path, verify=False).spec
+    assert spec.expert_map and max(spec.expert_map[0]) == 2
+    outs = []
+    for engine in ("c", "numpy"):
+        with edgemoe.load(path, engine=engine, threads=2) as m:
+            outs.append(m.logits(IDS))
+    assert rel_err(outs[0], outs[1]) <= 1e-5
+
+
 @pytest.mark.parametrize("bits", [32, 4])
 def test_budgeted_run_is_bit_identical_to_resident(qwen35, bits):
     from test_budget import greedy_logits, minimum_budget
