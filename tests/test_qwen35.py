@@ -130,6 +130,13 @@ def test_context_shift_reruns_the_shifted_context(qwen35):
     assert out[0].context_shifts > 0 and out[0].text == out[1].text
 
 
+def test_a_batch_keeps_one_recurrent_state_per_sequence(qwen35):
+    prompts = [[int(t) for t in IDS[:9]], [int(t) for t in IDS[5:20]], [7, 8, 9]]
+    with edgemoe.load(qwen35(32), engine="c", threads=2) as m:
+        one_by_one = [m.generate(p, max_new_tokens=6, temperature=0, stop_at_eos=False) for p in prompts]
+        assert m.generate_batch(prompts, max_new_tokens=6, stop_at_eos=False) == one_by_one
+
+
 def test_python_and_c_tensor_tables_agree(qwen35):
     path = qwen35(32)
     spec = open_container(path, verify=False).spec
