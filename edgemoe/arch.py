@@ -84,6 +84,18 @@ class ArchSpec:
     yarn_orig_ctx: int = 4096
     yarn_truncate: bool = True
     rope_attn_factor: float = 1.0
+    # Qwen3.5 / Qwen3-Next hybrid layers. Layers in linear_attn_layers run Gated DeltaNet (native/src/deltanet.c,
+    # reference.gated_deltanet) instead of attention: q, k, v from one projection through a causal depthwise conv
+    # of linear_conv taps (+ SiLU), q/k L2-normalized per head, a recurrent state [linear_k_dim, linear_v_dim] per
+    # value head (linear_v_heads, each reading k head h // (linear_v_heads / linear_k_heads)) updated by the gated
+    # delta rule, then an RMSNorm gated by silu(z) per value head. Fixed-size state: it counts like the KV cache.
+    linear_attn_layers: list[int] = field(default_factory=list)
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0
+    linear_v_dim: int = 0
+    linear_conv: int = 0
+    attn_gate: bool = False  # attention output * sigmoid(attn_gate x) before wo (Qwen3.5 / Next gated attention)
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -116,6 +128,15 @@ class ArchSpec:
                              f"{self.topk_group} groups must hold top_k={self.top_k} experts")
         if self.rope_dim == 0:
             self.rope_dim = self.head_dim
+        if self.linear_attn_layers and not (min(self.linear_k_heads, self.linear_v_heads, self.linear_k_dim,
+                                                    self.linear_v_dim, self.linear_conv) >= 1
+                                                and self.linear_v_heads % self.linear_k_heads == 0):
+            raise ValueError("linear_attn_layers need linear_k_heads, linear_v_heads (a multiple of linear_k_heads), "
+                             "linear_k_dim, linear_v_dim and linear_conv >= 1")
+
+    def is_attention_layer(self, layer: int) -> bool:
+        """The layer runs (softmax) attention: it is not a linear-attention layer."""
+        return layer not in self.linear_attn_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -161,23 +182,24 @@ class ArchSpec:
 # (role, container name pattern, scope, rows, cols, condition, need) with
 #   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
 #   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
-#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense), and an arch option that must be
-#     set (non-zero, not false, not "none"); need: "required" | "unless_tied" | "optional" | "if_routed".
+#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | linear), and an arch
+#     option that must be set (non-zero, not false, not "none"); need: "required" | "unless_tied" | "optional" |
+#     "if_routed".
 TENSOR_TABLE = (
     ("embed", "token_embd.weight", "global", "vocab", "hidden", "all", "required"),
     ("final_norm", "output_norm.weight", "global", None, "hidden", "all", "required"),
     ("lm_head", "output.weight", "global", "vocab", "hidden", "all", "unless_tied"),
     ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "all", "required"),
-    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "all", "required"),
-    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "all", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "all", "required"),
-    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "all", "required"),
+    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "attn", "required"),
+    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "attn", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn", "required"),
+    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "attn", "required"),
     ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "all", "required"),
-    ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "all:qkv_bias", "required"),
-    ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "all:qkv_bias", "required"),
-    ("bv", "blk.{layer}.attn_v.bias", "layer", None, "kv", "all:qkv_bias", "required"),
-    ("q_norm", "blk.{layer}.attn_q_norm.weight", "layer", None, "q_norm", "all:qk_norm", "required"),
-    ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "all:qk_norm", "required"),
+    ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "attn:qkv_bias", "required"),
+    ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "attn:qkv_bias", "required"),
+    ("bv", "blk.{layer}.attn_v.bias", "layer", None, "kv", "attn:qkv_bias", "required"),
+    ("q_norm", "blk.{layer}.attn_q_norm.weight", "layer", None, "q_norm", "attn:qk_norm", "required"),
+    ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "attn:qk_norm", "required"),
     ("router", "blk.{layer}.ffn_gate_inp.weight", "layer", "experts", "hidden", "moe", "required"),
     ("predictor", "blk.{layer}.ffn_gate_inp_pre.weight", "layer", "experts", "hidden", "moe", "optional"),
     ("score_bias", "blk.{layer}.exp_probs_b.bias", "layer", None, "experts", "moe:score_bias", "required"),
@@ -188,13 +210,24 @@ TENSOR_TABLE = (
     ("mlp_gate", "blk.{layer}.ffn_gate.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
     ("mlp_up", "blk.{layer}.ffn_up.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
     ("mlp_down", "blk.{layer}.ffn_down.weight", "layer", "hidden", "dense_ffn", "dense", "required"),
-    ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "all:o_bias", "required"),
-    ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "all:attn_sinks", "required"),
+    ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "attn:o_bias", "required"),
+    ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn:attn_sinks", "required"),
     ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "moe:router_bias", "required"),
     # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
     ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
     ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
     ("down_b", "blk.{layer}.ffn_down_exps.bias", "layer", "experts", "hidden", "moe:expert_bias", "required"),
+    # Qwen3.5 / Next: the attention output gate; Gated DeltaNet layers (la_conv: [conv channels, taps] flattened, f32)
+    ("attn_gate", "blk.{layer}.attn_gate.weight", "layer", "q", "hidden", "attn:attn_gate", "required"),
+    ("la_qkv", "blk.{layer}.ssm_in_qkv.weight", "layer", "la_conv_dim", "hidden", "linear", "required"),
+    ("la_z", "blk.{layer}.ssm_in_z.weight", "layer", "la_v", "hidden", "linear", "required"),
+    ("la_b", "blk.{layer}.ssm_in_b.weight", "layer", "la_heads", "hidden", "linear", "required"),
+    ("la_a", "blk.{layer}.ssm_in_a.weight", "layer", "la_heads", "hidden", "linear", "required"),
+    ("la_conv", "blk.{layer}.ssm_conv1d.weight", "layer", None, "la_conv_taps", "linear", "required"),
+    ("la_dt", "blk.{layer}.ssm_dt.bias", "layer", None, "la_heads", "linear", "required"),
+    ("la_a_log", "blk.{layer}.ssm_a_log.weight", "layer", None, "la_heads", "linear", "required"),
+    ("la_norm", "blk.{layer}.ssm_norm.weight", "layer", None, "la_vdim", "linear", "required"),
+    ("la_out", "blk.{layer}.ssm_out.weight", "layer", "hidden", "la_v", "linear", "required"),
     ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
@@ -206,13 +239,19 @@ def _dim(spec: ArchSpec, term: str) -> int:
     full = spec.qk_norm == "full"
     return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
             "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
-            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn}[term]
+            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn,
+            "la_conv_dim": 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim,
+            "la_conv_taps": (2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim)
+            * spec.linear_conv, "la_v": spec.linear_v_heads * spec.linear_v_dim, "la_heads": spec.linear_v_heads,
+            "la_vdim": spec.linear_v_dim}[term]
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     kind, _, option = condition.partition(":")
     moe = spec.is_moe_layer(layer)
-    if not {"all": True, "moe": moe, "dense": not moe}[kind]:
+    kinds = {"all": True, "moe": moe, "dense": not moe, "attn": spec.is_attention_layer(layer),
+             "linear": layer in spec.linear_attn_layers}
+    if not kinds[kind]:
         return False
     return not option or getattr(spec, option) not in (0, False, "none")
 

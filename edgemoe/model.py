@@ -471,6 +471,8 @@ class Model:
         """Shift a full context (cont.shift) and re-run the kept tail with the pending token: its logits."""
         on_seq = {"seq": seq} if seq else {}
         keep = cont.shift()
+        if self.spec.linear_attn_layers:  # a recurrent state cannot drop positions: re-run the whole shifted context
+            keep = 0
         t0 = time.perf_counter()
         self._engine.truncate(keep, **on_seq)
         logits = self._engine.extend(cont.context[keep:], **on_seq)
@@ -576,6 +578,8 @@ class Model:
             if a != b:
                 break
             keep += 1
+        if self.spec.linear_attn_layers and keep < len(cached):  # a recurrent state only extends: start over
+            keep = 0
         t0 = time.perf_counter()
         if keep:
             self._engine.truncate(keep, **on_seq)

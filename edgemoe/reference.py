@@ -161,8 +161,53 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         probs = softmax(np.concatenate([scores, sinks], axis=-1))[..., :T]
     else:
         probs = softmax(scores)
-    out = np.einsum("hts,shd->thd", probs, v).reshape(T, nh * hd) @ w(names["wo"]).T
+    out = np.einsum("hts,shd->thd", probs, v).reshape(T, nh * hd)
+    if spec.attn_gate:  # Qwen3.5 / Next: gated attention output
+        out = out / (np.float32(1) + np.exp(-(x @ w(names["attn_gate"]).T)))
+    out = out @ w(names["wo"]).T
     return out + w(names["bo"]) if spec.o_bias else out
+
+
+def _l2norm(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + np.float32(1e-6))
+
+
+def gated_deltanet(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """A Gated DeltaNet layer (Qwen3.5 / Next linear attention) over a fresh sequence, token by token (the recurrent
+    form; see ArchSpec.linear_attn_layers and native/src/deltanet.h)."""
+    T = x.shape[0]
+    KH, VH, dk, dv, taps = (spec.linear_k_heads, spec.linear_v_heads, spec.linear_k_dim, spec.linear_v_dim,
+                            spec.linear_conv)
+    qkv = x @ w(names["la_qkv"]).T  # [T, C]
+    conv = w(names["la_conv"]).reshape(qkv.shape[1], taps)
+    padded = np.concatenate([np.zeros((taps - 1, qkv.shape[1]), np.float32), qkv])
+    mixed = sum(padded[j:j + T] * conv[:, j] for j in range(taps))  # causal depthwise conv
+    mixed = silu(mixed.astype(np.float32))
+    q = _l2norm(mixed[:, : KH * dk].reshape(T, KH, dk)) / np.float32(np.sqrt(dk))
+    k = _l2norm(mixed[:, KH * dk : 2 * KH * dk].reshape(T, KH, dk))
+    v = mixed[:, 2 * KH * dk :].reshape(T, VH, dv)
+    q, k = np.repeat(q, VH // KH, axis=1), np.repeat(k, VH // KH, axis=1)  # v-head h reads k-head h // (VH / KH)
+    beta = 1.0 / (1.0 + np.exp(-(x @ w(names["la_b"]).T)))
+    a = x @ w(names["la_a"]).T + w(names["la_dt"])
+    softplus = np.where(a > 20, a, np.log1p(np.exp(np.minimum(a, 20))))
+    decay = np.exp(-np.exp(w(names["la_a_log"])) * softplus).astype(np.float32)  # [T, VH]
+    S = np.zeros((VH, dk, dv), np.float32)
+    out = np.zeros((T, VH, dv), np.float32)
+    for t in range(T):
+        S = S * decay[t][:, None, None]
+        delta = (v[t] - np.einsum("hij,hi->hj", S, k[t])) * beta[t][:, None]
+        S = S + k[t][:, :, None] * delta[:, None, :]
+        out[t] = np.einsum("hij,hi->hj", S, q[t])
+    z = (x @ w(names["la_z"]).T).reshape(T, VH, dv)
+    gated = rms_norm(out, w(names["la_norm"]), spec.norm_eps) * silu(z)
+    return gated.reshape(T, VH * dv).astype(np.float32) @ w(names["la_out"]).T
+
+
+def mixer(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """The layer's token mixer on its normed input: attention, or the layer kind that replaces it."""
+    if layer in spec.linear_attn_layers:
+        return gated_deltanet(spec, x, w, names)
+    return attention(spec, layer, x, w, names)
 
 
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
@@ -210,7 +255,7 @@ def reference_logits(spec: ArchSpec, w: WeightFn, ids, on_route=None) -> np.ndar
     for layer in range(spec.n_layers):
         names = dense_tensor_names(spec, layer)
         layer_input = x
-        x = x + attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names) * rs
+        x = x + mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names) * rs
         h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
         if spec.is_moe_layer(layer):
             router_x = layer_input if spec.router_input == "layer_input" else h

@@ -14,7 +14,7 @@ import numpy as np
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import FormatError, UnsupportedModelError
 
-from .families import Family, dense_hf_names, family_for
+from .families import Family, dense_hf_names, family_for, text_part
 from .json_input import read_json
 from .mxfp4 import dequantize_mxfp4
 from .safetensors_lazy import FLOAT_DTYPES, SafetensorsSet
@@ -36,6 +36,12 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
         "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
     }
+    if spec.linear_attn_layers or spec.attn_gate:  # Qwen3.5 / Next
+        conv = 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim
+        vh, v = spec.linear_v_heads, spec.linear_v_heads * spec.linear_v_dim
+        shapes.update(attn_gate=(nh * hd, H), la_qkv=(conv, H), la_z=(v, H), la_b=(vh, H), la_a=(vh, H),
+                      la_conv=(conv * spec.linear_conv,), la_dt=(vh,), la_a_log=(vh,), la_norm=(spec.linear_v_dim,),
+                      la_out=(H, v))
     return shapes
 
 
@@ -53,14 +59,14 @@ class Checkpoint:
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise FormatError(f"{path}: no config.json; expected a Hugging Face model directory")
-        self.config = read_json(cfg_path)
+        self.config, prefix = text_part(read_json(cfg_path), str(cfg_path))
         self.path = path
         self.family: Family = family_for(self.config, str(cfg_path))
         try:
             self.spec: ArchSpec = self.family.spec(self.config)
         except (FormatError, UnsupportedModelError) as e:  # the family's reader names the field, this the file
             raise type(e)(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
-        self.tensors = SafetensorsSet(path)
+        self.tensors = SafetensorsSet(path) if prefix is None else _TextPart(SafetensorsSet(path), prefix)
         self._check_tensors(cfg_path)
         tok = path / "tokenizer.json"
         self.tokenizer_json: bytes | None = None
@@ -79,8 +85,15 @@ class Checkpoint:
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
         fused_shared = self._shared_fused(layer)
+        s = self.spec
+        if s.attn_gate:  # q_proj holds [q | gate] per head: read once, split by layer_dense
+            shapes["wq"] = (2 * s.n_heads * s.head_dim, s.hidden)
+        if self.family.fused_qkvz:  # Qwen3-Next: read whole, split by layer_dense
+            qkvz = 2 * s.linear_k_heads * s.linear_k_dim + 2 * s.linear_v_heads * s.linear_v_dim
+            shapes["la_qkv"] = shapes["la_z"] = (qkvz, s.hidden)
+            shapes["la_b"] = shapes["la_a"] = (2 * s.linear_v_heads, s.hidden)
         return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()
-                if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down"))}
+                if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down")) and role != "attn_gate"}
 
     def _shared_fused(self, layer: int) -> dict[str, tuple[int, ...]] | None:
         """HF name -> shape of a shared MLP stored fused (Granite: input_linear = gate rows then up rows [2S, H],
@@ -181,9 +194,13 @@ class Checkpoint:
         """Yield (container name, f32 array) for embeddings, final norm and lm_head, one at a time."""
         s = self.spec
         yield GLOBAL_TENSORS["embed"], self._get("model.embed_tokens.weight", (s.vocab, s.hidden))
-        yield GLOBAL_TENSORS["final_norm"], self._get("model.norm.weight", (s.hidden,))
+        yield GLOBAL_TENSORS["final_norm"], self._norm(self._get("model.norm.weight", (s.hidden,)))
         if not s.tie_embeddings:
             yield GLOBAL_TENSORS["lm_head"], self._get("lm_head.weight", (s.vocab, s.hidden))
+
+    def _norm(self, w: np.ndarray) -> np.ndarray:
+        """An RMSNorm weight as the forward pass multiplies by it (Family.norm_offset: stored as w - 1)."""
+        return (w + np.float32(1)).astype(np.float32) if self.family.norm_offset else w
 
     def global_tensors(self) -> dict[str, np.ndarray]:
         """Container name -> f32 array for embeddings, final norm and lm_head."""
@@ -199,11 +216,35 @@ class Checkpoint:
             gu = self._get(gu_name, gu_shape)
             out[ours["sh_gate"]], out[ours["sh_up"]] = np.ascontiguousarray(gu[:S]), np.ascontiguousarray(gu[S:])
             out[ours["sh_down"]] = self._get(down_name, down_shape)
+        ours = dense_tensor_names(self.spec, layer)
+        for role in ("attn_norm", "ffn_norm", "q_norm", "k_norm"):
+            if role in ours:
+                out[ours[role]] = self._norm(out[ours[role]])
+        if self.family.fused_qkvz and "la_qkv" in ours:
+            self._split_qkvz(out, ours)
+        if "attn_gate" in ours:  # Qwen3.5 / Next q_proj rows per head: head_dim query rows, then head_dim gate rows
+            s = self.spec
+            qg = out[ours["wq"]].reshape(s.n_heads, 2, s.head_dim, s.hidden)
+            out[ours["wq"]] = np.ascontiguousarray(qg[:, 0].reshape(-1, s.hidden))
+            out[ours["attn_gate"]] = np.ascontiguousarray(qg[:, 1].reshape(-1, s.hidden))
         if self._interleaved_bias():  # gpt-oss: gate_up_proj_bias [E, 2F], gate / up interleaved
-            ours = dense_tensor_names(self.spec, layer)
             for role, start in (("gate_b", 0), ("up_b", 1)):
                 out[ours[role]] = np.ascontiguousarray(out[ours[role]][:, start::2])
         return out
+
+    def _split_qkvz(self, out: dict, ours: dict) -> None:
+        """Qwen3-Next: in_proj_qkvz rows per key head [q dk | k dk | v r*dv | z r*dv] and in_proj_ba per key head
+        [b r | a r] (r = value heads per key head) -> la_qkv = [all q | all k | all v], la_z, la_b, la_a."""
+        s = self.spec
+        K, dk, dv, r, H = s.linear_k_heads, s.linear_k_dim, s.linear_v_dim, s.linear_v_heads // s.linear_k_heads, \
+            s.hidden
+        w = out[ours["la_qkv"]].reshape(K, 2 * dk + 2 * r * dv, H)
+        parts = np.split(w, [dk, 2 * dk, 2 * dk + r * dv], axis=1)
+        out[ours["la_qkv"]] = np.ascontiguousarray(np.concatenate([p.reshape(-1, H) for p in parts[:3]]))
+        out[ours["la_z"]] = np.ascontiguousarray(parts[3].reshape(-1, H))
+        ba = out[ours["la_b"]].reshape(K, 2 * r, H)
+        out[ours["la_b"]] = np.ascontiguousarray(ba[:, :r].reshape(-1, H))
+        out[ours["la_a"]] = np.ascontiguousarray(ba[:, r:].reshape(-1, H))
 
     def layer_experts(self, layer: int):
         """Yield (container name, f32 [out, in]) for every expert matrix of one MoE layer, expert by expert."""
@@ -254,6 +295,38 @@ class Checkpoint:
             yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[1::2])
             yield expert_tensor_name(layer, e, "down"), dequantize_mxfp4(mats["down_proj"][0][e],
                                                                          mats["down_proj"][1][e])
+
+
+class _TextPart:
+    """A multimodal checkpoint's text model under the text-only names: "model.X" is read from "{prefix}X"."""
+
+    def __init__(self, inner: SafetensorsSet, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def _real(self, name: str) -> str:
+        return self.prefix + name[len("model."):] if name.startswith("model.") else name
+
+    def __contains__(self, name: str) -> bool:
+        return self._real(name) in self.inner
+
+    def names(self) -> list[str]:
+        return ["model." + n[len(self.prefix):] for n in self.inner.names() if n.startswith(self.prefix)] + \
+            [n for n in self.inner.names() if not n.startswith("model.")]
+
+    def shape(self, name: str):
+        return self.inner.shape(self._real(name))
+
+    def get(self, name: str) -> np.ndarray:
+        return self.inner.get(self._real(name))
+
+    def get_u8(self, name: str) -> np.ndarray:
+        return self.inner.get_u8(self._real(name))
+
+    def file_of(self, name: str) -> Path:
+        return self.inner.file_of(self._real(name))
+
+    def dtype(self, name: str) -> str:
+        return self.inner.dtype(self._real(name))
 
 
 # The special tokens transformers hands a chat template as variables (bos_token, eos_token, ...).

@@ -5,6 +5,7 @@ Adding a family means adding a `Family` entry here; the forward passes never cha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -398,6 +399,58 @@ def gpt_oss_spec(cfg: dict) -> ArchSpec:
     )
 
 
+QWEN35_LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def qwen3next_spec(cfg: dict) -> ArchSpec:
+    """Qwen3-Next (`qwen3_next`, modeling_qwen3_next.py): Qwen3.5-MoE's layers (qwen35moe_spec) with the DeltaNet
+    projections fused per key head (in_proj_qkvz, in_proj_ba: Checkpoint.layer_dense splits them), norm_topk_prob
+    from the config and dense MLP layers by decoder_sparse_step / mlp_only_layers."""
+    c = ConfigFields(cfg)
+    spec = qwen35moe_spec(cfg, "qwen3next")
+    dense = _qwen_dense_layers(c, spec.n_layers)
+    return dataclasses.replace(spec, norm_topk=c.bool("norm_topk_prob", True), dense_layers=dense,
+                               dense_ffn=_dense_ffn(c, dense))
+
+
+def qwen35moe_spec(cfg: dict, family: str = "qwen35moe") -> ArchSpec:
+    """Qwen3.5 / 3.6 MoE text model (transformers 5 `qwen3_5_moe_text`, modeling_qwen3_5_moe.py): layer_types mixes
+    Gated DeltaNet (`linear_attention`) and gated full attention (q_proj also yields a per-head output gate; per-head
+    QK-norm; NeoX RoPE on the first partial_rotary_factor of each head -- its multimodal sections coincide for text
+    positions); every layer MoE: softmax router, top-k renormalized, plus a sigmoid-gated shared expert. Its RMSNorms
+    scale by (1 + weight): the reader stores 1 + weight (Family.norm_offset)."""
+    c = ConfigFields(cfg)
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError("Qwen3.5-MoE with attention_bias is not supported yet")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"Qwen3.5-MoE with hidden_act={cfg.get('hidden_act')!r} is not supported "
+                                    "(expected 'silu')")
+    common = _common(c, family, 10000.0)
+    n_layers = common["n_layers"]
+    interval = c.int("full_attention_interval", 4, hi=MAX_LAYERS)
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                       for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or not all(isinstance(t, str) for t in types):
+        raise FormatError(f"layer_types = {types!r:.80}: expected a list of {n_layers} layer type names")
+    if any(t not in QWEN35_LAYER_TYPES for t in types):
+        raise UnsupportedModelError(f"Qwen3.5-MoE layer_types {sorted(set(types) - set(QWEN35_LAYER_TYPES))} are not "
+                                    f"supported (edgemoe runs {QWEN35_LAYER_TYPES})")
+    rope_dim = int(common["head_dim"] * _rotary_fraction(cfg))
+    if rope_dim % 2 or rope_dim < 2:
+        raise UnsupportedModelError(f"head_dim {common['head_dim']} x partial_rotary_factor {_rotary_fraction(cfg)} = "
+                                    f"{rope_dim} rotated dims: edgemoe needs an even number >= 2")
+    n_experts, top_k = _experts(c, "num_experts", "num_experts_per_tok")
+    shared = c.int("shared_expert_intermediate_size", 0, lo=0)
+    return _spec(
+        common, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("moe_intermediate_size"), qk_norm="head",
+        rope_dim=rope_dim, router_fn="softmax", norm_topk=True, shared_ffn=shared, shared_gate=bool(shared),
+        attn_gate=True, linear_attn_layers=[i for i, t in enumerate(types) if t == "linear_attention"],
+        linear_k_heads=c.int("linear_num_key_heads"), linear_v_heads=c.int("linear_num_value_heads"),
+        linear_k_dim=c.int("linear_key_head_dim", hi=4096), linear_v_dim=c.int("linear_value_head_dim", hi=4096),
+        linear_conv=c.int("linear_conv_kernel_dim", 4, hi=64),
+    )
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -415,6 +468,8 @@ class Family:
     # "gpt_oss": mlp.experts.gate_up_proj is [E, H, 2F] with gate / up interleaved in the columns, down [E, F, H],
     # biases gate_up_proj_bias [E, 2F] / down_proj_bias; or MXFP4 (*_blocks / *_scales, [out, in] rows interleaved)
     fused: str = "gate_first"
+    norm_offset: bool = False  # RMSNorm weights stored as w - 1 (the norm scales by 1 + w): the reader adds 1
+    fused_qkvz: bool = False  # Qwen3-Next: DeltaNet in_proj_qkvz / in_proj_ba grouped per key head
 
 
 FAMILIES: dict[str, Family] = {
@@ -434,12 +489,37 @@ FAMILIES: dict[str, Family] = {
                            shared="shared_experts", score_bias="moe_statics.e_score_correction_bias"),
     "gpt_oss": Family("gptoss", gpt_oss_spec, "mlp", "router.weight", ("gate_proj", "up_proj", "down_proj"),
                       fused="gpt_oss"),
+    "qwen3_5_moe_text": Family("qwen35moe", qwen35moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj",
+                                                                                  "down_proj"), norm_offset=True),
+    "qwen3_next": Family("qwen3next", qwen3next_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                         norm_offset=True, fused_qkvz=True),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
              "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
-             "(ernie4_5_moe), gpt-oss (gpt_oss)")
+             "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next)")
+
+
+# Multimodal checkpoints whose text model edgemoe runs (the vision tower is not read): model_type -> (the text
+# model's model_type, the prefix its tensors carry instead of "model.").
+TEXT_PARTS = {"qwen3_5_moe": ("qwen3_5_moe_text", "model.language_model.")}
+
+
+def text_part(cfg: dict, where: str) -> tuple[dict, str | None]:
+    """(the config of the model edgemoe runs, the tensor-name prefix of a multimodal checkpoint's text model or
+    None)."""
+    model_type = cfg.get("model_type")
+    if model_type not in TEXT_PARTS:
+        return cfg, None
+    text_type, prefix = TEXT_PARTS[model_type]
+    tc = cfg.get("text_config")
+    if not isinstance(tc, dict):
+        raise FormatError(f"{where}: model_type {model_type!r} has no text_config object; edgemoe runs its text model")
+    tc = {**tc, "model_type": text_type}
+    if cfg.get("tie_word_embeddings") is not None:  # the composite model ties (or not) its own lm_head
+        tc["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return tc, prefix
 
 
 def family_for(cfg: dict, where: str) -> Family:
@@ -468,6 +548,14 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
         names["bo"] = a + "o_proj.bias"
     if spec.attn_sinks:
         names["sinks"] = a + "sinks"
+    if spec.attn_gate:  # the gate rows are interleaved in q_proj (Checkpoint.layer_dense splits them)
+        names["attn_gate"] = a + "q_proj.weight"
+    la = p + "linear_attn."
+    qkv, z, b, a = ((la + "in_proj_qkvz.weight",) * 2 + (la + "in_proj_ba.weight",) * 2 if fam.fused_qkvz else
+                    (la + "in_proj_qkv.weight", la + "in_proj_z.weight", la + "in_proj_b.weight",
+                     la + "in_proj_a.weight"))
+    names.update(la_qkv=qkv, la_z=z, la_b=b, la_a=a, la_conv=la + "conv1d.weight", la_dt=la + "dt_bias",
+                 la_a_log=la + "A_log", la_norm=la + "norm.weight", la_out=la + "out_proj.weight")
     m = p + fam.moe_prefix + "."
     if spec.is_moe_layer(layer):
         names["router"] = m + fam.router

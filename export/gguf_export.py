@@ -29,6 +29,7 @@ import numpy as np
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import EdgeMoEError
 
+from . import gguf_qwen35
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
 from .llama_cpp_names import (
     GPT_OSS_SWIGLU,
@@ -105,6 +106,11 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
         return _check_glm4moe(spec, where)
     if arch == "ernie4_5-moe":
         return _check_ernie45moe(spec, where)
+    if arch == gguf_qwen35.ARCH:
+        return gguf_qwen35.check(spec, where)
+    if spec.linear_attn_layers or spec.attn_gate:
+        raise EdgeMoEError(f"{where}: linear-attention layers and gated attention are not supported by llama.cpp's "
+                           f"'{arch}'")
     if spec.score_bias or spec.n_group > 1 or spec.routed_scaling != 1.0:
         raise EdgeMoEError(f"{where}: DeepSeek-V3-style routing is not supported by llama.cpp's '{arch}'")
     if spec.rope_dim != spec.head_dim:
@@ -296,7 +302,7 @@ def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: list[str]):
     from gguf import GGMLQuantizationType as Q
 
-    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", ".bias")):  # norms, biases, routers: exact
+    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", ".bias", "ssm_conv1d.weight")):  # norms, biases, routers, conv taps: exact
         return Q.F32
     if gguf_type == "F32":
         return Q.F32
@@ -323,7 +329,10 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
         add(GLOBAL_TENSORS["lm_head"], (spec.vocab, spec.hidden))
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
-        for role, name in dense_tensor_names(spec, layer).items():
+        if arch == gguf_qwen35.ARCH:
+            for name, shape in gguf_qwen35.layer_tensors(spec, layer, dense_tensor_names(spec, layer), None):
+                add(name, shape)
+        for role, name in dense_tensor_names(spec, layer).items() if arch != gguf_qwen35.ARCH else ():
             add(gguf_tensor_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
@@ -343,6 +352,9 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
     for layer in progress(range(spec.n_layers), "GGUF layers", show_progress):
         names = dense_tensor_names(spec, layer)
         dense = ckpt.layer_dense(layer)
+        if arch == gguf_qwen35.ARCH:
+            yield from gguf_qwen35.layer_tensors(spec, layer, names, dense)
+            names = {}
         for role, name in names.items():
             arr = dense[name]
             if arch in ("llama", "granitemoe") and role in ("wq", "wk"):  # both rotate adjacent pairs
@@ -431,6 +443,8 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
             w.add_rope_scaling_orig_ctx_len(spec.yarn_orig_ctx)
             w.add_rope_scaling_yarn_beta_fast(spec.yarn_beta_fast)
             w.add_rope_scaling_yarn_beta_slow(spec.yarn_beta_slow)
+    if arch == gguf_qwen35.ARCH:
+        gguf_qwen35.write_metadata(w, spec)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)
@@ -538,6 +552,9 @@ def export_gguf(src, out_path, gguf_type: str = "F32", show_progress: bool = Tru
     if spec.expert_map:
         raise EdgeMoEError("GGUF export: this source has merged experts (expert_map); write it with "
                            "export_gguf_from_container / export_gguf_merged, which expand the map for llama.cpp")
+    if spec.family == "qwen3next":
+        raise EdgeMoEError("GGUF export: llama.cpp's 'qwen3next' reads Qwen3-Next's fused DeltaNet projections in its "
+                           "own layout, which this exporter does not write yet; export to the edgemoe container")
     if spec.family not in LLAMA_CPP_ARCH:
         raise EdgeMoEError(f"GGUF export: family {spec.family!r} has no llama.cpp architecture")
     _check_supported(spec, LLAMA_CPP_ARCH[spec.family])

@@ -13,6 +13,7 @@ LLAMA_CPP_ARCH = {
     "glm4moe": "glm4moe",
     "ernie4_5moe": "ernie4_5-moe",
     "gptoss": "gpt-oss",
+    "qwen35moe": "qwen35moe",  # its tensor names and layouts: gguf_qwen35.py
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.

@@ -577,6 +577,12 @@ def export_onnx(src, out_dir, weights: str = "fp32", opset: int = 21, *, moe_op:
         if s.score_bias or s.n_group > 1 or s.routed_scaling != 1.0:
             raise EdgeMoEError(f"ONNX export: {s.family}'s DeepSeek-V3-style routing (selection bias, group-limited "
                                f"top-k, routed scaling) is not written to ONNX yet; use the container or GGUF")
+        if s.linear_attn_layers or s.attn_gate:
+            raise EdgeMoEError(f"ONNX export: {s.family}'s Gated DeltaNet layers (a causal conv and a recurrent state "
+                               "carried between calls) and gated attention are not built by this ONNX writer yet: it "
+                               "would need com.microsoft.CausalConvWithState and com.microsoft.GatedDeltaNet (in "
+                               "onnxruntime >= 1.32) with their states as graph inputs/outputs; export to the edgemoe "
+                               "container or to GGUF instead")
         b = _Builder(ckpt, weights, moe_op, group_size, pruned)
         model = b.build(show_progress)
         tokenizer_json = ckpt.tokenizer_json

@@ -313,8 +313,23 @@ def arch_expect(base: Base, field: str, v, removed: bool = False) -> str:
     if field == "expert_map":
         if v == [] and a["expert_map"] == []:
             return "run"
-        return "refuse"
+        return "either" if _same_stored_experts(a, v) else "refuse"
     return "either"
+
+
+def _same_stored_experts(a: dict, v) -> bool:
+    """v is another valid merge map over the same stored experts (no reader can tell it from the written one)."""
+    old = a["expert_map"]
+    if not isinstance(v, list) or len(v) != len(old):
+        return False
+    for row, was in zip(v, old):
+        if not isinstance(row, list) or len(row) != len(was) or not all(_is_int(g) and -1 <= g < len(was) for g in row):
+            return False
+        if not was or not row or max(row) != max(was) or sum(g >= 0 for g in row) < a["top_k"]:
+            return False
+        if set(range(max(row) + 1)) - set(row):  # stored experts numbered without gaps
+            return False
+    return True
 
 
 # ---- the cases -----------------------------------------------------------------------------------------------------

@@ -265,6 +265,12 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
                        (double)c->yarn_beta_fast, (double)c->yarn_beta_slow);
     if (c->n_swa_layers && !c->sliding_window)
         return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
+    if (c->n_linear_attn_layers &&
+        (c->linear_k_heads < 1 || c->linear_v_heads < 1 || c->linear_k_dim < 1 || c->linear_v_dim < 1 ||
+         c->linear_conv < 1 || c->linear_v_heads % c->linear_k_heads))
+        return invalid(err, errlen, "linear_attn_layers given: linear_k_heads, linear_v_heads (a multiple of "
+                       "linear_k_heads), linear_k_dim, linear_v_dim and linear_conv must be >= 1 (got %d, %d, %d, %d, "
+                       "%d)", c->linear_k_heads, c->linear_v_heads, c->linear_k_dim, c->linear_v_dim, c->linear_conv);
     return check_groups(c, err, errlen);
 }
 
@@ -369,6 +375,10 @@ void emoe_arch_free(emoe_arch *a) {
     free(a->family);
     free(a->ints);
     memset(a, 0, sizeof(*a));
+}
+
+int emoe_arch_is_attention_layer(const emoe_config *c, int layer) {
+    return !in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer);
 }
 
 /* ---- public entry points (edgemoe.h) ---- */

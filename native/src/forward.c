@@ -230,6 +230,10 @@ static void attention(emoe_model *m, int l, int n_tok) {
     }
     att_ctx a = {.m = m, .layer = l, .swa = L->swa};
     pool_run(m->pool, att_task, &a, n_tok * c->n_kv_heads);
+    if (L->attn_gate.data) { /* Qwen3.5 / Next: att *= sigmoid(W_gate xa), per output dim (s->q is free now) */
+        matmul(m, &L->attn_gate, s->xn, n_tok, s->q, (size_t)m->q_dim);
+        for (size_t i = 0; i < (size_t)n_tok * m->q_dim; i++) s->att[i] *= 1.0f / (1.0f + expf(-s->q[i]));
+    }
     matmul(m, &L->wo, s->att, n_tok, s->tmp, (size_t)H);
     if (L->bo.data) add_bias(s->tmp, &L->bo, n_tok, H);
     add_residual(s->x, s->tmp, (size_t)n_tok * H, c->residual_scale);
@@ -438,7 +442,8 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
         if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
             router_logits(m, l, s->x, n_tok);
         if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
-        attention(m, l, n_tok);
+        if (L->is_linear) deltanet_forward(m, l, n_tok); /* Gated DeltaNet instead of attention (deltanet.c) */
+        else attention(m, l, n_tok);
         for (int t = 0; t < n_tok; t++)
             rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
         if (L->is_moe && m->stream) {

@@ -101,7 +101,7 @@ static int alloc_kv(emoe_model *m, int n_seq) {
     int fail = 0;
     void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
     int *past = xcalloc((size_t)n_seq, sizeof(int), &fail);
-    if (fail) {
+    if (fail || deltanet_alloc_state(&m->dn, &m->cfg, m->dn.n_lin, n_seq, EMOE_BLOCK)) {
         free(kc), free(vc), free(past);
         return EMOE_ERR_NOMEM;
     }
@@ -154,7 +154,7 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
-    return bytes;
+    return bytes + deltanet_scratch_bytes(c, m->dn.n_lin, EMOE_BLOCK);
 }
 
 static void free_buffers(emoe_model *m) {
@@ -164,6 +164,7 @@ static void free_buffers(emoe_model *m) {
                     s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
+    deltanet_free(&m->dn);
     m->key_cache = m->value_cache = NULL;
     m->n_past = NULL;
 }
@@ -203,6 +204,9 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         L->is_moe = !in_list(c->dense_layers, c->n_dense_layers, l);
         L->use_rope = !in_list(c->nope_layers, c->n_nope_layers, l);
         L->swa = c->sliding_window > 0 && in_list(c->swa_layers, c->n_swa_layers, l);
+        L->is_attn = emoe_arch_is_attention_layer(c, l);
+        L->is_linear = in_list(c->linear_attn_layers, c->n_linear_attn_layers, l);
+        L->lin_idx = L->is_linear ? m->dn.n_lin++ : -1;
         if (L->is_moe) {
             L->n_stored = c->n_experts;
             if (c->expert_map) {
@@ -311,6 +315,10 @@ int emoe_model_truncate_seq(emoe_model *m, int seq, int n_keep) {
     if (n_keep < 0 || n_keep > m->n_past[seq])
         return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d is outside 0..%d (the positions in the KV cache)",
                            n_keep, m->n_past[seq]);
+    if (m->dn.n_lin && n_keep && n_keep != m->n_past[seq]) /* the recurrent state holds no earlier positions */
+        return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d: this model's linear-attention layers keep a "
+                           "recurrent state that cannot be rewound; keep 0 (start over) or all %d positions", n_keep,
+                           m->n_past[seq]);
     m->n_past[seq] = n_keep;
     return EMOE_OK;
 }

@@ -3,6 +3,7 @@
 #ifndef EDGEMOE_MODEL_H
 #define EDGEMOE_MODEL_H
 #include "arch.h" /* emoe_config */
+#include "deltanet.h"
 #include "internal.h"
 
 #define EMOE_BLOCK 64 /* tokens per forward block (prefill runs in blocks of this many tokens) */
@@ -52,6 +53,11 @@ typedef struct {
     tensor_ref sinks;                            /* [nh] attention sink logits (attn_sinks) */
     tensor_ref router_b;                         /* [E] router bias (router_bias) */
     tensor_ref gate_b, up_b, down_b;             /* [E, F], [E, F], [E, H] expert biases, row = stored expert */
+    int is_attn, is_linear, lin_idx;             /* attention layer; Gated DeltaNet layer (its index among them) */
+    tensor_ref attn_gate;                        /* [nh*hd, H] attention output gate (attn_gate) */
+    tensor_ref la_qkv, la_z, la_b, la_a;         /* [conv_dim, H], [Vh*dv, H], [Vh, H] x2 (deltanet.h) */
+    tensor_ref la_conv, la_dt, la_a_log, la_norm; /* [conv_dim * taps], [Vh], [Vh], [dv] */
+    tensor_ref la_out;                           /* [H, Vh*dv] */
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
     tensor_ref *experts;                         /* [n_stored][3]: gate, up, down (MoE layers) */
@@ -112,6 +118,7 @@ struct emoe_model {
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */
     layer_weights *layers;                 /* [n_layers] */
     void *key_cache, *value_cache;         /* (n_seq, n_layers, max_ctx, kv_dim) f32 or f16 */
+    deltanet_state dn;                     /* linear-attention layers' state (n_seq slots, like the KV cache) */
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
     const emoe_stream_ops *stream_ops;

@@ -17,16 +17,16 @@ const tt_entry tt_table[] = {
     {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(final_norm)},
     {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_UNLESS_TIED, G(lm_head)},
     {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(attn_norm)},
-    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(wq)},
-    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(wv)},
-    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TL_ALL, NONE, TN_REQUIRED, L(wo)},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wq)},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wk)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wv)},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TL_ATTN, NONE, TN_REQUIRED, L(wo)},
     {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(ffn_norm)},
-    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ALL, IF(qkv_bias), TN_REQUIRED, L(bq)},
-    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TL_ALL, IF(qkv_bias), TN_REQUIRED, L(bk)},
-    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TL_ALL, IF(qkv_bias), TN_REQUIRED, L(bv)},
-    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TL_ALL, IF(qk_norm), TN_REQUIRED, L(q_norm)},
-    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TL_ALL, IF(qk_norm), TN_REQUIRED, L(k_norm)},
+    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bq)},
+    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bk)},
+    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bv)},
+    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TL_ATTN, IF(qk_norm), TN_REQUIRED, L(q_norm)},
+    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TL_ATTN, IF(qk_norm), TN_REQUIRED, L(k_norm)},
     {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_REQUIRED, L(router)},
     {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_OPTIONAL, L(pre)},
     {"score_bias", "blk.%d.exp_probs_b.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
@@ -42,8 +42,8 @@ const tt_entry tt_table[] = {
     {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_gate)},
     {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_up)},
     {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_down)},
-    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, IF(o_bias), TN_REQUIRED, L(bo)},
-    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TL_ALL, IF(attn_sinks), TN_REQUIRED, L(sinks)},
+    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ATTN, IF(o_bias), TN_REQUIRED, L(bo)},
+    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TL_ATTN, IF(attn_sinks), TN_REQUIRED, L(sinks)},
     {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
      TL_MOE, IF(router_bias), TN_REQUIRED, L(router_b)},
     /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
@@ -53,6 +53,20 @@ const tt_entry tt_table[] = {
      TL_MOE, IF(expert_bias), TN_REQUIRED, L(up_b)},
     {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN,
      TL_MOE, IF(expert_bias), TN_REQUIRED, L(down_b)},
+    /* Qwen3.5 / Next: the attention output gate; Gated DeltaNet layers (deltanet.c; ssm_conv1d: [channels, taps]) */
+    {"attn_gate", "blk.%d.attn_gate.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, IF(attn_gate), TN_REQUIRED,
+     L(attn_gate)},
+    {"la_qkv", "blk.%d.ssm_in_qkv.weight", TT_LAYER, TD_LA_CONV_DIM, TD_HIDDEN,
+     TL_LINEAR, NONE, TN_REQUIRED, L(la_qkv)},
+    {"la_z", "blk.%d.ssm_in_z.weight", TT_LAYER, TD_LA_V, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_z)},
+    {"la_b", "blk.%d.ssm_in_b.weight", TT_LAYER, TD_LA_HEADS, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_b)},
+    {"la_a", "blk.%d.ssm_in_a.weight", TT_LAYER, TD_LA_HEADS, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_a)},
+    {"la_conv", "blk.%d.ssm_conv1d.weight", TT_LAYER, TD_ONE, TD_LA_CONV_TAPS,
+     TL_LINEAR, NONE, TN_REQUIRED, L(la_conv)},
+    {"la_dt", "blk.%d.ssm_dt.bias", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_dt)},
+    {"la_a_log", "blk.%d.ssm_a_log.weight", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_a_log)},
+    {"la_norm", "blk.%d.ssm_norm.weight", TT_LAYER, TD_ONE, TD_LA_VDIM, TL_LINEAR, NONE, TN_REQUIRED, L(la_norm)},
+    {"la_out", "blk.%d.ssm_out.weight", TT_LAYER, TD_HIDDEN, TD_LA_V, TL_LINEAR, NONE, TN_REQUIRED, L(la_out)},
     {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 0},
     {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 1},
     {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TL_MOE, NONE, TN_IF_ROUTED, 2},
@@ -78,21 +92,31 @@ int64_t tt_dim(const emoe_model *m, int dim) {
     case TD_SHARED_FFN: return c->shared_ffn;
     case TD_DENSE_FFN: return c->dense_ffn;
     case TD_HEADS: return c->n_heads;
+    case TD_LA_CONV_DIM: return deltanet_conv_dim(c);
+    case TD_LA_CONV_TAPS: return (int64_t)deltanet_conv_dim(c) * c->linear_conv;
+    case TD_LA_V: return (int64_t)c->linear_v_heads * c->linear_v_dim;
+    case TD_LA_HEADS: return c->linear_v_heads;
+    case TD_LA_VDIM: return c->linear_v_dim;
     }
     return 0;
 }
 
 int tt_present(const emoe_model *m, int e, int layer) {
     const tt_entry *t = &tt_table[e];
-    const int moe = t->scope == TT_GLOBAL ? 0 : m->layers[layer].is_moe;
-    if ((t->layers == TL_MOE && !moe) || (t->layers == TL_DENSE && moe)) return 0;
+    if (t->scope != TT_GLOBAL) {
+        const layer_weights *L = &m->layers[layer];
+        const int kind_ok[] = {[TL_ALL] = 1, [TL_MOE] = L->is_moe, [TL_DENSE] = !L->is_moe, [TL_ATTN] = L->is_attn,
+                               [TL_LINEAR] = L->is_linear};
+        if (!kind_ok[t->layers]) return 0;
+    }
     return t->option < 0 || *(const int32_t *)((const char *)&m->cfg + t->option) != 0;
 }
 
 const char *tt_condition_name(int e) {
     const tt_entry *t = &tt_table[e];
-    if (t->option_name) return t->option_name;
-    return t->layers == TL_MOE ? "a MoE layer" : t->layers == TL_DENSE ? "a dense layer" : "";
+    static const char *const kinds[] = {[TL_ALL] = "", [TL_MOE] = "a MoE layer", [TL_DENSE] = "a dense layer",
+                                        [TL_ATTN] = "an attention layer", [TL_LINEAR] = "a linear-attention layer"};
+    return t->option_name ? t->option_name : kinds[t->layers];
 }
 
 /* Match one decimal number without sign or leading zeros; the number of characters read, 0 if none. */
