@@ -71,6 +71,12 @@ class ArchSpec:
     o_bias: bool = False  # bias on the attention output projection
     router_bias: bool = False  # bias on the router logits (used for selection and weights)
     expert_bias: bool = False  # biases on every routed expert's gate, up and down ([experts, width] per layer)
+    # LFM2 short convolution (native/src/shortconv.c): layers in conv_layers replace attention by
+    # out_proj(C * conv(B * x)), (B, C, x) = in_proj(x) split in thirds, conv a causal depthwise convolution of
+    # conv_kernel taps whose last conv_kernel - 1 inputs are the layer's rolling state.
+    conv_layers: list[int] = field(default_factory=list)
+    conv_kernel: int = 0
+    norm_topk_eps: float = 0.0  # norm_topk divides by (sum of the top-k weights + this); LFM2-MoE: 1e-6
     # swiglu_clamp: act = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -114,8 +120,14 @@ class ArchSpec:
                                  or self.top_k > self.topk_group * (self.n_experts // self.n_group)):
             raise ValueError(f"n_group={self.n_group} must divide n_experts={self.n_experts} and its topk_group="
                              f"{self.topk_group} groups must hold top_k={self.top_k} experts")
+        if self.conv_layers and self.conv_kernel < 1:
+            raise ValueError(f"conv_layers given but conv_kernel={self.conv_kernel} (expected >= 1)")
         if self.rope_dim == 0:
             self.rope_dim = self.head_dim
+
+    def is_attention_layer(self, layer: int) -> bool:
+        """Whether the layer runs attention (and has its tensors and KV cache), i.e. no other layer kind."""
+        return layer not in self.conv_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -167,10 +179,10 @@ TENSOR_TABLE = (
     ("final_norm", "output_norm.weight", "global", None, "hidden", "always", "required"),
     ("lm_head", "output.weight", "global", "vocab", "hidden", "always", "unless_tied"),
     ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "always", "required"),
-    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "always", "required"),
-    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "always", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "always", "required"),
-    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "always", "required"),
+    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "attn", "required"),
+    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "attn", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn", "required"),
+    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "attn", "required"),
     ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "always", "required"),
     ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "qkv_bias", "required"),
     ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "qkv_bias", "required"),
@@ -194,6 +206,10 @@ TENSOR_TABLE = (
     ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
     ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
     ("down_b", "blk.{layer}.ffn_down_exps.bias", "layer", "experts", "hidden", "expert_bias", "required"),
+    # LFM2 short convolution (conv_layers): in_proj rows B, C, x; the depthwise taps [hidden, conv_kernel]
+    ("conv_in", "blk.{layer}.shortconv.in_proj.weight", "layer", "conv_in", "hidden", "conv", "required"),
+    ("conv_w", "blk.{layer}.shortconv.conv.weight", "layer", "hidden", "conv_kernel", "conv", "required"),
+    ("conv_out", "blk.{layer}.shortconv.out_proj.weight", "layer", "hidden", "hidden", "conv", "required"),
     ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
@@ -205,15 +221,17 @@ def _dim(spec: ArchSpec, term: str) -> int:
     full = spec.qk_norm == "full"
     return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
             "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
-            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn}[term]
+            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn, "conv_in": 3 * spec.hidden,
+            "conv_kernel": spec.conv_kernel}[term]
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
-    moe = spec.is_moe_layer(layer)
-    return {"always": True, "qkv_bias": bool(spec.qkv_bias), "qk_norm": spec.qk_norm != "none", "moe": moe,
+    moe, attn = spec.is_moe_layer(layer), spec.is_attention_layer(layer)
+    return {"always": True, "qkv_bias": attn and bool(spec.qkv_bias), "qk_norm": attn and spec.qk_norm != "none",
+            "moe": moe, "attn": attn, "conv": layer in spec.conv_layers,
             "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
-            "dense": not moe, "score_bias": moe and bool(spec.score_bias), "o_bias": bool(spec.o_bias),
-            "attn_sinks": bool(spec.attn_sinks),
+            "dense": not moe, "score_bias": moe and bool(spec.score_bias), "o_bias": attn and bool(spec.o_bias),
+            "attn_sinks": attn and bool(spec.attn_sinks),
             "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias)}[condition]
 
 

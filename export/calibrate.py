@@ -18,7 +18,7 @@ import numpy as np
 
 from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names
 from edgemoe.errors import EdgeMoEError
-from edgemoe.reference import attention, ffn, moe, rms_norm, router_logits
+from edgemoe.reference import ffn, mixer, moe, rms_norm, router_logits
 
 from .checkpoint import Checkpoint
 from .progress import progress
@@ -93,8 +93,9 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
               collect_grams: bool = True, show_progress: bool = True) -> Iterator[LayerCalibration]:
     """Yield one LayerCalibration per layer, in order. The caller may modify `experts` before the next layer.
 
-    The layer is computed by the reference forward pass (`edgemoe.reference`: attention, `moe`, `ffn`); its hooks
-    hand over the routing and each expert's routed inputs, from which the statistics are taken.
+    The layer is computed by the reference forward pass (`edgemoe.reference`: `mixer` (attention or a conv layer),
+    `moe`, `ffn`); its hooks hand over the routing and each expert's routed inputs, from which the statistics are
+    taken.
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
@@ -114,7 +115,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         names = dense_tensor_names(spec, layer)
         cal = LayerCalibration(layer, dense, experts, n_tokens=total)
         x_in = np.concatenate(hidden)
-        h = np.concatenate([x + attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
+        h = np.concatenate([x + mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
                             for x in hidden])
         del hidden
         hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)

@@ -35,6 +35,7 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),
         "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
         "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
+        "conv_in": (3 * H, H), "conv_w": (H, spec.conv_kernel), "conv_out": (H, H),
     }
     return shapes
 
@@ -147,7 +148,7 @@ class Checkpoint:
         if s.n_layers > n_tensors:
             raise FormatError(f"{cfg_path}: num_hidden_layers = {s.n_layers}, but the checkpoint holds only {n_tensors} "
                               "tensors")
-        want = {"model.embed_tokens.weight": (s.vocab, s.hidden), "model.norm.weight": (s.hidden,)}
+        want = {"model.embed_tokens.weight": (s.vocab, s.hidden), self.family.final_norm: (s.hidden,)}
         if not s.tie_embeddings:
             want["lm_head.weight"] = (s.vocab, s.hidden)
         for layer in range(s.n_layers):
@@ -168,7 +169,8 @@ class Checkpoint:
                 f"weights must be floating point ({', '.join(FLOAT_DTYPES)})"
             raise FormatError(f"{where}: tensor '{hf_name}' is stored as {dtype}; {what}")
         got = self.tensors.shape(hf_name)
-        if got != shape and not (len(shape) == 1 and int(np.prod(got)) == shape[0]):  # e.g. [1, H] -> [H]
+        if got != shape and [d for d in got if d != 1] != [d for d in shape if d != 1]:  # [1, H] -> [H]; LFM2's
+            # depthwise conv taps [H, 1, K] -> [H, K]
             raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(got)}, but config.json implies "
                               f"{list(shape)}")
 
@@ -181,7 +183,7 @@ class Checkpoint:
         """Yield (container name, f32 array) for embeddings, final norm and lm_head, one at a time."""
         s = self.spec
         yield GLOBAL_TENSORS["embed"], self._get("model.embed_tokens.weight", (s.vocab, s.hidden))
-        yield GLOBAL_TENSORS["final_norm"], self._get("model.norm.weight", (s.hidden,))
+        yield GLOBAL_TENSORS["final_norm"], self._get(self.family.final_norm, (s.hidden,))
         if not s.tie_embeddings:
             yield GLOBAL_TENSORS["lm_head"], self._get("lm_head.weight", (s.vocab, s.hidden))
 

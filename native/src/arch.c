@@ -73,6 +73,9 @@ static const struct field {
     {"o_bias", F_BOOL, 0, CFG(o_bias), 0, 0, 0, 0, NULL},
     {"router_bias", F_BOOL, 0, CFG(router_bias), 0, 0, 0, 0, NULL},
     {"expert_bias", F_BOOL, 0, CFG(expert_bias), 0, 0, 0, 0, NULL},
+    {"conv_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
+    {"conv_kernel", F_INT, 0, CFG(conv_kernel), 0, EMOE_MAX_CONV_KERNEL, 0, 0, NULL},
+    {"norm_topk_eps", F_FLOAT, 0, CFG(norm_topk_eps), 1, 0, 0, 0.0, NULL},
     {"swiglu_alpha", F_FLOAT, 0, CFG(swiglu_alpha), 0, 0, 0, 1.702, NULL},
     {"swiglu_limit", F_FLOAT, 0, CFG(swiglu_limit), 0, 0, 0, 7.0, NULL},
     {"rope_scaling", F_ENUM, 0, CFG(rope_scaling), 0, 0, 0, 0, ROPE_SCALINGS},
@@ -299,6 +302,8 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
                        (double)c->yarn_beta_fast, (double)c->yarn_beta_slow);
     if (c->n_swa_layers && !c->sliding_window)
         return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
+    if (c->n_conv_layers && c->conv_kernel < 1)
+        return invalid(err, errlen, "conv_layers given but conv_kernel = %d (expected >= 1)", c->conv_kernel);
     return check_groups(c, err, errlen);
 }
 
@@ -334,7 +339,7 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
                            "re-export the model with this version)", key);
     }
     emoe_config *c = &a->cfg;
-    int lists[3] = {JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
+    int lists[4] = {JSON_NONE, JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
     for (size_t i = 0; i < N_FIELDS; i++) {
         const struct field *f = &FIELDS[i];
         const int node = json_get(d, obj, f->key);
@@ -343,26 +348,28 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
             set_default(f, a);
             continue;
         }
-        if (f->kind == F_LIST) lists[!strcmp(f->key, "dense_layers") ? 0 : !strcmp(f->key, "nope_layers") ? 1 : 2] = node;
+        if (f->kind == F_LIST)
+            lists[!strcmp(f->key, "dense_layers") ? 0 : !strcmp(f->key, "nope_layers") ? 1
+                  : !strcmp(f->key, "swa_layers") ? 2 : 3] = node;
         else if (f->kind == F_MAP) map = node;
         else {
             const int st = read_scalar(d, node, f, a, err, errlen);
             if (st) return st;
         }
     }
-    /* storage: three lists of at most n_layers, and the expert map (bounded: n_layers * n_experts <= 2^26 only
+    /* storage: four lists of at most n_layers, and the expert map (bounded: n_layers * n_experts <= 2^26 only
      * matters when a map is given) */
     const int with_map = map != JSON_NONE && json_len(d, map) > 0;
     const size_t cells = (size_t)c->n_layers * (size_t)c->n_experts;
     if (with_map && cells > EMOE_MAX_LAYER_EXPERTS)
         return invalid(err, errlen, "'expert_map' with n_layers = %d and n_experts = %d is too large (at most %d "
                        "entries)", c->n_layers, c->n_experts, EMOE_MAX_LAYER_EXPERTS);
-    a->ints = malloc((3 * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
+    a->ints = malloc((4 * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
     if (!a->ints) return EMOE_ERR_NOMEM;
-    static const char *const list_keys[3] = {"dense_layers", "nope_layers", "swa_layers"};
-    int32_t *ns[3] = {&c->n_dense_layers, &c->n_nope_layers, &c->n_swa_layers};
-    const int32_t **ptrs[3] = {&c->dense_layers, &c->nope_layers, &c->swa_layers};
-    for (int i = 0; i < 3; i++) {
+    static const char *const list_keys[4] = {"dense_layers", "nope_layers", "swa_layers", "conv_layers"};
+    int32_t *ns[4] = {&c->n_dense_layers, &c->n_nope_layers, &c->n_swa_layers, &c->n_conv_layers};
+    const int32_t **ptrs[4] = {&c->dense_layers, &c->nope_layers, &c->swa_layers, &c->conv_layers};
+    for (int i = 0; i < 4; i++) {
         int32_t *dst = a->ints + (size_t)i * (size_t)c->n_layers;
         const int st = read_layer_list(d, lists[i], list_keys[i], c->n_layers, dst, ns[i], err, errlen);
         if (st) return st;
@@ -371,7 +378,7 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
     int st = check_relations(c, err, errlen);
     if (st) return st;
     if (with_map) {
-        int32_t *dst = a->ints + 3 * (size_t)c->n_layers;
+        int32_t *dst = a->ints + 4 * (size_t)c->n_layers;
         int used;
         unsigned char *seen = malloc((size_t)c->n_experts);
         if (!seen) return EMOE_ERR_NOMEM;
@@ -404,6 +411,10 @@ void emoe_arch_free(emoe_arch *a) {
     free(a->family);
     free(a->ints);
     memset(a, 0, sizeof(*a));
+}
+
+int emoe_arch_is_attention_layer(const emoe_config *c, int layer) {
+    return !in_list(c->conv_layers, c->n_conv_layers, layer);
 }
 
 /* ---- public entry points (edgemoe.h) ---- */

@@ -40,6 +40,7 @@ enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 #define EMOE_MAX_EXPERTS (1 << 16)
 #define EMOE_MAX_FFN (1 << 20)
 #define EMOE_MAX_LAYER_EXPERTS (1 << 26) /* n_layers * n_experts of an expert map */
+#define EMOE_MAX_CONV_KERNEL 64           /* taps of a short convolution (LFM2: 3) */
 
 /* The architecture as the forward pass reads it; field meanings: edgemoe/arch.py ArchSpec. Layer lists and
  * expert_map are borrowed only during emoe_model_new (copied). */
@@ -76,8 +77,12 @@ typedef struct emoe_config {
     float rope_factor, yarn_beta_fast, yarn_beta_slow;
     int32_t yarn_orig_ctx, yarn_truncate;
     float rope_attn_factor;
-    int32_t n_dense_layers, n_nope_layers, n_swa_layers;
-    const int32_t *dense_layers, *nope_layers, *swa_layers;
+    /* LFM2 short convolution (ArchSpec.conv_layers; native/src/shortconv.c): conv_kernel taps; norm_topk_eps is
+     * added to the top-k sum that norm_topk divides by */
+    int32_t conv_kernel;
+    float norm_topk_eps;
+    int32_t n_dense_layers, n_nope_layers, n_swa_layers, n_conv_layers;
+    const int32_t *dense_layers, *nope_layers, *swa_layers, *conv_layers;
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
      * expert_map[l * n_experts + e], or -1 = pruned (masked out of routing). NULL = identity for every layer. A layer
      * stores max(map) + 1 experts; when top-k picks several members of one group their weights are summed and the
@@ -91,7 +96,7 @@ typedef struct {
     char *family;           /* informational ("olmoe", ...) */
     int64_t max_position;
     int64_t bos_token_id, eos_token_id; /* -1 when null */
-    int32_t *ints;          /* dense_layers | nope_layers | swa_layers | expert_map */
+    int32_t *ints;          /* dense_layers | nope_layers | swa_layers | conv_layers | expert_map */
 } emoe_arch;
 
 /* Read and validate the arch object `obj` of a parsed document into *out (zeroed first; free with emoe_arch_free, also
@@ -101,6 +106,10 @@ ARCH_API int emoe_arch_read(const json_doc *d, int obj, emoe_arch *out, char *er
 /* The same from JSON text (strict parser, the object at the root). */
 ARCH_API int emoe_arch_parse(const char *json, size_t len, emoe_arch *out, char *err, size_t errlen);
 ARCH_API void emoe_arch_free(emoe_arch *a);
+
+/* Whether layer `layer` runs attention (has its tensors and a KV cache): not a conv layer. Valid on a config whose
+ * layer lists are set (emoe_arch_read's; emoe_model_new reads it before clearing them). */
+ARCH_API int emoe_arch_is_attention_layer(const emoe_config *c, int layer);
 
 /* Internal model creation from a validated config (model.c). Returns NULL only when memory runs out; otherwise check
  * emoe_model_status(m). */

@@ -133,7 +133,7 @@ typedef struct {
 
 /* The KV cache row of position pos of layer l in sequence slot slot, in elements. */
 static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
-    return (((size_t)slot * (size_t)m->cfg.n_layers + (size_t)l) * (size_t)m->max_ctx + (size_t)pos) *
+    return (((size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx) * (size_t)m->max_ctx + (size_t)pos) *
            (size_t)m->kv_dim;
 }
 
@@ -357,7 +357,7 @@ static void route(emoe_model *m, int l, int n_tok) {
             wsum += w[j];
         }
         if (c->norm_topk)
-            for (int j = 0; j < K; j++) w[j] /= wsum;
+            for (int j = 0; j < K; j++) w[j] /= wsum + c->norm_topk_eps;
         if (c->routed_scaling != 1.0f)
             for (int j = 0; j < K; j++) w[j] *= c->routed_scaling;
         if (emap)
@@ -438,7 +438,8 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
         if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
             router_logits(m, l, s->x, n_tok);
         if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
-        attention(m, l, n_tok);
+        if (L->conv_idx >= 0) shortconv_forward(m, l, n_tok);
+        else attention(m, l, n_tok);
         for (int t = 0; t < n_tok; t++)
             rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
         if (L->is_moe && m->stream) {

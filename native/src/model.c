@@ -59,6 +59,9 @@ static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int
     REQUIRE(max_ctx > 0, "max_ctx=%d must be positive", max_ctx);
     REQUIRE(n_threads >= 1 && n_threads <= 1024, "n_threads=%d must be in 1..1024", n_threads);
     int st;
+    if ((st = check_list(m, "conv_layers", c->conv_layers, c->n_conv_layers))) return st;
+    REQUIRE(!c->n_conv_layers || (c->conv_kernel >= 1 && c->conv_kernel <= EMOE_MAX_CONV_KERNEL),
+            "config: conv_layers need conv_kernel in 1..%d, got %d", EMOE_MAX_CONV_KERNEL, c->conv_kernel);
     if ((st = check_list(m, "dense_layers", c->dense_layers, c->n_dense_layers))) return st;
     if ((st = check_list(m, "nope_layers", c->nope_layers, c->n_nope_layers))) return st;
     if ((st = check_list(m, "swa_layers", c->swa_layers, c->n_swa_layers))) return st;
@@ -96,12 +99,12 @@ static void *xcalloc(size_t n, size_t size, int *fail) {
 /* The KV cache of n_seq sequence slots, (n_seq, n_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
  * model has today's layout), and every sequence emptied. On failure the old cache stays. */
 static int alloc_kv(emoe_model *m, int n_seq) {
-    const size_t kv_elems = (size_t)n_seq * (size_t)m->cfg.n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
+    const size_t kv_elems = (size_t)n_seq * (size_t)m->n_kv_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
     const size_t esz = m->kv_f16 ? 2 : 4;
     int fail = 0;
     void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
     int *past = xcalloc((size_t)n_seq, sizeof(int), &fail);
-    if (fail) {
+    if (fail || conv_state_alloc(&m->conv, m->conv.n_layers, m->cfg.conv_kernel, m->cfg.hidden, n_seq)) {
         free(kc), free(vc), free(past);
         return EMOE_ERR_NOMEM;
     }
@@ -139,6 +142,10 @@ static int alloc_buffers(emoe_model *m) {
     s->qbuf = xcalloc(B * (size_t)((m->in_max + QK - 1) / QK), sizeof(block_q8_act), &fail);
     s->pos = xcalloc(B, sizeof(int), &fail);
     s->slot = xcalloc(B, sizeof(int), &fail);
+    if (m->conv.n_layers) {
+        s->conv_bcx = xcalloc(B * 3 * H, sizeof(float), &fail);
+        s->conv_taps = xcalloc(H * (size_t)c->conv_kernel, sizeof(float), &fail);
+    }
     if (fail) return EMOE_ERR_NOMEM;
     return alloc_kv(m, 1);
 }
@@ -154,18 +161,25 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
+    if (m->conv.n_layers) bytes += (B * 3 * H + H * (size_t)c->conv_kernel) * sizeof(float);
     return bytes;
+}
+
+int64_t model_state_bytes(const emoe_model *m, int n_seq) {
+    return 2 * (int64_t)n_seq * m->n_kv_layers * m->max_ctx * m->kv_dim * (m->kv_f16 ? 2 : 4) +
+           (int64_t)conv_state_bytes(m->conv.n_layers, m->cfg.conv_kernel, m->cfg.hidden, n_seq);
 }
 
 static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
                     s->sel, s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
-                    s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
+                    s->pos, s->slot, s->conv_bcx, s->conv_taps, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
     m->key_cache = m->value_cache = NULL;
     m->n_past = NULL;
+    conv_state_free(&m->conv);
 }
 
 emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads) {
@@ -203,6 +217,9 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         L->is_moe = !in_list(c->dense_layers, c->n_dense_layers, l);
         L->use_rope = !in_list(c->nope_layers, c->n_nope_layers, l);
         L->swa = c->sliding_window > 0 && in_list(c->swa_layers, c->n_swa_layers, l);
+        L->is_attn = emoe_arch_is_attention_layer(c, l);
+        L->kv_idx = L->is_attn ? m->n_kv_layers++ : -1;
+        L->conv_idx = in_list(c->conv_layers, c->n_conv_layers, l) ? m->conv.n_layers++ : -1;
         if (L->is_moe) {
             L->n_stored = c->n_experts;
             if (c->expert_map) {
@@ -220,9 +237,10 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
             if (!L->experts) goto nomem;
         }
     }
-    m->cfg.dense_layers = m->cfg.nope_layers = m->cfg.swa_layers = NULL; /* borrowed during this call only */
+    m->cfg.dense_layers = m->cfg.nope_layers = m->cfg.swa_layers = m->cfg.conv_layers = NULL; /* borrowed during
+                                                                                              * this call only */
     m->cfg.expert_map = NULL;
-    m->cfg.n_dense_layers = m->cfg.n_nope_layers = m->cfg.n_swa_layers = 0;
+    m->cfg.n_dense_layers = m->cfg.n_nope_layers = m->cfg.n_swa_layers = m->cfg.n_conv_layers = 0;
 
     m->pool = emoe_pool_new(n_threads);
     if (!m->pool) {
@@ -297,7 +315,7 @@ int emoe_model_seq_n_past(emoe_model *m, int seq) {
 }
 int emoe_model_n_past(const emoe_model *m) { return m && m->n_past ? m->n_past[0] : 0; }
 void emoe_model_reset_seq(emoe_model *m, int seq) {
-    if (m && m->n_past && seq >= 0 && seq < m->n_seq) m->n_past[seq] = 0;
+    if (m && m->n_past && seq >= 0 && seq < m->n_seq) m->n_past[seq] = 0, conv_state_clear(&m->conv, seq);
 }
 void emoe_model_reset(emoe_model *m) { emoe_model_reset_seq(m, 0); }
 /* The KV entries of positions < n_keep stay valid; later ones are overwritten by the next forward of the sequence. */
@@ -308,6 +326,12 @@ int emoe_model_truncate_seq(emoe_model *m, int seq, int n_keep) {
     if (n_keep < 0 || n_keep > m->n_past[seq])
         return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d is outside 0..%d (the positions in the KV cache)",
                            n_keep, m->n_past[seq]);
+    /* a conv layer keeps only its last inputs, not one entry per position: it can go back to the start only */
+    if (m->conv.n_layers && n_keep && n_keep != m->n_past[seq])
+        return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d of %d positions: a model with conv layers (LFM2) "
+                           "keeps a rolling state, not one per position, so it can only keep all of them or none "
+                           "(n_keep = 0: reset the sequence and run it again)", n_keep, m->n_past[seq]);
+    if (!n_keep) conv_state_clear(&m->conv, seq);
     m->n_past[seq] = n_keep;
     return EMOE_OK;
 }

@@ -14,10 +14,10 @@ const tt_entry tt_table[] = {
     {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, G(final_norm)},
     {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TC_ALWAYS, TN_UNLESS_TIED, G(lm_head)},
     {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(attn_norm)},
-    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wq)},
-    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wv)},
-    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TC_ALWAYS, TN_REQUIRED, L(wo)},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_ATTN, TN_REQUIRED, L(wq)},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ATTN, TN_REQUIRED, L(wk)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ATTN, TN_REQUIRED, L(wv)},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TC_ATTN, TN_REQUIRED, L(wo)},
     {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(ffn_norm)},
     {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TC_QKV_BIAS, TN_REQUIRED, L(bq)},
     {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TC_QKV_BIAS, TN_REQUIRED, L(bk)},
@@ -46,6 +46,11 @@ const tt_entry tt_table[] = {
      L(gate_b)},
     {"up_b", "blk.%d.ffn_up_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED, L(up_b)},
     {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_EXPERT_BIAS, TN_REQUIRED, L(down_b)},
+    /* LFM2 short convolution (conv layers): in_proj rows B, C, x; depthwise taps [hidden, conv_kernel] */
+    {"conv_in", "blk.%d.shortconv.in_proj.weight", TT_LAYER, TD_CONV_IN, TD_HIDDEN, TC_CONV, TN_REQUIRED, L(conv_in)},
+    {"conv_w", "blk.%d.shortconv.conv.weight", TT_LAYER, TD_HIDDEN, TD_CONV_KERNEL, TC_CONV, TN_REQUIRED, L(conv_w)},
+    {"conv_out", "blk.%d.shortconv.out_proj.weight", TT_LAYER, TD_HIDDEN, TD_HIDDEN, TC_CONV, TN_REQUIRED,
+     L(conv_out)},
     {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 0},
     {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 1},
     {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TC_MOE, TN_IF_ROUTED, 2},
@@ -69,6 +74,8 @@ int64_t tt_dim(const emoe_model *m, int dim) {
     case TD_SHARED_FFN: return c->shared_ffn;
     case TD_DENSE_FFN: return c->dense_ffn;
     case TD_HEADS: return c->n_heads;
+    case TD_CONV_IN: return 3 * (int64_t)c->hidden;
+    case TD_CONV_KERNEL: return c->conv_kernel;
     }
     return 0;
 }
@@ -76,17 +83,20 @@ int64_t tt_dim(const emoe_model *m, int dim) {
 int tt_present(const emoe_model *m, int e, int layer) {
     const emoe_config *c = &m->cfg;
     const int moe = tt_table[e].scope == TT_GLOBAL ? 0 : m->layers[layer].is_moe;
+    const int attn = tt_table[e].scope == TT_GLOBAL ? 0 : m->layers[layer].is_attn;
     switch (tt_table[e].cond) {
     case TC_ALWAYS: return 1;
-    case TC_QKV_BIAS: return c->qkv_bias != 0;
-    case TC_QK_NORM: return c->qk_norm != EMOE_QK_NORM_NONE;
+    case TC_ATTN: return attn;
+    case TC_CONV: return tt_table[e].scope != TT_GLOBAL && m->layers[layer].conv_idx >= 0;
+    case TC_QKV_BIAS: return attn && c->qkv_bias != 0;
+    case TC_QK_NORM: return attn && c->qk_norm != EMOE_QK_NORM_NONE;
     case TC_MOE: return moe;
     case TC_SHARED: return moe && c->shared_ffn > 0;
     case TC_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
     case TC_DENSE: return !moe;
     case TC_SCORE_BIAS: return moe && c->score_bias;
-    case TC_O_BIAS: return c->o_bias != 0;
-    case TC_SINKS: return c->attn_sinks != 0;
+    case TC_O_BIAS: return attn && c->o_bias != 0;
+    case TC_SINKS: return attn && c->attn_sinks != 0;
     case TC_ROUTER_BIAS: return moe && c->router_bias;
     case TC_EXPERT_BIAS: return moe && c->expert_bias;
     }
@@ -96,7 +106,7 @@ int tt_present(const emoe_model *m, int e, int layer) {
 const char *tt_condition_name(int e) {
     static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
                                       "a dense layer", "score_bias", "o_bias", "attn_sinks", "router_bias",
-                                      "expert_bias"};
+                                      "expert_bias", "an attention layer", "a conv layer"};
     return why[tt_table[e].cond];
 }
 
