@@ -201,3 +201,86 @@ def test_unsupported_lfm2_variants_are_refused():
     with pytest.raises(FormatError, match="layer_types"):
         lfm2moe_spec({**base, "layer_types": None})
     assert lfm2moe_spec(base).conv_layers == [0, 2, 3, 5]
+
+
+# --- GGUF: llama.cpp's `lfm2moe`; ONNX: refused ------------------------------------------------------------------
+
+# llama.cpp's lfm2moe sizes attn_q / attn_output as n_embd x n_embd (head_dim = hidden / heads) and does not apply a
+# routed scaling: its variant of the tiny model has those. (Its renormalization clamps the top-k sum at 6.1e-5 instead
+# of adding 1e-6: the same on these weights, within 1e-5.)
+GGUF_VARIANT = {"head_dim": 16, "routed_scaling_factor": 1.0}
+
+
+@pytest.fixture(scope="module")
+def gguf_ckpt(tmp_path_factory):
+    from tiny_lfm2 import build_tiny_lfm2
+
+    return build_tiny_lfm2(tmp_path_factory.mktemp("lfm2_gguf") / "ckpt", **GGUF_VARIANT)
+
+
+def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import llama_logits
+
+    path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
+    got, ref = llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)
+    assert rel_err(got, ref) <= 1e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import _llama
+
+    path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
+    prompt = [int(t) for t in IDS[:8]]
+    with edgemoe.load(export(gguf_ckpt, tmp_path / "g.emoe", bits=32, show_progress=False), engine="c") as m:
+        ours = m._engine.prefill(prompt)
+        toks = []
+        for _ in range(12):
+            toks.append(int(np.argmax(ours)))
+            ours = m._engine.decode(toks[-1])
+    llm = _llama(model_path=str(path), n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
+    try:
+        theirs = [int(t) for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1), range(12))]
+    finally:
+        llm.close()
+    assert theirs == toks
+
+
+def test_gguf_import_reads_llama_cpp_lfm2moe_back(gguf_ckpt, tmp_path):
+    """GGUF -> edgemoe: conv layers come back from the per-layer KV head counts (0), the taps from shortconv.l_cache,
+    the dense layers from leading_dense_block_count, the final norm from token_embd_norm."""
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+
+    g = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
+    path = export(g, tmp_path / "from_gguf.emoe", bits=32, show_progress=False)
+    spec = open_container(path, verify=False).spec
+    assert (spec.family, spec.conv_layers, spec.conv_kernel, spec.dense_layers) == ("lfm2moe", [0, 2, 3, 5], 3, [0, 1])
+    with edgemoe.load(path, engine="c", threads=2) as m:
+        assert rel_err(m.logits(IDS), hf_logits(gguf_ckpt, IDS)) <= 1e-5
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_express(lfm2, tmp_path):
+    from edgemoe_export.gguf_export import export_gguf
+
+    from edgemoe.errors import EdgeMoEError
+
+    with pytest.raises(EdgeMoEError, match="n_embd x n_embd"):  # the default tiny model: head_dim 24 * 4 != 64
+        export_gguf(lfm2.dir, tmp_path / "x.gguf", "F32", show_progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_onnx_export_refuses_conv_layers_by_name(lfm2, tmp_path):
+    pytest.importorskip("onnx", reason="needs onnx")
+    from edgemoe_export.onnx_export import export_onnx
+
+    from edgemoe.errors import EdgeMoEError
+
+    with pytest.raises(EdgeMoEError, match="short-convolution"):
+        export_onnx(lfm2.dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir())
