@@ -284,3 +284,16 @@ def test_onnx_export_refuses_conv_layers_by_name(lfm2, tmp_path):
     with pytest.raises(EdgeMoEError, match="short-convolution"):
         export_onnx(lfm2.dir, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir())
+
+
+def test_export_help_lists_every_family_the_exporter_reads():
+    import re
+
+    from edgemoe_export.families import FAMILIES
+
+    from edgemoe.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd" or getattr(a, "choices", None))
+    text = " ".join(sub.choices["export"].description.split())
+    listed = set(re.search(r"Families \(model_type\): ([^.]+)\.", text).group(1).split(", "))
+    assert listed == set(FAMILIES)
