@@ -181,6 +181,24 @@ def test_mwq8_stays_near_transformers(lfm2, hf_ref, tmp_path):
         assert rel_err(m.logits(IDS), hf_ref) <= 2e-2
 
 
+@pytest.mark.parametrize("method", ["mcsmoe", "average", "prune"])
+def test_merged_containers_run_alike_in_c_and_numpy(lfm2, tmp_path, method):
+    """MC-SMoE and its baselines merge LFM2's experts (calibrated through the conv layers, routed with the expert
+    bias); the C engine runs the merged container like the reference."""
+    from edgemoe_export.merge_stage import export_merged
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB)
+    path = export_merged(lfm2.dir, tmp_path / "m.emoe", merge_ratio=0.6, method=method, bits=32, calib_path=calib,
+                         calib_tokens=512, show_progress=False)
+    outs = []
+    for engine in ("c", "numpy"):
+        with edgemoe.load(path, engine=engine, threads=2) as m:
+            assert max(max(row) for row in m.spec.expert_map if row) < 6  # merged: fewer stored experts than 7
+            outs.append(m.logits(IDS))
+    assert rel_err(outs[0], outs[1]) <= 1e-5
+
+
 def test_c_engine_equals_numpy_engine_on_the_f16_container(lfm2):
     outs = []
     for engine in ("c", "numpy"):
