@@ -79,6 +79,8 @@ class Checkpoint:
         shapes = expected_shapes(self.spec, layer)
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
+        if self.spec.conv_layers:  # LFM2's depthwise conv taps are an nn.Conv1d weight [H, 1, K] (see layer_dense)
+            shapes["conv_w"] = (self.spec.hidden, 1, self.spec.conv_kernel)
         fused_shared = self._shared_fused(layer)
         return {name: (hf[role], shapes[role]) for role, name in dense_tensor_names(self.spec, layer).items()
                 if not (fused_shared and role in ("sh_gate", "sh_up", "sh_down"))}
@@ -169,8 +171,7 @@ class Checkpoint:
                 f"weights must be floating point ({', '.join(FLOAT_DTYPES)})"
             raise FormatError(f"{where}: tensor '{hf_name}' is stored as {dtype}; {what}")
         got = self.tensors.shape(hf_name)
-        if got != shape and [d for d in got if d != 1] != [d for d in shape if d != 1]:  # [1, H] -> [H]; LFM2's
-            # depthwise conv taps [H, 1, K] -> [H, K]
+        if got != shape and not (len(shape) == 1 and int(np.prod(got)) == shape[0]):  # e.g. [1, H] -> [H]
             raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(got)}, but config.json implies "
                               f"{list(shape)}")
 
@@ -194,6 +195,9 @@ class Checkpoint:
     def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
         """Container name -> f32 array for one layer's attention, norms, router and shared expert."""
         out = {name: self._get(hf, shape) for name, (hf, shape) in self._dense_plan(layer).items()}
+        if layer in self.spec.conv_layers:  # [H, 1, K] -> [H, K]
+            conv_w = dense_tensor_names(self.spec, layer)["conv_w"]
+            out[conv_w] = out[conv_w].reshape(self.spec.hidden, self.spec.conv_kernel)
         fused = self._shared_fused(layer)
         if fused:  # Granite: one [2S, H] input matrix, gate rows first
             (gu_name, gu_shape), (down_name, down_shape) = fused.items()
