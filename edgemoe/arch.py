@@ -71,6 +71,12 @@ class ArchSpec:
     o_bias: bool = False  # bias on the attention output projection
     router_bias: bool = False  # bias on the router logits (used for selection and weights)
     expert_bias: bool = False  # biases on every routed expert's gate, up and down ([experts, width] per layer)
+    # LFM2 short convolution (native/src/shortconv.c): layers in conv_layers replace attention by
+    # out_proj(C * conv(B * x)), (B, C, x) = in_proj(x) split in thirds, conv a causal depthwise convolution of
+    # conv_kernel taps whose last conv_kernel - 1 inputs are the layer's rolling state.
+    conv_layers: list[int] = field(default_factory=list)
+    conv_kernel: int = 0
+    norm_topk_eps: float = 0.0  # norm_topk divides by (sum of the top-k weights + this); LFM2-MoE: 1e-6
     # swiglu_clamp: act = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -126,6 +132,8 @@ class ArchSpec:
                                  or self.top_k > self.topk_group * (self.n_experts // self.n_group)):
             raise ValueError(f"n_group={self.n_group} must divide n_experts={self.n_experts} and its topk_group="
                              f"{self.topk_group} groups must hold top_k={self.top_k} experts")
+        if self.conv_layers and self.conv_kernel < 1:
+            raise ValueError(f"conv_layers given but conv_kernel={self.conv_kernel} (expected >= 1)")
         if self.rope_dim == 0:
             self.rope_dim = self.head_dim
         if self.linear_attn_layers and not (min(self.linear_k_heads, self.linear_v_heads, self.linear_k_dim,
@@ -135,8 +143,9 @@ class ArchSpec:
                              "linear_k_dim, linear_v_dim and linear_conv >= 1")
 
     def is_attention_layer(self, layer: int) -> bool:
-        """The layer runs (softmax) attention: it is not a linear-attention layer."""
-        return layer not in self.linear_attn_layers
+        """Whether the layer runs (softmax) attention, with its tensors and KV cache: no other layer kind (linear
+        attention, short convolution)."""
+        return layer not in self.linear_attn_layers and layer not in self.conv_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -182,7 +191,7 @@ class ArchSpec:
 # (role, container name pattern, scope, rows, cols, condition, need) with
 #   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
 #   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
-#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | linear), and an arch
+#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | linear | conv), and an arch
 #     option that must be set (non-zero, not false, not "none"); need: "required" | "unless_tied" | "optional" |
 #     "if_routed".
 TENSOR_TABLE = (
@@ -228,6 +237,10 @@ TENSOR_TABLE = (
     ("la_a_log", "blk.{layer}.ssm_a_log.weight", "layer", None, "la_heads", "linear", "required"),
     ("la_norm", "blk.{layer}.ssm_norm.weight", "layer", None, "la_vdim", "linear", "required"),
     ("la_out", "blk.{layer}.ssm_out.weight", "layer", "hidden", "la_v", "linear", "required"),
+    # LFM2 short convolution (conv_layers): in_proj rows B, C, x; the depthwise taps [hidden, conv_kernel]
+    ("conv_in", "blk.{layer}.shortconv.in_proj.weight", "layer", "conv_in", "hidden", "conv", "required"),
+    ("conv_w", "blk.{layer}.shortconv.conv.weight", "layer", "hidden", "conv_kernel", "conv", "required"),
+    ("conv_out", "blk.{layer}.shortconv.out_proj.weight", "layer", "hidden", "hidden", "conv", "required"),
     ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
@@ -243,14 +256,14 @@ def _dim(spec: ArchSpec, term: str) -> int:
             "la_conv_dim": 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim,
             "la_conv_taps": (2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim)
             * spec.linear_conv, "la_v": spec.linear_v_heads * spec.linear_v_dim, "la_heads": spec.linear_v_heads,
-            "la_vdim": spec.linear_v_dim}[term]
+            "la_vdim": spec.linear_v_dim, "conv_in": 3 * spec.hidden, "conv_kernel": spec.conv_kernel}[term]
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     kind, _, option = condition.partition(":")
     moe = spec.is_moe_layer(layer)
     kinds = {"all": True, "moe": moe, "dense": not moe, "attn": spec.is_attention_layer(layer),
-             "linear": layer in spec.linear_attn_layers}
+             "linear": layer in spec.linear_attn_layers, "conv": layer in spec.conv_layers}
     if not kinds[kind]:
         return False
     return not option or getattr(spec, option) not in (0, False, "none")

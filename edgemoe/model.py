@@ -470,9 +470,7 @@ class Model:
     def _shift(self, cont: _Continuation, seq: int = 0) -> np.ndarray:
         """Shift a full context (cont.shift) and re-run the kept tail with the pending token: its logits."""
         on_seq = {"seq": seq} if seq else {}
-        keep = cont.shift()
-        if self.spec.linear_attn_layers:  # a recurrent state cannot drop positions: re-run the whole shifted context
-            keep = 0
+        keep = self._keepable(cont.shift(), -1)
         t0 = time.perf_counter()
         self._engine.truncate(keep, **on_seq)
         logits = self._engine.extend(cont.context[keep:], **on_seq)
@@ -568,6 +566,13 @@ class Model:
         return [Generation("".join(t), c.finish_reason, len(ids), c.n_new, 0, c.shifts)
                 for t, c, ids in zip(texts, done, all_ids)]
 
+    def _keepable(self, keep: int, n_past: int) -> int:
+        """The positions a truncation to `keep` of a sequence holding n_past (-1: more than keep) can keep: a model
+        with conv layers (LFM2) or linear attention (Qwen3.5) holds a rolling or recurrent state, not one entry per
+        position, so it keeps all or none."""
+        stateful = self.spec.conv_layers or self.spec.linear_attn_layers
+        return keep if not stateful or keep == n_past else 0
+
     def _prefill_reusing_cache(self, ids: list[int], seq: int = 0) -> np.ndarray:
         """Run the prompt in sequence slot `seq`; keep the longest prefix its KV cache already holds (at least the
         last prompt token is always run, since its logits are needed). Returns the last position's logits."""
@@ -578,8 +583,7 @@ class Model:
             if a != b:
                 break
             keep += 1
-        if self.spec.linear_attn_layers and keep < len(cached):  # a recurrent state only extends: start over
-            keep = 0
+        keep = self._keepable(keep, len(cached))
         t0 = time.perf_counter()
         if keep:
             self._engine.truncate(keep, **on_seq)

@@ -94,7 +94,7 @@ def route(spec: ArchSpec, logits: np.ndarray, bias: np.ndarray | None = None) ->
     ids = np.argsort(-sel, axis=-1, kind="stable")[:, : spec.top_k]
     weights = np.take_along_axis(probs, ids, axis=-1)
     if spec.norm_topk:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(spec.norm_topk_eps))
     return ids, (weights * np.float32(spec.routed_scaling)).astype(np.float32)
 
 
@@ -203,10 +203,25 @@ def gated_deltanet(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, 
     return gated.reshape(T, VH * dv).astype(np.float32) @ w(names["la_out"]).T
 
 
+def shortconv(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """LFM2's short convolution (transformers' Lfm2MoeShortConv) over a fresh sequence: (B, C, x) = in_proj(x) in
+    thirds, a causal depthwise convolution of conv_kernel taps over B * x (zeros before the start), times C, then
+    out_proj."""
+    H, K, T = spec.hidden, spec.conv_kernel, x.shape[0]
+    bcx = x @ w(names["conv_in"]).T
+    u = bcx[:, :H] * bcx[:, 2 * H:]
+    padded = np.concatenate([np.zeros((K - 1, H), np.float32), u])
+    taps = w(names["conv_w"])  # [H, K]; tap K-1 reads the current token
+    y = sum(taps[:, k] * padded[k:k + T] for k in range(K))
+    return (bcx[:, H:2 * H] * y) @ w(names["conv_out"]).T
+
+
 def mixer(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
     """The layer's token mixer on its normed input: attention, or the layer kind that replaces it."""
     if layer in spec.linear_attn_layers:
         return gated_deltanet(spec, x, w, names)
+    if layer in spec.conv_layers:
+        return shortconv(spec, x, w, names)
     return attention(spec, layer, x, w, names)
 
 

@@ -93,8 +93,9 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
               collect_grams: bool = True, show_progress: bool = True) -> Iterator[LayerCalibration]:
     """Yield one LayerCalibration per layer, in order. The caller may modify `experts` before the next layer.
 
-    The layer is computed by the reference forward pass (`edgemoe.reference`: attention, `moe`, `ffn`); its hooks
-    hand over the routing and each expert's routed inputs, from which the statistics are taken.
+    The layer is computed by the reference forward pass (`edgemoe.reference`: `mixer` (attention or a conv layer),
+    `moe`, `ffn`); its hooks hand over the routing and each expert's routed inputs, from which the statistics are
+    taken.
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])

@@ -35,6 +35,7 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),
         "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
         "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
+        "conv_in": (3 * H, H), "conv_w": (H, spec.conv_kernel), "conv_out": (H, H),
     }
     if spec.linear_attn_layers or spec.attn_gate:  # Qwen3.5 / Next
         conv = 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim
@@ -84,6 +85,8 @@ class Checkpoint:
         shapes = expected_shapes(self.spec, layer)
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
+        if self.spec.conv_layers:  # LFM2's depthwise conv taps are an nn.Conv1d weight [H, 1, K] (see layer_dense)
+            shapes["conv_w"] = (self.spec.hidden, 1, self.spec.conv_kernel)
         fused_shared = self._shared_fused(layer)
         s = self.spec
         if s.attn_gate:  # q_proj holds [q | gate] per head: read once, split by layer_dense
@@ -160,7 +163,7 @@ class Checkpoint:
         if s.n_layers > n_tensors:
             raise FormatError(f"{cfg_path}: num_hidden_layers = {s.n_layers}, but the checkpoint holds only {n_tensors} "
                               "tensors")
-        want = {"model.embed_tokens.weight": (s.vocab, s.hidden), "model.norm.weight": (s.hidden,)}
+        want = {"model.embed_tokens.weight": (s.vocab, s.hidden), self.family.final_norm: (s.hidden,)}
         if not s.tie_embeddings:
             want["lm_head.weight"] = (s.vocab, s.hidden)
         for layer in range(s.n_layers):
@@ -194,7 +197,7 @@ class Checkpoint:
         """Yield (container name, f32 array) for embeddings, final norm and lm_head, one at a time."""
         s = self.spec
         yield GLOBAL_TENSORS["embed"], self._get("model.embed_tokens.weight", (s.vocab, s.hidden))
-        yield GLOBAL_TENSORS["final_norm"], self._norm(self._get("model.norm.weight", (s.hidden,)))
+        yield GLOBAL_TENSORS["final_norm"], self._norm(self._get(self.family.final_norm, (s.hidden,)))
         if not s.tie_embeddings:
             yield GLOBAL_TENSORS["lm_head"], self._get("lm_head.weight", (s.vocab, s.hidden))
 
@@ -209,6 +212,9 @@ class Checkpoint:
     def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
         """Container name -> f32 array for one layer's attention, norms, router and shared expert."""
         out = {name: self._get(hf, shape) for name, (hf, shape) in self._dense_plan(layer).items()}
+        if layer in self.spec.conv_layers:  # [H, 1, K] -> [H, K]
+            conv_w = dense_tensor_names(self.spec, layer)["conv_w"]
+            out[conv_w] = out[conv_w].reshape(self.spec.hidden, self.spec.conv_kernel)
         fused = self._shared_fused(layer)
         if fused:  # Granite: one [2S, H] input matrix, gate rows first
             (gu_name, gu_shape), (down_name, down_shape) = fused.items()

@@ -451,6 +451,63 @@ def qwen35moe_spec(cfg: dict, family: str = "qwen35moe") -> ArchSpec:
     )
 
 
+LFM2_LAYER_TYPES = ("conv", "full_attention")
+
+
+def lfm2moe_spec(cfg: dict) -> ArchSpec:
+    """LFM2-MoE (transformers 5 `lfm2_moe`, modeling_lfm2_moe.py): layer_types mixes "conv" layers (a gated short
+    causal convolution of conv_L_cache taps: ArchSpec.conv_layers) and "full_attention" layers (GQA, per-head RMSNorm
+    on q and k, NeoX RoPE); both read operator_norm(x). The first num_dense_layers layers have a dense SwiGLU MLP
+    (intermediate_size), the others experts of moe_intermediate_size: sigmoid router, experts chosen by prob +
+    expert_bias (use_expert_bias: selection only), weights = the chosen probs / (their sum + 1e-6) (norm_topk_prob)
+    times routed_scaling_factor. RMSNorm eps is norm_eps; the final norm is model.embedding_norm."""
+    c = ConfigFields(cfg)
+    if c.bool("conv_bias", False):
+        raise UnsupportedModelError("LFM2-MoE with conv_bias=true (biases on in_proj, conv and out_proj) is not "
+                                    "supported yet")
+    tie = c.bool("tie_word_embeddings", c.bool("tie_embedding", True))  # the config's older key as the default
+    base = _common(c, "lfm2moe", 1e6, tie_default=tie, max_position_default=128000)
+    base["norm_eps"] = c.float("norm_eps", 1e-5, 0.0, 1.0)
+    n = base["n_layers"]
+    types = cfg.get("layer_types")
+    if not isinstance(types, list) or len(types) != n or not all(isinstance(t, str) for t in types):
+        raise FormatError(f"layer_types = {types!r:.80}: expected a list of {n} layer type names")
+    if any(t not in LFM2_LAYER_TYPES for t in types):
+        raise UnsupportedModelError(f"LFM2-MoE layer_types {sorted(set(types) - set(LFM2_LAYER_TYPES))} are not "
+                                    f"supported (edgemoe runs {LFM2_LAYER_TYPES})")
+    n_experts, top_k = _experts(c, "num_experts", "num_experts_per_tok")
+    norm_topk = c.bool("norm_topk_prob", True)
+    dense = list(range(min(c.int("num_dense_layers", 2, lo=0, hi=MAX_LAYERS), n)))
+    return _spec(
+        base, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("moe_intermediate_size"), qk_norm="head",
+        router_fn="sigmoid", norm_topk=norm_topk, norm_topk_eps=1e-6 if norm_topk else 0.0,
+        score_bias=c.bool("use_expert_bias", True), routed_scaling=c.float("routed_scaling_factor", 1.0),
+        dense_ffn=_dense_ffn(c, dense), dense_layers=dense,
+        conv_layers=[i for i, t in enumerate(types) if t == "conv"], conv_kernel=c.int("conv_L_cache", 3, hi=64),
+    )
+
+
+def lfm2_hf_names(spec: ArchSpec, layer: int) -> dict[str, str]:
+    """Role -> HF tensor name of one LFM2 layer's dense tensors (its own module names)."""
+    p = f"model.layers.{layer}."
+    names = {"attn_norm": p + "operator_norm.weight", "ffn_norm": p + "ffn_norm.weight"}
+    if layer in spec.conv_layers:
+        names.update(conv_in=p + "conv.in_proj.weight", conv_w=p + "conv.conv.weight",
+                     conv_out=p + "conv.out_proj.weight")
+    else:
+        a = p + "self_attn."
+        names.update(wq=a + "q_proj.weight", wk=a + "k_proj.weight", wv=a + "v_proj.weight", wo=a + "out_proj.weight",
+                     q_norm=a + "q_layernorm.weight", k_norm=a + "k_layernorm.weight")
+    f = p + "feed_forward."
+    if spec.is_moe_layer(layer):
+        names["router"] = f + "gate.weight"
+        if spec.score_bias:
+            names["score_bias"] = f + "expert_bias"
+    else:
+        names.update(mlp_gate=f + "w1.weight", mlp_up=f + "w3.weight", mlp_down=f + "w2.weight")
+    return names
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -470,6 +527,10 @@ class Family:
     fused: str = "gate_first"
     norm_offset: bool = False  # RMSNorm weights stored as w - 1 (the norm scales by 1 + w): the reader adds 1
     fused_qkvz: bool = False  # Qwen3-Next: DeltaNet in_proj_qkvz / in_proj_ba grouped per key head
+    final_norm: str = "model.norm.weight"
+    # a family whose layers use other module names than the llama-style ones dense_hf_names writes: (spec, layer) ->
+    # role -> HF name (LFM2)
+    hf_names: Callable[[ArchSpec, int], dict[str, str]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -493,12 +554,17 @@ FAMILIES: dict[str, Family] = {
                                                                                   "down_proj"), norm_offset=True),
     "qwen3_next": Family("qwen3next", qwen3next_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
                          norm_offset=True, fused_qkvz=True),
+    "lfm2_moe": Family("lfm2moe", lfm2moe_spec, "feed_forward", "gate.weight", ("w1", "w3", "w2"),
+                       (("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),),
+                       "feed_forward.gate.weight", score_bias="expert_bias", final_norm="model.embedding_norm.weight",
+                       hf_names=lfm2_hf_names),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
              "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
-             "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next)")
+             "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next), "
+             "LFM2-MoE (lfm2_moe)")
 
 
 # Multimodal checkpoints whose text model edgemoe runs (the vision tower is not read): model_type -> (the text
@@ -533,6 +599,8 @@ def family_for(cfg: dict, where: str) -> Family:
 
 def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
     """Role -> HF tensor name for the dense tensors of one layer (roles as in edgemoe.arch.dense_tensor_names)."""
+    if fam.hf_names is not None:
+        return fam.hf_names(spec, layer)
     p = f"model.layers.{layer}."
     a = p + "self_attn."
     names = {

@@ -6,9 +6,11 @@ time, each layer's experts stacked into `blk.N.ffn_{gate,up,down}_exps` ([E, out
 reads as {in, out, E}).
 
 llama.cpp architectures: olmoe, qwen2moe, qwen3moe, llama (Mixtral; Q/K rows permuted to llama.cpp's adjacent-pair
-RoPE), smallthinker, granitemoe (Granite-MoE and its shared variant; Q/K permuted as for llama). Whatever llama.cpp's graph for the architecture cannot express (GQA in `olmoe`, top-k
-renormalization it does not do, dense layers, SmallThinker layouts other than the one it hard-codes) is refused with
-an `EdgeMoEError` rather than written as a file that loads and computes something else.
+RoPE), smallthinker, granitemoe (Granite-MoE and its shared variant; Q/K permuted as for llama), glm4moe,
+ernie4_5-moe, gpt-oss, lfm2moe (LFM2-MoE: conv layers marked by a KV head count of 0). Whatever llama.cpp's graph
+for the architecture cannot express (GQA in `olmoe`, top-k renormalization it does not do, dense layers, SmallThinker
+layouts other than the one it hard-codes) is refused with an `EdgeMoEError` rather than written as a file that loads
+and computes something else.
 
 Types: F32, F16 (1-D tensors and routers stay F32), Q8_0 and Q4_0 (gguf-py's quantizer, for matrices whose rows are a
 multiple of 32 values; other matrices are stored F16 and listed in a warning; Q4_0 keeps `output.weight` at Q8_0
@@ -99,9 +101,30 @@ def _check_ernie45moe(spec: ArchSpec, where: str) -> None:
                            f"{spec.n_layers} do not follow that rule")
 
 
+def _check_lfm2moe(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's lfm2moe: conv layers of at least 2 taps, GQA attention with per-head QK-norm and q/o projections
+    hidden x hidden, dense layers first, a sigmoid router with exp_probs_b, renormalized and unscaled weights."""
+    if not spec.conv_layers or spec.conv_kernel < 2:
+        raise EdgeMoEError(f"{where}: llama.cpp's lfm2moe needs conv layers of at least 2 taps (conv_kernel = "
+                           f"{spec.conv_kernel})")
+    if spec.n_heads * spec.head_dim != spec.hidden:
+        raise EdgeMoEError(f"{where}: llama.cpp's lfm2moe sizes attn_q and attn_output as n_embd x n_embd, so it "
+                           f"needs num_attention_heads * head_dim == hidden_size ({spec.n_heads}*{spec.head_dim} != "
+                           f"{spec.hidden})")
+    if spec.dense_layers != list(range(len(spec.dense_layers))):
+        raise EdgeMoEError(f"{where}: llama.cpp's lfm2moe needs the dense layers first (0..k-1), got "
+                           f"{spec.dense_layers}")
+    if (spec.router_fn != "sigmoid" or not spec.score_bias or not spec.norm_topk or spec.routed_scaling != 1.0
+            or spec.n_group > 1 or spec.qk_norm != "head" or spec.activation != "swiglu"):
+        raise EdgeMoEError(f"{where}: llama.cpp's lfm2moe expects SwiGLU experts, a sigmoid router with a "
+                           "selection bias, renormalized weights without routed scaling, and per-head QK-norm")
+
+
 def _check_supported(spec: ArchSpec, arch: str) -> None:
     fam = spec.family
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
+    if arch == "lfm2moe":
+        return _check_lfm2moe(spec, where)
     if arch == "glm4moe":
         return _check_glm4moe(spec, where)
     if arch == "ernie4_5-moe":
@@ -324,7 +347,7 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
         plan.append(_Planned(name, tuple(shape), _storage_type(name, tuple(shape), gguf_type, fallbacks)))
 
     add(GLOBAL_TENSORS["embed"], (spec.vocab, spec.hidden))
-    add(GLOBAL_TENSORS["final_norm"], (spec.hidden,))
+    add(gguf_tensor_name(arch, GLOBAL_TENSORS["final_norm"]), (spec.hidden,))
     if write_output:
         add(GLOBAL_TENSORS["lm_head"], (spec.vocab, spec.hidden))
     for layer in range(spec.n_layers):
@@ -345,7 +368,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
     spec = ckpt.spec
     glob = ckpt.global_tensors()
     yield GLOBAL_TENSORS["embed"], glob[GLOBAL_TENSORS["embed"]]
-    yield GLOBAL_TENSORS["final_norm"], glob[GLOBAL_TENSORS["final_norm"]]
+    yield gguf_tensor_name(arch, GLOBAL_TENSORS["final_norm"]), glob[GLOBAL_TENSORS["final_norm"]]
     if write_output:
         yield GLOBAL_TENSORS["lm_head"], glob.get(GLOBAL_TENSORS["lm_head"], glob[GLOBAL_TENSORS["embed"]])
     del glob
@@ -402,7 +425,9 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_context_length(spec.max_position)
     w.add_embedding_length(spec.hidden)
     w.add_head_count(spec.n_heads)
-    w.add_head_count_kv(spec.n_kv_heads)
+    # lfm2moe tells conv layers by a KV head count of 0
+    w.add_head_count_kv([0 if i in spec.conv_layers else spec.n_kv_heads for i in range(spec.n_layers)]
+                        if arch == "lfm2moe" else spec.n_kv_heads)
     w.add_key_length(spec.head_dim)
     w.add_value_length(spec.head_dim)
     w.add_rope_dimension_count(spec.rope_dim)
@@ -413,7 +438,7 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_used_count(spec.top_k)
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
-    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe")  # feed_forward_length = the dense MLP's width
+    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe", "lfm2moe")  # feed_forward_length = the dense MLP's width
     w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe" or (arch == "granitemoe" and spec.shared_ffn):
@@ -445,6 +470,10 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
             w.add_rope_scaling_yarn_beta_slow(spec.yarn_beta_slow)
     if arch == gguf_qwen35.ARCH:
         gguf_qwen35.write_metadata(w, spec)
+    if arch == "lfm2moe":
+        w.add_shortconv_l_cache(spec.conv_kernel)
+        w.add_leading_dense_block_count(len(spec.dense_layers))
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

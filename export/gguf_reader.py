@@ -171,6 +171,16 @@ class GGUFCheckpoint:
             raise FormatError(f"{self.path}: GGUF metadata '{key}' = {v}: expected {lo}..{hi}")
         return v
 
+    def _kv_layers(self, key: str, heads: int) -> list[int]:
+        """A per-layer head count array whose entries are 0 (a layer without attention) or one count in 1..heads."""
+        v = self._kv(key)
+        if self._reader.types[key][-1] not in INT_TYPES or not isinstance(v, list):
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' must be a per-layer array of integers")
+        if len(set(v) - {0}) != 1 or not 1 <= max(v) <= heads:
+            raise UnsupportedModelError(f"{self.path}: '{key}' = {v[:8]}...: expected 0 (conv layers) or one head "
+                                        f"count in 1..{heads}")
+        return [int(k) for k in v]
+
     def _kv_float(self, key: str, default=_MISSING, hi: float = math.inf) -> float:
         """A finite float key with 0 < value < hi, as the shortest decimal that rounds to its float32."""
         v = self._kv(key, default)
@@ -195,7 +205,9 @@ class GGUFCheckpoint:
         n_layers = self._kv_int(p + "block_count", hi=min(MAX_LAYERS, len(self._tensors)))
         hidden = self._kv_int(p + "embedding_length")
         heads = self._kv_int(p + "attention.head_count")
-        kv_heads = self._kv_int(p + "attention.head_count_kv", heads, hi=heads)
+        # lfm2moe: a per-layer array, 0 on conv layers (the others' conv-free layers all have the same count)
+        kv_layers = self._kv_layers(p + "attention.head_count_kv", heads) if a == "lfm2moe" else None
+        kv_heads = max(kv_layers) if kv_layers else self._kv_int(p + "attention.head_count_kv", heads, hi=heads)
         head_dim = self._kv_int(p + "attention.key_length", max(1, hidden // heads))
         v_len = self._kv_int(p + "attention.value_length", head_dim)
         if v_len != head_dim:
@@ -207,7 +219,7 @@ class GGUFCheckpoint:
                 "model; edgemoe reads Mixture-of-Experts models only"
             )
         top_k = self._kv_int(p + "expert_used_count", hi=n_experts)
-        if self._kv_int(p + "leading_dense_block_count", 0, lo=0):
+        if a != "lfm2moe" and self._kv_int(p + "leading_dense_block_count", 0, lo=0):
             raise UnsupportedModelError(f"{self.path}: leading dense blocks are not supported for '{a}'")
         scaling = self._kv(p + "rope.scaling.type", "none")
         if scaling not in ("none", None, "") and not (a == "gpt-oss" and scaling == "yarn"):
@@ -282,6 +294,17 @@ class GGUFCheckpoint:
                             beta_fast=self._kv_float(p + "rope.scaling.yarn_beta_fast", 32.0),
                             beta_slow=self._kv_float(p + "rope.scaling.yarn_beta_slow", 1.0), truncate=True)
             cfg["rope_parameters"] = rope
+        elif a == "lfm2moe":  # what llama.cpp's graph does: sigmoid + exp_probs_b, renormalized, unscaled
+            import gguf
+
+            if self._kv_int(p + "expert_gating_func", lo=0) != int(gguf.ExpertGatingFuncType.SIGMOID):
+                raise UnsupportedModelError(f"{self.path}: lfm2moe with a non-sigmoid expert_gating_func is not "
+                                            "supported")
+            cfg.update(intermediate_size=ffn or expert_ffn, moe_intermediate_size=expert_ffn, num_experts=n_experts,
+                       num_experts_per_tok=top_k, norm_eps=eps, use_expert_bias=True, norm_topk_prob=True,
+                       num_dense_layers=self._kv_int(p + "leading_dense_block_count", 0, lo=0, hi=n_layers),
+                       conv_L_cache=self._kv_int(p + "shortconv.l_cache", lo=2, hi=64),
+                       layer_types=["conv" if k == 0 else "full_attention" for k in kv_layers])
         elif a == "smallthinker":
             import gguf
 
@@ -314,7 +337,8 @@ class GGUFCheckpoint:
         """GGUF tensor name -> logical NumPy shape the metadata implies (every tensor the file must hold)."""
         s = self.spec
         exp: dict[str, tuple[int, ...]] = {
-            GLOBAL_TENSORS["embed"]: (s.vocab, s.hidden), GLOBAL_TENSORS["final_norm"]: (s.hidden,),
+            GLOBAL_TENSORS["embed"]: (s.vocab, s.hidden),
+            gguf_tensor_name(self.arch, GLOBAL_TENSORS["final_norm"]): (s.hidden,),
         }
         if not s.tie_embeddings:
             exp[GLOBAL_TENSORS["lm_head"]] = (s.vocab, s.hidden)
@@ -381,7 +405,7 @@ class GGUFCheckpoint:
     def global_tensor_items(self):
         s = self.spec
         yield GLOBAL_TENSORS["embed"], self._get(GLOBAL_TENSORS["embed"])
-        yield GLOBAL_TENSORS["final_norm"], self._get(GLOBAL_TENSORS["final_norm"])
+        yield GLOBAL_TENSORS["final_norm"], self._get(gguf_tensor_name(self.arch, GLOBAL_TENSORS["final_norm"]))
         if not s.tie_embeddings:
             yield GLOBAL_TENSORS["lm_head"], self._get(GLOBAL_TENSORS["lm_head"])
 

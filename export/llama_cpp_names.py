@@ -14,12 +14,14 @@ LLAMA_CPP_ARCH = {
     "ernie4_5moe": "ernie4_5-moe",
     "gptoss": "gpt-oss",
     "qwen35moe": "qwen35moe",  # its tensor names and layouts: gguf_qwen35.py
+    "lfm2moe": "lfm2moe",
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.
 # (glm4moe and gpt-oss read the pre-FFN RMSNorm, edgemoe's ffn_norm, as `post_attention_norm`.)
 GGUF_RENAMES = {("glm4moe", ".ffn_norm.weight"): ".post_attention_norm.weight",
-                ("gpt-oss", ".ffn_norm.weight"): ".post_attention_norm.weight"}
+                ("gpt-oss", ".ffn_norm.weight"): ".post_attention_norm.weight",
+                ("lfm2moe", "output_norm.weight"): "token_embd_norm.weight"}  # LFM2's final norm
 # llama.cpp's gpt-oss makes even layers sliding-window (swa pattern 2), hard-codes the clamped SwiGLU's alpha and
 # limit, and always floors/ceils YaRN's correction range.
 GPT_OSS_SWIGLU = (1.702, 7.0)

@@ -574,6 +574,12 @@ def export_onnx(src, out_dir, weights: str = "fp32", opset: int = 21, *, moe_op:
         if ckpt.spec.expert_map:
             raise EdgeMoEError("ONNX export: the source has an unexpanded expert_map (pass the container path)")
         s = ckpt.spec
+        if s.conv_layers:
+            raise EdgeMoEError(f"ONNX export: {s.family}'s short-convolution layers (conv_layers) are not written to "
+                               "ONNX yet: each needs its rolling state (the last conv_kernel - 1 inputs) as a past/"
+                               "present input and output beside the KV cache, which this writer does not build (no "
+                               "onnxruntime operator keeps it: com.microsoft.GroupQueryAttention covers attention "
+                               "only); use the container or GGUF")
         if s.score_bias or s.n_group > 1 or s.routed_scaling != 1.0:
             raise EdgeMoEError(f"ONNX export: {s.family}'s DeepSeek-V3-style routing (selection bias, group-limited "
                                f"top-k, routed scaling) is not written to ONNX yet; use the container or GGUF")

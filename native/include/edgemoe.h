@@ -191,9 +191,10 @@ int emoe_model_isa(const emoe_model *m);
  * logits_out: NULL, or [n_tokens, vocab] if all_logits, else [vocab] (the last token's). */
 int emoe_forward(emoe_model *m, const int32_t *tokens, int n_tokens, float *logits_out, int all_logits);
 int emoe_model_n_past(const emoe_model *m);
-void emoe_model_reset(emoe_model *m); /* clear the KV cache (n_past = 0) */
+void emoe_model_reset(emoe_model *m); /* clear the KV cache and conv state (n_past = 0) */
 /* Keep the first n_keep positions of the KV cache (0 <= n_keep <= n_past, else EMOE_ERR_ARG): the next
- * emoe_forward continues at position n_keep. For reusing a shared prompt prefix. */
+ * emoe_forward continues at position n_keep. For reusing a shared prompt prefix. A model with conv layers (LFM2)
+ * keeps their rolling state, not one entry per position: n_keep must be 0 or n_past (else EMOE_ERR_ARG). */
 int emoe_model_truncate(emoe_model *m, int n_keep);
 
 /* ---- several sequences: batch decoding ----
@@ -288,7 +289,7 @@ emoe_model *emoe_container_load_streaming(emoe_container *c, int max_ctx, int kv
 typedef struct {
     int64_t minimum_bytes;   /* the least budget it runs in: dense + kv + scratch + min_cache */
     int64_t dense_bytes;     /* resident dense weights */
-    int64_t kv_bytes;        /* KV cache of opts.n_seq sequences x max_ctx */
+    int64_t kv_bytes;        /* KV cache of opts.n_seq sequences x max_ctx, plus conv layers' state (LFM2) */
     int64_t scratch_bytes;   /* activations, cache bookkeeping, thread stacks */
     int64_t min_cache_bytes; /* the smallest expert cache: one layer's top-k experts at base precision */
     int64_t full_cache_bytes; /* an expert cache holding every expert at the run precision (more is never used) */

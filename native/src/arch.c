@@ -271,6 +271,8 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
         return invalid(err, errlen, "linear_attn_layers given: linear_k_heads, linear_v_heads (a multiple of "
                        "linear_k_heads), linear_k_dim, linear_v_dim and linear_conv must be >= 1 (got %d, %d, %d, %d, "
                        "%d)", c->linear_k_heads, c->linear_v_heads, c->linear_k_dim, c->linear_v_dim, c->linear_conv);
+    if (c->n_conv_layers && c->conv_kernel < 1)
+        return invalid(err, errlen, "conv_layers given but conv_kernel = %d (expected >= 1)", c->conv_kernel);
     return check_groups(c, err, errlen);
 }
 
@@ -378,7 +380,8 @@ void emoe_arch_free(emoe_arch *a) {
 }
 
 int emoe_arch_is_attention_layer(const emoe_config *c, int layer) {
-    return !in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer);
+    return !in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer) &&
+           !in_list(c->conv_layers, c->n_conv_layers, layer);
 }
 
 /* ---- public entry points (edgemoe.h) ---- */

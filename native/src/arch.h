@@ -41,6 +41,7 @@ enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 #define EMOE_MAX_FFN (1 << 20)
 #define EMOE_MAX_LAYER_EXPERTS (1 << 26) /* n_layers * n_experts of an expert map */
 #define EMOE_MAX_CONV 64                  /* taps of a linear-attention layer's causal convolution */
+#define EMOE_MAX_CONV_KERNEL 64           /* taps of a short convolution (LFM2: 3) */
 
 /* The architecture as the forward pass reads it: one member per arch_fields.h line (meanings: edgemoe/arch.py
  * ArchSpec). Layer lists and expert_map are borrowed only during emoe_model_new (copied). */
@@ -77,7 +78,8 @@ ARCH_API int emoe_arch_read(const json_doc *d, int obj, emoe_arch *out, char *er
 ARCH_API int emoe_arch_parse(const char *json, size_t len, emoe_arch *out, char *err, size_t errlen);
 ARCH_API void emoe_arch_free(emoe_arch *a);
 
-/* Whether layer l runs (softmax) attention: it is not in linear_attn_layers (while the config's lists are set). */
+/* Whether layer l runs (softmax) attention, with its tensors and a KV cache: not in linear_attn_layers nor in
+ * conv_layers (valid while the config's layer lists are set: emoe_model_new reads it before clearing them). */
 ARCH_API int emoe_arch_is_attention_layer(const emoe_config *c, int layer);
 
 /* Internal model creation from a validated config (model.c). Returns NULL only when memory runs out; otherwise check

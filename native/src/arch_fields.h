@@ -101,6 +101,11 @@ ARCH_INT(linear_k_dim, 0, 0, EMOE_MAX_HEAD_DIM, 0)
 ARCH_INT(linear_v_dim, 0, 0, EMOE_MAX_HEAD_DIM, 0)
 ARCH_INT(linear_conv, 0, 0, EMOE_MAX_CONV, 0)
 ARCH_BOOL(attn_gate, 0)
+/* LFM2 short convolution (shortconv.c): the layers in conv_layers, conv_kernel taps; norm_topk_eps is added to the
+ * top-k sum that norm_topk divides by */
+ARCH_LIST(conv_layers)
+ARCH_INT(conv_kernel, 0, 0, EMOE_MAX_CONV_KERNEL, 0)
+ARCH_FLOAT(norm_topk_eps, 1, 0.0)
 ARCH_MAP(expert_map)
 ARCH_ID(max_position, 1, INT32_MAX, 4096)
 ARCH_ID(bos_token_id, -1, INT32_MAX, -1)

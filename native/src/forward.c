@@ -5,6 +5,7 @@
  * decode, whose experts then run once for all the sequences routed to them):
  *   h   = x + wo(attention(rope(qk_norm(wq xa + bq), wk xa + bk), wv xa + bv))   with xa = attn_norm(x)
  *   out = h + ffn(ffn_norm(h))
+ * (a conv layer, conv_layers, computes h with its short convolution instead: shortconv.c)
  * ffn is a dense MLP (dense_layers) or the MoE block: router logits W_r r (r = ffn_norm(h), or the layer input x for
  * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (+ score_bias, within the
  * topk_group best groups when n_group > 1; ties: lower index), optional renormalization, times routed_scaling; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
@@ -133,7 +134,7 @@ typedef struct {
 
 /* The KV cache row of position pos of layer l in sequence slot slot, in elements. */
 static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
-    return (((size_t)slot * (size_t)m->cfg.n_layers + (size_t)l) * (size_t)m->max_ctx + (size_t)pos) *
+    return (((size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx) * (size_t)m->max_ctx + (size_t)pos) *
            (size_t)m->kv_dim;
 }
 
@@ -361,7 +362,7 @@ static void route(emoe_model *m, int l, int n_tok) {
             wsum += w[j];
         }
         if (c->norm_topk)
-            for (int j = 0; j < K; j++) w[j] /= wsum;
+            for (int j = 0; j < K; j++) w[j] /= wsum + c->norm_topk_eps;
         if (c->routed_scaling != 1.0f)
             for (int j = 0; j < K; j++) w[j] *= c->routed_scaling;
         if (emap)
@@ -443,6 +444,7 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
             router_logits(m, l, s->x, n_tok);
         if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
         if (L->is_linear) deltanet_forward(m, l, n_tok); /* Gated DeltaNet instead of attention (deltanet.c) */
+        else if (L->conv_idx >= 0) shortconv_forward(m, l, n_tok);
         else attention(m, l, n_tok);
         for (int t = 0; t < n_tok; t++)
             rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);

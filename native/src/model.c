@@ -62,6 +62,8 @@ static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int
 #define ARCH_LIST(name) \
     if ((st = check_list(m, #name, c->name, c->n_##name))) return st;
 #include "arch_fields.h"
+    REQUIRE(!c->n_conv_layers || (c->conv_kernel >= 1 && c->conv_kernel <= EMOE_MAX_CONV_KERNEL),
+            "config: conv_layers need conv_kernel in 1..%d, got %d", EMOE_MAX_CONV_KERNEL, c->conv_kernel);
     int n_moe = c->n_layers - 0;
     for (int l = 0; l < c->n_layers; l++) n_moe -= in_list(c->dense_layers, c->n_dense_layers, l);
     if (n_moe > 0)
@@ -96,12 +98,13 @@ static void *xcalloc(size_t n, size_t size, int *fail) {
 /* The KV cache of n_seq sequence slots, (n_seq, n_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
  * model has today's layout), and every sequence emptied. On failure the old cache stays. */
 static int alloc_kv(emoe_model *m, int n_seq) {
-    const size_t kv_elems = (size_t)n_seq * (size_t)m->cfg.n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
+    const size_t kv_elems = (size_t)n_seq * (size_t)m->n_kv_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
     const size_t esz = m->kv_f16 ? 2 : 4;
     int fail = 0;
     void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
     int *past = xcalloc((size_t)n_seq, sizeof(int), &fail);
-    if (fail || deltanet_alloc_state(&m->dn, &m->cfg, m->dn.n_lin, n_seq, EMOE_BLOCK)) {
+    if (fail || deltanet_alloc_state(&m->dn, &m->cfg, m->dn.n_lin, n_seq, EMOE_BLOCK) ||
+        conv_state_alloc(&m->conv, m->conv.n_layers, m->cfg.conv_kernel, m->cfg.hidden, n_seq)) {
         free(kc), free(vc), free(past);
         return EMOE_ERR_NOMEM;
     }
@@ -139,6 +142,10 @@ static int alloc_buffers(emoe_model *m) {
     s->qbuf = xcalloc(B * (size_t)((m->in_max + QK - 1) / QK), sizeof(block_q8_act), &fail);
     s->pos = xcalloc(B, sizeof(int), &fail);
     s->slot = xcalloc(B, sizeof(int), &fail);
+    if (m->conv.n_layers) {
+        s->conv_bcx = xcalloc(B * 3 * H, sizeof(float), &fail);
+        s->conv_taps = xcalloc(H * (size_t)c->conv_kernel, sizeof(float), &fail);
+    }
     if (fail) return EMOE_ERR_NOMEM;
     return alloc_kv(m, 1);
 }
@@ -154,19 +161,27 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
+    if (m->conv.n_layers) bytes += (B * 3 * H + H * (size_t)c->conv_kernel) * sizeof(float);
     return bytes + deltanet_scratch_bytes(c, m->dn.n_lin, EMOE_BLOCK);
+}
+
+int64_t model_state_bytes(const emoe_model *m, int n_seq) {
+    return 2 * (int64_t)n_seq * m->n_kv_layers * m->max_ctx * m->kv_dim * (m->kv_f16 ? 2 : 4) +
+           (int64_t)conv_state_bytes(m->conv.n_layers, m->cfg.conv_kernel, m->cfg.hidden, n_seq) +
+           (int64_t)deltanet_state_bytes(&m->cfg, m->dn.n_lin, n_seq);
 }
 
 static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
                     s->sel, s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
-                    s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
+                    s->pos, s->slot, s->conv_bcx, s->conv_taps, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
     deltanet_free(&m->dn);
     m->key_cache = m->value_cache = NULL;
     m->n_past = NULL;
+    conv_state_free(&m->conv);
 }
 
 emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int n_threads) {
@@ -207,6 +222,8 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         L->is_attn = emoe_arch_is_attention_layer(c, l);
         L->is_linear = in_list(c->linear_attn_layers, c->n_linear_attn_layers, l);
         L->lin_idx = L->is_linear ? m->dn.n_lin++ : -1;
+        L->kv_idx = L->is_attn ? m->n_kv_layers++ : -1;
+        L->conv_idx = in_list(c->conv_layers, c->n_conv_layers, l) ? m->conv.n_layers++ : -1;
         if (L->is_moe) {
             L->n_stored = c->n_experts;
             if (c->expert_map) {
@@ -304,7 +321,7 @@ int emoe_model_seq_n_past(emoe_model *m, int seq) {
 }
 int emoe_model_n_past(const emoe_model *m) { return m && m->n_past ? m->n_past[0] : 0; }
 void emoe_model_reset_seq(emoe_model *m, int seq) {
-    if (m && m->n_past && seq >= 0 && seq < m->n_seq) m->n_past[seq] = 0;
+    if (m && m->n_past && seq >= 0 && seq < m->n_seq) m->n_past[seq] = 0, conv_state_clear(&m->conv, seq);
 }
 void emoe_model_reset(emoe_model *m) { emoe_model_reset_seq(m, 0); }
 /* The KV entries of positions < n_keep stay valid; later ones are overwritten by the next forward of the sequence. */
@@ -319,6 +336,12 @@ int emoe_model_truncate_seq(emoe_model *m, int seq, int n_keep) {
         return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d: this model's linear-attention layers keep a "
                            "recurrent state that cannot be rewound; keep 0 (start over) or all %d positions", n_keep,
                            m->n_past[seq]);
+    /* a conv layer keeps only its last inputs, not one entry per position: it can go back to the start only */
+    if (m->conv.n_layers && n_keep && n_keep != m->n_past[seq])
+        return model_error(m, EMOE_ERR_ARG, "truncate: n_keep %d of %d positions: a model with conv layers (LFM2) "
+                           "keeps a rolling state, not one per position, so it can only keep all of them or none "
+                           "(n_keep = 0: reset the sequence and run it again)", n_keep, m->n_past[seq]);
+    if (!n_keep) conv_state_clear(&m->conv, seq);
     m->n_past[seq] = n_keep;
     return EMOE_OK;
 }

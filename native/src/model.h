@@ -5,6 +5,7 @@
 #include "arch.h" /* emoe_config */
 #include "deltanet.h"
 #include "internal.h"
+#include "shortconv.h"
 
 #define EMOE_BLOCK 64 /* tokens per forward block (prefill runs in blocks of this many tokens) */
 #define EMOE_ERR_LEN 512
@@ -39,6 +40,8 @@ typedef struct {
 /* One layer's tensors; which ones it has (and their shapes) is the tensor table's (tensor_table.c). */
 typedef struct {
     int is_moe, use_rope, swa; /* from dense_layers / nope_layers / swa_layers */
+    int is_attn;               /* runs attention (emoe_arch_is_attention_layer) */
+    int kv_idx, conv_idx;      /* its layer in the KV cache / the conv state (attention / conv layers; else -1) */
     tensor_ref attn_norm, ffn_norm;              /* [hidden] */
     tensor_ref wq, wk, wv, wo;                   /* [nh*hd, H], [nkv*hd, H] x2, [H, nh*hd] */
     tensor_ref bq, bk, bv;                       /* [nh*hd], [nkv*hd] x2 (optional) */
@@ -53,11 +56,12 @@ typedef struct {
     tensor_ref sinks;                            /* [nh] attention sink logits (attn_sinks) */
     tensor_ref router_b;                         /* [E] router bias (router_bias) */
     tensor_ref gate_b, up_b, down_b;             /* [E, F], [E, F], [E, H] expert biases, row = stored expert */
-    int is_attn, is_linear, lin_idx;             /* attention layer; Gated DeltaNet layer (its index among them) */
+    int is_linear, lin_idx;                      /* Gated DeltaNet layer (its index among them) */
     tensor_ref attn_gate;                        /* [nh*hd, H] attention output gate (attn_gate) */
     tensor_ref la_qkv, la_z, la_b, la_a;         /* [conv_dim, H], [Vh*dv, H], [Vh, H] x2 (deltanet.h) */
     tensor_ref la_conv, la_dt, la_a_log, la_norm; /* [conv_dim * taps], [Vh], [Vh], [dv] */
     tensor_ref la_out;                           /* [H, Vh*dv] */
+    tensor_ref conv_in, conv_w, conv_out;        /* [3H, H], [H, conv_kernel], [H, H] short convolution */
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
     tensor_ref *experts;                         /* [n_stored][3]: gate, up, down (MoE layers) */
@@ -86,6 +90,8 @@ typedef struct {
     float *scores;   /* (n_threads, group, max_ctx) attention scores, per thread */
     block_q8_act *qbuf; /* (B, max_in/32) quantized activations for Q8_0 and MWQ matmuls */
     uint8_t *mwq_xp;    /* (B, ...) MWQ activation layout: allocated by model_mwq_buffers (first MWQ expert) */
+    float *conv_bcx;    /* (B, 3H) a conv layer's in_proj output (conv layers only; else NULL) */
+    float *conv_taps;   /* (H, conv_kernel) its taps as f32 when stored f16 / q8_0 */
 } run_state;
 
 /* Expert streaming under a memory budget (stream_load.c: emoe_container_load_streaming; stream_forward.c: the hooks).
@@ -117,7 +123,9 @@ struct emoe_model {
     const emoe_kernels *k;
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */
     layer_weights *layers;                 /* [n_layers] */
-    void *key_cache, *value_cache;         /* (n_seq, n_layers, max_ctx, kv_dim) f32 or f16 */
+    void *key_cache, *value_cache;         /* (n_seq, n_kv_layers, max_ctx, kv_dim) f32 or f16 */
+    int n_kv_layers;                       /* attention layers (layers[].kv_idx) */
+    emoe_conv_state conv;                  /* conv layers' rolling state, per sequence slot like the KV cache */
     deltanet_state dn;                     /* linear-attention layers' state (n_seq slots, like the KV cache) */
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
@@ -142,6 +150,8 @@ int model_mwq_buffers(emoe_model *m);
  * dispatch, MWQ ones at k planes (k = 0: all stored) in one mwq_run dispatch. y[j] has ldy = w[j]->rows. */
 void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *const *y, int k, const float *x,
                    int n_tok);
+/* Bytes of the per-sequence state of n_seq sequences: the KV cache of the attention layers plus the conv state. */
+int64_t model_state_bytes(const emoe_model *m, int n_seq);
 /* Bytes of the buffers emoe_model_new allocated (activations, KV cache excluded) plus the MWQ activation buffer. */
 size_t model_scratch_bytes(const emoe_model *m, int with_mwq);
 

@@ -67,6 +67,13 @@ const tt_entry tt_table[] = {
     {"la_a_log", "blk.%d.ssm_a_log.weight", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_a_log)},
     {"la_norm", "blk.%d.ssm_norm.weight", TT_LAYER, TD_ONE, TD_LA_VDIM, TL_LINEAR, NONE, TN_REQUIRED, L(la_norm)},
     {"la_out", "blk.%d.ssm_out.weight", TT_LAYER, TD_HIDDEN, TD_LA_V, TL_LINEAR, NONE, TN_REQUIRED, L(la_out)},
+    /* LFM2 short convolution (conv layers): in_proj rows B, C, x; depthwise taps [hidden, conv_kernel] */
+    {"conv_in", "blk.%d.shortconv.in_proj.weight", TT_LAYER, TD_CONV_IN, TD_HIDDEN,
+     TL_CONV, NONE, TN_REQUIRED, L(conv_in)},
+    {"conv_w", "blk.%d.shortconv.conv.weight", TT_LAYER, TD_HIDDEN, TD_CONV_KERNEL,
+     TL_CONV, NONE, TN_REQUIRED, L(conv_w)},
+    {"conv_out", "blk.%d.shortconv.out_proj.weight", TT_LAYER, TD_HIDDEN, TD_HIDDEN, TL_CONV, NONE, TN_REQUIRED,
+     L(conv_out)},
     {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 0},
     {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 1},
     {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TL_MOE, NONE, TN_IF_ROUTED, 2},
@@ -97,6 +104,8 @@ int64_t tt_dim(const emoe_model *m, int dim) {
     case TD_LA_V: return (int64_t)c->linear_v_heads * c->linear_v_dim;
     case TD_LA_HEADS: return c->linear_v_heads;
     case TD_LA_VDIM: return c->linear_v_dim;
+    case TD_CONV_IN: return 3 * (int64_t)c->hidden;
+    case TD_CONV_KERNEL: return c->conv_kernel;
     }
     return 0;
 }
@@ -106,7 +115,7 @@ int tt_present(const emoe_model *m, int e, int layer) {
     if (t->scope != TT_GLOBAL) {
         const layer_weights *L = &m->layers[layer];
         const int kind_ok[] = {[TL_ALL] = 1, [TL_MOE] = L->is_moe, [TL_DENSE] = !L->is_moe, [TL_ATTN] = L->is_attn,
-                               [TL_LINEAR] = L->is_linear};
+                               [TL_LINEAR] = L->is_linear, [TL_CONV] = L->conv_idx >= 0};
         if (!kind_ok[t->layers]) return 0;
     }
     return t->option < 0 || *(const int32_t *)((const char *)&m->cfg + t->option) != 0;
@@ -115,7 +124,8 @@ int tt_present(const emoe_model *m, int e, int layer) {
 const char *tt_condition_name(int e) {
     const tt_entry *t = &tt_table[e];
     static const char *const kinds[] = {[TL_ALL] = "", [TL_MOE] = "a MoE layer", [TL_DENSE] = "a dense layer",
-                                        [TL_ATTN] = "an attention layer", [TL_LINEAR] = "a linear-attention layer"};
+                                        [TL_ATTN] = "an attention layer", [TL_LINEAR] = "a linear-attention layer",
+                                        [TL_CONV] = "a conv layer"};
     return t->option_name ? t->option_name : kinds[t->layers];
 }
 

@@ -15,9 +15,10 @@ typedef struct emoe_model emoe_model;
 enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 1 (layer) or 2 (layer, expert) %d */
 /* Shape terms. */
 enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
-       TD_DENSE_FFN, TD_HEADS, TD_LA_CONV_DIM, TD_LA_CONV_TAPS, TD_LA_V, TD_LA_HEADS, TD_LA_VDIM };
-/* Which layers have the tensor (with its option below): attention layers are those not of another kind (linear). */
-enum { TL_ALL, TL_MOE, TL_DENSE, TL_ATTN, TL_LINEAR };
+       TD_DENSE_FFN, TD_HEADS, TD_LA_CONV_DIM, TD_LA_CONV_TAPS, TD_LA_V, TD_LA_HEADS, TD_LA_VDIM, TD_CONV_IN,
+       TD_CONV_KERNEL };
+/* Which layers have the tensor (with its option below): attention layers are those of no other kind (linear, conv). */
+enum { TL_ALL, TL_MOE, TL_DENSE, TL_ATTN, TL_LINEAR, TL_CONV };
 /* Whether a model the config has it for must have it. */
 enum {
     TN_REQUIRED,    /* always */
