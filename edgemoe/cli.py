@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read a Hugging Face MoE checkpoint directory (config.json, *.safetensors, "
                                    "tokenizer.json) layer by layer and write an .emoe container atomically. "
                                    "Families (model_type): olmoe, qwen2_moe, qwen3_moe, mixtral, smallthinker, "
-                                   "granitemoe, granitemoeshared, glm4_moe, ernie4_5_moe, gpt_oss, lfm2_moe.",
+                                   "granitemoe, granitemoeshared, glm4_moe, ernie4_5_moe, gpt_oss, qwen3_5_moe_text, qwen3_next, "
+                                   "lfm2_moe.",
                        epilog=EPILOGS["export"])
     e.add_argument("src", help="Hugging Face model directory, or a llama.cpp .gguf file")
     e.add_argument("-o", "--output", required=True, help="output .emoe file")
