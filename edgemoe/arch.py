@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 ROPE_KINDS = ("neox", "norm")  # neox: rotate halves (GPT-NeoX/HF); norm: rotate adjacent pairs (GPT-J/Meta llama)
 QK_NORM_KINDS = ("none", "head", "full")  # head: RMSNorm over each head (Qwen3); full: over the whole projection (OLMoE)
 ROUTER_FNS = ("softmax", "sigmoid")
-ROUTER_INPUTS = ("ffn_norm", "layer_input")  # layer_input: SmallThinker's router on the layer input, before attention
+# layer_input: SmallThinker's router on the layer input, before attention; residual_norm: Gemma-4's router on the
+# post-attention residual, RMS-normalized without a weight (its scale vector is folded into the router by the reader)
+ROUTER_INPUTS = ("ffn_norm", "layer_input", "residual_norm")
 GROUP_SCORES = ("top2_sum", "max")  # a group's score: its two best selection scores summed (DeepSeek-V3), or its best
-ACTIVATIONS = ("swiglu", "reglu", "swiglu_clamp")  # swiglu_clamp: gpt-oss's (see swiglu_alpha / swiglu_limit)
+# swiglu_clamp: gpt-oss's (see swiglu_alpha / swiglu_limit); geglu_tanh: gelu (tanh approximation) of the gate
+ACTIVATIONS = ("swiglu", "reglu", "swiglu_clamp", "geglu_tanh")
 ROPE_SCALINGS = ("none", "yarn")
 
 
@@ -84,6 +87,21 @@ class ArchSpec:
     yarn_orig_ctx: int = 4096
     yarn_truncate: bool = True
     rope_attn_factor: float = 1.0
+    # Gemma-4: full-attention layers (those not in swa_layers) with their own head size, KV heads and RoPE; every
+    # size 0 = the sliding layers' (head_dim, n_kv_heads, rope_theta). global_rope_angles > 0: proportional RoPE on
+    # them, pairs (j, j + d/2) for j < angles turn at global_rope_theta^(-2j/d), d = their head size, the rest stay.
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    global_rope_theta: float = 0.0
+    global_rope_angles: int = 0
+    global_k_eq_v: bool = False  # full-attention layers have no attn_v: values = the raw key projection
+    v_norm: bool = False  # values are RMS-normalized per head (no weight)
+    post_norms: bool = False  # each block's output is normalized (post_attn_norm, post_ffn_norm) before the residual add
+    # MoE layers also run the dense MLP (dense_ffn): out = post_ffn_norm(mlp_post_norm(mlp(ffn_norm(h))) +
+    # moe_post_norm(moe(moe_pre_norm(h))))
+    dense_beside_moe: bool = False
+    layer_scale: bool = False  # each layer's output (the residual stream) is multiplied by its layer_scale scalar
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = none
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -116,9 +134,25 @@ class ArchSpec:
                              f"{self.topk_group} groups must hold top_k={self.top_k} experts")
         if self.rope_dim == 0:
             self.rope_dim = self.head_dim
+        if self.global_kv_heads and self.n_heads % self.global_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of global_kv_heads={self.global_kv_heads}")
+        if 2 * self.global_rope_angles > (self.global_head_dim or self.head_dim):
+            raise ValueError(f"global_rope_angles={self.global_rope_angles} exceeds half the global head size")
+        if self.global_head_dim not in (0, self.head_dim) and not self.global_rope_angles:
+            raise ValueError("global_head_dim differs from head_dim: give global_rope_angles (its RoPE)")
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
+
+    def is_global_layer(self, layer: int) -> bool:
+        """A full-attention layer (not sliding): Gemma-4 gives these their own head size, KV heads and RoPE."""
+        return not (self.sliding_window and layer in self.swa_layers)
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.global_head_dim if self.global_head_dim and self.is_global_layer(layer) else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.global_kv_heads if self.global_kv_heads and self.is_global_layer(layer) else self.n_kv_heads
 
     def layer_expert_map(self, layer: int) -> list[int] | None:
         """e -> stored expert (or -1 when pruned) for a merged layer; None when experts are stored one to one."""
@@ -169,7 +203,7 @@ TENSOR_TABLE = (
     ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "always", "required"),
     ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "always", "required"),
     ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "always", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "always", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "v_proj", "required"),
     ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "always", "required"),
     ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "always", "required"),
     ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "qkv_bias", "required"),
@@ -190,6 +224,13 @@ TENSOR_TABLE = (
     ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "o_bias", "required"),
     ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn_sinks", "required"),
     ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "router_bias", "required"),
+    # Gemma-4's norms and layer scale (post_norms, dense_beside_moe, layer_scale)
+    ("post_attn_norm", "blk.{layer}.post_attention_norm.weight", "layer", None, "hidden", "post_norms", "required"),
+    ("post_ffn_norm", "blk.{layer}.post_ffw_norm.weight", "layer", None, "hidden", "post_norms", "required"),
+    ("mlp_post_norm", "blk.{layer}.post_ffw_norm_1.weight", "layer", None, "hidden", "beside", "required"),
+    ("moe_pre_norm", "blk.{layer}.pre_ffw_norm_2.weight", "layer", None, "hidden", "beside", "required"),
+    ("moe_post_norm", "blk.{layer}.post_ffw_norm_2.weight", "layer", None, "hidden", "beside", "required"),
+    ("layer_scale", "blk.{layer}.layer_output_scale.weight", "layer", None, "one", "layer_scale", "required"),
     # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
     ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
     ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
@@ -200,21 +241,24 @@ TENSOR_TABLE = (
 )
 
 
-def _dim(spec: ArchSpec, term: str) -> int:
-    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+def _dim(spec: ArchSpec, term: str, layer: int = 0) -> int:
+    hd, nkv = spec.layer_head_dim(layer), spec.layer_kv_heads(layer)
+    q, kv = spec.n_heads * hd, nkv * hd
     full = spec.qk_norm == "full"
-    return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
-            "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
-            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn}[term]
+    return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else hd,
+            "k_norm": kv if full else hd, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
+            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn, "one": 1}[term]
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     moe = spec.is_moe_layer(layer)
     return {"always": True, "qkv_bias": bool(spec.qkv_bias), "qk_norm": spec.qk_norm != "none", "moe": moe,
             "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
-            "dense": not moe, "score_bias": moe and bool(spec.score_bias), "o_bias": bool(spec.o_bias),
+            "dense": not moe or spec.dense_beside_moe, "score_bias": moe and bool(spec.score_bias), "o_bias": bool(spec.o_bias),
             "attn_sinks": bool(spec.attn_sinks),
-            "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias)}[condition]
+            "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias),
+            "v_proj": not (spec.global_k_eq_v and spec.is_global_layer(layer)), "post_norms": spec.post_norms,
+            "beside": moe and spec.dense_beside_moe, "layer_scale": spec.layer_scale}[condition]
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -225,7 +269,7 @@ def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
 
     def add(row, layer=0, expert=0, required=True):
         _, pattern, _, rows, cols, _, need = row
-        shape = (_dim(spec, cols),) if rows is None else (_dim(spec, rows), _dim(spec, cols))
+        shape = (_dim(spec, cols, layer),) if rows is None else (_dim(spec, rows, layer), _dim(spec, cols, layer))
         req = {"required": True, "unless_tied": not spec.tie_embeddings, "optional": False, "if_routed": required}[need]
         out.append((pattern.format(layer=layer, expert=expert), shape, req))
 
