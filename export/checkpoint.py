@@ -11,8 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.arch import (EXPERT_MATRICES, GLOBAL_TENSORS, TENSOR_TABLE, ArchSpec, _dim, dense_tensor_names,
-                          expert_tensor_name)
+from edgemoe.arch import (
+    EXPERT_MATRICES,
+    GLOBAL_TENSORS,
+    TENSOR_TABLE,
+    ArchSpec,
+    _dim,
+    dense_tensor_names,
+    expert_tensor_name,
+)
 from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .families import Family, dense_hf_names, family_for
