@@ -231,39 +231,53 @@ def post_norm(spec: ArchSpec, y: np.ndarray, w: WeightFn, names: dict[str, str],
     return rms_norm(y, w(names[role]), spec.norm_eps) if role in names else y
 
 
-def beside_moe(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str],
-               on_route=None) -> np.ndarray:
-    """Gemma-4's feed-forward block on the post-attention residual x: the dense MLP and the MoE block side by side,
-    each with its own norms (the router reads x RMS-normalized without a weight)."""
-    dense = ffn(spec, rms_norm(x, w(names["ffn_norm"]), spec.norm_eps), w(names["mlp_gate"]), w(names["mlp_up"]),
-                w(names["mlp_down"]))
-    router_x = rms_norm(x, np.float32(1.0), spec.norm_eps)
-    experts = moe(spec, layer, rms_norm(x, w(names["moe_pre_norm"]), spec.norm_eps), router_x, w, names, on_route)
-    return post_norm(spec, dense, w, names, "mlp_post_norm") + post_norm(spec, experts, w, names, "moe_post_norm")
+def ffn_inputs(spec: ArchSpec, layer: int, x_in: np.ndarray, h: np.ndarray, w: WeightFn,
+               names: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the experts' input, the router's input) of a MoE layer from its input x_in and post-attention residual h:
+    ffn_norm(h) for both, or the raw layer input for the router (layer_input); Gemma-4 (dense_beside_moe) gives the
+    experts their own norm and the router h RMS-normalized without a weight."""
+    if spec.dense_beside_moe:
+        return rms_norm(h, w(names["moe_pre_norm"]), spec.norm_eps), rms_norm(h, np.float32(1.0), spec.norm_eps)
+    hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)
+    return hn, x_in if spec.router_input == "layer_input" else hn
+
+
+def ffn_block(spec: ArchSpec, layer: int, x_in: np.ndarray, h: np.ndarray, w: WeightFn, names: dict[str, str],
+              on_route=None, on_expert=None) -> np.ndarray:
+    """The feed-forward block's output (before the residual add): the dense MLP, the MoE block, or (Gemma-4) both
+    side by side, each branch with its own norms; then the layer's post_ffn_norm when it has one."""
+    dense = None
+    if not spec.is_moe_layer(layer) or spec.dense_beside_moe:
+        dense = ffn(spec, rms_norm(h, w(names["ffn_norm"]), spec.norm_eps), w(names["mlp_gate"]), w(names["mlp_up"]),
+                    w(names["mlp_down"]))
+        dense = post_norm(spec, dense, w, names, "mlp_post_norm")
+    if spec.is_moe_layer(layer):
+        hn, router_x = ffn_inputs(spec, layer, x_in, h, w, names)
+        y = post_norm(spec, moe(spec, layer, hn, router_x, w, names, on_route, on_expert), w, names, "moe_post_norm")
+        dense = y if dense is None else dense + y
+    return post_norm(spec, dense, w, names, "post_ffn_norm")
+
+
+def attention_block(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """x + the attention block's output (post_attn_norm'ed when the layer has it) x residual_scale."""
+    att = attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
+    return x + post_norm(spec, att, w, names, "post_attn_norm") * np.float32(spec.residual_scale)
+
+
+def layer_output(spec: ArchSpec, h: np.ndarray, y: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """The layer's output from its post-attention residual h and feed-forward output y (times its layer_scale)."""
+    x = h + y * np.float32(spec.residual_scale)
+    return x * w(names["layer_scale"]) if spec.layer_scale else x
 
 
 def reference_logits(spec: ArchSpec, w: WeightFn, ids, on_route=None) -> np.ndarray:
     """Logits [T, vocab] for the token ids of a fresh sequence."""
     ids = np.asarray(ids, dtype=np.int64)
     x = w(GLOBAL_TENSORS["embed"])[ids].astype(np.float32) * np.float32(spec.embed_scale)
-    rs = np.float32(spec.residual_scale)
     for layer in range(spec.n_layers):
         names = dense_tensor_names(spec, layer)
-        layer_input = x
-        att = attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
-        x = x + post_norm(spec, att, w, names, "post_attn_norm") * rs
-        if spec.is_moe_layer(layer) and spec.dense_beside_moe:
-            y = beside_moe(spec, layer, x, w, names, on_route)
-        elif spec.is_moe_layer(layer):
-            h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
-            router_x = layer_input if spec.router_input == "layer_input" else h
-            y = moe(spec, layer, h, router_x, w, names, on_route)
-        else:
-            h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
-            y = ffn(spec, h, w(names["mlp_gate"]), w(names["mlp_up"]), w(names["mlp_down"]))
-        x = x + post_norm(spec, y, w, names, "post_ffn_norm") * rs
-        if spec.layer_scale:
-            x = x * w(names["layer_scale"])
+        h = attention_block(spec, layer, x, w, names)
+        x = layer_output(spec, h, ffn_block(spec, layer, x, h, w, names, on_route), w, names)
     x = rms_norm(x, w(GLOBAL_TENSORS["final_norm"]), spec.norm_eps)
     head = w(GLOBAL_TENSORS["embed"] if spec.tie_embeddings else GLOBAL_TENSORS["lm_head"])
     logits = ((x @ head.T) / np.float32(spec.logit_divisor)).astype(np.float32)

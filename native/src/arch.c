@@ -15,8 +15,8 @@ typedef enum { F_INT, F_FLOAT, F_BOOL, F_ENUM, F_STRING, F_ID, F_LIST, F_MAP } f
 static const char *const ROPE_KINDS[] = {"neox", "norm", NULL};
 static const char *const QK_NORMS[] = {"none", "head", "full", NULL};
 static const char *const ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
-static const char *const ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
-static const char *const ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", NULL};
+static const char *const ROUTER_INPUTS[] = {"ffn_norm", "layer_input", "residual_norm", NULL};
+static const char *const ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", "geglu_tanh", NULL};
 static const char *const GROUP_SCORES[] = {"top2_sum", "max", NULL};
 static const char *const ROPE_SCALINGS[] = {"none", "yarn", NULL};
 
@@ -82,6 +82,16 @@ static const struct field {
     {"yarn_orig_ctx", F_INT, 0, CFG(yarn_orig_ctx), 1, INT32_MAX, 4096, 0, NULL},
     {"yarn_truncate", F_BOOL, 0, CFG(yarn_truncate), 0, 0, 1, 0, NULL},
     {"rope_attn_factor", F_FLOAT, 0, CFG(rope_attn_factor), 0, 0, 0, 1.0, NULL},
+    {"global_head_dim", F_INT, 0, CFG(global_head_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
+    {"global_kv_heads", F_INT, 0, CFG(global_kv_heads), 0, EMOE_MAX_HEADS, 0, 0, NULL},
+    {"global_rope_theta", F_FLOAT, 0, CFG(global_rope_theta), 1, 0, 0, 0.0, NULL},
+    {"global_rope_angles", F_INT, 0, CFG(global_rope_angles), 0, EMOE_MAX_HEAD_DIM / 2, 0, 0, NULL},
+    {"global_k_eq_v", F_BOOL, 0, CFG(global_k_eq_v), 0, 0, 0, 0, NULL},
+    {"v_norm", F_BOOL, 0, CFG(v_norm), 0, 0, 0, 0, NULL},
+    {"post_norms", F_BOOL, 0, CFG(post_norms), 0, 0, 0, 0, NULL},
+    {"dense_beside_moe", F_BOOL, 0, CFG(dense_beside_moe), 0, 0, 0, 0, NULL},
+    {"layer_scale", F_BOOL, 0, CFG(layer_scale), 0, 0, 0, 0, NULL},
+    {"logit_softcap", F_FLOAT, 0, CFG(logit_softcap), 1, 0, 0, 0.0, NULL},
     {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
     {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
     {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
@@ -299,6 +309,19 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
                        (double)c->yarn_beta_fast, (double)c->yarn_beta_slow);
     if (c->n_swa_layers && !c->sliding_window)
         return invalid(err, errlen, "swa_layers given but sliding_window = 0 (expected >= 1)");
+    if (c->global_kv_heads && c->n_heads % c->global_kv_heads)
+        return invalid(err, errlen, "n_heads = %d is not a multiple of global_kv_heads = %d", c->n_heads,
+                       c->global_kv_heads);
+    const int32_t ghd = c->global_head_dim ? c->global_head_dim : c->head_dim;
+    if (2 * c->global_rope_angles > ghd)
+        return invalid(err, errlen, "global_rope_angles = %d exceeds half the global head size %d",
+                       c->global_rope_angles, ghd);
+    if (ghd != c->head_dim && !c->global_rope_angles)
+        return invalid(err, errlen, "global_head_dim = %d differs from head_dim = %d: give global_rope_angles (its "
+                       "RoPE)", ghd, c->head_dim);
+    if (ghd % 2) return invalid(err, errlen, "global_head_dim = %d must be even", ghd);
+    if (c->dense_beside_moe && c->dense_ffn < 1)
+        return invalid(err, errlen, "dense_beside_moe is true but dense_ffn = %d (expected >= 1)", c->dense_ffn);
     return check_groups(c, err, errlen);
 }
 
@@ -386,6 +409,21 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
     if (c->rope_dim % 2)
         return invalid(err, errlen, "rope_dim = head_dim = %d must be even (give an even rope_dim)", c->rope_dim);
     return EMOE_OK;
+}
+
+int emoe_arch_is_global_layer(const emoe_config *c, int layer) {
+    return !(c->sliding_window > 0 && in_list(c->swa_layers, c->n_swa_layers, layer));
+}
+
+int64_t emoe_arch_kv_dim(const emoe_config *c) {
+    int64_t kv = (int64_t)c->n_kv_heads * c->head_dim;
+    if (c->global_head_dim || c->global_kv_heads) {
+        const int64_t g = (int64_t)(c->global_kv_heads ? c->global_kv_heads : c->n_kv_heads) *
+                          (c->global_head_dim ? c->global_head_dim : c->head_dim);
+        for (int l = 0; l < c->n_layers; l++)
+            if (emoe_arch_is_global_layer(c, l) && g > kv) kv = g;
+    }
+    return kv;
 }
 
 int emoe_arch_parse(const char *json, size_t len, emoe_arch *a, char *err, size_t errlen) {

@@ -25,9 +25,9 @@
 enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
 enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
 enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
-enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
+enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1, EMOE_ROUTER_IN_RESIDUAL_NORM = 2 };
 enum { EMOE_GROUP_TOP2_SUM = 0, EMOE_GROUP_MAX = 1 }; /* DeepSeek-V3 / GLM-4.5; DeepSeek-V2 group_limited_greedy */
-enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1, EMOE_ACT_SWIGLU_CLAMP = 2 };
+enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1, EMOE_ACT_SWIGLU_CLAMP = 2, EMOE_ACT_GEGLU_TANH = 3 };
 enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 
 /* Bounds of the sizes (emoe_arch_read): every product the core forms (vocab * hidden, n_layers * n_experts,
@@ -76,6 +76,14 @@ typedef struct emoe_config {
     float rope_factor, yarn_beta_fast, yarn_beta_slow;
     int32_t yarn_orig_ctx, yarn_truncate;
     float rope_attn_factor;
+    /* Gemma-4 (ArchSpec documents each): full-attention layers (not in swa_layers) with their own head size, KV
+     * heads and proportional RoPE; values = keys there; value norm; post norms; the dense MLP beside the experts;
+     * a per-layer output scale; logit soft-capping */
+    int32_t global_head_dim, global_kv_heads; /* 0 = head_dim, n_kv_heads */
+    float global_rope_theta;                   /* 0 = rope_theta */
+    int32_t global_rope_angles;                /* 0 = the layers' usual RoPE */
+    int32_t global_k_eq_v, v_norm, post_norms, dense_beside_moe, layer_scale; /* bools */
+    float logit_softcap;                       /* 0 = none */
     int32_t n_dense_layers, n_nope_layers, n_swa_layers;
     const int32_t *dense_layers, *nope_layers, *swa_layers;
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
@@ -101,6 +109,11 @@ ARCH_API int emoe_arch_read(const json_doc *d, int obj, emoe_arch *out, char *er
 /* The same from JSON text (strict parser, the object at the root). */
 ARCH_API int emoe_arch_parse(const char *json, size_t len, emoe_arch *out, char *err, size_t errlen);
 ARCH_API void emoe_arch_free(emoe_arch *a);
+
+/* Whether layer l is a full-attention layer (not a sliding one): Gemma-4's global_* fields apply to it. */
+ARCH_API int emoe_arch_is_global_layer(const emoe_config *c, int layer);
+/* The widest KV row of any layer (n_kv_heads * head_dim, or the global layers' if wider): the KV cache's row. */
+ARCH_API int64_t emoe_arch_kv_dim(const emoe_config *c);
 
 /* Internal model creation from a validated config (model.c). Returns NULL only when memory runs out; otherwise check
  * emoe_model_status(m). */

@@ -16,7 +16,7 @@ const tt_entry tt_table[] = {
     {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(attn_norm)},
     {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wq)},
     {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wv)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_V_PROJ, TN_REQUIRED, L(wv)},
     {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TC_ALWAYS, TN_REQUIRED, L(wo)},
     {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(ffn_norm)},
     {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TC_QKV_BIAS, TN_REQUIRED, L(bq)},
@@ -41,6 +41,19 @@ const tt_entry tt_table[] = {
     {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TC_O_BIAS, TN_REQUIRED, L(bo)},
     {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TC_SINKS, TN_REQUIRED, L(sinks)},
     {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TC_ROUTER_BIAS, TN_REQUIRED, L(router_b)},
+    /* Gemma-4's norms and layer scale (post_norms, dense_beside_moe, layer_scale) */
+    {"post_attn_norm", "blk.%d.post_attention_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_POST_NORMS, TN_REQUIRED,
+     L(post_attn_norm)},
+    {"post_ffn_norm", "blk.%d.post_ffw_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_POST_NORMS, TN_REQUIRED,
+     L(post_ffn_norm)},
+    {"mlp_post_norm", "blk.%d.post_ffw_norm_1.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_BESIDE, TN_REQUIRED,
+     L(mlp_post_norm)},
+    {"moe_pre_norm", "blk.%d.pre_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_BESIDE, TN_REQUIRED,
+     L(moe_pre_norm)},
+    {"moe_post_norm", "blk.%d.post_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_BESIDE, TN_REQUIRED,
+     L(moe_post_norm)},
+    {"layer_scale", "blk.%d.layer_output_scale.weight", TT_LAYER, TD_ONE, TD_ONE, TC_LAYER_SCALE, TN_REQUIRED,
+     L(layer_scale)},
     /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
     {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED,
      L(gate_b)},
@@ -54,16 +67,18 @@ const tt_entry tt_table[] = {
 #undef L
 const int tt_count = (int)(sizeof(tt_table) / sizeof(tt_table[0]));
 
-int64_t tt_dim(const emoe_model *m, int dim) {
+int64_t tt_dim(const emoe_model *m, int dim, int layer) {
     const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[layer];
+    const int64_t q = (int64_t)c->n_heads * L->hd, kv = (int64_t)L->n_kv * L->hd; /* the layer's own sizes */
     switch (dim) {
     case TD_ONE: return 1;
     case TD_HIDDEN: return c->hidden;
     case TD_VOCAB: return c->vocab;
-    case TD_Q: return m->q_dim;
-    case TD_KV: return m->kv_dim;
-    case TD_QNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? m->q_dim : c->head_dim;
-    case TD_KNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? m->kv_dim : c->head_dim;
+    case TD_Q: return q;
+    case TD_KV: return kv;
+    case TD_QNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? q : L->hd;
+    case TD_KNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? kv : L->hd;
     case TD_EXPERTS: return c->n_experts;
     case TD_EXPERT_FFN: return c->expert_ffn;
     case TD_SHARED_FFN: return c->shared_ffn;
@@ -83,12 +98,16 @@ int tt_present(const emoe_model *m, int e, int layer) {
     case TC_MOE: return moe;
     case TC_SHARED: return moe && c->shared_ffn > 0;
     case TC_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
-    case TC_DENSE: return !moe;
+    case TC_DENSE: return !moe || (tt_table[e].scope != TT_GLOBAL && c->dense_beside_moe);
     case TC_SCORE_BIAS: return moe && c->score_bias;
     case TC_O_BIAS: return c->o_bias != 0;
     case TC_SINKS: return c->attn_sinks != 0;
     case TC_ROUTER_BIAS: return moe && c->router_bias;
     case TC_EXPERT_BIAS: return moe && c->expert_bias;
+    case TC_V_PROJ: return !(c->global_k_eq_v && m->layers[layer].global);
+    case TC_POST_NORMS: return c->post_norms != 0;
+    case TC_BESIDE: return moe && c->dense_beside_moe;
+    case TC_LAYER_SCALE: return c->layer_scale != 0;
     }
     return 0;
 }
@@ -96,7 +115,8 @@ int tt_present(const emoe_model *m, int e, int layer) {
 const char *tt_condition_name(int e) {
     static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
                                       "a dense layer", "score_bias", "o_bias", "attn_sinks", "router_bias",
-                                      "expert_bias"};
+                                      "expert_bias", "a layer with its own values (not global_k_eq_v)", "post_norms", "dense_beside_moe",
+                                      "layer_scale"};
     return why[tt_table[e].cond];
 }
 
@@ -150,7 +170,7 @@ int tt_name(char *buf, size_t n, int e, int layer, int expert) {
 void tt_instance(const emoe_model *m, int e, int layer, int expert, tt_item *it) {
     const tt_entry *t = &tt_table[e];
     it->entry = e, it->layer = layer, it->expert = expert;
-    it->rows = tt_dim(m, t->rows), it->cols = tt_dim(m, t->cols);
+    it->rows = tt_dim(m, t->rows, layer), it->cols = tt_dim(m, t->cols, layer);
     it->one_d = t->rows == TD_ONE;
     switch (t->need) {
     case TN_REQUIRED: it->required = 1; break;

@@ -17,7 +17,7 @@ enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS,
        TD_DENSE_FFN, TD_HEADS };
 /* When the config has the tensor. */
 enum { TC_ALWAYS, TC_QKV_BIAS, TC_QK_NORM, TC_MOE, TC_SHARED, TC_SHARED_GATE, TC_DENSE, TC_SCORE_BIAS, TC_O_BIAS,
-       TC_SINKS, TC_ROUTER_BIAS, TC_EXPERT_BIAS };
+       TC_SINKS, TC_ROUTER_BIAS, TC_EXPERT_BIAS, TC_V_PROJ, TC_POST_NORMS, TC_BESIDE, TC_LAYER_SCALE };
 /* Whether a model the config has it for must have it. */
 enum {
     TN_REQUIRED,    /* always */
@@ -49,8 +49,8 @@ typedef struct {
     char name[96];
 } tt_item;
 
-/* The value of a shape term for this config (model.c's derived sizes). */
-int64_t tt_dim(const emoe_model *m, int dim);
+/* The value of a shape term for layer l of this config (model.c's derived sizes; globals: l ignored). */
+int64_t tt_dim(const emoe_model *m, int dim, int layer);
 /* Whether layer l of the model has entry e (scope TT_GLOBAL: l ignored). */
 int tt_present(const emoe_model *m, int e, int layer);
 /* Parse a container name: the table entry it matches (-1: none) and its numbers. Numbers are plain decimals without
