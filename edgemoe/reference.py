@@ -234,12 +234,11 @@ def post_norm(spec: ArchSpec, y: np.ndarray, w: WeightFn, names: dict[str, str],
 def ffn_inputs(spec: ArchSpec, layer: int, x_in: np.ndarray, h: np.ndarray, w: WeightFn,
                names: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """(the experts' input, the router's input) of a MoE layer from its input x_in and post-attention residual h:
-    ffn_norm(h) for both, or the raw layer input for the router (layer_input); Gemma-4 (dense_beside_moe) gives the
-    experts their own norm and the router h RMS-normalized without a weight."""
-    if spec.dense_beside_moe:
-        return rms_norm(h, w(names["moe_pre_norm"]), spec.norm_eps), rms_norm(h, np.float32(1.0), spec.norm_eps)
-    hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)
-    return hn, x_in if spec.router_input == "layer_input" else hn
+    the experts read ffn_norm(h) (moe_pre_norm(h) beside a dense MLP); the router the same (ffn_norm), the raw layer
+    input (layer_input) or h RMS-normalized without a weight (residual_norm)."""
+    hn = rms_norm(h, w(names["moe_pre_norm" if spec.dense_beside_moe else "ffn_norm"]), spec.norm_eps)
+    router_x = {"ffn_norm": hn, "layer_input": x_in}.get(spec.router_input)
+    return hn, rms_norm(h, np.float32(1.0), spec.norm_eps) if router_x is None else router_x
 
 
 def ffn_block(spec: ArchSpec, layer: int, x_in: np.ndarray, h: np.ndarray, w: WeightFn, names: dict[str, str],

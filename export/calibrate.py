@@ -98,7 +98,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
-    hidden = [embed[s].astype(np.float32) for s in seqs]
+    hidden = [embed[s].astype(np.float32) * np.float32(spec.embed_scale) for s in seqs]  # as reference_logits
     del embed
     lengths = [len(s) for s in seqs]
     total = sum(lengths)

@@ -484,9 +484,18 @@ static int moe_block(emoe_model *m, int l, int n_tok) {
     return EMOE_OK;
 }
 
+/* router_input = residual_norm (Gemma-4): s->logits_r = the router on s->x RMS-normalized without a weight (its scales
+ * are folded into the router); s->xn is scratch. The other inputs are routed in moe() / before attention. */
+static void residual_router(emoe_model *m, int l, int n_tok) {
+    const int H = m->cfg.hidden;
+    if (m->cfg.router_input != EMOE_ROUTER_IN_RESIDUAL_NORM) return;
+    for (int t = 0; t < n_tok; t++)
+        rmsnorm(m->s.xn + (size_t)t * H, m->s.x + (size_t)t * H, NULL, H, m->cfg.norm_eps);
+    router_logits(m, l, m->s.xn, n_tok);
+}
+
 /* Gemma-4's feed-forward block on the post-attention residual s->x: the dense MLP and the MoE block side by side,
- * s->tmp = mlp_post_norm(mlp(ffn_norm(x))) + moe_post_norm(moe(moe_pre_norm(x))); the router reads x RMS-normalized
- * without a weight (router_input = residual_norm: its scales are folded into the router). */
+ * s->tmp = mlp_post_norm(mlp(ffn_norm(x))) + moe_post_norm(moe(moe_pre_norm(x))). */
 static int beside_moe(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
@@ -496,8 +505,7 @@ static int beside_moe(emoe_model *m, int l, int n_tok) {
         rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
     gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->dense_y, 0);
     rmsnorm_rows(s->dense_y, &L->mlp_post_norm, n_tok, H, c->norm_eps);
-    for (int t = 0; t < n_tok; t++) rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, NULL, H, c->norm_eps);
-    router_logits(m, l, s->xn, n_tok);
+    residual_router(m, l, n_tok);
     for (int t = 0; t < n_tok; t++)
         rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->moe_pre_norm.data, H, c->norm_eps);
     const int st = moe_block(m, l, n_tok);
@@ -526,6 +534,7 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
             const int st = beside_moe(m, l, n_tok);
             if (st) return st;
         } else {
+            if (L->is_moe) residual_router(m, l, n_tok);
             for (int t = 0; t < n_tok; t++)
                 rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
             if (L->is_moe) {
