@@ -13,6 +13,7 @@ LLAMA_CPP_ARCH = {
     "glm4moe": "glm4moe",
     "ernie4_5moe": "ernie4_5-moe",
     "gptoss": "gpt-oss",
+    "gemma4": "gemma4",
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.

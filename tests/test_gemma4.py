@@ -228,3 +228,69 @@ def test_arch_reader_checks_the_gemma4_fields(gemma4):
             N.arch_check(json.dumps({**spec.to_json(), **bad}))
     with pytest.raises(EdgeMoEError, match="unknown field 'attn_softcap'"):
         type(spec).from_json({**spec.to_json(), "attn_softcap": 50.0})
+
+
+# --- GGUF: llama.cpp's `gemma4` ----------------------------------------------------------------------------------
+
+def _gelu_f16_table(x):
+    """ggml's CPU GELU: gelu_tanh of x rounded to f16, looked up in an f16 table (x itself beyond +-10)."""
+    y = R_GELU(x.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
+    return np.where(x <= -10, 0.0, np.where(x >= 10, x, y)).astype(np.float32)
+
+
+R_GELU = __import__("edgemoe.reference", fromlist=["gelu_tanh"]).gelu_tanh
+
+
+def test_gguf_f32_runs_in_llama_cpp_like_transformers(gemma4, hf_ref, tmp_path, monkeypatch):
+    """llama.cpp's gemma4 runs the exported file: within 2e-3 of transformers, the same greedy choices, and within
+    2e-4 of edgemoe's reference once that uses ggml's f16 GELU table (the gap's cause)."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import llama_logits
+
+    import edgemoe.reference as R
+
+    got = llama_logits(export_gguf(gemma4.dir, tmp_path / "g.gguf", "F32", show_progress=False), IDS)
+    assert rel_err(got, hf_ref) <= 2e-3
+    assert (got.argmax(-1) == hf_ref.argmax(-1)).all()
+    c = open_container(gemma4(32), verify=False)
+    monkeypatch.setattr(R, "gelu_tanh", _gelu_f16_table)
+    assert rel_err(got, reference_logits(c.spec, c.array, IDS)) <= 2e-4
+
+
+def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export.gguf_export import export_gguf
+    from test_gguf import _llama
+
+    path = export_gguf(gemma4.dir, tmp_path / "g.gguf", "F32", show_progress=False)
+    prompt = [int(t) for t in IDS[:8]]
+    with edgemoe.load(gemma4(32), engine="c") as m:
+        ours = m._engine.prefill(prompt)
+        toks = []
+        for _ in range(12):
+            toks.append(int(np.argmax(ours)))
+            ours = m._engine.decode(toks[-1])
+    llm = _llama(model_path=str(path), n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
+    try:
+        theirs = [int(t) for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1), range(12))]
+    finally:
+        llm.close()
+    assert theirs == toks
+
+
+def test_gguf_refuses_a_layer_llama_cpp_does_not_have(gemma4, tmp_path):
+    from edgemoe_export.gguf_export import _check_supported
+
+    spec = dataclasses.replace(open_container(gemma4(32), verify=False).spec, v_norm=False)
+    with pytest.raises(EdgeMoEError, match="gemma4 graph.*v_norm"):
+        _check_supported(spec, "gemma4")
+
+
+def test_onnx_export_refuses_gemma4_by_name(gemma4, tmp_path):
+    pytest.importorskip("onnx", reason="needs onnx")
+    from edgemoe_export.onnx_export import export_onnx
+
+    with pytest.raises(EdgeMoEError, match="gemma4"):
+        export_onnx(gemma4.dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir())
