@@ -220,6 +220,22 @@ def test_calibration_routes_like_the_reference_forward(gemma4):
         np.testing.assert_array_equal(got[layer], want[layer])
 
 
+def test_merged_experts_run_the_same_in_both_engines(gemma4, tmp_path):
+    """MC-SMoE merging runs through the Gemma-4 layer (calibration, grouping, the folded down matrices): the merged
+    container keeps fewer stored experts and the C engine computes it as the reference does."""
+    from edgemoe_export import export
+
+    path = export(gemma4.dir, tmp_path / "m.emoe", bits=32, merge_ratio=0.6, calib=gemma4.dir.parent / "calib.txt",
+                  calib_tokens=512, show_progress=False)
+    spec = open_container(path, verify=False).spec
+    assert spec.expert_map and all(spec.stored_experts(layer) < 5 for layer in range(5))
+    outs = []
+    for engine in ("c", "numpy"):
+        with edgemoe.load(path, engine=engine, threads=2) as m:
+            outs.append(m.logits(IDS))
+    assert rel_err(outs[0], outs[1]) <= 1e-5
+
+
 def test_arch_reader_checks_the_gemma4_fields(gemma4):
     spec = open_container(gemma4(32), verify=False).spec
     for bad, match in (({"global_kv_heads": 3}, "global_kv_heads"), ({"global_rope_angles": 17}, "global_rope_angles"),
