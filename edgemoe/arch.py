@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 ROPE_KINDS = ("neox", "norm")  # neox: rotate halves (GPT-NeoX/HF); norm: rotate adjacent pairs (GPT-J/Meta llama)
 QK_NORM_KINDS = ("none", "head", "full")  # head: RMSNorm over each head (Qwen3); full: over the whole projection (OLMoE)
 ROUTER_FNS = ("softmax", "sigmoid")
-ROUTER_INPUTS = ("ffn_norm", "layer_input")  # layer_input: SmallThinker's router on the layer input, before attention
+# layer_input: SmallThinker's router on the layer input, before attention; residual_norm: Gemma-4's router on the
+# post-attention residual, RMS-normalized without a weight (its scale vector is folded into the router by the reader)
+ROUTER_INPUTS = ("ffn_norm", "layer_input", "residual_norm")
 GROUP_SCORES = ("top2_sum", "max")  # a group's score: its two best selection scores summed (DeepSeek-V3), or its best
-ACTIVATIONS = ("swiglu", "reglu", "swiglu_clamp")  # swiglu_clamp: gpt-oss's (see swiglu_alpha / swiglu_limit)
+# swiglu_clamp: gpt-oss's (see swiglu_alpha / swiglu_limit); geglu_tanh: gelu (tanh approximation) of the gate
+ACTIVATIONS = ("swiglu", "reglu", "swiglu_clamp", "geglu_tanh")
 ROPE_SCALINGS = ("none", "yarn")
 
 
@@ -102,6 +105,21 @@ class ArchSpec:
     linear_v_dim: int = 0
     linear_conv: int = 0
     attn_gate: bool = False  # attention output * sigmoid(attn_gate x) before wo (Qwen3.5 / Next gated attention)
+    # Gemma-4: full-attention layers (those not in swa_layers) with their own head size, KV heads and RoPE; every
+    # size 0 = the sliding layers' (head_dim, n_kv_heads, rope_theta). global_rope_angles > 0: proportional RoPE on
+    # them, pairs (j, j + d/2) for j < angles turn at global_rope_theta^(-2j/d), d = their head size, the rest stay.
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    global_rope_theta: float = 0.0
+    global_rope_angles: int = 0
+    global_k_eq_v: bool = False  # full-attention layers have no attn_v: values = the raw key projection
+    v_norm: bool = False  # values are RMS-normalized per head (no weight)
+    post_norms: bool = False  # each block's output is normalized (post_attn_norm, post_ffn_norm) before the residual add
+    # MoE layers also run the dense MLP (dense_ffn): out = post_ffn_norm(mlp_post_norm(mlp(ffn_norm(h))) +
+    # moe_post_norm(moe(moe_pre_norm(h))))
+    dense_beside_moe: bool = False
+    layer_scale: bool = False  # each layer's output (the residual stream) is multiplied by its layer_scale scalar
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = none
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -141,6 +159,12 @@ class ArchSpec:
                                                 and self.linear_v_heads % self.linear_k_heads == 0):
             raise ValueError("linear_attn_layers need linear_k_heads, linear_v_heads (a multiple of linear_k_heads), "
                              "linear_k_dim, linear_v_dim and linear_conv >= 1")
+        if self.global_kv_heads and self.n_heads % self.global_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of global_kv_heads={self.global_kv_heads}")
+        if 2 * self.global_rope_angles > (self.global_head_dim or self.head_dim):
+            raise ValueError(f"global_rope_angles={self.global_rope_angles} exceeds half the global head size")
+        if self.global_head_dim not in (0, self.head_dim) and not self.global_rope_angles:
+            raise ValueError("global_head_dim differs from head_dim: give global_rope_angles (its RoPE)")
 
     def is_attention_layer(self, layer: int) -> bool:
         """Whether the layer runs (softmax) attention, with its tensors and KV cache: no other layer kind (linear
@@ -149,6 +173,16 @@ class ArchSpec:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
+
+    def is_global_layer(self, layer: int) -> bool:
+        """A full-attention layer (not sliding): Gemma-4 gives these their own head size, KV heads and RoPE."""
+        return not (self.sliding_window and layer in self.swa_layers)
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.global_head_dim if self.global_head_dim and self.is_global_layer(layer) else self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.global_kv_heads if self.global_kv_heads and self.is_global_layer(layer) else self.n_kv_heads
 
     def layer_expert_map(self, layer: int) -> list[int] | None:
         """e -> stored expert (or -1 when pruned) for a merged layer; None when experts are stored one to one."""
@@ -191,7 +225,8 @@ class ArchSpec:
 # (role, container name pattern, scope, rows, cols, condition, need) with
 #   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
 #   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
-#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | linear | conv), and an arch
+#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | attn_v | linear | conv; dense = with a dense MLP, also MoE
+#     layers under dense_beside_moe; attn_v = attention with its own values), and an arch
 #     option that must be set (non-zero, not false, not "none"); need: "required" | "unless_tied" | "optional" |
 #     "if_routed".
 TENSOR_TABLE = (
@@ -201,7 +236,7 @@ TENSOR_TABLE = (
     ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "all", "required"),
     ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "attn", "required"),
     ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "attn", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn_v", "required"),
     ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "attn", "required"),
     ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "all", "required"),
     ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "attn:qkv_bias", "required"),
@@ -222,6 +257,13 @@ TENSOR_TABLE = (
     ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "attn:o_bias", "required"),
     ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn:attn_sinks", "required"),
     ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "moe:router_bias", "required"),
+    # Gemma-4's norms and layer scale (post_norms, dense_beside_moe, layer_scale)
+    ("post_attn_norm", "blk.{layer}.post_attention_norm.weight", "layer", None, "hidden", "all:post_norms", "required"),
+    ("post_ffn_norm", "blk.{layer}.post_ffw_norm.weight", "layer", None, "hidden", "all:post_norms", "required"),
+    ("mlp_post_norm", "blk.{layer}.post_ffw_norm_1.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
+    ("moe_pre_norm", "blk.{layer}.pre_ffw_norm_2.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
+    ("moe_post_norm", "blk.{layer}.post_ffw_norm_2.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
+    ("layer_scale", "blk.{layer}.layer_output_scale.weight", "layer", None, "one", "all:layer_scale", "required"),
     # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
     ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
     ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
@@ -247,12 +289,13 @@ TENSOR_TABLE = (
 )
 
 
-def _dim(spec: ArchSpec, term: str) -> int:
-    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+def _dim(spec: ArchSpec, term: str, layer: int = 0) -> int:
+    hd, nkv = spec.layer_head_dim(layer), spec.layer_kv_heads(layer)
+    q, kv = spec.n_heads * hd, nkv * hd
     full = spec.qk_norm == "full"
-    return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
-            "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
-            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn,
+    return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else hd,
+            "k_norm": kv if full else hd, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
+            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn, "one": 1,
             "la_conv_dim": 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim,
             "la_conv_taps": (2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim)
             * spec.linear_conv, "la_v": spec.linear_v_heads * spec.linear_v_dim, "la_heads": spec.linear_v_heads,
@@ -262,8 +305,10 @@ def _dim(spec: ArchSpec, term: str) -> int:
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     kind, _, option = condition.partition(":")
     moe = spec.is_moe_layer(layer)
-    kinds = {"all": True, "moe": moe, "dense": not moe, "attn": spec.is_attention_layer(layer),
-             "linear": layer in spec.linear_attn_layers, "conv": layer in spec.conv_layers}
+    attn = spec.is_attention_layer(layer)
+    kinds = {"all": True, "moe": moe, "dense": not moe or spec.dense_beside_moe, "attn": attn,
+             "linear": layer in spec.linear_attn_layers, "conv": layer in spec.conv_layers,
+             "attn_v": attn and not (spec.global_k_eq_v and spec.is_global_layer(layer))}
     if not kinds[kind]:
         return False
     return not option or getattr(spec, option) not in (0, False, "none")
@@ -277,7 +322,7 @@ def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
 
     def add(row, layer=0, expert=0, required=True):
         _, pattern, _, rows, cols, _, need = row
-        shape = (_dim(spec, cols),) if rows is None else (_dim(spec, rows), _dim(spec, cols))
+        shape = (_dim(spec, cols, layer),) if rows is None else (_dim(spec, rows, layer), _dim(spec, cols, layer))
         req = {"required": True, "unless_tied": not spec.tie_embeddings, "optional": False, "if_routed": required}[need]
         out.append((pattern.format(layer=layer, expert=expert), shape, req))
 

@@ -422,6 +422,15 @@ EPILOGS = {
 }
 
 
+def _families() -> str:
+    """The model families the exporter reads (its one list), for `edgemoe export --help`."""
+    try:
+        from edgemoe_export.families import SUPPORTED
+    except ImportError:
+        return "see the exporter (pip install edgemoe[export])"
+    return SUPPORTED
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="edgemoe",
@@ -433,9 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="convert a Hugging Face MoE checkpoint into an .emoe container",
                        description="Read a Hugging Face MoE checkpoint directory (config.json, *.safetensors, "
                                    "tokenizer.json) layer by layer and write an .emoe container atomically. "
-                                   "Families (model_type): olmoe, qwen2_moe, qwen3_moe, mixtral, smallthinker, "
-                                   "granitemoe, granitemoeshared, glm4_moe, ernie4_5_moe, gpt_oss, qwen3_5_moe_text, qwen3_next, "
-                                   "lfm2_moe.",
+                                   f"Families (config.json model_type): {_families()}.",
                        epilog=EPILOGS["export"])
     e.add_argument("src", help="Hugging Face model directory, or a llama.cpp .gguf file")
     e.add_argument("-o", "--output", required=True, help="output .emoe file")

@@ -66,6 +66,23 @@ def rope(x: np.ndarray, positions: np.ndarray, spec: ArchSpec) -> np.ndarray:
     return out
 
 
+def global_rope(x: np.ndarray, positions: np.ndarray, spec: ArchSpec) -> np.ndarray:
+    """Gemma-4's proportional RoPE on a full-attention layer: pairs (j, j + d/2) over the whole head (d = x's last
+    size) turn at theta^(-2j/d) for j < global_rope_angles; the other pairs keep angle 0 (unchanged)."""
+    d, n = x.shape[-1], spec.global_rope_angles
+    theta = np.float32(spec.global_rope_theta or spec.rope_theta)
+    inv = np.zeros(d // 2, np.float32)
+    inv[:n] = np.float32(1.0) / theta ** (np.arange(0, 2 * n, 2, dtype=np.float32) / np.float32(d))
+    freqs = positions[:, None].astype(np.float32) * inv[None, :]
+    cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(np.float32)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return (0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x ** 3))))
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -128,6 +145,8 @@ def ffn_hidden(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray,
     if spec.activation == "swiglu_clamp":  # gpt-oss: (clamp(up) + 1) * g * sigmoid(alpha g), g clamped above
         g, u = np.minimum(g, spec.swiglu_limit), np.clip(u, -spec.swiglu_limit, spec.swiglu_limit)
         h = (u + np.float32(1)) * (g / (np.float32(1) + np.exp(-g * np.float32(spec.swiglu_alpha))))
+    elif spec.activation == "geglu_tanh":
+        h = gelu_tanh(g) * u
     else:
         h = (silu(g) if spec.activation == "swiglu" else np.maximum(g, 0.0)) * u
     return h
@@ -135,8 +154,9 @@ def ffn_hidden(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray,
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
     T = x.shape[0]
-    nh, nkv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    q, k, v = x @ w(names["wq"]).T, x @ w(names["wk"]).T, x @ w(names["wv"]).T
+    nh, nkv, hd = spec.n_heads, spec.layer_kv_heads(layer), spec.layer_head_dim(layer)
+    q, k = x @ w(names["wq"]).T, x @ w(names["wk"]).T
+    v = x @ w(names["wv"]).T if "wv" in names else k  # Gemma-4's global_k_eq_v: values = the raw keys
     if spec.qkv_bias:
         q, k, v = q + w(names["bq"]), k + w(names["bk"]), v + w(names["bv"])
     if spec.qk_norm == "full":
@@ -144,7 +164,11 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
     q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
     if spec.qk_norm == "head":
         q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
-    if layer not in spec.nope_layers:
+    if spec.v_norm:  # Gemma-4: values RMS-normalized per head, no weight
+        v = rms_norm(v, np.float32(1.0), spec.norm_eps)
+    if spec.global_rope_angles and spec.is_global_layer(layer):
+        q, k = global_rope(q, np.arange(T), spec), global_rope(k, np.arange(T), spec)
+    elif layer not in spec.nope_layers:
         pos = np.arange(T)
         q, k = rope(q, pos, spec), rope(k, pos, spec)
     rep = nh // nkv
@@ -262,21 +286,62 @@ def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: Weig
     return out
 
 
+def post_norm(spec: ArchSpec, y: np.ndarray, w: WeightFn, names: dict[str, str], role: str) -> np.ndarray:
+    """A block's output normalized by the layer's `role` norm when the layer has it (Gemma-4), else unchanged."""
+    return rms_norm(y, w(names[role]), spec.norm_eps) if role in names else y
+
+
+def ffn_inputs(spec: ArchSpec, layer: int, x_in: np.ndarray, h: np.ndarray, w: WeightFn,
+               names: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the experts' input, the router's input) of a MoE layer from its input x_in and post-attention residual h:
+    the experts read ffn_norm(h) (moe_pre_norm(h) beside a dense MLP); the router the same (ffn_norm), the raw layer
+    input (layer_input) or h RMS-normalized without a weight (residual_norm)."""
+    hn = rms_norm(h, w(names["moe_pre_norm" if spec.dense_beside_moe else "ffn_norm"]), spec.norm_eps)
+    router_x = {"ffn_norm": hn, "layer_input": x_in}.get(spec.router_input)
+    return hn, rms_norm(h, np.float32(1.0), spec.norm_eps) if router_x is None else router_x
+
+
+def ffn_block(spec: ArchSpec, layer: int, x_in: np.ndarray, h: np.ndarray, w: WeightFn, names: dict[str, str],
+              on_route=None, on_expert=None) -> np.ndarray:
+    """The feed-forward block's output (before the residual add): the dense MLP, the MoE block, or (Gemma-4) both
+    side by side, each branch with its own norms; then the layer's post_ffn_norm when it has one."""
+    dense = None
+    if not spec.is_moe_layer(layer) or spec.dense_beside_moe:
+        dense = ffn(spec, rms_norm(h, w(names["ffn_norm"]), spec.norm_eps), w(names["mlp_gate"]), w(names["mlp_up"]),
+                    w(names["mlp_down"]))
+        dense = post_norm(spec, dense, w, names, "mlp_post_norm")
+    if spec.is_moe_layer(layer):
+        hn, router_x = ffn_inputs(spec, layer, x_in, h, w, names)
+        y = post_norm(spec, moe(spec, layer, hn, router_x, w, names, on_route, on_expert), w, names, "moe_post_norm")
+        dense = y if dense is None else dense + y
+    return post_norm(spec, dense, w, names, "post_ffn_norm")
+
+
+def attention_block(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """x + the attention block's output (or the block of the layer kind that replaces attention: mixer()),
+    post_attn_norm'ed when the layer has it, x residual_scale."""
+    att = mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
+    return x + post_norm(spec, att, w, names, "post_attn_norm") * np.float32(spec.residual_scale)
+
+
+def layer_output(spec: ArchSpec, h: np.ndarray, y: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """The layer's output from its post-attention residual h and feed-forward output y (times its layer_scale)."""
+    x = h + y * np.float32(spec.residual_scale)
+    return x * w(names["layer_scale"]) if spec.layer_scale else x
+
+
 def reference_logits(spec: ArchSpec, w: WeightFn, ids, on_route=None) -> np.ndarray:
     """Logits [T, vocab] for the token ids of a fresh sequence."""
     ids = np.asarray(ids, dtype=np.int64)
     x = w(GLOBAL_TENSORS["embed"])[ids].astype(np.float32) * np.float32(spec.embed_scale)
-    rs = np.float32(spec.residual_scale)
     for layer in range(spec.n_layers):
         names = dense_tensor_names(spec, layer)
-        layer_input = x
-        x = x + mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names) * rs
-        h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
-        if spec.is_moe_layer(layer):
-            router_x = layer_input if spec.router_input == "layer_input" else h
-            x = x + moe(spec, layer, h, router_x, w, names, on_route) * rs
-        else:
-            x = x + ffn(spec, h, w(names["mlp_gate"]), w(names["mlp_up"]), w(names["mlp_down"])) * rs
+        h = attention_block(spec, layer, x, w, names)
+        x = layer_output(spec, h, ffn_block(spec, layer, x, h, w, names, on_route), w, names)
     x = rms_norm(x, w(GLOBAL_TENSORS["final_norm"]), spec.norm_eps)
     head = w(GLOBAL_TENSORS["embed"] if spec.tie_embeddings else GLOBAL_TENSORS["lm_head"])
-    return ((x @ head.T) / np.float32(spec.logit_divisor)).astype(np.float32)
+    logits = ((x @ head.T) / np.float32(spec.logit_divisor)).astype(np.float32)
+    if spec.logit_softcap:
+        cap = np.float32(spec.logit_softcap)
+        logits = (np.tanh(logits / cap) * cap).astype(np.float32)
+    return logits

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names
 from edgemoe.errors import EdgeMoEError
-from edgemoe.reference import ffn, mixer, moe, rms_norm, router_logits
+from edgemoe.reference import attention_block, ffn_block, ffn_inputs, layer_output, rms_norm, router_logits
 
 from .checkpoint import Checkpoint
 from .progress import progress
@@ -99,7 +99,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
-    hidden = [embed[s].astype(np.float32) for s in seqs]
+    hidden = [embed[s].astype(np.float32) * np.float32(spec.embed_scale) for s in seqs]  # as reference_logits
     del embed
     lengths = [len(s) for s in seqs]
     total = sum(lengths)
@@ -115,12 +115,10 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         names = dense_tensor_names(spec, layer)
         cal = LayerCalibration(layer, dense, experts, n_tokens=total)
         x_in = np.concatenate(hidden)
-        h = np.concatenate([x + mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
-                            for x in hidden])
+        h = np.concatenate([attention_block(spec, layer, x, w, names) for x in hidden])
         del hidden
-        hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)
         if spec.is_moe_layer(layer):
-            router_x = x_in if spec.router_input == "layer_input" else hn
+            _, router_x = ffn_inputs(spec, layer, x_in, h, w, names)
             cal.router_logits = router_logits(spec, router_x[sample], w, names)
             cal.pre_attn_input = rms_norm(x_in[sample], w(names["attn_norm"]), spec.norm_eps)
             cal.expert_tokens = np.zeros(spec.n_experts, dtype=np.int64)
@@ -134,11 +132,12 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
                     cal.gram_in[e] = gram_blocks(xr, gi)
                     cal.gram_mid[e] = gram_blocks(act, gm)
 
-            out = moe(spec, layer, hn, router_x, w, names, on_route, on_expert)
+            out = ffn_block(spec, layer, x_in, h, w, names, on_route, on_expert)
+            del router_x
         else:
-            out = ffn(spec, hn, w(names["mlp_gate"]), w(names["mlp_up"]), w(names["mlp_down"]))
-        del x_in, hn
-        h += out
+            out = ffn_block(spec, layer, x_in, h, w, names)
+        del x_in
+        h = layer_output(spec, h, out, w, names)
         hidden = np.split(h, np.cumsum(lengths)[:-1])
         cal.hidden_out = hidden
         yield cal

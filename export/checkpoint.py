@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from edgemoe.arch import (
+    EXPERT_MATRICES,
+    GLOBAL_TENSORS,
+    TENSOR_TABLE,
+    ArchSpec,
+    _dim,
+    dense_tensor_names,
+    expert_tensor_name,
+)
 from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .families import Family, dense_hf_names, family_for, text_part
@@ -22,28 +30,9 @@ from .tokenizer_check import check_tokenizer
 
 
 def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
-    """Role -> logical shape [out, in] (or [n]) of each dense tensor of one layer."""
-    H, hd, nh, nkv = spec.hidden, spec.head_dim, spec.n_heads, spec.n_kv_heads
-    shapes = {
-        "attn_norm": (H,), "ffn_norm": (H,), "wq": (nh * hd, H), "wk": (nkv * hd, H), "wv": (nkv * hd, H),
-        "wo": (H, nh * hd), "bq": (nh * hd,), "bk": (nkv * hd,), "bv": (nkv * hd,),
-        "q_norm": (hd,) if spec.qk_norm == "head" else (nh * hd,),
-        "k_norm": (hd,) if spec.qk_norm == "head" else (nkv * hd,),
-        "router": (spec.n_experts, H), "score_bias": (spec.n_experts,),
-        "sh_gate": (spec.shared_ffn, H), "sh_up": (spec.shared_ffn, H), "sh_down": (H, spec.shared_ffn),
-        "sh_gate_inp": (H,),
-        "mlp_gate": (spec.dense_ffn, H), "mlp_up": (spec.dense_ffn, H), "mlp_down": (H, spec.dense_ffn),
-        "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
-        "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
-        "conv_in": (3 * H, H), "conv_w": (H, spec.conv_kernel), "conv_out": (H, H),
-    }
-    if spec.linear_attn_layers or spec.attn_gate:  # Qwen3.5 / Next
-        conv = 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim
-        vh, v = spec.linear_v_heads, spec.linear_v_heads * spec.linear_v_dim
-        shapes.update(attn_gate=(nh * hd, H), la_qkv=(conv, H), la_z=(v, H), la_b=(vh, H), la_a=(vh, H),
-                      la_conv=(conv * spec.linear_conv,), la_dt=(vh,), la_a_log=(vh,), la_norm=(spec.linear_v_dim,),
-                      la_out=(H, v))
-    return shapes
+    """Role -> logical shape [out, in] (or [n]) of each dense tensor of one layer (the tensor table's)."""
+    return {role: (_dim(spec, cols, layer),) if rows is None else (_dim(spec, rows, layer), _dim(spec, cols, layer))
+            for role, _, scope, rows, cols, _, _ in TENSOR_TABLE if scope == "layer"}
 
 
 def expert_shape(spec: ArchSpec, matrix: str) -> tuple[int, int]:
@@ -68,6 +57,9 @@ class Checkpoint:
         except (FormatError, UnsupportedModelError) as e:  # the family's reader names the field, this the file
             raise type(e)(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
         self.tensors = SafetensorsSet(path) if prefix is None else _TextPart(SafetensorsSet(path), prefix)
+        self.tensors = SafetensorsSet(path)
+        if self.config.get("text_config") is not None and self.family.fold == "gemma4":
+            self._text_part()
         self._check_tensors(cfg_path)
         tok = path / "tokenizer.json"
         self.tokenizer_json: bytes | None = None
@@ -75,6 +67,13 @@ class Checkpoint:
             self.tokenizer_json = check_tokenizer(tok.read_bytes() if not tok.is_dir() else b"", self.spec.vocab,
                                                   str(tok))
         self.chat_metadata: dict = read_chat_template(path)
+
+    def _text_part(self) -> None:
+        """A multimodal Gemma-4 checkpoint: its text model (model.language_model.*) is read under the text-only
+        names; the vision / audio towers are not read."""
+        if not self.tensors.read_under("model.language_model.", "model."):
+            raise FormatError(f"{self.path}: this multimodal gemma4 checkpoint has no text model tensors "
+                              "(model.language_model.*; a vision or audio tower only?): edgemoe runs the text model")
 
     # --- which tensor is where -----------------------------------------------------------------------------
     def _dense_plan(self, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -155,6 +154,13 @@ class Checkpoint:
         return {f"{prefix}.{e}.{leaf}.weight": expert_shape(s, matrix)
                 for e in range(s.n_experts) for matrix, leaf in zip(EXPERT_MATRICES, self.family.expert_names)}
 
+    def _fold_plan(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape of the scales folded into the router and the experts (Gemma-4), or {}."""
+        if self.family.fold != "gemma4":
+            return {}
+        p = f"model.layers.{layer}.router."
+        return {p + "scale": (self.spec.hidden,), p + "per_expert_scale": (self.spec.n_experts,)}
+
     def _check_tensors(self, cfg_path: Path) -> None:
         """Every tensor the config implies is present, floating point and of the implied shape -- from the headers,
         before anything is read or written."""
@@ -171,22 +177,23 @@ class Checkpoint:
             want.update(self._shared_fused(layer) or {})
             if s.is_moe_layer(layer):
                 want.update(self._expert_plan(layer))
+                want.update(self._fold_plan(layer))
         for hf_name, shape in want.items():
             self._check_header(hf_name, shape, ("U8",) if hf_name.endswith(("_blocks", "_scales")) else FLOAT_DTYPES)
 
     def _check_header(self, hf_name: str, shape: tuple[int, ...], dtypes: tuple[str, ...] = FLOAT_DTYPES) -> None:
         if hf_name not in self.tensors:
-            raise FormatError(f"{self.path}: checkpoint is missing tensor '{hf_name}'")
+            raise FormatError(f"{self.path}: checkpoint is missing tensor '{self.tensors.real_name(hf_name)}'")
         where = self.tensors.file_of(hf_name)
         dtype = self.tensors.dtype(hf_name)
         if dtype not in dtypes:
             what = "MXFP4 blocks and scales must be U8" if dtypes == ("U8",) else \
                 f"weights must be floating point ({', '.join(FLOAT_DTYPES)})"
-            raise FormatError(f"{where}: tensor '{hf_name}' is stored as {dtype}; {what}")
+            raise FormatError(f"{where}: tensor '{self.tensors.real_name(hf_name)}' is stored as {dtype}; {what}")
         got = self.tensors.shape(hf_name)
         if got != shape and not (len(shape) == 1 and int(np.prod(got)) == shape[0]):  # e.g. [1, H] -> [H]
-            raise FormatError(f"{where}: tensor '{hf_name}' has shape {list(got)}, but config.json implies "
-                              f"{list(shape)}")
+            raise FormatError(f"{where}: tensor '{self.tensors.real_name(hf_name)}' has shape {list(got)}, but "
+                              f"config.json implies {list(shape)}")
 
     # --- tensor access with shape checks -----------------------------------------------------------------
     def _get(self, hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -233,6 +240,11 @@ class Checkpoint:
             qg = out[ours["wq"]].reshape(s.n_heads, 2, s.head_dim, s.hidden)
             out[ours["wq"]] = np.ascontiguousarray(qg[:, 0].reshape(-1, s.hidden))
             out[ours["attn_gate"]] = np.ascontiguousarray(qg[:, 1].reshape(-1, s.hidden))
+        if self._fold_plan(layer):  # Gemma-4: router rows x scale / sqrt(hidden), as its forward scales its input
+            ours = dense_tensor_names(self.spec, layer)
+            (scale_name, shape), _ = self._fold_plan(layer).items()
+            col = self._get(scale_name, shape) * np.float32(self.spec.hidden ** -0.5)
+            out[ours["router"]] = (out[ours["router"]] * col[None, :]).astype(np.float32)
         if self._interleaved_bias():  # gpt-oss: gate_up_proj_bias [E, 2F], gate / up interleaved
             for role, start in (("gate_b", 0), ("up_b", 1)):
                 out[ours[role]] = np.ascontiguousarray(out[ours[role]][:, start::2])
@@ -270,10 +282,13 @@ class Checkpoint:
         if fused:  # gate rows first, then up
             plan = self._expert_plan(layer)
             gu, down = (self._get(n, plan[n]) for n in fused)
+            fold = self._fold_plan(layer)  # Gemma-4: per_expert_scale scales each expert's output: fold it into down
+            pes = self._get(*list(fold.items())[1]) if fold else None
             for e in range(s.n_experts):
                 yield expert_tensor_name(layer, e, "gate"), np.ascontiguousarray(gu[e, : s.expert_ffn])
                 yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[e, s.expert_ffn :])
-                yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(down[e])
+                d = down[e] if pes is None else (down[e] * pes[e]).astype(np.float32)
+                yield expert_tensor_name(layer, e, "down"), np.ascontiguousarray(d)
             return
         if not all(self.family.expert_names):  # a family stored only fused (Granite): name what is missing
             raise FormatError(f"{self.path}: checkpoint is missing tensor "

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgemoe.arch import ArchSpec
 from edgemoe.errors import FormatError, UnsupportedModelError
 
@@ -506,6 +508,123 @@ def lfm2_hf_names(spec: ArchSpec, layer: int) -> dict[str, str]:
     else:
         names.update(mlp_gate=f + "w1.weight", mlp_up=f + "w3.weight", mlp_down=f + "w2.weight")
     return names
+GEMMA4_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma4_text(cfg: dict) -> dict:
+    """The text model's config: the top level (gemma4_text) or text_config of a multimodal gemma4 checkpoint."""
+    if cfg.get("model_type") != "gemma4":
+        return cfg
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise UnsupportedModelError("this gemma4 checkpoint has no text_config (a vision or audio tower only?): "
+                                    "edgemoe runs the Gemma-4 text model, which it needs")
+    return text
+
+
+def _gemma4_rope(c: ConfigFields, global_head_dim: int) -> tuple[float, float, int]:
+    """(sliding theta, full-attention theta, full-attention rotated angles) from rope_parameters per layer type."""
+    params = c.cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(params.get(t, {}), dict) for t in GEMMA4_LAYER_TYPES):
+        raise FormatError(f"rope_parameters = {params!r:.80}: expected an object per layer type")
+    sliding, full = (ConfigFields(params.get(t) or {}) for t in GEMMA4_LAYER_TYPES)
+    for name, p in (("sliding_attention", sliding), ("full_attention", full)):
+        kind = p.cfg.get("rope_type", "default")
+        if kind not in ("default", "proportional") or (kind == "proportional" and p.float("factor", 1.0) != 1.0):
+            raise UnsupportedModelError(f"rope_parameters.{name}: RoPE type {kind!r} (factor "
+                                        f"{p.cfg.get('factor', 1.0)}) is not supported (edgemoe runs 'default' and "
+                                        "'proportional' with factor 1)")
+    if sliding.cfg.get("rope_type", "default") != "default" and sliding.float("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("rope_parameters.sliding_attention: partial rotation is not supported")
+    fraction = full.float("partial_rotary_factor", 1.0, 0.0, 1.0 + 1e-9) if full.cfg.get("rope_type") == \
+        "proportional" else 1.0
+    return sliding.float("rope_theta", 10000.0), full.float("rope_theta", 1e6), int(fraction * global_head_dim // 2)
+
+
+def _gemma4_global_attention(c: ConfigFields, types: list[str], head_dim: int, n_kv: int) -> tuple[int, int]:
+    """(head size, KV heads) of the full-attention layers: per_layer_config (as transformers 5 writes it) or
+    global_head_dim / num_global_key_value_heads (the published configs)."""
+    per = c.cfg.get("per_layer_config")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if per is None:
+        kv = c.int("num_global_key_value_heads", n_kv) if c.bool("attention_k_eq_v", False) else n_kv
+        return c.int("global_head_dim", 512), kv
+    if not isinstance(per, dict):
+        raise FormatError(f"per_layer_config = {per!r:.80}: expected an object of layer -> overrides")
+    sizes = set()
+    for key, over in per.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(over, dict)) or int(key) not in full or \
+                set(over) - {"head_dim", "num_key_value_heads"}:
+            raise UnsupportedModelError(f"per_layer_config[{key!r:.20}] = {over!r:.80}: edgemoe runs overrides of "
+                                        "head_dim / num_key_value_heads on full-attention layers only")
+        o = ConfigFields(over)
+        sizes.add((o.int("head_dim", head_dim), o.int("num_key_value_heads", n_kv)))
+    if len(sizes) > 1 or (sizes and len(per) != len(full)):
+        raise UnsupportedModelError(f"per_layer_config gives full-attention layers different sizes {sorted(sizes)}: "
+                                    "edgemoe runs one head size for all of them")
+    return sizes.pop() if sizes else (head_dim, n_kv)
+
+
+def gemma4_spec(cfg: dict) -> ArchSpec:
+    """Gemma-4 MoE text model (transformers 5 modeling_gemma4.py, Gemma4TextDecoderLayer with enable_moe_block):
+    sliding / full-attention layers (layer_types) with their own head size, KV heads and RoPE (default on sliding
+    layers, proportional on full ones), values = keys on full layers (attention_k_eq_v), q/k norms with weights and
+    a weightless v norm, attention scale 1; every layer runs the dense GELU-tanh MLP and the MoE block side by side
+    with Gemma's pre/post norms, then multiplies the residual stream by its layer_scalar; embeddings x sqrt(hidden),
+    logits soft-capped. Router: softmax over all experts, top-k renormalized, x per_expert_scale (folded into the
+    down matrices by the reader), on the residual RMS-normalized without weight x scale / sqrt(hidden) (folded
+    into the router). Not read: per-layer input embeddings, KV sharing between layers, the vision / audio towers."""
+    text = _gemma4_text(cfg)
+    c = ConfigFields(text)
+    if not c.bool("enable_moe_block", False):
+        raise UnsupportedModelError("Gemma-4 without enable_moe_block (a dense Gemma-4) is not supported: edgemoe "
+                                    "runs the MoE variant (26B-A4B)")
+    for key, what in (("hidden_size_per_layer_input", "per-layer input embeddings"),
+                      ("num_kv_shared_layers", "KV sharing between layers")):
+        if c.int(key, 0, lo=0):
+            raise UnsupportedModelError(f"Gemma-4 with {key} = {text[key]} ({what}) is not supported yet")
+    if text.get("use_bidirectional_attention") not in (None, "vision"):
+        raise UnsupportedModelError("Gemma-4 with use_bidirectional_attention = 'all' is not supported (edgemoe "
+                                    "decodes causally)")
+    if c.bool("attention_bias", False):
+        raise UnsupportedModelError("Gemma-4 with attention_bias is not supported yet")
+    act = text.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedModelError(f"Gemma-4 with hidden_activation = {act!r:.40} is not supported (expected "
+                                    "'gelu_pytorch_tanh')")
+    base = _common(c, "gemma4", 10000.0, tie_default=True, max_position_default=131072)
+    n = base["n_layers"]
+    types = text.get("layer_types") or ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or any(t not in GEMMA4_LAYER_TYPES for t in types):
+        raise UnsupportedModelError(f"layer_types = {types!r:.80}: expected {n} of {GEMMA4_LAYER_TYPES}")
+    ghd, gkv = _gemma4_global_attention(c, types, base["head_dim"], base["n_kv_heads"])
+    theta, gtheta, angles = _gemma4_rope(c, ghd)
+    base["rope_theta"] = theta
+    swa = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    window = c.int("sliding_window", 512, lo=1, hi=MAX_POSITION) if swa else 0
+    cap = text.get("final_logit_softcapping")
+    n_experts, top_k = _experts(c, "num_experts", "top_k_experts")
+    return _spec(
+        base, n_experts=n_experts, top_k=top_k, expert_ffn=c.int("moe_intermediate_size"), qk_norm="head",
+        router_fn="softmax", norm_topk=True, router_input="residual_norm", activation="geglu_tanh",
+        dense_ffn=c.int("intermediate_size"), sliding_window=window, swa_layers=swa,
+        embed_scale=float(np.float32(base["hidden"] ** 0.5)), attn_scale=1.0,
+        global_head_dim=ghd, global_kv_heads=gkv, global_rope_theta=gtheta, global_rope_angles=angles or ghd // 2,
+        global_k_eq_v=c.bool("attention_k_eq_v", False), v_norm=True, post_norms=True, dense_beside_moe=True,
+        layer_scale=True, logit_softcap=0.0 if cap is None else c.float("final_logit_softcapping", None),
+    )
+
+
+def gemma4_hf_names(spec: ArchSpec, layer: int) -> dict[str, str]:
+    """Gemma-4's layer tensors whose HF names differ from the common ones (dense_hf_names)."""
+    p = f"model.layers.{layer}."
+    return {"ffn_norm": p + "pre_feedforward_layernorm.weight", "post_attn_norm": p + "post_attention_layernorm.weight",
+            "post_ffn_norm": p + "post_feedforward_layernorm.weight",
+            "mlp_post_norm": p + "post_feedforward_layernorm_1.weight",
+            "moe_pre_norm": p + "pre_feedforward_layernorm_2.weight",
+            "moe_post_norm": p + "post_feedforward_layernorm_2.weight", "layer_scale": p + "layer_scalar",
+            "mlp_gate": p + "mlp.gate_proj.weight", "mlp_up": p + "mlp.up_proj.weight",
+            "mlp_down": p + "mlp.down_proj.weight"}
 
 
 @dataclass(frozen=True)
@@ -531,6 +650,11 @@ class Family:
     # a family whose layers use other module names than the llama-style ones dense_hf_names writes: (spec, layer) ->
     # role -> HF name (LFM2)
     hf_names: Callable[[ArchSpec, int], dict[str, str]] | None = None
+    # "gemma4": the router's scale vector / sqrt(hidden) is folded into the router rows and per_expert_scale into
+    # each expert's down matrix (Checkpoint.layer_dense / layer_experts); the text model of a multimodal checkpoint
+    # is under model.language_model.
+    fold: str = ""
+    names: Callable[[ArchSpec, int], dict[str, str]] | None = None  # per-layer HF names overriding the common ones
 
 
 FAMILIES: dict[str, Family] = {
@@ -560,11 +684,15 @@ FAMILIES: dict[str, Family] = {
                        hf_names=lfm2_hf_names),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
+FAMILIES["gemma4_text"] = Family("gemma4", gemma4_spec, "router", "proj.weight", ("", "", ""),
+                                 (("experts.gate_up_proj", "experts.down_proj"),), "router.proj.weight",
+                                 fold="gemma4", names=gemma4_hf_names)
+FAMILIES["gemma4"] = FAMILIES["gemma4_text"]
 
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
              "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
              "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next), "
-             "LFM2-MoE (lfm2_moe)")
+             "LFM2-MoE (lfm2_moe), Gemma-4 MoE (gemma4, gemma4_text)")
 
 
 # Multimodal checkpoints whose text model edgemoe runs (the vision tower is not read): model_type -> (the text
@@ -642,4 +770,6 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
     else:
         names.update(mlp_gate=p + "mlp.gate_proj.weight", mlp_up=p + "mlp.up_proj.weight",
                      mlp_down=p + "mlp.down_proj.weight")
+    if fam.names:
+        names.update(fam.names(spec, layer))
     return names

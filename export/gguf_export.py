@@ -31,7 +31,7 @@ import numpy as np
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import EdgeMoEError
 
-from . import gguf_qwen35
+from . import gguf_gemma4, gguf_qwen35
 from .checkpoint import Checkpoint, expected_shapes, expert_shape, open_checkpoint
 from .llama_cpp_names import (
     GPT_OSS_SWIGLU,
@@ -134,6 +134,8 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
     if spec.linear_attn_layers or spec.attn_gate:
         raise EdgeMoEError(f"{where}: linear-attention layers and gated attention are not supported by llama.cpp's "
                            f"'{arch}'")
+    if arch == "gemma4":
+        return gguf_gemma4.check(spec, where)
     if spec.score_bias or spec.n_group > 1 or spec.routed_scaling != 1.0:
         raise EdgeMoEError(f"{where}: DeepSeek-V3-style routing is not supported by llama.cpp's '{arch}'")
     if spec.rope_dim != spec.head_dim:
@@ -350,6 +352,8 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     add(gguf_tensor_name(arch, GLOBAL_TENSORS["final_norm"]), (spec.hidden,))
     if write_output:
         add(GLOBAL_TENSORS["lm_head"], (spec.vocab, spec.hidden))
+    for name, arr in gguf_gemma4.global_tensors(spec) if arch == "gemma4" else ():
+        add(name, arr.shape)
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         if arch == gguf_qwen35.ARCH:
@@ -357,7 +361,13 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
                 add(name, shape)
         for role, name in dense_tensor_names(spec, layer).items() if arch != gguf_qwen35.ARCH else ():
             add(gguf_tensor_name(arch, name), shapes[role])
-        if spec.is_moe_layer(layer):
+        for name, arr in gguf_gemma4.layer_tensors(spec, layer) if arch == "gemma4" else ():
+            add(name, arr.shape)
+        if spec.is_moe_layer(layer) and arch == "gemma4":
+            stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
+            for name, arr in gguf_gemma4.expert_stacks(stacks, layer):
+                add(name, arr.shape)
+        elif spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
                 add(f"blk.{layer}.ffn_{m}_exps.weight", (spec.n_experts, *expert_shape(spec, m)))
     return plan, fallbacks
@@ -372,6 +382,7 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
     if write_output:
         yield GLOBAL_TENSORS["lm_head"], glob.get(GLOBAL_TENSORS["lm_head"], glob[GLOBAL_TENSORS["embed"]])
     del glob
+    yield from gguf_gemma4.global_tensors(spec) if arch == "gemma4" else ()
     for layer in progress(range(spec.n_layers), "GGUF layers", show_progress):
         names = dense_tensor_names(spec, layer)
         dense = ckpt.layer_dense(layer)
@@ -384,14 +395,18 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
             yield gguf_tensor_name(arch, name), arr
         del dense
+        yield from gguf_gemma4.layer_tensors(spec, layer) if arch == "gemma4" else ()
         if spec.is_moe_layer(layer):
             stacks = {m: np.empty((spec.n_experts, *expert_shape(spec, m)), np.float32) for m in EXPERT_MATRICES}
             where = {expert_tensor_name(layer, e, m): (e, m) for e in range(spec.n_experts) for m in EXPERT_MATRICES}
             for name, arr in ckpt.layer_experts(layer):
                 e, m = where[name]
                 stacks[m][e] = arr
-            for m in EXPERT_MATRICES:
-                yield f"blk.{layer}.ffn_{m}_exps.weight", stacks[m]
+            if arch == "gemma4":
+                yield from gguf_gemma4.expert_stacks(stacks, layer)
+            else:
+                for m in EXPERT_MATRICES:
+                    yield f"blk.{layer}.ffn_{m}_exps.weight", stacks[m]
             del stacks
 
 
@@ -425,13 +440,14 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_context_length(spec.max_position)
     w.add_embedding_length(spec.hidden)
     w.add_head_count(spec.n_heads)
-    # lfm2moe tells conv layers by a KV head count of 0
-    w.add_head_count_kv([0 if i in spec.conv_layers else spec.n_kv_heads for i in range(spec.n_layers)]
-                        if arch == "lfm2moe" else spec.n_kv_heads)
-    w.add_key_length(spec.head_dim)
-    w.add_value_length(spec.head_dim)
-    w.add_rope_dimension_count(spec.rope_dim)
-    w.add_rope_freq_base(spec.rope_theta)
+    if arch != "gemma4":  # gemma4: per-layer-kind sizes (gguf_gemma4.metadata)
+        # lfm2moe tells conv layers by a KV head count of 0
+        w.add_head_count_kv([0 if i in spec.conv_layers else spec.n_kv_heads for i in range(spec.n_layers)]
+                            if arch == "lfm2moe" else spec.n_kv_heads)
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+        w.add_rope_dimension_count(spec.rope_dim)
+        w.add_rope_freq_base(spec.rope_theta)
     w.add_layer_norm_rms_eps(spec.norm_eps)
     w.add_vocab_size(spec.vocab)
     w.add_expert_count(spec.n_experts)
@@ -439,7 +455,8 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
     dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe", "lfm2moe")  # feed_forward_length = the dense MLP's width
-    w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
+    if arch != "gemma4":
+        w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe" or (arch == "granitemoe" and spec.shared_ffn):
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
@@ -474,6 +491,8 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_shortconv_l_cache(spec.conv_kernel)
         w.add_leading_dense_block_count(len(spec.dense_layers))
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if arch == "gemma4":
+        gguf_gemma4.metadata(w, spec)
     if arch == "smallthinker":
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)

@@ -15,6 +15,7 @@ LLAMA_CPP_ARCH = {
     "gptoss": "gpt-oss",
     "qwen35moe": "qwen35moe",  # its tensor names and layouts: gguf_qwen35.py
     "lfm2moe": "lfm2moe",
+    "gemma4": "gemma4",
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.

@@ -223,6 +223,12 @@ class _Builder:
                                "sinks need a softmax over an extra logit (not in com.microsoft.GroupQueryAttention "
                                "of the pinned onnxruntime) and the clamped SwiGLU experts are not com.microsoft.MoE's "
                                "activation; export to the edgemoe container instead")
+        if s.dense_beside_moe or s.activation == "geglu_tanh":  # Gemma-4
+            raise EdgeMoEError(f"ONNX export: {s.family}'s experts are GELU-tanh gated, and com.microsoft.MoE's "
+                               "'geglu' activation is CUDA-only in the pinned onnxruntime (its CPU kernel has relu, "
+                               "gelu, silu, swiglu); this ONNX writer does not build Gemma-4's layer with standard ops "
+                               "either (per-layer head sizes, values = keys, the dense MLP beside the experts): export "
+                               "to the edgemoe container or GGUF instead")
         self.ort_moe = moe_op != "standard" and (s.router_fn == "softmax" or s.norm_topk)
         if moe_op == "ort" and not self.ort_moe:
             raise EdgeMoEError("ONNX export: com.microsoft.MoE softmaxes the router input; sigmoid routing without "

@@ -181,6 +181,7 @@ class SafetensorsSet:
             raise FormatError(f"{model_dir}: no *.safetensors files found")
         self.files = [SafetensorsFile(p) for p in files]
         self._where: dict[str, SafetensorsFile] = {}
+        self._real: dict[str, str] = {}  # read_under's aliases -> the stored names
         for f in self.files:
             for name in f.entries:
                 if name in self._where:
@@ -194,6 +195,20 @@ class SafetensorsSet:
                 found = f"it is in {self._where[n].path.name}" if n in self._where else "that shard has no such tensor"
                 raise FormatError(f"{index_path}: weight_map puts tensor '{n}' in {weight_map[n]}, but {found}")
 
+    def read_under(self, prefix: str, as_prefix: str) -> int:
+        """Answer for the tensors named prefix + X also as as_prefix + X (a multimodal checkpoint's text model read
+        with the text-only names); how many there are. Real names stay in messages (real_name)."""
+        n = 0
+        for name in list(self._where):
+            if name.startswith(prefix):
+                alias = as_prefix + name[len(prefix):]
+                self._where[alias], self._real[alias] = self._where[name], name
+                n += 1
+        return n
+
+    def real_name(self, name: str) -> str:
+        return self._real.get(name, name)
+
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
@@ -201,20 +216,20 @@ class SafetensorsSet:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._where[name].shape(name)
+        return self._where[name].shape(self.real_name(name))
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise FormatError(f"checkpoint is missing tensor '{name}'")
-        return self._where[name].get_f32(name)
+        return self._where[name].get_f32(self.real_name(name))
 
     def get_u8(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise FormatError(f"checkpoint is missing tensor '{name}'")
-        return self._where[name].get_u8(name)
+        return self._where[name].get_u8(self.real_name(name))
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path
 
     def dtype(self, name: str) -> str:
-        return self._where[name].dtype(name)
+        return self._where[name].dtype(self.real_name(name))

@@ -16,8 +16,8 @@ typedef enum { F_INT, F_FLOAT, F_BOOL, F_ENUM, F_STRING, F_ID, F_LIST, F_MAP } f
 static const char *const EMOE_ROPE_KINDS[] = {"neox", "norm", NULL};
 static const char *const EMOE_QK_NORMS[] = {"none", "head", "full", NULL};
 static const char *const EMOE_ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
-static const char *const EMOE_ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
-static const char *const EMOE_ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", NULL};
+static const char *const EMOE_ROUTER_INPUTS[] = {"ffn_norm", "layer_input", "residual_norm", NULL};
+static const char *const EMOE_ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", "geglu_tanh", NULL};
 static const char *const EMOE_GROUP_SCORES[] = {"top2_sum", "max", NULL};
 static const char *const EMOE_ROPE_SCALINGS[] = {"none", "yarn", NULL};
 
@@ -271,6 +271,19 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
         return invalid(err, errlen, "linear_attn_layers given: linear_k_heads, linear_v_heads (a multiple of "
                        "linear_k_heads), linear_k_dim, linear_v_dim and linear_conv must be >= 1 (got %d, %d, %d, %d, "
                        "%d)", c->linear_k_heads, c->linear_v_heads, c->linear_k_dim, c->linear_v_dim, c->linear_conv);
+    if (c->global_kv_heads && c->n_heads % c->global_kv_heads)
+        return invalid(err, errlen, "n_heads = %d is not a multiple of global_kv_heads = %d", c->n_heads,
+                       c->global_kv_heads);
+    const int32_t ghd = c->global_head_dim ? c->global_head_dim : c->head_dim;
+    if (2 * c->global_rope_angles > ghd)
+        return invalid(err, errlen, "global_rope_angles = %d exceeds half the global head size %d",
+                       c->global_rope_angles, ghd);
+    if (ghd != c->head_dim && !c->global_rope_angles)
+        return invalid(err, errlen, "global_head_dim = %d differs from head_dim = %d: give global_rope_angles (its "
+                       "RoPE)", ghd, c->head_dim);
+    if (ghd % 2) return invalid(err, errlen, "global_head_dim = %d must be even", ghd);
+    if (c->dense_beside_moe && c->dense_ffn < 1)
+        return invalid(err, errlen, "dense_beside_moe is true but dense_ffn = %d (expected >= 1)", c->dense_ffn);
     if (c->n_conv_layers && c->conv_kernel < 1)
         return invalid(err, errlen, "conv_layers given but conv_kernel = %d (expected >= 1)", c->conv_kernel);
     return check_groups(c, err, errlen);
@@ -382,6 +395,21 @@ void emoe_arch_free(emoe_arch *a) {
 int emoe_arch_is_attention_layer(const emoe_config *c, int layer) {
     return !in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer) &&
            !in_list(c->conv_layers, c->n_conv_layers, layer);
+}
+
+int emoe_arch_is_global_layer(const emoe_config *c, int layer) {
+    return !(c->sliding_window > 0 && in_list(c->swa_layers, c->n_swa_layers, layer));
+}
+
+int64_t emoe_arch_kv_dim(const emoe_config *c) {
+    int64_t kv = (int64_t)c->n_kv_heads * c->head_dim;
+    if (c->global_head_dim || c->global_kv_heads) {
+        const int64_t g = (int64_t)(c->global_kv_heads ? c->global_kv_heads : c->n_kv_heads) *
+                          (c->global_head_dim ? c->global_head_dim : c->head_dim);
+        for (int l = 0; l < c->n_layers; l++)
+            if (emoe_arch_is_global_layer(c, l) && g > kv) kv = g;
+    }
+    return kv;
 }
 
 /* ---- public entry points (edgemoe.h) ---- */

@@ -25,9 +25,9 @@
 enum { EMOE_ROPE_NEOX = 0, EMOE_ROPE_NORM = 1 };
 enum { EMOE_QK_NORM_NONE = 0, EMOE_QK_NORM_HEAD = 1, EMOE_QK_NORM_FULL = 2 };
 enum { EMOE_ROUTER_SOFTMAX = 0, EMOE_ROUTER_SIGMOID = 1 };
-enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1 };
+enum { EMOE_ROUTER_IN_FFN_NORM = 0, EMOE_ROUTER_IN_LAYER_INPUT = 1, EMOE_ROUTER_IN_RESIDUAL_NORM = 2 };
 enum { EMOE_GROUP_TOP2_SUM = 0, EMOE_GROUP_MAX = 1 }; /* DeepSeek-V3 / GLM-4.5; DeepSeek-V2 group_limited_greedy */
-enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1, EMOE_ACT_SWIGLU_CLAMP = 2 };
+enum { EMOE_ACT_SWIGLU = 0, EMOE_ACT_REGLU = 1, EMOE_ACT_SWIGLU_CLAMP = 2, EMOE_ACT_GEGLU_TANH = 3 };
 enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 
 /* Bounds of the sizes (emoe_arch_read): every product the core forms (vocab * hidden, n_layers * n_experts,
@@ -81,6 +81,10 @@ ARCH_API void emoe_arch_free(emoe_arch *a);
 /* Whether layer l runs (softmax) attention, with its tensors and a KV cache: not in linear_attn_layers nor in
  * conv_layers (valid while the config's layer lists are set: emoe_model_new reads it before clearing them). */
 ARCH_API int emoe_arch_is_attention_layer(const emoe_config *c, int layer);
+/* Whether layer l is a full-attention layer (not a sliding one): Gemma-4's global_* fields apply to it. */
+ARCH_API int emoe_arch_is_global_layer(const emoe_config *c, int layer);
+/* The widest KV row of any layer (n_kv_heads * head_dim, or the global layers' if wider): the KV cache's row. */
+ARCH_API int64_t emoe_arch_kv_dim(const emoe_config *c);
 
 /* Internal model creation from a validated config (model.c). Returns NULL only when memory runs out; otherwise check
  * emoe_model_status(m). */

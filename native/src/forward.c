@@ -30,12 +30,21 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* HF RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in f32 (the mean is accumulated in double). */
+/* HF RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in f32 (the mean is accumulated in double); w NULL: no weight. */
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * (double)x[i];
     const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    if (!w) {
+        for (int i = 0; i < n; i++) out[i] = x[i] * r;
+        return;
+    }
     for (int i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* Each of n_tok rows of x (stride n) RMS-normalized by w in place (Gemma-4's block output norms). */
+static void rmsnorm_rows(float *x, const tensor_ref *w, int n_tok, int n, float eps) {
+    for (int t = 0; t < n_tok; t++) rmsnorm(x + (size_t)t * n, x + (size_t)t * n, w->data, n, eps);
 }
 
 static void embed_row(const emoe_kernels *k, const tensor_ref *t, int64_t row, float *out) {
@@ -108,6 +117,34 @@ static void rope_tables(emoe_model *m, int n_tok) {
     }
 }
 
+/* Gemma-4's proportional RoPE of the full-attention layers: cs (T, angles, 2) for inv_freq[j] = theta^(-2j/d), j <
+ * global_rope_angles, d = their head size (the other pairs turn by angle 0: left as they are). */
+static void rope_tables_global(emoe_model *m, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    const int n = c->global_rope_angles, d = c->global_head_dim ? c->global_head_dim : c->head_dim;
+    const double theta = c->global_rope_theta > 0.0f ? c->global_rope_theta : c->rope_theta;
+    for (int j = 0; j < n; j++) {
+        const float inv = 1.0f / (float)pow(theta, (double)((float)(2 * j) / (float)d));
+        for (int t = 0; t < n_tok; t++) {
+            const float angle = (float)m->s.pos[t] * inv;
+            m->s.rope_cs_g[((size_t)t * n + j) * 2] = (float)cos((double)angle);
+            m->s.rope_cs_g[((size_t)t * n + j) * 2 + 1] = (float)sin((double)angle);
+        }
+    }
+}
+
+/* Rotate pairs (j, j + hd/2), j < n_angles, of each of n_heads heads of size hd (proportional RoPE). */
+static void rope_global(float *vec, int n_heads, int hd, int n_angles, const float *cs) {
+    for (int h = 0; h < n_heads; h++) {
+        float *v = vec + (size_t)h * hd;
+        for (int j = 0; j < n_angles; j++) {
+            const float co = cs[2 * j], si = cs[2 * j + 1], x0 = v[j], x1 = v[j + hd / 2];
+            v[j] = x0 * co - x1 * si;
+            v[j + hd / 2] = x1 * co + x0 * si;
+        }
+    }
+}
+
 /* Rotate the first rope_dim dims of each head of one token's projection vec (n_heads x head_dim).
  * NEOX (HF rotate_half): pairs (j, j + rope_dim/2). NORM (GPT-J / llama.cpp "norm"): pairs (2j, 2j+1). */
 static void rope(const emoe_config *c, float *vec, int n_heads, const float *cs) {
@@ -146,8 +183,9 @@ static void att_task(void *arg, int task, int thread) {
     const att_ctx *a = arg;
     emoe_model *m = a->m;
     const emoe_config *c = &m->cfg;
-    const int t = task / c->n_kv_heads, g = task % c->n_kv_heads;
-    const int grp = c->n_heads / c->n_kv_heads, hd = c->head_dim;
+    const layer_weights *L = &m->layers[a->layer];
+    const int t = task / L->n_kv, g = task % L->n_kv;
+    const int grp = c->n_heads / L->n_kv, hd = L->hd, qd = c->n_heads * L->hd;
     const int pos = m->s.pos[t];
     const int lo = a->swa && pos - c->sliding_window + 1 > 0 ? pos - c->sliding_window + 1 : 0;
     const int n = pos - lo + 1;
@@ -156,7 +194,7 @@ static void att_task(void *arg, int task, int thread) {
     const size_t off = kv_row(m, m->s.slot[t], a->layer, lo) * esz + (size_t)g * hd * esz;
     const char *kb = (const char *)m->key_cache + off, *vb = (const char *)m->value_cache + off;
     float *S = m->s.scores + (size_t)thread * (size_t)grp * (size_t)m->max_ctx; /* (grp, n) */
-    const float *qg = m->s.q + (size_t)t * m->q_dim + (size_t)g * grp * hd;
+    const float *qg = m->s.q + (size_t)t * qd + (size_t)g * grp * hd;
     m->k->matmul[m->kv_f16 ? EMOE_F16 : EMOE_F32](hd, kb, row_bytes, qg, (size_t)hd * sizeof(float), S, (size_t)n,
                                                   grp, 0, n);
     const float scale = c->attn_scale; /* 1/sqrt(hd) unless the arch gives one (Granite) */
@@ -174,7 +212,7 @@ static void att_task(void *arg, int task, int thread) {
             sum += sr[p];
         }
         for (int p = 0; p < n; p++) sr[p] /= sum;
-        float *out = m->s.att + (size_t)t * m->q_dim + (size_t)(g * grp + h) * hd;
+        float *out = m->s.att + (size_t)t * qd + (size_t)(g * grp + h) * hd;
         memset(out, 0, (size_t)hd * sizeof(float));
         for (int p = 0; p < n; p++) {
             const void *vr = vb + (size_t)p * row_bytes;
@@ -188,32 +226,40 @@ static void attention(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
     run_state *s = &m->s;
-    const int H = c->hidden, hd = c->head_dim;
+    /* the layer's own sizes (Gemma-4's full-attention layers differ); q, k, v, att rows are packed at them */
+    const int H = c->hidden, hd = L->hd, nkv = L->n_kv, qd = c->n_heads * hd, kvd = nkv * hd;
     for (int t = 0; t < n_tok; t++)
         rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->attn_norm.data, H, c->norm_eps);
     mm_job jobs[3] = {
-        {.wtype = L->wq.dtype, .w = L->wq.data, .rows = L->wq.rows, .y = s->q, .ldy = (size_t)m->q_dim},
-        {.wtype = L->wk.dtype, .w = L->wk.data, .rows = L->wk.rows, .y = s->k, .ldy = (size_t)m->kv_dim},
-        {.wtype = L->wv.dtype, .w = L->wv.data, .rows = L->wv.rows, .y = s->v, .ldy = (size_t)m->kv_dim},
+        {.wtype = L->wq.dtype, .w = L->wq.data, .rows = L->wq.rows, .y = s->q, .ldy = (size_t)qd},
+        {.wtype = L->wk.dtype, .w = L->wk.data, .rows = L->wk.rows, .y = s->k, .ldy = (size_t)kvd},
+        {.wtype = L->wv.dtype, .w = L->wv.data, .rows = L->wv.rows, .y = s->v, .ldy = (size_t)kvd},
     };
-    mm_run(m->pool, m->k, jobs, 3, s->xn, H, n_tok, s->qbuf, m->q8_f32_act);
+    mm_run(m->pool, m->k, jobs, L->wv.data ? 3 : 2, s->xn, H, n_tok, s->qbuf, m->q8_f32_act);
+    if (!L->wv.data) memcpy(s->v, s->k, (size_t)n_tok * kvd * sizeof(float)); /* global_k_eq_v: values = raw keys */
     if (L->bq.data) {
-        add_bias(s->q, &L->bq, n_tok, m->q_dim);
-        add_bias(s->k, &L->bk, n_tok, m->kv_dim);
-        add_bias(s->v, &L->bv, n_tok, m->kv_dim);
+        add_bias(s->q, &L->bq, n_tok, qd);
+        add_bias(s->k, &L->bk, n_tok, kvd);
+        add_bias(s->v, &L->bv, n_tok, kvd);
     }
     for (int t = 0; t < n_tok; t++) {
-        float *q = s->q + (size_t)t * m->q_dim, *k = s->k + (size_t)t * m->kv_dim;
+        float *q = s->q + (size_t)t * qd, *k = s->k + (size_t)t * kvd, *v = s->v + (size_t)t * kvd;
         if (c->qk_norm == EMOE_QK_NORM_FULL) { /* OLMoE: over the whole projection, before splitting heads */
-            rmsnorm(q, q, L->q_norm.data, m->q_dim, c->norm_eps);
-            rmsnorm(k, k, L->k_norm.data, m->kv_dim, c->norm_eps);
+            rmsnorm(q, q, L->q_norm.data, qd, c->norm_eps);
+            rmsnorm(k, k, L->k_norm.data, kvd, c->norm_eps);
         } else if (c->qk_norm == EMOE_QK_NORM_HEAD) { /* Qwen3: over each head */
             for (int h = 0; h < c->n_heads; h++)
                 rmsnorm(q + (size_t)h * hd, q + (size_t)h * hd, L->q_norm.data, hd, c->norm_eps);
-            for (int h = 0; h < c->n_kv_heads; h++)
+            for (int h = 0; h < nkv; h++)
                 rmsnorm(k + (size_t)h * hd, k + (size_t)h * hd, L->k_norm.data, hd, c->norm_eps);
         }
-        if (L->use_rope) {
+        if (c->v_norm) /* Gemma-4: each value head RMS-normalized, no weight */
+            for (int h = 0; h < nkv; h++) rmsnorm(v + (size_t)h * hd, v + (size_t)h * hd, NULL, hd, c->norm_eps);
+        if (L->global && c->global_rope_angles) {
+            const float *cs = s->rope_cs_g + (size_t)t * c->global_rope_angles * 2;
+            rope_global(q, c->n_heads, hd, c->global_rope_angles, cs);
+            rope_global(k, nkv, hd, c->global_rope_angles, cs);
+        } else if (L->use_rope) {
             const float *cs = s->rope_cs + (size_t)t * (c->rope_dim / 2) * 2;
             rope(c, q, c->n_heads, cs);
             rope(c, k, c->n_kv_heads, cs);
@@ -222,21 +268,22 @@ static void attention(emoe_model *m, int l, int n_tok) {
          * prefill and decode see exactly the same (rounded) keys and values */
         const size_t pos_off = kv_row(m, s->slot[t], l, s->pos[t]);
         if (m->kv_f16) {
-            m->k->f32_to_f16(k, (uint16_t *)m->key_cache + pos_off, m->kv_dim);
-            m->k->f32_to_f16(s->v + (size_t)t * m->kv_dim, (uint16_t *)m->value_cache + pos_off, m->kv_dim);
+            m->k->f32_to_f16(k, (uint16_t *)m->key_cache + pos_off, kvd);
+            m->k->f32_to_f16(v, (uint16_t *)m->value_cache + pos_off, kvd);
         } else {
-            memcpy((float *)m->key_cache + pos_off, k, (size_t)m->kv_dim * sizeof(float));
-            memcpy((float *)m->value_cache + pos_off, s->v + (size_t)t * m->kv_dim, (size_t)m->kv_dim * sizeof(float));
+            memcpy((float *)m->key_cache + pos_off, k, (size_t)kvd * sizeof(float));
+            memcpy((float *)m->value_cache + pos_off, v, (size_t)kvd * sizeof(float));
         }
     }
     att_ctx a = {.m = m, .layer = l, .swa = L->swa};
-    pool_run(m->pool, att_task, &a, n_tok * c->n_kv_heads);
+    pool_run(m->pool, att_task, &a, n_tok * nkv);
     if (L->attn_gate.data) { /* Qwen3.5 / Next: att *= sigmoid(W_gate xa), per output dim (s->q is free now) */
         matmul(m, &L->attn_gate, s->xn, n_tok, s->q, (size_t)m->q_dim);
         for (size_t i = 0; i < (size_t)n_tok * m->q_dim; i++) s->att[i] *= 1.0f / (1.0f + expf(-s->q[i]));
     }
     matmul(m, &L->wo, s->att, n_tok, s->tmp, (size_t)H);
     if (L->bo.data) add_bias(s->tmp, &L->bo, n_tok, H);
+    if (L->post_attn_norm.data) rmsnorm_rows(s->tmp, &L->post_attn_norm, n_tok, H, c->norm_eps);
     add_residual(s->x, s->tmp, (size_t)n_tok * H, c->residual_scale);
 }
 
@@ -266,6 +313,11 @@ static void gated_ffn_b(emoe_model *m, const tensor_ref *gate, const tensor_ref 
         for (size_t i = 0; i < n; i++) s->hg[i] = s->hg[i] / (1.0f + expf(-s->hg[i])) * s->hu[i];
     else if (c->activation == EMOE_ACT_REGLU)
         for (size_t i = 0; i < n; i++) s->hg[i] = (s->hg[i] > 0.0f ? s->hg[i] : 0.0f) * s->hu[i];
+    else if (c->activation == EMOE_ACT_GEGLU_TANH) /* gelu_pytorch_tanh(gate) * up */
+        for (size_t i = 0; i < n; i++) {
+            const float g = s->hg[i];
+            s->hg[i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * s->hu[i];
+        }
     else { /* gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha g) */
         const float lim = c->swiglu_limit, alpha = c->swiglu_alpha;
         for (size_t i = 0; i < n; i++) {
@@ -430,6 +482,44 @@ static void moe(emoe_model *m, int l, int n_tok) {
 
 /* ---- one block of tokens ---- */
 
+/* The routed experts of layer l on s->xn (resident, or from the expert cache under a budget) into s->tmp. */
+static int moe_block(emoe_model *m, int l, int n_tok) {
+    if (m->stream) return m->stream_ops->moe(m, l, n_tok);
+    moe(m, l, n_tok);
+    return EMOE_OK;
+}
+
+/* router_input = residual_norm (Gemma-4): s->logits_r = the router on s->x RMS-normalized without a weight (its scales
+ * are folded into the router); s->xn is scratch. The other inputs are routed in moe() / before attention. */
+static void residual_router(emoe_model *m, int l, int n_tok) {
+    const int H = m->cfg.hidden;
+    if (m->cfg.router_input != EMOE_ROUTER_IN_RESIDUAL_NORM) return;
+    for (int t = 0; t < n_tok; t++)
+        rmsnorm(m->s.xn + (size_t)t * H, m->s.x + (size_t)t * H, NULL, H, m->cfg.norm_eps);
+    router_logits(m, l, m->s.xn, n_tok);
+}
+
+/* Gemma-4's feed-forward block on the post-attention residual s->x: the dense MLP and the MoE block side by side,
+ * s->tmp = mlp_post_norm(mlp(ffn_norm(x))) + moe_post_norm(moe(moe_pre_norm(x))). */
+static int beside_moe(emoe_model *m, int l, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[l];
+    run_state *s = &m->s;
+    const int H = c->hidden;
+    for (int t = 0; t < n_tok; t++)
+        rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
+    gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->dense_y, 0);
+    rmsnorm_rows(s->dense_y, &L->mlp_post_norm, n_tok, H, c->norm_eps);
+    residual_router(m, l, n_tok);
+    for (int t = 0; t < n_tok; t++)
+        rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->moe_pre_norm.data, H, c->norm_eps);
+    const int st = moe_block(m, l, n_tok);
+    if (st) return st;
+    rmsnorm_rows(s->tmp, &L->moe_post_norm, n_tok, H, c->norm_eps);
+    for (size_t i = 0; i < (size_t)n_tok * H; i++) s->tmp[i] = s->dense_y[i] + s->tmp[i];
+    return EMOE_OK;
+}
+
 static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float *logits, int all_logits) {
     const emoe_config *c = &m->cfg;
     run_state *s = &m->s;
@@ -438,6 +528,7 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
     if (c->embed_scale != 1.0f)
         for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] *= c->embed_scale;
     rope_tables(m, n_tok);
+    if (c->global_rope_angles) rope_tables_global(m, n_tok);
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *L = &m->layers[l];
         if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
@@ -446,16 +537,25 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
         if (L->is_linear) deltanet_forward(m, l, n_tok); /* Gated DeltaNet instead of attention (deltanet.c) */
         else if (L->conv_idx >= 0) shortconv_forward(m, l, n_tok);
         else attention(m, l, n_tok);
-        for (int t = 0; t < n_tok; t++)
-            rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
-        if (L->is_moe && m->stream) {
-            const int st = m->stream_ops->moe(m, l, n_tok);
+        if (L->is_moe && c->dense_beside_moe) {
+            const int st = beside_moe(m, l, n_tok);
             if (st) return st;
-        } else if (L->is_moe) {
-            moe(m, l, n_tok);
-        } else
-            gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->tmp, 0);
+        } else {
+            if (L->is_moe) residual_router(m, l, n_tok);
+            for (int t = 0; t < n_tok; t++)
+                rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
+            if (L->is_moe) {
+                const int st = moe_block(m, l, n_tok);
+                if (st) return st;
+            } else
+                gated_ffn(m, &L->mlp_gate, &L->mlp_up, &L->mlp_down, s->xn, n_tok, s->tmp, 0);
+        }
+        if (L->post_ffn_norm.data) rmsnorm_rows(s->tmp, &L->post_ffn_norm, n_tok, H, c->norm_eps);
         add_residual(s->x, s->tmp, (size_t)n_tok * H, c->residual_scale);
+        if (L->layer_scale.data) { /* Gemma-4: the whole residual stream times the layer's scalar */
+            const float sc = *(const float *)L->layer_scale.data;
+            for (size_t i = 0; i < (size_t)n_tok * H; i++) s->x[i] *= sc;
+        }
     }
     if (!logits) return EMOE_OK;
     const int first = all_logits ? 0 : n_tok - 1, n_out = n_tok - first;
@@ -465,6 +565,9 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
     matmul(m, head, s->xn, n_out, logits, (size_t)c->vocab);
     if (c->logit_divisor != 1.0f) /* Granite's logits_scaling: a division, as transformers does it */
         for (size_t i = 0; i < (size_t)n_out * (size_t)c->vocab; i++) logits[i] /= c->logit_divisor;
+    if (c->logit_softcap > 0.0f) /* Gemma: cap * tanh(logits / cap) */
+        for (size_t i = 0; i < (size_t)n_out * (size_t)c->vocab; i++)
+            logits[i] = tanhf(logits[i] / c->logit_softcap) * c->logit_softcap;
     return EMOE_OK;
 }
 

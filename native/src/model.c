@@ -47,10 +47,16 @@ static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int
     REQUIRE(c->qk_norm >= EMOE_QK_NORM_NONE && c->qk_norm <= EMOE_QK_NORM_FULL, "config: bad qk_norm %d", c->qk_norm);
     REQUIRE(c->router_fn == EMOE_ROUTER_SOFTMAX || c->router_fn == EMOE_ROUTER_SIGMOID, "config: bad router_fn %d",
             c->router_fn);
-    REQUIRE(c->router_input == EMOE_ROUTER_IN_FFN_NORM || c->router_input == EMOE_ROUTER_IN_LAYER_INPUT,
+    REQUIRE(c->router_input >= EMOE_ROUTER_IN_FFN_NORM && c->router_input <= EMOE_ROUTER_IN_RESIDUAL_NORM,
             "config: bad router_input %d", c->router_input);
-    REQUIRE(c->activation >= EMOE_ACT_SWIGLU && c->activation <= EMOE_ACT_SWIGLU_CLAMP, "config: bad activation %d",
+    REQUIRE(c->activation >= EMOE_ACT_SWIGLU && c->activation <= EMOE_ACT_GEGLU_TANH, "config: bad activation %d",
             c->activation);
+    REQUIRE(c->global_kv_heads >= 0 && c->global_head_dim >= 0 && c->global_rope_angles >= 0 &&
+                (!c->global_kv_heads || c->n_heads % c->global_kv_heads == 0) &&
+                2 * c->global_rope_angles <= (c->global_head_dim ? c->global_head_dim : c->head_dim) &&
+                (!c->global_head_dim || c->global_head_dim == c->head_dim || c->global_rope_angles > 0),
+            "config: bad global attention sizes (global_head_dim %d, global_kv_heads %d, global_rope_angles %d)",
+            c->global_head_dim, c->global_kv_heads, c->global_rope_angles);
     REQUIRE(c->rope_scaling == EMOE_ROPE_SCALING_NONE || c->rope_scaling == EMOE_ROPE_SCALING_YARN,
             "config: bad rope_scaling %d", c->rope_scaling);
     REQUIRE(c->norm_eps >= 0.0f && c->rope_theta > 0.0f, "config: norm_eps must be >= 0 and rope_theta > 0");
@@ -117,7 +123,7 @@ static int alloc_kv(emoe_model *m, int n_seq) {
 static int alloc_buffers(emoe_model *m) {
     const emoe_config *c = &m->cfg;
     const size_t B = EMOE_BLOCK, H = (size_t)c->hidden;
-    const int group = c->n_heads / c->n_kv_heads;
+    const int group = m->grp_max;
     int fail = 0;
     run_state *s = &m->s;
     s->x = xcalloc(B * H, sizeof(float), &fail);
@@ -138,6 +144,8 @@ static int alloc_buffers(emoe_model *m) {
     s->hu = xcalloc(B * (size_t)m->ffn_max, sizeof(float), &fail);
     s->yg = xcalloc(B * H, sizeof(float), &fail);
     s->rope_cs = xcalloc(B * (size_t)(c->rope_dim / 2 + 1) * 2, sizeof(float), &fail);
+    s->rope_cs_g = xcalloc(B * (size_t)c->global_rope_angles * 2, sizeof(float), &fail);
+    s->dense_y = xcalloc(c->dense_beside_moe ? B * H : 1, sizeof(float), &fail);
     s->scores = xcalloc((size_t)emoe_pool_threads(m->pool) * (size_t)group * (size_t)m->max_ctx, sizeof(float), &fail);
     s->qbuf = xcalloc(B * (size_t)((m->in_max + QK - 1) / QK), sizeof(block_q8_act), &fail);
     s->pos = xcalloc(B, sizeof(int), &fail);
@@ -154,9 +162,10 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     const emoe_config *c = &m->cfg;
     const size_t B = EMOE_BLOCK, H = (size_t)c->hidden, E = (size_t)(c->n_experts > 0 ? c->n_experts : 1);
     const size_t K = (size_t)(c->top_k > 0 ? c->top_k : 1), F = (size_t)m->ffn_max;
-    const size_t group = (size_t)(c->n_heads / c->n_kv_heads);
+    const size_t group = (size_t)m->grp_max;
     size_t f = B * H * 5 + B * (size_t)m->q_dim * 2 + B * (size_t)m->kv_dim * 2 + B * E + B * K + B + B * F * 2 +
-               B * (size_t)(c->rope_dim / 2 + 1) * 2 + E + (size_t)c->n_group +
+               B * (size_t)(c->rope_dim / 2 + 1) * 2 + B * (size_t)c->global_rope_angles * 2 +
+               (c->dense_beside_moe ? B * H : 1) + E + (size_t)c->n_group +
                (size_t)emoe_pool_threads(m->pool) * group * (size_t)m->max_ctx;
     size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
@@ -175,7 +184,8 @@ static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
                     s->sel, s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
-                    s->pos, s->slot, s->conv_bcx, s->conv_taps, m->key_cache, m->value_cache, m->n_past};
+                    s->rope_cs_g, s->dense_y,
+                    s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
     deltanet_free(&m->dn);
@@ -202,8 +212,12 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
     const emoe_config *c = &m->cfg;
     m->max_ctx = max_ctx;
     m->kv_f16 = kv_f16 ? 1 : 0;
-    m->q_dim = c->n_heads * c->head_dim;
-    m->kv_dim = c->n_kv_heads * c->head_dim;
+    /* the widest layer sizes (Gemma-4's full-attention layers may be wider; the KV cache row is the widest) */
+    const int ghd = c->global_head_dim ? c->global_head_dim : c->head_dim;
+    const int gkv = c->global_kv_heads ? c->global_kv_heads : c->n_kv_heads;
+    m->q_dim = c->n_heads * (ghd > c->head_dim ? ghd : c->head_dim);
+    m->kv_dim = (int)emoe_arch_kv_dim(c);
+    m->grp_max = c->n_heads / (gkv < c->n_kv_heads ? gkv : c->n_kv_heads);
     m->ffn_max = c->expert_ffn;
     if (c->shared_ffn > m->ffn_max) m->ffn_max = c->shared_ffn;
     if (c->dense_ffn > m->ffn_max) m->ffn_max = c->dense_ffn;
@@ -224,6 +238,9 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         L->lin_idx = L->is_linear ? m->dn.n_lin++ : -1;
         L->kv_idx = L->is_attn ? m->n_kv_layers++ : -1;
         L->conv_idx = in_list(c->conv_layers, c->n_conv_layers, l) ? m->conv.n_layers++ : -1;
+        L->global = !L->swa;
+        L->hd = L->global ? ghd : c->head_dim;
+        L->n_kv = L->global ? gkv : c->n_kv_heads;
         if (L->is_moe) {
             L->n_stored = c->n_experts;
             if (c->expert_map) {

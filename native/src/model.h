@@ -42,6 +42,7 @@ typedef struct {
     int is_moe, use_rope, swa; /* from dense_layers / nope_layers / swa_layers */
     int is_attn;               /* runs attention (emoe_arch_is_attention_layer) */
     int kv_idx, conv_idx;      /* its layer in the KV cache / the conv state (attention / conv layers; else -1) */
+    int global, hd, n_kv;      /* a full-attention layer (not swa); its head size and KV heads (Gemma-4's global_*) */
     tensor_ref attn_norm, ffn_norm;              /* [hidden] */
     tensor_ref wq, wk, wv, wo;                   /* [nh*hd, H], [nkv*hd, H] x2, [H, nh*hd] */
     tensor_ref bq, bk, bv;                       /* [nh*hd], [nkv*hd] x2 (optional) */
@@ -62,6 +63,9 @@ typedef struct {
     tensor_ref la_conv, la_dt, la_a_log, la_norm; /* [conv_dim * taps], [Vh], [Vh], [dv] */
     tensor_ref la_out;                           /* [H, Vh*dv] */
     tensor_ref conv_in, conv_w, conv_out;        /* [3H, H], [H, conv_kernel], [H, H] short convolution */
+    tensor_ref post_attn_norm, post_ffn_norm;    /* [H] block output norms (post_norms) */
+    tensor_ref mlp_post_norm, moe_pre_norm, moe_post_norm; /* [H] the two branches' norms (dense_beside_moe) */
+    tensor_ref layer_scale;                      /* [1] the layer's output scale (layer_scale) */
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
     tensor_ref *experts;                         /* [n_stored][3]: gate, up, down (MoE layers) */
@@ -86,6 +90,8 @@ typedef struct {
     float *hg, *hu;  /* (B, F) gate / up activations, F = max ffn width */
     float *yg;       /* (B, H) expert output */
     float *rope_cs;  /* (B, rope_dim/2, 2) cos, sin per position */
+    float *rope_cs_g; /* (B, global_rope_angles, 2) the full-attention layers' proportional RoPE (Gemma-4) */
+    float *dense_y;   /* (B, H) the dense branch's output beside the MoE block (dense_beside_moe) */
     int *pos, *slot; /* (B) each token's position and sequence slot (KV region): set by the caller of forward_block */
     float *scores;   /* (n_threads, group, max_ctx) attention scores, per thread */
     block_q8_act *qbuf; /* (B, max_in/32) quantized activations for Q8_0 and MWQ matmuls */
@@ -118,7 +124,8 @@ struct emoe_model {
     int *n_past;    /* [n_seq] positions each sequence holds */
     int q8_f32_act; /* Q8_0 and MWQ matmuls keep f32 activations (emoe_model_set_q8_f32_act) */
     int precision;  /* MWQ experts run at this many planes (0 = all stored; emoe_model_set_precision) */
-    int q_dim, kv_dim, ffn_max, in_max; /* nh*hd, nkv*hd, widest ffn, widest matmul input */
+    int q_dim, kv_dim, ffn_max, in_max; /* widest nh*hd, nkv*hd of any layer, widest ffn, widest matmul input */
+    int grp_max;                        /* largest n_heads / KV heads of any layer */
     emoe_pool *pool;
     const emoe_kernels *k;
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */

@@ -19,7 +19,7 @@ const tt_entry tt_table[] = {
     {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(attn_norm)},
     {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wq)},
     {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wv)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN_V, NONE, TN_REQUIRED, L(wv)},
     {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TL_ATTN, NONE, TN_REQUIRED, L(wo)},
     {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(ffn_norm)},
     {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bq)},
@@ -67,6 +67,19 @@ const tt_entry tt_table[] = {
     {"la_a_log", "blk.%d.ssm_a_log.weight", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_a_log)},
     {"la_norm", "blk.%d.ssm_norm.weight", TT_LAYER, TD_ONE, TD_LA_VDIM, TL_LINEAR, NONE, TN_REQUIRED, L(la_norm)},
     {"la_out", "blk.%d.ssm_out.weight", TT_LAYER, TD_HIDDEN, TD_LA_V, TL_LINEAR, NONE, TN_REQUIRED, L(la_out)},
+    /* Gemma-4's norms and layer scale (post_norms, dense_beside_moe, layer_scale) */
+    {"post_attn_norm", "blk.%d.post_attention_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
+     TL_ALL, IF(post_norms), TN_REQUIRED, L(post_attn_norm)},
+    {"post_ffn_norm", "blk.%d.post_ffw_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
+     TL_ALL, IF(post_norms), TN_REQUIRED, L(post_ffn_norm)},
+    {"mlp_post_norm", "blk.%d.post_ffw_norm_1.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
+     TL_MOE, IF(dense_beside_moe), TN_REQUIRED, L(mlp_post_norm)},
+    {"moe_pre_norm", "blk.%d.pre_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
+     TL_MOE, IF(dense_beside_moe), TN_REQUIRED, L(moe_pre_norm)},
+    {"moe_post_norm", "blk.%d.post_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
+     TL_MOE, IF(dense_beside_moe), TN_REQUIRED, L(moe_post_norm)},
+    {"layer_scale", "blk.%d.layer_output_scale.weight", TT_LAYER, TD_ONE, TD_ONE,
+     TL_ALL, IF(layer_scale), TN_REQUIRED, L(layer_scale)},
     /* LFM2 short convolution (conv layers): in_proj rows B, C, x; depthwise taps [hidden, conv_kernel] */
     {"conv_in", "blk.%d.shortconv.in_proj.weight", TT_LAYER, TD_CONV_IN, TD_HIDDEN,
      TL_CONV, NONE, TN_REQUIRED, L(conv_in)},
@@ -84,16 +97,18 @@ const tt_entry tt_table[] = {
 #undef NONE
 const int tt_count = (int)(sizeof(tt_table) / sizeof(tt_table[0]));
 
-int64_t tt_dim(const emoe_model *m, int dim) {
+int64_t tt_dim(const emoe_model *m, int dim, int layer) {
     const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[layer];
+    const int64_t q = (int64_t)c->n_heads * L->hd, kv = (int64_t)L->n_kv * L->hd; /* the layer's own sizes */
     switch (dim) {
     case TD_ONE: return 1;
     case TD_HIDDEN: return c->hidden;
     case TD_VOCAB: return c->vocab;
-    case TD_Q: return m->q_dim;
-    case TD_KV: return m->kv_dim;
-    case TD_QNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? m->q_dim : c->head_dim;
-    case TD_KNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? m->kv_dim : c->head_dim;
+    case TD_Q: return q;
+    case TD_KV: return kv;
+    case TD_QNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? q : L->hd;
+    case TD_KNORM: return c->qk_norm == EMOE_QK_NORM_FULL ? kv : L->hd;
     case TD_EXPERTS: return c->n_experts;
     case TD_EXPERT_FFN: return c->expert_ffn;
     case TD_SHARED_FFN: return c->shared_ffn;
@@ -114,8 +129,9 @@ int tt_present(const emoe_model *m, int e, int layer) {
     const tt_entry *t = &tt_table[e];
     if (t->scope != TT_GLOBAL) {
         const layer_weights *L = &m->layers[layer];
-        const int kind_ok[] = {[TL_ALL] = 1, [TL_MOE] = L->is_moe, [TL_DENSE] = !L->is_moe, [TL_ATTN] = L->is_attn,
-                               [TL_LINEAR] = L->is_linear, [TL_CONV] = L->conv_idx >= 0};
+        const int kind_ok[] = {[TL_ALL] = 1, [TL_MOE] = L->is_moe, [TL_DENSE] = !L->is_moe || m->cfg.dense_beside_moe,
+                               [TL_ATTN] = L->is_attn, [TL_LINEAR] = L->is_linear, [TL_CONV] = L->conv_idx >= 0,
+                               [TL_ATTN_V] = L->is_attn && !(m->cfg.global_k_eq_v && L->global)};
         if (!kind_ok[t->layers]) return 0;
     }
     return t->option < 0 || *(const int32_t *)((const char *)&m->cfg + t->option) != 0;
@@ -125,7 +141,8 @@ const char *tt_condition_name(int e) {
     const tt_entry *t = &tt_table[e];
     static const char *const kinds[] = {[TL_ALL] = "", [TL_MOE] = "a MoE layer", [TL_DENSE] = "a dense layer",
                                         [TL_ATTN] = "an attention layer", [TL_LINEAR] = "a linear-attention layer",
-                                        [TL_CONV] = "a conv layer"};
+                                        [TL_CONV] = "a conv layer",
+                                        [TL_ATTN_V] = "a layer with its own values (not global_k_eq_v)"};
     return t->option_name ? t->option_name : kinds[t->layers];
 }
 
@@ -179,7 +196,7 @@ int tt_name(char *buf, size_t n, int e, int layer, int expert) {
 void tt_instance(const emoe_model *m, int e, int layer, int expert, tt_item *it) {
     const tt_entry *t = &tt_table[e];
     it->entry = e, it->layer = layer, it->expert = expert;
-    it->rows = tt_dim(m, t->rows), it->cols = tt_dim(m, t->cols);
+    it->rows = tt_dim(m, t->rows, layer), it->cols = tt_dim(m, t->cols, layer);
     it->one_d = t->rows == TD_ONE;
     switch (t->need) {
     case TN_REQUIRED: it->required = 1; break;

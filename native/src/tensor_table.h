@@ -17,8 +17,10 @@ enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 
 enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
        TD_DENSE_FFN, TD_HEADS, TD_LA_CONV_DIM, TD_LA_CONV_TAPS, TD_LA_V, TD_LA_HEADS, TD_LA_VDIM, TD_CONV_IN,
        TD_CONV_KERNEL };
-/* Which layers have the tensor (with its option below): attention layers are those of no other kind (linear, conv). */
-enum { TL_ALL, TL_MOE, TL_DENSE, TL_ATTN, TL_LINEAR, TL_CONV };
+/* Which layers have the tensor (with its option below): attention layers are those of no other kind (linear, conv);
+ * dense-MLP layers are the non-MoE ones and, with dense_beside_moe, the MoE ones too; TL_ATTN_V: attention layers
+ * with their own values (not Gemma-4's global layers under global_k_eq_v). */
+enum { TL_ALL, TL_MOE, TL_DENSE, TL_ATTN, TL_LINEAR, TL_CONV, TL_ATTN_V };
 /* Whether a model the config has it for must have it. */
 enum {
     TN_REQUIRED,    /* always */
@@ -52,8 +54,8 @@ typedef struct {
     char name[96];
 } tt_item;
 
-/* The value of a shape term for this config (model.c's derived sizes). */
-int64_t tt_dim(const emoe_model *m, int dim);
+/* The value of a shape term for layer l of this config (model.c's derived sizes; globals: l ignored). */
+int64_t tt_dim(const emoe_model *m, int dim, int layer);
 /* Whether layer l of the model has entry e (scope TT_GLOBAL: l ignored). */
 int tt_present(const emoe_model *m, int e, int layer);
 /* Parse a container name: the table entry it matches (-1: none) and its numbers. Numbers are plain decimals without

@@ -576,7 +576,7 @@ static void test_index_errors(const char *dir) {
         {"{" BASE ", \"rope_dim\": 7}", "rope_dim = 7 must be even"},
         {"{" BASE ", \"rope_dim\": 32}", "rope_dim = 32 must be even and at most head_dim = 16"},
         {"{" BASE ", \"rope_kind\": \"spiral\"}", "'rope_kind' = 'spiral' is not one of 'neox', 'norm'"},
-        {"{" BASE ", \"activation\": 1}", "'activation' must be one of 'swiglu', 'reglu', 'swiglu_clamp', got a number"},
+        {"{" BASE ", \"activation\": 1}", "'activation' must be one of 'swiglu', 'reglu', 'swiglu_clamp', 'geglu_tanh', got a number"},
         {"{" BASE ", \"qkv_bias\": 1}", "'qkv_bias' must be true or false, got a number"},
         {"{" BASE ", \"tie_embeddings\": null}", "'tie_embeddings' must be true or false, got null"},
         {"{\"family\": 3, \"n_layers\": 2, \"hidden\": 64, \"vocab\": 8, \"n_heads\": 4, \"n_kv_heads\": 2, "
