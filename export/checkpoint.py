@@ -56,10 +56,11 @@ class Checkpoint:
             self.spec: ArchSpec = self.family.spec(self.config)
         except (FormatError, UnsupportedModelError) as e:  # the family's reader names the field, this the file
             raise type(e)(f"{cfg_path}: {e} (model_type {self.config['model_type']})") from None
-        self.tensors = SafetensorsSet(path) if prefix is None else _TextPart(SafetensorsSet(path), prefix)
         self.tensors = SafetensorsSet(path)
-        if self.config.get("text_config") is not None and self.family.fold == "gemma4":
-            self._text_part()
+        if prefix is None and self.config.get("text_config") is not None and self.family.fold == "gemma4":
+            prefix = "model.language_model."  # gemma4's reader takes its text config itself (_gemma4_text)
+        if prefix is not None:
+            self._text_part(prefix)
         self._check_tensors(cfg_path)
         tok = path / "tokenizer.json"
         self.tokenizer_json: bytes | None = None
@@ -68,12 +69,12 @@ class Checkpoint:
                                                   str(tok))
         self.chat_metadata: dict = read_chat_template(path)
 
-    def _text_part(self) -> None:
-        """A multimodal Gemma-4 checkpoint: its text model (model.language_model.*) is read under the text-only
-        names; the vision / audio towers are not read."""
-        if not self.tensors.read_under("model.language_model.", "model."):
-            raise FormatError(f"{self.path}: this multimodal gemma4 checkpoint has no text model tensors "
-                              "(model.language_model.*; a vision or audio tower only?): edgemoe runs the text model")
+    def _text_part(self, prefix: str) -> None:
+        """A multimodal checkpoint (Qwen3.5, Gemma-4): its text model ({prefix}*) is read under the text-only names;
+        the vision / audio towers are not read."""
+        if not self.tensors.read_under(prefix, "model."):
+            raise FormatError(f"{self.path}: this multimodal {self.config.get('model_type')} checkpoint has no text "
+                              f"model tensors ({prefix}*; a vision or audio tower only?): edgemoe runs the text model")
 
     # --- which tensor is where -----------------------------------------------------------------------------
     def _dense_plan(self, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -316,32 +317,6 @@ class Checkpoint:
             yield expert_tensor_name(layer, e, "up"), np.ascontiguousarray(gu[1::2])
             yield expert_tensor_name(layer, e, "down"), dequantize_mxfp4(mats["down_proj"][0][e],
                                                                          mats["down_proj"][1][e])
-
-
-class _TextPart:
-    """A multimodal checkpoint's text model under the text-only names: "model.X" is read from "{prefix}X"."""
-
-    def __init__(self, inner: SafetensorsSet, prefix: str):
-        self.inner, self.prefix = inner, prefix
-
-    def _real(self, name: str) -> str:
-        return self.prefix + name[len("model."):] if name.startswith("model.") else name
-
-    def __contains__(self, name: str) -> bool:
-        return self._real(name) in self.inner
-
-    def names(self) -> list[str]:
-        return ["model." + n[len(self.prefix):] for n in self.inner.names() if n.startswith(self.prefix)] + \
-            [n for n in self.inner.names() if not n.startswith("model.")]
-
-    def shape(self, name: str):
-        return self.inner.shape(self._real(name))
-
-    def get(self, name: str) -> np.ndarray:
-        return self.inner.get(self._real(name))
-
-    def get_u8(self, name: str) -> np.ndarray:
-        return self.inner.get_u8(self._real(name))
 
     def file_of(self, name: str) -> Path:
         return self.inner.file_of(self._real(name))

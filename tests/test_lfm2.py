@@ -313,5 +313,6 @@ def test_export_help_lists_every_family_the_exporter_reads():
 
     sub = next(a for a in build_parser()._actions if a.dest == "cmd" or getattr(a, "choices", None))
     text = " ".join(sub.choices["export"].description.split())
-    listed = set(re.search(r"Families \(model_type\): ([^.]+)\.", text).group(1).split(", "))
+    families = re.search(r"Families \(config.json model_type\): (.+?\))\.", text).group(1)
+    listed = {t for group in re.findall(r"\(([^)]+)\)", families) for t in group.split(", ")}
     assert listed == set(FAMILIES)
