@@ -130,6 +130,29 @@ def test_context_shift_reruns_the_shifted_context(qwen35):
     assert out[0].context_shifts > 0 and out[0].text == out[1].text
 
 
+def test_a_failed_block_restarts_the_sequence(qwen35, tmp_path):
+    """A read error in the middle of a block leaves the DeltaNet state advanced past the sequence's positions: the core
+    starts the sequence over (n_past 0), so the next call cannot silently continue from a corrupted state."""
+    import shutil
+
+    from test_budget import minimum_budget
+    from test_changed_file import _overwrite_experts_in_place
+
+    path = shutil.copy(qwen35(32), tmp_path / "q.emoe")
+    budget = minimum_budget(path, 128, threads=2)
+    with edgemoe.load(path, memory_budget=budget, max_ctx=128, threads=2) as m:
+        fresh = m._engine.prefill(IDS)
+        m._engine.prefill(IDS[:10])
+        _overwrite_experts_in_place(path)
+        m.drop_cache()
+        with pytest.raises(EdgeMoEError, match="checksum mismatch"):
+            m._engine.extend(IDS[10:])
+        assert m._engine.seq_n_past(0) == 0 and m._engine.cached_ids == []
+        _overwrite_experts_in_place(path)  # restored in place: reads pass their checks again
+        m.drop_cache()
+        np.testing.assert_array_equal(m._engine.prefill(IDS), fresh)
+
+
 def test_a_batch_keeps_one_recurrent_state_per_sequence(qwen35):
     prompts = [[int(t) for t in IDS[:9]], [int(t) for t in IDS[5:20]], [7, 8, 9]]
     with edgemoe.load(qwen35(32), engine="c", threads=2) as m:

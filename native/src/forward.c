@@ -499,8 +499,11 @@ int emoe_forward_seq(emoe_model *m, int seq, const int32_t *tokens, int n_tokens
         if (logits_out && all_logits) out = logits_out + (size_t)b * (size_t)m->cfg.vocab;
         else if (logits_out && b + n == n_tokens) out = logits_out;
         for (int t = 0; t < n; t++) m->s.pos[t] = m->n_past[seq] + t, m->s.slot[t] = seq;
-        if ((st = run_block(m, tokens + b, n, out, all_logits))) return st; /* n_past stays: the block's KV entries
-                                                                              * are overwritten by the next call */
+        if ((st = run_block(m, tokens + b, n, out, all_logits))) { /* n_past stays: the block's KV entries are
+                                                                      * overwritten by the next call */
+            if (m->dn.n_lin) m->n_past[seq] = 0; /* but a recurrent state has moved on: the sequence starts over */
+            return st;
+        }
         m->n_past[seq] += n;
     }
     return EMOE_OK;
@@ -530,7 +533,10 @@ int emoe_forward_batch(emoe_model *m, const int32_t *tokens, const int32_t *seqs
         const int nb = n - b < EMOE_BLOCK ? n - b : EMOE_BLOCK;
         for (int t = 0; t < nb; t++) m->s.pos[t] = m->n_past[seqs[b + t]], m->s.slot[t] = seqs[b + t];
         float *out = logits_out ? logits_out + (size_t)b * (size_t)m->cfg.vocab : NULL;
-        if ((st = run_block(m, tokens + b, nb, out, 1))) return st; /* no sequence advances */
+        if ((st = run_block(m, tokens + b, nb, out, 1))) { /* no sequence advances */
+            for (int i = 0; m->dn.n_lin && i < n; i++) m->n_past[seqs[i]] = 0; /* recurrent states moved: restart */
+            return st;
+        }
     }
     for (int i = 0; i < n; i++) m->n_past[seqs[i]]++;
     return EMOE_OK;
