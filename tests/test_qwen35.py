@@ -176,7 +176,7 @@ def test_python_and_c_tensor_tables_agree(qwen35):
 def test_the_budget_counts_the_recurrent_state_like_the_kv_cache(qwen35):
     with pytest.raises(N.BudgetError) as e:
         edgemoe.load(qwen35(32), memory_budget=1, max_ctx=128, threads=2)
-    kv = 2 * 5 * 128 * (2 * 24) * 4  # K and V of every layer, f32
+    kv = 2 * 2 * 128 * (2 * 24) * 4  # K and V of the 2 attention layers (the DeltaNet layers have none), f32
     conv_dim = 2 * 2 * 16 + 4 * 12
     state = 3 * ((4 - 1) * conv_dim + 4 * 16 * 12) * 4  # 3 DeltaNet layers: conv window + S per value head
     assert e.value.plan["kv_bytes"] == kv + state

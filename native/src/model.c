@@ -94,10 +94,10 @@ static void *xcalloc(size_t n, size_t size, int *fail) {
     return p;
 }
 
-/* The KV cache of n_seq sequence slots, (n_seq, n_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
+/* The KV cache of n_seq sequence slots, (n_seq, n_kv_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
  * model has today's layout), and every sequence emptied. On failure the old cache stays. */
 static int alloc_kv(emoe_model *m, int n_seq) {
-    const size_t kv_elems = (size_t)n_seq * (size_t)m->cfg.n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
+    const size_t kv_elems = (size_t)n_seq * (size_t)m->n_kv_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
     const size_t esz = m->kv_f16 ? 2 : 4;
     int fail = 0;
     void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
@@ -208,6 +208,7 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         L->is_attn = emoe_arch_is_attention_layer(c, l);
         L->is_linear = in_list(c->linear_attn_layers, c->n_linear_attn_layers, l);
         L->lin_idx = L->is_linear ? m->dn.n_lin++ : -1;
+        L->kv_idx = L->is_attn ? m->n_kv_layers++ : -1;
         if (L->is_moe) {
             L->n_stored = c->n_experts;
             if (c->expert_map) {

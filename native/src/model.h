@@ -54,6 +54,7 @@ typedef struct {
     tensor_ref router_b;                         /* [E] router bias (router_bias) */
     tensor_ref gate_b, up_b, down_b;             /* [E, F], [E, F], [E, H] expert biases, row = stored expert */
     int is_attn, is_linear, lin_idx;             /* attention layer; Gated DeltaNet layer (its index among them) */
+    int kv_idx;                                  /* its index in the KV cache (attention layers only; else -1) */
     tensor_ref attn_gate;                        /* [nh*hd, H] attention output gate (attn_gate) */
     tensor_ref la_qkv, la_z, la_b, la_a;         /* [conv_dim, H], [Vh*dv, H], [Vh, H] x2 (deltanet.h) */
     tensor_ref la_conv, la_dt, la_a_log, la_norm; /* [conv_dim * taps], [Vh], [Vh], [dv] */
@@ -117,7 +118,8 @@ struct emoe_model {
     const emoe_kernels *k;
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */
     layer_weights *layers;                 /* [n_layers] */
-    void *key_cache, *value_cache;         /* (n_seq, n_layers, max_ctx, kv_dim) f32 or f16 */
+    void *key_cache, *value_cache;         /* (n_seq, n_kv_layers, max_ctx, kv_dim) f32 or f16 */
+    int n_kv_layers;                       /* the layers with a KV cache: the attention layers */
     deltanet_state dn;                     /* linear-attention layers' state (n_seq slots, like the KV cache) */
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
