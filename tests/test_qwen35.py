@@ -345,6 +345,19 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_gguf_from_the_container_runs_like_transformers(gguf_ckpt, tmp_path):
+    """The container stores the split attention gate, the offset norms and the flattened conv taps: written back to
+    llama.cpp's layout they give the same model."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf_from_container
+    from test_gguf import llama_logits
+
+    c = export(gguf_ckpt, tmp_path / "q.emoe", bits=32, show_progress=False)
+    path = export_gguf_from_container(c, tmp_path / "c.gguf", "F32", show_progress=False)
+    assert rel_err(llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)) <= 1e-5
+
+
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
     from edgemoe_export import export
