@@ -66,7 +66,7 @@ def test_every_qwen35_option_changes_the_logits(qwen35, hf_ref, drop):
     c = open_container(qwen35(32), verify=False)
     spec = dataclasses.replace(c.spec, **drop)
 
-    def w(name):  # a shorter conv reads the first taps of each channel
+    def w(name):  # a 3-tap conv: each channel without its oldest tap
         a = c.array(name)
         return a.reshape(-1, 4)[:, 1:].reshape(-1) if drop.get("linear_conv") and "ssm_conv1d" in name else a
 
