@@ -66,7 +66,7 @@ def test_every_qwen35_option_changes_the_logits(qwen35, hf_ref, drop):
     c = open_container(qwen35(32), verify=False)
     spec = dataclasses.replace(c.spec, **drop)
 
-    def w(name):  # a shorter conv reads the first taps of each channel
+    def w(name):  # a 3-tap conv: each channel without its oldest tap
         a = c.array(name)
         return a.reshape(-1, 4)[:, 1:].reshape(-1) if drop.get("linear_conv") and "ssm_conv1d" in name else a
 
@@ -130,6 +130,29 @@ def test_context_shift_reruns_the_shifted_context(qwen35):
     assert out[0].context_shifts > 0 and out[0].text == out[1].text
 
 
+def test_a_failed_block_restarts_the_sequence(qwen35, tmp_path):
+    """A read error in the middle of a block leaves the DeltaNet state advanced past the sequence's positions: the core
+    starts the sequence over (n_past 0), so the next call cannot silently continue from a corrupted state."""
+    import shutil
+
+    from test_budget import minimum_budget
+    from test_changed_file import _overwrite_experts_in_place
+
+    path = shutil.copy(qwen35(32), tmp_path / "q.emoe")
+    budget = minimum_budget(path, 128, threads=2)
+    with edgemoe.load(path, memory_budget=budget, max_ctx=128, threads=2) as m:
+        fresh = m._engine.prefill(IDS)
+        m._engine.prefill(IDS[:10])
+        _overwrite_experts_in_place(path)
+        m.drop_cache()
+        with pytest.raises(EdgeMoEError, match="checksum mismatch"):
+            m._engine.extend(IDS[10:])
+        assert m._engine.seq_n_past(0) == 0 and m._engine.cached_ids == []
+        _overwrite_experts_in_place(path)  # restored in place: reads pass their checks again
+        m.drop_cache()
+        np.testing.assert_array_equal(m._engine.prefill(IDS), fresh)
+
+
 def test_a_batch_keeps_one_recurrent_state_per_sequence(qwen35):
     prompts = [[int(t) for t in IDS[:9]], [int(t) for t in IDS[5:20]], [7, 8, 9]]
     with edgemoe.load(qwen35(32), engine="c", threads=2) as m:
@@ -153,7 +176,7 @@ def test_python_and_c_tensor_tables_agree(qwen35):
 def test_the_budget_counts_the_recurrent_state_like_the_kv_cache(qwen35):
     with pytest.raises(N.BudgetError) as e:
         edgemoe.load(qwen35(32), memory_budget=1, max_ctx=128, threads=2)
-    kv = 2 * 2 * 128 * (2 * 24) * 4  # K and V of the 2 attention layers (the DeltaNet layers hold none), f32
+    kv = 2 * 2 * 128 * (2 * 24) * 4  # K and V of the 2 attention layers (the DeltaNet layers have none), f32
     conv_dim = 2 * 2 * 16 + 4 * 12
     state = 3 * ((4 - 1) * conv_dim + 4 * 16 * 12) * 4  # 3 DeltaNet layers: conv window + S per value head
     assert e.value.plan["kv_bytes"] == kv + state
@@ -320,6 +343,19 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
     got, ref = llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)
     assert rel_err(got, ref) <= 1e-5  # measured 3.9e-6; without the v-head reordering 1.18
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_gguf_from_the_container_runs_like_transformers(gguf_ckpt, tmp_path):
+    """The container stores the split attention gate, the offset norms and the flattened conv taps: written back to
+    llama.cpp's layout they give the same model."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf_from_container
+    from test_gguf import llama_logits
+
+    c = export(gguf_ckpt, tmp_path / "q.emoe", bits=32, show_progress=False)
+    path = export_gguf_from_container(c, tmp_path / "c.gguf", "F32", show_progress=False)
+    assert rel_err(llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)) <= 1e-5
 
 
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):

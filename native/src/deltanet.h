@@ -7,7 +7,8 @@
  *   S_h     = exp(g) S_h;  S_h += k (beta (v - S_h^T k))^T;  o_h = S_h^T q             (S_h: dk x dv)
  *   y       = W_out [rmsnorm(o_h) * w_norm * silu(z_h)]_h,  z = W_z x
  * The state (conv window + S) is fixed-size per layer and sequence slot; it is zeroed when a sequence's position 0
- * is run (so a reset or truncate to 0 clears it) and cannot be rewound to an earlier position. */
+ * is run (so a reset or truncate to 0 clears it) and cannot be rewound to an earlier position: truncation keeps 0 or
+ * all positions, and a block that fails part-way (a read error) starts its sequences over (n_past 0, forward.c). */
 #ifndef EDGEMOE_DELTANET_H
 #define EDGEMOE_DELTANET_H
 #include <stddef.h>

@@ -169,10 +169,10 @@ typedef struct {
     int layer, swa;
 } att_ctx;
 
-/* The KV cache row of position pos of layer l in sequence slot slot, in elements. */
+/* The KV cache row of position pos of (attention) layer l in sequence slot slot, in elements. */
 static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
-    return (((size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx) * (size_t)m->max_ctx + (size_t)pos) *
-           (size_t)m->kv_dim;
+    return (((size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx) * (size_t)m->max_ctx +
+            (size_t)pos) * (size_t)m->kv_dim;
 }
 
 /* One task = one token x one KV head: scores of the group's query heads against positions lo..pos of the token's
@@ -604,8 +604,11 @@ int emoe_forward_seq(emoe_model *m, int seq, const int32_t *tokens, int n_tokens
         if (logits_out && all_logits) out = logits_out + (size_t)b * (size_t)m->cfg.vocab;
         else if (logits_out && b + n == n_tokens) out = logits_out;
         for (int t = 0; t < n; t++) m->s.pos[t] = m->n_past[seq] + t, m->s.slot[t] = seq;
-        if ((st = run_block(m, tokens + b, n, out, all_logits))) return st; /* n_past stays: the block's KV entries
-                                                                              * are overwritten by the next call */
+        if ((st = run_block(m, tokens + b, n, out, all_logits))) { /* n_past stays: the block's KV entries are
+                                                                      * overwritten by the next call */
+            if (m->dn.n_lin) m->n_past[seq] = 0; /* but a recurrent state has moved on: the sequence starts over */
+            return st;
+        }
         m->n_past[seq] += n;
     }
     return EMOE_OK;
@@ -635,7 +638,10 @@ int emoe_forward_batch(emoe_model *m, const int32_t *tokens, const int32_t *seqs
         const int nb = n - b < EMOE_BLOCK ? n - b : EMOE_BLOCK;
         for (int t = 0; t < nb; t++) m->s.pos[t] = m->n_past[seqs[b + t]], m->s.slot[t] = seqs[b + t];
         float *out = logits_out ? logits_out + (size_t)b * (size_t)m->cfg.vocab : NULL;
-        if ((st = run_block(m, tokens + b, nb, out, 1))) return st; /* no sequence advances */
+        if ((st = run_block(m, tokens + b, nb, out, 1))) { /* no sequence advances */
+            for (int i = 0; m->dn.n_lin && i < n; i++) m->n_past[seqs[i]] = 0; /* recurrent states moved: restart */
+            return st;
+        }
     }
     for (int i = 0; i < n; i++) m->n_past[seqs[i]]++;
     return EMOE_OK;

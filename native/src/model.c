@@ -101,7 +101,7 @@ static void *xcalloc(size_t n, size_t size, int *fail) {
     return p;
 }
 
-/* The KV cache of n_seq sequence slots, (n_seq, n_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
+/* The KV cache of n_seq sequence slots, (n_seq, n_kv_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
  * model has today's layout), and every sequence emptied. On failure the old cache stays. */
 static int alloc_kv(emoe_model *m, int n_seq) {
     const size_t kv_elems = (size_t)n_seq * (size_t)m->n_kv_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
