@@ -247,6 +247,19 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_gguf_f16_runs_in_llama_cpp_with_f32_conv_taps(gguf_ckpt, tmp_path):
+    """llama.cpp's ssm_conv asserts on F16 taps (a crash, not an error): the F16 file keeps them F32."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export.gguf_export import export_gguf
+    from edgemoe_export.gguf_parse import parse_gguf
+    from test_gguf import llama_logits
+
+    path = export_gguf(gguf_ckpt, tmp_path / "g16.gguf", "F16", show_progress=False)
+    types = {t.name: t.tensor_type.name for t in parse_gguf(path).tensors}
+    assert types["blk.0.shortconv.conv.weight"] == "F32" and types["blk.0.shortconv.in_proj.weight"] == "F16"
+    assert rel_err(llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)) <= 5e-3
+
+
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
     from edgemoe_export import export
