@@ -130,6 +130,21 @@ def test_reset_clears_the_conv_state_and_truncation_keeps_all_or_none(lfm2):
         assert m.generate(IDS[:8].tolist(), max_new_tokens=4, temperature=0) == first
 
 
+@pytest.mark.parametrize("n_keep", [0, 3])
+def test_context_shift_reruns_a_conv_model_exactly_as_a_fresh_run(lfm2, n_keep):
+    """A context shift keeps n_keep tokens and drops older ones: a conv layer's state cannot be rewound, so the
+    shifted context is run again from its start, and each next token is a fresh prefill's argmax."""
+    from test_finish_and_shift import _fresh_shifted_greedy
+
+    prompt = IDS[:10].tolist()
+    with edgemoe.load(lfm2(32), engine="c", threads=2, max_ctx=16) as m:
+        r = m.generate(prompt, max_new_tokens=30, stop_at_eos=False, context_shift=True, n_keep=n_keep,
+                       return_info=True)
+        want, shifts = _fresh_shifted_greedy(m._engine, prompt, 30, 16, n_keep)
+        assert shifts >= 3 and r.context_shifts == shifts and r.completion_tokens == 30
+        assert r.text == m.tokenizer.decode(want)
+
+
 @pytest.mark.parametrize("bits", [32, 4])
 def test_budgeted_run_is_bit_identical_to_resident(lfm2, bits):
     from test_budget import greedy_logits, minimum_budget
