@@ -262,17 +262,24 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_gguf_f16_runs_in_llama_cpp_with_f32_conv_taps(gguf_ckpt, tmp_path):
-    """llama.cpp's ssm_conv asserts on F16 taps (a crash, not an error): the F16 file keeps them F32."""
+@pytest.mark.parametrize("gtype", ["F16", "Q8_0"])
+def test_quantized_gguf_runs_in_llama_cpp_with_f32_conv_taps(gguf_ckpt, tmp_path, gtype):
+    """llama.cpp's ssm_conv asserts on non-F32 taps (a crash, not an error): F16 and Q8_0 files keep them F32."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
     from edgemoe_export.gguf_export import export_gguf
     from edgemoe_export.gguf_parse import parse_gguf
-    from test_gguf import llama_logits
+    from test_gguf import TOL, llama_logits
 
-    path = export_gguf(gguf_ckpt, tmp_path / "g16.gguf", "F16", show_progress=False)
+    path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", gtype, show_progress=False)
     types = {t.name: t.tensor_type.name for t in parse_gguf(path).tensors}
-    assert types["blk.0.shortconv.conv.weight"] == "F32" and types["blk.0.shortconv.in_proj.weight"] == "F16"
-    assert rel_err(llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)) <= 5e-3
+    assert types["blk.0.shortconv.conv.weight"] == "F32" and types["blk.0.shortconv.in_proj.weight"] == gtype
+    got, ref = llama_logits(path, IDS), hf_logits(gguf_ckpt, IDS)
+    if gtype == "F16":
+        assert rel_err(got, ref) <= TOL[gtype]
+    else:  # Q8_0 matrices on Q8 activations: the conv's products of projections show it (as in edgemoe's own Q8_0:
+        # test_mwq8_stays_near_transformers); measured: max 0.13, per-token median 0.039, argmax 21 of 24 tokens
+        per_token = np.abs(got - ref).max(1) / np.abs(ref).max()
+        assert np.median(per_token) <= 5e-2 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.8
 
 
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
