@@ -329,6 +329,8 @@ def _storage_type(name: str, shape: tuple[int, ...], gguf_type: str, fallbacks: 
 
     if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", ".bias", "ssm_conv1d.weight")):  # norms, biases, routers, conv taps: exact
         return Q.F32
+    if name.endswith("shortconv.conv.weight"):  # llama.cpp's ssm_conv reads its taps as F32 only (asserts otherwise)
+        return Q.F32
     if gguf_type == "F32":
         return Q.F32
     if gguf_type in ("F16", "Q4_K_M"):  # Q4_K_M: written F16, then re-quantized by llama.cpp

@@ -435,8 +435,8 @@ emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, 
             st = EMOE_ERR_NOMEM;
             if (err && errlen)
                 snprintf(err, errlen, "out of memory creating the model (max_ctx = %d, %d threads; the KV cache takes "
-                         "2 * n_layers * max_ctx * kv_dim values: lower max_ctx or use an f16 KV cache)", max_ctx,
-                         n_threads);
+                         "2 * attention layers * max_ctx * kv_dim values: lower max_ctx or use an f16 KV "
+                         "cache)", max_ctx, n_threads);
         } else if ((st = emoe_model_status(m))) {
             if (err && errlen) snprintf(err, errlen, "%s", emoe_model_last_error(m));
             emoe_model_free(m);

@@ -171,8 +171,8 @@ typedef struct {
 
 /* The KV cache row of position pos of (attention) layer l in sequence slot slot, in elements. */
 static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
-    return (((size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx) * (size_t)m->max_ctx +
-            (size_t)pos) * (size_t)m->kv_dim;
+    const size_t layer = (size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx; /* attention layers */
+    return (layer * (size_t)m->max_ctx + (size_t)pos) * (size_t)m->kv_dim;
 }
 
 /* One task = one token x one KV head: scores of the group's query heads against positions lo..pos of the token's

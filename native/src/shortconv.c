@@ -58,13 +58,13 @@ void shortconv_forward(emoe_model *m, int l, int n_tok) {
         const float *C = u + H, *x = u + 2 * (size_t)H;
         for (int i = 0; i < H; i++) u[i] *= x[i];
         const int pos = s->pos[t];
-        float *ring = R ? st->rows + (((size_t)s->slot[t] * (size_t)st->n_layers + (size_t)L->conv_idx) * (size_t)R) *
-                                         (size_t)H
-                        : NULL;
+        const size_t state = (size_t)s->slot[t] * (size_t)st->n_layers + (size_t)L->conv_idx; /* its ring */
+        float *ring = R ? st->rows + state * (size_t)R * (size_t)H : NULL;
         float *y = s->yg + (size_t)t * H;
         for (int i = 0; i < H; i++) {
-            float acc = w[(size_t)i * K + (K - 1)] * u[i];
-            for (int j = 1; j <= R && j <= pos; j++) acc += w[(size_t)i * K + (K - 1 - j)] * ring[(size_t)((pos - j) % R) * H + i];
+            const float *wi = w + (size_t)i * K;
+            float acc = wi[K - 1] * u[i];
+            for (int j = 1; j <= R && j <= pos; j++) acc += wi[K - 1 - j] * ring[(size_t)((pos - j) % R) * H + i];
             y[i] = C[i] * acc;
         }
         if (R) memcpy(ring + (size_t)(pos % R) * H, u, (size_t)H * sizeof(float)); /* after the reads: it replaces
