@@ -242,6 +242,8 @@ def test_arch_reader_checks_the_gemma4_fields(gemma4):
                        ({"global_rope_angles": 0}, "global_rope_angles"), ({"logit_softcap": -1.0}, "logit_softcap")):
         with pytest.raises(N.NativeError, match=match):
             N.arch_check(json.dumps({**spec.to_json(), **bad}))
+    plain = {k: v for k, v in spec.to_json().items() if not k.startswith("global_")}  # an odd head, no global sizes
+    N.arch_check(json.dumps({**plain, "head_dim": 25, "rope_dim": 24}))
     with pytest.raises(EdgeMoEError, match="unknown field 'attn_softcap'"):
         type(spec).from_json({**spec.to_json(), "attn_softcap": 50.0})
 
@@ -293,6 +295,17 @@ def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
     finally:
         llm.close()
     assert theirs == toks
+
+
+def test_gguf_import_of_gemma4_is_refused_by_name(gemma4, tmp_path):
+    pytest.importorskip("gguf", reason="needs gguf-py")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+
+    g = export_gguf(gemma4.dir, tmp_path / "g.gguf", "F32", show_progress=False)
+    with pytest.raises(UnsupportedModelError, match="'gemma4' GGUF files is not supported yet"):
+        export(g, tmp_path / "x.emoe", bits=32, show_progress=False)
+    assert not (tmp_path / "x.emoe").exists()
 
 
 def test_gguf_refuses_a_layer_llama_cpp_does_not_have(gemma4, tmp_path):
