@@ -115,8 +115,8 @@ int tt_present(const emoe_model *m, int e, int layer) {
 const char *tt_condition_name(int e) {
     static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
                                       "a dense layer", "score_bias", "o_bias", "attn_sinks", "router_bias",
-                                      "expert_bias", "a layer with its own values (not global_k_eq_v)", "post_norms", "dense_beside_moe",
-                                      "layer_scale"};
+                                      "expert_bias", "a layer with its own values (not global_k_eq_v)",
+                                      "post_norms", "dense_beside_moe", "layer_scale"};
     return why[tt_table[e].cond];
 }
 
