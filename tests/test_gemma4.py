@@ -297,15 +297,19 @@ def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
     assert theirs == toks
 
 
-def test_gguf_import_of_gemma4_is_refused_by_name(gemma4, tmp_path):
+def test_gguf_import_reads_llama_cpp_gemma4_back(gemma4, hf_ref, tmp_path):
+    """GGUF -> edgemoe: the description comes back from llama.cpp's keys (per-layer KV heads, sliding pattern, both
+    head sizes, rope_freqs as proportional RoPE) and the weights from its names (router scale, fused experts)."""
     pytest.importorskip("gguf", reason="needs gguf-py")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
 
     g = export_gguf(gemma4.dir, tmp_path / "g.gguf", "F32", show_progress=False)
-    with pytest.raises(UnsupportedModelError, match="'gemma4' GGUF files is not supported yet"):
-        export(g, tmp_path / "x.emoe", bits=32, show_progress=False)
-    assert not (tmp_path / "x.emoe").exists()
+    path = export(g, tmp_path / "from_gguf.emoe", bits=32, show_progress=False)
+    s, want = open_container(path, verify=False).spec, open_container(gemma4(32), verify=False).spec
+    assert dataclasses.replace(s, tie_embeddings=True, max_position=want.max_position) == want  # head written out
+    with edgemoe.load(path, engine="c", threads=2) as m:
+        assert rel_err(m.logits(IDS), hf_ref) <= 1e-5
 
 
 def test_gguf_refuses_a_layer_llama_cpp_does_not_have(gemma4, tmp_path):
