@@ -10,6 +10,7 @@ What llama.cpp's graph reads, found by running the tiny model through llama-cpp-
   the container's router already holds transformers' scale / sqrt(hidden), so the scale written is sqrt(hidden);
 - experts fused as `ffn_gate_up_exps` ([E, 2F, H], gate rows first); per_expert_scale is already in the down
   matrices; full-attention layers without `attn_v` take the keys as values.
+Reading such a file back (gguf_reader) inverts each of these: hf_config, expected_extra, fold_router.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgemoe.arch import ArchSpec
-from edgemoe.errors import EdgeMoEError
+from edgemoe.errors import EdgeMoEError, FormatError
 
 ROPE_FREQS = "rope_freqs.weight"
 NO_ROTATION = 1e30  # a rope_freqs divisor that makes a frequency 0
@@ -72,3 +73,54 @@ def expert_stacks(stacks: dict[str, np.ndarray], layer: int) -> list[tuple[str, 
     """The gate / up / down stacks as llama.cpp's gemma4 reads them: gate and up fused, gate rows first."""
     return [(f"blk.{layer}.ffn_gate_up_exps.weight", np.concatenate([stacks["gate"], stacks["up"]], axis=1)),
             (f"blk.{layer}.ffn_down_exps.weight", stacks["down"])]
+
+
+# --- reading llama.cpp's gemma4 back (gguf_reader) ------------------------------------------------------------
+
+def hf_config(r, base: dict) -> dict:
+    """A gemma4_text config.json from a gemma4 GGUF's metadata and tensors (r: the GGUFCheckpoint being opened;
+    base: the common keys gguf_reader derived, whose head sizes are the full-attention layers')."""
+    p, n = "gemma4.", base["num_hidden_layers"]
+    kv = r._kv(p + "attention.head_count_kv")
+    kv = kv if isinstance(kv, list) else [kv] * n
+    sliding = r._kv(p + "attention.sliding_window_pattern", [False] * n)
+    if not (isinstance(kv, list) and len(kv) == n and isinstance(sliding, list) and len(sliding) == n):
+        raise FormatError(f"{r.path}: gemma4 head_count_kv / sliding_window_pattern must have one entry per layer")
+    types = ["sliding_attention" if s else "full_attention" for s in sliding]
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    ghd, hd = base["head_dim"], r._kv_int(p + "attention.key_length_swa", base["head_dim"])
+    freqs = r._get_raw(ROPE_FREQS).reshape(-1) if ROPE_FREQS in r._tensors else np.ones(ghd // 2, np.float32)
+    angles = int((freqs < NO_ROTATION / 2).sum())
+    full_rope = {"rope_type": "default", "rope_theta": r._kv_float(p + "rope.freq_base", 1e6)}
+    if angles != ghd // 2:
+        full_rope.update(rope_type="proportional", partial_rotary_factor=2 * angles / ghd)
+    cap = r._kv(p + "final_logit_softcapping", None)
+    sliding_kv = next((kv[i] for i in range(n) if i not in full), kv[0])
+    return {**base, "model_type": "gemma4_text", "head_dim": hd, "num_key_value_heads": sliding_kv,
+            "global_head_dim": ghd, "num_global_key_value_heads": kv[full[0]] if full else sliding_kv,
+            "attention_k_eq_v": bool(full) and f"blk.{full[0]}.attn_v.weight" not in r._tensors,
+            "layer_types": types, "sliding_window": r._kv_int(p + "attention.sliding_window", 512, hi=1 << 31),
+            "rope_parameters": {"sliding_attention": {"rope_type": "default",
+                                                      "rope_theta": r._kv_float(p + "rope.freq_base_swa", 1e4)},
+                                "full_attention": full_rope},
+            "final_logit_softcapping": None if cap is None else float(cap), "enable_moe_block": True,
+            "intermediate_size": r._kv_int(p + "feed_forward_length"),
+            "moe_intermediate_size": r._kv_int(p + "expert_feed_forward_length"),
+            "num_experts": base["num_experts"], "top_k_experts": base["top_k"],
+            "hidden_size_per_layer_input": r._kv_int(p + "embedding_length_per_layer_input", 0, lo=0),
+            "num_kv_shared_layers": r._kv_int(p + "attention.shared_kv_layers", 0, lo=0)}
+
+
+def expected_extra(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """The gemma4 GGUF tensors beyond the container's: rope_freqs, each router's scale, the fused gate/up experts."""
+    exp = {ROPE_FREQS: ((spec.global_head_dim or spec.head_dim) // 2,)}
+    for layer in range(spec.n_layers):
+        exp[f"blk.{layer}.ffn_gate_inp.scale"] = (spec.hidden,)
+        exp[f"blk.{layer}.ffn_gate_up_exps.weight"] = (spec.n_experts, 2 * spec.expert_ffn, spec.hidden)
+        exp[f"blk.{layer}.ffn_down_exps.weight"] = (spec.n_experts, spec.hidden, spec.expert_ffn)
+    return exp
+
+
+def fold_router(router: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """llama.cpp's router input is the normalized residual x scale / sqrt(hidden): fold it into the rows."""
+    return (router * (scale / np.sqrt(np.float32(router.shape[1])))[None, :]).astype(np.float32)

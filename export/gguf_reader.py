@@ -7,7 +7,8 @@ reads a GGUF the same way. The header is parsed and checked against the file by 
 and lengths, known types, tensors tiling the data section); tensors are memory-mapped and dequantized to f32 one at
 a time by gguf-py, and refused by name if they hold NaN or infinities.
 
-llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker, granitemoe -- the
+llama.cpp architectures read: olmoe, qwen2moe, qwen3moe, llama *with experts* (Mixtral), smallthinker, granitemoe,
+gpt-oss, gemma4 (its per-layer sizes and extra tensors: gguf_gemma4) -- the
 table the writer uses (`llama_cpp_names.LLAMA_CPP_ARCH`), read backwards. Metadata is turned into a Hugging Face-style
 config (`.config`) and the ArchSpec comes from the same `families.py` function that reads a real config.json, so
 a GGUF and the checkpoint it was converted from give the same description.
@@ -45,6 +46,7 @@ import numpy as np
 from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import FormatError, UnsupportedModelError
 
+from . import gguf_gemma4
 from .checkpoint import expected_shapes, expert_shape
 from .families import FAMILIES, MAX_DIM, MAX_LAYERS, MAX_POSITION, MAX_VOCAB, Family
 from .gguf_parse import ARRAY, FLOAT_TYPES, INT_TYPES, STRING, parse_gguf
@@ -132,7 +134,8 @@ class GGUFCheckpoint:
             spec = self.family.spec(self.config)
         except (FormatError, UnsupportedModelError) as e:
             raise type(e)(f"{path}: GGUF metadata does not describe a valid {arch} model ({e})") from None
-        rope_dim = self._kv_int(f"{arch}.rope.dimension_count", spec.head_dim, hi=spec.head_dim)
+        rope_dim = spec.head_dim if arch == "gemma4" else \
+            self._kv_int(f"{arch}.rope.dimension_count", spec.head_dim, hi=spec.head_dim)
         if rope_dim % 2:
             raise FormatError(f"{path}: {arch}.rope.dimension_count = {rope_dim}: RoPE rotates pairs, expected an "
                               "even number")
@@ -205,9 +208,11 @@ class GGUFCheckpoint:
         n_layers = self._kv_int(p + "block_count", hi=min(MAX_LAYERS, len(self._tensors)))
         hidden = self._kv_int(p + "embedding_length")
         heads = self._kv_int(p + "attention.head_count")
-        # lfm2moe: a per-layer array, 0 on conv layers (the others' conv-free layers all have the same count)
+        # lfm2moe: a per-layer array, 0 on conv layers (the others' conv-free layers all have the same count);
+        # gemma4: per-layer KV heads (gguf_gemma4.hf_config reads the list)
         kv_layers = self._kv_layers(p + "attention.head_count_kv", heads) if a == "lfm2moe" else None
-        kv_heads = max(kv_layers) if kv_layers else self._kv_int(p + "attention.head_count_kv", heads, hi=heads)
+        kv_heads = (1 if a == "gemma4" else max(kv_layers) if kv_layers
+                    else self._kv_int(p + "attention.head_count_kv", heads, hi=heads))
         head_dim = self._kv_int(p + "attention.key_length", max(1, hidden // heads))
         v_len = self._kv_int(p + "attention.value_length", head_dim)
         if v_len != head_dim:
@@ -305,6 +310,9 @@ class GGUFCheckpoint:
                        num_dense_layers=self._kv_int(p + "leading_dense_block_count", 0, lo=0, hi=n_layers),
                        conv_L_cache=self._kv_int(p + "shortconv.l_cache", lo=2, hi=64),
                        layer_types=["conv" if k == 0 else "full_attention" for k in kv_layers])
+        elif a == "gemma4":
+            cfg = gguf_gemma4.hf_config(self, {**cfg, "num_experts": n_experts, "top_k": top_k})
+            del cfg["top_k"]
         elif a == "smallthinker":
             import gguf
 
@@ -346,6 +354,8 @@ class GGUFCheckpoint:
             shapes = expected_shapes(s, layer)
             for role, name in dense_tensor_names(s, layer).items():
                 exp[gguf_tensor_name(self.arch, name)] = shapes[role]
+            if s.is_moe_layer(layer) and self.arch == "gemma4":
+                continue  # gguf_gemma4.expected_extra
             if s.is_moe_layer(layer):
                 for m in EXPERT_MATRICES:
                     if self._legacy_experts(layer):  # blk.N.ffn_{gate,up,down}.E.weight, one tensor per expert
@@ -353,6 +363,8 @@ class GGUFCheckpoint:
                             exp[f"blk.{layer}.ffn_{m}.{e}.weight"] = expert_shape(s, m)
                     else:
                         exp[f"blk.{layer}.ffn_{m}_exps.weight"] = (s.n_experts, *expert_shape(s, m))
+        if self.arch == "gemma4":
+            exp.update(gguf_gemma4.expected_extra(s))
         return exp
 
     def _legacy_experts(self, layer: int) -> bool:
@@ -381,6 +393,13 @@ class GGUFCheckpoint:
                 )
 
     # --- tensor access -------------------------------------------------------------------------------------
+    def _get_raw(self, name: str) -> np.ndarray:
+        """A tensor dequantized to f32 before the shapes are known (gemma4's rope_freqs while reading metadata)."""
+        import gguf
+
+        t = self._tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
     def _get(self, name: str) -> np.ndarray:
         import gguf
 
@@ -420,6 +439,9 @@ class GGUFCheckpoint:
             if self.arch in NORM_ROPE_ARCHS and role in ("wq", "wk", "bq", "bk"):
                 arr = self._unpermute(arr, s.n_heads if role in ("wq", "bq") else s.n_kv_heads)
             out[name] = arr
+        if self.arch == "gemma4":
+            router = dense_tensor_names(s, layer)["router"]
+            out[router] = gguf_gemma4.fold_router(out[router], self._get(f"blk.{layer}.ffn_gate_inp.scale"))
         return out
 
     def layer_experts(self, layer: int):
@@ -430,7 +452,12 @@ class GGUFCheckpoint:
                 for m in EXPERT_MATRICES:
                     yield expert_tensor_name(layer, e, m), self._get(f"blk.{layer}.ffn_{m}.{e}.weight")
             return
-        stacks = {m: self._get(f"blk.{layer}.ffn_{m}_exps.weight") for m in EXPERT_MATRICES}
+        if self.arch == "gemma4":  # gate and up fused, gate rows first
+            gu = self._get(f"blk.{layer}.ffn_gate_up_exps.weight")
+            stacks = {"gate": gu[:, : s.expert_ffn], "up": gu[:, s.expert_ffn:],
+                      "down": self._get(f"blk.{layer}.ffn_down_exps.weight")}
+        else:
+            stacks = {m: self._get(f"blk.{layer}.ffn_{m}_exps.weight") for m in EXPERT_MATRICES}
         for e in range(s.n_experts):
             for m in EXPERT_MATRICES:
                 yield expert_tensor_name(layer, e, m), np.ascontiguousarray(stacks[m][e])

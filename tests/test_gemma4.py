@@ -242,6 +242,8 @@ def test_arch_reader_checks_the_gemma4_fields(gemma4):
                        ({"global_rope_angles": 0}, "global_rope_angles"), ({"logit_softcap": -1.0}, "logit_softcap")):
         with pytest.raises(N.NativeError, match=match):
             N.arch_check(json.dumps({**spec.to_json(), **bad}))
+    plain = {k: v for k, v in spec.to_json().items() if not k.startswith("global_")}  # an odd head, no global sizes
+    N.arch_check(json.dumps({**plain, "head_dim": 25, "rope_dim": 24}))
     with pytest.raises(EdgeMoEError, match="unknown field 'attn_softcap'"):
         type(spec).from_json({**spec.to_json(), "attn_softcap": 50.0})
 
@@ -293,6 +295,21 @@ def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
     finally:
         llm.close()
     assert theirs == toks
+
+
+def test_gguf_import_reads_llama_cpp_gemma4_back(gemma4, hf_ref, tmp_path):
+    """GGUF -> edgemoe: the description comes back from llama.cpp's keys (per-layer KV heads, sliding pattern, both
+    head sizes, rope_freqs as proportional RoPE) and the weights from its names (router scale, fused experts)."""
+    pytest.importorskip("gguf", reason="needs gguf-py")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+
+    g = export_gguf(gemma4.dir, tmp_path / "g.gguf", "F32", show_progress=False)
+    path = export(g, tmp_path / "from_gguf.emoe", bits=32, show_progress=False)
+    s, want = open_container(path, verify=False).spec, open_container(gemma4(32), verify=False).spec
+    assert dataclasses.replace(s, tie_embeddings=True, max_position=want.max_position) == want  # head written out
+    with edgemoe.load(path, engine="c", threads=2) as m:
+        assert rel_err(m.logits(IDS), hf_ref) <= 1e-5
 
 
 def test_gguf_refuses_a_layer_llama_cpp_does_not_have(gemma4, tmp_path):

@@ -281,7 +281,7 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
     if (ghd != c->head_dim && !c->global_rope_angles)
         return invalid(err, errlen, "global_head_dim = %d differs from head_dim = %d: give global_rope_angles (its "
                        "RoPE)", ghd, c->head_dim);
-    if (ghd % 2) return invalid(err, errlen, "global_head_dim = %d must be even", ghd);
+    if (c->global_head_dim % 2) return invalid(err, errlen, "global_head_dim = %d must be even", ghd);
     if (c->dense_beside_moe && c->dense_ffn < 1)
         return invalid(err, errlen, "dense_beside_moe is true but dense_ffn = %d (expected >= 1)", c->dense_ffn);
     if (c->n_conv_layers && c->conv_kernel < 1)
