@@ -84,6 +84,15 @@ class ArchSpec:
     yarn_orig_ctx: int = 4096
     yarn_truncate: bool = True
     rope_attn_factor: float = 1.0
+    # Multi-head Latent Attention (DeepSeek-V2/V3; kv_lora_rank 0 = off): per token one latent c = kv_a_norm(the first
+    # kv_lora_rank outputs of wkv_a x) and one shared RoPE key (its last rope_dim outputs) are cached; wkv_b expands c
+    # into each head's no-RoPE key (qk_nope_dim) and value (v_head_dim). head_dim = qk_nope_dim + rope_dim (the q/k
+    # head, RoPE on its last rope_dim dims); queries come from wq, or wq_b(q_a_norm(wq_a x)) when q_lora_rank > 0.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
+    mla_norm_eps: float = 1e-6  # eps of q_a_norm / kv_a_norm: transformers builds them with the class default
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -116,6 +125,11 @@ class ArchSpec:
                              f"{self.topk_group} groups must hold top_k={self.top_k} experts")
         if self.rope_dim == 0:
             self.rope_dim = self.head_dim
+        if self.q_lora_rank and not self.kv_lora_rank:
+            raise ValueError(f"q_lora_rank={self.q_lora_rank} needs Multi-head Latent Attention (kv_lora_rank > 0)")
+        if self.kv_lora_rank and (self.qk_nope_dim + self.rope_dim != self.head_dim or self.v_head_dim < 1):
+            raise ValueError(f"MLA needs head_dim={self.head_dim} == qk_nope_dim={self.qk_nope_dim} + rope_dim="
+                             f"{self.rope_dim} and v_head_dim >= 1 (got {self.v_head_dim})")
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -167,10 +181,10 @@ TENSOR_TABLE = (
     ("final_norm", "output_norm.weight", "global", None, "hidden", "always", "required"),
     ("lm_head", "output.weight", "global", "vocab", "hidden", "always", "unless_tied"),
     ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "always", "required"),
-    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "always", "required"),
-    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "always", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "always", "required"),
-    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "always", "required"),
+    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "plain_q", "required"),
+    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "plain_kv", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "plain_kv", "required"),
+    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "o", "always", "required"),
     ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "always", "required"),
     ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "qkv_bias", "required"),
     ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "qkv_bias", "required"),
@@ -190,6 +204,13 @@ TENSOR_TABLE = (
     ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "o_bias", "required"),
     ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn_sinks", "required"),
     ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "router_bias", "required"),
+    # MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names
+    ("wq_a", "blk.{layer}.attn_q_a.weight", "layer", "q_lora", "hidden", "q_lora", "required"),
+    ("q_a_norm", "blk.{layer}.attn_q_a_norm.weight", "layer", None, "q_lora", "q_lora", "required"),
+    ("wq_b", "blk.{layer}.attn_q_b.weight", "layer", "q", "q_lora", "q_lora", "required"),
+    ("wkv_a", "blk.{layer}.attn_kv_a_mqa.weight", "layer", "kv_a", "hidden", "mla", "required"),
+    ("kv_a_norm", "blk.{layer}.attn_kv_a_norm.weight", "layer", None, "kv_lora", "mla", "required"),
+    ("wkv_b", "blk.{layer}.attn_kv_b.weight", "layer", "kv_b", "kv_lora", "mla", "required"),
     # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
     ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
     ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
@@ -205,7 +226,10 @@ def _dim(spec: ArchSpec, term: str) -> int:
     full = spec.qk_norm == "full"
     return {"hidden": spec.hidden, "vocab": spec.vocab, "heads": spec.n_heads, "q": q, "kv": kv, "q_norm": q if full else spec.head_dim,
             "k_norm": kv if full else spec.head_dim, "experts": spec.n_experts, "expert_ffn": spec.expert_ffn,
-            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn}[term]
+            "shared_ffn": spec.shared_ffn, "dense_ffn": spec.dense_ffn,
+            "o": spec.n_heads * (spec.v_head_dim if spec.kv_lora_rank else spec.head_dim), "q_lora": spec.q_lora_rank,
+            "kv_lora": spec.kv_lora_rank, "kv_a": spec.kv_lora_rank + spec.rope_dim,
+            "kv_b": spec.n_heads * (spec.qk_nope_dim + spec.v_head_dim)}[term]
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
@@ -214,7 +238,9 @@ def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
             "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
             "dense": not moe, "score_bias": moe and bool(spec.score_bias), "o_bias": bool(spec.o_bias),
             "attn_sinks": bool(spec.attn_sinks),
-            "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias)}[condition]
+            "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias),
+            "plain_q": not spec.q_lora_rank, "plain_kv": not spec.kv_lora_rank, "mla": bool(spec.kv_lora_rank),
+            "q_lora": bool(spec.q_lora_rank)}[condition]
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -258,6 +284,12 @@ _EXPERT_PATTERN = {row[0]: row[1] for row in TENSOR_TABLE if row[2] == "expert"}
 
 def expert_tensor_name(layer: int, expert: int, matrix: str) -> str:
     return _EXPERT_PATTERN[matrix].format(layer=layer, expert=expert)
+
+
+def kv_values_per_token(spec: ArchSpec) -> int:
+    """Values the KV cache holds per token (all layers): MLA's latent + RoPE key, or plain K and V."""
+    per_layer = spec.kv_lora_rank + spec.rope_dim if spec.kv_lora_rank else 2 * spec.n_kv_heads * spec.head_dim
+    return spec.n_layers * per_layer
 
 
 GLOBAL_TENSORS = {role: pattern for role, pattern, scope, *_ in TENSOR_TABLE if scope == "global"}

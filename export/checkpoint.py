@@ -36,6 +36,11 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
         "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
     }
+    if spec.kv_lora_rank:  # MLA: the tensor table's shapes
+        kl, ql = spec.kv_lora_rank, spec.q_lora_rank
+        shapes.update(wo=(H, nh * spec.v_head_dim), wq_a=(ql, H), q_a_norm=(ql,), wq_b=(nh * hd, ql),
+                      wkv_a=(kl + spec.rope_dim, H), kv_a_norm=(kl,),
+                      wkv_b=(nh * (spec.qk_nope_dim + spec.v_head_dim), kl))
     return shapes
 
 

@@ -76,6 +76,9 @@ typedef struct emoe_config {
     float rope_factor, yarn_beta_fast, yarn_beta_slow;
     int32_t yarn_orig_ctx, yarn_truncate;
     float rope_attn_factor;
+    /* Multi-head Latent Attention (DeepSeek-V2/V3; ArchSpec documents each): kv_lora_rank 0 = plain attention */
+    int32_t kv_lora_rank, q_lora_rank, qk_nope_dim, v_head_dim;
+    float mla_norm_eps;
     int32_t n_dense_layers, n_nope_layers, n_swa_layers;
     const int32_t *dense_layers, *nope_layers, *swa_layers;
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert

@@ -52,6 +52,8 @@ typedef struct {
     tensor_ref sinks;                            /* [nh] attention sink logits (attn_sinks) */
     tensor_ref router_b;                         /* [E] router bias (router_bias) */
     tensor_ref gate_b, up_b, down_b;             /* [E, F], [E, F], [E, H] expert biases, row = stored expert */
+    tensor_ref wq_a, q_a_norm, wq_b;             /* MLA: [QL, H], [QL], [nh*hd, QL] (q_lora_rank QL > 0) */
+    tensor_ref wkv_a, kv_a_norm, wkv_b;          /* MLA: [KL + rope_dim, H], [KL], [nh*(nope + v), KL] */
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
     tensor_ref *experts;                         /* [n_stored][3]: gate, up, down (MoE layers) */

@@ -14,10 +14,10 @@ const tt_entry tt_table[] = {
     {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, G(final_norm)},
     {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TC_ALWAYS, TN_UNLESS_TIED, G(lm_head)},
     {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(attn_norm)},
-    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wq)},
-    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(wv)},
-    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TC_ALWAYS, TN_REQUIRED, L(wo)},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_PLAIN_Q, TN_REQUIRED, L(wq)},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_PLAIN_KV, TN_REQUIRED, L(wk)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_PLAIN_KV, TN_REQUIRED, L(wv)},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_O, TC_ALWAYS, TN_REQUIRED, L(wo)},
     {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(ffn_norm)},
     {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TC_QKV_BIAS, TN_REQUIRED, L(bq)},
     {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TC_QKV_BIAS, TN_REQUIRED, L(bk)},
@@ -41,6 +41,13 @@ const tt_entry tt_table[] = {
     {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TC_O_BIAS, TN_REQUIRED, L(bo)},
     {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TC_SINKS, TN_REQUIRED, L(sinks)},
     {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TC_ROUTER_BIAS, TN_REQUIRED, L(router_b)},
+    /* MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names */
+    {"wq_a", "blk.%d.attn_q_a.weight", TT_LAYER, TD_Q_LORA, TD_HIDDEN, TC_Q_LORA, TN_REQUIRED, L(wq_a)},
+    {"q_a_norm", "blk.%d.attn_q_a_norm.weight", TT_LAYER, TD_ONE, TD_Q_LORA, TC_Q_LORA, TN_REQUIRED, L(q_a_norm)},
+    {"wq_b", "blk.%d.attn_q_b.weight", TT_LAYER, TD_Q, TD_Q_LORA, TC_Q_LORA, TN_REQUIRED, L(wq_b)},
+    {"wkv_a", "blk.%d.attn_kv_a_mqa.weight", TT_LAYER, TD_KV_A, TD_HIDDEN, TC_MLA, TN_REQUIRED, L(wkv_a)},
+    {"kv_a_norm", "blk.%d.attn_kv_a_norm.weight", TT_LAYER, TD_ONE, TD_KV_LORA, TC_MLA, TN_REQUIRED, L(kv_a_norm)},
+    {"wkv_b", "blk.%d.attn_kv_b.weight", TT_LAYER, TD_KV_B, TD_KV_LORA, TC_MLA, TN_REQUIRED, L(wkv_b)},
     /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
     {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED,
      L(gate_b)},
@@ -69,6 +76,11 @@ int64_t tt_dim(const emoe_model *m, int dim) {
     case TD_SHARED_FFN: return c->shared_ffn;
     case TD_DENSE_FFN: return c->dense_ffn;
     case TD_HEADS: return c->n_heads;
+    case TD_O: return (int64_t)c->n_heads * (c->kv_lora_rank ? c->v_head_dim : c->head_dim);
+    case TD_Q_LORA: return c->q_lora_rank;
+    case TD_KV_LORA: return c->kv_lora_rank;
+    case TD_KV_A: return (int64_t)c->kv_lora_rank + c->rope_dim;
+    case TD_KV_B: return (int64_t)c->n_heads * (c->qk_nope_dim + c->v_head_dim);
     }
     return 0;
 }
@@ -89,6 +101,10 @@ int tt_present(const emoe_model *m, int e, int layer) {
     case TC_SINKS: return c->attn_sinks != 0;
     case TC_ROUTER_BIAS: return moe && c->router_bias;
     case TC_EXPERT_BIAS: return moe && c->expert_bias;
+    case TC_PLAIN_Q: return !c->q_lora_rank;
+    case TC_PLAIN_KV: return !c->kv_lora_rank;
+    case TC_MLA: return c->kv_lora_rank > 0;
+    case TC_Q_LORA: return c->q_lora_rank > 0;
     }
     return 0;
 }
@@ -96,7 +112,8 @@ int tt_present(const emoe_model *m, int e, int layer) {
 const char *tt_condition_name(int e) {
     static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
                                       "a dense layer", "score_bias", "o_bias", "attn_sinks", "router_bias",
-                                      "expert_bias"};
+                                      "expert_bias", "q_lora_rank = 0", "kv_lora_rank = 0", "kv_lora_rank > 0",
+                                      "q_lora_rank > 0"};
     return why[tt_table[e].cond];
 }
 

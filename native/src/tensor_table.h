@@ -14,10 +14,10 @@ typedef struct emoe_model emoe_model;
 enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 1 (layer) or 2 (layer, expert) %d */
 /* Shape terms. */
 enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
-       TD_DENSE_FFN, TD_HEADS };
+       TD_DENSE_FFN, TD_HEADS, TD_O, TD_Q_LORA, TD_KV_LORA, TD_KV_A, TD_KV_B };
 /* When the config has the tensor. */
 enum { TC_ALWAYS, TC_QKV_BIAS, TC_QK_NORM, TC_MOE, TC_SHARED, TC_SHARED_GATE, TC_DENSE, TC_SCORE_BIAS, TC_O_BIAS,
-       TC_SINKS, TC_ROUTER_BIAS, TC_EXPERT_BIAS };
+       TC_SINKS, TC_ROUTER_BIAS, TC_EXPERT_BIAS, TC_PLAIN_Q, TC_PLAIN_KV, TC_MLA, TC_Q_LORA };
 /* Whether a model the config has it for must have it. */
 enum {
     TN_REQUIRED,    /* always */
