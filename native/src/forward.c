@@ -132,10 +132,7 @@ typedef struct {
 } att_ctx;
 
 /* The KV cache row of position pos of layer l in sequence slot slot, in elements. */
-static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
-    return (((size_t)slot * (size_t)m->cfg.n_layers + (size_t)l) * (size_t)m->max_ctx + (size_t)pos) *
-           (size_t)m->kv_dim;
-}
+static size_t kv_row(const emoe_model *m, int slot, int l, int pos) { return model_kv_row(m, slot, l, pos); }
 
 /* One task = one token x one KV head: scores of the group's query heads against positions lo..pos of the token's
  * sequence (the K rows are
@@ -438,7 +435,8 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
         if (L->is_moe && c->router_input == EMOE_ROUTER_IN_LAYER_INPUT) /* SmallThinker: before attention */
             router_logits(m, l, s->x, n_tok);
         if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
-        attention(m, l, n_tok);
+        if (c->kv_lora_rank) mla_attention(m, l, n_tok); /* mla.c */
+        else attention(m, l, n_tok);
         for (int t = 0; t < n_tok; t++)
             rmsnorm(s->xn + (size_t)t * H, s->x + (size_t)t * H, L->ffn_norm.data, H, c->norm_eps);
         if (L->is_moe && m->stream) {

@@ -95,11 +95,17 @@ static void *xcalloc(size_t n, size_t size, int *fail) {
 
 /* The KV cache of n_seq sequence slots, (n_seq, n_layers, max_ctx, kv_dim) each (slot 0 first, so a one-sequence
  * model has today's layout), and every sequence emptied. On failure the old cache stays. */
+size_t model_kv_bytes(const emoe_model *m, int n_seq, int max_ctx) {
+    const size_t per_cache = (size_t)n_seq * (size_t)m->cfg.n_layers * (size_t)max_ctx * (size_t)m->kv_dim *
+                             (m->kv_f16 ? 2 : 4);
+    return (m->cfg.kv_lora_rank ? 1 : 2) * per_cache;
+}
+
 static int alloc_kv(emoe_model *m, int n_seq) {
     const size_t kv_elems = (size_t)n_seq * (size_t)m->cfg.n_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
     const size_t esz = m->kv_f16 ? 2 : 4;
     int fail = 0;
-    void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
+    void *kc = xcalloc(kv_elems, esz, &fail), *vc = m->cfg.kv_lora_rank ? NULL : xcalloc(kv_elems, esz, &fail);
     int *past = xcalloc((size_t)n_seq, sizeof(int), &fail);
     if (fail) {
         free(kc), free(vc), free(past);
@@ -140,6 +146,7 @@ static int alloc_buffers(emoe_model *m) {
     s->pos = xcalloc(B, sizeof(int), &fail);
     s->slot = xcalloc(B, sizeof(int), &fail);
     if (fail) return EMOE_ERR_NOMEM;
+    if (c->kv_lora_rank && !(m->mla = mla_new(m))) return EMOE_ERR_NOMEM;
     return alloc_kv(m, 1);
 }
 
@@ -154,6 +161,7 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
     size_t bytes = f * sizeof(float) + B * K * sizeof(int) + B * 3 * sizeof(int) +
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
+    if (c->kv_lora_rank) bytes += mla_scratch_bytes(m);
     return bytes;
 }
 
@@ -164,6 +172,8 @@ static void free_buffers(emoe_model *m) {
                     s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
+    mla_free(m->mla);
+    m->mla = NULL;
     m->key_cache = m->value_cache = NULL;
     m->n_past = NULL;
 }
@@ -187,13 +197,14 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
     m->max_ctx = max_ctx;
     m->kv_f16 = kv_f16 ? 1 : 0;
     m->q_dim = c->n_heads * c->head_dim;
-    m->kv_dim = c->n_kv_heads * c->head_dim;
+    m->kv_dim = c->kv_lora_rank ? mla_cache_dim(c) : c->n_kv_heads * c->head_dim;
     m->ffn_max = c->expert_ffn;
     if (c->shared_ffn > m->ffn_max) m->ffn_max = c->shared_ffn;
     if (c->dense_ffn > m->ffn_max) m->ffn_max = c->dense_ffn;
     if (m->ffn_max < 1) m->ffn_max = 1;
     m->in_max = c->hidden > m->q_dim ? c->hidden : m->q_dim;
     if (m->ffn_max > m->in_max) m->in_max = m->ffn_max;
+    if (c->kv_lora_rank && mla_in_max(c) > m->in_max) m->in_max = mla_in_max(c);
     m->k = emoe_kernels_get(EMOE_ISA_AUTO);
 
     m->layers = calloc((size_t)c->n_layers, sizeof(layer_weights));

@@ -4,6 +4,7 @@
 #define EDGEMOE_MODEL_H
 #include "arch.h" /* emoe_config */
 #include "internal.h"
+#include "mla.h"
 
 #define EMOE_BLOCK 64 /* tokens per forward block (prefill runs in blocks of this many tokens) */
 #define EMOE_ERR_LEN 512
@@ -113,13 +114,23 @@ struct emoe_model {
     const emoe_kernels *k;
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */
     layer_weights *layers;                 /* [n_layers] */
-    void *key_cache, *value_cache;         /* (n_seq, n_layers, max_ctx, kv_dim) f32 or f16 */
+    void *key_cache, *value_cache;         /* (n_seq, n_layers, max_ctx, kv_dim) f32 or f16; MLA: key_cache holds
+                                            * the latent rows (kv_dim = mla_cache_dim), value_cache is NULL */
+    mla_state *mla;                        /* MLA's scratch (kv_lora_rank > 0), else NULL */
     run_state s;
     emoe_stream *stream; /* NULL: every expert tensor is registered and resident */
     const emoe_stream_ops *stream_ops;
     void **owned;        /* buffers the model frees (model_own: converted or realigned copies of tensors) */
     int n_owned, cap_owned;
 };
+
+/* The cache row of position pos of layer l in sequence slot slot, in elements. */
+static inline size_t model_kv_row(const emoe_model *m, int slot, int l, int pos) {
+    return (((size_t)slot * (size_t)m->cfg.n_layers + (size_t)l) * (size_t)m->max_ctx + (size_t)pos) *
+           (size_t)m->kv_dim;
+}
+/* Bytes of the KV cache of n_seq sequences of max_ctx positions: K and V, or MLA's one latent cache. */
+size_t model_kv_bytes(const emoe_model *m, int n_seq, int max_ctx);
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* n bytes (malloc-aligned) that the model frees with itself; NULL when memory runs out. */

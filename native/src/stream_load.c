@@ -182,8 +182,7 @@ static emoe_model *load_streaming(emoe_container *c, int max_ctx, int kv_f16, in
     S->dense_bytes = (int64_t)dense_size;
 
     /* ---- the budget ---- */
-    const int64_t kv_dim = (int64_t)cfg->n_kv_heads * cfg->head_dim;
-    S->kv_bytes = 2 * (int64_t)opt.n_seq * cfg->n_layers * max_ctx * kv_dim * (kv_f16 ? 2 : 4);
+    S->kv_bytes = (int64_t)model_kv_bytes(m, opt.n_seq, max_ctx); /* MLA: its latent cache */
     const size_t B = EMOE_BLOCK, H = (size_t)cfg->hidden, Kt = (size_t)cfg->top_k, NS = (size_t)S->n_stored_max;
     const size_t R = (size_t)(S->run ? S->run : 1), E = (size_t)cfg->n_experts, P = (size_t)S->n_pred;
     const size_t stream_scratch = NS * R * sizeof(emoe_hebf_item) + emoe_hebf_work_bytes((int)NS ? (int)NS : 1, (int)R) +
