@@ -190,6 +190,11 @@ def mla_attention(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, s
     return out @ w(names["wo"]).T
 
 
+def mixer(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """The layer's token mixer on the normed input x: MLA (kv_lora_rank > 0) or plain attention."""
+    return mla_attention(spec, x, w, names) if spec.kv_lora_rank else attention(spec, layer, x, w, names)
+
+
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],
         on_route: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
         on_expert: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
@@ -235,8 +240,7 @@ def reference_logits(spec: ArchSpec, w: WeightFn, ids, on_route=None) -> np.ndar
     for layer in range(spec.n_layers):
         names = dense_tensor_names(spec, layer)
         layer_input = x
-        xa = rms_norm(x, w(names["attn_norm"]), spec.norm_eps)
-        x = x + (mla_attention(spec, xa, w, names) if spec.kv_lora_rank else attention(spec, layer, xa, w, names)) * rs
+        x = x + mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names) * rs
         h = rms_norm(x, w(names["ffn_norm"]), spec.norm_eps)
         if spec.is_moe_layer(layer):
             router_x = layer_input if spec.router_input == "layer_input" else h

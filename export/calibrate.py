@@ -18,7 +18,7 @@ import numpy as np
 
 from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names
 from edgemoe.errors import EdgeMoEError
-from edgemoe.reference import attention, ffn, moe, rms_norm, router_logits
+from edgemoe.reference import ffn, mixer, moe, rms_norm, router_logits
 
 from .checkpoint import Checkpoint
 from .progress import progress
@@ -114,7 +114,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
         names = dense_tensor_names(spec, layer)
         cal = LayerCalibration(layer, dense, experts, n_tokens=total)
         x_in = np.concatenate(hidden)
-        h = np.concatenate([x + attention(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
+        h = np.concatenate([x + mixer(spec, layer, rms_norm(x, w(names["attn_norm"]), spec.norm_eps), w, names)
                             for x in hidden])
         del hidden
         hn = rms_norm(h, w(names["ffn_norm"]), spec.norm_eps)
