@@ -98,9 +98,36 @@ def _check_ernie45moe(spec: ArchSpec, where: str) -> None:
                            f"{spec.n_layers} do not follow that rule")
 
 
+def _check_deepseek2(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's deepseek2 (MLA): adjacent-pair RoPE, dense layers first, shared experts a whole number of experts,
+    softmax routing (V2) or sigmoid with a selection bias (V3), groups scored by their two best (V3), one RMSNorm eps
+    for every norm, no YaRN (its softmax mscale and log multiplier are not written yet)."""
+    if not spec.kv_lora_rank or spec.rope_kind != "norm" or spec.activation != "swiglu":
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 expects Multi-head Latent Attention with RoPE over "
+                           "adjacent pairs (rope_interleave) and SwiGLU experts")
+    if spec.router_fn == "sigmoid" and not spec.score_bias or spec.router_fn == "softmax" and spec.score_bias:
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 expects a softmax router (V2) or a sigmoid router with a "
+                           "selection bias (V3)")
+    if spec.n_group > 1 and spec.group_score != "top2_sum":
+        raise EdgeMoEError(f"{where}: DeepSeek-V2's group-limited greedy routing (groups scored by their best expert) "
+                           "is not what llama.cpp's deepseek2 computes (the sum of a group's two best); export to the "
+                           "edgemoe container, which runs it")
+    if spec.dense_layers != list(range(len(spec.dense_layers))) or spec.shared_ffn % spec.expert_ffn:
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 needs the dense layers first (got {spec.dense_layers}) and "
+                           f"a shared expert of whole experts (shared_ffn = {spec.shared_ffn}, expert_ffn = "
+                           f"{spec.expert_ffn})")
+    if spec.rope_scaling != "none" or spec.attn_scale:
+        raise EdgeMoEError(f"{where}: YaRN RoPE and its softmax scale are not written for llama.cpp's deepseek2 yet")
+    if spec.mla_norm_eps != spec.norm_eps:
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 uses rms_norm_eps = {spec.norm_eps:g} for the q_a / kv_a "
+                           f"norms too, the model {spec.mla_norm_eps:g}: its logits would differ")
+
+
 def _check_supported(spec: ArchSpec, arch: str) -> None:
     fam = spec.family
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
+    if arch == "deepseek2":
+        return _check_deepseek2(spec, where)
     if arch == "glm4moe":
         return _check_glm4moe(spec, where)
     if arch == "ernie4_5-moe":
@@ -324,6 +351,11 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
     for layer in range(spec.n_layers):
         shapes = expected_shapes(spec, layer)
         for role, name in dense_tensor_names(spec, layer).items():
+            if role == "wkv_b":  # llama.cpp: per head W_kb^T [kv_lora_rank, nope] and W_vb [v_head_dim, kv_lora_rank]
+                nh, kl = spec.n_heads, spec.kv_lora_rank
+                add(f"blk.{layer}.attn_k_b.weight", (nh, kl, spec.qk_nope_dim))
+                add(f"blk.{layer}.attn_v_b.weight", (nh, spec.v_head_dim, kl))
+                continue
             add(gguf_tensor_name(arch, name), shapes[role])
         if spec.is_moe_layer(layer):
             for m in EXPERT_MATRICES:
@@ -347,6 +379,11 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch in ("llama", "granitemoe") and role in ("wq", "wk"):  # both rotate adjacent pairs
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
+            if role == "wkv_b":  # split per head into its key rows (transposed) and its value rows
+                kv = arr.reshape(spec.n_heads, spec.qk_nope_dim + spec.v_head_dim, spec.kv_lora_rank)
+                yield f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(kv[:, : spec.qk_nope_dim].swapaxes(1, 2))
+                yield f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(kv[:, spec.qk_nope_dim:])
+                continue
             yield gguf_tensor_name(arch, name), arr
         del dense
         if spec.is_moe_layer(layer):
@@ -390,9 +427,10 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_context_length(spec.max_position)
     w.add_embedding_length(spec.hidden)
     w.add_head_count(spec.n_heads)
-    w.add_head_count_kv(spec.n_kv_heads)
-    w.add_key_length(spec.head_dim)
-    w.add_value_length(spec.head_dim)
+    if arch != "deepseek2":  # its MLA lengths: below
+        w.add_head_count_kv(spec.n_kv_heads)
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
     w.add_rope_dimension_count(spec.rope_dim)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_layer_norm_rms_eps(spec.norm_eps)
@@ -401,7 +439,7 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_used_count(spec.top_k)
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
-    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe")  # feed_forward_length = the dense MLP's width
+    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe", "deepseek2")  # feed_forward_length = the dense MLP's width
     w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
     if arch == "qwen2moe" or (arch == "granitemoe" and spec.shared_ffn):
@@ -418,6 +456,23 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_expert_weights_norm(spec.norm_topk)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_nextn_predict_layers(0)  # the MTP layers are not exported
+    if arch == "deepseek2":  # MLA as llama.cpp runs it: MQA over the latent (one KV head of kv_lora_rank + rope)
+        w.add_head_count_kv(1)
+        w.add_key_length(spec.kv_lora_rank + spec.rope_dim)
+        w.add_value_length(spec.kv_lora_rank)
+        w.add_key_length_mla(spec.head_dim)
+        w.add_value_length_mla(spec.v_head_dim)
+        w.add_q_lora_rank(spec.q_lora_rank)
+        w.add_kv_lora_rank(spec.kv_lora_rank)
+        w.add_leading_dense_block_count(len(spec.dense_layers))
+        w.add_expert_shared_count(spec.shared_ffn // spec.expert_ffn)
+        w.add_expert_weights_scale(spec.routed_scaling)
+        w.add_expert_weights_norm(spec.norm_topk)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
+                                 else gguf.ExpertGatingFuncType.SIGMOID)
+        if spec.n_group > 1:
+            w.add_expert_group_count(spec.n_group)
+            w.add_expert_group_used_count(spec.topk_group)
     if arch == "ernie4_5-moe":
         lead, step = _ernie_moe_layout(spec)
         w.add_leading_dense_block_count(lead)

@@ -120,7 +120,7 @@ class GGUFCheckpoint:
                 f"{path}: GGUF architecture {arch!r} is not supported; edgemoe reads the MoE architectures "
                 f"{', '.join(sorted(GGUF_ARCH_TO_FAMILY))} (llama only with experts, i.e. Mixtral)"
             )
-        if arch in ("glm4moe", "ernie4_5-moe"):  # written by edgemoe, not read back yet: no reader for their keys
+        if arch in ("glm4moe", "ernie4_5-moe", "deepseek2"):  # written by edgemoe, not read back yet: no reader for their keys
             raise UnsupportedModelError(f"{path}: reading llama.cpp '{arch}' GGUF files is not supported yet; export "
                                         "the model from its Hugging Face checkpoint instead")
         self.arch = arch

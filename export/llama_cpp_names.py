@@ -13,6 +13,7 @@ LLAMA_CPP_ARCH = {
     "glm4moe": "glm4moe",
     "ernie4_5moe": "ernie4_5-moe",
     "gptoss": "gpt-oss",
+    "deepseek2": "deepseek2",  # DeepSeek-V2 and V3 (MLA): attn_kv_b is written split, as attn_k_b / attn_v_b
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.

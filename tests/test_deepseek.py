@@ -242,3 +242,59 @@ def test_merge_keeps_shared_experts_and_dense_layers(ds, name, tmp_path):
     with edgemoe.load(path, memory_budget=_minimum_budget(path, 64, 2), max_ctx=64, threads=2) as m:
         toks, logits = _greedy(m._engine, ids, 6)
     assert toks == toks_ref and all(np.array_equal(a, b) for a, b in zip(logits, logits_ref))
+
+
+# --- GGUF: llama.cpp's deepseek2 (through the pinned llama-cpp-python) is the oracle; ONNX refuses ----------------
+
+
+@pytest.mark.parametrize("name", ["v2", "v3"])
+def test_deepseek2_gguf_f32_matches_transformers_and_greedy_tokens_match(name, tmp_path):
+    """edgemoe writes attn_kv_b split per head (attn_k_b = W_kb^T, attn_v_b = W_vb, llama.cpp's MLA layout) and the
+    MLA lengths; llama.cpp agrees with transformers (V2: greedy softmax routing, q_lora, scaling 1.5; V3: sigmoid + bias
+    in 3 groups of which 2 are kept) and with edgemoe's greedy tokens. rms_norm_eps 1e-6 (DeepSeek's own) so the
+    latent norms' eps is the one llama.cpp uses for them."""
+    pytest.importorskip("gguf", reason="needs gguf-py")
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    from edgemoe_export import export
+    from edgemoe_export.gguf_export import export_gguf
+    from edgemoe_export.gguf_reader import GGUFCheckpoint
+    from test_gguf import llama_logits
+
+    from edgemoe.errors import UnsupportedModelError
+
+    ckpt = build_deepseek_model(name, tmp_path / name, config={"rms_norm_eps": 1e-6})
+    path = export_gguf(ckpt, tmp_path / f"{name}.gguf", "F32", show_progress=False)
+    got, ref = llama_logits(path, IDS), hf_logits(ckpt, IDS)
+    assert rel_err(got, ref) <= 1e-4  # fp32 on both sides (test_gguf.py's F32 tolerance)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    cont = export(ckpt, tmp_path / f"{name}.emoe", bits=32, show_progress=False)
+    prompt = IDS[:8].tolist()
+    with edgemoe.load(cont, engine="c", threads=2) as m:
+        toks, _ = _greedy(m._engine, prompt, 8)
+    seq = prompt + toks
+    assert llama_logits(path, seq[:-1])[len(prompt) - 1:].argmax(-1).tolist() == toks
+    with pytest.raises(UnsupportedModelError, match="'deepseek2' GGUF files is not supported yet"):
+        GGUFCheckpoint(path)
+
+
+def test_deepseek2_gguf_refuses_what_llama_cpp_computes_otherwise(ds, tmp_path):
+    pytest.importorskip("gguf", reason="needs gguf-py")
+    from edgemoe_export.gguf_export import export_gguf
+
+    from edgemoe.errors import EdgeMoEError
+
+    for name, msg in (("v2_group", "group-limited greedy routing"), ("v3_yarn", "YaRN RoPE"),
+                      ("v2", "rms_norm_eps = 1e-05 for the q_a / kv_a norms")):
+        with pytest.raises(EdgeMoEError, match=msg):
+            export_gguf(ds(name)[0], tmp_path / f"{name}.gguf", "F32", show_progress=False)
+        assert not (tmp_path / f"{name}.gguf").exists()
+
+
+def test_onnx_export_refuses_mla_naming_why(ds, tmp_path):
+    pytest.importorskip("onnx")
+    from edgemoe_export.onnx_export import export_onnx
+
+    from edgemoe.errors import EdgeMoEError
+
+    with pytest.raises(EdgeMoEError, match="Multi-head Latent Attention .* past_key_values"):
+        export_onnx(ds("v2_group")[0], tmp_path / "onnx")
