@@ -298,3 +298,14 @@ def test_onnx_export_refuses_mla_naming_why(ds, tmp_path):
 
     with pytest.raises(EdgeMoEError, match="Multi-head Latent Attention .* past_key_values"):
         export_onnx(ds("v2_group")[0], tmp_path / "onnx")
+
+
+def test_info_reports_the_latent_kv_bytes_per_token(ds):
+    import subprocess
+
+    from subprocess_python import PYTHON
+
+    path = ds("v2")[1]
+    out = subprocess.run([*PYTHON, "-m", "edgemoe", "info", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "KV cache 480 B per token (f32): MLA latent 32 + RoPE key 8 per layer" in out  # 3 layers x 40 x 4 B

@@ -1,0 +1,159 @@
+"""DeepSeek-V2-Lite at its real widths with random weights (depth reduced), exported and decoded under a budget.
+
+Dimensions (the published DeepSeek-V2-Lite config.json): hidden 2048, 16 heads, Multi-head Latent Attention with
+kv_lora_rank 512, no q_lora (q_lora_rank null), qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128; 64
+routed experts of width 1408, top-6, 2 shared experts, greedy softmax routing; layer 0 dense (width 10944); vocab
+102400; YaRN (factor 40 over 4096, mscale = mscale_all_dim = 0.707). Depth: --layers of the real 27 (the first
+dense, the rest MoE; the per-layer cost does not depend on depth, the disk and the machine's time do). Writes the HF
+checkpoint (per-expert names, f16), exports it (MWQ with MSB nesting: no calibration text needed), then decodes in a
+child process resident and under --budget-frac of the file, and prints one JSON line per run (tok/s, peak RSS, bytes
+read per token, the KV cache bytes of the plan) and whether every logit of the budgeted run is bit-identical to the
+resident one (a prefill, then --tokens teacher-forced decode steps of random ids: random weights would greedily
+repeat one token and one set of experts). Last, the KV bytes per token of MLA vs plain attention with the same heads.
+
+    python bench/deepseek_v2_lite_real_size.py /tmp/dsv2lite --layers 4 --bits 4 --tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "num_experts_per_tok": 6,
+    "n_shared_experts": 2, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy", "n_group": 1,
+    "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False, "hidden_act": "silu",
+    "rms_norm_eps": 1e-6, "max_position_embeddings": 163840, "attention_bias": False, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                        "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                        "mscale": 0.707, "mscale_all_dim": 0.707},
+    "bos_token_id": 100000, "eos_token_id": 100001,
+}
+
+CHILD = r"""
+import hashlib, json, sys, time
+import numpy as np
+import edgemoe
+path, budget, n = sys.argv[1], (int(sys.argv[2]) or None), int(sys.argv[3])
+rng = np.random.default_rng(0)
+ids = [int(i) for i in rng.integers(100, 100000, 32)]
+feed = [int(i) for i in rng.integers(100, 100000, n)]  # teacher-forced: random weights would repeat one token
+with edgemoe.load(path, memory_budget=budget, max_ctx=256, threads=2) as m:
+    eng = m._engine
+    t0 = time.perf_counter()
+    logits = eng.prefill(ids)
+    t1 = time.perf_counter()
+    h = hashlib.sha256(logits.tobytes())
+    for t in feed:
+        logits = eng.decode(t)
+        h.update(logits.tobytes())
+    t2 = time.perf_counter()
+    st = m.stats
+hwm = [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")][0]  # not inherited
+print(json.dumps({"engine": m.engine_name, "budget": budget, "prefill_tok_s": len(ids) / (t1 - t0),
+                  "decode_tok_s": n / (t2 - t1), "peak_rss_bytes": hwm,
+                  "bytes_read_per_token": st.get("bytes_read_per_token"),
+                  "kv_cache_bytes": (st.get("budget_parts") or {}).get("kv_cache"), "logits_sha256": h.hexdigest()}))
+"""
+
+
+def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {**CONFIG, "num_hidden_layers": layers}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    H, F, D, E, V, nh = 2048, 1408, 10944, 64, 102400, 16
+    KL, nope, rope, vd = 512, 128, 64, 128
+    rng = np.random.default_rng(seed)
+    # Speed does not depend on the values: every tensor is a window of one pool of 2^24 normals at a random offset
+    pool = rng.standard_normal(1 << 24, dtype=np.float32).astype(np.float16)
+
+    def rand(*shape, scale=0.02):
+        n = int(np.prod(shape))
+        start = int(rng.integers(0, pool.size))
+        flat = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start:start + n]
+        return (flat.reshape(shape) * np.float16(scale)).astype(np.float16)
+
+    index = {}
+
+    def save(tensors: dict, name: str) -> None:
+        save_file(tensors, str(out / name))
+        index.update({k: name for k in tensors})
+
+    save({"model.embed_tokens.weight": rand(V, H), "lm_head.weight": rand(V, H),
+          "model.norm.weight": np.ones(H, np.float16)}, "globals.safetensors")
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        t = {p + "input_layernorm.weight": np.ones(H, np.float16),
+             p + "post_attention_layernorm.weight": np.ones(H, np.float16),
+             a + "q_proj.weight": rand(nh * (nope + rope), H), a + "kv_a_proj_with_mqa.weight": rand(KL + rope, H),
+             a + "kv_a_layernorm.weight": np.ones(KL, np.float16), a + "kv_b_proj.weight": rand(nh * (nope + vd), KL),
+             a + "o_proj.weight": rand(H, nh * vd)}
+        m = p + "mlp."
+        if i == 0:
+            t.update({m + "gate_proj.weight": rand(D, H), m + "up_proj.weight": rand(D, H),
+                      m + "down_proj.weight": rand(H, D)})
+        else:
+            t.update({m + "gate.weight": rand(E, H, scale=0.5).astype(np.float32),
+                      m + "shared_experts.gate_proj.weight": rand(2 * F, H),
+                      m + "shared_experts.up_proj.weight": rand(2 * F, H),
+                      m + "shared_experts.down_proj.weight": rand(H, 2 * F)})
+            for e in range(E):
+                x = f"{m}experts.{e}."
+                t.update({x + "gate_proj.weight": rand(F, H), x + "up_proj.weight": rand(F, H),
+                          x + "down_proj.weight": rand(H, F)})
+        save(t, f"layer{i:03d}.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return out
+
+
+def kv_bytes_per_token(layers: int, ctx_bytes: int = 4) -> dict:
+    """Per token, all layers: MLA's latent + RoPE key vs plain attention's K (heads x (nope + rope)) and V (heads x
+    v_head_dim) with the same heads, at f32 (ctx_bytes 4) or f16 (2)."""
+    c = CONFIG
+    mla = layers * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * ctx_bytes
+    plain = layers * c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"])
+    return {"layers": layers, "mla_bytes": mla, "plain_bytes": plain * ctx_bytes, "ratio": plain * ctx_bytes / mla}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("work", type=Path)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--budget-frac", type=float, default=0.5)
+    args = p.parse_args(argv)
+    from edgemoe_export import export
+
+    ckpt = args.work / "hf"
+    if not (ckpt / "config.json").exists():
+        write_checkpoint(ckpt, args.layers)
+    emoe = args.work / f"dsv2lite_{args.layers}l_{args.bits}b.emoe"
+    if not emoe.exists():
+        export(ckpt, emoe, bits=args.bits, nesting="msb" if args.bits <= 8 else "mwq", show_progress=False)
+    size = emoe.stat().st_size
+    runs = []
+    for budget in (0, int(size * args.budget_frac)):
+        r = subprocess.run([sys.executable, "-c", CHILD, str(emoe), str(budget), str(args.tokens)],
+                           capture_output=True, text=True, check=True)
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(json.dumps({"file_bytes": size, "layers": args.layers, **runs[-1]}), flush=True)
+    print(json.dumps({"logits_bit_identical": runs[0]["logits_sha256"] == runs[1]["logits_sha256"]}))
+    for layers in (args.layers, CONFIG["num_hidden_layers"]):
+        print(json.dumps({"kv_per_token_f32": kv_bytes_per_token(layers)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
