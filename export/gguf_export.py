@@ -19,6 +19,7 @@ llama.cpp's `llama_model_quantize`, which needs llama-cpp-python).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -116,8 +117,12 @@ def _check_deepseek2(spec: ArchSpec, where: str) -> None:
         raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 needs the dense layers first (got {spec.dense_layers}) and "
                            f"a shared expert of whole experts (shared_ffn = {spec.shared_ffn}, expert_ffn = "
                            f"{spec.expert_ffn})")
-    if spec.rope_scaling != "none" or spec.attn_scale:
-        raise EdgeMoEError(f"{where}: YaRN RoPE and its softmax scale are not written for llama.cpp's deepseek2 yet")
+    if spec.rope_scaling == "none" and spec.attn_scale:
+        raise EdgeMoEError(f"{where}: a softmax scale other than 1/sqrt(head_dim) without YaRN is not expressible in "
+                           "llama.cpp's deepseek2")
+    if spec.rope_scaling == "yarn" and (spec.rope_attn_factor != 1.0 or not spec.yarn_truncate):
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 YaRN needs mscale == mscale_all_dim (cos/sin unscaled; "
+                           f"this model scales them by {spec.rope_attn_factor:g}) and a truncated correction range")
     if spec.mla_norm_eps != spec.norm_eps:
         raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 uses rms_norm_eps = {spec.norm_eps:g} for the q_a / kv_a "
                            f"norms too, the model {spec.mla_norm_eps:g}: its logits would differ")
@@ -470,6 +475,14 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_expert_weights_norm(spec.norm_topk)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
                                  else gguf.ExpertGatingFuncType.SIGMOID)
+        if spec.rope_scaling == "yarn":  # the softmax mscale^2 as llama.cpp derives it: 1 + log_mul * ln(factor)
+            mscale = math.sqrt((spec.attn_scale or spec.head_dim ** -0.5) * math.sqrt(spec.head_dim))
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(spec.rope_factor)
+            w.add_rope_scaling_orig_ctx_len(spec.yarn_orig_ctx)
+            w.add_rope_scaling_yarn_beta_fast(spec.yarn_beta_fast)
+            w.add_rope_scaling_yarn_beta_slow(spec.yarn_beta_slow)
+            w.add_rope_scaling_yarn_log_mul((mscale - 1.0) / math.log(spec.rope_factor) if spec.rope_factor > 1 else 0.0)
         if spec.n_group > 1:
             w.add_expert_group_count(spec.n_group)
             w.add_expert_group_used_count(spec.topk_group)

@@ -247,11 +247,12 @@ def test_merge_keeps_shared_experts_and_dense_layers(ds, name, tmp_path):
 # --- GGUF: llama.cpp's deepseek2 (through the pinned llama-cpp-python) is the oracle; ONNX refuses ----------------
 
 
-@pytest.mark.parametrize("name", ["v2", "v3"])
+@pytest.mark.parametrize("name", ["v2", "v3", "v3_yarn"])
 def test_deepseek2_gguf_f32_matches_transformers_and_greedy_tokens_match(name, tmp_path):
     """edgemoe writes attn_kv_b split per head (attn_k_b = W_kb^T, attn_v_b = W_vb, llama.cpp's MLA layout) and the
     MLA lengths; llama.cpp agrees with transformers (V2: greedy softmax routing, q_lora, scaling 1.5; V3: sigmoid + bias
-    in 3 groups of which 2 are kept) and with edgemoe's greedy tokens. rms_norm_eps 1e-6 (DeepSeek's own) so the
+    in 3 groups of which 2 are kept; V3 with YaRN: the softmax mscale as yarn_log_multiplier) and with edgemoe's greedy
+    tokens. rms_norm_eps 1e-6 (DeepSeek's own) so the
     latent norms' eps is the one llama.cpp uses for them."""
     pytest.importorskip("gguf", reason="needs gguf-py")
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
@@ -283,11 +284,14 @@ def test_deepseek2_gguf_refuses_what_llama_cpp_computes_otherwise(ds, tmp_path):
 
     from edgemoe.errors import EdgeMoEError
 
-    for name, msg in (("v2_group", "group-limited greedy routing"), ("v3_yarn", "YaRN RoPE"),
-                      ("v2", "rms_norm_eps = 1e-05 for the q_a / kv_a norms")):
+    yarn = dict(CONFIGS["v3_yarn"]["rope_parameters"], mscale=1.0, mscale_all_dim=0.5)  # cos/sin scaled by 1.05
+    odd_yarn = build_deepseek_model("v3_yarn", tmp_path / "odd_yarn", config={"rms_norm_eps": 1e-6,
+                                                                              "rope_parameters": yarn})
+    for src, msg in ((ds("v2_group")[0], "group-limited greedy routing"), (odd_yarn, "mscale == mscale_all_dim"),
+                     (ds("v2")[0], "rms_norm_eps = 1e-05 for the q_a / kv_a norms")):
         with pytest.raises(EdgeMoEError, match=msg):
-            export_gguf(ds(name)[0], tmp_path / f"{name}.gguf", "F32", show_progress=False)
-        assert not (tmp_path / f"{name}.gguf").exists()
+            export_gguf(src, tmp_path / "out.gguf", "F32", show_progress=False)
+        assert not (tmp_path / "out.gguf").exists()
 
 
 def test_onnx_export_refuses_mla_naming_why(ds, tmp_path):
