@@ -65,6 +65,34 @@ print(json.dumps({"engine": m.engine_name, "budget": budget, "prefill_tok_s": le
 """
 
 
+LLAMA_CHILD = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+import llama_cpp.llama as llama_module
+path, n = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+ids = [int(i) for i in rng.integers(100, 100000, 32)]
+feed = [int(i) for i in rng.integers(100, 100000, n)]
+default = llama_cpp.llama_model_default_params
+def plain():  # llama.cpp's plain CPU kernels: its repacked ones segfault on this VM (tests/test_gguf.py _llama)
+    p = default()
+    p.use_extra_bufts = False
+    return p
+llama_module.llama_cpp.llama_model_default_params = plain
+llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=64, n_threads=2, n_threads_batch=2, verbose=False)
+t0 = time.perf_counter()
+llm.eval(ids)
+t1 = time.perf_counter()
+for t in feed:
+    llm.eval([t])
+t2 = time.perf_counter()
+hwm = [int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")][0]
+print(json.dumps({"engine": "llama.cpp", "prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": n / (t2 - t1),
+                  "peak_rss_bytes": hwm}))
+"""
+
+
 def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
     from safetensors.numpy import save_file
 
@@ -133,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--budget-frac", type=float, default=0.5)
+    p.add_argument("--llama", default="", help="also run llama.cpp (llama-cpp-python) on a GGUF of this type, e.g. F16")
+    p.add_argument("--skip-edgemoe", action="store_true", help="only the llama.cpp run (the .emoe runs done before)")
     args = p.parse_args(argv)
     from edgemoe_export import export
 
@@ -144,14 +174,25 @@ def main(argv=None) -> int:
         export(ckpt, emoe, bits=args.bits, nesting="msb" if args.bits <= 8 else "mwq", show_progress=False)
     size = emoe.stat().st_size
     runs = []
-    for budget in (0, int(size * args.budget_frac)):
+    for budget in () if args.skip_edgemoe else (0, int(size * args.budget_frac)):
         r = subprocess.run([sys.executable, "-c", CHILD, str(emoe), str(budget), str(args.tokens)],
                            capture_output=True, text=True, check=True)
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps({"file_bytes": size, "layers": args.layers, **runs[-1]}), flush=True)
-    print(json.dumps({"logits_bit_identical": runs[0]["logits_sha256"] == runs[1]["logits_sha256"]}))
+    if runs:
+        print(json.dumps({"logits_bit_identical": runs[0]["logits_sha256"] == runs[1]["logits_sha256"]}))
     for layers in (args.layers, CONFIG["num_hidden_layers"]):
         print(json.dumps({"kv_per_token_f32": kv_bytes_per_token(layers)}))
+    if args.llama:
+        from edgemoe_export.gguf_export import export_gguf
+
+        gguf = args.work / f"dsv2lite_{args.layers}l_{args.llama}.gguf"
+        if not gguf.exists():
+            export_gguf(ckpt, gguf, args.llama, show_progress=False)
+        r = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(gguf), str(args.tokens)], capture_output=True,
+                           text=True, check=True)
+        print(json.dumps({"file_bytes": gguf.stat().st_size, "gguf_type": args.llama,
+                          **json.loads(r.stdout.strip().splitlines()[-1])}))
     return 0
 
 
