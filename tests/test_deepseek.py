@@ -313,3 +313,31 @@ def test_info_reports_the_latent_kv_bytes_per_token(ds):
     out = subprocess.run([*PYTHON, "-m", "edgemoe", "info", str(path)], capture_output=True, text=True,
                          check=True).stdout
     assert "KV cache 480 B per token (f32): MLA latent 32 + RoPE key 8 per layer" in out  # 3 layers x 40 x 4 B
+
+
+@pytest.mark.parametrize("budgeted", [False, True], ids=["resident", "budget"])
+def test_batch_decoding_of_several_sequences_equals_each_alone(ds, budgeted):
+    """Every sequence slot has its own latent cache rows: one decode_batch over 3 sequences gives each the logits it
+    gets alone, bit for bit (resident, and under a budget that counts 3 latent caches)."""
+    _, path = ds("v3")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 320, n).tolist() for n in (5, 9, 3)]
+    with edgemoe.load(path, max_ctx=64, threads=2) as ref:
+        alone = [_greedy(ref._engine, p, 4)[1] for p in prompts]
+    budget = None
+    if budgeted:
+        with pytest.raises(N.BudgetError) as e:
+            edgemoe.load(path, memory_budget=1, max_ctx=64, threads=2, n_seq=3)
+        budget = int(str(e.value).split("below the minimum ")[1].split("(")[1].split(" bytes")[0])
+    with edgemoe.load(path, max_ctx=64, threads=2, n_seq=3, memory_budget=budget) as m:
+        eng = m._engine
+        logits = [[eng.prefill(p, seq=i)] for i, p in enumerate(prompts)]
+        for _ in range(4):
+            out = eng.decode_batch([int(np.argmax(lg[-1])) for lg in logits], [0, 1, 2])
+            for i in range(3):
+                logits[i].append(out[i])
+        if budgeted:
+            assert m.stats["budget_parts"]["kv_cache"] == 3 * 64 * open_container(path).spec.n_layers * (32 + 8) * 4
+    for a_seq, b_seq in zip(alone, logits):
+        for a, b in zip(a_seq, b_seq):
+            np.testing.assert_array_equal(a, b)
