@@ -33,14 +33,16 @@ def ds(tmp_path_factory):
     (root / "calib.txt").write_text(CALIB)
     ckpts, conts = {}, {}
 
-    def get(name: str, bits: int = 32):
+    def get(name: str, bits: int = 32, dense_bits: int = 32):
+        """dense_bits 32 keeps MWQ containers' dense weights f32; 8 = the default int8 (q8_0)."""
         if name not in ckpts:
             ckpts[name] = build_deepseek_model(name, root / name)
-        if (name, bits) not in conts:
-            extra = {} if bits in (16, 32) else {"calib": root / "calib.txt", "calib_tokens": 1024, "dense_bits": 32}
-            conts[name, bits] = export(ckpts[name], root / f"{name}_{bits}.emoe", bits=bits, show_progress=False,
-                                       **extra)
-        return ckpts[name], conts[name, bits]
+        if (name, bits, dense_bits) not in conts:
+            extra = {} if bits in (16, 32) else {"calib": root / "calib.txt", "calib_tokens": 1024,
+                                                 "dense_bits": dense_bits}
+            conts[name, bits, dense_bits] = export(ckpts[name], root / f"{name}_{bits}_{dense_bits}.emoe", bits=bits,
+                                                   show_progress=False, **extra)
+        return ckpts[name], conts[name, bits, dense_bits]
 
     return get
 
@@ -96,6 +98,26 @@ def test_mwq8_container_logits_stay_close_to_transformers(ds, name):
     per_token = np.abs(ours - ref).max(1) / np.abs(ref).max()
     assert np.median(per_token) <= 5e-2  # 8-bit MWQ experts with Q8 activations; a routing near-tie may move one
     assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("name", ["v2", "v3"])
+def test_int8_dense_mla_weights_run_exactly_in_c(ds, name):
+    """With the default int8 (q8_0) dense weights, the C engine's MLA reads wkv_b's key rows dequantized (absorption)
+    and its value rows through the q8_0 matmul at row offsets; with f32 activations (q8_f32_act) it computes exactly
+    the container's weights, as the NumPy engine does: only summation order remains."""
+    from edgemoe.engine_c import CEngine
+
+    _, path = ds(name, 8, 8)
+    with edgemoe.load(path, engine="numpy") as m:
+        ref = m.logits(IDS)
+        c = m.container
+        assert c.tensors["blk.0.attn_kv_b.weight"].dtype == "q8_0"
+        tensors = {n: c.array(n) for n, t in c.tensors.items() if t.kind != "blob"}
+        quant = {n: {**t.quant, "n_planes": t.n_planes, "plane_offsets": [p["offset"] - t.offset for p in t.planes]}
+                 for n, t in c.tensors.items() if t.planes}
+        with CEngine(m.spec, tensors, {n: t.dtype for n, t in c.tensors.items()}, planes=c.planes, quant=quant,
+                     max_ctx=64, q8_f32_act=True) as exact:
+            assert rel_err(exact.logits(IDS), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("kv_f16", [False, True])
