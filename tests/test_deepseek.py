@@ -123,13 +123,19 @@ def test_int8_dense_mla_weights_run_exactly_in_c(ds, name):
 @pytest.mark.parametrize("kv_f16", [False, True])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_prefill_equals_token_by_token_decode(ds, name, kv_f16):
+    from edgemoe.engine_c import CEngine
+
     _, path = ds(name)
-    with edgemoe.load(path, engine="c", threads=2, kv_f16=kv_f16) as m:
-        eng = m._engine
+    spec = open_container(path).spec
+    with CEngine.from_container(path, spec, threads=2, max_ctx=64, kv_f16=kv_f16) as eng:
         full = eng.logits(IDS)
         eng.reset()  # a context reset clears the latent cache: the same logits again
         steps = [eng.prefill(IDS[:1].tolist())] + [eng.decode(int(t)) for t in IDS[1:]]
     np.testing.assert_array_equal(np.stack(steps), full)
+    if kv_f16:  # the f16 latent cache really rounds (and stays close)
+        with CEngine.from_container(path, spec, threads=2, max_ctx=64) as eng:
+            f32 = eng.logits(IDS)
+        assert 0 < rel_err(full, f32) <= 1e-2
 
 
 def _greedy(engine, ids, n):
