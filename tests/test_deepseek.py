@@ -289,8 +289,6 @@ def test_deepseek2_gguf_f32_matches_transformers_and_greedy_tokens_match(name, t
     from edgemoe_export.gguf_reader import GGUFCheckpoint
     from test_gguf import llama_logits
 
-    from edgemoe.errors import UnsupportedModelError
-
     ckpt = build_deepseek_model(name, tmp_path / name, config={"rms_norm_eps": 1e-6})
     path = export_gguf(ckpt, tmp_path / f"{name}.gguf", "F32", show_progress=False)
     got, ref = llama_logits(path, IDS), hf_logits(ckpt, IDS)
@@ -302,8 +300,12 @@ def test_deepseek2_gguf_f32_matches_transformers_and_greedy_tokens_match(name, t
         toks, _ = _greedy(m._engine, prompt, 8)
     seq = prompt + toks
     assert llama_logits(path, seq[:-1])[len(prompt) - 1:].argmax(-1).tolist() == toks
-    with pytest.raises(UnsupportedModelError, match="'deepseek2' GGUF files is not supported yet"):
-        GGUFCheckpoint(path)
+    # and back: the GGUF read as an export source (attn_k_b / attn_v_b joined into kv_b) is the same model
+    assert GGUFCheckpoint(path).config["model_type"] == ("deepseek_v2" if name == "v2" else "deepseek_v3")
+    back = export(path, tmp_path / f"{name}_back.emoe", bits=32, show_progress=False)
+    with edgemoe.load(back, engine="c", threads=2) as a, edgemoe.load(cont, engine="c", threads=2) as b:
+        assert a.spec.kv_lora_rank == b.spec.kv_lora_rank and a.spec.dense_layers == b.spec.dense_layers
+        np.testing.assert_array_equal(a.logits(IDS), b.logits(IDS))
 
 
 def test_deepseek2_gguf_refuses_what_llama_cpp_computes_otherwise(ds, tmp_path):
