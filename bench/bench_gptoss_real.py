@@ -1,5 +1,5 @@
-"""gpt-oss at gpt-oss-20b's widths (random weights, reduced depth: bench/make_random_gptoss.py), decoded under a
-memory budget: tok/s, peak RSS, bytes read per token. Run it in a fresh process per budget (peak RSS is the process's).
+"""gpt-oss at gpt-oss-20b's widths (random weights, reduced depth: bench/make_random_checkpoint.py --preset
+gpt-oss-20b), decoded under a memory budget: tok/s, peak RSS, bytes read per token. Run it in a fresh process per budget (peak RSS is the process's).
 
     python bench/bench_gptoss_real.py MODEL.emoe --budget-frac 0.5 [-n 16] [--prompt 16] [--threads 2]
     python bench/bench_gptoss_real.py MODEL.gguf          # the same with llama.cpp (llama-cpp-python), resident

@@ -175,46 +175,47 @@ class ArchSpec:
 # (role, container name pattern, scope, rows, cols, condition, need) with
 #   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
 #   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
-#   condition: when the config has it (_present()); need: "required" | "unless_tied" | "optional" | "if_routed".
+#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense), and an arch option that must be
+#     set (non-zero, not false, not "none"; "!option": must not be set); need: "required" | "unless_tied" | "optional" | "if_routed".
 TENSOR_TABLE = (
-    ("embed", "token_embd.weight", "global", "vocab", "hidden", "always", "required"),
-    ("final_norm", "output_norm.weight", "global", None, "hidden", "always", "required"),
-    ("lm_head", "output.weight", "global", "vocab", "hidden", "always", "unless_tied"),
-    ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "always", "required"),
-    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "plain_q", "required"),
-    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "plain_kv", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "plain_kv", "required"),
-    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "o", "always", "required"),
-    ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "always", "required"),
-    ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "qkv_bias", "required"),
-    ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "qkv_bias", "required"),
-    ("bv", "blk.{layer}.attn_v.bias", "layer", None, "kv", "qkv_bias", "required"),
-    ("q_norm", "blk.{layer}.attn_q_norm.weight", "layer", None, "q_norm", "qk_norm", "required"),
-    ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "qk_norm", "required"),
+    ("embed", "token_embd.weight", "global", "vocab", "hidden", "all", "required"),
+    ("final_norm", "output_norm.weight", "global", None, "hidden", "all", "required"),
+    ("lm_head", "output.weight", "global", "vocab", "hidden", "all", "unless_tied"),
+    ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "all", "required"),
+    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "all:!q_lora_rank", "required"),
+    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "all:!kv_lora_rank", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "all:!kv_lora_rank", "required"),
+    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "o", "all", "required"),
+    ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "all", "required"),
+    ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "all:qkv_bias", "required"),
+    ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "all:qkv_bias", "required"),
+    ("bv", "blk.{layer}.attn_v.bias", "layer", None, "kv", "all:qkv_bias", "required"),
+    ("q_norm", "blk.{layer}.attn_q_norm.weight", "layer", None, "q_norm", "all:qk_norm", "required"),
+    ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "all:qk_norm", "required"),
     ("router", "blk.{layer}.ffn_gate_inp.weight", "layer", "experts", "hidden", "moe", "required"),
     ("predictor", "blk.{layer}.ffn_gate_inp_pre.weight", "layer", "experts", "hidden", "moe", "optional"),
-    ("score_bias", "blk.{layer}.exp_probs_b.bias", "layer", None, "experts", "score_bias", "required"),
-    ("sh_gate", "blk.{layer}.ffn_gate_shexp.weight", "layer", "shared_ffn", "hidden", "shared", "required"),
-    ("sh_up", "blk.{layer}.ffn_up_shexp.weight", "layer", "shared_ffn", "hidden", "shared", "required"),
-    ("sh_down", "blk.{layer}.ffn_down_shexp.weight", "layer", "hidden", "shared_ffn", "shared", "required"),
-    ("sh_gate_inp", "blk.{layer}.ffn_gate_inp_shexp.weight", "layer", None, "hidden", "shared_gate", "required"),
+    ("score_bias", "blk.{layer}.exp_probs_b.bias", "layer", None, "experts", "moe:score_bias", "required"),
+    ("sh_gate", "blk.{layer}.ffn_gate_shexp.weight", "layer", "shared_ffn", "hidden", "moe:shared_ffn", "required"),
+    ("sh_up", "blk.{layer}.ffn_up_shexp.weight", "layer", "shared_ffn", "hidden", "moe:shared_ffn", "required"),
+    ("sh_down", "blk.{layer}.ffn_down_shexp.weight", "layer", "hidden", "shared_ffn", "moe:shared_ffn", "required"),
+    ("sh_gate_inp", "blk.{layer}.ffn_gate_inp_shexp.weight", "layer", None, "hidden", "moe:shared_gate", "required"),
     ("mlp_gate", "blk.{layer}.ffn_gate.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
     ("mlp_up", "blk.{layer}.ffn_up.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
     ("mlp_down", "blk.{layer}.ffn_down.weight", "layer", "hidden", "dense_ffn", "dense", "required"),
-    ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "o_bias", "required"),
-    ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn_sinks", "required"),
-    ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "router_bias", "required"),
+    ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "all:o_bias", "required"),
+    ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "all:attn_sinks", "required"),
+    ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "moe:router_bias", "required"),
     # MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names
-    ("wq_a", "blk.{layer}.attn_q_a.weight", "layer", "q_lora", "hidden", "q_lora", "required"),
-    ("q_a_norm", "blk.{layer}.attn_q_a_norm.weight", "layer", None, "q_lora", "q_lora", "required"),
-    ("wq_b", "blk.{layer}.attn_q_b.weight", "layer", "q", "q_lora", "q_lora", "required"),
-    ("wkv_a", "blk.{layer}.attn_kv_a_mqa.weight", "layer", "kv_a", "hidden", "mla", "required"),
-    ("kv_a_norm", "blk.{layer}.attn_kv_a_norm.weight", "layer", None, "kv_lora", "mla", "required"),
-    ("wkv_b", "blk.{layer}.attn_kv_b.weight", "layer", "kv_b", "kv_lora", "mla", "required"),
+    ("wq_a", "blk.{layer}.attn_q_a.weight", "layer", "q_lora", "hidden", "all:q_lora_rank", "required"),
+    ("q_a_norm", "blk.{layer}.attn_q_a_norm.weight", "layer", None, "q_lora", "all:q_lora_rank", "required"),
+    ("wq_b", "blk.{layer}.attn_q_b.weight", "layer", "q", "q_lora", "all:q_lora_rank", "required"),
+    ("wkv_a", "blk.{layer}.attn_kv_a_mqa.weight", "layer", "kv_a", "hidden", "all:kv_lora_rank", "required"),
+    ("kv_a_norm", "blk.{layer}.attn_kv_a_norm.weight", "layer", None, "kv_lora", "all:kv_lora_rank", "required"),
+    ("wkv_b", "blk.{layer}.attn_kv_b.weight", "layer", "kv_b", "kv_lora", "all:kv_lora_rank", "required"),
     # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
-    ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
-    ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "expert_bias", "required"),
-    ("down_b", "blk.{layer}.ffn_down_exps.bias", "layer", "experts", "hidden", "expert_bias", "required"),
+    ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
+    ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
+    ("down_b", "blk.{layer}.ffn_down_exps.bias", "layer", "experts", "hidden", "moe:expert_bias", "required"),
     ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
     ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
@@ -233,14 +234,12 @@ def _dim(spec: ArchSpec, term: str) -> int:
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
+    kind, _, option = condition.partition(":")
     moe = spec.is_moe_layer(layer)
-    return {"always": True, "qkv_bias": bool(spec.qkv_bias), "qk_norm": spec.qk_norm != "none", "moe": moe,
-            "shared": moe and spec.shared_ffn > 0, "shared_gate": moe and spec.shared_ffn > 0 and bool(spec.shared_gate),
-            "dense": not moe, "score_bias": moe and bool(spec.score_bias), "o_bias": bool(spec.o_bias),
-            "attn_sinks": bool(spec.attn_sinks),
-            "router_bias": moe and bool(spec.router_bias), "expert_bias": moe and bool(spec.expert_bias),
-            "plain_q": not spec.q_lora_rank, "plain_kv": not spec.kv_lora_rank, "mla": bool(spec.kv_lora_rank),
-            "q_lora": bool(spec.q_lora_rank)}[condition]
+    if not {"all": True, "moe": moe, "dense": not moe}[kind]:
+        return False
+    unless = option.startswith("!")
+    return not option or (getattr(spec, option.lstrip("!")) not in (0, False, "none")) != unless
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:

@@ -12,87 +12,52 @@
 
 typedef enum { F_INT, F_FLOAT, F_BOOL, F_ENUM, F_STRING, F_ID, F_LIST, F_MAP } field_kind;
 
-static const char *const ROPE_KINDS[] = {"neox", "norm", NULL};
-static const char *const QK_NORMS[] = {"none", "head", "full", NULL};
-static const char *const ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
-static const char *const ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
-static const char *const ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", NULL};
-static const char *const GROUP_SCORES[] = {"top2_sum", "max", NULL};
-static const char *const ROPE_SCALINGS[] = {"none", "yarn", NULL};
+/* Allowed strings of the enum fields (index = the stored value: arch.h's EMOE_* enums) */
+static const char *const EMOE_ROPE_KINDS[] = {"neox", "norm", NULL};
+static const char *const EMOE_QK_NORMS[] = {"none", "head", "full", NULL};
+static const char *const EMOE_ROUTER_FNS[] = {"softmax", "sigmoid", NULL};
+static const char *const EMOE_ROUTER_INPUTS[] = {"ffn_norm", "layer_input", NULL};
+static const char *const EMOE_ACTIVATIONS[] = {"swiglu", "reglu", "swiglu_clamp", NULL};
+static const char *const EMOE_GROUP_SCORES[] = {"top2_sum", "max", NULL};
+static const char *const EMOE_ROPE_SCALINGS[] = {"none", "yarn", NULL};
 
-/* Every key an arch object may hold (ArchSpec's fields): required ones first have no default. Integers are checked
- * against lo..hi here and against each other in check_relations. */
-#define CFG(f) offsetof(emoe_config, f)
+/* The layer lists, numbered in arch_fields.h order (their storage in emoe_arch.ints follows it). */
+enum {
+#define ARCH_LIST(name) LIST_##name,
+#include "arch_fields.h"
+    N_LISTS
+};
+static const struct layer_list {
+    const char *key;
+    size_t n_off, ptr_off; /* of n_<name> and <name> in emoe_config */
+} LISTS[] = {
+#define ARCH_LIST(name) {#name, offsetof(emoe_config, n_##name), offsetof(emoe_config, name)},
+#include "arch_fields.h"
+};
+
+/* Every key an arch object may hold (arch_fields.h), as the parser reads it. Integers are checked against lo..hi here
+ * and against each other in check_relations. */
+#define AOFF(f) offsetof(emoe_arch, f)
 static const struct field {
     const char *key;
     field_kind kind;
     int required;
-    size_t off;              /* into emoe_config (F_INT, F_FLOAT, F_BOOL, F_ENUM); unused otherwise */
+    size_t off;              /* into emoe_arch (scalars and ids); F_LIST: the list's number */
     int64_t lo, hi, def;     /* F_INT / F_ID range and default; F_FLOAT: lo = 1 also allows 0 (a derived default) */
     double fdef;             /* F_FLOAT default */
     const char *const *names; /* F_ENUM: allowed strings (index = stored value; absent -> 0) */
 } FIELDS[] = {
-    {"family", F_STRING, 1, 0, 0, 0, 0, 0, NULL},
-    {"n_layers", F_INT, 1, CFG(n_layers), 1, EMOE_MAX_LAYERS, 0, 0, NULL},
-    {"hidden", F_INT, 1, CFG(hidden), 1, EMOE_MAX_HIDDEN, 0, 0, NULL},
-    {"vocab", F_INT, 1, CFG(vocab), 1, EMOE_MAX_VOCAB, 0, 0, NULL},
-    {"n_heads", F_INT, 1, CFG(n_heads), 1, EMOE_MAX_HEADS, 0, 0, NULL},
-    {"n_kv_heads", F_INT, 1, CFG(n_kv_heads), 1, EMOE_MAX_HEADS, 0, 0, NULL},
-    {"head_dim", F_INT, 1, CFG(head_dim), 1, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
-    {"n_experts", F_INT, 1, CFG(n_experts), 1, EMOE_MAX_EXPERTS, 0, 0, NULL},
-    {"top_k", F_INT, 1, CFG(top_k), 1, EMOE_MAX_EXPERTS, 0, 0, NULL},
-    {"expert_ffn", F_INT, 1, CFG(expert_ffn), 0, EMOE_MAX_FFN, 0, 0, NULL},
-    {"norm_eps", F_FLOAT, 0, CFG(norm_eps), 0, 0, 0, 1e-6, NULL},
-    {"rope_kind", F_ENUM, 0, CFG(rope_kind), 0, 0, 0, 0, ROPE_KINDS},
-    {"rope_theta", F_FLOAT, 0, CFG(rope_theta), 0, 0, 0, 10000.0, NULL},
-    {"rope_dim", F_INT, 0, CFG(rope_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
-    {"qkv_bias", F_BOOL, 0, CFG(qkv_bias), 0, 0, 0, 0, NULL},
-    {"qk_norm", F_ENUM, 0, CFG(qk_norm), 0, 0, 0, 0, QK_NORMS},
-    {"router_fn", F_ENUM, 0, CFG(router_fn), 0, 0, 0, 0, ROUTER_FNS},
-    {"norm_topk", F_BOOL, 0, CFG(norm_topk), 0, 0, 0, 0, NULL},
-    {"router_input", F_ENUM, 0, CFG(router_input), 0, 0, 0, 0, ROUTER_INPUTS},
-    {"activation", F_ENUM, 0, CFG(activation), 0, 0, 0, 0, ACTIVATIONS},
-    {"shared_ffn", F_INT, 0, CFG(shared_ffn), 0, EMOE_MAX_FFN, 0, 0, NULL},
-    {"shared_gate", F_BOOL, 0, CFG(shared_gate), 0, 0, 0, 0, NULL},
-    {"dense_ffn", F_INT, 0, CFG(dense_ffn), 0, EMOE_MAX_FFN, 0, 0, NULL},
-    {"dense_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
-    {"nope_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
-    {"sliding_window", F_INT, 0, CFG(sliding_window), 0, INT32_MAX, 0, 0, NULL},
-    {"swa_layers", F_LIST, 0, 0, 0, 0, 0, 0, NULL},
-    {"tie_embeddings", F_BOOL, 0, CFG(tie_embeddings), 0, 0, 0, 0, NULL},
-    {"embed_scale", F_FLOAT, 0, CFG(embed_scale), 0, 0, 0, 1.0, NULL},
-    {"attn_scale", F_FLOAT, 0, CFG(attn_scale), 1, 0, 0, 0.0, NULL},
-    {"residual_scale", F_FLOAT, 0, CFG(residual_scale), 0, 0, 0, 1.0, NULL},
-    {"logit_divisor", F_FLOAT, 0, CFG(logit_divisor), 0, 0, 0, 1.0, NULL},
-    {"score_bias", F_BOOL, 0, CFG(score_bias), 0, 0, 0, 0, NULL},
-    {"n_group", F_INT, 0, CFG(n_group), 1, EMOE_MAX_EXPERTS, 1, 0, NULL},
-    {"topk_group", F_INT, 0, CFG(topk_group), 1, EMOE_MAX_EXPERTS, 1, 0, NULL},
-    {"group_score", F_ENUM, 0, CFG(group_score), 0, 0, 0, 0, GROUP_SCORES},
-    {"routed_scaling", F_FLOAT, 0, CFG(routed_scaling), 0, 0, 0, 1.0, NULL},
-    {"attn_sinks", F_BOOL, 0, CFG(attn_sinks), 0, 0, 0, 0, NULL},
-    {"o_bias", F_BOOL, 0, CFG(o_bias), 0, 0, 0, 0, NULL},
-    {"router_bias", F_BOOL, 0, CFG(router_bias), 0, 0, 0, 0, NULL},
-    {"expert_bias", F_BOOL, 0, CFG(expert_bias), 0, 0, 0, 0, NULL},
-    {"swiglu_alpha", F_FLOAT, 0, CFG(swiglu_alpha), 0, 0, 0, 1.702, NULL},
-    {"swiglu_limit", F_FLOAT, 0, CFG(swiglu_limit), 0, 0, 0, 7.0, NULL},
-    {"rope_scaling", F_ENUM, 0, CFG(rope_scaling), 0, 0, 0, 0, ROPE_SCALINGS},
-    {"rope_factor", F_FLOAT, 0, CFG(rope_factor), 0, 0, 0, 1.0, NULL},
-    {"yarn_beta_fast", F_FLOAT, 0, CFG(yarn_beta_fast), 0, 0, 0, 32.0, NULL},
-    {"yarn_beta_slow", F_FLOAT, 0, CFG(yarn_beta_slow), 0, 0, 0, 1.0, NULL},
-    {"yarn_orig_ctx", F_INT, 0, CFG(yarn_orig_ctx), 1, INT32_MAX, 4096, 0, NULL},
-    {"yarn_truncate", F_BOOL, 0, CFG(yarn_truncate), 0, 0, 1, 0, NULL},
-    {"rope_attn_factor", F_FLOAT, 0, CFG(rope_attn_factor), 0, 0, 0, 1.0, NULL},
-    {"kv_lora_rank", F_INT, 0, CFG(kv_lora_rank), 0, EMOE_MAX_HIDDEN, 0, 0, NULL},
-    {"q_lora_rank", F_INT, 0, CFG(q_lora_rank), 0, EMOE_MAX_HIDDEN, 0, 0, NULL},
-    {"qk_nope_dim", F_INT, 0, CFG(qk_nope_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
-    {"v_head_dim", F_INT, 0, CFG(v_head_dim), 0, EMOE_MAX_HEAD_DIM, 0, 0, NULL},
-    {"mla_norm_eps", F_FLOAT, 0, CFG(mla_norm_eps), 0, 0, 0, 1e-6, NULL},
-    {"expert_map", F_MAP, 0, 0, 0, 0, 0, 0, NULL},
-    {"max_position", F_ID, 0, 0, 1, INT32_MAX, 4096, 0, NULL},
-    {"bos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
-    {"eos_token_id", F_ID, 0, 0, -1, INT32_MAX, -1, 0, NULL},
+#define ARCH_STRING(n) {#n, F_STRING, 1, AOFF(n), 0, 0, 0, 0, NULL},
+#define ARCH_INT(n, required, lo, hi, def) {#n, F_INT, required, AOFF(cfg.n), lo, hi, def, 0, NULL},
+#define ARCH_FLOAT(n, zero_ok, def) {#n, F_FLOAT, 0, AOFF(cfg.n), zero_ok, 0, 0, def, NULL},
+#define ARCH_BOOL(n, def) {#n, F_BOOL, 0, AOFF(cfg.n), 0, 0, def, 0, NULL},
+#define ARCH_ENUM(n, names) {#n, F_ENUM, 0, AOFF(cfg.n), 0, 0, 0, 0, names},
+#define ARCH_LIST(n) {#n, F_LIST, 0, LIST_##n, 0, 0, 0, 0, NULL},
+#define ARCH_MAP(n) {#n, F_MAP, 0, 0, 0, 0, 0, 0, NULL},
+#define ARCH_ID(n, lo, hi, def) {#n, F_ID, 0, AOFF(n), lo, hi, def, 0, NULL},
+#include "arch_fields.h"
 };
-#undef CFG
+#undef AOFF
 #define N_FIELDS (sizeof FIELDS / sizeof FIELDS[0])
 
 static int invalid(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -114,20 +79,15 @@ static const char *kind_name(json_type t) {
     return (unsigned)t < 7 ? names[t] : "?";
 }
 
-static int32_t *cfg_i32(emoe_config *c, size_t off) { return (int32_t *)((char *)c + off); }
-static float *cfg_f32(emoe_config *c, size_t off) { return (float *)((char *)c + off); }
-
-/* The arch fields outside emoe_config (F_ID). */
-static int64_t *arch_id(emoe_arch *a, const char *key) {
-    return !strcmp(key, "max_position") ? &a->max_position
-           : !strcmp(key, "bos_token_id") ? &a->bos_token_id : &a->eos_token_id;
-}
+static int32_t *arch_i32(emoe_arch *a, size_t off) { return (int32_t *)((char *)a + off); }
+static float *arch_f32(emoe_arch *a, size_t off) { return (float *)((char *)a + off); }
+static int64_t *arch_i64(emoe_arch *a, size_t off) { return (int64_t *)((char *)a + off); }
 
 /* An absent optional field takes the table's default (ints, bools and enums default to 0). */
 static void set_default(const struct field *f, emoe_arch *a) {
-    if (f->kind == F_FLOAT) *cfg_f32(&a->cfg, f->off) = (float)f->fdef;
-    else if (f->kind == F_ID) *arch_id(a, f->key) = f->def;
-    else if (f->kind == F_INT || f->kind == F_BOOL || f->kind == F_ENUM) *cfg_i32(&a->cfg, f->off) = (int32_t)f->def;
+    if (f->kind == F_FLOAT) *arch_f32(a, f->off) = (float)f->fdef;
+    else if (f->kind == F_ID) *arch_i64(a, f->off) = f->def;
+    else if (f->kind == F_INT || f->kind == F_BOOL || f->kind == F_ENUM) *arch_i32(a, f->off) = (int32_t)f->def;
 }
 
 /* One scalar field (present: node != JSON_NONE) into the config / arch. */
@@ -147,8 +107,8 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
             return invalid(err, errlen, "'%s' must be an integer in %lld..%lld%s, got %s", f->key, (long long)f->lo,
                            (long long)f->hi, f->kind == F_ID && f->lo < 0 ? " or null" : "", got);
         }
-        if (f->kind == F_INT) *cfg_i32(&a->cfg, f->off) = (int32_t)v;
-        else *arch_id(a, f->key) = v;
+        if (f->kind == F_INT) *arch_i32(a, f->off) = (int32_t)v;
+        else *arch_i64(a, f->off) = v;
         return EMOE_OK;
     }
     case F_FLOAT: {
@@ -157,25 +117,25 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
             return invalid(err, errlen, "'%s' must be a number, got %s", f->key, kind_name(t));
         /* finite (the parser refuses inf/nan literals), positive, and still positive and finite as a float */
         if (f->lo == 1 && v == 0.0) {
-            *cfg_f32(&a->cfg, f->off) = 0.0f;
+            *arch_f32(a, f->off) = 0.0f;
             return EMOE_OK;
         }
         if (!(v > 0.0) || v > 3.0e38 || (float)v <= 0.0f)
             return invalid(err, errlen, "'%s' = %g must be a positive number%s that fits in a float", f->key, v,
                            f->lo == 1 ? " (or 0: the default)" : "");
-        *cfg_f32(&a->cfg, f->off) = (float)v;
+        *arch_f32(a, f->off) = (float)v;
         return EMOE_OK;
     }
     case F_BOOL:
         if (t != JSON_TRUE && t != JSON_FALSE)
             return invalid(err, errlen, "'%s' must be true or false, got %s", f->key, kind_name(t));
-        *cfg_i32(&a->cfg, f->off) = t == JSON_TRUE;
+        *arch_i32(a, f->off) = t == JSON_TRUE;
         return EMOE_OK;
     case F_ENUM: {
         const char *s = json_str(d, node, NULL);
         for (int i = 0; s && f->names[i]; i++)
             if (!strcmp(s, f->names[i])) {
-                *cfg_i32(&a->cfg, f->off) = i;
+                *arch_i32(a, f->off) = i;
                 return EMOE_OK;
             }
         char allowed[160] = "";
@@ -192,9 +152,10 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
         if (!s || n > MAX_FAMILY)
             return invalid(err, errlen, "'%s' must be a string of at most %d bytes, got %s", f->key, MAX_FAMILY,
                            s ? "a longer one" : kind_name(t));
-        a->family = malloc(n + 1);
-        if (!a->family) return EMOE_ERR_NOMEM;
-        memcpy(a->family, s, n + 1);
+        char **dst = (char **)((char *)a + f->off);
+        *dst = malloc(n + 1);
+        if (!*dst) return EMOE_ERR_NOMEM;
+        memcpy(*dst, s, n + 1);
         return EMOE_OK;
     }
     default: return EMOE_OK; /* lists: read_lists */
@@ -362,7 +323,8 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
                            "re-export the model with this version)", key);
     }
     emoe_config *c = &a->cfg;
-    int lists[3] = {JSON_NONE, JSON_NONE, JSON_NONE}, map = JSON_NONE;
+    int lists[N_LISTS], map = JSON_NONE;
+    for (int i = 0; i < N_LISTS; i++) lists[i] = JSON_NONE;
     for (size_t i = 0; i < N_FIELDS; i++) {
         const struct field *f = &FIELDS[i];
         const int node = json_get(d, obj, f->key);
@@ -371,35 +333,33 @@ int emoe_arch_read(const json_doc *d, int obj, emoe_arch *a, char *err, size_t e
             set_default(f, a);
             continue;
         }
-        if (f->kind == F_LIST) lists[!strcmp(f->key, "dense_layers") ? 0 : !strcmp(f->key, "nope_layers") ? 1 : 2] = node;
+        if (f->kind == F_LIST) lists[f->off] = node;
         else if (f->kind == F_MAP) map = node;
         else {
             const int st = read_scalar(d, node, f, a, err, errlen);
             if (st) return st;
         }
     }
-    /* storage: three lists of at most n_layers, and the expert map (bounded: n_layers * n_experts <= 2^26 only
+    /* storage: the lists, of at most n_layers each, and the expert map (bounded: n_layers * n_experts <= 2^26 only
      * matters when a map is given) */
     const int with_map = map != JSON_NONE && json_len(d, map) > 0;
     const size_t cells = (size_t)c->n_layers * (size_t)c->n_experts;
     if (with_map && cells > EMOE_MAX_LAYER_EXPERTS)
         return invalid(err, errlen, "'expert_map' with n_layers = %d and n_experts = %d is too large (at most %d "
                        "entries)", c->n_layers, c->n_experts, EMOE_MAX_LAYER_EXPERTS);
-    a->ints = malloc((3 * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
+    a->ints = malloc((N_LISTS * (size_t)c->n_layers + (with_map ? cells : 0)) * sizeof(int32_t));
     if (!a->ints) return EMOE_ERR_NOMEM;
-    static const char *const list_keys[3] = {"dense_layers", "nope_layers", "swa_layers"};
-    int32_t *ns[3] = {&c->n_dense_layers, &c->n_nope_layers, &c->n_swa_layers};
-    const int32_t **ptrs[3] = {&c->dense_layers, &c->nope_layers, &c->swa_layers};
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < N_LISTS; i++) {
         int32_t *dst = a->ints + (size_t)i * (size_t)c->n_layers;
-        const int st = read_layer_list(d, lists[i], list_keys[i], c->n_layers, dst, ns[i], err, errlen);
+        int32_t *n = (int32_t *)((char *)c + LISTS[i].n_off);
+        const int st = read_layer_list(d, lists[i], LISTS[i].key, c->n_layers, dst, n, err, errlen);
         if (st) return st;
-        *ptrs[i] = *ns[i] ? dst : NULL;
+        *(const int32_t **)((char *)c + LISTS[i].ptr_off) = *n ? dst : NULL;
     }
     int st = check_relations(c, err, errlen);
     if (st) return st;
     if (with_map) {
-        int32_t *dst = a->ints + 3 * (size_t)c->n_layers;
+        int32_t *dst = a->ints + N_LISTS * (size_t)c->n_layers;
         int used;
         unsigned char *seen = malloc((size_t)c->n_experts);
         if (!seen) return EMOE_ERR_NOMEM;

@@ -41,46 +41,17 @@ enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 #define EMOE_MAX_FFN (1 << 20)
 #define EMOE_MAX_LAYER_EXPERTS (1 << 26) /* n_layers * n_experts of an expert map */
 
-/* The architecture as the forward pass reads it; field meanings: edgemoe/arch.py ArchSpec. Layer lists and
- * expert_map are borrowed only during emoe_model_new (copied). */
+/* The architecture as the forward pass reads it: one member per arch_fields.h line (meanings: edgemoe/arch.py
+ * ArchSpec). Layer lists and expert_map are borrowed only during emoe_model_new (copied). */
 typedef struct emoe_config {
-    int32_t n_layers, hidden, vocab, n_heads, n_kv_heads, head_dim, n_experts, top_k, expert_ffn;
-    float norm_eps;
-    int32_t rope_kind; /* EMOE_ROPE_* */
-    float rope_theta;
-    int32_t rope_dim;  /* rotated dims per head; 0 = head_dim */
-    int32_t qkv_bias;  /* bool */
-    int32_t qk_norm;   /* EMOE_QK_NORM_* */
-    int32_t router_fn; /* EMOE_ROUTER_* */
-    int32_t norm_topk; /* bool */
-    int32_t router_input; /* EMOE_ROUTER_IN_* */
-    int32_t activation;   /* EMOE_ACT_* */
-    int32_t shared_ffn;   /* 0 = no shared expert */
-    int32_t shared_gate;  /* bool */
-    int32_t dense_ffn;
-    int32_t sliding_window; /* 0 = none */
-    int32_t tie_embeddings; /* bool */
-    /* Granite's multipliers (ArchSpec.embed_scale ...); 0 = the default (emoe_model_new: 1, attn_scale 1/sqrt(hd)) */
-    float embed_scale, attn_scale, residual_scale, logit_divisor;
-    /* DeepSeek-V3-style routing (GLM-4.5, ERNIE-4.5, DeepSeek-V2/V3): experts are chosen by prob + score_bias (the
-     * layer's exp_probs_b tensor: selection only), among the topk_group best of n_group equal groups of experts
-     * (group score: group_score); the chosen probs (renormalized if norm_topk) are scaled by routed_scaling. */
-    int32_t score_bias;   /* bool */
-    int32_t n_group, topk_group; /* 1, 1 = no group limit */
-    int32_t group_score;  /* EMOE_GROUP_* */
-    float routed_scaling; /* 1 = none */
-    /* gpt-oss (ArchSpec documents each): sinks and biases (bools), the clamped SwiGLU, YaRN RoPE */
-    int32_t attn_sinks, o_bias, router_bias, expert_bias;
-    float swiglu_alpha, swiglu_limit;
-    int32_t rope_scaling; /* EMOE_ROPE_SCALING_* */
-    float rope_factor, yarn_beta_fast, yarn_beta_slow;
-    int32_t yarn_orig_ctx, yarn_truncate;
-    float rope_attn_factor;
-    /* Multi-head Latent Attention (DeepSeek-V2/V3; ArchSpec documents each): kv_lora_rank 0 = plain attention */
-    int32_t kv_lora_rank, q_lora_rank, qk_nope_dim, v_head_dim;
-    float mla_norm_eps;
-    int32_t n_dense_layers, n_nope_layers, n_swa_layers;
-    const int32_t *dense_layers, *nope_layers, *swa_layers;
+#define ARCH_INT(name, required, lo, hi, def) int32_t name;
+#define ARCH_FLOAT(name, zero_ok, def) float name;
+#define ARCH_BOOL(name, def) int32_t name;
+#define ARCH_ENUM(name, names) int32_t name;
+#define ARCH_LIST(name) \
+    int32_t n_##name;   \
+    const int32_t *name;
+#include "arch_fields.h"
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
      * expert_map[l * n_experts + e], or -1 = pruned (masked out of routing). NULL = identity for every layer. A layer
      * stores max(map) + 1 experts; when top-k picks several members of one group their weights are summed and the
@@ -90,11 +61,11 @@ typedef struct emoe_config {
 
 /* A parsed arch object: the config plus the fields the forward pass does not use. Owns its memory. */
 typedef struct {
-    emoe_config cfg;        /* layer lists and expert_map point into `ints` */
-    char *family;           /* informational ("olmoe", ...) */
-    int64_t max_position;
-    int64_t bos_token_id, eos_token_id; /* -1 when null */
-    int32_t *ints;          /* dense_layers | nope_layers | swa_layers | expert_map */
+    emoe_config cfg; /* layer lists and expert_map point into `ints` */
+#define ARCH_STRING(name) char *name;
+#define ARCH_ID(name, lo, hi, def) int64_t name; /* -1 when null */
+#include "arch_fields.h"
+    int32_t *ints; /* the layer lists (n_layers each, in arch_fields.h order), then expert_map */
 } emoe_arch;
 
 /* Read and validate the arch object `obj` of a parsed document into *out (zeroed first; free with emoe_arch_free, also

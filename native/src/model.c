@@ -59,9 +59,9 @@ static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int
     REQUIRE(max_ctx > 0, "max_ctx=%d must be positive", max_ctx);
     REQUIRE(n_threads >= 1 && n_threads <= 1024, "n_threads=%d must be in 1..1024", n_threads);
     int st;
-    if ((st = check_list(m, "dense_layers", c->dense_layers, c->n_dense_layers))) return st;
-    if ((st = check_list(m, "nope_layers", c->nope_layers, c->n_nope_layers))) return st;
-    if ((st = check_list(m, "swa_layers", c->swa_layers, c->n_swa_layers))) return st;
+#define ARCH_LIST(name) \
+    if ((st = check_list(m, #name, c->name, c->n_##name))) return st;
+#include "arch_fields.h"
     int n_moe = c->n_layers - 0;
     for (int l = 0; l < c->n_layers; l++) n_moe -= in_list(c->dense_layers, c->n_dense_layers, l);
     if (n_moe > 0)
@@ -231,9 +231,12 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
             if (!L->experts) goto nomem;
         }
     }
-    m->cfg.dense_layers = m->cfg.nope_layers = m->cfg.swa_layers = NULL; /* borrowed during this call only */
+    /* the layer lists and expert_map are borrowed during this call only */
+#define ARCH_LIST(name)     \
+    m->cfg.name = NULL; \
+    m->cfg.n_##name = 0;
+#include "arch_fields.h"
     m->cfg.expert_map = NULL;
-    m->cfg.n_dense_layers = m->cfg.n_nope_layers = m->cfg.n_swa_layers = 0;
 
     m->pool = emoe_pool_new(n_threads);
     if (!m->pool) {

@@ -8,57 +8,71 @@
 
 #define G(f) offsetof(emoe_model, f)
 #define L(f) offsetof(layer_weights, f)
-/* role, pattern, scope, rows, cols, condition, need, slot. Order = enumeration order (Python's TENSOR_TABLE too). */
+#define IF(option) (int32_t) offsetof(emoe_config, option), #option, 0 /* the arch option the tensor needs */
+#define UNLESS(option) (int32_t) offsetof(emoe_config, option), #option " = 0", 1 /* ... or must not have */
+#define NONE -1, NULL, 0
+/* role, pattern, scope, rows, cols, layers, option, need, slot. Order = enumeration order (Python's TENSOR_TABLE
+ * too). */
 const tt_entry tt_table[] = {
-    {"embed", "token_embd.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, G(embed)},
-    {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, G(final_norm)},
-    {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TC_ALWAYS, TN_UNLESS_TIED, G(lm_head)},
-    {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(attn_norm)},
-    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TC_PLAIN_Q, TN_REQUIRED, L(wq)},
-    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_PLAIN_KV, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TC_PLAIN_KV, TN_REQUIRED, L(wv)},
-    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_O, TC_ALWAYS, TN_REQUIRED, L(wo)},
-    {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_ALWAYS, TN_REQUIRED, L(ffn_norm)},
-    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TC_QKV_BIAS, TN_REQUIRED, L(bq)},
-    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TC_QKV_BIAS, TN_REQUIRED, L(bk)},
-    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TC_QKV_BIAS, TN_REQUIRED, L(bv)},
-    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TC_QK_NORM, TN_REQUIRED, L(q_norm)},
-    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TC_QK_NORM, TN_REQUIRED, L(k_norm)},
-    {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_MOE, TN_REQUIRED, L(router)},
-    {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_MOE, TN_OPTIONAL, L(pre)},
-    {"score_bias", "blk.%d.exp_probs_b.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TC_SCORE_BIAS, TN_REQUIRED,
-     L(score_bias)},
-    {"sh_gate", "blk.%d.ffn_gate_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TC_SHARED, TN_REQUIRED,
-     L(sh_gate)},
-    {"sh_up", "blk.%d.ffn_up_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TC_SHARED, TN_REQUIRED, L(sh_up)},
-    {"sh_down", "blk.%d.ffn_down_shexp.weight", TT_LAYER, TD_HIDDEN, TD_SHARED_FFN, TC_SHARED, TN_REQUIRED,
-     L(sh_down)},
-    {"sh_gate_inp", "blk.%d.ffn_gate_inp_shexp.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TC_SHARED_GATE, TN_REQUIRED,
-     L(sh_gate_inp)},
-    {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TC_DENSE, TN_REQUIRED, L(mlp_gate)},
-    {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TC_DENSE, TN_REQUIRED, L(mlp_up)},
-    {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TC_DENSE, TN_REQUIRED, L(mlp_down)},
-    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TC_O_BIAS, TN_REQUIRED, L(bo)},
-    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TC_SINKS, TN_REQUIRED, L(sinks)},
-    {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TC_ROUTER_BIAS, TN_REQUIRED, L(router_b)},
+    {"embed", "token_embd.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(embed)},
+    {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(final_norm)},
+    {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_UNLESS_TIED, G(lm_head)},
+    {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(attn_norm)},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ALL, UNLESS(q_lora_rank), TN_REQUIRED, L(wq)},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ALL, UNLESS(kv_lora_rank), TN_REQUIRED, L(wk)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ALL, UNLESS(kv_lora_rank), TN_REQUIRED, L(wv)},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_O, TL_ALL, NONE, TN_REQUIRED, L(wo)},
+    {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(ffn_norm)},
+    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ALL, IF(qkv_bias), TN_REQUIRED, L(bq)},
+    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TL_ALL, IF(qkv_bias), TN_REQUIRED, L(bk)},
+    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TL_ALL, IF(qkv_bias), TN_REQUIRED, L(bv)},
+    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TL_ALL, IF(qk_norm), TN_REQUIRED, L(q_norm)},
+    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TL_ALL, IF(qk_norm), TN_REQUIRED, L(k_norm)},
+    {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_REQUIRED, L(router)},
+    {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_OPTIONAL, L(pre)},
+    {"score_bias", "blk.%d.exp_probs_b.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
+     TL_MOE, IF(score_bias), TN_REQUIRED, L(score_bias)},
+    {"sh_gate", "blk.%d.ffn_gate_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN,
+     TL_MOE, IF(shared_ffn), TN_REQUIRED, L(sh_gate)},
+    {"sh_up", "blk.%d.ffn_up_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN,
+     TL_MOE, IF(shared_ffn), TN_REQUIRED, L(sh_up)},
+    {"sh_down", "blk.%d.ffn_down_shexp.weight", TT_LAYER, TD_HIDDEN, TD_SHARED_FFN,
+     TL_MOE, IF(shared_ffn), TN_REQUIRED, L(sh_down)},
+    {"sh_gate_inp", "blk.%d.ffn_gate_inp_shexp.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
+     TL_MOE, IF(shared_gate), TN_REQUIRED, L(sh_gate_inp)},
+    {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_gate)},
+    {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_up)},
+    {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_down)},
+    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, IF(o_bias), TN_REQUIRED, L(bo)},
+    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TL_ALL, IF(attn_sinks), TN_REQUIRED, L(sinks)},
+    {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
+     TL_MOE, IF(router_bias), TN_REQUIRED, L(router_b)},
     /* MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names */
-    {"wq_a", "blk.%d.attn_q_a.weight", TT_LAYER, TD_Q_LORA, TD_HIDDEN, TC_Q_LORA, TN_REQUIRED, L(wq_a)},
-    {"q_a_norm", "blk.%d.attn_q_a_norm.weight", TT_LAYER, TD_ONE, TD_Q_LORA, TC_Q_LORA, TN_REQUIRED, L(q_a_norm)},
-    {"wq_b", "blk.%d.attn_q_b.weight", TT_LAYER, TD_Q, TD_Q_LORA, TC_Q_LORA, TN_REQUIRED, L(wq_b)},
-    {"wkv_a", "blk.%d.attn_kv_a_mqa.weight", TT_LAYER, TD_KV_A, TD_HIDDEN, TC_MLA, TN_REQUIRED, L(wkv_a)},
-    {"kv_a_norm", "blk.%d.attn_kv_a_norm.weight", TT_LAYER, TD_ONE, TD_KV_LORA, TC_MLA, TN_REQUIRED, L(kv_a_norm)},
-    {"wkv_b", "blk.%d.attn_kv_b.weight", TT_LAYER, TD_KV_B, TD_KV_LORA, TC_MLA, TN_REQUIRED, L(wkv_b)},
+    {"wq_a", "blk.%d.attn_q_a.weight", TT_LAYER, TD_Q_LORA, TD_HIDDEN, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_a)},
+    {"q_a_norm", "blk.%d.attn_q_a_norm.weight", TT_LAYER, TD_ONE, TD_Q_LORA,
+     TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(q_a_norm)},
+    {"wq_b", "blk.%d.attn_q_b.weight", TT_LAYER, TD_Q, TD_Q_LORA, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_b)},
+    {"wkv_a", "blk.%d.attn_kv_a_mqa.weight", TT_LAYER, TD_KV_A, TD_HIDDEN,
+     TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(wkv_a)},
+    {"kv_a_norm", "blk.%d.attn_kv_a_norm.weight", TT_LAYER, TD_ONE, TD_KV_LORA,
+     TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(kv_a_norm)},
+    {"wkv_b", "blk.%d.attn_kv_b.weight", TT_LAYER, TD_KV_B, TD_KV_LORA, TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(wkv_b)},
     /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
-    {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED,
-     L(gate_b)},
-    {"up_b", "blk.%d.ffn_up_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TC_EXPERT_BIAS, TN_REQUIRED, L(up_b)},
-    {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TC_EXPERT_BIAS, TN_REQUIRED, L(down_b)},
-    {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 0},
-    {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TC_MOE, TN_IF_ROUTED, 1},
-    {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TC_MOE, TN_IF_ROUTED, 2},
+    {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN,
+     TL_MOE, IF(expert_bias), TN_REQUIRED, L(gate_b)},
+    {"up_b", "blk.%d.ffn_up_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN,
+     TL_MOE, IF(expert_bias), TN_REQUIRED, L(up_b)},
+    {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN,
+     TL_MOE, IF(expert_bias), TN_REQUIRED, L(down_b)},
+    {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 0},
+    {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 1},
+    {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TL_MOE, NONE, TN_IF_ROUTED, 2},
 };
 #undef G
 #undef L
+#undef IF
+#undef UNLESS
+#undef NONE
 const int tt_count = (int)(sizeof(tt_table) / sizeof(tt_table[0]));
 
 int64_t tt_dim(const emoe_model *m, int dim) {
@@ -86,35 +100,16 @@ int64_t tt_dim(const emoe_model *m, int dim) {
 }
 
 int tt_present(const emoe_model *m, int e, int layer) {
-    const emoe_config *c = &m->cfg;
-    const int moe = tt_table[e].scope == TT_GLOBAL ? 0 : m->layers[layer].is_moe;
-    switch (tt_table[e].cond) {
-    case TC_ALWAYS: return 1;
-    case TC_QKV_BIAS: return c->qkv_bias != 0;
-    case TC_QK_NORM: return c->qk_norm != EMOE_QK_NORM_NONE;
-    case TC_MOE: return moe;
-    case TC_SHARED: return moe && c->shared_ffn > 0;
-    case TC_SHARED_GATE: return moe && c->shared_ffn > 0 && c->shared_gate;
-    case TC_DENSE: return !moe;
-    case TC_SCORE_BIAS: return moe && c->score_bias;
-    case TC_O_BIAS: return c->o_bias != 0;
-    case TC_SINKS: return c->attn_sinks != 0;
-    case TC_ROUTER_BIAS: return moe && c->router_bias;
-    case TC_EXPERT_BIAS: return moe && c->expert_bias;
-    case TC_PLAIN_Q: return !c->q_lora_rank;
-    case TC_PLAIN_KV: return !c->kv_lora_rank;
-    case TC_MLA: return c->kv_lora_rank > 0;
-    case TC_Q_LORA: return c->q_lora_rank > 0;
-    }
-    return 0;
+    const tt_entry *t = &tt_table[e];
+    const int moe = t->scope == TT_GLOBAL ? 0 : m->layers[layer].is_moe;
+    if ((t->layers == TL_MOE && !moe) || (t->layers == TL_DENSE && moe)) return 0;
+    return t->option < 0 || (*(const int32_t *)((const char *)&m->cfg + t->option) != 0) != t->unless;
 }
 
 const char *tt_condition_name(int e) {
-    static const char *const why[] = {"", "qkv_bias", "qk_norm", "a MoE layer", "shared_ffn", "shared_gate",
-                                      "a dense layer", "score_bias", "o_bias", "attn_sinks", "router_bias",
-                                      "expert_bias", "q_lora_rank = 0", "kv_lora_rank = 0", "kv_lora_rank > 0",
-                                      "q_lora_rank > 0"};
-    return why[tt_table[e].cond];
+    const tt_entry *t = &tt_table[e];
+    if (t->option_name) return t->option_name;
+    return t->layers == TL_MOE ? "a MoE layer" : t->layers == TL_DENSE ? "a dense layer" : "";
 }
 
 /* Match one decimal number without sign or leading zeros; the number of characters read, 0 if none. */

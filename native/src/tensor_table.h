@@ -1,7 +1,8 @@
-/* The tensor table: every tensor a model reads, stated once (role, container name pattern, shape in terms of config
- * fields, the condition under which the config has it). Name resolution and expected shapes (model.c), the resident
- * and the streaming loaders (load.c, stream_load.c) and the checks all walk this table; edgemoe/arch.py states the
- * same table for Python and tests/test_tensor_table.py keeps the two identical (emoe_model_tensor). */
+/* The tensor table: every tensor a model reads, stated once (role, container name pattern, shape in terms of
+ * config fields, the layers that have it and the arch option it needs). Name resolution and expected shapes
+ * (model.c), the resident and the streaming loaders (load.c, stream_load.c) and the checks all walk this table;
+ * edgemoe/arch.py states the same table for Python and tests/test_tensor_table.py keeps the two identical
+ * (emoe_model_tensor). */
 #ifndef EDGEMOE_TENSOR_TABLE_H
 #define EDGEMOE_TENSOR_TABLE_H
 #include <stddef.h>
@@ -15,9 +16,8 @@ enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 
 /* Shape terms. */
 enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
        TD_DENSE_FFN, TD_HEADS, TD_O, TD_Q_LORA, TD_KV_LORA, TD_KV_A, TD_KV_B };
-/* When the config has the tensor. */
-enum { TC_ALWAYS, TC_QKV_BIAS, TC_QK_NORM, TC_MOE, TC_SHARED, TC_SHARED_GATE, TC_DENSE, TC_SCORE_BIAS, TC_O_BIAS,
-       TC_SINKS, TC_ROUTER_BIAS, TC_EXPERT_BIAS, TC_PLAIN_Q, TC_PLAIN_KV, TC_MLA, TC_Q_LORA };
+/* Which layers have the tensor (with its option below). */
+enum { TL_ALL, TL_MOE, TL_DENSE };
 /* Whether a model the config has it for must have it. */
 enum {
     TN_REQUIRED,    /* always */
@@ -31,7 +31,10 @@ typedef struct {
     const char *pattern; /* container name; %d = the layer, then the expert */
     int scope;           /* TT_* */
     int rows, cols;      /* TD_*; 1-D tensors have rows = TD_ONE */
-    int cond;            /* TC_* */
+    int layers;          /* TL_*: the layers that have it (global tensors: TL_ALL) */
+    int32_t option;      /* offsetof an int32 emoe_config field that must be non-zero (an arch option), or -1 */
+    const char *option_name; /* its arch key (messages), or NULL */
+    int unless;          /* 1: the option must be zero instead (UNLESS: plain q/k/v projections without MLA) */
     int need;            /* TN_* */
     size_t slot;         /* offsetof the tensor_ref in emoe_model (TT_GLOBAL) or layer_weights (TT_LAYER); for
                           * TT_EXPERT the matrix index 0..2 (gate, up, down) in layer_weights.experts */
