@@ -5,7 +5,7 @@ kv_lora_rank 512, no q_lora (q_lora_rank null), qk_nope_head_dim 128, qk_rope_he
 routed experts of width 1408, top-6, 2 shared experts, greedy softmax routing; layer 0 dense (width 10944); vocab
 102400; YaRN (factor 40 over 4096, mscale = mscale_all_dim = 0.707). Depth: --layers of the real 27 (the first
 dense, the rest MoE; the per-layer cost does not depend on depth, the disk and the machine's time do). Writes the HF
-checkpoint (per-expert names, f16), exports it (MWQ with MSB nesting: no calibration text needed), then decodes in a
+checkpoint (bench/make_random_checkpoint.py's preset deepseek-v2-lite, f16), exports it (MWQ with MSB nesting: no calibration text needed), then decodes in a
 child process resident and under --budget-frac of the file, and prints one JSON line per run (tok/s, peak RSS, bytes
 read per token, the KV cache bytes of the plan) and whether every logit of the budgeted run is bit-identical to the
 resident one (a prefill, then --tokens teacher-forced decode steps of random ids: random weights would greedily
@@ -22,21 +22,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_random_checkpoint, beside this script
 
-CONFIG = {
-    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
-    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "num_experts_per_tok": 6,
-    "n_shared_experts": 2, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
-    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy", "n_group": 1,
-    "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False, "hidden_act": "silu",
-    "rms_norm_eps": 1e-6, "max_position_embeddings": 163840, "attention_bias": False, "tie_word_embeddings": False,
-    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                        "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
-                        "mscale": 0.707, "mscale_all_dim": 0.707},
-    "bos_token_id": 100000, "eos_token_id": 100001,
-}
+PRESET = "deepseek-v2-lite"  # bench/make_random_checkpoint.py: the published config's widths
+
+
+def _config() -> dict:
+    from make_random_checkpoint import PRESETS
+
+    return PRESETS[PRESET][1]
+
 
 CHILD = r"""
 import hashlib, json, sys, time
@@ -93,62 +88,19 @@ print(json.dumps({"engine": "llama.cpp", "prefill_tok_s": len(ids) / (t1 - t0), 
 """
 
 
-def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
-    from safetensors.numpy import save_file
+def write_checkpoint(out: Path, layers: int) -> Path:
+    """The shared random-weight generator (transformers 5 in-memory names, f16) at the preset's widths."""
+    from make_random_checkpoint import PRESETS, build_config, write
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {**CONFIG, "num_hidden_layers": layers}
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    H, F, D, E, V, nh = 2048, 1408, 10944, 64, 102400, 16
-    KL, nope, rope, vd = 512, 128, 64, 128
-    rng = np.random.default_rng(seed)
-    # Speed does not depend on the values: every tensor is a window of one pool of 2^24 normals at a random offset
-    pool = rng.standard_normal(1 << 24, dtype=np.float32).astype(np.float16)
-
-    def rand(*shape, scale=0.02):
-        n = int(np.prod(shape))
-        start = int(rng.integers(0, pool.size))
-        flat = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start:start + n]
-        return (flat.reshape(shape) * np.float16(scale)).astype(np.float16)
-
-    index = {}
-
-    def save(tensors: dict, name: str) -> None:
-        save_file(tensors, str(out / name))
-        index.update({k: name for k in tensors})
-
-    save({"model.embed_tokens.weight": rand(V, H), "lm_head.weight": rand(V, H),
-          "model.norm.weight": np.ones(H, np.float16)}, "globals.safetensors")
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        t = {p + "input_layernorm.weight": np.ones(H, np.float16),
-             p + "post_attention_layernorm.weight": np.ones(H, np.float16),
-             a + "q_proj.weight": rand(nh * (nope + rope), H), a + "kv_a_proj_with_mqa.weight": rand(KL + rope, H),
-             a + "kv_a_layernorm.weight": np.ones(KL, np.float16), a + "kv_b_proj.weight": rand(nh * (nope + vd), KL),
-             a + "o_proj.weight": rand(H, nh * vd)}
-        m = p + "mlp."
-        if i == 0:
-            t.update({m + "gate_proj.weight": rand(D, H), m + "up_proj.weight": rand(D, H),
-                      m + "down_proj.weight": rand(H, D)})
-        else:
-            t.update({m + "gate.weight": rand(E, H, scale=0.5).astype(np.float32),
-                      m + "shared_experts.gate_proj.weight": rand(2 * F, H),
-                      m + "shared_experts.up_proj.weight": rand(2 * F, H),
-                      m + "shared_experts.down_proj.weight": rand(H, 2 * F)})
-            for e in range(E):
-                x = f"{m}experts.{e}."
-                t.update({x + "gate_proj.weight": rand(F, H), x + "up_proj.weight": rand(F, H),
-                          x + "down_proj.weight": rand(H, F)})
-        save(t, f"layer{i:03d}.safetensors")
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    model_type, keys = PRESETS[PRESET]
+    write(out, build_config(model_type, keys, layers), "float16", 2 << 30, None)
     return out
 
 
 def kv_bytes_per_token(layers: int, ctx_bytes: int = 4) -> dict:
     """Per token, all layers: MLA's latent + RoPE key vs plain attention's K (heads x (nope + rope)) and V (heads x
     v_head_dim) with the same heads, at f32 (ctx_bytes 4) or f16 (2)."""
-    c = CONFIG
+    c = _config()
     mla = layers * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * ctx_bytes
     plain = layers * c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"] + c["v_head_dim"])
     return {"layers": layers, "mla_bytes": mla, "plain_bytes": plain * ctx_bytes, "ratio": plain * ctx_bytes / mla}
@@ -166,7 +118,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from edgemoe_export import export
 
-    ckpt = args.work / "hf"
+    ckpt = args.work / "hf_shared"
     if not (ckpt / "config.json").exists():
         write_checkpoint(ckpt, args.layers)
     emoe = args.work / f"dsv2lite_{args.layers}l_{args.bits}b.emoe"
@@ -181,7 +133,7 @@ def main(argv=None) -> int:
         print(json.dumps({"file_bytes": size, "layers": args.layers, **runs[-1]}), flush=True)
     if runs:
         print(json.dumps({"logits_bit_identical": runs[0]["logits_sha256"] == runs[1]["logits_sha256"]}))
-    for layers in (args.layers, CONFIG["num_hidden_layers"]):
+    for layers in (args.layers, _config()["num_hidden_layers"]):
         print(json.dumps({"kv_per_token_f32": kv_bytes_per_token(layers)}))
     if args.llama:
         from edgemoe_export.gguf_export import export_gguf
