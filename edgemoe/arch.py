@@ -233,6 +233,12 @@ def _dim(spec: ArchSpec, term: str) -> int:
             "kv_b": spec.n_heads * (spec.qk_nope_dim + spec.v_head_dim)}[term]
 
 
+def tensor_shape(spec: ArchSpec, role: str) -> tuple[int, ...]:
+    """The shape the tensor table states for a role ([rows, cols], or [cols] for a 1-D tensor)."""
+    _, _, _, rows, cols, _, _ = next(row for row in TENSOR_TABLE if row[0] == role)
+    return (_dim(spec, cols),) if rows is None else (_dim(spec, rows), _dim(spec, cols))
+
+
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     kind, _, option = condition.partition(":")
     moe = spec.is_moe_layer(layer)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.arch import EXPERT_MATRICES, GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
+from edgemoe.arch import (
+    EXPERT_MATRICES,
+    GLOBAL_TENSORS,
+    ArchSpec,
+    dense_tensor_names,
+    expert_tensor_name,
+    tensor_shape,
+)
 from edgemoe.errors import FormatError, UnsupportedModelError
 
 from .families import Family, dense_hf_names, family_for
@@ -36,11 +43,9 @@ def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
         "bo": (H,), "sinks": (nh,), "router_b": (spec.n_experts,), "gate_b": (spec.n_experts, spec.expert_ffn),
         "up_b": (spec.n_experts, spec.expert_ffn), "down_b": (spec.n_experts, H),
     }
-    if spec.kv_lora_rank:  # MLA: the tensor table's shapes
-        kl, ql = spec.kv_lora_rank, spec.q_lora_rank
-        shapes.update(wo=(H, nh * spec.v_head_dim), wq_a=(ql, H), q_a_norm=(ql,), wq_b=(nh * hd, ql),
-                      wkv_a=(kl + spec.rope_dim, H), kv_a_norm=(kl,),
-                      wkv_b=(nh * (spec.qk_nope_dim + spec.v_head_dim), kl))
+    # the roles only the tensor table sizes (MLA's), and wo (MLA's is n_heads * v_head_dim wide)
+    shapes.update({role: tensor_shape(spec, role) for role in ("wo", "wq_a", "q_a_norm", "wq_b", "wkv_a", "kv_a_norm",
+                                                                "wkv_b")})
     return shapes
 
 
