@@ -42,6 +42,16 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
         "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "partial_rotary_factor": 0.5,
         "use_qk_norm": False}),
+    "deepseek-v2-lite": ("deepseek_v2", {
+        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+        "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512,
+        "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 163840,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                            "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                            "mscale": 0.707, "mscale_all_dim": 0.707}}),
     "granite-3.1-3b-a800m": ("granitemoe", {
         "vocab_size": 49155, "hidden_size": 1536, "intermediate_size": 512, "num_hidden_layers": 32,
         "num_attention_heads": 24, "num_key_value_heads": 8, "num_local_experts": 40, "num_experts_per_tok": 8,

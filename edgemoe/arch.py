@@ -120,6 +120,15 @@ class ArchSpec:
     dense_beside_moe: bool = False
     layer_scale: bool = False  # each layer's output (the residual stream) is multiplied by its layer_scale scalar
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = none
+    # Multi-head Latent Attention (DeepSeek-V2/V3; kv_lora_rank 0 = off): per token one latent c = kv_a_norm(the first
+    # kv_lora_rank outputs of wkv_a x) and one shared RoPE key (its last rope_dim outputs) are cached; wkv_b expands c
+    # into each head's no-RoPE key (qk_nope_dim) and value (v_head_dim). head_dim = qk_nope_dim + rope_dim (the q/k
+    # head, RoPE on its last rope_dim dims); queries come from wq, or wq_b(q_a_norm(wq_a x)) when q_lora_rank > 0.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
+    mla_norm_eps: float = 1e-6  # eps of q_a_norm / kv_a_norm: transformers builds them with the class default
     # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
     # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
     expert_map: list[list[int]] = field(default_factory=list)
@@ -165,6 +174,11 @@ class ArchSpec:
             raise ValueError(f"global_rope_angles={self.global_rope_angles} exceeds half the global head size")
         if self.global_head_dim not in (0, self.head_dim) and not self.global_rope_angles:
             raise ValueError("global_head_dim differs from head_dim: give global_rope_angles (its RoPE)")
+        if self.q_lora_rank and not self.kv_lora_rank:
+            raise ValueError(f"q_lora_rank={self.q_lora_rank} needs Multi-head Latent Attention (kv_lora_rank > 0)")
+        if self.kv_lora_rank and (self.qk_nope_dim + self.rope_dim != self.head_dim or self.v_head_dim < 1):
+            raise ValueError(f"MLA needs head_dim={self.head_dim} == qk_nope_dim={self.qk_nope_dim} + rope_dim="
+                             f"{self.rope_dim} and v_head_dim >= 1 (got {self.v_head_dim})")
 
     def is_attention_layer(self, layer: int) -> bool:
         """Whether the layer runs (softmax) attention, with its tensors and KV cache: no other layer kind (linear
@@ -225,19 +239,19 @@ class ArchSpec:
 # (role, container name pattern, scope, rows, cols, condition, need) with
 #   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
 #   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
-#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | attn_v | linear | conv; dense = with a dense MLP, also MoE
-#     layers under dense_beside_moe; attn_v = attention with its own values), and an arch
-#     option that must be set (non-zero, not false, not "none"); need: "required" | "unless_tied" | "optional" |
-#     "if_routed".
+#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | attn_v | linear | conv;
+#     dense = with a dense MLP, also MoE layers under dense_beside_moe; attn_v = attention with its own values), and
+#     an arch option that must be set (non-zero, not false, not "none"; "!option": must not be set);
+#     need: "required" | "unless_tied" | "optional" | "if_routed".
 TENSOR_TABLE = (
     ("embed", "token_embd.weight", "global", "vocab", "hidden", "all", "required"),
     ("final_norm", "output_norm.weight", "global", None, "hidden", "all", "required"),
     ("lm_head", "output.weight", "global", "vocab", "hidden", "all", "unless_tied"),
     ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "all", "required"),
-    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "attn", "required"),
-    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "attn", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn_v", "required"),
-    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "q", "attn", "required"),
+    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "attn:!q_lora_rank", "required"),
+    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "attn:!kv_lora_rank", "required"),
+    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn_v:!kv_lora_rank", "required"),
+    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "o", "attn", "required"),
     ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "all", "required"),
     ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "attn:qkv_bias", "required"),
     ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "attn:qkv_bias", "required"),
@@ -264,6 +278,13 @@ TENSOR_TABLE = (
     ("moe_pre_norm", "blk.{layer}.pre_ffw_norm_2.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
     ("moe_post_norm", "blk.{layer}.post_ffw_norm_2.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
     ("layer_scale", "blk.{layer}.layer_output_scale.weight", "layer", None, "one", "all:layer_scale", "required"),
+    # MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names
+    ("wq_a", "blk.{layer}.attn_q_a.weight", "layer", "q_lora", "hidden", "all:q_lora_rank", "required"),
+    ("q_a_norm", "blk.{layer}.attn_q_a_norm.weight", "layer", None, "q_lora", "all:q_lora_rank", "required"),
+    ("wq_b", "blk.{layer}.attn_q_b.weight", "layer", "q", "q_lora", "all:q_lora_rank", "required"),
+    ("wkv_a", "blk.{layer}.attn_kv_a_mqa.weight", "layer", "kv_a", "hidden", "all:kv_lora_rank", "required"),
+    ("kv_a_norm", "blk.{layer}.attn_kv_a_norm.weight", "layer", None, "kv_lora", "all:kv_lora_rank", "required"),
+    ("wkv_b", "blk.{layer}.attn_kv_b.weight", "layer", "kv_b", "kv_lora", "all:kv_lora_rank", "required"),
     # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
     ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
     ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
@@ -299,7 +320,16 @@ def _dim(spec: ArchSpec, term: str, layer: int = 0) -> int:
             "la_conv_dim": 2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim,
             "la_conv_taps": (2 * spec.linear_k_heads * spec.linear_k_dim + spec.linear_v_heads * spec.linear_v_dim)
             * spec.linear_conv, "la_v": spec.linear_v_heads * spec.linear_v_dim, "la_heads": spec.linear_v_heads,
-            "la_vdim": spec.linear_v_dim, "conv_in": 3 * spec.hidden, "conv_kernel": spec.conv_kernel}[term]
+            "la_vdim": spec.linear_v_dim, "conv_in": 3 * spec.hidden, "conv_kernel": spec.conv_kernel,
+            "o": spec.n_heads * spec.v_head_dim if spec.kv_lora_rank else q, "q_lora": spec.q_lora_rank,
+            "kv_lora": spec.kv_lora_rank, "kv_a": spec.kv_lora_rank + spec.rope_dim,
+            "kv_b": spec.n_heads * (spec.qk_nope_dim + spec.v_head_dim)}[term]
+
+
+def tensor_shape(spec: ArchSpec, role: str, layer: int = 0) -> tuple[int, ...]:
+    """The shape the tensor table states for a role ([rows, cols], or [cols] for a 1-D tensor)."""
+    _, _, _, rows, cols, _, _ = next(row for row in TENSOR_TABLE if row[0] == role)
+    return (_dim(spec, cols, layer),) if rows is None else (_dim(spec, rows, layer), _dim(spec, cols, layer))
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
@@ -311,7 +341,8 @@ def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
              "attn_v": attn and not (spec.global_k_eq_v and spec.is_global_layer(layer))}
     if not kinds[kind]:
         return False
-    return not option or getattr(spec, option) not in (0, False, "none")
+    unless = option.startswith("!")
+    return not option or (getattr(spec, option.lstrip("!")) not in (0, False, "none")) != unless
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -355,6 +386,12 @@ _EXPERT_PATTERN = {row[0]: row[1] for row in TENSOR_TABLE if row[2] == "expert"}
 
 def expert_tensor_name(layer: int, expert: int, matrix: str) -> str:
     return _EXPERT_PATTERN[matrix].format(layer=layer, expert=expert)
+
+
+def kv_values_per_token(spec: ArchSpec) -> int:
+    """Values the KV cache holds per token (all layers): MLA's latent + RoPE key, or plain K and V."""
+    per_layer = spec.kv_lora_rank + spec.rope_dim if spec.kv_lora_rank else 2 * spec.n_kv_heads * spec.head_dim
+    return spec.n_layers * per_layer
 
 
 GLOBAL_TENSORS = {role: pattern for role, pattern, scope, *_ in TENSOR_TABLE if scope == "global"}

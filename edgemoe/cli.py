@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from .arch import kv_values_per_token
 from .cli_options import (
     check_model_path,
     context_opts,
@@ -139,6 +140,9 @@ def cmd_info(args) -> int:
     print(f"{c.path}  ({format_bytes(c.path.stat().st_size)})")
     print(f"  family {s.family}: {s.n_layers} layers, hidden {s.hidden}, vocab {s.vocab}, "
           f"heads {s.n_heads}/{s.n_kv_heads} x {s.head_dim}")
+    kv = kv_values_per_token(s) * 4  # f32 cache (an f16 cache halves it)
+    print(f"  KV cache {format_bytes(kv)} per token (f32)"
+          + (f": MLA latent {s.kv_lora_rank} + RoPE key {s.rope_dim} per layer" if s.kv_lora_rank else ""))
     print(f"  experts {s.n_experts} x ffn {s.expert_ffn}, top-{s.top_k} ({s.router_fn}"
           f"{', renormalized' if s.norm_topk else ''}; router on {s.router_input}), {s.activation}"
           + (f", shared expert ffn {s.shared_ffn}" if s.shared_ffn else ""))

@@ -246,7 +246,36 @@ def mixer(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[st
         return gated_deltanet(spec, x, w, names)
     if layer in spec.conv_layers:
         return shortconv(spec, x, w, names)
+    if spec.kv_lora_rank:
+        return mla_attention(spec, x, w, names)
     return attention(spec, layer, x, w, names)
+
+
+def mla_attention(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
+    """Multi-head Latent Attention as transformers computes it (DeepSeek-V2/V3): the latent c = kv_a_norm(first
+    kv_lora_rank outputs of wkv_a x) and the shared RoPE key (its last rope_dim outputs) are what a cache holds; wkv_b
+    expands c into every head's no-RoPE key and its value. Queries: wq x, or wq_b(q_a_norm(wq_a x))."""
+    T, nh, hd, nope, r, vd = x.shape[0], spec.n_heads, spec.head_dim, spec.qk_nope_dim, spec.rope_dim, spec.v_head_dim
+    if spec.q_lora_rank:
+        q = rms_norm(x @ w(names["wq_a"]).T, w(names["q_a_norm"]), spec.mla_norm_eps) @ w(names["wq_b"]).T
+    else:
+        q = x @ w(names["wq"]).T
+    q = q.reshape(T, nh, hd)
+    kva = x @ w(names["wkv_a"]).T
+    latent = rms_norm(kva[:, : spec.kv_lora_rank], w(names["kv_a_norm"]), spec.mla_norm_eps)
+    pos = np.arange(T)
+    q_pe = rope(q[..., nope:], pos, spec)  # [T, nh, r]: rope() turns the first rope_dim dims, here all of them
+    k_pe = rope(kva[:, None, spec.kv_lora_rank:], pos, spec)  # [T, 1, r]
+    kv = (latent @ w(names["wkv_b"]).T).reshape(T, nh, nope + vd)
+    k = np.concatenate([kv[..., :nope], np.broadcast_to(k_pe, (T, nh, r))], axis=-1)
+    qf = np.concatenate([q[..., :nope], q_pe], axis=-1)
+    scores = np.einsum("thd,shd->hts", qf, k)
+    scores = scores * np.float32(spec.attn_scale) if spec.attn_scale else scores / np.float32(np.sqrt(hd))
+    scores = np.where((np.arange(T)[None, :] > np.arange(T)[:, None])[None], -np.inf, scores)
+    out = np.einsum("hts,shd->thd", softmax(scores), kv[..., nope:]).reshape(T, nh * vd)
+    return out @ w(names["wo"]).T
+
+
 
 
 def moe(spec: ArchSpec, layer: int, x: np.ndarray, router_x: np.ndarray, w: WeightFn, names: dict[str, str],

@@ -367,6 +367,91 @@ def _yarn(c: ConfigFields) -> dict:
             "yarn_truncate": y.bool("truncate", True), "rope_attn_factor": float(attn)}
 
 
+def _mla(c: ConfigFields, base: dict) -> dict:
+    """Multi-head Latent Attention fields (DeepSeek-V2/V3): the q/k head is qk_nope_head_dim + qk_rope_head_dim with
+    RoPE on its last qk_rope_head_dim dims, one expanded key and value per head; q_lora_rank null = a plain q_proj.
+    transformers scales the scores by qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN."""
+    if c.bool("attention_bias", False):
+        raise UnsupportedModelError("DeepSeek with attention_bias=true is not supported yet")
+    if c.bool("mlp_bias", False):
+        raise UnsupportedModelError("DeepSeek with mlp_bias=true is not supported yet")
+    if c.cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"DeepSeek with hidden_act={c.cfg.get('hidden_act')!r} is not supported yet "
+                                    "(expected 'silu')")
+    nope, rope = c.int("qk_nope_head_dim", 128, lo=0, hi=4096), c.int("qk_rope_head_dim", 64, hi=4096)
+    if rope % 2:
+        raise FormatError(f"qk_rope_head_dim = {rope}: RoPE rotates pairs of dimensions, expected an even number")
+    head_dim = nope + rope
+    fields = {"head_dim": head_dim, "n_kv_heads": base["n_heads"], "rope_dim": rope,
+              "kv_lora_rank": c.int("kv_lora_rank", 512), "q_lora_rank": c.int("q_lora_rank", 0, lo=0),
+              "qk_nope_dim": nope, "v_head_dim": c.int("v_head_dim", 128)}
+    yarn = _yarn(c)
+    fields.update(yarn)
+    p = c.cfg.get("rope_parameters") or c.cfg.get("rope_scaling") or {}
+    if yarn and p.get("mscale_all_dim"):
+        m = 0.1 * ConfigFields(p).float("mscale_all_dim", 0.0) * math.log(yarn["rope_factor"]) + 1.0 \
+            if yarn["rope_factor"] > 1 else 1.0
+        fields["attn_scale"] = float(head_dim ** -0.5 * m * m)
+    return fields
+
+
+def _deepseek_base(c: ConfigFields, family: str, theta: float) -> dict:
+    # num_key_value_heads does not shape MLA (every head expands the one latent; V3's default 128 is not the head
+    # count of a smaller config) and head_dim is transformers' alias of qk_rope_head_dim: both replaced by _mla
+    plain = ConfigFields(dict(c.cfg, num_key_value_heads=None, head_dim=None))
+    base = _common(plain, family, theta, head_dim_default=2, rope_types=("default", None, "yarn"))
+    base.update(_mla(c, base))
+    base["rope_kind"] = "norm"  # DeepSeek's RoPE rotates adjacent pairs (2i, 2i+1)
+    return base
+
+
+def _first_dense(c: ConfigFields, n_layers: int) -> list[int]:
+    return list(range(min(c.int("first_k_dense_replace", 0, lo=0, hi=MAX_LAYERS), n_layers)))
+
+
+def deepseek_v2_spec(cfg: dict) -> ArchSpec:
+    """DeepSeek-V2 / V2-Lite (transformers' modeling_deepseek_v2.py): MLA with interleaved RoPE (a complex product
+    over pairs (2i, 2i+1)); softmax router, topk_method greedy or group_limited_greedy (groups scored by their best
+    expert, topk_group kept), no renormalization (its router ignores norm_topk_prob), weights x routed_scaling_factor;
+    shared experts of n_shared_experts * moe_intermediate_size; dense MLP layers before first_k_dense_replace."""
+    c = ConfigFields(cfg)
+    base = _deepseek_base(c, "deepseek2", 10000.0)
+    method = cfg.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedModelError(f"DeepSeek-V2 topk_method {method!r:.40} is not supported (edgemoe runs 'greedy' "
+                                    "and 'group_limited_greedy')")
+    groups = {}
+    if method == "group_limited_greedy":
+        groups = {"n_group": c.int("n_group"), "topk_group": c.int("topk_group"), "group_score": "max"}
+    n_experts, top_k = _experts(c, "n_routed_experts", "num_experts_per_tok")
+    moe_ffn = c.int("moe_intermediate_size")
+    dense = _first_dense(c, base["n_layers"])
+    return _spec(base, n_experts=n_experts, top_k=top_k, expert_ffn=moe_ffn, router_fn="softmax", norm_topk=False,
+                 routed_scaling=c.float("routed_scaling_factor", 1.0),
+                 shared_ffn=moe_ffn * c.int("n_shared_experts", 0, lo=0),
+                 dense_ffn=_dense_ffn(c, dense), dense_layers=dense, **groups)
+
+
+def deepseek_v3_spec(cfg: dict) -> ArchSpec:
+    """DeepSeek-V3 / Moonlight (transformers' modeling_deepseek_v3.py): MLA (RoPE over pairs (2i, 2i+1) when
+    rope_interleave, the default: its output order differs from V2's, but q and k share it, so the scores are the same;
+    rotate-half otherwise); sigmoid router, experts chosen by score + e_score_correction_bias among the topk_group best
+    of n_group groups (a group's two best summed), weights the chosen scores (renormalized if norm_topk_prob) x
+    routed_scaling_factor; shared experts; dense layers before first_k_dense_replace. MTP layers are not read."""
+    c = ConfigFields(cfg)
+    base = _deepseek_base(c, "deepseek2", 10000.0)
+    if not c.bool("rope_interleave", True):
+        base["rope_kind"] = "neox"
+    n_experts, top_k = _experts(c, "n_routed_experts", "num_experts_per_tok")
+    moe_ffn = c.int("moe_intermediate_size")
+    dense = _first_dense(c, base["n_layers"])
+    return _spec(base, n_experts=n_experts, top_k=top_k, expert_ffn=moe_ffn, router_fn="sigmoid",
+                 norm_topk=c.bool("norm_topk_prob", True), score_bias=True, n_group=c.int("n_group", 1),
+                 topk_group=c.int("topk_group", 1), routed_scaling=c.float("routed_scaling_factor", 1.0),
+                 shared_ffn=moe_ffn * c.int("n_shared_experts", 0, lo=0),
+                 dense_ffn=_dense_ffn(c, dense), dense_layers=dense)
+
+
 GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -672,6 +757,10 @@ FAMILIES: dict[str, Family] = {
                        shared="shared_experts", score_bias="gate.e_score_correction_bias"),
     "ernie4_5_moe": Family("ernie4_5moe", ernie45moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
                            shared="shared_experts", score_bias="moe_statics.e_score_correction_bias"),
+    "deepseek_v2": Family("deepseek2", deepseek_v2_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                          shared="shared_experts"),
+    "deepseek_v3": Family("deepseek2", deepseek_v3_spec, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                          shared="shared_experts", score_bias="gate.e_score_correction_bias"),
     "gpt_oss": Family("gptoss", gpt_oss_spec, "mlp", "router.weight", ("gate_proj", "up_proj", "down_proj"),
                       fused="gpt_oss"),
     "qwen3_5_moe_text": Family("qwen35moe", qwen35moe_spec, "mlp", "gate.weight", ("gate_proj", "up_proj",
@@ -692,7 +781,8 @@ FAMILIES["gemma4"] = FAMILIES["gemma4_text"]
 SUPPORTED = ("OLMoE (olmoe), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), Mixtral (mixtral), SmallThinker "
              "(smallthinker), Granite-MoE (granitemoe, granitemoeshared), GLM-4.5 MoE (glm4_moe), ERNIE-4.5 MoE "
              "(ernie4_5_moe), gpt-oss (gpt_oss), Qwen3.5/3.6-MoE (qwen3_5_moe_text), Qwen3-Next (qwen3_next), "
-             "LFM2-MoE (lfm2_moe), Gemma-4 MoE (gemma4, gemma4_text)")
+             "LFM2-MoE (lfm2_moe), Gemma-4 MoE (gemma4, gemma4_text), DeepSeek-V2 (deepseek_v2), DeepSeek-V3 "
+             "(deepseek_v3)")
 
 
 # Multimodal checkpoints whose text model edgemoe runs (the vision tower is not read): model_type -> (the text
@@ -736,6 +826,10 @@ def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
         "wq": a + "q_proj.weight", "wk": a + "k_proj.weight", "wv": a + "v_proj.weight", "wo": a + "o_proj.weight",
         "ffn_norm": p + "post_attention_layernorm.weight",
     }
+    if spec.kv_lora_rank:  # MLA (names the table does not list for this spec are not read)
+        names.update(wq_a=a + "q_a_proj.weight", q_a_norm=a + "q_a_layernorm.weight", wq_b=a + "q_b_proj.weight",
+                     wkv_a=a + "kv_a_proj_with_mqa.weight", kv_a_norm=a + "kv_a_layernorm.weight",
+                     wkv_b=a + "kv_b_proj.weight")
     if spec.qkv_bias:
         names.update(bq=a + "q_proj.bias", bk=a + "k_proj.bias", bv=a + "v_proj.bias")
     if spec.qk_norm != "none":

@@ -21,6 +21,7 @@ llama.cpp's `llama_model_quantize`, which needs llama-cpp-python).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -118,6 +119,33 @@ def _check_lfm2moe(spec: ArchSpec, where: str) -> None:
             or spec.n_group > 1 or spec.qk_norm != "head" or spec.activation != "swiglu"):
         raise EdgeMoEError(f"{where}: llama.cpp's lfm2moe expects SwiGLU experts, a sigmoid router with a "
                            "selection bias, renormalized weights without routed scaling, and per-head QK-norm")
+def _check_deepseek2(spec: ArchSpec, where: str) -> None:
+    """llama.cpp's deepseek2 (MLA): adjacent-pair RoPE, dense layers first, shared experts a whole number of experts,
+    softmax routing (V2) or sigmoid with a selection bias (V3), groups scored by their two best (V3), one RMSNorm eps
+    for every norm, no YaRN (its softmax mscale and log multiplier are not written yet)."""
+    if not spec.kv_lora_rank or spec.rope_kind != "norm" or spec.activation != "swiglu":
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 expects Multi-head Latent Attention with RoPE over "
+                           "adjacent pairs (rope_interleave) and SwiGLU experts")
+    if spec.router_fn == "sigmoid" and not spec.score_bias or spec.router_fn == "softmax" and spec.score_bias:
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 expects a softmax router (V2) or a sigmoid router with a "
+                           "selection bias (V3)")
+    if spec.n_group > 1 and spec.group_score != "top2_sum":
+        raise EdgeMoEError(f"{where}: DeepSeek-V2's group-limited greedy routing (groups scored by their best expert) "
+                           "is not what llama.cpp's deepseek2 computes (the sum of a group's two best); export to the "
+                           "edgemoe container, which runs it")
+    if spec.dense_layers != list(range(len(spec.dense_layers))) or spec.shared_ffn % spec.expert_ffn:
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 needs the dense layers first (got {spec.dense_layers}) and "
+                           f"a shared expert of whole experts (shared_ffn = {spec.shared_ffn}, expert_ffn = "
+                           f"{spec.expert_ffn})")
+    if spec.rope_scaling == "none" and spec.attn_scale:
+        raise EdgeMoEError(f"{where}: a softmax scale other than 1/sqrt(head_dim) without YaRN is not expressible in "
+                           "llama.cpp's deepseek2")
+    if spec.rope_scaling == "yarn" and (spec.rope_attn_factor != 1.0 or not spec.yarn_truncate):
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 YaRN needs mscale == mscale_all_dim (cos/sin unscaled; "
+                           f"this model scales them by {spec.rope_attn_factor:g}) and a truncated correction range")
+    if spec.mla_norm_eps != spec.norm_eps:
+        raise EdgeMoEError(f"{where}: llama.cpp's deepseek2 uses rms_norm_eps = {spec.norm_eps:g} for the q_a / kv_a "
+                           f"norms too, the model {spec.mla_norm_eps:g}: its logits would differ")
 
 
 def _check_supported(spec: ArchSpec, arch: str) -> None:
@@ -125,6 +153,8 @@ def _check_supported(spec: ArchSpec, arch: str) -> None:
     where = f"GGUF export ({fam} -> llama.cpp '{arch}')"
     if arch == "lfm2moe":
         return _check_lfm2moe(spec, where)
+    if arch == "deepseek2":
+        return _check_deepseek2(spec, where)
     if arch == "glm4moe":
         return _check_glm4moe(spec, where)
     if arch == "ernie4_5-moe":
@@ -362,6 +392,11 @@ def _plan(spec: ArchSpec, arch: str, gguf_type: str, write_output: bool) -> tupl
             for name, shape in gguf_qwen35.layer_tensors(spec, layer, dense_tensor_names(spec, layer), None):
                 add(name, shape)
         for role, name in dense_tensor_names(spec, layer).items() if arch != gguf_qwen35.ARCH else ():
+            if role == "wkv_b":  # llama.cpp: per head W_kb^T [kv_lora_rank, nope] and W_vb [v_head_dim, kv_lora_rank]
+                nh, kl = spec.n_heads, spec.kv_lora_rank
+                add(f"blk.{layer}.attn_k_b.weight", (nh, kl, spec.qk_nope_dim))
+                add(f"blk.{layer}.attn_v_b.weight", (nh, spec.v_head_dim, kl))
+                continue
             add(gguf_tensor_name(arch, name), shapes[role])
         for name, arr in gguf_gemma4.layer_tensors(spec, layer) if arch == "gemma4" else ():
             add(name, arr.shape)
@@ -395,6 +430,11 @@ def _tensor_stream(ckpt: Checkpoint, arch: str, write_output: bool, show_progres
             arr = dense[name]
             if arch in ("llama", "granitemoe") and role in ("wq", "wk"):  # both rotate adjacent pairs
                 arr = _permute_rope_rows(arr, spec.n_heads if role == "wq" else spec.n_kv_heads)
+            if role == "wkv_b":  # split per head into its key rows (transposed) and its value rows
+                kv = arr.reshape(spec.n_heads, spec.qk_nope_dim + spec.v_head_dim, spec.kv_lora_rank)
+                yield f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(kv[:, : spec.qk_nope_dim].swapaxes(1, 2))
+                yield f"blk.{layer}.attn_v_b.weight", np.ascontiguousarray(kv[:, spec.qk_nope_dim:])
+                continue
             yield gguf_tensor_name(arch, name), arr
         del dense
         yield from gguf_gemma4.layer_tensors(spec, layer) if arch == "gemma4" else ()
@@ -442,12 +482,13 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_context_length(spec.max_position)
     w.add_embedding_length(spec.hidden)
     w.add_head_count(spec.n_heads)
-    if arch != "gemma4":  # gemma4: per-layer-kind sizes (gguf_gemma4.metadata)
+    if arch not in ("gemma4", "deepseek2"):  # gemma4: per-layer-kind sizes (gguf_gemma4.metadata); deepseek2: below
         # lfm2moe tells conv layers by a KV head count of 0
         w.add_head_count_kv([0 if i in spec.conv_layers else spec.n_kv_heads for i in range(spec.n_layers)]
                             if arch == "lfm2moe" else spec.n_kv_heads)
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
+    if arch != "gemma4":
         w.add_rope_dimension_count(spec.rope_dim)
         w.add_rope_freq_base(spec.rope_theta)
     w.add_layer_norm_rms_eps(spec.norm_eps)
@@ -456,7 +497,7 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
     w.add_expert_used_count(spec.top_k)
     # llama.cpp's olmoe and llama take the expert width from feed_forward_length; the others from
     # expert_feed_forward_length. Writing both is what the upstream converters do.
-    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe", "lfm2moe")  # feed_forward_length = the dense MLP's width
+    dense_width = arch in ("qwen2moe", "glm4moe", "ernie4_5-moe", "lfm2moe", "deepseek2")  # feed_forward_length = the dense MLP's width
     if arch != "gemma4":
         w.add_feed_forward_length(spec.expert_ffn if not dense_width else (spec.dense_ffn or spec.expert_ffn))
     w.add_expert_feed_forward_length(spec.expert_ffn)
@@ -474,6 +515,31 @@ def _write_metadata(w, spec: ArchSpec, arch: str, ckpt: Checkpoint, gguf_type: s
         w.add_expert_weights_norm(spec.norm_topk)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_nextn_predict_layers(0)  # the MTP layers are not exported
+    if arch == "deepseek2":  # MLA as llama.cpp runs it: MQA over the latent (one KV head of kv_lora_rank + rope)
+        w.add_head_count_kv(1)
+        w.add_key_length(spec.kv_lora_rank + spec.rope_dim)
+        w.add_value_length(spec.kv_lora_rank)
+        w.add_key_length_mla(spec.head_dim)
+        w.add_value_length_mla(spec.v_head_dim)
+        w.add_q_lora_rank(spec.q_lora_rank)
+        w.add_kv_lora_rank(spec.kv_lora_rank)
+        w.add_leading_dense_block_count(len(spec.dense_layers))
+        w.add_expert_shared_count(spec.shared_ffn // spec.expert_ffn)
+        w.add_expert_weights_scale(spec.routed_scaling)
+        w.add_expert_weights_norm(spec.norm_topk)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX if spec.router_fn == "softmax"
+                                 else gguf.ExpertGatingFuncType.SIGMOID)
+        if spec.rope_scaling == "yarn":  # the softmax mscale^2 as llama.cpp derives it: 1 + log_mul * ln(factor)
+            mscale = math.sqrt((spec.attn_scale or spec.head_dim ** -0.5) * math.sqrt(spec.head_dim))
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(spec.rope_factor)
+            w.add_rope_scaling_orig_ctx_len(spec.yarn_orig_ctx)
+            w.add_rope_scaling_yarn_beta_fast(spec.yarn_beta_fast)
+            w.add_rope_scaling_yarn_beta_slow(spec.yarn_beta_slow)
+            w.add_rope_scaling_yarn_log_mul((mscale - 1.0) / math.log(spec.rope_factor) if spec.rope_factor > 1 else 0.0)
+        if spec.n_group > 1:
+            w.add_expert_group_count(spec.n_group)
+            w.add_expert_group_used_count(spec.topk_group)
     if arch == "ernie4_5-moe":
         lead, step = _ernie_moe_layout(spec)
         w.add_leading_dense_block_count(lead)

@@ -130,6 +130,7 @@ class GGUFCheckpoint:
         self.family: Family = FAMILIES[_MODEL_TYPE[family_name]]
         self._check_types()
         self.config = self._config()
+        self.family = FAMILIES[self.config["model_type"]]  # deepseek2: V2 or V3, told by the gating function
         try:
             spec = self.family.spec(self.config)
         except (FormatError, UnsupportedModelError) as e:
@@ -215,7 +216,7 @@ class GGUFCheckpoint:
                     else self._kv_int(p + "attention.head_count_kv", heads, hi=heads))
         head_dim = self._kv_int(p + "attention.key_length", max(1, hidden // heads))
         v_len = self._kv_int(p + "attention.value_length", head_dim)
-        if v_len != head_dim:
+        if v_len != head_dim and a != "deepseek2":  # deepseek2: MLA's latent lengths, see _deepseek2
             raise UnsupportedModelError(f"{self.path}: key_length {head_dim} != value_length {v_len} is not supported")
         n_experts = self._kv_int(p + "expert_count", 0, lo=0)
         if n_experts == 0:
@@ -224,10 +225,10 @@ class GGUFCheckpoint:
                 "model; edgemoe reads Mixture-of-Experts models only"
             )
         top_k = self._kv_int(p + "expert_used_count", hi=n_experts)
-        if a != "lfm2moe" and self._kv_int(p + "leading_dense_block_count", 0, lo=0):
+        if a not in ("lfm2moe", "deepseek2") and self._kv_int(p + "leading_dense_block_count", 0, lo=0):
             raise UnsupportedModelError(f"{self.path}: leading dense blocks are not supported for '{a}'")
         scaling = self._kv(p + "rope.scaling.type", "none")
-        if scaling not in ("none", None, "") and not (a == "gpt-oss" and scaling == "yarn"):
+        if scaling not in ("none", None, "") and not (a in ("gpt-oss", "deepseek2") and scaling == "yarn"):
             raise UnsupportedModelError(f"{self.path}: RoPE scaling type {scaling!r} is not supported yet")
         theta = self._kv_float(p + "rope.freq_base", 10000.0)
         eps = self._kv_float(p + "attention.layer_norm_rms_epsilon", hi=1.0)
@@ -313,6 +314,8 @@ class GGUFCheckpoint:
         elif a == "gemma4":
             cfg = gguf_gemma4.hf_config(self, {**cfg, "num_experts": n_experts, "top_k": top_k})
             del cfg["top_k"]
+        elif a == "deepseek2":
+            cfg.update(self._deepseek2(n_layers, heads, n_experts, top_k, expert_ffn, ffn, theta, scaling))
         elif a == "smallthinker":
             import gguf
 
@@ -329,6 +332,59 @@ class GGUFCheckpoint:
                 sliding_window_layout=[int(i % period != 0) if hybrid else 0 for i in range(n_layers)],
                 sliding_window_size=4096,
             )
+        return cfg
+
+    def _deepseek2(self, n_layers: int, heads: int, n_experts: int, top_k: int, expert_ffn: int, ffn: int, theta: float,
+                   scaling: str) -> dict:
+        """llama.cpp's deepseek2 metadata -> a deepseek_v2 (softmax gating) or deepseek_v3 (sigmoid gating + the
+        exp_probs_b selection bias) config, MLA from the *_mla lengths (files without them: the legacy layout, the
+        key and value lengths are the heads'), the softmax mscale from yarn_log_multiplier (= 0.1 mscale_all_dim)."""
+        import gguf
+
+        p = self.arch + "."
+        rope = self._kv_int(p + "rope.dimension_count")
+        mla = p + "attention.key_length_mla" in self._fields
+        k_len = self._kv_int(p + ("attention.key_length_mla" if mla else "attention.key_length"), hi=4096)
+        v_len = self._kv_int(p + ("attention.value_length_mla" if mla else "attention.value_length"), hi=4096)
+        if k_len <= rope:
+            raise FormatError(f"{self.path}: deepseek2 key length {k_len} must exceed rope.dimension_count {rope}")
+        q_lora = self._kv_int(p + "attention.q_lora_rank", 0, lo=0)
+        gating = self._kv_int(p + "expert_gating_func", int(gguf.ExpertGatingFuncType.SOFTMAX), lo=0)
+        sigmoid = gating == int(gguf.ExpertGatingFuncType.SIGMOID)
+        if gating not in (int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)):
+            raise UnsupportedModelError(f"{self.path}: deepseek2 expert_gating_func {gating} is not supported")
+        groups = self._kv_int(p + "expert_group_count", 1, lo=0)
+        if groups > 1 and not sigmoid:  # llama.cpp scores groups V3's way; V2's reader would score them by their max
+            raise UnsupportedModelError(f"{self.path}: softmax gating with {groups} expert groups (scored by their two "
+                                        "best experts, as llama.cpp does) is not a DeepSeek-V2 routing edgemoe reads")
+        lead = self._kv_int(p + "leading_dense_block_count", 0, lo=0, hi=n_layers)
+        if sigmoid and f"blk.{lead}.exp_probs_b.bias" not in self._tensors:
+            raise UnsupportedModelError(f"{self.path}: sigmoid gating without exp_probs_b (the selection bias) is not "
+                                        "a DeepSeek-V3 model edgemoe reads")
+        shared = self._kv_int(p + "expert_shared_count", 0, lo=0)
+        cfg = {"model_type": "deepseek_v3" if sigmoid else "deepseek_v2", "num_key_value_heads": heads,
+               "kv_lora_rank": self._kv_int(p + "attention.kv_lora_rank"), "q_lora_rank": q_lora or None,
+               "qk_rope_head_dim": rope, "qk_nope_head_dim": k_len - rope, "v_head_dim": v_len,
+               "n_routed_experts": n_experts, "num_experts_per_tok": top_k, "moe_intermediate_size": expert_ffn,
+               "intermediate_size": ffn or expert_ffn, "n_shared_experts": shared, "first_k_dense_replace": lead,
+               "routed_scaling_factor": self._kv_float(p + "expert_weights_scale", 1.0),
+               "norm_topk_prob": bool(self._kv(p + "expert_weights_norm", False)), "head_dim": None}
+        if sigmoid:
+            cfg.update(n_group=max(groups, 1), topk_group=self._kv_int(p + "expert_group_used_count", 1)
+                       if groups > 1 else 1)
+        else:
+            cfg["topk_method"] = "greedy"
+        params = {"rope_type": "default", "rope_theta": theta}
+        if scaling == "yarn":
+            log_mul = float(self._kv(p + "rope.scaling.yarn_log_multiplier", 0.0))
+            params.update(rope_type="yarn", factor=self._kv_float(p + "rope.scaling.factor"),
+                          original_max_position_embeddings=self._kv_int(p + "rope.scaling.original_context_length",
+                                                                         hi=MAX_POSITION),
+                          beta_fast=self._kv_float(p + "rope.scaling.yarn_beta_fast", 32.0),
+                          beta_slow=self._kv_float(p + "rope.scaling.yarn_beta_slow", 1.0), truncate=True)
+            if log_mul:  # llama.cpp: mscale = 1 + log_mul ln(factor) for the scores, cos/sin unscaled
+                params.update(mscale=log_mul / 0.1, mscale_all_dim=log_mul / 0.1)
+        cfg.update(rope_parameters=params, rope_theta=None)
         return cfg
 
     # --- tensor checks -------------------------------------------------------------------------------------
@@ -353,6 +409,10 @@ class GGUFCheckpoint:
         for layer in range(s.n_layers):
             shapes = expected_shapes(s, layer)
             for role, name in dense_tensor_names(s, layer).items():
+                if role == "wkv_b" and self._split_kv_b(layer):  # llama.cpp's MLA layout (gguf_export writes it)
+                    exp[f"blk.{layer}.attn_k_b.weight"] = (s.n_heads, s.kv_lora_rank, s.qk_nope_dim)
+                    exp[f"blk.{layer}.attn_v_b.weight"] = (s.n_heads, s.v_head_dim, s.kv_lora_rank)
+                    continue
                 exp[gguf_tensor_name(self.arch, name)] = shapes[role]
             if s.is_moe_layer(layer) and self.arch == "gemma4":
                 continue  # gguf_gemma4.expected_extra
@@ -371,6 +431,9 @@ class GGUFCheckpoint:
         """Mixtral GGUFs converted before llama.cpp stacked experts (early 2024) store one tensor per expert."""
         return (f"blk.{layer}.ffn_gate_exps.weight" not in self._tensors
                 and f"blk.{layer}.ffn_gate.0.weight" in self._tensors)
+
+    def _split_kv_b(self, layer: int) -> bool:
+        return f"blk.{layer}.attn_k_b.weight" in self._tensors
 
     def _check_tensors(self) -> None:
         unknown = sorted(set(self._tensors) - set(self._expected))
@@ -435,6 +498,11 @@ class GGUFCheckpoint:
         s = self.spec
         out = {}
         for role, name in dense_tensor_names(s, layer).items():
+            if role == "wkv_b" and self._split_kv_b(layer):  # per head: key rows (k_b transposed), then value rows
+                k_b, v_b = self._get(f"blk.{layer}.attn_k_b.weight"), self._get(f"blk.{layer}.attn_v_b.weight")
+                out[name] = np.ascontiguousarray(np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1).reshape(
+                    s.n_heads * (s.qk_nope_dim + s.v_head_dim), s.kv_lora_rank))
+                continue
             arr = self._get(gguf_tensor_name(self.arch, name))
             if self.arch in NORM_ROPE_ARCHS and role in ("wq", "wk", "bq", "bk"):
                 arr = self._unpermute(arr, s.n_heads if role in ("wq", "bq") else s.n_kv_heads)

@@ -16,6 +16,7 @@ LLAMA_CPP_ARCH = {
     "qwen35moe": "qwen35moe",  # its tensor names and layouts: gguf_qwen35.py
     "lfm2moe": "lfm2moe",
     "gemma4": "gemma4",
+    "deepseek2": "deepseek2",  # DeepSeek-V2 and V3 (MLA): attn_kv_b is written split, as attn_k_b / attn_v_b
 }
 
 # Container names llama.cpp spells differently for one architecture: (arch, container suffix) -> GGUF suffix.

@@ -586,6 +586,11 @@ def export_onnx(src, out_dir, weights: str = "fp32", opset: int = 21, *, moe_op:
                                "present input and output beside the KV cache, which this writer does not build (no "
                                "onnxruntime operator keeps it: com.microsoft.GroupQueryAttention covers attention "
                                "only); use the container or GGUF")
+        if s.kv_lora_rank:  # the graph's cache interface is past_key_values.{i}.key / .value per KV head
+            raise EdgeMoEError(f"ONNX export: {s.family}'s Multi-head Latent Attention (kv_lora_rank = "
+                               f"{s.kv_lora_rank}) is not written to ONNX yet: this graph's cache inputs are "
+                               "past_key_values.{i}.key / .value [batch, n_kv_heads, past, head_dim] of equal widths, "
+                               "MLA caches one latent per token; use the container or GGUF")
         if s.score_bias or s.n_group > 1 or s.routed_scaling != 1.0:
             raise EdgeMoEError(f"ONNX export: {s.family}'s DeepSeek-V3-style routing (selection bias, group-limited "
                                f"top-k, routed scaling) is not written to ONNX yet; use the container or GGUF")

@@ -245,6 +245,7 @@ static int read_expert_map(const json_doc *d, int node, const emoe_config *c, in
 }
 
 static int check_groups(const emoe_config *c, char *err, size_t errlen);
+static int check_mla(const emoe_config *c, char *err, size_t errlen);
 
 /* Rules that tie fields together (ArchSpec.__post_init__ and what the forward pass needs). */
 static int check_relations(const emoe_config *c, char *err, size_t errlen) {
@@ -286,7 +287,29 @@ static int check_relations(const emoe_config *c, char *err, size_t errlen) {
         return invalid(err, errlen, "dense_beside_moe is true but dense_ffn = %d (expected >= 1)", c->dense_ffn);
     if (c->n_conv_layers && c->conv_kernel < 1)
         return invalid(err, errlen, "conv_layers given but conv_kernel = %d (expected >= 1)", c->conv_kernel);
-    return check_groups(c, err, errlen);
+    const int st = check_mla(c, err, errlen);
+    return st ? st : check_groups(c, err, errlen);
+}
+
+/* MLA: the q/k head is qk_nope_dim + rope_dim (RoPE on its last rope_dim dims: rope_dim given, not the default), every
+ * head has its own expanded key and value (n_kv_heads = n_heads), and the plain-attention options it has no tensors
+ * for are off. */
+static int check_mla(const emoe_config *c, char *err, size_t errlen) {
+    if (c->q_lora_rank && !c->kv_lora_rank)
+        return invalid(err, errlen, "q_lora_rank = %d needs Multi-head Latent Attention (kv_lora_rank > 0)",
+                       c->q_lora_rank);
+    if (!c->kv_lora_rank) return EMOE_OK;
+    const int32_t rope = c->rope_dim ? c->rope_dim : c->head_dim;
+    if (c->qk_nope_dim + rope != c->head_dim || c->v_head_dim < 1)
+        return invalid(err, errlen, "MLA needs head_dim = %d == qk_nope_dim = %d + rope_dim = %d and v_head_dim >= 1 "
+                       "(got %d)", c->head_dim, c->qk_nope_dim, rope, c->v_head_dim);
+    if (c->n_kv_heads != c->n_heads)
+        return invalid(err, errlen, "MLA expands its latent for every head: n_kv_heads = %d must equal n_heads = %d",
+                       c->n_kv_heads, c->n_heads);
+    if (c->qkv_bias || c->qk_norm || c->attn_sinks || c->sliding_window)
+        return invalid(err, errlen, "MLA (kv_lora_rank = %d) has no qkv_bias, qk_norm, attn_sinks or sliding_window",
+                       c->kv_lora_rank);
+    return EMOE_OK;
 }
 
 /* Group-limited routing: n_group equal groups (at least 2 experts each for the top-2 score), topk_group of them kept,

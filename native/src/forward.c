@@ -170,10 +170,7 @@ typedef struct {
 } att_ctx;
 
 /* The KV cache row of position pos of (attention) layer l in sequence slot slot, in elements. */
-static size_t kv_row(const emoe_model *m, int slot, int l, int pos) {
-    const size_t layer = (size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx; /* attention layers */
-    return (layer * (size_t)m->max_ctx + (size_t)pos) * (size_t)m->kv_dim;
-}
+static size_t kv_row(const emoe_model *m, int slot, int l, int pos) { return model_kv_row(m, slot, l, pos); }
 
 /* One task = one token x one KV head: scores of the group's query heads against positions lo..pos of the token's
  * sequence (the K rows are
@@ -536,6 +533,7 @@ static int forward_block(emoe_model *m, const int32_t *tokens, int n_tok, float 
         if (L->is_moe && m->stream) m->stream_ops->before_attention(m, l, n_tok); /* prefetch this layer's experts */
         if (L->is_linear) deltanet_forward(m, l, n_tok); /* Gated DeltaNet instead of attention (deltanet.c) */
         else if (L->conv_idx >= 0) shortconv_forward(m, l, n_tok);
+        else if (c->kv_lora_rank) mla_attention(m, l, n_tok); /* mla.c */
         else attention(m, l, n_tok);
         if (L->is_moe && c->dense_beside_moe) {
             const int st = beside_moe(m, l, n_tok);

@@ -107,7 +107,7 @@ static int alloc_kv(emoe_model *m, int n_seq) {
     const size_t kv_elems = (size_t)n_seq * (size_t)m->n_kv_layers * (size_t)m->max_ctx * (size_t)m->kv_dim;
     const size_t esz = m->kv_f16 ? 2 : 4;
     int fail = 0;
-    void *kc = xcalloc(kv_elems, esz, &fail), *vc = xcalloc(kv_elems, esz, &fail);
+    void *kc = xcalloc(kv_elems, esz, &fail), *vc = m->cfg.kv_lora_rank ? NULL : xcalloc(kv_elems, esz, &fail);
     int *past = xcalloc((size_t)n_seq, sizeof(int), &fail);
     if (fail || deltanet_alloc_state(&m->dn, &m->cfg, m->dn.n_lin, n_seq, EMOE_BLOCK) ||
         conv_state_alloc(&m->conv, m->conv.n_layers, m->cfg.conv_kernel, m->cfg.hidden, n_seq)) {
@@ -155,6 +155,7 @@ static int alloc_buffers(emoe_model *m) {
         s->conv_taps = xcalloc(H * (size_t)c->conv_kernel, sizeof(float), &fail);
     }
     if (fail) return EMOE_ERR_NOMEM;
+    if (c->kv_lora_rank && !(m->mla = mla_new(m))) return EMOE_ERR_NOMEM;
     return alloc_kv(m, 1);
 }
 
@@ -171,11 +172,13 @@ size_t model_scratch_bytes(const emoe_model *m, int with_mwq) {
                    B * (size_t)((m->in_max + QK - 1) / QK) * sizeof(block_q8_act);
     if (with_mwq) bytes += mwq_xpbuf_bytes(m->in_max, EMOE_BLOCK);
     if (m->conv.n_layers) bytes += (B * 3 * H + H * (size_t)c->conv_kernel) * sizeof(float);
+    if (c->kv_lora_rank) bytes += mla_scratch_bytes(m);
     return bytes + deltanet_scratch_bytes(c, m->dn.n_lin, EMOE_BLOCK);
 }
 
 int64_t model_state_bytes(const emoe_model *m, int n_seq) {
-    return 2 * (int64_t)n_seq * m->n_kv_layers * m->max_ctx * m->kv_dim * (m->kv_f16 ? 2 : 4) +
+    const int caches = m->cfg.kv_lora_rank ? 1 : 2; /* K and V, or MLA's one latent cache */
+    return caches * (int64_t)n_seq * m->n_kv_layers * m->max_ctx * m->kv_dim * (m->kv_f16 ? 2 : 4) +
            (int64_t)conv_state_bytes(m->conv.n_layers, m->cfg.conv_kernel, m->cfg.hidden, n_seq) +
            (int64_t)deltanet_state_bytes(&m->cfg, m->dn.n_lin, n_seq);
 }
@@ -184,11 +187,13 @@ static void free_buffers(emoe_model *m) {
     run_state *s = &m->s;
     void *bufs[] = {s->x,  s->xn, s->q,  s->k,  s->v,  s->att,     s->tmp,    s->logits_r, s->topk_idx, s->topk_w,
                     s->sel, s->etok, s->ew, s->xg, s->hg, s->hu, s->yg, s->rope_cs, s->scores, s->qbuf, s->mwq_xp,
-                    s->rope_cs_g, s->dense_y,
+                    s->rope_cs_g, s->dense_y, s->conv_bcx, s->conv_taps,
                     s->pos, s->slot, m->key_cache, m->value_cache, m->n_past};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]);
     memset(s, 0, sizeof(*s));
     deltanet_free(&m->dn);
+    mla_free(m->mla);
+    m->mla = NULL;
     m->key_cache = m->value_cache = NULL;
     m->n_past = NULL;
     conv_state_free(&m->conv);
@@ -216,7 +221,7 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
     const int ghd = c->global_head_dim ? c->global_head_dim : c->head_dim;
     const int gkv = c->global_kv_heads ? c->global_kv_heads : c->n_kv_heads;
     m->q_dim = c->n_heads * (ghd > c->head_dim ? ghd : c->head_dim);
-    m->kv_dim = (int)emoe_arch_kv_dim(c);
+    m->kv_dim = c->kv_lora_rank ? mla_cache_dim(c) : (int)emoe_arch_kv_dim(c);
     m->grp_max = c->n_heads / (gkv < c->n_kv_heads ? gkv : c->n_kv_heads);
     m->ffn_max = c->expert_ffn;
     if (c->shared_ffn > m->ffn_max) m->ffn_max = c->shared_ffn;
@@ -224,6 +229,7 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
     if (m->ffn_max < 1) m->ffn_max = 1;
     m->in_max = c->hidden > m->q_dim ? c->hidden : m->q_dim;
     if (m->ffn_max > m->in_max) m->in_max = m->ffn_max;
+    if (c->kv_lora_rank && mla_in_max(c) > m->in_max) m->in_max = mla_in_max(c);
     m->k = emoe_kernels_get(EMOE_ISA_AUTO);
 
     m->layers = calloc((size_t)c->n_layers, sizeof(layer_weights));

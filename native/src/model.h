@@ -6,6 +6,7 @@
 #include "deltanet.h"
 #include "internal.h"
 #include "shortconv.h"
+#include "mla.h"
 
 #define EMOE_BLOCK 64 /* tokens per forward block (prefill runs in blocks of this many tokens) */
 #define EMOE_ERR_LEN 512
@@ -66,6 +67,8 @@ typedef struct {
     tensor_ref post_attn_norm, post_ffn_norm;    /* [H] block output norms (post_norms) */
     tensor_ref mlp_post_norm, moe_pre_norm, moe_post_norm; /* [H] the two branches' norms (dense_beside_moe) */
     tensor_ref layer_scale;                      /* [1] the layer's output scale (layer_scale) */
+    tensor_ref wq_a, q_a_norm, wq_b;             /* MLA: [QL, H], [QL], [nh*hd, QL] (q_lora_rank QL > 0) */
+    tensor_ref wkv_a, kv_a_norm, wkv_b;          /* MLA: [KL + rope_dim, H], [KL], [nh*(nope + v), KL] */
     int n_stored;                                /* stored experts (n_experts unless merged) */
     int32_t *emap;                               /* [n_experts] routed -> stored (-1 pruned), NULL = identity */
     tensor_ref *experts;                         /* [n_stored][3]: gate, up, down (MoE layers) */
@@ -130,7 +133,9 @@ struct emoe_model {
     const emoe_kernels *k;
     tensor_ref embed, final_norm, lm_head; /* [V, H], [H], [V, H] */
     layer_weights *layers;                 /* [n_layers] */
-    void *key_cache, *value_cache;         /* (n_seq, n_kv_layers, max_ctx, kv_dim) f32 or f16 */
+    void *key_cache, *value_cache;         /* (n_seq, n_kv_layers, max_ctx, kv_dim) f32 or f16; MLA: key_cache holds
+                                            * the latent rows (kv_dim = mla_cache_dim), value_cache is NULL */
+    mla_state *mla;                        /* MLA's scratch (kv_lora_rank > 0), else NULL */
     int n_kv_layers;                       /* attention layers (layers[].kv_idx) */
     emoe_conv_state conv;                  /* conv layers' rolling state, per sequence slot like the KV cache */
     deltanet_state dn;                     /* linear-attention layers' state (n_seq slots, like the KV cache) */
@@ -140,6 +145,12 @@ struct emoe_model {
     void **owned;        /* buffers the model frees (model_own: converted or realigned copies of tensors) */
     int n_owned, cap_owned;
 };
+
+/* The cache row of position pos of layer l in sequence slot slot, in elements. */
+static inline size_t model_kv_row(const emoe_model *m, int slot, int l, int pos) {
+    const size_t layer = (size_t)slot * (size_t)m->n_kv_layers + (size_t)m->layers[l].kv_idx; /* attention layers */
+    return (layer * (size_t)m->max_ctx + (size_t)pos) * (size_t)m->kv_dim;
+}
 
 int model_error(emoe_model *m, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* n bytes (malloc-aligned) that the model frees with itself; NULL when memory runs out. */
@@ -157,7 +168,8 @@ int model_mwq_buffers(emoe_model *m);
  * dispatch, MWQ ones at k planes (k = 0: all stored) in one mwq_run dispatch. y[j] has ldy = w[j]->rows. */
 void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *const *y, int k, const float *x,
                    int n_tok);
-/* Bytes of the per-sequence state of n_seq sequences: the KV cache of the attention layers plus the conv state. */
+/* Bytes of the per-sequence state of n_seq sequences: the KV cache of the attention layers (MLA: its latent cache),
+ * the conv and the DeltaNet state. */
 int64_t model_state_bytes(const emoe_model *m, int n_seq);
 /* Bytes of the buffers emoe_model_new allocated (activations, KV cache excluded) plus the MWQ activation buffer. */
 size_t model_scratch_bytes(const emoe_model *m, int with_mwq);

@@ -8,8 +8,9 @@
 
 #define G(f) offsetof(emoe_model, f)
 #define L(f) offsetof(layer_weights, f)
-#define IF(option) (int32_t) offsetof(emoe_config, option), #option /* the arch option the tensor needs */
-#define NONE -1, NULL
+#define IF(option) (int32_t) offsetof(emoe_config, option), #option, 0 /* the arch option the tensor needs */
+#define UNLESS(option) (int32_t) offsetof(emoe_config, option), #option " = 0", 1 /* ... or must not have */
+#define NONE -1, NULL, 0
 /* role, pattern, scope, rows, cols, layers, option, need, slot. Order = enumeration order (Python's TENSOR_TABLE
  * too). */
 const tt_entry tt_table[] = {
@@ -17,10 +18,10 @@ const tt_entry tt_table[] = {
     {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(final_norm)},
     {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_UNLESS_TIED, G(lm_head)},
     {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(attn_norm)},
-    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wq)},
-    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, NONE, TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN_V, NONE, TN_REQUIRED, L(wv)},
-    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_Q, TL_ATTN, NONE, TN_REQUIRED, L(wo)},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, UNLESS(q_lora_rank), TN_REQUIRED, L(wq)},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, UNLESS(kv_lora_rank), TN_REQUIRED, L(wk)},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN_V, UNLESS(kv_lora_rank), TN_REQUIRED, L(wv)},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_O, TL_ATTN, NONE, TN_REQUIRED, L(wo)},
     {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(ffn_norm)},
     {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bq)},
     {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bk)},
@@ -46,6 +47,16 @@ const tt_entry tt_table[] = {
     {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TL_ATTN, IF(attn_sinks), TN_REQUIRED, L(sinks)},
     {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
      TL_MOE, IF(router_bias), TN_REQUIRED, L(router_b)},
+    /* MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names */
+    {"wq_a", "blk.%d.attn_q_a.weight", TT_LAYER, TD_Q_LORA, TD_HIDDEN, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_a)},
+    {"q_a_norm", "blk.%d.attn_q_a_norm.weight", TT_LAYER, TD_ONE, TD_Q_LORA,
+     TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(q_a_norm)},
+    {"wq_b", "blk.%d.attn_q_b.weight", TT_LAYER, TD_Q, TD_Q_LORA, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_b)},
+    {"wkv_a", "blk.%d.attn_kv_a_mqa.weight", TT_LAYER, TD_KV_A, TD_HIDDEN,
+     TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(wkv_a)},
+    {"kv_a_norm", "blk.%d.attn_kv_a_norm.weight", TT_LAYER, TD_ONE, TD_KV_LORA,
+     TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(kv_a_norm)},
+    {"wkv_b", "blk.%d.attn_kv_b.weight", TT_LAYER, TD_KV_B, TD_KV_LORA, TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(wkv_b)},
     /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
     {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN,
      TL_MOE, IF(expert_bias), TN_REQUIRED, L(gate_b)},
@@ -94,6 +105,7 @@ const tt_entry tt_table[] = {
 #undef G
 #undef L
 #undef IF
+#undef UNLESS
 #undef NONE
 const int tt_count = (int)(sizeof(tt_table) / sizeof(tt_table[0]));
 
@@ -121,6 +133,11 @@ int64_t tt_dim(const emoe_model *m, int dim, int layer) {
     case TD_LA_VDIM: return c->linear_v_dim;
     case TD_CONV_IN: return 3 * (int64_t)c->hidden;
     case TD_CONV_KERNEL: return c->conv_kernel;
+    case TD_O: return c->kv_lora_rank ? (int64_t)c->n_heads * c->v_head_dim : q;
+    case TD_Q_LORA: return c->q_lora_rank;
+    case TD_KV_LORA: return c->kv_lora_rank;
+    case TD_KV_A: return (int64_t)c->kv_lora_rank + c->rope_dim;
+    case TD_KV_B: return (int64_t)c->n_heads * (c->qk_nope_dim + c->v_head_dim);
     }
     return 0;
 }
@@ -134,7 +151,7 @@ int tt_present(const emoe_model *m, int e, int layer) {
                                [TL_ATTN_V] = L->is_attn && !(m->cfg.global_k_eq_v && L->global)};
         if (!kind_ok[t->layers]) return 0;
     }
-    return t->option < 0 || *(const int32_t *)((const char *)&m->cfg + t->option) != 0;
+    return t->option < 0 || (*(const int32_t *)((const char *)&m->cfg + t->option) != 0) != t->unless;
 }
 
 const char *tt_condition_name(int e) {

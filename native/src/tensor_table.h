@@ -16,7 +16,7 @@ enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 
 /* Shape terms. */
 enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
        TD_DENSE_FFN, TD_HEADS, TD_LA_CONV_DIM, TD_LA_CONV_TAPS, TD_LA_V, TD_LA_HEADS, TD_LA_VDIM, TD_CONV_IN,
-       TD_CONV_KERNEL };
+       TD_CONV_KERNEL, TD_O, TD_Q_LORA, TD_KV_LORA, TD_KV_A, TD_KV_B };
 /* Which layers have the tensor (with its option below): attention layers are those of no other kind (linear, conv);
  * dense-MLP layers are the non-MoE ones and, with dense_beside_moe, the MoE ones too; TL_ATTN_V: attention layers
  * with their own values (not Gemma-4's global layers under global_k_eq_v). */
@@ -37,6 +37,7 @@ typedef struct {
     int layers;          /* TL_*: the layers that have it (global tensors: TL_ALL) */
     int32_t option;      /* offsetof an int32 emoe_config field that must be non-zero (an arch option), or -1 */
     const char *option_name; /* its arch key (messages), or NULL */
+    int unless;          /* 1: the option must be zero instead (UNLESS: plain q/k/v projections without MLA) */
     int need;            /* TN_* */
     size_t slot;         /* offsetof the tensor_ref in emoe_model (TT_GLOBAL) or layer_weights (TT_LAYER); for
                           * TT_EXPERT the matrix index 0..2 (gate, up, down) in layer_weights.experts */
