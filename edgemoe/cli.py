@@ -23,7 +23,7 @@ from .cli_options import (
 )
 from .cli_progress import Progress
 from .cli_tools import add_tool_parsers
-from .errors import ContextError, EdgeMoEError
+from .errors import ContextError, EdgeMoEError, Terminated
 from .units import format_bytes, format_size_like
 
 
@@ -39,6 +39,13 @@ def _need_exporter():
 
 def cmd_export(args) -> int:
     exporter = _need_exporter()
+    from edgemoe_export.interrupt import signals_raise
+
+    with signals_raise():  # SIGTERM / SIGHUP: the writers remove their temporary files, as on Ctrl-C
+        return _export(exporter, args)
+
+
+def _export(exporter, args) -> int:
     t0 = time.perf_counter()
     out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
                           show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
@@ -564,6 +571,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edgemoe: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"edgemoe: terminated ({e})", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
