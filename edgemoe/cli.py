@@ -473,9 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MC-SMoE: keep this fraction of all experts (per-layer counts by routing frequency); "
                         "members of a group share one merged expert, the router keeps every row")
     e.add_argument("--experts-per-layer", type=int, default=None, metavar="N", help="merge to N experts per layer")
-    e.add_argument("--merge-method", default="mcsmoe", choices=("mcsmoe", "average", "prune"),
+    e.add_argument("--merge-method", default="mcsmoe", choices=("mcsmoe", "average", "prune", "reap"),
                    help="mcsmoe: align + frequency-weighted merge (default); average: plain mean; prune: drop the "
-                        "least-used experts")
+                        "least-used experts; reap: drop the experts of least router-weighted output (REAP)")
     e.add_argument("--low-rank", type=int, default=None, metavar="r", help="approximate merged experts at rank r")
     e.add_argument("--gguf", metavar="OUT.gguf", default=None,
                    help="also write a GGUF that llama.cpp runs (from the container's weights; a merged model's "

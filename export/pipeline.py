@@ -49,7 +49,7 @@ CALIB_SEQ_LEN = 256
 CALIB_FILE = "calib.txt"  # a checkpoint directory may ship its own calibration text under this name
 CALIB_NONE = "none"  # --calib none: no calibration (weight-only MWQ fitting, no predictor, no merging)
 DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib" / "calib-default.txt"
-MERGE_METHODS = ("mcsmoe", "average", "prune")
+MERGE_METHODS = ("mcsmoe", "average", "prune", "reap")
 MERGE_EXPERIMENTAL = ("regmean",)  # studied in bench/merge_study.py, not offered on the command line
 
 
@@ -201,7 +201,7 @@ def merge_counts(ckpt, plan: Plan, seqs, show_progress: bool) -> list[int] | Non
     m, spec = plan.merge, ckpt.spec
     if m is None:
         return None
-    min_groups = spec.top_k if m.method == "prune" else 1
+    min_groups = spec.top_k if m.method in ("prune", "reap") else 1
     if m.experts_per_layer is not None:
         sizes = [np.zeros(spec.n_experts) if spec.is_moe_layer(i) else None for i in range(spec.n_layers)]
         return group_counts(sizes, experts_per_layer=m.experts_per_layer, min_groups=min_groups)
@@ -224,7 +224,8 @@ def expert_layers(ckpt, plan: Plan, seqs, rec: ExportRecorder, show_progress: bo
 
     collect = plan.weighted or (plan.merge is not None and plan.merge.method == "regmean")
     stream = calibrate(ckpt, seqs, group_size=plan.group_size or 128, collect_grams=collect,
-                       show_progress=show_progress)
+                       show_progress=show_progress,
+                       collect_saliency=plan.merge is not None and plan.merge.method == "reap")
     for cal in rec.clock.iterate(stream, "calibrate"):
         if cal.freq is None:
             continue
