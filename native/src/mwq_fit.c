@@ -136,8 +136,8 @@ typedef struct {
     /* scratch for FIT_ROW_BLOCK rows */
     float *X, *Y, *R; /* [rb * cands, g]: product operands, search residuals */
     double *w, *GW, *Rd; /* [rb, g] */
-    uint8_t *q;          /* [rb * bases, g] codes of each base */
-    uint8_t *wq;         /* [rb, g] the least-squares base's current codes */
+    float *q;            /* [rb * bases, g] codes of each base (small integers, exact; float so loops vectorize) */
+    float *wq;           /* [rb, g] the least-squares base's current codes */
     double s1[FIT_ROW_BLOCK * FIT_N_BASES], m1[FIT_ROW_BLOCK * FIT_N_BASES];
     double err[FIT_MAX_PLANES][FIT_ROW_BLOCK * FIT_N_CANDS]; /* prefix errors [k][v * cands + c] */
 } fit_state;
@@ -149,42 +149,45 @@ static const float *product(fit_state *st, int n) {
     return st->Y;
 }
 
-/* sums over a group in double, with 4 partial sums: one serial chain of additions would be latency-bound (g adds of
- * 4 cycles each), and these sums are most of the weight-only fit's time */
+/* sums over a group in double, with 8 partial sums: one serial chain of additions would be latency-bound (g adds of
+ * 4 cycles each) and cannot be vectorized without reassociating; these sums are much of the weight-only fit's time */
+#if defined(FIT_X86) && defined(__linux__) && defined(__GNUC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+/* one copy per ISA, picked at load time (an ifunc): the conversions and products run 4 or 8 doubles wide */
+#define FIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef FIT_CLONES
+#define FIT_CLONES
+#endif
 #define DOT4(name, ta, tb)                                                                                            \
-    static double name(const ta *a, const tb *b, int n) {                                                             \
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;                                                                \
+    FIT_CLONES static double name(const ta *a, const tb *b, int n) {                                                  \
+        double acc[8] = {0};                                                                                          \
         int i = 0;                                                                                                    \
-        for (; i + 4 <= n; i += 4) {                                                                                  \
-            s0 += (double)a[i] * (double)b[i];                                                                        \
-            s1 += (double)a[i + 1] * (double)b[i + 1];                                                                \
-            s2 += (double)a[i + 2] * (double)b[i + 2];                                                                \
-            s3 += (double)a[i + 3] * (double)b[i + 3];                                                                \
-        }                                                                                                             \
-        for (; i < n; i++) s0 += (double)a[i] * (double)b[i];                                                         \
-        return (s0 + s1) + (s2 + s3);                                                                                 \
+        for (; i + 8 <= n; i += 8)                                                                                    \
+            for (int j = 0; j < 8; j++) acc[j] += (double)a[i + j] * (double)b[i + j]; /* 8 lanes: one vector */     \
+        for (; i < n; i++) acc[0] += (double)a[i] * (double)b[i];                                                     \
+        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));                     \
     }
 DOT4(dot_dd, double, double)
 DOT4(dot_ff, float, float)
 DOT4(dot_df, double, float)
-DOT4(dot_qf, uint8_t, float)
-DOT4(dot_qd, uint8_t, double)
+DOT4(dot_fd, float, double)
 
-/* clamp(round((w - m) / s), 0, L), round half to even (as NumPy's rint): after clamping to [-1, L + 1], adding and
- * subtracting 1.5 * 2^52 rounds to an integer in the default rounding mode without a libm call per weight */
-static void codes(const double *w, int g, double s, double m, int L, uint8_t *q) {
-    const double safe = s > 0 ? s : 1.0, magic = 6755399441055744.0, top = L + 1.0;
+/* clamp(round((w - m) / s), 0, L), round half to even (as NumPy's rint). Clamping to [0, L] first gives the same
+ * integers (rounding is monotonic and 0, L are integers), and adding and subtracting 1.5 * 2^52 then rounds without
+ * a libm call: a branch-free loop the compiler vectorizes. */
+static void codes(const double *w, int g, double s, double m, int L, float *q) {
+    const double safe = s > 0 ? s : 1.0, magic = 6755399441055744.0, top = L;
     for (int i = 0; i < g; i++) {
         double x = (w[i] - m) / safe;
-        x = x < -1.0 ? -1.0 : (x > top ? top : x);
-        const double c = (x + magic) - magic; /* IEEE: no reassociation without -ffast-math; SSE2 doubles */
-        q[i] = (uint8_t)(c < 0 ? 0 : (c > L ? L : c));
+        x = x > 0.0 ? x : 0.0;
+        x = x < top ? x : top;
+        q[i] = (float)((x + magic) - magic); /* IEEE: not folded without -ffast-math; SSE2 doubles */
     }
 }
 
-static void load_codes(float *x, const uint8_t *q, int g) {
-    for (int i = 0; i < g; i++) x[i] = (float)q[i];
-}
+static void load_codes(float *x, const float *q, int g) { memcpy(x, q, sizeof(float) * (size_t)g); }
 
 /* the least-squares base of row v (export/mwq.py `_wls_base`): fills base 0's s1, m1, codes */
 static void wls_bases(fit_state *st, int rb, const double *lo, const double *hi) {
@@ -209,10 +212,10 @@ static void wls_bases(fit_state *st, int rb, const double *lo, const double *hi)
             P = product(st, rb);
         }
         for (int v = 0; v < rb; v++) {
-            const uint8_t *q = st->wq + (size_t)v * g;
+            const float *q = st->wq + (size_t)v * g;
             const float *Gq = P + (size_t)v * g;
             const double *GW = st->GW + (size_t)v * g;
-            const double a = dot_qf(q, Gq, g), b = dot_qd(q, st->G1, g), c = st->c, d = dot_qd(q, GW, g), f = oGw[v];
+            const double a = dot_ff(q, Gq, g), b = dot_fd(q, st->G1, g), c = st->c, d = dot_fd(q, GW, g), f = oGw[v];
             if (it > 0) { /* the weighted least-squares (s1, m1) for these codes */
                 const double det = a * c - b * b;
                 const double ac = a * c > 1e-300 ? a * c : 1e-300;
@@ -227,12 +230,12 @@ static void wls_bases(fit_state *st, int rb, const double *lo, const double *hi)
             /* (w - s q - m)^T G (w - s q - m), expanded */
             const double err = wGw[v] - 2 * (s[v] * d + m[v] * f) + s[v] * s[v] * a + 2 * s[v] * m[v] * b +
                                m[v] * m[v] * c;
-            uint8_t *bq = st->q + (size_t)(v * FIT_N_BASES) * g;
+            float *bq = st->q + (size_t)(v * FIT_N_BASES) * g;
             if (it == 0 || err < best[v]) {
                 best[v] = err;
                 st->s1[v * FIT_N_BASES] = s[v];
                 st->m1[v * FIT_N_BASES] = m[v];
-                memcpy(bq, q, (size_t)g);
+                memcpy(bq, q, sizeof(float) * (size_t)g);
             }
             if (it > 0 && it < st->iters) codes(st->w + (size_t)v * g, g, s[v], m[v], L, st->wq + (size_t)v * g);
         }
@@ -250,7 +253,7 @@ static void search(fit_state *st, int rb) {
         for (int b = 0; b < NB; b++) {
             const int vb = v * NB + b;
             const double *w = st->w + (size_t)v * g;
-            const uint8_t *q = st->q + (size_t)vb * g;
+            const float *q = st->q + (size_t)vb * g;
             float *x = st->X + (size_t)vb * g;
             for (int i = 0; i < g; i++) x[i] = (float)w[i] - (float)(st->s1[vb] * q[i] + st->m1[vb]);
         }
@@ -345,8 +348,8 @@ int emoe_mwq_fit(const float *W, int64_t rows, int64_t cols, int64_t row0, int64
     st.GW = malloc(sizeof(double) * FIT_ROW_BLOCK * g);
     st.Rd = malloc(sizeof(double) * FIT_ROW_BLOCK * g);
     st.G1 = malloc(sizeof(double) * g);
-    st.q = malloc((size_t)FIT_ROW_BLOCK * FIT_N_BASES * g);
-    st.wq = malloc((size_t)FIT_ROW_BLOCK * g);
+    st.q = malloc(sizeof(float) * FIT_ROW_BLOCK * FIT_N_BASES * g);
+    st.wq = malloc(sizeof(float) * FIT_ROW_BLOCK * g);
     int status = EMOE_OK;
     if (!st.X || !st.Y || !st.R || !st.w || !st.GW || !st.Rd || !st.G1 || !st.q || !st.wq) {
         status = EMOE_ERR_NOMEM;
@@ -399,12 +402,13 @@ int emoe_mwq_fit(const float *W, int64_t rows, int64_t cols, int64_t row0, int64
                 const int c = pick(&st, v), vb = v * FIT_N_BASES + c / 2;
                 const int64_t row = r + v;
                 halving[v] = c % 2;
-                const uint8_t *q = st.q + (size_t)vb * g;
+                const float *q = st.q + (size_t)vb * g;
                 const double *w = st.w + (size_t)v * g;
                 double *Rd = st.Rd + (size_t)v * g;
                 s1_out[row * ng + n] = (float)st.s1[vb];
                 m1_out[row * ng + n] = (float)st.m1[vb];
-                memcpy(q_out + (size_t)row * cols + (size_t)n * g, q, (size_t)g);
+                uint8_t *qo = q_out + (size_t)row * cols + (size_t)n * g;
+                for (int i = 0; i < g; i++) qo[i] = (uint8_t)q[i];
                 for (int i = 0; i < g; i++) Rd[i] = w[i] - (st.s1[vb] * q[i] + st.m1[vb]);
                 st.s1[v] = st.s1[vb]; /* slot v now holds row v's chosen s1 (vb >= v: read before written) */
             }
