@@ -34,8 +34,8 @@ mwq nesting, per (row, group), greedy and nested:
 Two implementations of the mwq search: `_fit_mwq` here (NumPy, vectorized over rows, groups and candidates; the
 readable reference) and native/src/mwq_fit.c (`mwq_native`, the default: per (row, group) without temporaries, the
 G products batched with AVX-512/AVX2 FMA, rows split across threads). At OLMoE-1B-7B's expert shape [1024, 2048],
-4 bits, with Grams: 1.1 CPU s per matrix in NumPy, 0.33 in C (weight-only 0.6 / 0.13); the planes are the same up to
-float rounding at near-ties (tests/test_mwq_fit_native.py).
+4 bits, with Grams: 1.05 CPU s per matrix in NumPy, 0.31 in C (weight-only 0.67 / 0.11; quantize_matrix with its
+encoding, one thread); the planes are the same up to float rounding at near-ties (tests/test_mwq_fit_native.py).
 """
 
 from __future__ import annotations
