@@ -211,13 +211,15 @@ def _cfg(**kw) -> dict:
     return {**kw}
 
 
-def configs(have_mwq: bool, hidden: int, ffn: int) -> list[dict]:
+def configs(have_mwq: bool, hidden: int, ffn: int, merge_only: bool = False) -> list[dict]:
     # ranks that cost a given number of bits per weight of an [ffn, hidden] matrix as f16 factors
     r_bits = lambda b: max(1, round(b * hidden * ffn / (16 * (hidden + ffn))))
     out = [_cfg(group="merge (f16)", method="mcsmoe", ratio=1.0)]  # every method is the identity at ratio 1
     for r in (0.75, 0.5, 0.25):
-        for method in ("mcsmoe", "average", "prune"):
+        for method in ("mcsmoe", "average", "prune", "reap") + (("regmean",) if merge_only else ()):
             out.append(_cfg(group="merge (f16)", method=method, ratio=r))
+    if merge_only:  # the merge table alone: every method at three ratios, f16 experts
+        return out
     out.append(_cfg(group="ablation", method="mcsmoe", ratio=0.5, align=False, label="mcsmoe, no alignment"))
     for r in (0.75, 0.5, 0.25):  # experimental: data-aware merge on the calibration Grams (merge.py, "regmean")
         out.append(_cfg(group="ablation", method="regmean", ratio=r))
@@ -274,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/merge_study")
     p.add_argument("--out-md", default=None, help="write the tables into this markdown file")
     p.add_argument("--no-mwq", action="store_true")
+    p.add_argument("--merge-only", action="store_true",
+                   help="only the merge table (mcsmoe, average, prune, reap, regmean at 0.75 / 0.5 / 0.25, f16)")
     args = p.parse_args(argv)
     t_start = time.time()
     model = Path(args.model)
@@ -297,7 +301,7 @@ def main(argv=None) -> int:
     seqs = load_calibration_ids(ckpt.tokenizer_json, calib, args.calib_tokens, args.ctx, spec.vocab)
     log(f"calibrating on {sum(map(len, seqs))} tokens ({len(seqs)} x {args.ctx})")
     cals = []
-    for cal in calibrate(ckpt, seqs, group_size=128, collect_grams=True, show_progress=False):
+    for cal in calibrate(ckpt, seqs, group_size=128, collect_grams=True, show_progress=False, collect_saliency=True):
         cal.hidden_out = None
         cals.append(cal)
     freqs = [c.freq for c in cals]
@@ -305,7 +309,7 @@ def main(argv=None) -> int:
     diag = merge_diagnostics(cals, spec, group_counts(freqs, merge_ratio=0.5, min_groups=spec.top_k))
     ref_path = work / "unmerged.emoe"
     export(model, ref_path, bits=32, show_progress=False)
-    cfgs = configs(mwq is not None, spec.hidden, spec.expert_ffn)
+    cfgs = configs(mwq is not None, spec.hidden, spec.expert_ffn, args.merge_only)
     built: dict[tuple, tuple] = {}  # identical configurations (listed in two tables) are built and run once
     for i, c in enumerate(cfgs):
         t0 = time.time()
@@ -388,7 +392,8 @@ def main(argv=None) -> int:
 def render(res: dict, args) -> str:
     cmd = ("PYTHONPATH=/tmp/devpath:. python bench/merge_study.py --model " + args.model
            + f" --calib-tokens {args.calib_tokens} --tokens {args.tokens} --ctx {args.ctx}"
-           + (f" --calib {args.calib}" if args.calib else "") + (f" --out-md {args.out_md}" if args.out_md else ""))
+           + (f" --calib {args.calib}" if args.calib else "") + (f" --out-md {args.out_md}" if args.out_md else "")
+           + (" --merge-only" if args.merge_only else ""))
     b = res["base_ppl"]
     L = [f"Command: `{cmd}` ({res['seconds']} s on 2 cores).", "",
          (f"Held-out tokens: {', '.join(f'{d} {n}' for d, n in res['eval_tokens'].items())} "
@@ -432,7 +437,8 @@ def render(res: dict, args) -> str:
     plain = {(r["method"], r["ratio"]): r for r in res["rows"]
              if r["group"] in ("merge (f16)", "ablation") and "no alignment" not in r["config"]}
     pairs = [(a, b, r) for r in (0.75, 0.5, 0.25)
-             for a, b in (("mcsmoe", "prune"), ("mcsmoe", "average"), ("regmean", "mcsmoe"), ("regmean", "prune"))
+             for a, b in (("mcsmoe", "prune"), ("mcsmoe", "average"), ("regmean", "mcsmoe"), ("regmean", "prune"),
+                          ("reap", "prune"), ("reap", "mcsmoe"), ("regmean", "reap"))
              if (a, r) in plain and (b, r) in plain]
     if pairs:
         L += [("Paired differences over the evaluation windows (both domains, each window 256 tokens): mean "
@@ -450,6 +456,10 @@ def render(res: dict, args) -> str:
         L.append(f"Goal at ratio 0.5: mcsmoe beats average and prune on perplexity and KL: **{'yes' if ok else 'no'}**; "
                  f"mcsmoe loses {100 * m['dppl']:.1f}% perplexity (goal < 10%): "
                  f"**{'yes' if m['dppl'] < 0.10 else 'no'}**.")
+        best = min(at.values(), key=lambda r: r["dppl"])
+        L.append(f"Best method at ratio 0.5: **{best['config']}**, {100 * best['dppl']:+.1f}% perplexity, KL "
+                 f"{best['kl']:.4f}, top-1 {100 * best['top1']:.1f}% (goal <= +10%: "
+                 f"**{'met' if best['dppl'] <= 0.10 else 'not met'}**).")
     return "\n".join(L)
 
 

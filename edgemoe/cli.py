@@ -24,7 +24,7 @@ from .cli_options import (
 )
 from .cli_progress import Progress
 from .cli_tools import add_tool_parsers
-from .errors import ContextError, EdgeMoEError
+from .errors import ContextError, EdgeMoEError, Terminated
 from .units import format_bytes, format_size_like
 
 
@@ -40,6 +40,13 @@ def _need_exporter():
 
 def cmd_export(args) -> int:
     exporter = _need_exporter()
+    from edgemoe_export.interrupt import signals_raise
+
+    with signals_raise():  # SIGTERM / SIGHUP: the writers remove their temporary files, as on Ctrl-C
+        return _export(exporter, args)
+
+
+def _export(exporter, args) -> int:
     t0 = time.perf_counter()
     out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
                           show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,
@@ -480,9 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MC-SMoE: keep this fraction of all experts (per-layer counts by routing frequency); "
                         "members of a group share one merged expert, the router keeps every row")
     e.add_argument("--experts-per-layer", type=int, default=None, metavar="N", help="merge to N experts per layer")
-    e.add_argument("--merge-method", default="mcsmoe", choices=("mcsmoe", "average", "prune"),
+    e.add_argument("--merge-method", default="mcsmoe", choices=("mcsmoe", "average", "prune", "reap"),
                    help="mcsmoe: align + frequency-weighted merge (default); average: plain mean; prune: drop the "
-                        "least-used experts")
+                        "least-used experts; reap: drop the experts of least router-weighted output (REAP)")
     e.add_argument("--low-rank", type=int, default=None, metavar="r", help="approximate merged experts at rank r")
     e.add_argument("--gguf", metavar="OUT.gguf", default=None,
                    help="also write a GGUF that llama.cpp runs (from the container's weights; a merged model's "
@@ -578,6 +585,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edgemoe: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"edgemoe: terminated ({e})", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0

@@ -35,3 +35,13 @@ class ContextError(EdgeMoEError):
     def __init__(self, message: str, n_tokens: int, max_ctx: int, model_max: int):
         super().__init__(message)
         self.n_tokens, self.max_ctx, self.model_max = n_tokens, max_ctx, model_max
+
+
+class Terminated(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) turned into an exception, so that cleanup (`with` blocks, `finally`)
+    runs: a writer then removes its temporary file. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it. The command exits with status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum

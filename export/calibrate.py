@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names
+from edgemoe.arch import GLOBAL_TENSORS, ArchSpec, dense_tensor_names, expert_tensor_name
 from edgemoe.errors import EdgeMoEError
 from edgemoe.reference import attention_block, ffn_block, ffn_inputs, layer_output, rms_norm, router_logits
 
@@ -36,6 +36,7 @@ class LayerCalibration:
     gram_in: dict[int, np.ndarray] = field(default_factory=dict)  # e -> [H/g, g, g] of routed tokens' inputs
     gram_mid: dict[int, np.ndarray] = field(default_factory=dict)  # e -> [I/g, g, g] of the activation
     expert_tokens: np.ndarray | None = None  # [E] routed tokens per expert
+    saliency: np.ndarray | None = None  # [E] REAP: mean over routed tokens of gate weight x ||expert output||
     hidden_out: list[np.ndarray] | None = None  # per sequence [T, H]: the layer's output (original weights)
 
 
@@ -47,6 +48,17 @@ def gram_blocks(x: np.ndarray, group: int) -> np.ndarray:
     n, d = x.shape
     xb = np.ascontiguousarray(np.asarray(x, np.float32).reshape(n, d // group, group).transpose(1, 0, 2))
     return np.matmul(xb.transpose(0, 2, 1), xb).astype(np.float64)  # batched BLAS; einsum here was 10x slower
+
+
+def expert_saliency(gate_w: np.ndarray, act: np.ndarray, down: np.ndarray) -> float:
+    """REAP's saliency of one expert (Lasby et al. 2025, router-weighted expert activation pruning): the mean over
+    the tokens routed to it of gate weight x ||expert output||_2, the output being its down projection of `act`
+    (expert biases left out). An expert the router trusts little, or whose output is small, contributes little when
+    it is removed."""
+    if len(gate_w) == 0:
+        return 0.0
+    out = np.asarray(act, np.float32) @ np.asarray(down, np.float32).T
+    return float(np.mean(np.asarray(gate_w, np.float64) * np.linalg.norm(out, axis=1)))
 
 
 def compact(arr: np.ndarray) -> np.ndarray:
@@ -90,12 +102,13 @@ def load_calibration_ids(tokenizer_json: bytes | None, path: str | Path | None, 
 
 
 def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, sample_tokens: int = 8192,
-              collect_grams: bool = True, show_progress: bool = True) -> Iterator[LayerCalibration]:
+              collect_grams: bool = True, show_progress: bool = True,
+              collect_saliency: bool = False) -> Iterator[LayerCalibration]:
     """Yield one LayerCalibration per layer, in order. The caller may modify `experts` before the next layer.
 
-    The layer is computed by the reference forward pass (`edgemoe.reference`: `mixer` (attention or a conv layer),
-    `moe`, `ffn`); its hooks hand over the routing and each expert's routed inputs, from which the statistics are
-    taken.
+    The layer is computed by the reference forward pass (`edgemoe.reference`: the layer's blocks, `moe`); its hooks
+    hand over the routing and each expert's routed inputs, from which the statistics are taken. collect_saliency:
+    also REAP's saliency per expert (`expert_saliency`; one more down projection per expert, so only on request).
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
@@ -123,14 +136,23 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
             cal.pre_attn_input = rms_norm(x_in[sample], w(names["attn_norm"]), spec.norm_eps)
             cal.expert_tokens = np.zeros(spec.n_experts, dtype=np.int64)
 
-            def on_route(_layer, ids, _weights, cal=cal):
-                cal.freq = np.bincount(ids.reshape(-1), minlength=spec.n_experts).astype(np.float64)
+            cal.saliency = np.zeros(spec.n_experts) if collect_saliency else None
+            routing = {}
 
-            def on_expert(e, rows, xr, act, cal=cal):
+            def on_route(_layer, ids, weights, cal=cal, routing=routing):
+                cal.freq = np.bincount(ids.reshape(-1), minlength=spec.n_experts).astype(np.float64)
+                routing["ids"], routing["weights"] = ids, weights
+
+            def on_expert(e, rows, xr, act, cal=cal, routing=routing, w=w, layer=layer):
                 cal.expert_tokens[e] = len(rows)
                 if collect_grams:
                     cal.gram_in[e] = gram_blocks(xr, gi)
                     cal.gram_mid[e] = gram_blocks(act, gm)
+                if cal.saliency is not None:
+                    ids, weights = routing["ids"][rows], routing["weights"][rows]
+                    gate_w = np.where(ids == e, weights, 0.0).sum(axis=1)
+                    down = w(expert_tensor_name(layer, e, "down"))
+                    cal.saliency[e] = expert_saliency(gate_w, act, down)
 
             out = ffn_block(spec, layer, x_in, h, w, names, on_route, on_expert)
             del router_x

@@ -6,7 +6,8 @@ container writing live in `merge_stage.py`. Algorithm notes: `shared/design/ALGO
 * `group_counts`   -- how many stored experts each layer keeps (adaptive global rule, or a fixed count).
 * `group_experts`  -- e -> group: dominant experts by frequency, the others by router-logit similarity.
 * `align_to`       -- SwiGLU/ReGLU-aware permutation of a member's intermediate neurons onto the dominant expert.
-* `merge_layer`    -- one layer: `mcsmoe` (align + frequency-weighted average), `average`, or `prune`.
+* `merge_layer`    -- one layer: `mcsmoe` (align + frequency-weighted average), `average`, `prune` (by selection
+                     frequency) or `reap` (pruning by REAP saliency).
 * `low_rank_approx` / `low_rank_plus_residual` -- optional compression of a merged matrix (measured in the study).
 
 Conventions: expert matrices are f32 `[out, in]` as in the container: gate/up `[I, H]`, down `[H, I]`. Group g's
@@ -22,7 +23,7 @@ import numpy as np
 
 from edgemoe.arch import ArchSpec, expert_tensor_name
 
-METHODS = ("mcsmoe", "average", "prune")
+METHODS = ("mcsmoe", "average", "prune", "reap")
 EXPERIMENTAL_METHODS = ("regmean",)  # studied in bench/merge_study.py, not offered on the command line
 
 
@@ -166,7 +167,8 @@ def _expert(experts: dict, layer: int, e: int) -> Expert:
 
 def merge_layer(experts: dict, layer: int, spec: ArchSpec, freq: np.ndarray, router_logits: np.ndarray | None,
                 n_groups: int, method: str = "mcsmoe", low_rank: int | None = None, return_perms: bool = False,
-                align: bool = True, gram_in: dict | None = None, gram_mid: dict | None = None):
+                align: bool = True, gram_in: dict | None = None, gram_mid: dict | None = None,
+                saliency: np.ndarray | None = None):
     """Merge one layer's experts into `n_groups` stored experts.
 
     Returns `(merged, expert_map)`: container name (`expert_tensor_name(layer, g, m)`) -> f32 array, and the
@@ -178,6 +180,8 @@ def merge_layer(experts: dict, layer: int, spec: ArchSpec, freq: np.ndarray, rou
     average: uniform average of the members, no alignment.
     prune:   the n_groups most selected experts are kept unchanged, every other expert maps to -1 (the runtime
              masks it out of routing, so the router's softmax renormalizes over the kept ones).
+    reap:    as prune, but the kept experts are the n_groups with the largest REAP saliency (`saliency`, [E]: mean
+             over routed tokens of gate weight x output norm, `calibrate.expert_saliency`).
     low_rank r: every stored matrix replaced by its best rank-r approximation (truncated SVD), for measurement;
              the container still stores the dense product (factorized storage is not in the format).
     align=False: mcsmoe without the permutation alignment (an ablation for the study).
@@ -198,11 +202,13 @@ def merge_layer(experts: dict, layer: int, spec: ArchSpec, freq: np.ndarray, rou
             w = w if low_rank is None else low_rank_approx(w, low_rank)
             merged[expert_tensor_name(layer, g, m)] = np.ascontiguousarray(w, dtype=np.float32)
 
-    if method == "prune":
+    if method in ("prune", "reap"):
         if n_groups < spec.top_k:
-            raise ValueError(f"prune keeps {n_groups} experts in layer {layer}, fewer than top_k={spec.top_k}")
+            raise ValueError(f"{method} keeps {n_groups} experts in layer {layer}, fewer than top_k={spec.top_k}")
+        if method == "reap" and saliency is None:
+            raise ValueError("reap ranks experts by their saliency: calibrate with collect_saliency=True")
         emap = [-1] * E
-        for g, e in enumerate(dominant_experts(freq, n_groups)):
+        for g, e in enumerate(dominant_experts(freq if method == "prune" else saliency, n_groups)):
             emap[int(e)] = g
             store(g, _expert(experts, layer, int(e)))
     else:

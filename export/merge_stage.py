@@ -54,7 +54,7 @@ def merge_stage(cal: LayerCalibration, spec: ArchSpec, n_groups: int, method: st
         raise EdgeMoEError(f"layer {cal.layer} is not an MoE layer; nothing to merge")
     merged, emap, perms = merge_layer(cal.experts, cal.layer, spec, cal.freq, cal.router_logits, n_groups, method,
                                       low_rank=low_rank, return_perms=True, align=align,
-                                      gram_in=cal.gram_in, gram_mid=cal.gram_mid)
+                                      gram_in=cal.gram_in, gram_mid=cal.gram_mid, saliency=cal.saliency)
     out = ExpertLayer(cal.layer, merged, emap)
     G = out.n_stored
     tokens = cal.expert_tokens if cal.expert_tokens is not None else cal.freq

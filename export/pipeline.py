@@ -49,7 +49,7 @@ CALIB_SEQ_LEN = 256
 CALIB_FILE = "calib.txt"  # a checkpoint directory may ship its own calibration text under this name
 CALIB_NONE = "none"  # --calib none: no calibration (weight-only MWQ fitting, no predictor, no merging)
 DEFAULT_CALIB = Path(__file__).parent / "assets" / "calib" / "calib-default.txt"
-MERGE_METHODS = ("mcsmoe", "average", "prune")
+MERGE_METHODS = ("mcsmoe", "average", "prune", "reap")
 MERGE_EXPERIMENTAL = ("regmean",)  # studied in bench/merge_study.py, not offered on the command line
 
 
@@ -201,7 +201,7 @@ def merge_counts(ckpt, plan: Plan, seqs, show_progress: bool) -> list[int] | Non
     m, spec = plan.merge, ckpt.spec
     if m is None:
         return None
-    min_groups = spec.top_k if m.method == "prune" else 1
+    min_groups = spec.top_k if m.method in ("prune", "reap") else 1
     if m.experts_per_layer is not None:
         sizes = [np.zeros(spec.n_experts) if spec.is_moe_layer(i) else None for i in range(spec.n_layers)]
         return group_counts(sizes, experts_per_layer=m.experts_per_layer, min_groups=min_groups)
@@ -224,7 +224,8 @@ def expert_layers(ckpt, plan: Plan, seqs, rec: ExportRecorder, show_progress: bo
 
     collect = plan.weighted or (plan.merge is not None and plan.merge.method == "regmean")
     stream = calibrate(ckpt, seqs, group_size=plan.group_size or 128, collect_grams=collect,
-                       show_progress=show_progress)
+                       show_progress=show_progress,
+                       collect_saliency=plan.merge is not None and plan.merge.method == "reap")
     for cal in rec.clock.iterate(stream, "calibrate"):
         if cal.freq is None:
             continue
@@ -285,17 +286,29 @@ def encode_dense(name: str, arr: np.ndarray, plan: Plan) -> tuple[np.ndarray, st
         return arr.astype(np.float32), "f32", arr.shape
     if width == 8:
         if arr.shape[-1] % Q8_0_BLOCK == 0:
-            return quantize_q8_0(arr), "q8_0", arr.shape
+            return _q8_0_by_rows(arr), "q8_0", arr.shape
         plan.dense_f16_fallback.append(name)
     return arr.astype(np.float16), "f16", arr.shape
+
+
+Q8_0_CHUNK = 1 << 22  # weights quantized at once: quantize_q8_0's float32 temporaries stay ~100 MB
+
+
+def _q8_0_by_rows(arr: np.ndarray) -> np.ndarray:
+    """quantize_q8_0 over blocks of rows (blocks of 32 are independent, so the bytes are the same): on the whole
+    50304 x 2048 embedding its temporaries peaked at 2.2 GB."""
+    rows = arr.reshape(-1, arr.shape[-1])
+    step = max(1, Q8_0_CHUNK // rows.shape[1])
+    return np.concatenate([quantize_q8_0(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
 
 
 def write_dense(w: ContainerWriter, ckpt, plan: Plan, show_progress: bool) -> None:
     if ckpt.tokenizer_json is not None:
         w.add_tensor("tokenizer.json", np.frombuffer(ckpt.tokenizer_json, np.uint8), "bytes", kind="blob")
-    for name, arr in ckpt.global_tensors().items():
+    for name, arr in ckpt.global_tensor_items():  # one at a time: embedding and lm_head are 0.4 GB each in f32
         with stage(w, "quantize"):  # the writes inside are charged to "write"
             w.add_tensor(name, *encode_dense(name, arr, plan))
+        del arr
     for layer in progress(range(ckpt.spec.n_layers), "dense layers (read, quantize, write)", show_progress):
         for name, arr in ckpt.layer_dense(layer).items():
             with stage(w, "quantize"):

@@ -218,3 +218,14 @@ def test_experts_are_held_as_float16_only_when_exact():
     assert compact(exact).dtype == np.float16 and np.array_equal(compact(exact).astype(np.float32), exact)
     inexact = exact + np.float32(1e-6)  # bf16 or f32 checkpoints: kept as they are
     assert compact(inexact).dtype == np.float32 and compact(inexact) is inexact
+
+
+def test_dense_q8_0_by_row_blocks_is_the_whole_matrix_quantization(monkeypatch):
+    """The dense encoder quantizes big matrices in row blocks to bound memory: the bytes must not change."""
+    from edgemoe_export import pipeline
+
+    from edgemoe.quant import quantize_q8_0
+
+    a = np.random.default_rng(0).standard_normal((1001, 256)).astype(np.float32)
+    monkeypatch.setattr(pipeline, "Q8_0_CHUNK", 256 * 7)  # 143 row blocks, the last one short
+    assert pipeline._q8_0_by_rows(a).tobytes() == quantize_q8_0(a).tobytes()

@@ -275,7 +275,7 @@ def test_prune_masks_experts_and_renormalizes(tiny_dir, calib_file, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["mcsmoe", "average", "prune", "regmean"])
+@pytest.mark.parametrize("method", ["mcsmoe", "average", "prune", "regmean", "reap"])
 def test_export_merged_half_runs_on_every_family(family, method, tiny_dir, calib_file, tmp_path):
     from edgemoe_export.checkpoint import open_checkpoint
     from edgemoe_export.merge_stage import export_merged
@@ -286,7 +286,7 @@ def test_export_merged_half_runs_on_every_family(family, method, tiny_dir, calib
     with edgemoe.load(out, engine="numpy") as m:
         counts = [m.spec.stored_experts(layer) for layer in range(spec.n_layers)]
         assert sum(counts) == round(0.5 * spec.n_experts * spec.n_layers)
-        assert all(c >= (spec.top_k if method == "prune" else 1) for c in counts)
+        assert all(c >= (spec.top_k if method in ("prune", "reap") else 1) for c in counts)
         assert m.container.metadata["merge"]["group_counts"] == counts
         names = [n for n, t in m.container.tensors.items() if t.kind == "expert"]
         assert len(names) == 3 * sum(counts)
@@ -340,3 +340,43 @@ def test_export_merged_then_mwq(tiny_dir, calib_file, tmp_path):
         assert experts and all(t.dtype == "mwq" and t.n_planes == 3 for t in experts)
         assert len(experts) == 3 * sum(m.spec.stored_experts(i) for i in range(m.spec.n_layers))
         assert np.isfinite(m.logits(_ids())).all()
+
+
+def test_reap_saliency_is_router_weighted_output_norm_and_ranks_the_kept_experts(tiny_dir, calib_file, monkeypatch):
+    """REAP: saliency_e = mean over the tokens routed to e of gate weight x ||f_e(x)||, recomputed here from the
+    layer's MoE input (captured from the calibration pass) with the reference routing and each expert's FFN; `reap`
+    keeps the most salient experts."""
+    from edgemoe_export import calibrate as calmod
+    from edgemoe_export.checkpoint import open_checkpoint
+    from edgemoe_export.merge import merge_layer
+
+    from edgemoe.reference import moe
+
+    ck = open_checkpoint(tiny_dir("olmoe"))
+    spec = ck.spec
+    seqs = calmod.load_calibration_ids(ck.tokenizer_json, calib_file, 512, 64, spec.vocab)
+    captured = {}
+
+    def spy(spec_, layer, hn, router_x, w, names, on_route=None, on_expert=None):
+        captured.setdefault(layer, (hn.copy(), router_x.copy(), w, names))
+        return moe(spec_, layer, hn, router_x, w, names, on_route, on_expert)
+
+    monkeypatch.setattr(calmod, "moe", spy)
+    cal = next(iter(calmod.calibrate(ck, seqs, collect_grams=False, show_progress=False, collect_saliency=True)))
+    hn, router_x, w, names = captured[0]
+    route = {}
+    moe(spec, 0, hn, router_x, w, names, on_route=lambda _l, ids, wts: route.update(ids=ids, w=wts))
+    want = np.zeros(spec.n_experts)
+    for e in range(spec.n_experts):
+        rows = np.nonzero((route["ids"] == e).any(axis=1))[0]
+        gw = np.where(route["ids"][rows] == e, route["w"][rows], 0.0).sum(axis=1)
+        y = ffn(spec, hn[rows], *(w(expert_tensor_name(0, e, m)) for m in ("gate", "up", "down")))
+        want[e] = np.mean(gw * np.linalg.norm(y, axis=1)) if len(rows) else 0.0
+    assert (want > 0).sum() >= spec.top_k
+    np.testing.assert_allclose(cal.saliency, want, rtol=1e-4)
+    n = spec.top_k
+    _, emap = merge_layer(cal.experts, 0, spec, cal.freq, None, n, "reap", saliency=cal.saliency)
+    kept = sorted(e for e in range(spec.n_experts) if emap[e] >= 0)
+    assert kept == sorted(np.argsort(-want, kind="stable")[:n].tolist())
+    with pytest.raises(ValueError, match="saliency"):
+        merge_layer(cal.experts, 0, spec, cal.freq, None, n, "reap")
