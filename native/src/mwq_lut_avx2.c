@@ -1,24 +1,24 @@
 /* AVX2 (+ FMA, F16C) table-lookup MWQ plane kernels; math and tables in mwq_lut.h.
  *
- * AVX2 has no 64-entry byte permute, only vpshufb: 16 entries per 128-bit lane, a different table in each lane. So
- * lanes are rows at byte width: a 128-bit lane holds one plane byte column (the same byte of a block) of 16 rows, and
- * the two lanes of a vector hold two columns whose 16-entry tables are adjacent in the block's table (mwq_lut.h: the
- * even groups' tables at 16 q, the odd ones' at 64 + 16 q), so one aligned 32-byte load is the table of a vector:
- *   signs (byte q = groups 2q | 2q + 1 << 4): vectors (q, q + 1) for q = 0, 2; low nibbles look up the even groups'
- *     table at T + 32 (q / 2), high nibbles the odd ones' at T + 64 + 32 (q / 2);
- *   codes (byte m = the 4 codes of group m): vectors (m, m + 2) for m = 0, 4, 1, 5, tables at T + 0, 32, 64, 96; each
- *     code byte's low and high bits are gathered into nibbles n0, n1 with 4 constant vpshufb tables (no GFNI).
- * Getting there: per chunk of 8 blocks (256 inputs), 16 rows' 32 plane bytes are transposed 16 x 16 bytes within
- * each 128-bit lane (4 rounds of unpacklo/hi_epi8, 64 shuffles), then vperm2i128 pairs the columns. That is paid once
- * per tile and plane for up to 4 tokens.
- * Sums: per nibble lookup L <= 60, H in [-32, 28] (mwq_lut.h). Signs: the 8 L lookups of a block's 4 bytes add to
- * <= 240 (unsigned bytes), the H ones to [-128, 112] (signed); H + 128 and L interleaved feed vpmaddubsw with
- * (1, 16): L + 16 H + 2048 per row and lane in int16, the two lanes summed (bias 4096, removed). Codes: l0 + 2 l1
- * and 16 h0 + 32 h1 by vpmaddubsw with constant (1, 2) and (16, 32) operands, summed in int16 (|iq| <= 32 * 3 * 127
- * = 12192, and every partial sum is a sum of whole products, so no int16 overflows). Then int32, f32, and the f32
- * stage of mwq_lut.h in the scalar reference's order, 8 rows per vector.
+ * Residual planes by table lookup. AVX2 has no 64-entry byte permute, only vpshufb: 16 entries per 128-bit lane, a
+ * different table in each lane. So lanes are rows at byte width: a 128-bit lane holds one sign byte column (the same
+ * byte q of a block) of 16 rows, and the two lanes of a vector hold columns q, q + 1 (q = 0, 2), whose 16-entry tables
+ * are adjacent in the block's table (mwq_lut.h: the even groups' tables at 16 q, the odd ones' at 64 + 16 q): one
+ * aligned 32-byte load is the table of a vector, low nibbles look up T + 32 (q / 2), high nibbles T + 64 + 32 (q / 2).
+ * Getting there: per chunk of 8 blocks (256 inputs), 16 rows' 32 sign bytes are transposed 16 x 16 bytes within each
+ * 128-bit lane (4 rounds of unpacklo/hi_epi8, 64 shuffles), then vperm2i128 pairs the columns; paid once per tile and
+ * plane for up to 4 tokens. Sums: per nibble lookup L <= 60, H in [-32, 28]; a block's 8 L lookups add to <= 240
+ * (unsigned bytes), the H ones to [-128, 112] (signed); H + 128 and L interleaved feed vpmaddubsw with (1, 16):
+ * L + 16 H + 2048 per row and lane in int16, the two lanes summed (bias 4096, removed), then int32.
+ *
+ * The base plane (2-bit codes) without tables: through tables it would be two bit planes, each with the transpose, a
+ * bit gather and 8 lookups (measured: 43 % of the kernel's time at k = 4). Instead each row's code bytes, as they lie,
+ * are shifted and masked into 4 vectors of codes and multiplied with the activations laid out in the same order
+ * (act4, once per tile, 4 blocks and token) by vpmaddubsw, giving the exact integer block sums iq of mwq_lut.h
+ * (pair <= 762, four in int16 <= 3048), hadd'ed and transposed to rows. Integer sums are exact whatever computes
+ * them, so the f32 stage is unchanged: mwq_lut.h's order, 8 rows per vector, the same result as the scalar reference.
  * Tails: fewer than 16 rows repeat the last row and store only the valid ones; blocks past the row end are masked
- * loads (zero), never used.
+ * loads (zero) and zero activations, never stored.
  */
 #include "mwq_lut.h"
 
@@ -61,6 +61,54 @@ LUT2_INLINE void load_t(const uint8_t *const *p, int64_t dw0, int n, __m256i a[1
 LUT2_INLINE __m256i pair(const __m256i a[16], int c0, int c1) {
     /* column c is lane c / 16 of a[c % 16]; the two columns here are always in the same half */
     return c0 < 16 ? _mm256_permute2x128_si256(a[c0], a[c1], 0x20) : _mm256_permute2x128_si256(a[c0 - 16], a[c1 - 16], 0x31);
+}
+
+/* The 4 activation vectors of 4 blocks (128 inputs, natural order in x[4]): vector s byte j = input 4j + s of the 128
+ * (lane 0: blocks 0-1, lane 1: blocks 2-3), the order in which shifting a row's 32 code bytes right by 2s and masking
+ * gives the codes (code byte j = inputs 4j .. 4j + 3). */
+LUT2_INLINE void act4(const block_q8_act *const x[4], __m256i xs[4]) {
+    const __m256i G = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2,
+                                       6, 10, 14, 3, 7, 11, 15);
+    __m256i y[4]; /* y[q] lane h dword s = inputs 64h + 16q + 4m + s, m = 0..3 */
+    for (int q = 0; q < 4; q++)
+        y[q] = _mm256_shuffle_epi8(_mm256_loadu2_m128i((const __m128i *)(const void *)(x[2 + q / 2]->qs + 16 * (q % 2)),
+                                                       (const __m128i *)(const void *)(x[q / 2]->qs + 16 * (q % 2))),
+                                   G);
+    /* 4 x 4 dword transpose per lane: xs[s] dword q = y[q] dword s */
+    const __m256i t0 = _mm256_unpacklo_epi32(y[0], y[1]), t1 = _mm256_unpackhi_epi32(y[0], y[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(y[2], y[3]), t3 = _mm256_unpackhi_epi32(y[2], y[3]);
+    xs[0] = _mm256_unpacklo_epi64(t0, t2), xs[1] = _mm256_unpackhi_epi64(t0, t2);
+    xs[2] = _mm256_unpacklo_epi64(t1, t3), xs[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* Integer code sums iq of 4 blocks for 8 rows (row r's 32 code bytes at p[r] + 4 dw0, n dwords valid): out[c] lane r =
+ * row r's iq of block c. Per row: vpmaddubsw(codes, x) per shift (pair <= 2 * 3 * 127, four summed <= 3048 in int16),
+ * vpmaddwd to int32 half-block lanes, then pairs of rows hadd'ed and the 8 x 4 result transposed. */
+LUT2_INLINE void codes8(const uint8_t *const *p, int64_t dw0, int n, const __m256i xs[4], __m256i out[4]) {
+    const __m256i M3 = _mm256_set1_epi8(3), ONE = _mm256_set1_epi16(1);
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i h[4];
+    for (int r2 = 0; r2 < 4; r2++) {
+        __m256i R[2];
+        for (int e = 0; e < 2; e++) {
+            const int r = 2 * r2 + e;
+            const __m256i c = n == 8 ? _mm256_loadu_si256((const __m256i *)(const void *)(p[r] + 4 * dw0))
+                                     : _mm256_maskload_epi32((const int *)(const void *)(p[r] + 4 * dw0), m);
+            __m256i s16 = _mm256_maddubs_epi16(_mm256_and_si256(c, M3), xs[0]);
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 2), M3), xs[1]));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), M3), xs[2]));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 6), M3), xs[3]));
+            R[e] = _mm256_madd_epi16(s16, ONE); /* lane L = inputs 16L .. 16L + 15 */
+        }
+        h[r2] = _mm256_hadd_epi32(R[0], R[1]); /* [a.b0 a.b1 b.b0 b.b1 | a.b2 a.b3 b.b2 b.b3] (row.block) */
+    }
+    for (int g = 0; g < 2; g++) { /* rows 4g .. 4g + 3 */
+        const __m256 A = _mm256_castsi256_ps(h[2 * g]), B = _mm256_castsi256_ps(h[2 * g + 1]);
+        const __m256 ev = _mm256_shuffle_ps(A, B, 0x88), od = _mm256_shuffle_ps(A, B, 0xDD); /* blocks 0|2, 1|3 */
+        h[2 * g] = _mm256_castps_si256(ev), h[2 * g + 1] = _mm256_castps_si256(od);
+    }
+    out[0] = _mm256_permute2x128_si256(h[0], h[2], 0x20), out[2] = _mm256_permute2x128_si256(h[0], h[2], 0x31);
+    out[1] = _mm256_permute2x128_si256(h[1], h[3], 0x20), out[3] = _mm256_permute2x128_si256(h[1], h[3], 0x31);
 }
 
 /* 8 x 8 f32 transpose: on return r[c] lane i = former r[i] lane c. */
@@ -151,24 +199,10 @@ LUT2_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq
     }
 
     const __m256i M15 = _mm256_set1_epi8(15), X80 = _mm256_set1_epi8((char)0x80);
-    /* code byte nibble -> its codes' low bits (E) / high bits (O), for the low (.._LO) and high (.._HI) nibble */
-    __m256i NB[4];
-    {
-        uint8_t t[4][32];
-        for (int x = 0; x < 32; x++) {
-            const int v = x & 15;
-            t[0][x] = (uint8_t)((v & 1) | ((v >> 1) & 2));
-            t[1][x] = (uint8_t)(t[0][x] << 2);
-            t[2][x] = (uint8_t)(((v >> 1) & 1) | ((v >> 2) & 2));
-            t[3][x] = (uint8_t)(t[2][x] << 2);
-        }
-        for (int i = 0; i < 4; i++) NB[i] = _mm256_loadu_si256((const __m256i *)(const void *)t[i]);
-    }
-    const __m256i C12 = _mm256_set1_epi16(0x0201), C1632 = _mm256_set1_epi16(0x2010), C116 = _mm256_set1_epi16(0x1001);
-    const __m256i B0 = _mm256_setzero_si256(), B4096 = _mm256_set1_epi16(4096);
+    const __m256i C116 = _mm256_set1_epi16(0x1001), B4096 = _mm256_set1_epi16(4096);
+    const block_q8_act zero_blk = {0};
 
-    /* per chunk, the weight side shared by the tokens: code nibbles and sign nibbles of each block */
-    __m256i cn0[CH_BLOCKS][4], cn1[CH_BLOCKS][4];
+    /* per chunk, the weight side shared by the tokens: the sign nibbles of each block */
     __m256i slo[MWQ_MAX_PLANES - 1][CH_BLOCKS][2], shi[MWQ_MAX_PLANES - 1][CH_BLOCKS][2];
     __m256 F[TT_MAX][MWQ_MAX_PLANES][2], acc[TT_MAX][2];
     for (int u = 0; u < TT; u++) {
@@ -179,21 +213,6 @@ LUT2_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq
     for (int64_t b0 = 0; b0 < nb; b0 += CH_BLOCKS) {
         const int nblk = nb - b0 < CH_BLOCKS ? (int)(nb - b0) : CH_BLOCKS;
         prefetch_tile(nr, w, o0 + 16, nn, b0 / CH_BLOCKS, n_ch);
-        for (int half = 0; half * 4 < nblk; half++) { /* codes: 8 bytes per block, 4 blocks per load */
-            __m256i t[16];
-            const int n = 2 * (nblk - 4 * half) < 8 ? 2 * (nblk - 4 * half) : 8;
-            load_t(cp, 2 * b0 + 8 * half, n, t);
-            for (int bl = 0; bl < 4 && 4 * half + bl < nblk; bl++) {
-                static const int ms[4] = {0, 4, 1, 5};
-                for (int i = 0; i < 4; i++) {
-                    const int c0 = 16 * (bl >> 1) + 8 * (bl & 1) + ms[i];
-                    const __m256i v = pair(t, c0, c0 + 2);
-                    const __m256i lo = _mm256_and_si256(v, M15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), M15);
-                    cn0[4 * half + bl][i] = _mm256_or_si256(_mm256_shuffle_epi8(NB[0], lo), _mm256_shuffle_epi8(NB[1], hi));
-                    cn1[4 * half + bl][i] = _mm256_or_si256(_mm256_shuffle_epi8(NB[2], lo), _mm256_shuffle_epi8(NB[3], hi));
-                }
-            }
-        }
         for (int p = 0; p < nr; p++) { /* signs: 4 bytes per block, 8 blocks per load */
             __m256i t[16];
             load_t(sp[p], b0, nblk, t);
@@ -208,22 +227,28 @@ LUT2_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq
         for (int u = 0; u < TT; u++) {
             __m256 Fu[MWQ_MAX_PLANES][2], accu[2] = {acc[u][0], acc[u][1]};
             for (int q = 0; q <= nr; q++) Fu[q][0] = F[u][q][0], Fu[q][1] = F[u][q][1];
+            /* the codes: per row against the activations (no table, no transpose), 4 blocks at a time */
+            __m256i iq[CH_BLOCKS][2];
+            for (int q4 = 0; 4 * q4 < nblk; q4++) {
+                const int nb4 = nblk - 4 * q4 < 4 ? nblk - 4 * q4 : 4;
+                const block_q8_act *xb[4];
+                for (int c = 0; c < 4; c++) /* blocks past the row end: zeros, never read past the activations */
+                    xb[c] = c < nb4 ? a->xq + (size_t)(t0 + u) * a->xq_stride + (size_t)(b0 + 4 * q4 + c) : &zero_blk;
+                __m256i xs[4], o8[4];
+                act4(xb, xs);
+                for (int h = 0; h < 2; h++) {
+                    codes8(cp + 8 * h, 2 * (b0 + 4 * q4), 2 * nb4, xs, o8);
+                    for (int c = 0; c < nb4; c++) iq[4 * q4 + c][h] = o8[c];
+                }
+            }
             for (int bl = 0; bl < nblk; bl++) {
                 const int64_t b = b0 + bl;
                 const __m256i *T = (const __m256i *)(const void *)(lut[u] + (size_t)b * MWQ_LUT_BLOCK_BYTES);
                 __m256i L[4], H[4];
                 for (int i = 0; i < 4; i++) L[i] = _mm256_load_si256(T + i), H[i] = _mm256_load_si256(T + 4 + i);
                 const __m256 d = _mm256_set1_ps(dv[u][b]);
-                __m256i qlo = B0, qhi = B0;
-                for (int i = 0; i < 4; i++) {
-                    const __m256i l0 = _mm256_shuffle_epi8(L[i], cn0[bl][i]), l1 = _mm256_shuffle_epi8(L[i], cn1[bl][i]);
-                    const __m256i h0 = _mm256_shuffle_epi8(H[i], cn0[bl][i]), h1 = _mm256_shuffle_epi8(H[i], cn1[bl][i]);
-                    qlo = _mm256_add_epi16(qlo, _mm256_maddubs_epi16(C12, _mm256_unpacklo_epi8(l0, l1)));
-                    qhi = _mm256_add_epi16(qhi, _mm256_maddubs_epi16(C12, _mm256_unpackhi_epi8(l0, l1)));
-                    qlo = _mm256_add_epi16(qlo, _mm256_maddubs_epi16(C1632, _mm256_unpacklo_epi8(h0, h1)));
-                    qhi = _mm256_add_epi16(qhi, _mm256_maddubs_epi16(C1632, _mm256_unpackhi_epi8(h0, h1)));
-                }
-                accumulate(qlo, qhi, B0, d, Fu[0]);
+                Fu[0][0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(iq[bl][0]), Fu[0][0]);
+                Fu[0][1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(iq[bl][1]), Fu[0][1]);
                 for (int p = 0; p < nr; p++) {
                     const __m256i *lo = slo[p][bl], *hi = shi[p][bl];
                     const __m256i Ls = _mm256_add_epi8(
