@@ -13,8 +13,9 @@
  *
  * The base plane (2-bit codes) without tables: through tables it would be two bit planes, each with the transpose, a
  * bit gather and 8 lookups (measured: 43 % of the kernel's time at k = 4). Instead each row's code bytes, as they lie,
- * are shifted and masked into 4 vectors of codes and multiplied with the activations laid out in the same order
- * (act4, once per tile, 4 blocks and token) by vpmaddubsw, giving the exact integer block sums iq of mwq_lut.h
+ * are shifted and masked into 4 vectors of codes (shared by up to 4 tokens) and multiplied with the activations laid
+ * out in the same order (act4, once per tile, 4 blocks and token) by vpmaddubsw, giving the exact integer block sums
+ * iq of mwq_lut.h
  * (pair <= 762, four in int16 <= 3048), hadd'ed and transposed to rows. Integer sums are exact whatever computes
  * them, so the f32 stage is unchanged: mwq_lut.h's order, 8 rows per vector, the same result as the scalar reference.
  * Tails: fewer than 16 rows repeat the last row and store only the valid ones; blocks past the row end are masked
@@ -60,15 +61,16 @@ LUT2_INLINE void load_t(const uint8_t *const *p, int64_t dw0, int n, __m256i a[1
 /* Columns c0 and c1 of a transposed load (both < 32) as the two lanes of one vector. */
 LUT2_INLINE __m256i pair(const __m256i a[16], int c0, int c1) {
     /* column c is lane c / 16 of a[c % 16]; the two columns here are always in the same half */
-    return c0 < 16 ? _mm256_permute2x128_si256(a[c0], a[c1], 0x20) : _mm256_permute2x128_si256(a[c0 - 16], a[c1 - 16], 0x31);
+    return c0 < 16 ? _mm256_permute2x128_si256(a[c0], a[c1], 0x20)
+                   : _mm256_permute2x128_si256(a[c0 - 16], a[c1 - 16], 0x31);
 }
 
 /* The 4 activation vectors of 4 blocks (128 inputs, natural order in x[4]): vector s byte j = input 4j + s of the 128
  * (lane 0: blocks 0-1, lane 1: blocks 2-3), the order in which shifting a row's 32 code bytes right by 2s and masking
  * gives the codes (code byte j = inputs 4j .. 4j + 3). */
 LUT2_INLINE void act4(const block_q8_act *const x[4], __m256i xs[4]) {
-    const __m256i G = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2,
-                                       6, 10, 14, 3, 7, 11, 15);
+    const __m256i G = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, /* lane 0 */
+                                       0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     __m256i y[4]; /* y[q] lane h dword s = inputs 64h + 16q + 4m + s, m = 0..3 */
     for (int q = 0; q < 4; q++)
         y[q] = _mm256_shuffle_epi8(_mm256_loadu2_m128i((const __m128i *)(const void *)(x[2 + q / 2]->qs + 16 * (q % 2)),
@@ -81,34 +83,46 @@ LUT2_INLINE void act4(const block_q8_act *const x[4], __m256i xs[4]) {
     xs[2] = _mm256_unpacklo_epi64(t1, t3), xs[3] = _mm256_unpackhi_epi64(t1, t3);
 }
 
-/* Integer code sums iq of 4 blocks for 8 rows (row r's 32 code bytes at p[r] + 4 dw0, n dwords valid): out[c] lane r =
- * row r's iq of block c. Per row: vpmaddubsw(codes, x) per shift (pair <= 2 * 3 * 127, four summed <= 3048 in int16),
- * vpmaddwd to int32 half-block lanes, then pairs of rows hadd'ed and the 8 x 4 result transposed. */
-LUT2_INLINE void codes8(const uint8_t *const *p, int64_t dw0, int n, const __m256i xs[4], __m256i out[4]) {
+/* Integer code sums iq of 4 blocks for 8 rows (row r's 32 code bytes at p[r] + 4 dw0, n dwords valid) and TT tokens
+ * (activations xs[u]): out[u][c] lane r = row r's iq of block c. Per row the codes are unpacked once for the tokens;
+ * vpmaddubsw(codes, x) per shift (pair <= 2 * 3 * 127, four summed <= 3048 in int16), vpmaddwd to int32 half-block
+ * lanes, then pairs of rows hadd'ed and the 8 x 4 result transposed. */
+LUT2_INLINE void codes8(const int TT, const uint8_t *const *p, int64_t dw0, int n, const __m256i xs[][4],
+                        __m256i out[][4]) {
     const __m256i M3 = _mm256_set1_epi8(3), ONE = _mm256_set1_epi16(1);
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i h[4];
+    __m256i h[TT_MAX][4];
     for (int r2 = 0; r2 < 4; r2++) {
-        __m256i R[2];
+        __m256i R[TT_MAX][2];
         for (int e = 0; e < 2; e++) {
             const int r = 2 * r2 + e;
             const __m256i c = n == 8 ? _mm256_loadu_si256((const __m256i *)(const void *)(p[r] + 4 * dw0))
                                      : _mm256_maskload_epi32((const int *)(const void *)(p[r] + 4 * dw0), m);
-            __m256i s16 = _mm256_maddubs_epi16(_mm256_and_si256(c, M3), xs[0]);
-            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 2), M3), xs[1]));
-            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), M3), xs[2]));
-            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 6), M3), xs[3]));
-            R[e] = _mm256_madd_epi16(s16, ONE); /* lane L = inputs 16L .. 16L + 15 */
+            const __m256i c0 = _mm256_and_si256(c, M3), c1 = _mm256_and_si256(_mm256_srli_epi16(c, 2), M3);
+            const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), M3);
+            const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(c, 6), M3);
+            for (int u = 0; u < TT; u++) {
+                __m256i s16 = _mm256_maddubs_epi16(c0, xs[u][0]);
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c1, xs[u][1]));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c2, xs[u][2]));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c3, xs[u][3]));
+                R[u][e] = _mm256_madd_epi16(s16, ONE); /* lane L = inputs 16L .. 16L + 15 */
+            }
         }
-        h[r2] = _mm256_hadd_epi32(R[0], R[1]); /* [a.b0 a.b1 b.b0 b.b1 | a.b2 a.b3 b.b2 b.b3] (row.block) */
+        for (int u = 0; u < TT; u++)
+            h[u][r2] = _mm256_hadd_epi32(R[u][0], R[u][1]); /* [a.b0 a.b1 b.b0 b.b1 | a.b2 a.b3 b.b2 b.b3] */
     }
-    for (int g = 0; g < 2; g++) { /* rows 4g .. 4g + 3 */
-        const __m256 A = _mm256_castsi256_ps(h[2 * g]), B = _mm256_castsi256_ps(h[2 * g + 1]);
-        const __m256 ev = _mm256_shuffle_ps(A, B, 0x88), od = _mm256_shuffle_ps(A, B, 0xDD); /* blocks 0|2, 1|3 */
-        h[2 * g] = _mm256_castps_si256(ev), h[2 * g + 1] = _mm256_castps_si256(od);
+    for (int u = 0; u < TT; u++) {
+        for (int g = 0; g < 2; g++) { /* rows 4g .. 4g + 3 */
+            const __m256 A = _mm256_castsi256_ps(h[u][2 * g]), B = _mm256_castsi256_ps(h[u][2 * g + 1]);
+            const __m256 ev = _mm256_shuffle_ps(A, B, 0x88), od = _mm256_shuffle_ps(A, B, 0xDD); /* blocks 0|2, 1|3 */
+            h[u][2 * g] = _mm256_castps_si256(ev), h[u][2 * g + 1] = _mm256_castps_si256(od);
+        }
+        out[u][0] = _mm256_permute2x128_si256(h[u][0], h[u][2], 0x20);
+        out[u][2] = _mm256_permute2x128_si256(h[u][0], h[u][2], 0x31);
+        out[u][1] = _mm256_permute2x128_si256(h[u][1], h[u][3], 0x20);
+        out[u][3] = _mm256_permute2x128_si256(h[u][1], h[u][3], 0x31);
     }
-    out[0] = _mm256_permute2x128_si256(h[0], h[2], 0x20), out[2] = _mm256_permute2x128_si256(h[0], h[2], 0x31);
-    out[1] = _mm256_permute2x128_si256(h[1], h[3], 0x20), out[3] = _mm256_permute2x128_si256(h[1], h[3], 0x31);
 }
 
 /* 8 x 8 f32 transpose: on return r[c] lane i = former r[i] lane c. */
@@ -167,7 +181,8 @@ LUT2_INLINE void accumulate(__m256i lo, __m256i hi, __m256i bias, __m256 d, __m2
 LUT2_INLINE void prefetch_tile(const int nr, const mwq_matrix *w, int64_t on, int64_t nn, int64_t s, int64_t parts) {
     if (nn <= 0) return;
     for (int q = 0; q <= nr; q++) {
-        const uint8_t *base = q == 0 ? w->codes + (size_t)(on * w->cols / 4) : w->signs[q - 1] + (size_t)(on * w->cols / 8);
+        const uint8_t *base =
+            q == 0 ? w->codes + (size_t)(on * w->cols / 4) : w->signs[q - 1] + (size_t)(on * w->cols / 8);
         const int64_t lines = (nn * w->cols / (q == 0 ? 4 : 8) + 63) / 64;
         for (int64_t l = s * lines / parts; l < (s + 1) * lines / parts; l++)
             _mm_prefetch((const char *)base + 64 * l, _MM_HINT_T1);
@@ -224,31 +239,34 @@ LUT2_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq
                     shi[p][bl][i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), M15);
                 }
         }
-        for (int u = 0; u < TT; u++) {
-            __m256 Fu[MWQ_MAX_PLANES][2], accu[2] = {acc[u][0], acc[u][1]};
-            for (int q = 0; q <= nr; q++) Fu[q][0] = F[u][q][0], Fu[q][1] = F[u][q][1];
-            /* the codes: per row against the activations (no table, no transpose), 4 blocks at a time */
-            __m256i iq[CH_BLOCKS][2];
-            for (int q4 = 0; 4 * q4 < nblk; q4++) {
-                const int nb4 = nblk - 4 * q4 < 4 ? nblk - 4 * q4 : 4;
+        /* the codes: per row against the activations (no table, no transpose), 4 blocks at a time */
+        __m256i iq[TT_MAX][CH_BLOCKS][2];
+        for (int q4 = 0; 4 * q4 < nblk; q4++) {
+            const int nb4 = nblk - 4 * q4 < 4 ? nblk - 4 * q4 : 4;
+            __m256i xs[TT_MAX][4], o8[TT_MAX][4];
+            for (int u = 0; u < TT; u++) {
                 const block_q8_act *xb[4];
                 for (int c = 0; c < 4; c++) /* blocks past the row end: zeros, never read past the activations */
                     xb[c] = c < nb4 ? a->xq + (size_t)(t0 + u) * a->xq_stride + (size_t)(b0 + 4 * q4 + c) : &zero_blk;
-                __m256i xs[4], o8[4];
-                act4(xb, xs);
-                for (int h = 0; h < 2; h++) {
-                    codes8(cp + 8 * h, 2 * (b0 + 4 * q4), 2 * nb4, xs, o8);
-                    for (int c = 0; c < nb4; c++) iq[4 * q4 + c][h] = o8[c];
-                }
+                act4(xb, xs[u]);
             }
+            for (int h = 0; h < 2; h++) {
+                codes8(TT, cp + 8 * h, 2 * (b0 + 4 * q4), 2 * nb4, xs, o8);
+                for (int u = 0; u < TT; u++)
+                    for (int c = 0; c < nb4; c++) iq[u][4 * q4 + c][h] = o8[u][c];
+            }
+        }
+        for (int u = 0; u < TT; u++) {
+            __m256 Fu[MWQ_MAX_PLANES][2], accu[2] = {acc[u][0], acc[u][1]};
+            for (int q = 0; q <= nr; q++) Fu[q][0] = F[u][q][0], Fu[q][1] = F[u][q][1];
             for (int bl = 0; bl < nblk; bl++) {
                 const int64_t b = b0 + bl;
                 const __m256i *T = (const __m256i *)(const void *)(lut[u] + (size_t)b * MWQ_LUT_BLOCK_BYTES);
                 __m256i L[4], H[4];
                 for (int i = 0; i < 4; i++) L[i] = _mm256_load_si256(T + i), H[i] = _mm256_load_si256(T + 4 + i);
                 const __m256 d = _mm256_set1_ps(dv[u][b]);
-                Fu[0][0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(iq[bl][0]), Fu[0][0]);
-                Fu[0][1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(iq[bl][1]), Fu[0][1]);
+                Fu[0][0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(iq[u][bl][0]), Fu[0][0]);
+                Fu[0][1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(iq[u][bl][1]), Fu[0][1]);
                 for (int p = 0; p < nr; p++) {
                     const __m256i *lo = slo[p][bl], *hi = shi[p][bl];
                     const __m256i Ls = _mm256_add_epi8(
@@ -278,8 +296,8 @@ LUT2_INLINE void tile(const int TT, const int nr, const mwq_matrix *w, const mwq
                     __m256 t = _mm256_mul_ps(sc[0][j - j0s][h], Fu[0][h]);
                     t = _mm256_fmadd_ps(sc[1][j - j0s][h], Sx, t);
                     for (int p = 0; p < nr; p++)
-                        t = _mm256_fmadd_ps(sc[p + 2][j - j0s][h], _mm256_fmsub_ps(_mm256_set1_ps(2.0f), Fu[p + 1][h], Sx),
-                                            t);
+                        t = _mm256_fmadd_ps(sc[p + 2][j - j0s][h],
+                                            _mm256_fmsub_ps(_mm256_set1_ps(2.0f), Fu[p + 1][h], Sx), t);
                     accu[h] = _mm256_add_ps(accu[h], t);
                     for (int q = 0; q <= nr; q++) Fu[q][h] = _mm256_setzero_ps();
                 }
