@@ -224,8 +224,8 @@ def run_edgemoe(model: Path, budget: int | None, sysdef: dict, args, ids_file: P
         cmd += ["--budget", str(budget), "--mode", sysdef["mode"], "--prefetch", str(sysdef.get("prefetch", 1)),
                 "--prefetch-extra", str(sysdef.get("extra", 0)), "--io-threads", str(args.io_threads),
                 "--evict", sysdef.get("evict", "auto")]
-        if sysdef.get("direct", True):
-            cmd += ["--direct"]
+        # O_DIRECT is the default (edgemoe-bench, edgemoe.load); --buffered: the page cache, pages kept
+        cmd += ["--direct"] if sysdef.get("direct", True) else ["--buffered"]
     out, err = run_child(cmd, cg, args.timeout, sysdef.get("env"))
     if out is None:
         return {"error": err}

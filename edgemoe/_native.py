@@ -472,6 +472,7 @@ ERR_IO, ERR_CORRUPT, ERR_BUDGET, ERR_FORMAT, ERR_INVALID = -7, -8, -9, -10, -11
 MODES = {"exact": 0, "adaptive": 1, "ondemand": 2}
 VERIFY_READS = {"never": 0, "first": 1, "always": 2}
 STATS_LEVELS = 8
+READ_NOTE_LEN = 384  # EMOE_READ_NOTE_LEN
 _u64, _f64 = ctypes.c_uint64, ctypes.c_double
 
 
@@ -507,7 +508,8 @@ class Stats(ctypes.Structure):
                                        "ahead_experts", "ahead_hits", "experts_run")]
                 + [("experts_at_planes", _u64 * STATS_LEVELS)]
                 + [(n, _u64) for n in ("tokens", "forward_calls", "crc_checked", "crc_failures", "read_errors")]
-                + [(n, _f64) for n in ("stall_s", "io_busy_s", "forward_s")])
+                + [(n, _f64) for n in ("stall_s", "io_busy_s", "forward_s")]
+                + [("drop_cache", _i32), ("read_note", ctypes.c_char * READ_NOTE_LEN)])
 
 
 class BudgetError(NativeError):
@@ -572,7 +574,7 @@ _model_drop_cache = _sig("emoe_model_drop_cache", _int, _vp)
 
 
 def stream_options(budget_bytes: int | None = None, mode: str = "exact", prefetch: int = 1, prefetch_extra: int = 1,
-                   precision: int | None = None, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
+                   precision: int | None = None, io_threads: int = 2, direct: bool = True, drop_cache: bool = True,
                    verify: str = "first", n_seq: int = 1, evict: str = "auto",
                    prefetch_min_confidence: float | None = None) -> StreamOptions:
     if mode not in MODES:
@@ -642,6 +644,8 @@ def _stats_dict(s: Stats) -> dict:
     out = {}
     for name, ctype in Stats._fields_:
         v = getattr(s, name)
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
         out[name] = list(v)[: max(1, s.n_planes if name != "experts_at_planes" else s.run_planes)] \
             if isinstance(v, ctypes.Array) else v
     return out

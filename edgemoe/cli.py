@@ -308,7 +308,8 @@ def print_stats(st: dict, budget_typed=None, max_new_tokens: int | None = None) 
         per_tok = st.get("bytes_read_per_token")
         print(f"[expert cache, mode {st['mode']}] hit rate {pct(st['cache_hit_rate'])}, read "
               f"{format_bytes(per_tok) if per_tok is not None else '-'}/token, I/O stall "
-              f"{pct(st['io_stall_fraction'])} of forward time, prefetch recall {pct(st['prefetch_recall'])}",
+              f"{pct(st['io_stall_fraction'])} of forward time, prefetch recall {pct(st['prefetch_recall'])}, "
+              f"reads {st['read_mode']}" + (f" ({st['read_note']})" if st.get("read_note") else ""),
               file=sys.stderr)
 
 

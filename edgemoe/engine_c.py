@@ -245,7 +245,7 @@ class CEngine:
     @classmethod
     def open_streaming(cls, path, spec: ArchSpec, memory_budget: int | None, mode: str = "exact", threads: int = 1,
                        max_ctx: int = 4096, kv_f16: bool = False, precision: int | None = None, prefetch: int = 1,
-                       prefetch_extra: int = 1, io_threads: int = 2, direct: bool = False, drop_cache: bool = False,
+                       prefetch_extra: int = 1, io_threads: int = 2, direct: bool = True, drop_cache: bool = True,
                        verify: str = "first", isa: int | str | None = None, q8_f32_act: bool = False,
                        n_seq: int = 1, evict: str = "auto", prefetch_min_confidence: float | None = None) -> CEngine:
         """The model under a memory budget (bytes; None = no limit, every expert cached after its first use): the C
@@ -255,7 +255,10 @@ class CEngine:
 
         mode: "exact" (output identical to the all-resident model), "adaptive" (MWQ: compute an expert at its resident
         planes rather than wait for a refinement plane), "ondemand" (baseline: LRU, no prefetch, no overlap).
-        prefetch: 0 none, 1 before each layer's attention, 2 also the next layer. verify: CRC-32 of expert reads
+        prefetch: 0 none, 1 before each layer's attention, 2 also the next layer. direct (default): O_DIRECT reads
+        where the file system allows them; drop_cache (default): buffered reads (direct=False, or the file system
+        refused O_DIRECT) drop their pages after use; stats() says which ran (direct, drop_cache, read_note).
+        verify: CRC-32 of expert reads
         ("first" read of each piece, "always", "never"). n_seq: sequences whose KV cache the budget holds (the most
         set_n_seq / decode_batch can use). evict ("auto", "lru", "cyclic", "freq") and prefetch_min_confidence
         (0..1, default 0.5) override the cache policy, for experiments. The plan the budget was checked against

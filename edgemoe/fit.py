@@ -21,7 +21,7 @@ from pathlib import Path
 from .bandwidth import IO_ALIGN, memory_read_bandwidth, storage_read_bandwidth
 from .container import Container, open_container
 from .errors import EdgeMoEError
-from .procfs import mem_available_bytes
+from .procfs import mem_available_bytes, rss_bytes
 from .units import format_bytes, parse_bytes
 
 
@@ -120,12 +120,18 @@ def fit(path: str | Path, budget, max_ctx: int | None = None, threads: int = 1, 
         raise EdgeMoEError("fit needs a memory budget, e.g. --budget 2GB")
     path = Path(path)
     c = open_container(path, verify=False)
+    # The budget bounds the C core's memory; the Python process around it (interpreter, NumPy, the C core library,
+    # the container's index) comes on top: measured here, before the model, as `edgemoe run` holds it
+    outside = rss_bytes()
     try:
         s = c.spec
         ctx = int(max_ctx or min(s.max_position, 4096))
         req = runtime_requirements(path, s, budget_bytes, ctx, threads, mode, precision, kv_f16)
         report: dict = {"model": str(path), "file_bytes": path.stat().st_size, "budget_bytes": budget_bytes,
                         "max_ctx": ctx, "mode": mode, "threads": threads, **req}
+        if outside is not None:
+            report["process_overhead_bytes"] = outside
+            report["process_total_bytes"] = budget_bytes + outside
         avail = mem_available_bytes()
         if avail is not None:
             report["memory_available_bytes"] = avail
@@ -177,6 +183,10 @@ def format_report(r: dict) -> str:
     lines.append(f"runs: minimum {format_bytes(r['minimum_bytes'])} ({r['minimum_bytes']} bytes); resident: dense "
                  f"{format_bytes(r['dense_bytes'])} + KV cache {format_bytes(r['kv_bytes'])} + scratch "
                  f"{format_bytes(r['scratch_bytes'])}")
+    if "process_total_bytes" in r:
+        lines.append(f"process total: about {format_bytes(r['process_total_bytes'])} = the budget (the C core: dense, "
+                     f"KV cache, scratch, expert cache) + {format_bytes(r['process_overhead_bytes'])} this Python "
+                     f"process holds besides (measured now); cap a container or cgroup at that")
     lines.append(f"expert cache: {format_bytes(r['expert_cache_bytes'])} = {r['expert_cache_fraction']:.0%} of the "
                  f"experts ({format_bytes(r['expert_bytes_total'])} in cache slots at {r['run_planes']} plane(s))")
     lines.append(f"routing: {r['routing']}")

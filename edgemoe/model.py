@@ -713,6 +713,8 @@ class Model:
             "read_syscalls": c["read_syscalls"],
             "checksums_checked": c["crc_checked"],
             "o_direct": bool(c["direct"]),
+            "read_mode": read_mode(c),
+            "read_note": c["read_note"] or None,
         }
 
     @_serialized
@@ -747,6 +749,15 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_mode(c: dict) -> str:
+    """How the C core reads expert pieces, from its statistics: "O_DIRECT", "buffered, pages dropped after use" (the
+    default's fallback where the file system refuses O_DIRECT; read_note says why) or "buffered" (direct=False,
+    drop_cache=False: the page cache keeps what was read, outside the budget)."""
+    if c["direct"]:
+        return "O_DIRECT"
+    return "buffered, pages dropped after use" if c["drop_cache"] else "buffered"
 
 
 def _c_engine_class():
@@ -806,7 +817,11 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
     file; a budget below the minimum raises an error stating it. mode: "exact" (default; output identical to the
     all-resident model), "adaptive" (MWQ: skip refinement planes that would stall), "ondemand" (baseline: LRU, no
     prefetch). prefetch: 0 none, 1 before each layer's attention (default), 2 also the next layer.
-    stream_options: prefetch_extra, io_threads, direct (O_DIRECT), drop_cache (see CEngine.open_streaming).
+    stream_options: prefetch_extra, io_threads, direct, drop_cache (see CEngine.open_streaming). With a budget the
+    expert reads use O_DIRECT by default, so the page cache does not hold the file beside the budget; where the file
+    system refuses O_DIRECT they are buffered and their pages dropped after use; stats["read_mode"] says which ran
+    (and stats["read_note"] why O_DIRECT is off). The budget bounds the C core's memory (dense weights, KV cache,
+    scratch, expert cache), not the Python process around it: `edgemoe fit` reports that process's total.
     verify_reads: with a budget, "first" (default when verify), "always" (every read of an expert piece) or "never".
     precision: for MWQ containers, the number of bit planes every expert runs at (1 = the base plane only;
     default: all stored planes). Bits per weight = base bits + precision - 1.

@@ -9,7 +9,7 @@ from subprocess_python import PYTHON
 
 import edgemoe
 from edgemoe import _native as N
-from edgemoe.fit import fit, minimum_budget_bytes
+from edgemoe.fit import fit, format_report, minimum_budget_bytes
 
 CALIB = ("the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. "
          "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9 ") * 80
@@ -53,6 +53,13 @@ def test_the_cache_it_reports_is_the_one_the_runtime_gets(mwq_model):
     assert r["runs"] and r["expert_cache_bytes"] == parts["expert_cache"]
     assert (r["dense_bytes"], r["kv_bytes"], r["scratch_bytes"]) == (parts["dense"], parts["kv_cache"],
                                                                     parts["scratch"])
+    # the budget is the C core's; the process's total adds this Python process (interpreter, NumPy, the library)
+    from edgemoe.procfs import rss_bytes
+
+    if rss_bytes() is not None:
+        assert 0 < r["process_overhead_bytes"] <= rss_bytes()
+        assert r["process_total_bytes"] == budget + r["process_overhead_bytes"]
+        assert "process total: about" in format_report(r)
 
 
 def test_routing_counts_from_calibration_drive_the_expected_reads(mwq_model):

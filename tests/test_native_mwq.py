@@ -12,8 +12,8 @@ native/tests/test_mwq.c), at every k and base_bits 2/4/8, matvec (1 token) and m
   ~2.4 sigma) that is 0.55% of sigma, so a dot product with independent weights moves by ~0.55% RMS: normalized MSE
   ~3e-5 (measured 2-4e-5 here). We assert <= 1e-4.
 - SIMD == scalar to 1e-7, and decode (one token) == prefill (several) bit for bit.
-- The table-lookup kernels (default for base_bits 2, group % 32 == 0 where the ISA has them: scalar, avx512vnni with
-  GFNI + VBMI, neon): every such ISA equals the scalar LUT reference bit for bit (integer tables, one f32 order), at
+- The table-lookup kernels (default for base_bits 2, group % 32 == 0 where the ISA has them: scalar, avx2,
+  avx512vnni (its own with GFNI + VBMI, else the AVX2 ones), neon): every such ISA equals the scalar LUT reference bit for bit (integer tables, one f32 order), at
   every k, odd row counts and 1..6 tokens, on the exporter's fitted planes too; against the per-plane kernels
   (lut=False) and the dequantized reference the difference is f32 rounding only.
 
@@ -184,17 +184,12 @@ def test_lut_kernels_equal_scalar_bit_for_bit(isa, g, cols):
 
 
 def test_lut_kernels_are_used_where_this_cpu_allows():
-    """scalar always has them; on x86 the avx512vnni ISA has them when it runs the GFNI + VBMI kernels, avx2 not."""
+    """scalar always has them; on x86 avx2 has them (mwq_lut_avx2.c) and so has avx512vnni (its own kernels with
+    GFNI + VBMI, else the AVX2 ones): every x86 ISA computes MWQ bit for bit like the scalar reference."""
     assert N.mwq_lut_available(N.ISA_SCALAR)
-    if N.ISA_AVX2 in ISAS:
-        assert not N.mwq_lut_available(N.ISA_AVX2)
-    if N.ISA_AVX512VNNI in ISAS:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-        except OSError:
-            flags = set()
-        assert N.mwq_lut_available(N.ISA_AVX512VNNI) == ({"gfni", "avx512vbmi"} <= flags)
+    for isa in (N.ISA_AVX2, N.ISA_AVX512VNNI):
+        if isa in ISAS:
+            assert N.mwq_lut_available(isa), N.isa_name(isa)
 
 
 def test_threads_do_not_change_results():
@@ -360,10 +355,14 @@ def test_corrupt_plane_is_reported_when_the_c_engine_reads_it(mwq_export, tmp_pa
     data[plane["offset"] + 3] ^= 0x40
     bad = tmp_path / "bad.emoe"
     bad.write_bytes(bytes(data))
-    with edgemoe.load(bad, verify=False, precision=K - 1) as m:  # the damaged plane is not read at k = K - 1
-        assert m.engine_name == "c"
-        with pytest.raises(FormatError, match=rf"plane {K} of {K} of tensor '{victim}'"):
-            m._engine.set_precision(K)
+    for isa in LUT_ISAS:  # whatever kernels run the planes (avx2 forced here too), the damaged one is refused
+        with edgemoe.load(bad, verify=False, precision=K - 1) as m:  # the damaged plane is not read at k = K - 1
+            assert m.engine_name == "c"
+            m._engine.set_isa(isa)
+            assert m._engine.isa == N.isa_name(isa)
+            m._engine.logits([5, 9])
+            with pytest.raises(FormatError, match=rf"plane {K} of {K} of tensor '{victim}'"):
+                m._engine.set_precision(K)
     for engine in ("auto", "c"):
         with pytest.raises(FormatError, match=rf"plane {K} of {K} of tensor '{victim}'"):
             edgemoe.load(bad, verify=False, engine=engine)

@@ -247,8 +247,10 @@ typedef struct {
     int32_t prefetch_extra; /* predict each token's top-(k + extra) experts (default 1) */
     int32_t precision;      /* MWQ experts: planes to run at (0 = all stored) */
     int32_t io_threads;     /* reader threads (default 2) */
-    int32_t direct;         /* 1: O_DIRECT reads (falls back to buffered if the file system refuses) */
-    int32_t drop_cache;     /* 1: posix_fadvise(DONTNEED) after each buffered read */
+    int32_t direct;         /* 1 (default): O_DIRECT reads, so the page cache does not hold the file beside the
+                               budget; where the file system refuses O_DIRECT, buffered reads (emoe_stats says so) */
+    int32_t drop_cache;     /* 1 (default): posix_fadvise(DONTNEED) after each buffered read (the fallback above, or
+                               direct = 0): the pages a read brought in are dropped after use */
     int32_t verify;         /* EMOE_VERIFY_READS_*: CRC-32 of each piece on its first read (default) or every read;
                                dense weights are checked once at load unless NEVER */
     int32_t n_seq;          /* sequences whose KV cache the budget holds (default 1; see emoe_model_set_n_seq) */
@@ -260,6 +262,7 @@ typedef struct {
 enum { EMOE_EVICT_POLICY_AUTO = 0, EMOE_EVICT_POLICY_LRU = 1, EMOE_EVICT_POLICY_CYCLIC = 2, EMOE_EVICT_POLICY_FREQ = 3 };
 void emoe_stream_options_init(emoe_stream_options *o);
 
+#define EMOE_READ_NOTE_LEN 384
 #define EMOE_STATS_LEVELS 8 /* plane levels with their own hit/miss counters (level 0 = base plane) */
 typedef struct {
     int64_t budget_bytes, minimum_bytes; /* as given (0 = no limit); the least this model + context can run in */
@@ -277,6 +280,11 @@ typedef struct {
     uint64_t experts_run, experts_at_planes[EMOE_STATS_LEVELS]; /* expert computations, by planes used */
     uint64_t tokens, forward_calls, crc_checked, crc_failures, read_errors;
     double stall_s, io_busy_s, forward_s; /* compute waiting for pieces; reader busy; inside emoe_forward */
+    /* How expert pieces are read (never switched silently): direct = 1: O_DIRECT; else drop_cache = 1: buffered reads
+     * whose pages are dropped after use (fadvise DONTNEED); else buffered, page cache kept. read_note: "" or why
+     * O_DIRECT was asked for and is not in effect (the file system refused it, or the platform has none). */
+    int32_t drop_cache;
+    char read_note[EMOE_READ_NOTE_LEN];
 } emoe_stats;
 
 /* Open a model from a container under a memory budget (see above). The model copies what it needs: the container

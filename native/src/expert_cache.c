@@ -176,6 +176,8 @@ emoe_cache *emoe_cache_new(const emoe_cache_config *cfg, char *err, size_t errle
         goto fail;
     }
     c->st.direct = emoe_io_direct(c->io);
+    c->st.drop_cache = !c->st.direct && cfg->drop_cache;
+    c->st.read_note = emoe_io_note(c->io);
     return c;
 nomem:
     if (err) snprintf(err, errlen, "out of memory creating the expert cache");
@@ -517,10 +519,10 @@ void emoe_cache_get_stats(emoe_cache *c, emoe_cache_stats *out) {
 void emoe_cache_reset_stats(emoe_cache *c) {
     if (!c) return;
     pthread_mutex_lock(&c->mu);
-    const int direct = c->st.direct;
+    const emoe_cache_stats keep = c->st; /* the read mode is not a counter */
     memset(&c->st, 0, sizeof c->st);
     c->st.capacity = c->arena.bytes;
-    c->st.direct = direct;
+    c->st.direct = keep.direct, c->st.drop_cache = keep.drop_cache, c->st.read_note = keep.read_note;
     c->arena.peak_used = c->arena.used;
     pthread_mutex_unlock(&c->mu);
 }

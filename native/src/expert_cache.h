@@ -85,6 +85,8 @@ typedef struct {
     double stall_s;   /* time the compute thread waited for pieces (emoe_cache_wait_groups) */
     double io_busy_s; /* time the I/O threads spent reading */
     int direct;       /* O_DIRECT in effect */
+    int drop_cache;   /* buffered reads, each followed by fadvise(DONTNEED) (the fallback when O_DIRECT is refused) */
+    const char *read_note; /* "" or why O_DIRECT is not in effect although asked for (lives as long as the cache) */
 } emoe_cache_stats;
 
 typedef struct emoe_cache emoe_cache;

@@ -1,5 +1,5 @@
 /* Table-lookup MWQ plane kernels: the per-token table build, the scalar reference and the kernel selection.
- * The math, the table layout and the f32 order are in mwq_lut.h; SIMD kernels in mwq_lut_{avx512,neon}.c. */
+ * The math, the table layout and the f32 order are in mwq_lut.h; SIMD kernels in mwq_lut_{avx2,avx512,neon}.c. */
 #include <math.h>
 
 #include "mwq_lut.h"
@@ -108,7 +108,8 @@ const mwq_kernels *mwq_lut_kernels_get(int isa) {
     switch (isa) {
     case EMOE_ISA_SCALAR: return &mwq_lut_kernels_scalar;
 #if defined(EMOE_HAVE_AVX2)
-    case EMOE_ISA_AVX512VNNI: return emoe_x86_gfni_vbmi() ? &mwq_lut_kernels_avx512 : NULL;
+    case EMOE_ISA_AVX2: return &mwq_lut_kernels_avx2;
+    case EMOE_ISA_AVX512VNNI: return emoe_x86_gfni_vbmi() ? &mwq_lut_kernels_avx512 : &mwq_lut_kernels_avx2;
 #endif
 #if defined(EMOE_HAVE_NEON)
     case EMOE_ISA_NEON: return &mwq_lut_kernels_neon;

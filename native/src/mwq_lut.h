@@ -28,7 +28,8 @@
  * value the other integer kernels compute, rounded in this fixed order so that all ISAs agree bit for bit.
  * Decode and prefill use the same per-token computation (decode == prefill bit for bit).
  *
- * Used for base_bits == 2 and group % 32 == 0 (mwq_lut_ok); other (b1, g) keep the other kernels.
+ * Used for base_bits == 2 and group % 32 == 0 (mwq_lut_ok); other (b1, g) keep the other kernels. Kernels: scalar
+ * (mwq_lut.c), AVX2 (mwq_lut_avx2.c; also AVX-512 CPUs without GFNI + VBMI), AVX-512 (mwq_lut_avx512.c), NEON.
  */
 #ifndef EDGEMOE_MWQ_LUT_H
 #define EDGEMOE_MWQ_LUT_H
@@ -68,6 +69,7 @@ float mwq_lut_group_sx(const uint8_t *lut, int64_t cols, int group, int64_t j);
 #define MWQ_RUN_NO_LUT 2 /* or'ed into mwq_run's f32_act: use the per-plane dot-product kernels instead */
 extern const mwq_kernels mwq_lut_kernels_scalar;
 #if defined(EMOE_HAVE_AVX2)
+extern const mwq_kernels mwq_lut_kernels_avx2;
 extern const mwq_kernels mwq_lut_kernels_avx512;
 #endif
 #if defined(EMOE_HAVE_NEON)

@@ -361,6 +361,10 @@ void emoe_stream_options_init(emoe_stream_options *o) {
     o->prefetch = 1;
     o->prefetch_extra = 1;
     o->io_threads = 2; /* two reads in flight: a demand read need not wait for a prefetch read to finish */
+    /* the budget is the memory the model takes: O_DIRECT keeps the file out of the page cache (buffered reads drop
+     * their pages after use where O_DIRECT is refused), and is the faster path under a cap (BENCHMARKS.md) */
+    o->direct = 1;
+    o->drop_cache = 1;
     o->verify = EMOE_VERIFY_READS_FIRST;
     o->n_seq = 1;
     o->evict = EMOE_EVICT_POLICY_AUTO;
@@ -389,6 +393,8 @@ int emoe_model_stats(emoe_model *m, emoe_stats *out) {
     out->cache_used_bytes = (int64_t)cs.used;
     out->cache_peak_bytes = (int64_t)cs.peak_used;
     out->direct = cs.direct;
+    out->drop_cache = cs.drop_cache;
+    snprintf(out->read_note, sizeof out->read_note, "%s", cs.read_note ? cs.read_note : "");
     for (int i = 0; i < EMOE_STATS_LEVELS; i++)
         out->hits[i] = cs.hits[i], out->misses[i] = cs.misses[i], out->late[i] = cs.late[i];
     out->bytes_read = cs.bytes_read;

@@ -2,7 +2,7 @@
  *
  *   edgemoe-bench MODEL.emoe [-p 512] [-n 128] [-t threads] [-r reps] [--budget 1GB] [--prompt-file ids.txt]
  *                 [--seed 42] [--isa scalar|avx2|avx512vnni|neon|neon_dotprod] [--kv-f16] [--verify] [--print-tokens] [--json]
- *                 [--mode exact|adaptive|ondemand] [--prefetch 0|1|2] [--direct] [--precision K] [--tg-prompt]
+ *                 [--mode exact|adaptive|ondemand] [--prefetch 0|1|2] [--buffered] [--precision K] [--tg-prompt]
  *
  * Tests (the same as `edgemoe bench` in Python and llama-bench):
  *   ppN  prompt processing: one forward pass over the N prompt tokens from an empty cache, timed; tokens/s = N / time.
@@ -66,7 +66,8 @@ static void usage(FILE *f) {
             "  --prefetch N          0 none, 1 before each layer's attention (default), 2 also the next layer\n"
             "  --prefetch-extra N    predict top-(k+N) experts per token (default 1)\n"
             "  --precision K         MWQ experts: planes to run at (default all stored)\n"
-            "  --direct              read experts with O_DIRECT; --drop-cache: fadvise(DONTNEED) after reads\n"
+            "  --buffered            read experts through the page cache, pages kept (default: O_DIRECT where the\n"
+            "                        file system allows it, else buffered reads whose pages are dropped after use)\n"
             "  --evict P             auto (default), lru, cyclic or freq: force the expert cache's eviction policy\n"
             "  --io-threads N        reader threads (default 2)\n"
             "  --verify-reads W      never, first (default: each piece's first read) or always: CRC-32 of expert reads\n"
@@ -457,8 +458,8 @@ static int parse_args(int argc, char **argv, options *o) {
         else if (!strcmp(a, "--prefetch-extra")) INTARG(o->so.prefetch_extra, 0, 64);
         else if (!strcmp(a, "--precision")) INTARG(o->so.precision, 0, 8);
         else if (!strcmp(a, "--io-threads")) INTARG(o->so.io_threads, 1, 16);
-        else if (!strcmp(a, "--direct")) o->so.direct = 1;
-        else if (!strcmp(a, "--drop-cache")) o->so.drop_cache = 1;
+        else if (!strcmp(a, "--direct")) o->so.direct = 1; /* the default; kept for old command lines */
+        else if (!strcmp(a, "--buffered")) o->so.direct = 0, o->so.drop_cache = 0;
         else if (!strcmp(a, "--evict")) { /* experiments: force the cache's eviction policy */
             NEEDV();
             static const char *const pol[] = {"auto", "lru", "cyclic", "freq"};
@@ -585,9 +586,11 @@ static void print_stream_text(const options *o, const result *res, int n_res, co
         if (i == 0)
             printf("streaming (%s, prefetch %d%s): minimum budget %.1f MiB = dense %.1f + KV %.1f + scratch %.1f + "
                    "experts; expert cache %.1f MiB of %.1f MiB on disk\n",
-                   mode, o->so.mode == EMOE_MODE_ONDEMAND ? 0 : o->so.prefetch, s->direct ? ", O_DIRECT" : "",
+                   mode, o->so.mode == EMOE_MODE_ONDEMAND ? 0 : o->so.prefetch,
+                   s->direct ? ", O_DIRECT" : s->drop_cache ? ", buffered, pages dropped after use" : ", buffered",
                    s->minimum_bytes / 1048576.0, s->dense_bytes / 1048576.0, s->kv_bytes / 1048576.0,
                    s->scratch_bytes / 1048576.0, s->cache_capacity_bytes / 1048576.0, s->expert_bytes / 1048576.0);
+        if (i == 0 && s->read_note[0]) printf("  reads: %s\n", s->read_note);
         printf("  %s: read %.1f MB/token, hit rate %.1f%%, stall %.0f%% of the time, prefetch recall %.1f%% "
                "(precision %.1f%%), %llu evictions\n",
                res[i].test, ratio((double)s->bytes_read, tokens) / 1e6, 100 * ratio((double)hits, (double)(hits + misses)),
