@@ -57,7 +57,10 @@ def test_the_cache_it_reports_is_the_one_the_runtime_gets(mwq_model):
     from edgemoe.procfs import rss_bytes
 
     if rss_bytes() is not None:
-        assert 0 < r["process_overhead_bytes"] <= rss_bytes()
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # RSS may shrink after fit measured it
+        assert 0 < r["process_overhead_bytes"] <= peak
         assert r["process_total_bytes"] == budget + r["process_overhead_bytes"]
         assert "process total: about" in format_report(r)
 
