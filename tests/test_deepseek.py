@@ -6,6 +6,7 @@ The C engine computes MLA in the latent space (scores against the cached latents
 and the NumPy reference expand every key and value: agreement within 1e-5 checks the absorption too."""
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from tiny_deepseek import CONFIGS, build_deepseek_model
 import edgemoe
 from edgemoe.container import open_container
 
-N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
-pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
-pytest.importorskip("transformers")
+N = importlib.import_module("edgemoe._native")
+importlib.import_module("edgemoe_export")
+importlib.import_module("transformers")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
 VARIANTS = tuple(CONFIGS)
@@ -282,8 +283,8 @@ def test_deepseek2_gguf_f32_matches_transformers_and_greedy_tokens_match(name, t
     in 3 groups of which 2 are kept; V3 with YaRN: the softmax mscale as yarn_log_multiplier) and with edgemoe's greedy
     tokens. rms_norm_eps 1e-6 (DeepSeek's own) so the
     latent norms' eps is the one llama.cpp uses for them."""
-    pytest.importorskip("gguf", reason="needs gguf-py")
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("gguf")
+    importlib.import_module("llama_cpp")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
     from edgemoe_export.gguf_reader import GGUFCheckpoint
@@ -309,7 +310,7 @@ def test_deepseek2_gguf_f32_matches_transformers_and_greedy_tokens_match(name, t
 
 
 def test_deepseek2_gguf_refuses_what_llama_cpp_computes_otherwise(ds, tmp_path):
-    pytest.importorskip("gguf", reason="needs gguf-py")
+    importlib.import_module("gguf")
     from edgemoe_export.gguf_export import export_gguf
 
     from edgemoe.errors import EdgeMoEError
@@ -325,7 +326,7 @@ def test_deepseek2_gguf_refuses_what_llama_cpp_computes_otherwise(ds, tmp_path):
 
 
 def test_onnx_export_refuses_mla_naming_why(ds, tmp_path):
-    pytest.importorskip("onnx")
+    importlib.import_module("onnx")
     from edgemoe_export.onnx_export import export_onnx
 
     from edgemoe.errors import EdgeMoEError

@@ -5,6 +5,7 @@ The tiny model (tiny_gemma4.py) makes every Gemma-4 option matter on a 24-token 
 dropping any one of them from the description moves the logits far from transformers'."""
 
 import dataclasses
+import importlib
 import json
 
 import numpy as np
@@ -17,8 +18,8 @@ from edgemoe.container import open_container
 from edgemoe.errors import EdgeMoEError, FormatError, UnsupportedModelError
 from edgemoe.reference import reference_logits
 
-N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
-pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
+N = importlib.import_module("edgemoe._native")
+importlib.import_module("edgemoe_export")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
@@ -262,7 +263,7 @@ R_GELU = __import__("edgemoe.reference", fromlist=["gelu_tanh"]).gelu_tanh
 def test_gguf_f32_runs_in_llama_cpp_like_transformers(gemma4, hf_ref, tmp_path, monkeypatch):
     """llama.cpp's gemma4 runs the exported file: within 2e-3 of transformers, the same greedy choices, and within
     2e-4 of edgemoe's reference once that uses ggml's f16 GELU table (the gap's cause)."""
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export.gguf_export import export_gguf
     from test_gguf import llama_logits
 
@@ -277,7 +278,7 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gemma4, hf_ref, tmp_path, 
 
 
 def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export.gguf_export import export_gguf
     from test_gguf import _llama
 
@@ -300,7 +301,7 @@ def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
 def test_gguf_import_reads_llama_cpp_gemma4_back(gemma4, hf_ref, tmp_path):
     """GGUF -> edgemoe: the description comes back from llama.cpp's keys (per-layer KV heads, sliding pattern, both
     head sizes, rope_freqs as proportional RoPE) and the weights from its names (router scale, fused experts)."""
-    pytest.importorskip("gguf", reason="needs gguf-py")
+    importlib.import_module("gguf")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
 
@@ -321,7 +322,7 @@ def test_gguf_refuses_a_layer_llama_cpp_does_not_have(gemma4, tmp_path):
 
 
 def test_onnx_export_refuses_gemma4_by_name(gemma4, tmp_path):
-    pytest.importorskip("onnx", reason="needs onnx")
+    importlib.import_module("onnx")
     from edgemoe_export.onnx_export import export_onnx
 
     with pytest.raises(EdgeMoEError, match="gemma4"):

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tiny_models_gguf import build_gguf_variant
 from tiny_models_onnx import rewrite_gguf, write_merged_container
 from tiny_smallthinker import build_tiny_smallthinker
 
-gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install gguf)")
+gguf = importlib.import_module("gguf")
 
 from edgemoe_export.gguf_export import export_gguf, export_gguf_from_container
 from edgemoe_export.gguf_reader import open_gguf

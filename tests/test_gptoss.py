@@ -4,6 +4,7 @@ The tiny model (tiny_gptoss.py) makes every gpt-oss option matter on a 24-token 
 dropping any one of them from the description moves the logits far from transformers'."""
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from edgemoe.container import open_container
 from edgemoe.errors import UnsupportedModelError
 from edgemoe.reference import reference_logits
 
-N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
-pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
+N = importlib.import_module("edgemoe._native")
+importlib.import_module("edgemoe_export")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
@@ -202,7 +203,7 @@ def gguf_ckpt(tmp_path_factory):
 
 
 def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export.gguf_export import export_gguf
     from test_gguf import llama_logits
 
@@ -213,7 +214,7 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
 
 
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
     from llama_cpp import Llama
@@ -257,7 +258,7 @@ def test_gguf_of_an_untruncated_yarn_model_warns(tmp_path):
 def test_gguf_import_reads_llama_cpp_gpt_oss_back(gguf_ckpt, tmp_path):
     """GGUF -> edgemoe: the description comes back from llama.cpp's keys (sliding window on even layers, YaRN,
     the hard-coded SwiGLU) and the weights from its names (post_attention_norm, sinks, biases)."""
-    pytest.importorskip("gguf", reason="needs gguf-py")
+    importlib.import_module("gguf")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
 
@@ -301,7 +302,7 @@ def test_merging_experts_with_biases_is_refused(gptoss, tmp_path):
 
 
 def test_onnx_export_refuses_gpt_oss_by_name(gptoss, tmp_path):
-    pytest.importorskip("onnx", reason="needs onnx")
+    importlib.import_module("onnx")
     from edgemoe_export.onnx_export import export_onnx
 
     from edgemoe.errors import EdgeMoEError

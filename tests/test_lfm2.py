@@ -5,6 +5,7 @@ where it can go wrong: prefill (blocks of 64 tokens) against token-by-token deco
 the budgeted engine, a reset, and a truncation it cannot honour."""
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from edgemoe.container import open_container
 from edgemoe.errors import FormatError, UnsupportedModelError
 from edgemoe.reference import reference_logits
 
-N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
-pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
+N = importlib.import_module("edgemoe._native")
+importlib.import_module("edgemoe_export")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
@@ -252,7 +253,7 @@ def gguf_ckpt(tmp_path_factory):
 
 
 def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export.gguf_export import export_gguf
     from test_gguf import llama_logits
 
@@ -265,7 +266,7 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
 @pytest.mark.parametrize("gtype", ["F16", "Q8_0"])
 def test_quantized_gguf_runs_in_llama_cpp_with_f32_conv_taps(gguf_ckpt, tmp_path, gtype):
     """llama.cpp's ssm_conv asserts on non-F32 taps (a crash, not an error): F16 and Q8_0 files keep them F32."""
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export.gguf_export import export_gguf
     from edgemoe_export.gguf_parse import parse_gguf
     from test_gguf import TOL, llama_logits
@@ -283,7 +284,7 @@ def test_quantized_gguf_runs_in_llama_cpp_with_f32_conv_taps(gguf_ckpt, tmp_path
 
 
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
     from test_gguf import _llama
@@ -329,7 +330,7 @@ def test_gguf_refuses_what_llama_cpp_cannot_express(lfm2, tmp_path):
 
 
 def test_onnx_export_refuses_conv_layers_by_name(lfm2, tmp_path):
-    pytest.importorskip("onnx", reason="needs onnx")
+    importlib.import_module("onnx")
     from edgemoe_export.onnx_export import export_onnx
 
     from edgemoe.errors import EdgeMoEError

@@ -361,7 +361,7 @@ def test_reap_saliency_is_router_weighted_output_norm_and_ranks_the_kept_experts
         captured.setdefault(layer, (hn.copy(), router_x.copy(), w, names))
         return moe(spec_, layer, hn, router_x, w, names, on_route, on_expert)
 
-    import edgemoe.reference as reference
+    from edgemoe import reference
 
     monkeypatch.setattr(reference, "moe", spy)  # calibration runs the layer's FFN block through reference.moe
     cal = next(iter(calmod.calibrate(ck, seqs, collect_grams=False, show_progress=False, collect_saliency=True)))

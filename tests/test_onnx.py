@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from tiny_models_onnx import (
 )
 from tiny_smallthinker import build_tiny_smallthinker
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+onnx = importlib.import_module("onnx")
+ort = importlib.import_module("onnxruntime")
 
 from edgemoe_export.onnx_export import export_onnx
 
@@ -188,7 +189,7 @@ def test_merged_and_pruned_container(tiny_dir, tmp_path):
 
 def test_gguf_source(tiny_dir, tmp_path):
     """GGUF (Mixtral: q/k rows permuted for llama.cpp) -> ONNX == transformers."""
-    gguf = pytest.importorskip("gguf")  # noqa: F841
+    gguf = importlib.import_module("gguf")  # noqa: F841
     from edgemoe_export.gguf_export import export_gguf
 
     g = export_gguf(tiny_dir("mixtral"), tmp_path / "m.gguf", "F32", show_progress=False)

@@ -2,6 +2,7 @@
 and itself. New layer kind: Gated DeltaNet (linear_attn_layers, native/src/deltanet.c) with a recurrent state."""
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from edgemoe.container import open_container
 from edgemoe.errors import EdgeMoEError, UnsupportedModelError
 from edgemoe.reference import reference_logits
 
-N = pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
-pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
+N = importlib.import_module("edgemoe._native")
+importlib.import_module("edgemoe_export")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
@@ -335,7 +336,7 @@ def gguf_ckpt(tmp_path_factory):
 
 
 def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export.gguf_export import export_gguf
     from test_gguf import llama_logits
 
@@ -348,7 +349,7 @@ def test_gguf_f32_runs_in_llama_cpp_like_transformers(gguf_ckpt, tmp_path):
 def test_gguf_from_the_container_runs_like_transformers(gguf_ckpt, tmp_path):
     """The container stores the split attention gate, the offset norms and the flattened conv taps: written back to
     llama.cpp's layout they give the same model."""
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf_from_container
     from test_gguf import llama_logits
@@ -359,7 +360,7 @@ def test_gguf_from_the_container_runs_like_transformers(gguf_ckpt, tmp_path):
 
 
 def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("llama_cpp")
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
     from llama_cpp import Llama

@@ -3,6 +3,7 @@ models, JSON schema output, tool calls, concurrent clients) and raw HTTP for the
 process on 127.0.0.1 with an ephemeral port, serving a tiny random model. Its greedy output is compared with the
 model's own Model.chat / Model.generate in this process."""
 
+import importlib
 import json
 import shutil
 import signal
@@ -14,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from subprocess_python import PYTHON
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
+openai = importlib.import_module("openai")
+httpx = importlib.import_module("httpx")
+jsonschema = importlib.import_module("jsonschema")
+importlib.import_module("uvicorn")
+importlib.import_module("starlette")
 
 from tiny_models import CHAT_TEMPLATE, add_chat_template
 

@@ -3,6 +3,7 @@ texts of a schema (checked against json.loads and jsonschema, references nobody 
 enforce are refused, sampled replies of the tiny model are valid for many seeds, and tool calls are found in a
 reply's text (and held back from its stream)."""
 
+import importlib
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from edgemoe.server.json_constraint import SchemaError, any_object, can_end, com
 from edgemoe.server.openai_api import APIError
 from edgemoe.server.tool_calls import plan_tools
 
-jsonschema = pytest.importorskip("jsonschema")
+jsonschema = importlib.import_module("jsonschema")
 
 
 def accepts(node, text: str) -> bool:

@@ -3,6 +3,7 @@ ERNIE-4.5 MoE: HF checkpoint -> export -> container -> NumPy and C engines == tr
 (dropping the bias or the group limit changes the logits of these checkpoints)."""
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ from tiny_v3route import build_v3_model
 
 import edgemoe
 
-pytest.importorskip("edgemoe_export", reason="needs the exporter (edgemoe[export])")
-pytest.importorskip("transformers")
+importlib.import_module("edgemoe_export")
+importlib.import_module("transformers")
 
 IDS = np.random.default_rng(0).integers(3, 320, 24)
 TYPES = ("glm4_moe", "ernie4_5_moe", "ernie4_5_moe_i2")
@@ -44,7 +45,7 @@ def v3(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["numpy", "c"])
 def test_fp32_container_logits_match_transformers(v3, model_type, engine):
     if engine == "c":
-        pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
+        importlib.import_module("edgemoe._native")
     ckpt, path = v3(model_type)
     with edgemoe.load(path, engine=engine, threads=2) as m:
         ours = m.logits(IDS)
@@ -53,7 +54,7 @@ def test_fp32_container_logits_match_transformers(v3, model_type, engine):
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_mwq8_container_logits_stay_close_to_transformers(v3, model_type):
-    pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
+    importlib.import_module("edgemoe._native")
     ckpt, path = v3(model_type, 8)
     with edgemoe.load(path, engine="c", threads=2) as m:
         ours = m.logits(IDS)
@@ -66,7 +67,7 @@ def test_mwq8_container_logits_stay_close_to_transformers(v3, model_type):
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_prefill_equals_token_by_token_decode(v3, model_type):
-    pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
+    importlib.import_module("edgemoe._native")
     _, path = v3(model_type)
     with edgemoe.load(path, engine="c", threads=2) as m:
         full = m.logits(IDS)
@@ -99,8 +100,8 @@ def test_bias_and_group_limit_matter(v3, model_type):
 
 
 def _needs_llama_and_gguf():
-    pytest.importorskip("gguf", reason="needs gguf-py")
-    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
+    importlib.import_module("gguf")
+    importlib.import_module("llama_cpp")
 
 
 def test_glm4moe_gguf_f32_matches_transformers_and_greedy_tokens_match(tmp_path):
@@ -171,7 +172,7 @@ def test_glm4moe_gguf_refuses_group_limited_routing(tmp_path):
 
 
 def test_onnx_export_refuses_v3_routing_clearly(v3, tmp_path):
-    pytest.importorskip("onnx", reason="needs onnx")
+    importlib.import_module("onnx")
     from edgemoe_export.onnx_export import export_onnx
 
     from edgemoe.errors import EdgeMoEError
@@ -184,7 +185,7 @@ def test_onnx_export_refuses_v3_routing_clearly(v3, tmp_path):
 def test_merge_keeps_the_selection_bias_and_refuses_groups(v3, tmp_path):
     """MC-SMoE merge: ERNIE (no groups) merges, and the C and NumPy engines agree on the merged container (the bias
     is per routed expert, applied before the routed -> stored map); GLM with n_group > 1 is refused before writing."""
-    pytest.importorskip("edgemoe._native", reason="the C core is not built (set EDGEMOE_NATIVE_LIB)")
+    importlib.import_module("edgemoe._native")
     from edgemoe_export.merge_stage import export_merged
 
     from edgemoe.errors import EdgeMoEError
