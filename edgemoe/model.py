@@ -832,6 +832,9 @@ def load(path: str | Path, memory_budget=None, threads: int | None = None, engin
     needed.
     """
     streaming = memory_budget is not None or mode != "exact"
+    if stream_options and not streaming:  # they would be ignored: say so instead
+        raise EdgeMoEError(f"{', '.join(sorted(stream_options))}: option(s) of loading under a memory budget "
+                           "(memory_budget=..., or mode='adaptive' / 'ondemand'); without one they do nothing")
     # Without a budget every checksum is checked here (zlib's CRC-32 runs at memory speed; the C container's own
     # check, emoe_container_verify, is several times slower today); with one, the C core checks what it reads.
     container = open_container(path, verify=verify and not streaming)

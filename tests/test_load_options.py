@@ -84,3 +84,15 @@ def test_cli_bad_threads_is_one_line(tiny_emoe, capsys):
     rc = main(["run", str(tiny_emoe("qwen3moe")), "--prompt", "hi", "-n", "2", "--threads", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("edgemoe: error: threads=0"), err
+
+
+def test_budget_only_options_without_a_budget_are_an_error_not_ignored(tiny_emoe):
+    """kv_f16, direct, io_threads... act on the budgeted (streaming) engine only: without a budget they are refused
+    by name instead of silently doing nothing."""
+    path = tiny_emoe("olmoe", 16)
+    with pytest.raises(EdgeMoEError, match="kv_f16.*memory budget"):
+        edgemoe.load(path, kv_f16=True)
+    with pytest.raises(EdgeMoEError, match="direct, io_threads"):
+        edgemoe.load(path, io_threads=2, direct=False)
+    with edgemoe.load(path, memory_budget="1GB", kv_f16=True) as m:  # with a budget they apply
+        assert m.logits([1, 2, 3]).shape[0] == 3
