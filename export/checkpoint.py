@@ -82,6 +82,10 @@ class Checkpoint:
         hf = dense_hf_names(self.family, self.spec, layer)
         if "router" in hf and hf["router"] not in self.tensors:
             hf["router"] = f"model.layers.{layer}.{self.family.router_fused}"  # transformers 5 fused layout
+        alt = f"model.layers.{layer}.{self.family.moe_prefix}.gate.{self.family.score_bias}"
+        if "score_bias" in hf and hf["score_bias"] not in self.tensors and alt in self.tensors:
+            hf["score_bias"] = alt  # transformers 5's own layout keeps ERNIE's selection bias under the gate
+
         shapes = expected_shapes(self.spec, layer)
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)

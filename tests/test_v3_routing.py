@@ -201,3 +201,21 @@ def test_merge_keeps_the_selection_bias_and_refuses_groups(v3, tmp_path):
     with pytest.raises(EdgeMoEError, match="group-limited routing"):
         export_merged(v3("glm4_moe")[0], tmp_path / "g.emoe", **kw)
     assert not (tmp_path / "g.emoe").exists()
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "ernie4_5_moe"])
+def test_transformers_in_memory_layout_reads_like_the_saved_one(model_type, tmp_path):
+    """save_original_format=False writes transformers 5's own names (fused experts; ERNIE's bias under the gate):
+    the same model, the same container tensors."""
+    from edgemoe_export import export
+
+    paths = {}
+    for fmt in (True, False):
+        ckpt = build_v3_model(model_type, tmp_path / f"ckpt{fmt}", save_original_format=fmt)
+        paths[fmt] = export(ckpt, tmp_path / f"m{fmt}.emoe", bits=32, show_progress=False)
+    from edgemoe.container import open_container
+
+    a, b = (open_container(paths[f], verify=False) for f in (True, False))
+    assert a.spec == b.spec and sorted(a.tensors) == sorted(b.tensors)
+    for name in a.tensors:
+        np.testing.assert_array_equal(a.raw(name), b.raw(name), err_msg=name)

@@ -39,8 +39,9 @@ CONFIGS["ernie4_5_moe_i2"] = dict(CONFIGS["ernie4_5_moe"], moe_layer_interval=2)
 MODEL_TYPE = {"glm4_moe_g1": "glm4_moe", "ernie4_5_moe_i2": "ernie4_5_moe"}
 
 
-def build_v3_model(name: str, out_dir: Path, seed: int = 0) -> Path:
-    """name: a key of CONFIGS (its model_type, or a variant of one)."""
+def build_v3_model(name: str, out_dir: Path, seed: int = 0, **save_kwargs) -> Path:
+    """name: a key of CONFIGS (its model_type, or a variant of one); save_kwargs go to save_pretrained
+    (save_original_format=False: transformers 5's in-memory tensor names and fused experts)."""
     import torch
     import transformers as tf
     from tiny_models import _write_tokenizer
@@ -66,6 +67,6 @@ def build_v3_model(name: str, out_dir: Path, seed: int = 0) -> Path:
                 n_bias += 1
         assert n_bias, f"{model_type}: no e_score_correction_bias found"
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **save_kwargs)
     _write_tokenizer(out_dir, cfg.vocab_size)
     return out_dir
