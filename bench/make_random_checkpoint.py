@@ -52,6 +52,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
                             "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
                             "mscale": 0.707, "mscale_all_dim": 0.707}}),
+    "ernie-4.5-21b-a3b": ("ernie4_5_moe", {  # transformers' defaults are this model's widths
+        "vocab_size": 103424, "hidden_size": 2560, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 28, "num_attention_heads": 20, "num_key_value_heads": 4, "moe_num_experts": 64,
+        "moe_k": 6, "moe_num_shared_experts": 2, "moe_layer_start_index": 1}),
     "granite-3.1-3b-a800m": ("granitemoe", {
         "vocab_size": 49155, "hidden_size": 1536, "intermediate_size": 512, "num_hidden_layers": 32,
         "num_attention_heads": 24, "num_key_value_heads": 8, "num_local_experts": 40, "num_experts_per_tok": 8,
