@@ -575,7 +575,7 @@ def lfm2moe_spec(cfg: dict) -> ArchSpec:
 
 
 def lfm2_hf_names(spec: ArchSpec, layer: int) -> dict[str, str]:
-    """Role -> HF tensor name of one LFM2 layer's dense tensors (its own module names)."""
+    """Role -> HF tensor name of one LFM2 layer's dense tensors (its own module names, over the common ones)."""
     p = f"model.layers.{layer}."
     names = {"attn_norm": p + "operator_norm.weight", "ffn_norm": p + "ffn_norm.weight"}
     if layer in spec.conv_layers:
@@ -593,6 +593,8 @@ def lfm2_hf_names(spec: ArchSpec, layer: int) -> dict[str, str]:
     else:
         names.update(mlp_gate=f + "w1.weight", mlp_up=f + "w3.weight", mlp_down=f + "w2.weight")
     return names
+
+
 GEMMA4_LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -732,9 +734,6 @@ class Family:
     norm_offset: bool = False  # RMSNorm weights stored as w - 1 (the norm scales by 1 + w): the reader adds 1
     fused_qkvz: bool = False  # Qwen3-Next: DeltaNet in_proj_qkvz / in_proj_ba grouped per key head
     final_norm: str = "model.norm.weight"
-    # a family whose layers use other module names than the llama-style ones dense_hf_names writes: (spec, layer) ->
-    # role -> HF name (LFM2)
-    hf_names: Callable[[ArchSpec, int], dict[str, str]] | None = None
     # "gemma4": the router's scale vector / sqrt(hidden) is folded into the router rows and per_expert_scale into
     # each expert's down matrix (Checkpoint.layer_dense / layer_experts); the text model of a multimodal checkpoint
     # is under model.language_model.
@@ -770,7 +769,7 @@ FAMILIES: dict[str, Family] = {
     "lfm2_moe": Family("lfm2moe", lfm2moe_spec, "feed_forward", "gate.weight", ("w1", "w3", "w2"),
                        (("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),),
                        "feed_forward.gate.weight", score_bias="expert_bias", final_norm="model.embedding_norm.weight",
-                       hf_names=lfm2_hf_names),
+                       names=lfm2_hf_names),
 }
 FAMILIES["granitemoeshared"] = FAMILIES["granitemoe"]
 FAMILIES["gemma4_text"] = Family("gemma4", gemma4_spec, "router", "proj.weight", ("", "", ""),
@@ -817,8 +816,6 @@ def family_for(cfg: dict, where: str) -> Family:
 
 def dense_hf_names(fam: Family, spec: ArchSpec, layer: int) -> dict[str, str]:
     """Role -> HF tensor name for the dense tensors of one layer (roles as in edgemoe.arch.dense_tensor_names)."""
-    if fam.hf_names is not None:
-        return fam.hf_names(spec, layer)
     p = f"model.layers.{layer}."
     a = p + "self_attn."
     names = {
