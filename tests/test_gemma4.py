@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 from conftest import hf_logits, rel_err
+from greedy_tokens import greedy_tokens
 
 import edgemoe
 from edgemoe.arch import model_tensors
@@ -283,19 +284,9 @@ def test_gguf_greedy_tokens_match_edgemoe(gemma4, tmp_path):
     from test_gguf import _llama
 
     path = export_gguf(gemma4.dir, tmp_path / "g.gguf", "F32", show_progress=False)
-    prompt = [int(t) for t in IDS[:8]]
-    with edgemoe.load(gemma4(32), engine="c") as m:
-        ours = m._engine.prefill(prompt)
-        toks = []
-        for _ in range(12):
-            toks.append(int(np.argmax(ours)))
-            ours = m._engine.decode(toks[-1])
-    llm = _llama(model_path=str(path), n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
-    try:
-        theirs = [int(t) for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1), range(12))]
-    finally:
-        llm.close()
-    assert theirs == toks
+    emoe = gemma4(32)
+    ours, theirs = greedy_tokens(emoe, path, [int(t) for t in IDS[:8]], 12, _llama)
+    assert theirs == ours
 
 
 def test_gguf_import_reads_llama_cpp_gemma4_back(gemma4, hf_ref, tmp_path):

@@ -9,6 +9,7 @@ import importlib
 import numpy as np
 import pytest
 from conftest import hf_logits, rel_err
+from greedy_tokens import greedy_tokens
 
 import edgemoe
 from edgemoe.arch import ArchSpec, model_tensors
@@ -220,19 +221,9 @@ def test_gguf_greedy_tokens_match_edgemoe(gguf_ckpt, tmp_path):
     from llama_cpp import Llama
 
     path = export_gguf(gguf_ckpt, tmp_path / "g.gguf", "F32", show_progress=False)
-    prompt = [int(t) for t in IDS[:8]]
-    with edgemoe.load(export(gguf_ckpt, tmp_path / "g.emoe", bits=32, show_progress=False), engine="c") as m:
-        ours = m._engine.prefill(prompt)
-        toks = []
-        for _ in range(12):
-            toks.append(int(np.argmax(ours)))
-            ours = m._engine.decode(toks[-1])
-    llm = Llama(model_path=str(path), n_ctx=64, n_threads=2, type_k=0, type_v=0, verbose=False)
-    try:
-        theirs = [int(t) for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1), range(12))]
-    finally:
-        llm.close()
-    assert theirs == toks
+    emoe = export(gguf_ckpt, tmp_path / "g.emoe", bits=32, show_progress=False)
+    ours, theirs = greedy_tokens(emoe, path, [int(t) for t in IDS[:8]], 12, Llama)
+    assert theirs == ours
 
 
 def test_gguf_refuses_what_llama_cpp_hard_codes(gptoss, tmp_path):
