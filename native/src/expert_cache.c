@@ -209,12 +209,13 @@ static int valid_id(const emoe_cache *c, int id) { return id >= 0 && id < c->n &
 
 int emoe_cache_acquire(emoe_cache *c, const int *ids, int n, const uint64_t *keys) {
     if (!c || n < 0 || (n && (!ids || !keys))) return EMOE_ERR_ARG;
+    pthread_mutex_lock(&c->mu);
     for (int i = 0; i < n; i++)
         if (!valid_id(c, ids[i])) {
             snprintf(c->err, sizeof c->err, "emoe_cache_acquire: piece %d does not exist", ids[i]);
+            pthread_mutex_unlock(&c->mu);
             return EMOE_ERR_ARG;
         }
-    pthread_mutex_lock(&c->mu);
     int i, rc = EMOE_OK, compacted = 0;
 again:
     for (i = 0; i < n; i++) {
@@ -500,7 +501,14 @@ const void *emoe_cache_data(emoe_cache *c, int id) {
     return d;
 }
 
-const char *emoe_cache_error(emoe_cache *c) { return c ? c->err : "cache is NULL"; }
+const char *emoe_cache_error(emoe_cache *c) {
+    if (!c) return "cache is NULL";
+    /* copied under the lock: an I/O thread may be writing the next failure's message into err right now */
+    pthread_mutex_lock(&c->mu);
+    memcpy(c->err_out, c->err, sizeof c->err_out);
+    pthread_mutex_unlock(&c->mu);
+    return c->err_out;
+}
 
 void emoe_cache_get_stats(emoe_cache *c, emoe_cache_stats *out) {
     if (!c || !out) return;

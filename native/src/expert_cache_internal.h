@@ -71,7 +71,8 @@ struct emoe_cache {
     size_t n_pf, cap_pf;
     uint64_t clock;
     emoe_cache_stats st;
-    char err[EMOE_IO_MSG_LEN + 128];
+    char err[EMOE_IO_MSG_LEN + 128];     /* written under mu (the I/O threads write it too) */
+    char err_out[EMOE_IO_MSG_LEN + 128]; /* the compute thread's copy, taken under mu */
 };
 
 #define EMOE_CACHE_DECAY 0.9 /* per epoch (token): a use 7 tokens ago counts half */

@@ -636,6 +636,31 @@ static void test_cache_prefetch_admission(void) {
     free_pieces(&pf);
 }
 
+/* Many pieces fail at once on several I/O threads: each writes its message while the compute thread reads the last
+ * one. The message the caller gets must be whole (a torn or empty one was seen in CI). */
+static void test_cache_concurrent_errors(int rounds) {
+    piece_file pf = make_pieces(16, 2, 6000, 3000);
+    emoe_cache *c = new_cache(&pf, (uint64_t)pf.n * emoe_cache_slot_bytes(6064), 0, 4, EMOE_VERIFY_ALWAYS);
+    if (!c) return;
+    for (int i = 0; i < pf.n; i++) { /* every piece corrupt */
+        unsigned char bad = (unsigned char)(pf.content[pf.d[i].off + 10] ^ 0x55);
+        patch_file(pf.path, pf.d[i].off + 10, &bad, 1);
+    }
+    int ids[32], bad_msgs = 0;
+    for (int i = 0; i < pf.n; i++) ids[i] = i;
+    for (int r = 0; r < rounds; r++) {
+        const int rc = use_group(c, &pf, ids, pf.n, 0);
+        const char *msg = emoe_cache_error(c);
+        if (rc != EMOE_ERR_CORRUPT || !strstr(msg, "checksum mismatch") || !strstr(msg, "(piece: plane")) {
+            if (!bad_msgs++) printf("  round %d: status %d, message '%s'\n", r, rc, msg);
+        }
+        emoe_cache_wait_io(c); /* let the stragglers land */
+    }
+    CHECK(bad_msgs == 0, "%d of %d rounds gave a wrong status or a torn message", bad_msgs, rounds);
+    emoe_cache_free(c);
+    free_pieces(&pf);
+}
+
 static void test_cache_errors(void) {
     piece_file pf = make_pieces(6, 2, 12000, 5000);
     emoe_cache *c = new_cache(&pf, 4 * emoe_cache_slot_bytes(12064), 0, 1, EMOE_VERIFY_ALWAYS);
@@ -842,6 +867,7 @@ int main(int argc, char **argv) {
     test_cache_groups();
     printf("cache: errors\n");
     test_cache_errors();
+    test_cache_concurrent_errors(200);
     printf("cache: random load\n");
     test_cache_random(iters, 0, 1, EMOE_EVICT_LRU);
     test_cache_random(iters / 3, 1, 1, EMOE_EVICT_FREQ);
