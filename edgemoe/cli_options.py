@@ -64,6 +64,10 @@ def runtime_opts(sp) -> None:
                    help="with a budget: exact = output identical to the unlimited run (default); adaptive = skip a "
                         "refinement bit plane that would stall (MWQ experts); ondemand = baseline LRU cache, no "
                         "prefetch")
+    g.add_argument("--precision", type=int, default=None, metavar="K",
+                   help="MWQ experts: the bit planes every expert runs at, 1 (the 2-bit base plane only) up to the "
+                        "planes stored (the default: all, the most precise); fewer planes read fewer bytes and "
+                        "compute faster (`edgemoe info` lists the planes)")
     g.add_argument("--threads", type=int, default=default_threads(), metavar="N",
                    help=f"threads for the C core (default {default_threads()}: this machine's physical cores, at "
                         f"most {MAX_DEFAULT_THREADS})")
@@ -116,19 +120,22 @@ def context_opts(sp, chat: bool = False) -> None:
 
 def load_args(args) -> dict:
     """The keyword arguments of edgemoe.load from the runtime options (--budget, --threads, --engine, --mode,
-    --max-ctx). With a budget and no --max-ctx, the context is the largest the budget holds, said on stderr."""
+    --precision, --max-ctx). With a budget and no --max-ctx, the context is the largest the budget holds, said on stderr."""
     parse_bytes(args.budget)  # a bad size is reported before anything is opened
     check_model_path(args.model)
     kw = {"memory_budget": args.budget, "threads": args.threads, "engine": args.engine}
     if getattr(args, "mode", None):
         kw["mode"] = args.mode
+    if getattr(args, "precision", None) is not None:
+        kw["precision"] = args.precision
     if getattr(args, "max_ctx", None):
         kw["max_ctx"] = args.max_ctx
     elif args.budget is not None and hasattr(args, "max_ctx") and Path(args.model).is_file():
         from .container import open_container
         from .model import context_for_budget, default_max_ctx
 
-        ctx = context_for_budget(args.model, args.budget, threads=args.threads or 1, mode=kw.get("mode", "exact"))
+        ctx = context_for_budget(args.model, args.budget, threads=args.threads or 1, mode=kw.get("mode", "exact"),
+                                 precision=kw.get("precision"))
         c = open_container(args.model, verify=False)
         full = default_max_ctx(c.spec)
         c.close()

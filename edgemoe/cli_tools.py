@@ -27,7 +27,7 @@ def cmd_bench(args) -> int:
                            f"{Path(args.model).name} holds {limit}: pass a smaller -p and -n (e.g. -p {limit // 2} "
                            f"-n {limit // 4})")
     with load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
-              max_ctx=args.p + args.n + 8, mode=getattr(args, "mode", "exact")) as m:
+              max_ctx=args.p + args.n + 8, mode=getattr(args, "mode", "exact"), precision=args.precision) as m:
         runners = [EdgeMoERunner(m)]
         if args.vs_llama_cpp:
             runners.append(LlamaCppRunner(args.vs_llama_cpp, args.threads or 1, args.p + args.n + 8))

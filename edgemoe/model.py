@@ -682,6 +682,8 @@ class Model:
             "memory_budget_bytes": self.memory_budget,
             "dense_bytes": self.dense_bytes,
             "expert_bytes": self.expert_bytes,
+            # MWQ experts: the bit planes each runs at (precision, default all stored); None for other experts
+            "expert_planes": self.precision if self.precision is not None else self.stored_planes,
             **(self._stream_stats() if self.streaming else {}),
         }
 

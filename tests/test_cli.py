@@ -149,6 +149,31 @@ def test_run_sampling_flags_seed_stop_and_mode(tmp_path, tiny_emoe):
     assert budgeted["text"] == greedy["text"] and budgeted["stats"]["mode"] == "ondemand"
 
 
+def test_run_precision_reads_fewer_planes_as_the_api_does(tmp_path, tiny_emoe):
+    """--precision K (run, chat, serve, bench, ppl): MWQ experts at K planes, the same text as load(precision=K)."""
+    from edgemoe import load
+
+    model = tiny_emoe("olmoe", 4)  # 2-bit base + 2 residual planes
+
+    def run(*args):
+        r = edgemoe(tmp_path, "run", model, "-p", "the quick brown", "-n", "12", "--json", *args)
+        return r, (json.loads(r.stdout) if r.returncode == 0 else None)
+
+    _, full = run()
+    _, one = run("--precision", "1")
+    _, budgeted = run("--precision", "1", "--budget", "64MB", "--max-ctx", "64")
+    assert full["stats"]["expert_planes"] == 3 and one["stats"]["expert_planes"] == 1
+    with load(model, precision=1) as m:
+        assert one["text"] == m.generate("the quick brown", max_new_tokens=12)
+    assert budgeted["text"] == one["text"]
+    assert budgeted["stats"]["experts_at_planes"][0] > 0 and sum(budgeted["stats"]["experts_at_planes"][1:]) == 0
+    bad, _ = run("--precision", "4")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("edgemoe: error:") and "stores 3 planes" in bad.stderr
+    r = edgemoe(tmp_path, "run", tiny_emoe("olmoe", 32), "-p", "hi", "-n", "2", "--precision", "1")
+    assert r.returncode == 1 and "needs MWQ experts" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("command", ["export", "info", "run", "chat", "ppl", "bench", "analyze", "fit", "demo"])
 def test_every_subcommand_explains_itself_with_examples(tmp_path, command):
     r = edgemoe(tmp_path, command, "--help")

@@ -67,7 +67,7 @@ def cmd_serve(args) -> int:
         raise EdgeMoEError(f"cannot listen on {args.host}:{args.port}: {e.strerror} (choose another --port)") from None
     try:
         model = load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
-                     max_ctx=args.max_ctx, mode=args.mode, n_seq=args.n_seq)
+                     max_ctx=args.max_ctx, mode=args.mode, n_seq=args.n_seq, precision=args.precision)
     except BaseException:
         sock.close()
         raise
