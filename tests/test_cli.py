@@ -174,6 +174,28 @@ def test_run_precision_reads_fewer_planes_as_the_api_does(tmp_path, tiny_emoe):
     assert r.returncode == 1 and "needs MWQ experts" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_budget_whose_context_starves_the_expert_cache_is_said(tmp_path, tiny_emoe):
+    """With --budget and no --max-ctx the context is the largest the budget holds; when its KV cache then takes more
+    than the expert cache gets, the user is told, with the --max-ctx that helps (and not when they chose one)."""
+    from edgemoe.container import open_container
+    from edgemoe.model import MIN_AUTO_CTX, budget_plan, default_max_ctx
+
+    model = tiny_emoe("olmoe", 32)
+    c = open_container(model, verify=False)
+    ctx = default_max_ctx(c.spec)
+    c.close()
+    assert ctx > MIN_AUTO_CTX
+    plan = budget_plan(model, ctx, 1, "exact", None, 1)
+    assert plan["kv_bytes"] > plan["min_cache_bytes"]  # the tiny model's context outweighs its experts
+    budget = plan["minimum_bytes"] + 4096
+    r = edgemoe(tmp_path, "run", model, "-p", "the quick brown", "-n", "2", "--budget", budget, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert f"the {ctx}-token context's KV cache takes" in r.stderr and f"--max-ctx {max(MIN_AUTO_CTX, ctx // 8)}" in r.stderr
+    r = edgemoe(tmp_path, "run", model, "-p", "the quick brown", "-n", "2", "--budget", budget, "--threads", "1",
+                "--max-ctx", "64")
+    assert r.returncode == 0 and "KV cache takes" not in r.stderr
+
+
 @pytest.mark.parametrize("command", ["export", "info", "run", "chat", "ppl", "bench", "analyze", "fit", "demo"])
 def test_every_subcommand_explains_itself_with_examples(tmp_path, command):
     r = edgemoe(tmp_path, command, "--help")
