@@ -2,7 +2,7 @@
 output, then {"cap_bytes", "max_usage_bytes", "oom_killed", "returncode"} as JSON. No page cache is dropped (other
 work shares the machine): pages cached before the run are not charged to the cap.
 
-    python bench/run_capped.py 2.58e9 -- python bench/bench_gptoss_real.py MODEL.gguf -n 8 --prompt 8
+    python bench/run_capped.py 2.58e9 -- python bench/bench_real_decode.py MODEL.gguf -n 8 --prompt 8
 """
 
 from __future__ import annotations

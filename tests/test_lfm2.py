@@ -10,6 +10,7 @@ import importlib
 import numpy as np
 import pytest
 from conftest import hf_logits, rel_err
+from family_exports import CALIB, IDS, family_exports
 from greedy_tokens import greedy_tokens
 
 import edgemoe
@@ -21,29 +22,13 @@ from edgemoe.reference import reference_logits
 N = importlib.import_module("edgemoe._native")
 importlib.import_module("edgemoe_export")
 
-IDS = np.random.default_rng(0).integers(3, 320, 24)
-CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
-
 
 @pytest.fixture(scope="module")
 def lfm2(tmp_path_factory):
     """(bits) -> container; .dir is the HF checkpoint."""
-    from edgemoe_export import export
     from tiny_lfm2 import build_tiny_lfm2
 
-    root = tmp_path_factory.mktemp("lfm2")
-    ckpt = build_tiny_lfm2(root / "ckpt")
-    (root / "calib.txt").write_text(CALIB)
-    cache = {}
-
-    def get(bits: int = 32):
-        if bits not in cache:
-            extra = {} if bits in (16, 32) else {"calib": root / "calib.txt", "calib_tokens": 512}
-            cache[bits] = export(ckpt, root / f"l{bits}.emoe", bits=bits, show_progress=False, **extra)
-        return cache[bits]
-
-    get.dir = ckpt
-    return get
+    return family_exports(tmp_path_factory, "lfm2", build_tiny_lfm2)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""gpt-oss at gpt-oss-20b's widths (random weights, reduced depth: bench/make_random_checkpoint.py --preset
-gpt-oss-20b), decoded under a memory budget: tok/s, peak RSS, bytes read per token. Run it in a fresh process per budget (peak RSS is the process's).
+"""Any model at real widths (random weights, reduced depth: bench/make_random_checkpoint.py --preset NAME, exported
+with edgemoe export or to GGUF) decoded under a memory budget: tok/s, peak RSS, bytes read per token. Run it in a
+fresh process per budget (peak RSS is the process's). Written for gpt-oss, used for every family since.
 
-    python bench/bench_gptoss_real.py MODEL.emoe --budget-frac 0.5 [-n 16] [--prompt 16] [--threads 2]
-    python bench/bench_gptoss_real.py MODEL.gguf          # the same with llama.cpp (llama-cpp-python), resident
+    python bench/bench_real_decode.py MODEL.emoe --budget-frac 0.5 [-n 16] [--prompt 16] [--threads 2]
+    python bench/bench_real_decode.py MODEL.gguf          # the same with llama.cpp (llama-cpp-python), resident
 """
 
 from __future__ import annotations
