@@ -148,6 +148,15 @@ def test_enum_values_outside_the_table_are_refused_by_the_constructor_too():
                 ArchSpec(**BASE, **{e["name"]: "no such value"})
 
 
+def test_layer_kind_names_each_layers_mixer():
+    spec = ArchSpec(**{**BASE, "n_layers": 5}, linear_attn_layers=[0, 3], conv_layers=[2], linear_k_heads=1,
+                    linear_v_heads=2, linear_k_dim=8, linear_v_dim=8, linear_conv=4, conv_kernel=3)
+    assert [spec.layer_kind(layer) for layer in range(5)] == ["linear", "attention", "conv", "linear", "attention"]
+    assert [spec.is_attention_layer(layer) for layer in range(5)] == [False, True, False, False, True]
+    assert spec.has_layer_state and not ArchSpec(**BASE).has_layer_state
+    assert c_accepts(spec.to_json())
+
+
 def test_the_schema_text_follows_snprintf_contract():
     fn = N._sig("emoe_arch_schema_json", N._sz, N._cp, N._sz)
     n = fn(None, 0)
