@@ -40,6 +40,8 @@ class _ArchSpecBase:
     _ENUMS: ClassVar[dict[str, tuple[str, ...]]] = {}  # enum field -> allowed strings (set by _make_arch_spec)
 
     def __post_init__(self) -> None:
+        # Enum values, then some of the relations C checks (arch.c check_relations): a spec built in Python fails at
+        # once. Types and ranges are C's alone (from_json, ContainerWriter), so a test can still build a bad spec.
         for name, allowed in self._ENUMS.items():
             value = getattr(self, name)
             if value not in allowed:
