@@ -10,6 +10,7 @@ surface is `engine_c.CEngine`. The shared library is looked up in this order:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 from pathlib import Path
@@ -318,6 +319,26 @@ def arch_check(arch_json: str | bytes) -> None:
         raise MemoryError(err.value.decode(errors="replace"))
     if st != OK:
         raise NativeError(err.value.decode(errors="replace"), st)
+
+
+def arch_schema() -> list[dict]:
+    """The arch object's schema (emoe_arch_schema_json): one dict per key, in the core's table order (name, kind,
+    type, required, default, lo/hi, names, doc). edgemoe.arch builds ArchSpec from it."""
+    try:
+        fn = _sig("emoe_arch_schema_json", _sz, _cp, _sz)
+    except AttributeError:  # a core built from older sources than this package
+        raise NativeLibraryNotFound(
+            f"edgemoe's C core {LIB_PATH} has no emoe_arch_schema_json: it is older than this edgemoe. Rebuild it "
+            "(pip install -e ., or cmake --build your build directory) and point EDGEMOE_NATIVE_LIB at the new "
+            "library") from None
+    n = fn(None, 0)
+    buf = ctypes.create_string_buffer(n + 1)
+    fn(buf, n + 1)
+    try:
+        schema = json.loads(buf.value)
+    except ValueError as e:
+        raise EdgeMoEError(f"edgemoe's C core {LIB_PATH} returned an unreadable arch schema ({e}): rebuild it") from None
+    return schema
 
 
 class ModelHandle:

@@ -1,151 +1,48 @@
 """The architecture description: every supported MoE family is one of these, read by one forward pass.
 
 A new family is a new description (written by a checkpoint reader), never a new forward pass. The fields are
-exactly the knobs the forward pass turns; `to_json`/`from_json` is how the container carries it and `dumps` how the C
-core receives it (emoe_model_new_json): the core parses and validates that JSON itself (native/src/arch.c), and
-`from_json` asks it first, so both sides read one description the same way. Rules: docs/FORMAT.md "The arch object".
+exactly the knobs the forward pass turns, and they are stated once: in the C core's table (native/src/arch_fields.h:
+name, kind, range, default, doc), which the core exports (emoe_arch_schema_json) and `ArchSpec` is built from, on
+first use. `to_json`/`from_json` is how the container carries it and `dumps` how the C core receives it
+(emoe_model_new_json): the core parses and validates that JSON itself (native/src/arch.c), and `from_json` asks it
+first, so both sides read one description the same way. Rules: docs/FORMAT.md "Architecture description", generated
+from the same table (python -m edgemoe.arch_doc).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from dataclasses import dataclass, field
-
-ROPE_KINDS = ("neox", "norm")  # neox: rotate halves (GPT-NeoX/HF); norm: rotate adjacent pairs (GPT-J/Meta llama)
-QK_NORM_KINDS = ("none", "head", "full")  # head: RMSNorm over each head (Qwen3); full: over the whole projection (OLMoE)
-ROUTER_FNS = ("softmax", "sigmoid")
-# layer_input: SmallThinker's router on the layer input, before attention; residual_norm: Gemma-4's router on the
-# post-attention residual, RMS-normalized without a weight (its scale vector is folded into the router by the reader)
-ROUTER_INPUTS = ("ffn_norm", "layer_input", "residual_norm")
-GROUP_SCORES = ("top2_sum", "max")  # a group's score: its two best selection scores summed (DeepSeek-V3), or its best
-# swiglu_clamp: gpt-oss's (see swiglu_alpha / swiglu_limit); geglu_tanh: gelu (tanh approximation) of the gate
-ACTIVATIONS = ("swiglu", "reglu", "swiglu_clamp", "geglu_tanh")
-ROPE_SCALINGS = ("none", "yarn")
+import threading
+from typing import TYPE_CHECKING, ClassVar
 
 
-@dataclass
-class ArchSpec:
-    """Normalized description of a decoder-only MoE transformer."""
+@functools.cache
+def schema() -> tuple[dict, ...]:
+    """The C core's table of arch keys (emoe_arch_schema_json), in its order: one dict per key with name, kind
+    (int | float | bool | enum | string | id | list | map), type (the Python type), required, default (JSON: null
+    when required or none), lo/hi (int, id; float: lo exclusive unless zero_ok), names (enum), doc."""
+    from . import _native as N  # NativeLibraryNotFound is an EdgeMoEError naming how to build the core
 
-    family: str  # olmoe | qwen2moe | qwen3moe | mixtral | smallthinker (informational; behaviour is in the fields)
-    n_layers: int
-    hidden: int
-    vocab: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    n_experts: int
-    top_k: int
-    expert_ffn: int  # intermediate width of one routed expert
-    norm_eps: float = 1e-6
-    rope_kind: str = "neox"
-    rope_theta: float = 10000.0
-    rope_dim: int = 0  # rotated dims per head; 0 = head_dim
-    qkv_bias: bool = False
-    qk_norm: str = "none"
-    router_fn: str = "softmax"
-    norm_topk: bool = False  # renormalize the selected top-k weights to sum to 1
-    router_input: str = "ffn_norm"
-    activation: str = "swiglu"
-    shared_ffn: int = 0  # width of the always-on shared expert (0 = none)
-    shared_gate: bool = False  # shared expert output scaled by sigmoid(w . x)
-    dense_ffn: int = 0  # width of the plain MLP in layers listed in dense_layers
-    dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead of experts
-    nope_layers: list[int] = field(default_factory=list)  # layers that apply no RoPE (SmallThinker's hybrid)
-    sliding_window: int = 0  # window size for layers in swa_layers (0 = none)
-    swa_layers: list[int] = field(default_factory=list)
-    tie_embeddings: bool = False
-    # Scalings (Granite's multipliers; the defaults change nothing)
-    embed_scale: float = 1.0  # token embeddings are multiplied by it
-    attn_scale: float = 0.0  # attention scores are multiplied by it; 0 = 1/sqrt(head_dim)
-    residual_scale: float = 1.0  # each block's output (attention, FFN) is multiplied by it before the residual add
-    logit_divisor: float = 1.0  # the logits are divided by it
-    # DeepSeek-V3-style routing (GLM-4.5, ERNIE-4.5; reusable by DeepSeek-V2/V3): experts are chosen by prob + the
-    # layer's score-bias tensor (selection only), among the topk_group best of n_group equal groups of consecutive
-    # experts; the chosen probs (renormalized if norm_topk) are then multiplied by routed_scaling.
-    score_bias: bool = False
-    n_group: int = 1
-    topk_group: int = 1
-    group_score: str = "top2_sum"
-    routed_scaling: float = 1.0
-    # gpt-oss: attention sinks, o_proj / router / expert biases, clamped SwiGLU, YaRN RoPE.
-    attn_sinks: bool = False  # a learned logit per query head joins each softmax denominator (blk.N.attn_sinks)
-    o_bias: bool = False  # bias on the attention output projection
-    router_bias: bool = False  # bias on the router logits (used for selection and weights)
-    expert_bias: bool = False  # biases on every routed expert's gate, up and down ([experts, width] per layer)
-    # LFM2 short convolution (native/src/shortconv.c): layers in conv_layers replace attention by
-    # out_proj(C * conv(B * x)), (B, C, x) = in_proj(x) split in thirds, conv a causal depthwise convolution of
-    # conv_kernel taps whose last conv_kernel - 1 inputs are the layer's rolling state.
-    conv_layers: list[int] = field(default_factory=list)
-    conv_kernel: int = 0
-    norm_topk_eps: float = 0.0  # norm_topk divides by (sum of the top-k weights + this); LFM2-MoE: 1e-6
-    # swiglu_clamp: act = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-    # YaRN (rope_scaling = "yarn"): inv_freq blended between theta^-(2j/d) and that / rope_factor by a linear ramp
-    # over the dims [low, high] found from yarn_beta_fast / yarn_beta_slow rotations in yarn_orig_ctx positions
-    # (floor/ceil when yarn_truncate); cos and sin are multiplied by rope_attn_factor (HF's attention_scaling).
-    rope_scaling: str = "none"
-    rope_factor: float = 1.0
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
-    yarn_orig_ctx: int = 4096
-    yarn_truncate: bool = True
-    rope_attn_factor: float = 1.0
-    # Qwen3.5 / Qwen3-Next hybrid layers. Layers in linear_attn_layers run Gated DeltaNet (native/src/deltanet.c,
-    # reference.gated_deltanet) instead of attention: q, k, v from one projection through a causal depthwise conv
-    # of linear_conv taps (+ SiLU), q/k L2-normalized per head, a recurrent state [linear_k_dim, linear_v_dim] per
-    # value head (linear_v_heads, each reading k head h // (linear_v_heads / linear_k_heads)) updated by the gated
-    # delta rule, then an RMSNorm gated by silu(z) per value head. Fixed-size state: it counts like the KV cache.
-    linear_attn_layers: list[int] = field(default_factory=list)
-    linear_k_heads: int = 0
-    linear_v_heads: int = 0
-    linear_k_dim: int = 0
-    linear_v_dim: int = 0
-    linear_conv: int = 0
-    attn_gate: bool = False  # attention output * sigmoid(attn_gate x) before wo (Qwen3.5 / Next gated attention)
-    # Gemma-4: full-attention layers (those not in swa_layers) with their own head size, KV heads and RoPE; every
-    # size 0 = the sliding layers' (head_dim, n_kv_heads, rope_theta). global_rope_angles > 0: proportional RoPE on
-    # them, pairs (j, j + d/2) for j < angles turn at global_rope_theta^(-2j/d), d = their head size, the rest stay.
-    global_head_dim: int = 0
-    global_kv_heads: int = 0
-    global_rope_theta: float = 0.0
-    global_rope_angles: int = 0
-    global_k_eq_v: bool = False  # full-attention layers have no attn_v: values = the raw key projection
-    v_norm: bool = False  # values are RMS-normalized per head (no weight)
-    post_norms: bool = False  # each block's output is normalized (post_attn_norm, post_ffn_norm) before the residual add
-    # MoE layers also run the dense MLP (dense_ffn): out = post_ffn_norm(mlp_post_norm(mlp(ffn_norm(h))) +
-    # moe_post_norm(moe(moe_pre_norm(h))))
-    dense_beside_moe: bool = False
-    layer_scale: bool = False  # each layer's output (the residual stream) is multiplied by its layer_scale scalar
-    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = none
-    # Multi-head Latent Attention (DeepSeek-V2/V3; kv_lora_rank 0 = off): per token one latent c = kv_a_norm(the first
-    # kv_lora_rank outputs of wkv_a x) and one shared RoPE key (its last rope_dim outputs) are cached; wkv_b expands c
-    # into each head's no-RoPE key (qk_nope_dim) and value (v_head_dim). head_dim = qk_nope_dim + rope_dim (the q/k
-    # head, RoPE on its last rope_dim dims); queries come from wq, or wq_b(q_a_norm(wq_a x)) when q_lora_rank > 0.
-    kv_lora_rank: int = 0
-    q_lora_rank: int = 0
-    qk_nope_dim: int = 0
-    v_head_dim: int = 0
-    mla_norm_eps: float = 1e-6  # eps of q_a_norm / kv_a_norm: transformers builds them with the class default
-    # Merged experts (MC-SMoE): per layer, routed expert e -> stored expert g (-1 = pruned: masked out of routing).
-    # Empty (or an empty list for a layer) = identity. Stored expert tensors are named by g.
-    expert_map: list[list[int]] = field(default_factory=list)
-    max_position: int = 4096
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    return tuple(N.arch_schema())
+
+
+def _python_default(entry: dict):
+    """The schema's default as ArchSpec holds it (a float field's default is a float even when written "1")."""
+    kind, value = entry["kind"], entry["default"]
+    return float(value) if kind == "float" else bool(value) if kind == "bool" else value
+
+
+class _ArchSpecBase:
+    """ArchSpec's behaviour; its fields are the schema's (see ArchSpec's docstring)."""
+
+    _ENUMS: ClassVar[dict[str, tuple[str, ...]]] = {}  # enum field -> allowed strings (set by _make_arch_spec)
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("rope_kind", ROPE_KINDS),
-            ("qk_norm", QK_NORM_KINDS),
-            ("router_fn", ROUTER_FNS),
-            ("router_input", ROUTER_INPUTS),
-            ("activation", ACTIVATIONS),
-            ("group_score", GROUP_SCORES),
-            ("rope_scaling", ROPE_SCALINGS),
-        ):
+        # Enum values, then some of the relations C checks (arch.c check_relations): a spec built in Python fails at
+        # once. Types and ranges are C's alone (from_json, ContainerWriter), so a test can still build a bad spec.
+        for name, allowed in self._ENUMS.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
@@ -180,10 +77,22 @@ class ArchSpec:
             raise ValueError(f"MLA needs head_dim={self.head_dim} == qk_nope_dim={self.qk_nope_dim} + rope_dim="
                              f"{self.rope_dim} and v_head_dim >= 1 (got {self.v_head_dim})")
 
+    def layer_kind(self, layer: int) -> str:
+        """The layer's token mixer: "attention" (softmax attention, MLA included, with its KV cache), or the kind
+        that replaces it: "linear" (Gated DeltaNet) or "conv" (LFM2's short convolution). C: emoe_arch_layer_kind."""
+        if layer in self.linear_attn_layers:
+            return "linear"
+        return "conv" if layer in self.conv_layers else "attention"
+
     def is_attention_layer(self, layer: int) -> bool:
-        """Whether the layer runs (softmax) attention, with its tensors and KV cache: no other layer kind (linear
-        attention, short convolution)."""
-        return layer not in self.linear_attn_layers and layer not in self.conv_layers
+        """Whether the layer runs (softmax) attention, with its tensors and KV cache: no other layer kind."""
+        return self.layer_kind(layer) == "attention"
+
+    @property
+    def has_layer_state(self) -> bool:
+        """Whether some layer keeps a rolling or recurrent state (a conv or linear layer) rather than one KV cache
+        entry per position: such a sequence can be cut back only to its full length or to nothing."""
+        return any(self.layer_kind(layer) != "attention" for layer in range(self.n_layers))
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -231,6 +140,51 @@ class ArchSpec:
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
+
+
+if TYPE_CHECKING:  # the dataclass is made on first use (_make_arch_spec, module __getattr__) from the core's table
+    ArchSpec = _ArchSpecBase
+
+_SPEC_DOC = """Normalized description of a decoder-only MoE transformer.
+
+The fields are the C core's table (native/src/arch_fields.h via emoe_arch_schema_json), in its order; each field's
+schema entry (kind, range, doc) is its dataclasses metadata. docs/FORMAT.md "Architecture description" has the rules.
+
+Fields:
+"""
+
+
+def _make_arch_spec() -> type:
+    fields, lines = [], []
+    for entry in schema():
+        meta = {"schema": entry}
+        if entry["required"]:
+            f = dataclasses.field(metadata=meta)
+        elif entry["kind"] in ("list", "map"):
+            f = dataclasses.field(default_factory=list, metadata=meta)
+        else:
+            f = dataclasses.field(default=_python_default(entry), metadata=meta)
+        fields.append((entry["name"], entry["type"], f))
+        default = "required" if entry["required"] else f"= {_python_default(entry)!r}"
+        lines.append(f"    {entry['name']} ({entry['type']}, {default}): {entry['doc']}")
+    enums = {e["name"]: tuple(e["names"]) for e in schema() if e["kind"] == "enum"}
+    return dataclasses.make_dataclass(
+        "ArchSpec", fields, bases=(_ArchSpecBase,),
+        namespace={"__module__": __name__, "__doc__": _SPEC_DOC + "\n".join(lines), "_ENUMS": enums})
+
+
+_make_lock = threading.Lock()
+
+
+def __getattr__(name: str):
+    """ArchSpec is made on first use (PEP 562), so `import edgemoe` (and `edgemoe --help`) works before the C core
+    is found; using ArchSpec without the core raises its one clear error."""
+    if name != "ArchSpec":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _make_lock:
+        if "ArchSpec" not in globals():
+            globals()["ArchSpec"] = _make_arch_spec()
+    return globals()["ArchSpec"]
 
 
 # Container tensor names (GGUF-like, so llama.cpp users recognize them): the one tensor table, read by the exporter,
@@ -335,9 +289,10 @@ def tensor_shape(spec: ArchSpec, role: str, layer: int = 0) -> tuple[int, ...]:
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     kind, _, option = condition.partition(":")
     moe = spec.is_moe_layer(layer)
-    attn = spec.is_attention_layer(layer)
+    mixer = spec.layer_kind(layer)
+    attn = mixer == "attention"
     kinds = {"all": True, "moe": moe, "dense": not moe or spec.dense_beside_moe, "attn": attn,
-             "linear": layer in spec.linear_attn_layers, "conv": layer in spec.conv_layers,
+             "linear": mixer == "linear", "conv": mixer == "conv",
              "attn_v": attn and not (spec.global_k_eq_v and spec.is_global_layer(layer))}
     if not kinds[kind]:
         return False

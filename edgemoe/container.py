@@ -19,12 +19,16 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from typing_extensions import Self
 
-from .arch import ArchSpec
+from . import arch
 from .errors import FileReadError, FormatError
+
+if TYPE_CHECKING:
+    from .arch import ArchSpec
 
 MAGIC = b"EMOE"
 VERSION = 2  # the newest version this code writes (the C reader, native/src/container.c, decides what it reads)
@@ -94,7 +98,7 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike, spec: ArchSpec, metadata: dict | None = None):
-        ArchSpec.from_json(spec.to_json())  # the reader's rules (C arch.c), checked before writing: no file it refuses
+        arch.ArchSpec.from_json(spec.to_json())  # the reader's rules (C arch.c), checked before writing: no file it refuses
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.spec = spec
@@ -313,7 +317,7 @@ def open_container(path: str | os.PathLike, verify: bool = True) -> Container:
         raise FormatError(f"{path}: the file changed while it was being opened; open it again")
     index = json.loads(blob)
     tensors = {d["name"]: TensorInfo.from_json(d) for d in index["tensors"]}
-    c = Container(path, ArchSpec.from_json(index["arch"]), index.get("metadata", {}), tensors, mm, version)
+    c = Container(path, arch.ArchSpec.from_json(index["arch"]), index.get("metadata", {}), tensors, mm, version)
     if verify:  # C checked every plane's checksum: Container.planes need not again
         c._verified_planes.update((t.name, i) for t in tensors.values() for i in range(1, t.n_planes + 1))
     return c

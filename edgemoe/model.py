@@ -570,8 +570,7 @@ class Model:
         """The positions a truncation to `keep` of a sequence holding n_past (-1: more than keep) can keep: a model
         with conv layers (LFM2) or linear attention (Qwen3.5) holds a rolling or recurrent state, not one entry per
         position, so it keeps all or none."""
-        stateful = self.spec.conv_layers or self.spec.linear_attn_layers
-        return keep if not stateful or keep == n_past else 0
+        return keep if not self.spec.has_layer_state or keep == n_past else 0
 
     def _prefill_reusing_cache(self, ids: list[int], seq: int = 0) -> np.ndarray:
         """Run the prompt in sequence slot `seq`; keep the longest prefix its KV cache already holds (at least the

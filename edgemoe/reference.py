@@ -198,7 +198,7 @@ def _l2norm(x: np.ndarray) -> np.ndarray:
 
 def gated_deltanet(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
     """A Gated DeltaNet layer (Qwen3.5 / Next linear attention) over a fresh sequence, token by token (the recurrent
-    form; see ArchSpec.linear_attn_layers and native/src/deltanet.h)."""
+    form; the "linear" ArchSpec.layer_kind, native/src/deltanet.h)."""
     T = x.shape[0]
     KH, VH, dk, dv, taps = (spec.linear_k_heads, spec.linear_v_heads, spec.linear_k_dim, spec.linear_v_dim,
                             spec.linear_conv)
@@ -242,9 +242,10 @@ def shortconv(spec: ArchSpec, x: np.ndarray, w: WeightFn, names: dict[str, str])
 
 def mixer(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
     """The layer's token mixer on its normed input: attention, or the layer kind that replaces it."""
-    if layer in spec.linear_attn_layers:
+    kind = spec.layer_kind(layer)
+    if kind == "linear":
         return gated_deltanet(spec, x, w, names)
-    if layer in spec.conv_layers:
+    if kind == "conv":
         return shortconv(spec, x, w, names)
     if spec.kv_lora_rank:
         return mla_attention(spec, x, w, names)

@@ -89,8 +89,9 @@ class Checkpoint:
         shapes = expected_shapes(self.spec, layer)
         if self._interleaved_bias():  # gate_b / up_b are both read from gate_up_proj_bias [E, 2F] (see layer_dense)
             shapes["gate_b"] = shapes["up_b"] = (self.spec.n_experts, 2 * self.spec.expert_ffn)
-        if self.spec.conv_layers:  # LFM2's depthwise conv taps are an nn.Conv1d weight [H, 1, K] (see layer_dense)
-            shapes["conv_w"] = (self.spec.hidden, 1, self.spec.conv_kernel)
+        if self.spec.layer_kind(layer) == "conv":  # LFM2's taps are an nn.Conv1d weight [H, 1, K] (see layer_dense)
+            h, k = shapes["conv_w"]
+            shapes["conv_w"] = (h, 1, k)
         fused_shared = self._shared_fused(layer)
         s = self.spec
         if s.attn_gate:  # q_proj holds [q | gate] per head: read once, split by layer_dense
@@ -224,9 +225,9 @@ class Checkpoint:
     def layer_dense(self, layer: int) -> dict[str, np.ndarray]:
         """Container name -> f32 array for one layer's attention, norms, router and shared expert."""
         out = {name: self._get(hf, shape) for name, (hf, shape) in self._dense_plan(layer).items()}
-        if layer in self.spec.conv_layers:  # [H, 1, K] -> [H, K]
+        if self.spec.layer_kind(layer) == "conv":  # [H, 1, K] -> [H, K]
             conv_w = dense_tensor_names(self.spec, layer)["conv_w"]
-            out[conv_w] = out[conv_w].reshape(self.spec.hidden, self.spec.conv_kernel)
+            out[conv_w] = out[conv_w].reshape(expected_shapes(self.spec, layer)["conv_w"])
         fused = self._shared_fused(layer)
         if fused:  # Granite: one [2S, H] input matrix, gate rows first
             (gu_name, gu_shape), (down_name, down_shape) = fused.items()

@@ -150,6 +150,13 @@ emoe_model *emoe_model_new_json(const char *arch_json, size_t len, int max_ctx, 
 /* Validate an arch JSON text as emoe_model_new_json would, without creating anything: EMOE_OK, or
  * EMOE_ERR_INVALID / EMOE_ERR_NOMEM with the message in err ("arch: ..."). */
 int emoe_arch_check(const char *arch_json, size_t len, char *err, size_t errlen);
+/* The arch object's schema, the one list of its keys (native/src/arch_fields.h), as JSON text: an array with one
+ * object per key in table order: {"name", "kind" (int | float | bool | enum | string | id | list | map), "type" (the
+ * Python type), "required", "default" (null when required or none), "lo"/"hi" (int, id, float: the float's lo is
+ * exclusive unless "zero_ok"), "names" (enum: allowed strings, the first is the default), "max_bytes" (string),
+ * "doc"}. edgemoe/arch.py builds ArchSpec from it. Writes at most len bytes (NUL-terminated, truncated if short) and
+ * returns the full text's length without the NUL, like snprintf: call with (NULL, 0) to size the buffer. */
+size_t emoe_arch_schema_json(char *buf, size_t len);
 void emoe_model_free(emoe_model *m);
 int emoe_model_status(const emoe_model *m);         /* the creation status (EMOE_OK if usable) */
 const char *emoe_model_last_error(const emoe_model *m); /* message of the last failed call ("" if none) */

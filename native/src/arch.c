@@ -8,7 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_FAMILY 256 /* bytes of the informational family name */
+#define MAX_FAMILY 256      /* bytes of the informational family name */
+#define MAX_FLOAT_FIELD 3.0e38 /* a float field's largest value: finite as an f32 */
 
 typedef enum { F_INT, F_FLOAT, F_BOOL, F_ENUM, F_STRING, F_ID, F_LIST, F_MAP } field_kind;
 
@@ -23,7 +24,7 @@ static const char *const EMOE_ROPE_SCALINGS[] = {"none", "yarn", NULL};
 
 /* The layer lists, numbered in arch_fields.h order (their storage in emoe_arch.ints follows it). */
 enum {
-#define ARCH_LIST(name) LIST_##name,
+#define ARCH_LIST(name, doc) LIST_##name,
 #include "arch_fields.h"
     N_LISTS
 };
@@ -31,7 +32,7 @@ static const struct layer_list {
     const char *key;
     size_t n_off, ptr_off; /* of n_<name> and <name> in emoe_config */
 } LISTS[] = {
-#define ARCH_LIST(name) {#name, offsetof(emoe_config, n_##name), offsetof(emoe_config, name)},
+#define ARCH_LIST(name, doc) {#name, offsetof(emoe_config, n_##name), offsetof(emoe_config, name)},
 #include "arch_fields.h"
 };
 
@@ -46,15 +47,16 @@ static const struct field {
     int64_t lo, hi, def;     /* F_INT / F_ID range and default; F_FLOAT: lo = 1 also allows 0 (a derived default) */
     double fdef;             /* F_FLOAT default */
     const char *const *names; /* F_ENUM: allowed strings (index = stored value; absent -> 0) */
+    const char *doc;          /* arch_fields.h's doc: the schema's (emoe_arch_schema_json) */
 } FIELDS[] = {
-#define ARCH_STRING(n) {#n, F_STRING, 1, AOFF(n), 0, 0, 0, 0, NULL},
-#define ARCH_INT(n, required, lo, hi, def) {#n, F_INT, required, AOFF(cfg.n), lo, hi, def, 0, NULL},
-#define ARCH_FLOAT(n, zero_ok, def) {#n, F_FLOAT, 0, AOFF(cfg.n), zero_ok, 0, 0, def, NULL},
-#define ARCH_BOOL(n, def) {#n, F_BOOL, 0, AOFF(cfg.n), 0, 0, def, 0, NULL},
-#define ARCH_ENUM(n, names) {#n, F_ENUM, 0, AOFF(cfg.n), 0, 0, 0, 0, names},
-#define ARCH_LIST(n) {#n, F_LIST, 0, LIST_##n, 0, 0, 0, 0, NULL},
-#define ARCH_MAP(n) {#n, F_MAP, 0, 0, 0, 0, 0, 0, NULL},
-#define ARCH_ID(n, lo, hi, def) {#n, F_ID, 0, AOFF(n), lo, hi, def, 0, NULL},
+#define ARCH_STRING(n, doc) {#n, F_STRING, 1, AOFF(n), 0, 0, 0, 0, NULL, doc},
+#define ARCH_INT(n, required, lo, hi, def, doc) {#n, F_INT, required, AOFF(cfg.n), lo, hi, def, 0, NULL, doc},
+#define ARCH_FLOAT(n, zero_ok, def, doc) {#n, F_FLOAT, 0, AOFF(cfg.n), zero_ok, 0, 0, def, NULL, doc},
+#define ARCH_BOOL(n, def, doc) {#n, F_BOOL, 0, AOFF(cfg.n), 0, 0, def, 0, NULL, doc},
+#define ARCH_ENUM(n, names, doc) {#n, F_ENUM, 0, AOFF(cfg.n), 0, 0, 0, 0, names, doc},
+#define ARCH_LIST(n, doc) {#n, F_LIST, 0, LIST_##n, 0, 0, 0, 0, NULL, doc},
+#define ARCH_MAP(n, doc) {#n, F_MAP, 0, 0, 0, 0, 0, 0, NULL, doc},
+#define ARCH_ID(n, lo, hi, def, doc) {#n, F_ID, 0, AOFF(n), lo, hi, def, 0, NULL, doc},
 #include "arch_fields.h"
 };
 #undef AOFF
@@ -120,7 +122,7 @@ static int read_scalar(const json_doc *d, int node, const struct field *f, emoe_
             *arch_f32(a, f->off) = 0.0f;
             return EMOE_OK;
         }
-        if (!(v > 0.0) || v > 3.0e38 || (float)v <= 0.0f)
+        if (!(v > 0.0) || v > MAX_FLOAT_FIELD || (float)v <= 0.0f)
             return invalid(err, errlen, "'%s' = %g must be a positive number%s that fits in a float", f->key, v,
                            f->lo == 1 ? " (or 0: the default)" : "");
         *arch_f32(a, f->off) = (float)v;
@@ -415,9 +417,13 @@ void emoe_arch_free(emoe_arch *a) {
     memset(a, 0, sizeof(*a));
 }
 
+int emoe_arch_layer_kind(const emoe_config *c, int layer) {
+    if (in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer)) return EMOE_LAYER_LINEAR;
+    return in_list(c->conv_layers, c->n_conv_layers, layer) ? EMOE_LAYER_CONV : EMOE_LAYER_ATTENTION;
+}
+
 int emoe_arch_is_attention_layer(const emoe_config *c, int layer) {
-    return !in_list(c->linear_attn_layers, c->n_linear_attn_layers, layer) &&
-           !in_list(c->conv_layers, c->n_conv_layers, layer);
+    return emoe_arch_layer_kind(c, layer) == EMOE_LAYER_ATTENTION;
 }
 
 int emoe_arch_is_global_layer(const emoe_config *c, int layer) {
@@ -433,6 +439,79 @@ int64_t emoe_arch_kv_dim(const emoe_config *c) {
             if (emoe_arch_is_global_layer(c, l) && g > kv) kv = g;
     }
     return kv;
+}
+
+/* ---- the schema (emoe_arch_schema_json) ---- */
+
+/* Text appended to buf[0..cap), counted past the end too (snprintf's contract: n is the length the text needs). */
+typedef struct {
+    char *buf;
+    size_t cap, n;
+} text_out;
+
+static void put(text_out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(text_out *o, const char *fmt, ...) {
+    const size_t room = o->n < o->cap ? o->cap - o->n : 0;
+    va_list ap;
+    va_start(ap, fmt);
+    const int w = vsnprintf(room ? o->buf + o->n : NULL, room, fmt, ap);
+    va_end(ap);
+    if (w > 0) o->n += (size_t)w;
+}
+
+static void put_string(text_out *o, const char *s) { /* a JSON string literal (the docs are ASCII) */
+    put(o, "\"");
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') put(o, "\\%c", *p);
+        else if (*p < 0x20) put(o, "\\u%04x", *p);
+        else put(o, "%c", *p);
+    }
+    put(o, "\"");
+}
+
+/* One field: name, kind, Python type, required, default, range / allowed names, doc. */
+static void put_field(text_out *o, const struct field *f) {
+    static const char *const kinds[] = {"int", "float", "bool", "enum", "string", "id", "list", "map"};
+    static const char *const types[] = {"int", "float", "bool", "str", "str", "int", "list[int]", "list[list[int]]"};
+    const int nullable = f->kind == F_ID && f->lo < 0; /* -1 = null */
+    put(o, "{\"name\": ");
+    put_string(o, f->key);
+    put(o, ", \"kind\": \"%s\", \"type\": \"%s%s\", \"required\": %s, \"default\": ", kinds[f->kind],
+        types[f->kind], nullable ? " | None" : "", f->required ? "true" : "false");
+    if (f->required) put(o, "null");
+    else if (f->kind == F_FLOAT) put(o, "%.17g", f->fdef);
+    else if (f->kind == F_BOOL) put(o, "%s", f->def ? "true" : "false");
+    else if (f->kind == F_ENUM) put_string(o, f->names[f->def]);
+    else if (f->kind == F_LIST || f->kind == F_MAP) put(o, "[]");
+    else if (nullable && f->def == -1) put(o, "null");
+    else put(o, "%lld", (long long)f->def);
+    if (f->kind == F_INT || f->kind == F_ID) put(o, ", \"lo\": %lld, \"hi\": %lld", (long long)f->lo, (long long)f->hi);
+    if (f->kind == F_FLOAT) /* 0 < value <= hi (or 0 when zero_ok) */
+        put(o, ", \"lo\": 0, \"hi\": %.17g, \"zero_ok\": %s", MAX_FLOAT_FIELD, f->lo ? "true" : "false");
+    if (f->kind == F_STRING) put(o, ", \"max_bytes\": %d", MAX_FAMILY);
+    if (f->kind == F_ENUM) {
+        put(o, ", \"names\": [");
+        for (int i = 0; f->names[i]; i++) {
+            if (i) put(o, ", ");
+            put_string(o, f->names[i]);
+        }
+        put(o, "]");
+    }
+    put(o, ", \"doc\": ");
+    put_string(o, f->doc);
+    put(o, "}");
+}
+
+size_t emoe_arch_schema_json(char *buf, size_t len) {
+    text_out o = {buf, buf ? len : 0, 0};
+    if (o.cap) buf[0] = '\0';
+    put(&o, "[");
+    for (size_t i = 0; i < N_FIELDS; i++) {
+        if (i) put(&o, ",\n ");
+        put_field(&o, &FIELDS[i]);
+    }
+    put(&o, "]");
+    return o.n;
 }
 
 /* ---- public entry points (edgemoe.h) ---- */

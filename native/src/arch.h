@@ -43,15 +43,15 @@ enum { EMOE_ROPE_SCALING_NONE = 0, EMOE_ROPE_SCALING_YARN = 1 };
 #define EMOE_MAX_CONV 64                  /* taps of a linear-attention layer's causal convolution */
 #define EMOE_MAX_CONV_KERNEL 64           /* taps of a short convolution (LFM2: 3) */
 
-/* The architecture as the forward pass reads it: one member per arch_fields.h line (meanings: edgemoe/arch.py
- * ArchSpec). Layer lists and expert_map are borrowed only during emoe_model_new (copied). */
+/* The architecture as the forward pass reads it: one member per arch_fields.h line (meanings: its doc there). Layer
+ * lists and expert_map are borrowed only during emoe_model_new (copied). */
 typedef struct emoe_config {
-#define ARCH_INT(name, required, lo, hi, def) int32_t name;
-#define ARCH_FLOAT(name, zero_ok, def) float name;
-#define ARCH_BOOL(name, def) int32_t name;
-#define ARCH_ENUM(name, names) int32_t name;
-#define ARCH_LIST(name) \
-    int32_t n_##name;   \
+#define ARCH_INT(name, required, lo, hi, def, doc) int32_t name;
+#define ARCH_FLOAT(name, zero_ok, def, doc) float name;
+#define ARCH_BOOL(name, def, doc) int32_t name;
+#define ARCH_ENUM(name, names, doc) int32_t name;
+#define ARCH_LIST(name, doc) \
+    int32_t n_##name;        \
     const int32_t *name;
 #include "arch_fields.h"
     /* Merged experts (ArchSpec.expert_map): [n_layers * n_experts], routed expert e of layer l -> stored expert
@@ -64,8 +64,8 @@ typedef struct emoe_config {
 /* A parsed arch object: the config plus the fields the forward pass does not use. Owns its memory. */
 typedef struct {
     emoe_config cfg; /* layer lists and expert_map point into `ints` */
-#define ARCH_STRING(name) char *name;
-#define ARCH_ID(name, lo, hi, def) int64_t name; /* -1 when null */
+#define ARCH_STRING(name, doc) char *name;
+#define ARCH_ID(name, lo, hi, def, doc) int64_t name; /* -1 when null */
 #include "arch_fields.h"
     int32_t *ints; /* the layer lists (n_layers each, in arch_fields.h order), then expert_map */
 } emoe_arch;
@@ -78,8 +78,11 @@ ARCH_API int emoe_arch_read(const json_doc *d, int obj, emoe_arch *out, char *er
 ARCH_API int emoe_arch_parse(const char *json, size_t len, emoe_arch *out, char *err, size_t errlen);
 ARCH_API void emoe_arch_free(emoe_arch *a);
 
-/* Whether layer l runs (softmax) attention, with its tensors and a KV cache: not in linear_attn_layers nor in
- * conv_layers (valid while the config's layer lists are set: emoe_model_new reads it before clearing them). */
+/* Layer l's token mixer (ArchSpec.layer_kind): softmax attention (MLA included) with a KV cache, or the kind that
+ * replaces it, from the layer lists (valid while they are set: emoe_model_new reads it before clearing them). */
+enum { EMOE_LAYER_ATTENTION = 0, EMOE_LAYER_LINEAR = 1, EMOE_LAYER_CONV = 2 }; /* Gated DeltaNet; LFM2 short conv */
+ARCH_API int emoe_arch_layer_kind(const emoe_config *c, int layer);
+/* Whether layer l runs (softmax) attention, with its tensors and a KV cache: emoe_arch_layer_kind is ATTENTION. */
 ARCH_API int emoe_arch_is_attention_layer(const emoe_config *c, int layer);
 /* Whether layer l is a full-attention layer (not a sliding one): Gemma-4's global_* fields apply to it. */
 ARCH_API int emoe_arch_is_global_layer(const emoe_config *c, int layer);

@@ -5,7 +5,7 @@
  * decode, whose experts then run once for all the sequences routed to them):
  *   h   = x + wo(attention(rope(qk_norm(wq xa + bq), wk xa + bk), wv xa + bv))   with xa = attn_norm(x)
  *   out = h + ffn(ffn_norm(h))
- * (a conv layer, conv_layers, computes h with its short convolution instead: shortconv.c)
+ * (a conv layer computes h with its short convolution instead: shortconv.c)
  * ffn is a dense MLP (dense_layers) or the MoE block: router logits W_r r (r = ffn_norm(h), or the layer input x for
  * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (+ score_bias, within the
  * topk_group best groups when n_group > 1; ties: lower index), optional renormalization, times routed_scaling; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))

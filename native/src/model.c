@@ -65,7 +65,7 @@ static int validate_config(emoe_model *m, const emoe_config *c, int max_ctx, int
     REQUIRE(max_ctx > 0, "max_ctx=%d must be positive", max_ctx);
     REQUIRE(n_threads >= 1 && n_threads <= 1024, "n_threads=%d must be in 1..1024", n_threads);
     int st;
-#define ARCH_LIST(name) \
+#define ARCH_LIST(name, doc) \
     if ((st = check_list(m, #name, c->name, c->n_##name))) return st;
 #include "arch_fields.h"
     REQUIRE(!c->n_conv_layers || (c->conv_kernel >= 1 && c->conv_kernel <= EMOE_MAX_CONV_KERNEL),
@@ -239,11 +239,12 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         L->is_moe = !in_list(c->dense_layers, c->n_dense_layers, l);
         L->use_rope = !in_list(c->nope_layers, c->n_nope_layers, l);
         L->swa = c->sliding_window > 0 && in_list(c->swa_layers, c->n_swa_layers, l);
-        L->is_attn = emoe_arch_is_attention_layer(c, l);
-        L->is_linear = in_list(c->linear_attn_layers, c->n_linear_attn_layers, l);
+        const int kind = emoe_arch_layer_kind(c, l);
+        L->is_attn = kind == EMOE_LAYER_ATTENTION;
+        L->is_linear = kind == EMOE_LAYER_LINEAR;
         L->lin_idx = L->is_linear ? m->dn.n_lin++ : -1;
         L->kv_idx = L->is_attn ? m->n_kv_layers++ : -1;
-        L->conv_idx = in_list(c->conv_layers, c->n_conv_layers, l) ? m->conv.n_layers++ : -1;
+        L->conv_idx = kind == EMOE_LAYER_CONV ? m->conv.n_layers++ : -1;
         L->global = !L->swa;
         L->hd = L->global ? ghd : c->head_dim;
         L->n_kv = L->global ? gkv : c->n_kv_heads;
@@ -265,8 +266,8 @@ emoe_model *emoe_model_new(const emoe_config *cfg, int max_ctx, int kv_f16, int 
         }
     }
     /* the layer lists and expert_map are borrowed during this call only */
-#define ARCH_LIST(name)     \
-    m->cfg.name = NULL; \
+#define ARCH_LIST(name, doc) \
+    m->cfg.name = NULL;      \
     m->cfg.n_##name = 0;
 #include "arch_fields.h"
     m->cfg.expert_map = NULL;
