@@ -321,24 +321,35 @@ def arch_check(arch_json: str | bytes) -> None:
         raise NativeError(err.value.decode(errors="replace"), st)
 
 
-def arch_schema() -> list[dict]:
-    """The arch object's schema (emoe_arch_schema_json): one dict per key, in the core's table order (name, kind,
-    type, required, default, lo/hi, names, doc). edgemoe.arch builds ArchSpec from it."""
+def _exported_table(symbol: str, what: str):
+    """A table the core exports as JSON text with snprintf's contract (emoe_arch_schema_json, ...), parsed."""
     try:
-        fn = _sig("emoe_arch_schema_json", _sz, _cp, _sz)
+        fn = _sig(symbol, _sz, _cp, _sz)
     except AttributeError:  # a core built from older sources than this package
         raise NativeLibraryNotFound(
-            f"edgemoe's C core {LIB_PATH} has no emoe_arch_schema_json: it is older than this edgemoe. Rebuild it "
+            f"edgemoe's C core {LIB_PATH} has no {symbol}: it is older than this edgemoe. Rebuild it "
             "(pip install -e ., or cmake --build your build directory) and point EDGEMOE_NATIVE_LIB at the new "
             "library") from None
     n = fn(None, 0)
     buf = ctypes.create_string_buffer(n + 1)
     fn(buf, n + 1)
     try:
-        schema = json.loads(buf.value)
+        return json.loads(buf.value)
     except ValueError as e:
-        raise EdgeMoEError(f"edgemoe's C core {LIB_PATH} returned an unreadable arch schema ({e}): rebuild it") from None
-    return schema
+        raise EdgeMoEError(f"edgemoe's C core {LIB_PATH} returned an unreadable {what} ({e}): rebuild it") from None
+
+
+def arch_schema() -> list[dict]:
+    """The arch object's schema (emoe_arch_schema_json): one dict per key, in the core's table order (name, kind,
+    type, required, default, lo/hi, names, doc). edgemoe.arch builds ArchSpec from it."""
+    return _exported_table("emoe_arch_schema_json", "arch schema")
+
+
+def tensor_table() -> dict:
+    """The tensor table (emoe_tensor_table_json): {"dims", "layer_kinds", "needs": [{name, doc}], "tensors": one dict
+    per tensor in the core's table order (role, pattern, scope, rows, cols, layers, option, negated, need, doc)}.
+    edgemoe.arch builds TENSOR_TABLE from it."""
+    return _exported_table("emoe_tensor_table_json", "tensor table")
 
 
 class ModelHandle:

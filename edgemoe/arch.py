@@ -177,8 +177,10 @@ _make_lock = threading.Lock()
 
 
 def __getattr__(name: str):
-    """ArchSpec is made on first use (PEP 562), so `import edgemoe` (and `edgemoe --help`) works before the C core
-    is found; using ArchSpec without the core raises its one clear error."""
+    """ArchSpec and TENSOR_TABLE are made on first use (PEP 562), so `import edgemoe` (and `edgemoe --help`) works
+    before the C core is found; using them without the core raises its one clear error."""
+    if name == "TENSOR_TABLE":
+        return tensor_table()
     if name != "ArchSpec":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     with _make_lock:
@@ -187,81 +189,68 @@ def __getattr__(name: str):
     return globals()["ArchSpec"]
 
 
-# Container tensor names (GGUF-like, so llama.cpp users recognize them): the one tensor table, read by the exporter,
-# the NumPy reference and the C binding. The C core states the same table (native/src/tensor_table.c) and
-# tests/test_tensor_table.py keeps both identical (for every tiny family, merged experts and MWQ).
+# Container tensor names (GGUF-like, so llama.cpp users recognize them): the one tensor table is the C core's
+# (native/src/tensor_table.c), which it exports (emoe_tensor_table_json); the exporter, the NumPy reference and the
+# checks read it through the views below, made on first use (like ArchSpec). docs/FORMAT.md "Tensor names" is
+# generated from it too (python -m edgemoe.arch_doc). TENSOR_TABLE (tensor_table()) has one row per tensor:
 # (role, container name pattern, scope, rows, cols, condition, need) with
 #   scope: "global" | "layer" ({layer}) | "expert" ({layer}, {expert});
-#   rows/cols: a size of _dim() (rows None: a 1-D tensor of cols);
-#   condition: "KIND" or "KIND:option": the layers that have it (all | moe | dense | attn | attn_v | linear | conv;
-#     dense = with a dense MLP, also MoE layers under dense_beside_moe; attn_v = attention with its own values), and
-#     an arch option that must be set (non-zero, not false, not "none"; "!option": must not be set);
-#     need: "required" | "unless_tied" | "optional" | "if_routed".
-TENSOR_TABLE = (
-    ("embed", "token_embd.weight", "global", "vocab", "hidden", "all", "required"),
-    ("final_norm", "output_norm.weight", "global", None, "hidden", "all", "required"),
-    ("lm_head", "output.weight", "global", "vocab", "hidden", "all", "unless_tied"),
-    ("attn_norm", "blk.{layer}.attn_norm.weight", "layer", None, "hidden", "all", "required"),
-    ("wq", "blk.{layer}.attn_q.weight", "layer", "q", "hidden", "attn:!q_lora_rank", "required"),
-    ("wk", "blk.{layer}.attn_k.weight", "layer", "kv", "hidden", "attn:!kv_lora_rank", "required"),
-    ("wv", "blk.{layer}.attn_v.weight", "layer", "kv", "hidden", "attn_v:!kv_lora_rank", "required"),
-    ("wo", "blk.{layer}.attn_output.weight", "layer", "hidden", "o", "attn", "required"),
-    ("ffn_norm", "blk.{layer}.ffn_norm.weight", "layer", None, "hidden", "all", "required"),
-    ("bq", "blk.{layer}.attn_q.bias", "layer", None, "q", "attn:qkv_bias", "required"),
-    ("bk", "blk.{layer}.attn_k.bias", "layer", None, "kv", "attn:qkv_bias", "required"),
-    ("bv", "blk.{layer}.attn_v.bias", "layer", None, "kv", "attn:qkv_bias", "required"),
-    ("q_norm", "blk.{layer}.attn_q_norm.weight", "layer", None, "q_norm", "attn:qk_norm", "required"),
-    ("k_norm", "blk.{layer}.attn_k_norm.weight", "layer", None, "k_norm", "attn:qk_norm", "required"),
-    ("router", "blk.{layer}.ffn_gate_inp.weight", "layer", "experts", "hidden", "moe", "required"),
-    ("predictor", "blk.{layer}.ffn_gate_inp_pre.weight", "layer", "experts", "hidden", "moe", "optional"),
-    ("score_bias", "blk.{layer}.exp_probs_b.bias", "layer", None, "experts", "moe:score_bias", "required"),
-    ("sh_gate", "blk.{layer}.ffn_gate_shexp.weight", "layer", "shared_ffn", "hidden", "moe:shared_ffn", "required"),
-    ("sh_up", "blk.{layer}.ffn_up_shexp.weight", "layer", "shared_ffn", "hidden", "moe:shared_ffn", "required"),
-    ("sh_down", "blk.{layer}.ffn_down_shexp.weight", "layer", "hidden", "shared_ffn", "moe:shared_ffn", "required"),
-    ("sh_gate_inp", "blk.{layer}.ffn_gate_inp_shexp.weight", "layer", None, "hidden", "moe:shared_gate", "required"),
-    ("mlp_gate", "blk.{layer}.ffn_gate.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
-    ("mlp_up", "blk.{layer}.ffn_up.weight", "layer", "dense_ffn", "hidden", "dense", "required"),
-    ("mlp_down", "blk.{layer}.ffn_down.weight", "layer", "hidden", "dense_ffn", "dense", "required"),
-    ("bo", "blk.{layer}.attn_output.bias", "layer", None, "hidden", "attn:o_bias", "required"),
-    ("sinks", "blk.{layer}.attn_sinks.weight", "layer", None, "heads", "attn:attn_sinks", "required"),
-    ("router_b", "blk.{layer}.ffn_gate_inp.bias", "layer", None, "experts", "moe:router_bias", "required"),
-    # Gemma-4's norms and layer scale (post_norms, dense_beside_moe, layer_scale)
-    ("post_attn_norm", "blk.{layer}.post_attention_norm.weight", "layer", None, "hidden", "all:post_norms", "required"),
-    ("post_ffn_norm", "blk.{layer}.post_ffw_norm.weight", "layer", None, "hidden", "all:post_norms", "required"),
-    ("mlp_post_norm", "blk.{layer}.post_ffw_norm_1.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
-    ("moe_pre_norm", "blk.{layer}.pre_ffw_norm_2.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
-    ("moe_post_norm", "blk.{layer}.post_ffw_norm_2.weight", "layer", None, "hidden", "moe:dense_beside_moe", "required"),
-    ("layer_scale", "blk.{layer}.layer_output_scale.weight", "layer", None, "one", "all:layer_scale", "required"),
-    # MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names
-    ("wq_a", "blk.{layer}.attn_q_a.weight", "layer", "q_lora", "hidden", "all:q_lora_rank", "required"),
-    ("q_a_norm", "blk.{layer}.attn_q_a_norm.weight", "layer", None, "q_lora", "all:q_lora_rank", "required"),
-    ("wq_b", "blk.{layer}.attn_q_b.weight", "layer", "q", "q_lora", "all:q_lora_rank", "required"),
-    ("wkv_a", "blk.{layer}.attn_kv_a_mqa.weight", "layer", "kv_a", "hidden", "all:kv_lora_rank", "required"),
-    ("kv_a_norm", "blk.{layer}.attn_kv_a_norm.weight", "layer", None, "kv_lora", "all:kv_lora_rank", "required"),
-    ("wkv_b", "blk.{layer}.attn_kv_b.weight", "layer", "kv_b", "kv_lora", "all:kv_lora_rank", "required"),
-    # expert biases: row g = stored expert g (kept f32 like every bias; resident, so streaming never reads them)
-    ("gate_b", "blk.{layer}.ffn_gate_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
-    ("up_b", "blk.{layer}.ffn_up_exps.bias", "layer", "experts", "expert_ffn", "moe:expert_bias", "required"),
-    ("down_b", "blk.{layer}.ffn_down_exps.bias", "layer", "experts", "hidden", "moe:expert_bias", "required"),
-    # Qwen3.5 / Next: the attention output gate; Gated DeltaNet layers (la_conv: [conv channels, taps] flattened, f32)
-    ("attn_gate", "blk.{layer}.attn_gate.weight", "layer", "q", "hidden", "attn:attn_gate", "required"),
-    ("la_qkv", "blk.{layer}.ssm_in_qkv.weight", "layer", "la_conv_dim", "hidden", "linear", "required"),
-    ("la_z", "blk.{layer}.ssm_in_z.weight", "layer", "la_v", "hidden", "linear", "required"),
-    ("la_b", "blk.{layer}.ssm_in_b.weight", "layer", "la_heads", "hidden", "linear", "required"),
-    ("la_a", "blk.{layer}.ssm_in_a.weight", "layer", "la_heads", "hidden", "linear", "required"),
-    ("la_conv", "blk.{layer}.ssm_conv1d.weight", "layer", None, "la_conv_taps", "linear", "required"),
-    ("la_dt", "blk.{layer}.ssm_dt.bias", "layer", None, "la_heads", "linear", "required"),
-    ("la_a_log", "blk.{layer}.ssm_a_log.weight", "layer", None, "la_heads", "linear", "required"),
-    ("la_norm", "blk.{layer}.ssm_norm.weight", "layer", None, "la_vdim", "linear", "required"),
-    ("la_out", "blk.{layer}.ssm_out.weight", "layer", "hidden", "la_v", "linear", "required"),
-    # LFM2 short convolution (conv_layers): in_proj rows B, C, x; the depthwise taps [hidden, conv_kernel]
-    ("conv_in", "blk.{layer}.shortconv.in_proj.weight", "layer", "conv_in", "hidden", "conv", "required"),
-    ("conv_w", "blk.{layer}.shortconv.conv.weight", "layer", "hidden", "conv_kernel", "conv", "required"),
-    ("conv_out", "blk.{layer}.shortconv.out_proj.weight", "layer", "hidden", "hidden", "conv", "required"),
-    ("gate", "blk.{layer}.expert.{expert}.ffn_gate.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
-    ("up", "blk.{layer}.expert.{expert}.ffn_up.weight", "expert", "expert_ffn", "hidden", "moe", "if_routed"),
-    ("down", "blk.{layer}.expert.{expert}.ffn_down.weight", "expert", "hidden", "expert_ffn", "moe", "if_routed"),
-)
+#   rows/cols: a shape term of _dim() (rows None: a 1-D tensor of cols);
+#   condition: "KIND" or "KIND:option": the layers that have it (a layer kind of _layer_has: all | moe | dense | attn
+#     | attn_v | linear | conv), and an arch option that must be set (_option_set; "!option": must not be set);
+#   need: "required" | "unless_tied" | "optional" | "if_routed".
+
+
+@functools.cache
+def tensor_schema() -> dict:
+    """The C core's tensor table as it exports it (emoe_tensor_table_json): {"dims", "layer_kinds", "needs": [{name,
+    doc}], "tensors": [{role, pattern, scope, rows, cols, layers, option, negated, need, doc}]}."""
+    from . import _native as N  # NativeLibraryNotFound is an EdgeMoEError naming how to build the core
+
+    return N.tensor_table()
+
+
+@functools.cache
+def tensor_table() -> tuple[tuple, ...]:
+    """TENSOR_TABLE: the core's rows as (role, pattern, scope, rows, cols, condition, need), in its order."""
+    rows = []
+    for t in tensor_schema()["tensors"]:
+        condition = t["layers"] + (f":{'!' if t['negated'] else ''}{t['option']}" if t["option"] else "")
+        rows.append((t["role"], t["pattern"], t["scope"], t["rows"], t["cols"], condition, t["need"]))
+    return tuple(rows)
+
+
+class _TableView:
+    """A view of the tensor table made on first use, so `import edgemoe` needs no C core."""
+
+    def __init__(self, make):
+        self._make = make
+
+    def __getattr__(self, name):  # the made object's methods (keys, items, index, ...)
+        if name.startswith("_"):  # not while copying or unpickling an instance without _make
+            raise AttributeError(name)
+        return getattr(self._make(), name)
+
+    def __getitem__(self, key):
+        return self._make()[key]
+
+    def __iter__(self):
+        return iter(self._make())
+
+    def __len__(self):
+        return len(self._make())
+
+    def __contains__(self, item):
+        return item in self._make()
+
+    def __eq__(self, other):
+        return self._make() == (other._make() if isinstance(other, _TableView) else other)
+
+    def __hash__(self):
+        return hash(self._make())
+
+    def __repr__(self):
+        return repr(self._make())
 
 
 def _dim(spec: ArchSpec, term: str, layer: int = 0) -> int:
@@ -282,22 +271,31 @@ def _dim(spec: ArchSpec, term: str, layer: int = 0) -> int:
 
 def tensor_shape(spec: ArchSpec, role: str, layer: int = 0) -> tuple[int, ...]:
     """The shape the tensor table states for a role ([rows, cols], or [cols] for a 1-D tensor)."""
-    _, _, _, rows, cols, _, _ = next(row for row in TENSOR_TABLE if row[0] == role)
+    _, _, _, rows, cols, _, _ = next(row for row in tensor_table() if row[0] == role)
     return (_dim(spec, cols, layer),) if rows is None else (_dim(spec, rows, layer), _dim(spec, cols, layer))
+
+
+def _layer_has(spec: ArchSpec, kind: str, layer: int) -> bool:
+    """Whether the layer is of a table layer kind (C: tensor_table.c tt_present)."""
+    moe = spec.is_moe_layer(layer)
+    mixer = spec.layer_kind(layer)
+    attn = mixer == "attention"
+    return {"all": True, "moe": moe, "dense": not moe or spec.dense_beside_moe, "attn": attn,
+            "linear": mixer == "linear", "conv": mixer == "conv",
+            "attn_v": attn and not (spec.global_k_eq_v and spec.is_global_layer(layer))}[kind]
+
+
+def _option_set(spec: ArchSpec, option: str) -> bool:
+    """C's test of a row's option (tt_present): its value is not zero (false, 0; an enum: not its first value)."""
+    value = getattr(spec, option)
+    return value != type(spec)._ENUMS[option][0] if isinstance(value, str) else bool(value)
 
 
 def _present(spec: ArchSpec, condition: str, layer: int) -> bool:
     kind, _, option = condition.partition(":")
-    moe = spec.is_moe_layer(layer)
-    mixer = spec.layer_kind(layer)
-    attn = mixer == "attention"
-    kinds = {"all": True, "moe": moe, "dense": not moe or spec.dense_beside_moe, "attn": attn,
-             "linear": mixer == "linear", "conv": mixer == "conv",
-             "attn_v": attn and not (spec.global_k_eq_v and spec.is_global_layer(layer))}
-    if not kinds[kind]:
+    if not _layer_has(spec, kind, layer):
         return False
-    unless = option.startswith("!")
-    return not option or (getattr(spec, option.lstrip("!")) not in (0, False, "none")) != unless
+    return not option or _option_set(spec, option.lstrip("!")) != option.startswith("!")
 
 
 def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -312,18 +310,19 @@ def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
         req = {"required": True, "unless_tied": not spec.tie_embeddings, "optional": False, "if_routed": required}[need]
         out.append((pattern.format(layer=layer, expert=expert), shape, req))
 
-    for row in TENSOR_TABLE:
+    table = tensor_table()
+    for row in table:
         if row[2] == "global":
             add(row)
     for layer in range(spec.n_layers):
-        for row in TENSOR_TABLE:
+        for row in table:
             if row[2] == "layer" and _present(spec, row[5], layer):
                 add(row, layer)
         if not spec.is_moe_layer(layer):
             continue
         emap = spec.layer_expert_map(layer)
         for e in range(spec.stored_experts(layer)):
-            for row in TENSOR_TABLE:
+            for row in table:
                 if row[2] == "expert":
                     add(row, layer, e, emap is None or e in emap)
     return out
@@ -331,16 +330,20 @@ def model_tensors(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], bool]]:
 
 def dense_tensor_names(spec: ArchSpec, layer: int) -> dict[str, str]:
     """Role -> container name for the dense (always resident) tensors one layer must have."""
-    return {role: pattern.format(layer=layer) for role, pattern, scope, _, _, cond, need in TENSOR_TABLE
+    return {role: pattern.format(layer=layer) for role, pattern, scope, _, _, cond, need in tensor_table()
             if scope == "layer" and need == "required" and _present(spec, cond, layer)}
 
 
-EXPERT_MATRICES = tuple(row[0] for row in TENSOR_TABLE if row[2] == "expert")  # gate/up: [expert_ffn, hidden]; down
-_EXPERT_PATTERN = {row[0]: row[1] for row in TENSOR_TABLE if row[2] == "expert"}
+@functools.cache
+def _expert_patterns() -> dict[str, str]:
+    return {row[0]: row[1] for row in tensor_table() if row[2] == "expert"}
+
+
+EXPERT_MATRICES = _TableView(lambda: tuple(_expert_patterns()))  # gate/up: [expert_ffn, hidden]; down
 
 
 def expert_tensor_name(layer: int, expert: int, matrix: str) -> str:
-    return _EXPERT_PATTERN[matrix].format(layer=layer, expert=expert)
+    return _expert_patterns()[matrix].format(layer=layer, expert=expert)
 
 
 def kv_values_per_token(spec: ArchSpec) -> int:
@@ -349,4 +352,9 @@ def kv_values_per_token(spec: ArchSpec) -> int:
     return spec.n_layers * per_layer
 
 
-GLOBAL_TENSORS = {role: pattern for role, pattern, scope, *_ in TENSOR_TABLE if scope == "global"}
+@functools.cache
+def _global_tensors() -> dict[str, str]:
+    return {role: pattern for role, pattern, scope, *_ in tensor_table() if scope == "global"}
+
+
+GLOBAL_TENSORS = _TableView(_global_tensors)  # role -> name of the model-wide tensors (embed, final_norm, lm_head)

@@ -14,11 +14,11 @@ import numpy as np
 from edgemoe.arch import (
     EXPERT_MATRICES,
     GLOBAL_TENSORS,
-    TENSOR_TABLE,
     ArchSpec,
-    _dim,
     dense_tensor_names,
     expert_tensor_name,
+    tensor_shape,
+    tensor_table,
 )
 from edgemoe.errors import FormatError, UnsupportedModelError
 
@@ -31,8 +31,7 @@ from .tokenizer_check import check_tokenizer
 
 def expected_shapes(spec: ArchSpec, layer: int) -> dict[str, tuple[int, ...]]:
     """Role -> logical shape [out, in] (or [n]) of each dense tensor of one layer (the tensor table's)."""
-    return {role: (_dim(spec, cols, layer),) if rows is None else (_dim(spec, rows, layer), _dim(spec, cols, layer))
-            for role, _, scope, rows, cols, _, _ in TENSOR_TABLE if scope == "layer"}
+    return {role: tensor_shape(spec, role, layer) for role, _, scope, *_ in tensor_table() if scope == "layer"}
 
 
 def expert_shape(spec: ArchSpec, matrix: str) -> tuple[int, int]:

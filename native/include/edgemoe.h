@@ -157,6 +157,14 @@ int emoe_arch_check(const char *arch_json, size_t len, char *err, size_t errlen)
  * "doc"}. edgemoe/arch.py builds ArchSpec from it. Writes at most len bytes (NUL-terminated, truncated if short) and
  * returns the full text's length without the NUL, like snprintf: call with (NULL, 0) to size the buffer. */
 size_t emoe_arch_schema_json(char *buf, size_t len);
+/* The tensor table, the one list of the tensors a model reads (native/src/tensor_table.c), as JSON text: an object
+ * {"dims", "layer_kinds", "needs": [{"name", "doc"}...], "tensors": [...]} with one object per tensor in table order:
+ * {"role", "pattern" (the container name with {layer} and {expert} for its numbers), "scope" (global | layer |
+ * expert), "rows" (a dims name; null for a 1-D tensor), "cols", "layers" (a layer_kinds name: the layers that have
+ * it), "option" (an arch key that must be set, i.e. non-zero / true / not its enum's first value; null if none),
+ * "negated" (true: the option must be unset instead), "need" (a needs name), "doc"}. edgemoe/arch.py builds its
+ * TENSOR_TABLE from it. Same contract as emoe_arch_schema_json (snprintf: (NULL, 0) sizes the buffer). */
+size_t emoe_tensor_table_json(char *buf, size_t len);
 void emoe_model_free(emoe_model *m);
 int emoe_model_status(const emoe_model *m);         /* the creation status (EMOE_OK if usable) */
 const char *emoe_model_last_error(const emoe_model *m); /* message of the last failed call ("" if none) */

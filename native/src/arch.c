@@ -443,74 +443,49 @@ int64_t emoe_arch_kv_dim(const emoe_config *c) {
 
 /* ---- the schema (emoe_arch_schema_json) ---- */
 
-/* Text appended to buf[0..cap), counted past the end too (snprintf's contract: n is the length the text needs). */
-typedef struct {
-    char *buf;
-    size_t cap, n;
-} text_out;
-
-static void put(text_out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void put(text_out *o, const char *fmt, ...) {
-    const size_t room = o->n < o->cap ? o->cap - o->n : 0;
-    va_list ap;
-    va_start(ap, fmt);
-    const int w = vsnprintf(room ? o->buf + o->n : NULL, room, fmt, ap);
-    va_end(ap);
-    if (w > 0) o->n += (size_t)w;
-}
-
-static void put_string(text_out *o, const char *s) { /* a JSON string literal (the docs are ASCII) */
-    put(o, "\"");
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\') put(o, "\\%c", *p);
-        else if (*p < 0x20) put(o, "\\u%04x", *p);
-        else put(o, "%c", *p);
-    }
-    put(o, "\"");
-}
-
 /* One field: name, kind, Python type, required, default, range / allowed names, doc. */
-static void put_field(text_out *o, const struct field *f) {
+static void put_field(json_out *o, const struct field *f) {
     static const char *const kinds[] = {"int", "float", "bool", "enum", "string", "id", "list", "map"};
     static const char *const types[] = {"int", "float", "bool", "str", "str", "int", "list[int]", "list[list[int]]"};
     const int nullable = f->kind == F_ID && f->lo < 0; /* -1 = null */
-    put(o, "{\"name\": ");
-    put_string(o, f->key);
-    put(o, ", \"kind\": \"%s\", \"type\": \"%s%s\", \"required\": %s, \"default\": ", kinds[f->kind],
-        types[f->kind], nullable ? " | None" : "", f->required ? "true" : "false");
-    if (f->required) put(o, "null");
-    else if (f->kind == F_FLOAT) put(o, "%.17g", f->fdef);
-    else if (f->kind == F_BOOL) put(o, "%s", f->def ? "true" : "false");
-    else if (f->kind == F_ENUM) put_string(o, f->names[f->def]);
-    else if (f->kind == F_LIST || f->kind == F_MAP) put(o, "[]");
-    else if (nullable && f->def == -1) put(o, "null");
-    else put(o, "%lld", (long long)f->def);
-    if (f->kind == F_INT || f->kind == F_ID) put(o, ", \"lo\": %lld, \"hi\": %lld", (long long)f->lo, (long long)f->hi);
+    json_put(o, "{\"name\": ");
+    json_put_string(o, f->key);
+    json_put(o, ", \"kind\": \"%s\", \"type\": \"%s%s\", \"required\": %s, \"default\": ", kinds[f->kind],
+             types[f->kind], nullable ? " | None" : "", f->required ? "true" : "false");
+    if (f->required) json_put(o, "null");
+    else if (f->kind == F_FLOAT) json_put(o, "%.17g", f->fdef);
+    else if (f->kind == F_BOOL) json_put(o, "%s", f->def ? "true" : "false");
+    else if (f->kind == F_ENUM) json_put_string(o, f->names[f->def]);
+    else if (f->kind == F_LIST || f->kind == F_MAP) json_put(o, "[]");
+    else if (nullable && f->def == -1) json_put(o, "null");
+    else json_put(o, "%lld", (long long)f->def);
+    if (f->kind == F_INT || f->kind == F_ID)
+        json_put(o, ", \"lo\": %lld, \"hi\": %lld", (long long)f->lo, (long long)f->hi);
     if (f->kind == F_FLOAT) /* 0 < value <= hi (or 0 when zero_ok) */
-        put(o, ", \"lo\": 0, \"hi\": %.17g, \"zero_ok\": %s", MAX_FLOAT_FIELD, f->lo ? "true" : "false");
-    if (f->kind == F_STRING) put(o, ", \"max_bytes\": %d", MAX_FAMILY);
+        json_put(o, ", \"lo\": 0, \"hi\": %.17g, \"zero_ok\": %s", MAX_FLOAT_FIELD, f->lo ? "true" : "false");
+    if (f->kind == F_STRING) json_put(o, ", \"max_bytes\": %d", MAX_FAMILY);
     if (f->kind == F_ENUM) {
-        put(o, ", \"names\": [");
+        json_put(o, ", \"names\": [");
         for (int i = 0; f->names[i]; i++) {
-            if (i) put(o, ", ");
-            put_string(o, f->names[i]);
+            if (i) json_put(o, ", ");
+            json_put_string(o, f->names[i]);
         }
-        put(o, "]");
+        json_put(o, "]");
     }
-    put(o, ", \"doc\": ");
-    put_string(o, f->doc);
-    put(o, "}");
+    json_put(o, ", \"doc\": ");
+    json_put_string(o, f->doc);
+    json_put(o, "}");
 }
 
 size_t emoe_arch_schema_json(char *buf, size_t len) {
-    text_out o = {buf, buf ? len : 0, 0};
+    json_out o = {buf, buf ? len : 0, 0};
     if (o.cap) buf[0] = '\0';
-    put(&o, "[");
+    json_put(&o, "[");
     for (size_t i = 0; i < N_FIELDS; i++) {
-        if (i) put(&o, ",\n ");
+        if (i) json_put(&o, ",\n ");
         put_field(&o, &FIELDS[i]);
     }
-    put(&o, "]");
+    json_put(&o, "]");
     return o.n;
 }
 

@@ -495,3 +495,26 @@ int json_double(const json_doc *d, int node_i, double *v) {
     if (v) *v = n->d;
     return 1;
 }
+
+void json_put(json_out *o, const char *fmt, ...) {
+    const size_t room = o->n < o->cap ? o->cap - o->n : 0;
+    va_list ap;
+    va_start(ap, fmt);
+    const int w = vsnprintf(room ? o->buf + o->n : NULL, room, fmt, ap);
+    va_end(ap);
+    if (w > 0) o->n += (size_t)w;
+}
+
+void json_put_string(json_out *o, const char *s) {
+    if (!s) {
+        json_put(o, "null");
+        return;
+    }
+    json_put(o, "\"");
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') json_put(o, "\\%c", *p);
+        else if (*p < 0x20) json_put(o, "\\u%04x", *p);
+        else json_put(o, "%c", *p);
+    }
+    json_put(o, "\"");
+}

@@ -7,6 +7,8 @@
  * after the value, nesting at most max_depth deep (the recursion is bounded by it). The parser
  * never reads outside [text, text + len) (text need not be NUL-terminated) and keeps no global state.
  *
+ * json_out writes JSON text (the exported tables: emoe_arch_schema_json, emoe_tensor_table_json).
+ *
  * Numbers: an integer literal (no fraction, no exponent) must fit in int64 and is kept exactly (json_int64); every
  * number also has a finite double value (strtod, made locale-independent); anything else is refused.
  */
@@ -51,5 +53,16 @@ JSON_API const char *json_str(const json_doc *d, int node, size_t *len);
 JSON_API int json_int64(const json_doc *d, int node, int64_t *v);
 /* 1 if node is a number (its double value in *v), else 0. */
 JSON_API int json_double(const json_doc *d, int node, double *v);
+
+/* Writing: text appended to buf[0..cap), always NUL-terminated when cap > 0, and counted past the end too
+ * (snprintf's contract: n is the length the whole text needs). For the tables the core exports as JSON. */
+typedef struct {
+    char *buf;
+    size_t cap, n;
+} json_out;
+
+JSON_API void json_put(json_out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* s as a JSON string literal (quotes, \" and \\ escaped, control characters as \u00XX), or null if s is NULL. */
+JSON_API void json_put_string(json_out *o, const char *s);
 
 #endif

@@ -439,8 +439,8 @@ static int resolve(emoe_model *m, const char *name, tt_item *it) {
     if (t->scope != TT_GLOBAL && layer >= m->cfg.n_layers)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': layer out of range 0..%d", name, m->cfg.n_layers - 1);
     if (t->scope != TT_GLOBAL && !tt_present(m, e, layer))
-        return model_error(m, EMOE_ERR_ARG, "tensor '%s' is not used by this config (needs %s)", name,
-                           tt_condition_name(e));
+        return model_error(m, EMOE_ERR_ARG, "tensor '%s' is not used by this config (needs %s%s)", name,
+                           tt_condition_name(e), t->unless ? " = 0" : "");
     if (t->scope == TT_EXPERT && expert >= m->layers[layer].n_stored)
         return model_error(m, EMOE_ERR_ARG, "tensor '%s': expert out of range 0..%d (stored experts of layer %d)",
                            name, m->layers[layer].n_stored - 1, layer);

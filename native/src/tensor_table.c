@@ -4,103 +4,127 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "json.h"
 #include "model.h"
 
 #define G(f) offsetof(emoe_model, f)
 #define L(f) offsetof(layer_weights, f)
 #define IF(option) (int32_t) offsetof(emoe_config, option), #option, 0 /* the arch option the tensor needs */
-#define UNLESS(option) (int32_t) offsetof(emoe_config, option), #option " = 0", 1 /* ... or must not have */
+#define UNLESS(option) (int32_t) offsetof(emoe_config, option), #option, 1 /* ... or must not have */
 #define NONE -1, NULL, 0
-/* role, pattern, scope, rows, cols, layers, option, need, slot. Order = enumeration order (Python's TENSOR_TABLE
- * too). */
+/* role, pattern, scope, rows, cols, layers, option, need, slot, doc. Order = enumeration order (Python's
+ * TENSOR_TABLE is this table: emoe_tensor_table_json). */
 const tt_entry tt_table[] = {
-    {"embed", "token_embd.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(embed)},
-    {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(final_norm)},
-    {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_UNLESS_TIED, G(lm_head)},
-    {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(attn_norm)},
-    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, UNLESS(q_lora_rank), TN_REQUIRED, L(wq)},
-    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, UNLESS(kv_lora_rank), TN_REQUIRED, L(wk)},
-    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN_V, UNLESS(kv_lora_rank), TN_REQUIRED, L(wv)},
-    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_O, TL_ATTN, NONE, TN_REQUIRED, L(wo)},
-    {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(ffn_norm)},
-    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bq)},
-    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bk)},
-    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bv)},
-    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TL_ATTN, IF(qk_norm), TN_REQUIRED, L(q_norm)},
-    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TL_ATTN, IF(qk_norm), TN_REQUIRED, L(k_norm)},
-    {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_REQUIRED, L(router)},
-    {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_OPTIONAL, L(pre)},
-    {"score_bias", "blk.%d.exp_probs_b.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
-     TL_MOE, IF(score_bias), TN_REQUIRED, L(score_bias)},
-    {"sh_gate", "blk.%d.ffn_gate_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN,
-     TL_MOE, IF(shared_ffn), TN_REQUIRED, L(sh_gate)},
-    {"sh_up", "blk.%d.ffn_up_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN,
-     TL_MOE, IF(shared_ffn), TN_REQUIRED, L(sh_up)},
-    {"sh_down", "blk.%d.ffn_down_shexp.weight", TT_LAYER, TD_HIDDEN, TD_SHARED_FFN,
-     TL_MOE, IF(shared_ffn), TN_REQUIRED, L(sh_down)},
-    {"sh_gate_inp", "blk.%d.ffn_gate_inp_shexp.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
-     TL_MOE, IF(shared_gate), TN_REQUIRED, L(sh_gate_inp)},
-    {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_gate)},
-    {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_up)},
-    {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_down)},
-    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ATTN, IF(o_bias), TN_REQUIRED, L(bo)},
-    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TL_ATTN, IF(attn_sinks), TN_REQUIRED, L(sinks)},
-    {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS,
-     TL_MOE, IF(router_bias), TN_REQUIRED, L(router_b)},
+    {"embed", "token_embd.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(embed), ""},
+    {"final_norm", "output_norm.weight", TT_GLOBAL, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, G(final_norm), ""},
+    {"lm_head", "output.weight", TT_GLOBAL, TD_VOCAB, TD_HIDDEN, TL_ALL, NONE, TN_UNLESS_TIED, G(lm_head), ""},
+    {"attn_norm", "blk.%d.attn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(attn_norm),
+     ""},
+    {"wq", "blk.%d.attn_q.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, UNLESS(q_lora_rank), TN_REQUIRED, L(wq), ""},
+    {"wk", "blk.%d.attn_k.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN, UNLESS(kv_lora_rank), TN_REQUIRED, L(wk), ""},
+    {"wv", "blk.%d.attn_v.weight", TT_LAYER, TD_KV, TD_HIDDEN, TL_ATTN_V, UNLESS(kv_lora_rank), TN_REQUIRED, L(wv),
+     ""},
+    {"wo", "blk.%d.attn_output.weight", TT_LAYER, TD_HIDDEN, TD_O, TL_ATTN, NONE, TN_REQUIRED, L(wo), ""},
+    {"ffn_norm", "blk.%d.ffn_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, NONE, TN_REQUIRED, L(ffn_norm), ""},
+    {"bq", "blk.%d.attn_q.bias", TT_LAYER, TD_ONE, TD_Q, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bq), ""},
+    {"bk", "blk.%d.attn_k.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bk), ""},
+    {"bv", "blk.%d.attn_v.bias", TT_LAYER, TD_ONE, TD_KV, TL_ATTN, IF(qkv_bias), TN_REQUIRED, L(bv), ""},
+    {"q_norm", "blk.%d.attn_q_norm.weight", TT_LAYER, TD_ONE, TD_QNORM, TL_ATTN, IF(qk_norm), TN_REQUIRED, L(q_norm),
+     ""},
+    {"k_norm", "blk.%d.attn_k_norm.weight", TT_LAYER, TD_ONE, TD_KNORM, TL_ATTN, IF(qk_norm), TN_REQUIRED, L(k_norm),
+     ""},
+    {"router", "blk.%d.ffn_gate_inp.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_REQUIRED, L(router),
+     "the router"},
+    {"predictor", "blk.%d.ffn_gate_inp_pre.weight", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, NONE, TN_OPTIONAL, L(pre),
+     "the fitted expert predictor: the streaming engine's prefetch hint"},
+    {"score_bias", "blk.%d.exp_probs_b.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TL_MOE, IF(score_bias), TN_REQUIRED,
+     L(score_bias), "selection-only router bias"},
+    {"sh_gate", "blk.%d.ffn_gate_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TL_MOE, IF(shared_ffn),
+     TN_REQUIRED, L(sh_gate), "shared expert"},
+    {"sh_up", "blk.%d.ffn_up_shexp.weight", TT_LAYER, TD_SHARED_FFN, TD_HIDDEN, TL_MOE, IF(shared_ffn), TN_REQUIRED,
+     L(sh_up), "shared expert"},
+    {"sh_down", "blk.%d.ffn_down_shexp.weight", TT_LAYER, TD_HIDDEN, TD_SHARED_FFN, TL_MOE, IF(shared_ffn),
+     TN_REQUIRED, L(sh_down), "shared expert"},
+    {"sh_gate_inp", "blk.%d.ffn_gate_inp_shexp.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_MOE, IF(shared_gate),
+     TN_REQUIRED, L(sh_gate_inp), "shared-expert gate (sigmoid)"},
+    {"mlp_gate", "blk.%d.ffn_gate.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED,
+     L(mlp_gate), "dense MLP"},
+    {"mlp_up", "blk.%d.ffn_up.weight", TT_LAYER, TD_DENSE_FFN, TD_HIDDEN, TL_DENSE, NONE, TN_REQUIRED, L(mlp_up),
+     "dense MLP"},
+    {"mlp_down", "blk.%d.ffn_down.weight", TT_LAYER, TD_HIDDEN, TD_DENSE_FFN, TL_DENSE, NONE, TN_REQUIRED,
+     L(mlp_down), "dense MLP"},
+    {"bo", "blk.%d.attn_output.bias", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ATTN, IF(o_bias), TN_REQUIRED, L(bo), ""},
+    {"sinks", "blk.%d.attn_sinks.weight", TT_LAYER, TD_ONE, TD_HEADS, TL_ATTN, IF(attn_sinks), TN_REQUIRED, L(sinks),
+     "per-head sink logits"},
+    {"router_b", "blk.%d.ffn_gate_inp.bias", TT_LAYER, TD_ONE, TD_EXPERTS, TL_MOE, IF(router_bias), TN_REQUIRED,
+     L(router_b), "router bias"},
     /* MLA (kv_lora_rank > 0): llama.cpp's deepseek2 names */
-    {"wq_a", "blk.%d.attn_q_a.weight", TT_LAYER, TD_Q_LORA, TD_HIDDEN, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_a)},
-    {"q_a_norm", "blk.%d.attn_q_a_norm.weight", TT_LAYER, TD_ONE, TD_Q_LORA,
-     TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(q_a_norm)},
-    {"wq_b", "blk.%d.attn_q_b.weight", TT_LAYER, TD_Q, TD_Q_LORA, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_b)},
-    {"wkv_a", "blk.%d.attn_kv_a_mqa.weight", TT_LAYER, TD_KV_A, TD_HIDDEN,
-     TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(wkv_a)},
-    {"kv_a_norm", "blk.%d.attn_kv_a_norm.weight", TT_LAYER, TD_ONE, TD_KV_LORA,
-     TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(kv_a_norm)},
-    {"wkv_b", "blk.%d.attn_kv_b.weight", TT_LAYER, TD_KV_B, TD_KV_LORA, TL_ALL, IF(kv_lora_rank), TN_REQUIRED, L(wkv_b)},
-    /* expert biases: row g = stored expert g, f32 (every *.bias is), resident */
-    {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN,
-     TL_MOE, IF(expert_bias), TN_REQUIRED, L(gate_b)},
-    {"up_b", "blk.%d.ffn_up_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN,
-     TL_MOE, IF(expert_bias), TN_REQUIRED, L(up_b)},
-    {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN,
-     TL_MOE, IF(expert_bias), TN_REQUIRED, L(down_b)},
-    /* Qwen3.5 / Next: the attention output gate; Gated DeltaNet layers (deltanet.c; ssm_conv1d: [channels, taps]) */
+    {"wq_a", "blk.%d.attn_q_a.weight", TT_LAYER, TD_Q_LORA, TD_HIDDEN, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_a),
+     "MLA's low-rank queries"},
+    {"q_a_norm", "blk.%d.attn_q_a_norm.weight", TT_LAYER, TD_ONE, TD_Q_LORA, TL_ALL, IF(q_lora_rank), TN_REQUIRED,
+     L(q_a_norm), "MLA's low-rank queries"},
+    {"wq_b", "blk.%d.attn_q_b.weight", TT_LAYER, TD_Q, TD_Q_LORA, TL_ALL, IF(q_lora_rank), TN_REQUIRED, L(wq_b),
+     "MLA's low-rank queries"},
+    {"wkv_a", "blk.%d.attn_kv_a_mqa.weight", TT_LAYER, TD_KV_A, TD_HIDDEN, TL_ALL, IF(kv_lora_rank), TN_REQUIRED,
+     L(wkv_a), "MLA: the latent, then the shared RoPE key"},
+    {"kv_a_norm", "blk.%d.attn_kv_a_norm.weight", TT_LAYER, TD_ONE, TD_KV_LORA, TL_ALL, IF(kv_lora_rank), TN_REQUIRED,
+     L(kv_a_norm), "MLA: the latent's norm"},
+    {"wkv_b", "blk.%d.attn_kv_b.weight", TT_LAYER, TD_KV_B, TD_KV_LORA, TL_ALL, IF(kv_lora_rank), TN_REQUIRED,
+     L(wkv_b), "MLA: per head its no-RoPE key rows, then its value rows"},
+    /* expert biases: resident (dense) like every bias */
+    {"gate_b", "blk.%d.ffn_gate_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TL_MOE, IF(expert_bias), TN_REQUIRED,
+     L(gate_b), "row g = stored expert g; f32 like every `*.bias`; dense (resident)"},
+    {"up_b", "blk.%d.ffn_up_exps.bias", TT_LAYER, TD_EXPERTS, TD_EXPERT_FFN, TL_MOE, IF(expert_bias), TN_REQUIRED,
+     L(up_b), "row g = stored expert g; f32 like every `*.bias`; dense (resident)"},
+    {"down_b", "blk.%d.ffn_down_exps.bias", TT_LAYER, TD_EXPERTS, TD_HIDDEN, TL_MOE, IF(expert_bias), TN_REQUIRED,
+     L(down_b), "row g = stored expert g; f32 like every `*.bias`; dense (resident)"},
+    /* Qwen3.5 / Next: the attention output gate; Gated DeltaNet layers (deltanet.c) */
     {"attn_gate", "blk.%d.attn_gate.weight", TT_LAYER, TD_Q, TD_HIDDEN, TL_ATTN, IF(attn_gate), TN_REQUIRED,
-     L(attn_gate)},
-    {"la_qkv", "blk.%d.ssm_in_qkv.weight", TT_LAYER, TD_LA_CONV_DIM, TD_HIDDEN,
-     TL_LINEAR, NONE, TN_REQUIRED, L(la_qkv)},
-    {"la_z", "blk.%d.ssm_in_z.weight", TT_LAYER, TD_LA_V, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_z)},
-    {"la_b", "blk.%d.ssm_in_b.weight", TT_LAYER, TD_LA_HEADS, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_b)},
-    {"la_a", "blk.%d.ssm_in_a.weight", TT_LAYER, TD_LA_HEADS, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_a)},
-    {"la_conv", "blk.%d.ssm_conv1d.weight", TT_LAYER, TD_ONE, TD_LA_CONV_TAPS,
-     TL_LINEAR, NONE, TN_REQUIRED, L(la_conv)},
-    {"la_dt", "blk.%d.ssm_dt.bias", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_dt)},
-    {"la_a_log", "blk.%d.ssm_a_log.weight", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_a_log)},
-    {"la_norm", "blk.%d.ssm_norm.weight", TT_LAYER, TD_ONE, TD_LA_VDIM, TL_LINEAR, NONE, TN_REQUIRED, L(la_norm)},
-    {"la_out", "blk.%d.ssm_out.weight", TT_LAYER, TD_HIDDEN, TD_LA_V, TL_LINEAR, NONE, TN_REQUIRED, L(la_out)},
-    /* Gemma-4's norms and layer scale (post_norms, dense_beside_moe, layer_scale) */
-    {"post_attn_norm", "blk.%d.post_attention_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
-     TL_ALL, IF(post_norms), TN_REQUIRED, L(post_attn_norm)},
-    {"post_ffn_norm", "blk.%d.post_ffw_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
-     TL_ALL, IF(post_norms), TN_REQUIRED, L(post_ffn_norm)},
-    {"mlp_post_norm", "blk.%d.post_ffw_norm_1.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
-     TL_MOE, IF(dense_beside_moe), TN_REQUIRED, L(mlp_post_norm)},
-    {"moe_pre_norm", "blk.%d.pre_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
-     TL_MOE, IF(dense_beside_moe), TN_REQUIRED, L(moe_pre_norm)},
-    {"moe_post_norm", "blk.%d.post_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN,
-     TL_MOE, IF(dense_beside_moe), TN_REQUIRED, L(moe_post_norm)},
-    {"layer_scale", "blk.%d.layer_output_scale.weight", TT_LAYER, TD_ONE, TD_ONE,
-     TL_ALL, IF(layer_scale), TN_REQUIRED, L(layer_scale)},
-    /* LFM2 short convolution (conv layers): in_proj rows B, C, x; depthwise taps [hidden, conv_kernel] */
-    {"conv_in", "blk.%d.shortconv.in_proj.weight", TT_LAYER, TD_CONV_IN, TD_HIDDEN,
-     TL_CONV, NONE, TN_REQUIRED, L(conv_in)},
-    {"conv_w", "blk.%d.shortconv.conv.weight", TT_LAYER, TD_HIDDEN, TD_CONV_KERNEL,
-     TL_CONV, NONE, TN_REQUIRED, L(conv_w)},
+     L(attn_gate), "the attention output times sigmoid(this x), before `attn_output`"},
+    {"la_qkv", "blk.%d.ssm_in_qkv.weight", TT_LAYER, TD_LA_CONV_DIM, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED,
+     L(la_qkv), "rows q, k, v (the conv's input)"},
+    {"la_z", "blk.%d.ssm_in_z.weight", TT_LAYER, TD_LA_V, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_z),
+     "the output gate's input"},
+    {"la_b", "blk.%d.ssm_in_b.weight", TT_LAYER, TD_LA_HEADS, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_b),
+     "the update strength (beta)"},
+    {"la_a", "blk.%d.ssm_in_a.weight", TT_LAYER, TD_LA_HEADS, TD_HIDDEN, TL_LINEAR, NONE, TN_REQUIRED, L(la_a),
+     "the decay's input"},
+    {"la_conv", "blk.%d.ssm_conv1d.weight", TT_LAYER, TD_ONE, TD_LA_CONV_TAPS, TL_LINEAR, NONE, TN_REQUIRED,
+     L(la_conv), "the causal conv taps, channel-major"},
+    {"la_dt", "blk.%d.ssm_dt.bias", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_dt),
+     "decay = exp(-exp(a_log) * softplus(a + dt))"},
+    {"la_a_log", "blk.%d.ssm_a_log.weight", TT_LAYER, TD_ONE, TD_LA_HEADS, TL_LINEAR, NONE, TN_REQUIRED, L(la_a_log),
+     "see `ssm_dt`"},
+    {"la_norm", "blk.%d.ssm_norm.weight", TT_LAYER, TD_ONE, TD_LA_VDIM, TL_LINEAR, NONE, TN_REQUIRED, L(la_norm),
+     "the gated RMSNorm per value head"},
+    {"la_out", "blk.%d.ssm_out.weight", TT_LAYER, TD_HIDDEN, TD_LA_V, TL_LINEAR, NONE, TN_REQUIRED, L(la_out), ""},
+    /* Gemma-4's norms and layer scale */
+    {"post_attn_norm", "blk.%d.post_attention_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, IF(post_norms),
+     TN_REQUIRED, L(post_attn_norm), "the attention block's output norm, before the residual add"},
+    {"post_ffn_norm", "blk.%d.post_ffw_norm.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_ALL, IF(post_norms), TN_REQUIRED,
+     L(post_ffn_norm), "the FFN block's output norm, before the residual add"},
+    {"mlp_post_norm", "blk.%d.post_ffw_norm_1.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_MOE, IF(dense_beside_moe),
+     TN_REQUIRED, L(mlp_post_norm), "the dense branch's output norm"},
+    {"moe_pre_norm", "blk.%d.pre_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_MOE, IF(dense_beside_moe),
+     TN_REQUIRED, L(moe_pre_norm), "the experts' input norm"},
+    {"moe_post_norm", "blk.%d.post_ffw_norm_2.weight", TT_LAYER, TD_ONE, TD_HIDDEN, TL_MOE, IF(dense_beside_moe),
+     TN_REQUIRED, L(moe_post_norm), "the experts' output norm"},
+    {"layer_scale", "blk.%d.layer_output_scale.weight", TT_LAYER, TD_ONE, TD_ONE, TL_ALL, IF(layer_scale),
+     TN_REQUIRED, L(layer_scale), "the layer's output scale"},
+    /* LFM2 short convolution (shortconv.c) */
+    {"conv_in", "blk.%d.shortconv.in_proj.weight", TT_LAYER, TD_CONV_IN, TD_HIDDEN, TL_CONV, NONE, TN_REQUIRED,
+     L(conv_in), "rows B, then C, then x"},
+    {"conv_w", "blk.%d.shortconv.conv.weight", TT_LAYER, TD_HIDDEN, TD_CONV_KERNEL, TL_CONV, NONE, TN_REQUIRED,
+     L(conv_w), "depthwise causal taps; the last tap reads the current token"},
     {"conv_out", "blk.%d.shortconv.out_proj.weight", TT_LAYER, TD_HIDDEN, TD_HIDDEN, TL_CONV, NONE, TN_REQUIRED,
-     L(conv_out)},
-    {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 0},
-    {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 1},
-    {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TL_MOE, NONE, TN_IF_ROUTED, 2},
+     L(conv_out), ""},
+    /* routed experts: streamed under a budget */
+    {"gate", "blk.%d.expert.%d.ffn_gate.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 0,
+     "`kind = expert`, 4 KiB aligned; `f32`/`f16`/`mwq`"},
+    {"up", "blk.%d.expert.%d.ffn_up.weight", TT_EXPERT, TD_EXPERT_FFN, TD_HIDDEN, TL_MOE, NONE, TN_IF_ROUTED, 1,
+     "`kind = expert`, 4 KiB aligned; `f32`/`f16`/`mwq`"},
+    {"down", "blk.%d.expert.%d.ffn_down.weight", TT_EXPERT, TD_HIDDEN, TD_EXPERT_FFN, TL_MOE, NONE, TN_IF_ROUTED, 2,
+     "`kind = expert`, 4 KiB aligned; `f32`/`f16`/`mwq`"},
 };
 #undef G
 #undef L
@@ -154,13 +178,109 @@ int tt_present(const emoe_model *m, int e, int layer) {
     return t->option < 0 || (*(const int32_t *)((const char *)&m->cfg + t->option) != 0) != t->unless;
 }
 
+/* The names and docs of the shape terms, layer kinds and needs (emoe_tensor_table_json; Python's arch._dim and
+ * arch._present compute them by these names; docs/FORMAT.md shows the docs). */
+struct info {
+    const char *name, *doc, *what; /* what: the layer kinds' words in messages ("needs a MoE layer") */
+};
+static const struct info TD_INFO[] = {
+    [TD_ONE] = {"one", "1"},
+    [TD_HIDDEN] = {"hidden", "`hidden`"},
+    [TD_VOCAB] = {"vocab", "`vocab`"},
+    [TD_Q] = {"q", "`n_heads` * the layer's head size (`head_dim`, or `global_head_dim` on a full-attention layer)"},
+    [TD_KV] = {"kv", "the layer's KV heads (`n_kv_heads`, or `global_kv_heads` on a full-attention layer) * its head "
+                     "size"},
+    [TD_QNORM] = {"q_norm", "the layer's head size (`qk_norm` = `head`), or q (`full`)"},
+    [TD_KNORM] = {"k_norm", "the layer's head size (`qk_norm` = `head`), or kv (`full`)"},
+    [TD_EXPERTS] = {"experts", "`n_experts`"},
+    [TD_EXPERT_FFN] = {"expert_ffn", "`expert_ffn`"},
+    [TD_SHARED_FFN] = {"shared_ffn", "`shared_ffn`"},
+    [TD_DENSE_FFN] = {"dense_ffn", "`dense_ffn`"},
+    [TD_HEADS] = {"heads", "`n_heads`"},
+    [TD_LA_CONV_DIM] = {"la_conv_dim", "2 * `linear_k_heads` * `linear_k_dim` + `linear_v_heads` * `linear_v_dim` "
+                                       "(q, k and v: the conv's channels)"},
+    [TD_LA_CONV_TAPS] = {"la_conv_taps", "la_conv_dim * `linear_conv`"},
+    [TD_LA_V] = {"la_v", "`linear_v_heads` * `linear_v_dim`"},
+    [TD_LA_HEADS] = {"la_heads", "`linear_v_heads`"},
+    [TD_LA_VDIM] = {"la_vdim", "`linear_v_dim`"},
+    [TD_CONV_IN] = {"conv_in", "3 * `hidden`"},
+    [TD_CONV_KERNEL] = {"conv_kernel", "`conv_kernel`"},
+    [TD_O] = {"o", "q; with MLA (`kv_lora_rank`): `n_heads` * `v_head_dim`"},
+    [TD_Q_LORA] = {"q_lora", "`q_lora_rank`"},
+    [TD_KV_LORA] = {"kv_lora", "`kv_lora_rank`"},
+    [TD_KV_A] = {"kv_a", "`kv_lora_rank` + `rope_dim`"},
+    [TD_KV_B] = {"kv_b", "`n_heads` * (`qk_nope_dim` + `v_head_dim`)"},
+};
+static const struct info TL_INFO[] = {
+    [TL_ALL] = {"all", "every layer", ""},
+    [TL_MOE] = {"moe", "MoE layers", "a MoE layer"},
+    [TL_DENSE] = {"dense", "layers with a dense MLP (the non-MoE ones; all under `dense_beside_moe`)", "a dense layer"},
+    [TL_ATTN] = {"attn", "attention layers (of no other kind)", "an attention layer"},
+    [TL_LINEAR] = {"linear", "Gated DeltaNet layers", "a linear-attention layer"},
+    [TL_CONV] = {"conv", "short-convolution layers", "a conv layer"},
+    [TL_ATTN_V] = {"attn_v", "attention layers with their own values (not full layers under `global_k_eq_v`)",
+                   "a layer with its own values (not global_k_eq_v)"},
+};
+static const struct info TN_INFO[] = {
+    [TN_REQUIRED] = {"required", "required"},
+    [TN_UNLESS_TIED] = {"unless_tied", "absent when `tie_embeddings`"},
+    [TN_OPTIONAL] = {"optional", "optional"},
+    [TN_IF_ROUTED] = {"if_routed", "one per stored expert (`expert_map`); required when a routed expert maps to it"},
+};
+static const char *const TT_SCOPES[] = {[TT_GLOBAL] = "global", [TT_LAYER] = "layer", [TT_EXPERT] = "expert"};
+
 const char *tt_condition_name(int e) {
     const tt_entry *t = &tt_table[e];
-    static const char *const kinds[] = {[TL_ALL] = "", [TL_MOE] = "a MoE layer", [TL_DENSE] = "a dense layer",
-                                        [TL_ATTN] = "an attention layer", [TL_LINEAR] = "a linear-attention layer",
-                                        [TL_CONV] = "a conv layer",
-                                        [TL_ATTN_V] = "a layer with its own values (not global_k_eq_v)"};
-    return t->option_name ? t->option_name : kinds[t->layers];
+    return t->option_name ? t->option_name : TL_INFO[t->layers].what;
+}
+
+static void put_infos(json_out *o, const char *key, const struct info *info, size_t n) {
+    json_put(o, "\"%s\": [", key);
+    for (size_t i = 0; i < n; i++) {
+        json_put(o, "%s{\"name\": ", i ? ",\n  " : "");
+        json_put_string(o, info[i].name);
+        json_put(o, ", \"doc\": ");
+        json_put_string(o, info[i].doc);
+        json_put(o, "}");
+    }
+    json_put(o, "]");
+}
+
+/* One row; its pattern with {layer} and {expert} for the %d (Python's str.format fields). */
+static void put_entry(json_out *o, const tt_entry *t) {
+    json_put(o, "{\"role\": ");
+    json_put_string(o, t->role);
+    json_put(o, ", \"pattern\": \"");
+    int k = 0;
+    for (const char *p = t->pattern; *p; p++) {
+        if (p[0] == '%' && p[1] == 'd') json_put(o, "%s", k++ ? "{expert}" : "{layer}"), p++;
+        else json_put(o, "%c", *p); /* the patterns are plain ASCII names */
+    }
+    json_put(o, "\", \"scope\": \"%s\", \"rows\": ", TT_SCOPES[t->scope]);
+    json_put_string(o, t->rows == TD_ONE ? NULL : TD_INFO[t->rows].name);
+    json_put(o, ", \"cols\": \"%s\", \"layers\": \"%s\", \"option\": ", TD_INFO[t->cols].name, TL_INFO[t->layers].name);
+    json_put_string(o, t->option_name);
+    json_put(o, ", \"negated\": %s, \"need\": \"%s\", \"doc\": ", t->unless ? "true" : "false", TN_INFO[t->need].name);
+    json_put_string(o, t->doc);
+    json_put(o, "}");
+}
+
+size_t emoe_tensor_table_json(char *buf, size_t len) {
+    json_out o = {buf, buf ? len : 0, 0};
+    if (o.cap) buf[0] = '\0';
+    json_put(&o, "{");
+    put_infos(&o, "dims", TD_INFO, sizeof TD_INFO / sizeof TD_INFO[0]);
+    json_put(&o, ",\n ");
+    put_infos(&o, "layer_kinds", TL_INFO, sizeof TL_INFO / sizeof TL_INFO[0]);
+    json_put(&o, ",\n ");
+    put_infos(&o, "needs", TN_INFO, sizeof TN_INFO / sizeof TN_INFO[0]);
+    json_put(&o, ",\n \"tensors\": [");
+    for (int e = 0; e < tt_count; e++) {
+        json_put(&o, "%s", e ? ",\n  " : "");
+        put_entry(&o, &tt_table[e]);
+    }
+    json_put(&o, "]}");
+    return o.n;
 }
 
 /* Match one decimal number without sign or leading zeros; the number of characters read, 0 if none. */

@@ -1,8 +1,9 @@
 /* The tensor table: every tensor a model reads, stated once (role, container name pattern, shape in terms of
- * config fields, the layers that have it and the arch option it needs). Name resolution and expected shapes
- * (model.c), the resident and the streaming loaders (load.c, stream_load.c) and the checks all walk this table;
- * edgemoe/arch.py states the same table for Python and tests/test_tensor_table.py keeps the two identical
- * (emoe_model_tensor). */
+ * config fields, the layers that have it and the arch option it needs, a doc). Name resolution and expected shapes
+ * (model.c), the resident and the streaming loaders (load.c, stream_load.c) and the checks all walk this table; the
+ * core exports it (emoe_tensor_table_json): edgemoe/arch.py's TENSOR_TABLE and docs/FORMAT.md's tensor names are made
+ * from that. A new tensor is one row here (a new shape term or layer kind: a TD_ / TL_ value with its name and doc in
+ * tensor_table.c, and its value in Python's arch._dim / arch._present, which tests/test_tensor_table.py checks). */
 #ifndef EDGEMOE_TENSOR_TABLE_H
 #define EDGEMOE_TENSOR_TABLE_H
 #include <stddef.h>
@@ -13,7 +14,7 @@
 typedef struct emoe_model emoe_model;
 
 enum { TT_GLOBAL = 0, TT_LAYER = 1, TT_EXPERT = 2 }; /* the name pattern has 0, 1 (layer) or 2 (layer, expert) %d */
-/* Shape terms. */
+/* Shape terms (names and docs: tensor_table.c TD_INFO). */
 enum { TD_ONE, TD_HIDDEN, TD_VOCAB, TD_Q, TD_KV, TD_QNORM, TD_KNORM, TD_EXPERTS, TD_EXPERT_FFN, TD_SHARED_FFN,
        TD_DENSE_FFN, TD_HEADS, TD_LA_CONV_DIM, TD_LA_CONV_TAPS, TD_LA_V, TD_LA_HEADS, TD_LA_VDIM, TD_CONV_IN,
        TD_CONV_KERNEL, TD_O, TD_Q_LORA, TD_KV_LORA, TD_KV_A, TD_KV_B };
@@ -36,11 +37,12 @@ typedef struct {
     int rows, cols;      /* TD_*; 1-D tensors have rows = TD_ONE */
     int layers;          /* TL_*: the layers that have it (global tensors: TL_ALL) */
     int32_t option;      /* offsetof an int32 emoe_config field that must be non-zero (an arch option), or -1 */
-    const char *option_name; /* its arch key (messages), or NULL */
+    const char *option_name; /* its arch key, or NULL */
     int unless;          /* 1: the option must be zero instead (UNLESS: plain q/k/v projections without MLA) */
     int need;            /* TN_* */
     size_t slot;         /* offsetof the tensor_ref in emoe_model (TT_GLOBAL) or layer_weights (TT_LAYER); for
                           * TT_EXPERT the matrix index 0..2 (gate, up, down) in layer_weights.experts */
+    const char *doc;     /* what it is, beyond its shape and condition (Markdown; "" if nothing): FORMAT.md's notes */
 } tt_entry;
 
 extern const tt_entry tt_table[];
@@ -69,7 +71,8 @@ void tt_instance(const emoe_model *m, int e, int layer, int expert, tt_item *ite
 /* Call fn for every tensor the model reads, in table order: globals, then per layer its tensors followed by its stored
  * experts' matrices (expert-major). Stops at the first nonzero return of fn and returns it; else 0. */
 int tt_walk(const emoe_model *m, int (*fn)(void *ctx, const tt_item *it), void *ctx);
-/* Why entry e is absent from a config (for messages): "qkv_bias", "a MoE layer", ... */
+/* Why entry e is absent from a config (for messages): its option ("qkv_bias"; with unless: that it must be 0) or its
+ * layer kind ("a MoE layer"). */
 const char *tt_condition_name(int e);
 
 #endif
