@@ -1,6 +1,7 @@
-"""docs/FORMAT.md's table of arch keys, generated from the C core's table (native/src/arch_fields.h, exported by
-emoe_arch_schema_json): `python -m edgemoe.arch_doc` rewrites it between its marker comments, `--check` only says
-whether it is up to date (tests/test_arch_schema.py runs that check)."""
+"""docs/FORMAT.md's generated tables: the arch keys (the C core's native/src/arch_fields.h, exported by
+emoe_arch_schema_json) and the tensor names (native/src/tensor_table.c, exported by emoe_tensor_table_json).
+`python -m edgemoe.arch_doc` rewrites each between its marker comments, `--check` only says whether they are up to
+date (tests/test_arch_schema.py and tests/test_tensor_table.py run that check)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arch import schema
+from .arch import schema, tensor_schema
 
 BEGIN = "<!-- arch keys: generated from native/src/arch_fields.h by `python -m edgemoe.arch_doc`; edit there -->"
 END = "<!-- end of the generated arch keys -->"
+TENSORS_BEGIN = ("<!-- tensor names: generated from native/src/tensor_table.c by `python -m edgemoe.arch_doc`; edit "
+                 "there -->")
+TENSORS_END = "<!-- end of the generated tensor names -->"
 FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 INT32_MAX = 2**31 - 1
 
@@ -56,28 +60,62 @@ def _rule(e: dict) -> str:
     return "; ".join(part for part in (rng, e["doc"]) if part)
 
 
+def _row(cells) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 def render_table() -> str:
     """The Markdown table of every arch key, in the core's order, between the markers."""
     rows = [BEGIN, "| key | type | required / default | rule |", "|---|---|---|---|"]
     for e in schema():
-        cells = (f"`{e['name']}`", _type(e), _default(e), _rule(e))
-        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        rows.append(_row((f"`{e['name']}`", _type(e), _default(e), _rule(e))))
     return "\n".join([*rows, END])
 
 
+def _tensor_present(t: dict, docs: dict) -> str:
+    """Where a tensor is: its layers, its option, and whether it may be absent."""
+    parts = ["every model" if t["need"] == "required" else ""] if t["scope"] == "global" else \
+        [docs["layer_kinds"][t["layers"]]]
+    if t["option"]:
+        parts.append(f"{'unless' if t['negated'] else 'when'} `{t['option']}`")
+    if t["need"] != "required":
+        parts.append(docs["needs"][t["need"]])
+    return "; ".join(p for p in parts if p)
+
+
+def render_tensor_table() -> str:
+    """The Markdown table of every tensor a model reads (the core's tensor table, in its order) and of the shape
+    terms, between the markers."""
+    ts = tensor_schema()
+    docs = {key: {d["name"]: d["doc"] for d in ts[key]} for key in ("dims", "layer_kinds", "needs")}
+    rows = [TENSORS_BEGIN, "| name | shape | present in | notes |", "|---|---|---|---|"]
+    for t in ts["tensors"]:
+        name = t["pattern"].replace("{layer}", "{L}").replace("{expert}", "{E}")
+        dims = [docs["dims"]["one"] if d == "one" else d for d in (t["rows"], t["cols"]) if d is not None]
+        rows.append(_row((f"`{name}`", f"[{', '.join(dims)}]", _tensor_present(t, docs), t["doc"])))
+    rows += ["", "| shape term | size |", "|---|---|"]
+    rows += [_row((d["name"], d["doc"])) for d in ts["dims"] if d["name"] != "one"]
+    return "\n".join([*rows, TENSORS_END])
+
+
+def _replace(text: str, begin: str, end: str, table: str, what: str, path) -> str:
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"{path}: the {what}'s markers are missing (expected the lines {begin!r} and {end!r})")
+    return text[:start] + table + text[stop + len(end):]
+
+
 def updated(text: str, path: Path | str = FORMAT_MD) -> str:
-    """`text` (FORMAT.md) with the generated table in place of the one between the markers."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{path}: the arch table's markers are missing (expected the lines {BEGIN!r} and {END!r})")
-    return text[:start] + render_table() + text[end + len(END):]
+    """`text` (FORMAT.md) with the generated tables in place of the ones between the markers."""
+    text = _replace(text, BEGIN, END, render_table(), "arch table", path)
+    return _replace(text, TENSORS_BEGIN, TENSORS_END, render_tensor_table(), "tensor table", path)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgemoe.arch_doc", description=__doc__)
     ap.add_argument("path", nargs="?", type=Path, default=FORMAT_MD, help="the FORMAT.md to update (default: the "
                     "checkout's docs/FORMAT.md)")
-    ap.add_argument("--check", action="store_true", help="only check: exit 1 if the table is out of date")
+    ap.add_argument("--check", action="store_true", help="only check: exit 1 if a table is out of date")
     args = ap.parse_args(argv)
     try:
         text = args.path.read_text()
@@ -86,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arch_doc: error: {e}", file=sys.stderr)
         return 1
     if new == text:
-        print(f"{args.path}: the arch table is up to date")
+        print(f"{args.path}: the generated tables are up to date")
         return 0
     if args.check:
-        print(f"{args.path}: the arch table is out of date: run python -m edgemoe.arch_doc", file=sys.stderr)
+        print(f"{args.path}: the generated tables are out of date: run python -m edgemoe.arch_doc", file=sys.stderr)
         return 1
     args.path.write_text(new)
-    print(f"{args.path}: arch table updated")
+    print(f"{args.path}: generated tables updated")
     return 0
 
 
