@@ -54,9 +54,9 @@ typedef struct {
     tensor_ref sh_gate, sh_up, sh_down;          /* [S, H], [S, H], [H, S] shared expert (optional) */
     tensor_ref sh_gate_inp;                      /* [H] shared expert's gate vector (optional) */
     tensor_ref mlp_gate, mlp_up, mlp_down;       /* [D, H], [D, H], [H, D] (dense layers, dense_ffn = D) */
-    tensor_ref bo;                               /* [H] attention output bias (o_bias) */
-    tensor_ref sinks;                            /* [nh] attention sink logits (attn_sinks) */
-    tensor_ref router_b;                         /* [E] router bias (router_bias) */
+    tensor_ref bo;                               /* [H] attention output bias (gpt-oss) */
+    tensor_ref sinks;                            /* [nh] attention sink logits (gpt-oss) */
+    tensor_ref router_b;                         /* [E] router bias (gpt-oss) */
     tensor_ref gate_b, up_b, down_b;             /* [E, F], [E, F], [E, H] expert biases, row = stored expert */
     int is_linear, lin_idx;                      /* Gated DeltaNet layer (its index among them) */
     tensor_ref attn_gate;                        /* [nh*hd, H] attention output gate (attn_gate) */
@@ -183,10 +183,10 @@ void fwd_gated_ffn(emoe_model *m, const tensor_ref *gate, const tensor_ref *up, 
                    int n_tok, float *y, int k);
 /* s->tmp += the shared expert of layer l on s->xn (no-op without one) */
 void fwd_shared_expert(emoe_model *m, int l, int n_tok);
-/* fwd_gated_ffn for stored expert e of layer l: adds its biases (expert_bias) */
+/* fwd_gated_ffn for stored expert e of layer l: adds its biases (gpt-oss) */
 void fwd_expert_ffn(emoe_model *m, int l, int e, const tensor_ref *gate, const tensor_ref *up, const tensor_ref *down,
                     const float *x, int n_tok, float *y, int k);
-/* s->logits_r (n_tok, E) = layer l's router on x, plus its bias (router_bias) */
+/* s->logits_r (n_tok, E) = layer l's router on x, plus its bias (gpt-oss) */
 void fwd_router_logits(emoe_model *m, int l, const float *x, int n_tok);
 
 #endif
