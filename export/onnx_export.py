@@ -59,6 +59,7 @@ What onnxruntime 1.31.1's CPU EP does with these graphs (measured; tests/test_on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -207,6 +208,74 @@ def quantize_qmoe(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.
 # the model
 
 
+# The arch options this writer builds: key -> the values it supports (None: any value). Every other option must
+# keep its default (ArchSpec's schema, native/src/arch_fields.h): one a model sets is refused by name, so a new
+# option is refused until this writer learns it and is listed here. The required keys (sizes) are always built.
+SUPPORTED_OPTIONS: dict[str, tuple | None] = {
+    "norm_eps": None, "rope_kind": None, "rope_theta": None, "rope_dim": None, "qkv_bias": None, "qk_norm": None,
+    "router_fn": None, "norm_topk": None, "router_input": ("ffn_norm", "layer_input"),
+    "activation": ("swiglu", "reglu"), "shared_ffn": None, "shared_gate": None, "dense_ffn": None,
+    "dense_layers": None, "nope_layers": None, "sliding_window": None, "swa_layers": None, "tie_embeddings": None,
+    "embed_scale": None, "attn_scale": None, "residual_scale": None, "logit_divisor": None,
+    "max_position": None, "bos_token_id": None, "eos_token_id": None,
+}
+# Why some refused options cannot be built yet (the onnxruntime operator limits): option -> text, or for an enum
+# option, its value -> text. Only the explanation: the refusal itself needs no entry.
+_WHY: dict[str, str | dict[str, str]] = {
+    "activation": {
+        "swiglu_clamp": "gpt-oss's clamped SwiGLU experts are not com.microsoft.MoE's activation, and its attention "
+                        "sinks need a softmax over an extra logit (not in com.microsoft.GroupQueryAttention of the "
+                        "pinned onnxruntime)",
+        "geglu_tanh": "the experts are GELU-tanh gated (Gemma-4), and com.microsoft.MoE's 'geglu' activation is "
+                      "CUDA-only in the pinned onnxruntime (its CPU kernel has relu, gelu, silu, swiglu); this writer "
+                      "does not build Gemma-4's layer with standard ops either (per-layer head sizes, values = keys, "
+                      "the dense MLP beside the experts)",
+    },
+    "conv_layers": "short-convolution layers need their rolling state (the last conv_kernel - 1 inputs) as a past/"
+                   "present input and output beside the KV cache, and no onnxruntime operator keeps it "
+                   "(com.microsoft.GroupQueryAttention covers attention only)",
+    "kv_lora_rank": "Multi-head Latent Attention caches one latent per token, but this graph's cache inputs are "
+                    "past_key_values.{i}.key / .value [batch, n_kv_heads, past, head_dim] of equal widths",
+    "linear_attn_layers": "Gated DeltaNet layers carry a causal conv and a recurrent state between calls: they would "
+                          "need com.microsoft.CausalConvWithState and com.microsoft.GatedDeltaNet (in onnxruntime >= "
+                          "1.32) with their states as graph inputs/outputs",
+    "expert_map": "a source with an unexpanded expert_map is read through the container (pass the container path)",
+}
+
+
+def unsupported_options(spec: ArchSpec) -> list[str]:
+    """The options of `spec` this writer does not build, in the schema's order: set away from their default and not
+    in SUPPORTED_OPTIONS, or set to a value it does not list."""
+    out = []
+    for f in dataclasses.fields(spec):
+        if f.metadata["schema"]["required"]:
+            continue
+        value = getattr(spec, f.name)
+        allowed = SUPPORTED_OPTIONS.get(f.name, ())
+        if allowed is None:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if value not in allowed and value != default:
+            out.append(f.name)
+    return out
+
+
+def check_supported(spec: ArchSpec) -> None:
+    """Refuse, in one message naming them, the options this writer does not build (see SUPPORTED_OPTIONS)."""
+    refused = unsupported_options(spec)
+    if not refused:
+        return
+    why = []
+    for name in refused:
+        text = _WHY.get(name)
+        text = text.get(getattr(spec, name)) if isinstance(text, dict) else text
+        if text:
+            why.append(text)
+    settings = ", ".join(f"{name}={getattr(spec, name)!r}" for name in refused)
+    raise EdgeMoEError(f"ONNX export: {spec.family} sets {settings}, which this ONNX writer does not build"
+                       + (": " + "; ".join(why) if why else "") + ". Export to the edgemoe container or GGUF instead")
+
+
 class _Builder:
     def __init__(self, ckpt, weights: str, moe_op: str, group_size: int, pruned: dict[int, list[int]]):
         self.ck = ckpt
@@ -216,19 +285,6 @@ class _Builder:
         self.pruned = pruned
         self.g = _Graph()
         s = self.spec
-        gpt_oss = [k for k in ("attn_sinks", "o_bias", "router_bias", "expert_bias") if getattr(s, k)]
-        if gpt_oss or s.activation == "swiglu_clamp" or s.rope_scaling != "none":
-            raise EdgeMoEError(f"ONNX export: {s.family} needs {', '.join(gpt_oss) or s.activation} (and "
-                               f"rope_scaling={s.rope_scaling!r}), which this ONNX writer does not build yet: attention "
-                               "sinks need a softmax over an extra logit (not in com.microsoft.GroupQueryAttention "
-                               "of the pinned onnxruntime) and the clamped SwiGLU experts are not com.microsoft.MoE's "
-                               "activation; export to the edgemoe container instead")
-        if s.dense_beside_moe or s.activation == "geglu_tanh":  # Gemma-4
-            raise EdgeMoEError(f"ONNX export: {s.family}'s experts are GELU-tanh gated, and com.microsoft.MoE's "
-                               "'geglu' activation is CUDA-only in the pinned onnxruntime (its CPU kernel has relu, "
-                               "gelu, silu, swiglu); this ONNX writer does not build Gemma-4's layer with standard ops "
-                               "either (per-layer head sizes, values = keys, the dense MLP beside the experts): export "
-                               "to the edgemoe container or GGUF instead")
         self.ort_moe = moe_op != "standard" and (s.router_fn == "softmax" or s.norm_topk)
         if moe_op == "ort" and not self.ort_moe:
             raise EdgeMoEError("ONNX export: com.microsoft.MoE softmaxes the router input; sigmoid routing without "
@@ -577,29 +633,7 @@ def export_onnx(src, out_dir, weights: str = "fp32", opset: int = 21, *, moe_op:
     ckpt, owned = _open_any(src)
     try:
         pruned = dict(getattr(ckpt, "pruned", {}) or {})
-        if ckpt.spec.expert_map:
-            raise EdgeMoEError("ONNX export: the source has an unexpanded expert_map (pass the container path)")
-        s = ckpt.spec
-        if s.conv_layers:
-            raise EdgeMoEError(f"ONNX export: {s.family}'s short-convolution layers (conv_layers) are not written to "
-                               "ONNX yet: each needs its rolling state (the last conv_kernel - 1 inputs) as a past/"
-                               "present input and output beside the KV cache, which this writer does not build (no "
-                               "onnxruntime operator keeps it: com.microsoft.GroupQueryAttention covers attention "
-                               "only); use the container or GGUF")
-        if s.kv_lora_rank:  # the graph's cache interface is past_key_values.{i}.key / .value per KV head
-            raise EdgeMoEError(f"ONNX export: {s.family}'s Multi-head Latent Attention (kv_lora_rank = "
-                               f"{s.kv_lora_rank}) is not written to ONNX yet: this graph's cache inputs are "
-                               "past_key_values.{i}.key / .value [batch, n_kv_heads, past, head_dim] of equal widths, "
-                               "MLA caches one latent per token; use the container or GGUF")
-        if s.score_bias or s.n_group > 1 or s.routed_scaling != 1.0:
-            raise EdgeMoEError(f"ONNX export: {s.family}'s DeepSeek-V3-style routing (selection bias, group-limited "
-                               f"top-k, routed scaling) is not written to ONNX yet; use the container or GGUF")
-        if s.linear_attn_layers or s.attn_gate:
-            raise EdgeMoEError(f"ONNX export: {s.family}'s Gated DeltaNet layers (a causal conv and a recurrent state "
-                               "carried between calls) and gated attention are not built by this ONNX writer yet: it "
-                               "would need com.microsoft.CausalConvWithState and com.microsoft.GatedDeltaNet (in "
-                               "onnxruntime >= 1.32) with their states as graph inputs/outputs; export to the edgemoe "
-                               "container or to GGUF instead")
+        check_supported(ckpt.spec)
         b = _Builder(ckpt, weights, moe_op, group_size, pruned)
         model = b.build(show_progress)
         tokenizer_json = ckpt.tokenizer_json

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,55 @@ def test_bad_arguments(tiny_dir, tmp_path):
     with pytest.raises(EdgeMoEError, match="does not exist"):
         export_onnx(src, tmp_path / "missing" / "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _non_default(f):
+    """A value of arch field f (its schema entry) other than its default, within its range."""
+    e = f.metadata["schema"]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kind = e["kind"]
+    if kind == "enum":
+        return next(n for n in reversed(e["names"]) if n != default)
+    if kind in ("list", "map"):
+        return [0] if kind == "list" else [[0, 0]]
+    if kind == "id":
+        return 7
+    return not default if kind == "bool" else (default or 1) * 2 if kind == "float" else default + 1
+
+
+def test_every_option_the_writer_does_not_build_is_refused_by_name():
+    """The refusal comes from the arch schema: each non-required field the writer does not list (or a value it does
+    not list), set away from its default, is named; a field added to the schema later is refused the same way."""
+    import copy
+
+    from edgemoe_export.onnx_export import SUPPORTED_OPTIONS, check_supported, unsupported_options
+
+    base = edgemoe.ArchSpec(family="t", n_layers=2, hidden=64, vocab=100, n_heads=4, n_kv_heads=2, head_dim=16,
+                            n_experts=4, top_k=2, expert_ffn=32)
+    assert unsupported_options(base) == []
+    supported = copy.copy(base)
+    refused = []
+    for f in dataclasses.fields(base):
+        if f.metadata["schema"]["required"]:
+            continue
+        allowed = SUPPORTED_OPTIONS.get(f.name, ())
+        if allowed is None:  # any value: setting it is fine
+            setattr(supported, f.name, _non_default(f))
+            continue
+        others = [n for n in f.metadata["schema"].get("names", ()) if n not in allowed and n != f.default]
+        for value in [_non_default(f), *others]:
+            spec = copy.copy(base)  # no __post_init__: any single field, even one needing others
+            setattr(spec, f.name, value)
+            with pytest.raises(EdgeMoEError, match=rf"ONNX export: t sets {f.name}={re.escape(repr(value))}, "
+                                                    r".*does not build.*Export to the edgemoe container or GGUF"):
+                check_supported(spec)
+            refused.append(f.name)
+    assert unsupported_options(supported) == [] and {"attn_sinks", "v_norm", "kv_lora_rank"} <= set(refused)
+    future = dataclasses.make_dataclass("FutureSpec", [("future_option", bool, dataclasses.field(
+        default=False, metadata={"schema": {"required": False, "kind": "bool"}}))], bases=(type(base),))
+    spec = future(**base.to_json(), future_option=True)
+    with pytest.raises(EdgeMoEError, match="sets future_option=True, which this ONNX writer does not build"):
+        check_supported(spec)
 
 
 def test_sigmoid_routing_without_renormalization_needs_standard_ops(st_dir, tmp_path):
