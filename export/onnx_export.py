@@ -231,15 +231,18 @@ _WHY: dict[str, str | dict[str, str]] = {
                       "does not build Gemma-4's layer with standard ops either (per-layer head sizes, values = keys, "
                       "the dense MLP beside the experts)",
     },
-    "conv_layers": "short-convolution layers need their rolling state (the last conv_kernel - 1 inputs) as a past/"
-                   "present input and output beside the KV cache, and no onnxruntime operator keeps it "
-                   "(com.microsoft.GroupQueryAttention covers attention only)",
     "kv_lora_rank": "Multi-head Latent Attention caches one latent per token, but this graph's cache inputs are "
                     "past_key_values.{i}.key / .value [batch, n_kv_heads, past, head_dim] of equal widths",
-    "linear_attn_layers": "Gated DeltaNet layers carry a causal conv and a recurrent state between calls: they would "
-                          "need com.microsoft.CausalConvWithState and com.microsoft.GatedDeltaNet (in onnxruntime >= "
-                          "1.32) with their states as graph inputs/outputs",
     "expert_map": "a source with an unexpanded expert_map is read through the container (pass the container path)",
+}
+# ... and why the layer kinds other than attention (ArchSpec.layer_kind) cannot be built yet.
+_WHY_LAYER_KIND = {
+    "conv": "short-convolution layers need their rolling state (the last conv_kernel - 1 inputs) as a past/present "
+            "input and output beside the KV cache, and no onnxruntime operator keeps it "
+            "(com.microsoft.GroupQueryAttention covers attention only)",
+    "linear": "Gated DeltaNet layers carry a causal conv and a recurrent state between calls: they would need "
+              "com.microsoft.CausalConvWithState and com.microsoft.GatedDeltaNet (in onnxruntime >= 1.32) with their "
+              "states as graph inputs/outputs",
 }
 
 
@@ -265,7 +268,8 @@ def check_supported(spec: ArchSpec) -> None:
     refused = unsupported_options(spec)
     if not refused:
         return
-    why = []
+    kinds = dict.fromkeys(spec.layer_kind(layer) for layer in range(spec.n_layers))
+    why = [_WHY_LAYER_KIND[k] for k in kinds if k in _WHY_LAYER_KIND]
     for name in refused:
         text = _WHY.get(name)
         text = text.get(getattr(spec, name)) if isinstance(text, dict) else text

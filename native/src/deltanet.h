@@ -1,4 +1,4 @@
-/* Gated DeltaNet linear attention (Qwen3.5 / Qwen3-Next): the layer kind of ArchSpec.linear_attn_layers.
+/* Gated DeltaNet linear attention (Qwen3.5 / Qwen3-Next): layer kind EMOE_LAYER_LINEAR.
  *
  * Per token of one sequence, for a layer with K k-heads of size dk and V v-heads of size dv (V a multiple of K):
  *   [q k v] = silu(causal_conv(W_qkv x))        depthwise over the last `linear_conv` inputs of each channel

@@ -1,4 +1,4 @@
-/* LFM2's short convolution layer (ArchSpec.conv_layers): the layer kind that replaces attention in conv layers, and
+/* LFM2's short convolution layer (EMOE_LAYER_CONV): the layer kind that replaces attention in conv layers, and
  * its rolling state. Per token (transformers' Lfm2MoeShortConv):
  *   (B, C, x) = in_proj(attn_norm(h)) split in thirds;  u = B * x;
  *   y = C * (sum_j w[:, K-1-j] * u[pos - j], j = 0..K-1, u[p < 0] = 0);   h += out_proj(y)
