@@ -169,17 +169,16 @@ void emoe_model_free(emoe_model *m);
 int emoe_model_status(const emoe_model *m);         /* the creation status (EMOE_OK if usable) */
 const char *emoe_model_last_error(const emoe_model *m); /* message of the last failed call ("" if none) */
 
-/* Register a tensor by its container name (edgemoe/arch.py tables). The pointer is borrowed: it must stay valid until
- * the model is freed. Matrices: rows x cols as in the table, dtype EMOE_F32/F16/Q8_0 (Q8_0 needs cols % 32 == 0).
- * 1-D tensors (norms, biases, ffn_gate_inp_shexp): rows = 1, cols = length, dtype EMOE_F32. */
+/* Register a tensor by its container name (the tensor table's: emoe_tensor_table_json). The pointer is borrowed: it
+ * must stay valid until the model is freed. Matrices: rows x cols as in the table, dtype EMOE_F32/F16/Q8_0 (Q8_0
+ * needs cols % 32 == 0). 1-D tensors (norms, biases, ffn_gate_inp_shexp): rows = 1, cols = length, dtype EMOE_F32. */
 int emoe_model_set_tensor(emoe_model *m, const char *name, int dtype, const void *data, int64_t rows, int64_t cols);
 /* The shape the model expects for `name` (1-D tensors: rows = 1); EMOE_ERR_ARG if the name is not one of its
  * tensors. */
 int emoe_model_expected_shape(emoe_model *m, const char *name, int64_t *rows, int64_t *cols);
-/* The tensors this model reads, from the one tensor table (native/src/tensor_table.c; edgemoe/arch.py states the same
- * table for Python): globals, then per layer its tensors followed by its stored experts' matrices. Returns the count;
- * for 0 <= i < count also fills tensor i's name (at most n bytes, NUL-terminated), ndim (1 or 2), shape (1-D
- * tensors: rows = 1) and
+/* The tensors this model reads, from the one tensor table (native/src/tensor_table.c, emoe_tensor_table_json):
+ * globals, then per layer its tensors followed by its stored experts' matrices. Returns the count; for 0 <= i < count
+ * also fills tensor i's name (at most n bytes, NUL-terminated), ndim (1 or 2), shape (1-D tensors: rows = 1) and
  * whether a model must have it (0: lm_head with tie_embeddings, the optional fitted predictor
  * blk.L.ffn_gate_inp_pre.weight, a merged layer's stored expert no routed expert maps to). Any pointer may be NULL. */
 int emoe_model_tensor(emoe_model *m, int i, char *name, size_t n, int *ndim, int64_t *rows, int64_t *cols,

@@ -3,7 +3,7 @@
  * (model.c), the resident and the streaming loaders (load.c, stream_load.c) and the checks all walk this table; the
  * core exports it (emoe_tensor_table_json): edgemoe/arch.py's TENSOR_TABLE and docs/FORMAT.md's tensor names are made
  * from that. A new tensor is one row here (a new shape term or layer kind: a TD_ / TL_ value with its name and doc in
- * tensor_table.c, and its value in Python's arch._dim / arch._present, which tests/test_tensor_table.py checks). */
+ * tensor_table.c, and its value in Python's arch._dim / arch._layer_has, which tests/test_tensor_table.py checks). */
 #ifndef EDGEMOE_TENSOR_TABLE_H
 #define EDGEMOE_TENSOR_TABLE_H
 #include <stddef.h>
