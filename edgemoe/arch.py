@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import threading
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 
@@ -339,7 +340,15 @@ def _expert_patterns() -> dict[str, str]:
     return {row[0]: row[1] for row in tensor_table() if row[2] == "expert"}
 
 
-EXPERT_MATRICES = _TableView(lambda: tuple(_expert_patterns()))  # gate/up: [expert_ffn, hidden]; down
+class _LazySequence(_TableView, Sequence):
+    pass
+
+
+class _LazyMapping(_TableView, Mapping):
+    pass
+
+
+EXPERT_MATRICES = _LazySequence(lambda: tuple(_expert_patterns()))  # gate/up: [expert_ffn, hidden]; down
 
 
 def expert_tensor_name(layer: int, expert: int, matrix: str) -> str:
@@ -357,4 +366,4 @@ def _global_tensors() -> dict[str, str]:
     return {role: pattern for role, pattern, scope, *_ in tensor_table() if scope == "global"}
 
 
-GLOBAL_TENSORS = _TableView(_global_tensors)  # role -> name of the model-wide tensors (embed, final_norm, lm_head)
+GLOBAL_TENSORS = _LazyMapping(_global_tensors)  # role -> name of the model-wide tensors (embed, final_norm, lm_head)

@@ -9,15 +9,27 @@ import ctypes
 import dataclasses
 import json
 import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytest
 from tiny_models import FAMILIES
 
 import edgemoe
+import edgemoe.arch
 from edgemoe import _native as N
 from edgemoe import arch_doc
-from edgemoe.arch import ArchSpec, _dim, _layer_has, model_tensors, schema, tensor_schema, tensor_table
+from edgemoe.arch import (
+    EXPERT_MATRICES,
+    GLOBAL_TENSORS,
+    ArchSpec,
+    _dim,
+    _layer_has,
+    model_tensors,
+    schema,
+    tensor_schema,
+    tensor_table,
+)
 from edgemoe.container import ContainerWriter, open_container
 
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
@@ -83,6 +95,12 @@ def test_the_python_view_is_the_c_table():
         if t["option"]:  # C reads the option as an int32 that must be non-zero: an int, bool or enum field
             assert fields[t["option"]]["kind"] in ("int", "bool", "enum"), role
     assert len({row[0] for row in tensor_table()}) == len(tensor_table())  # roles are unique
+    # the views made from it on first use behave as the dict and tuple they were
+    assert isinstance(GLOBAL_TENSORS, Mapping) and isinstance(EXPERT_MATRICES, Sequence)
+    assert dict(GLOBAL_TENSORS) == {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+                                    "lm_head": "output.weight"} and GLOBAL_TENSORS["embed"] == "token_embd.weight"
+    assert tuple(EXPERT_MATRICES) == ("gate", "up", "down") == EXPERT_MATRICES and EXPERT_MATRICES.index("up") == 1
+    assert edgemoe.arch.TENSOR_TABLE == tensor_table()
     # every shape term and layer kind the C table names has its Python evaluation (a new one fails here first)
     for d in ts["dims"]:
         assert isinstance(_dim(spec, d["name"], 0), int) and d["doc"], d
