@@ -10,8 +10,11 @@
  * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (+ score_bias, within the
  * topk_group best groups when n_group > 1; ties: lower index), optional renormalization, times routed_scaling; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
  * when the layer has that gate vector). Optional tensors (biases, shared expert, its gate) are run when the layer has
- * them: the tensor table (tensor_table.c) states which a config has, and emoe_model_ready that they are all set. Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
- * weights can later be loaded just in time (expert_weights() is the single lookup point).
+ * them: the tensor table (tensor_table.c) states which a config has, and emoe_model_ready that they are all set. Each
+ * expert runs over the tokens routed to them (gather, run, scatter-add; expert_weights() is the single lookup point);
+ * when all routed rows fit the scratch (decode, small batches) the resident block runs every expert's gate/up in one
+ * pool dispatch and every down in one more (moe_batched), else one expert at a time. The streaming block
+ * (stream_forward.c) runs experts one at a time as they arrive; all three give the same bits.
  * All arithmetic is f32; only the KV cache (kv_f16) and the Q8_0 / MWQ activation quantization (unless q8_f32_act)
  * round further.
  */
