@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +49,21 @@ def tiny_emoe(tiny_dir, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bench_x86(tmp_path_factory) -> Path:
+    """The host build of edgemoe-bench: $EDGEMOE_BENCH, or built here with CMake (target edgemoe-bench only)."""
+    if os.environ.get("EDGEMOE_BENCH"):
+        return Path(os.environ["EDGEMOE_BENCH"])
+    if not shutil.which("cmake") or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("cmake or a C compiler is missing: cannot build edgemoe-bench")
+    build = tmp_path_factory.mktemp("bench_build")
+    for cmd in (["cmake", "-S", Path(__file__).resolve().parents[1] / "native", "-B", build,
+                 "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", build, "--target", "edgemoe-bench", "-j", "2"]):
+        r = subprocess.run([str(a) for a in cmd], capture_output=True, text=True, timeout=600, check=False)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return build / "edgemoe-bench"
 
 
 def hf_logits(model_dir: Path, ids, round_fp16: bool = False):

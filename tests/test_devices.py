@@ -42,21 +42,6 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def bench_x86(tmp_path_factory) -> Path:
-    """The host build of edgemoe-bench: $EDGEMOE_BENCH, or built here with CMake (target edgemoe-bench only)."""
-    if os.environ.get("EDGEMOE_BENCH"):
-        return Path(os.environ["EDGEMOE_BENCH"])
-    if not shutil.which("cmake") or not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("cmake or a C compiler is missing: cannot build edgemoe-bench")
-    build = tmp_path_factory.mktemp("bench_build")
-    for cmd in (["cmake", "-S", ROOT / "native", "-B", build, "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", build, "--target", "edgemoe-bench", "-j", "2"]):
-        r = _run(cmd)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return build / "edgemoe-bench"
-
-
-@pytest.fixture(scope="session")
 def bench_aarch64(tmp_path_factory) -> Path:
     missing = [t for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64") if not shutil.which(t)]
     if missing:

@@ -344,6 +344,32 @@ def test_precision_can_change_on_a_loaded_engine(mwq_export):
         edgemoe.load(path, precision=K + 1)
 
 
+def test_bench_precision_runs_resident_experts_at_k_planes(mwq_export, bench_x86, tmp_path):
+    """edgemoe-bench --precision k without a budget runs the mapped MWQ experts at k planes (the option used to be
+    ignored there): its greedy tokens are the C engine's at k, and a k above the stored planes is refused."""
+    import json
+    import subprocess
+
+    name, path, K = mwq_export
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, 200, 8)]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(map(str, ids)))
+    for k in (1, K):
+        r = subprocess.run([str(bench_x86), str(path), "--prompt-file", str(prompt), "-n", "6", "-r", "1",
+                            "--precision", str(k), "--print-tokens", "--json"], capture_output=True, text=True,
+                           timeout=300, check=False)
+        assert r.returncode == 0, r.stderr
+        with edgemoe.load(path, engine="c", precision=k, max_ctx=64) as m:
+            eng = m._engine
+            out = [int(np.argmax(eng.prefill(ids)))]
+            for _ in range(5):
+                out.append(int(np.argmax(eng.decode(out[-1]))))
+        assert json.loads(r.stdout)[0]["tokens"] == out, (name, k)
+    r = subprocess.run([str(bench_x86), str(path), "-p", "4", "-n", "2", "-r", "1", "--precision", str(K + 1)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0 and f"precision {K + 1}" in r.stderr and "stores only" in r.stderr, (name, r.stderr)
+
+
 def test_corrupt_plane_is_reported_when_the_c_engine_reads_it(mwq_export, tmp_path):
     _, path, K = mwq_export
     if K < 2:

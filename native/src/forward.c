@@ -10,8 +10,11 @@
  * router_input = layer_input), softmax or sigmoid over all experts, top-k by probability (+ score_bias, within the
  * topk_group best groups when n_group > 1; ties: lower index), optional renormalization, times routed_scaling; sum_k w_k expert_k(ffn_norm(h)) + shared expert (scaled by sigmoid(w_sh . ffn_norm(h))
  * when the layer has that gate vector). Optional tensors (biases, shared expert, its gate) are run when the layer has
- * them: the tensor table (tensor_table.c) states which a config has, and emoe_model_ready that they are all set. Experts run one at a time over the tokens routed to them (gather, run, scatter-add) so their
- * weights can later be loaded just in time (expert_weights() is the single lookup point).
+ * them: the tensor table (tensor_table.c) states which a config has, and emoe_model_ready that they are all set. Each
+ * expert runs over the tokens routed to them (gather, run, scatter-add; expert_weights() is the single lookup point);
+ * when all routed rows fit the scratch (decode, small batches) the resident block runs every expert's gate/up in one
+ * pool dispatch and every down in one more (moe_batched), else one expert at a time. The streaming block
+ * (stream_forward.c) runs experts one at a time as they arrive; all three give the same bits.
  * All arithmetic is f32; only the KV cache (kv_f16) and the Q8_0 / MWQ activation quantization (unless q8_f32_act)
  * round further.
  */
@@ -293,6 +296,27 @@ static void add_bias_row(float *y, const tensor_ref *b, int row, int n_tok, int 
         for (int i = 0; i < n; i++) y[(size_t)t * n + i] += bv[i];
 }
 
+/* hg[i] = act(hg[i]) * hu[i] for n values: SwiGLU, ReGLU, GeGLU (tanh) or gpt-oss's clamped SwiGLU. */
+static void gate_act(const emoe_config *c, float *hg, const float *hu, size_t n) {
+    if (c->activation == EMOE_ACT_SWIGLU)
+        for (size_t i = 0; i < n; i++) hg[i] = hg[i] / (1.0f + expf(-hg[i])) * hu[i];
+    else if (c->activation == EMOE_ACT_REGLU)
+        for (size_t i = 0; i < n; i++) hg[i] = (hg[i] > 0.0f ? hg[i] : 0.0f) * hu[i];
+    else if (c->activation == EMOE_ACT_GEGLU_TANH) /* gelu_pytorch_tanh(gate) * up */
+        for (size_t i = 0; i < n; i++) {
+            const float g = hg[i];
+            hg[i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * hu[i];
+        }
+    else { /* gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha g) */
+        const float lim = c->swiglu_limit, alpha = c->swiglu_alpha;
+        for (size_t i = 0; i < n; i++) {
+            const float g = hg[i] < lim ? hg[i] : lim;
+            const float u = hu[i] < -lim ? -lim : hu[i] > lim ? lim : hu[i];
+            hg[i] = (u + 1.0f) * (g / (1.0f + expf(-g * alpha)));
+        }
+    }
+}
+
 /* y (n_tok, H) = down(act(gate x + bg) * (up x + bu)) + bd, act = silu (SwiGLU), relu (ReGLU) or gpt-oss's clamped
  * SwiGLU; biases are row `brow` of the layer's expert bias tensors (bias NULL: none). x: (n_tok, H). MWQ matrices
  * run at k planes (0 = all stored). */
@@ -305,24 +329,7 @@ static void gated_ffn_b(emoe_model *m, const tensor_ref *gate, const tensor_ref 
     float *const hgu[2] = {s->hg, s->hu};
     model_matmuls(m, 2, gu, hgu, k, x, n_tok);
     if (bias) add_bias_row(s->hg, &bias->gate_b, brow, n_tok, F), add_bias_row(s->hu, &bias->up_b, brow, n_tok, F);
-    const size_t n = (size_t)n_tok * F;
-    if (c->activation == EMOE_ACT_SWIGLU)
-        for (size_t i = 0; i < n; i++) s->hg[i] = s->hg[i] / (1.0f + expf(-s->hg[i])) * s->hu[i];
-    else if (c->activation == EMOE_ACT_REGLU)
-        for (size_t i = 0; i < n; i++) s->hg[i] = (s->hg[i] > 0.0f ? s->hg[i] : 0.0f) * s->hu[i];
-    else if (c->activation == EMOE_ACT_GEGLU_TANH) /* gelu_pytorch_tanh(gate) * up */
-        for (size_t i = 0; i < n; i++) {
-            const float g = s->hg[i];
-            s->hg[i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * s->hu[i];
-        }
-    else { /* gpt-oss: g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha g) */
-        const float lim = c->swiglu_limit, alpha = c->swiglu_alpha;
-        for (size_t i = 0; i < n; i++) {
-            const float g = s->hg[i] < lim ? s->hg[i] : lim;
-            const float u = s->hu[i] < -lim ? -lim : s->hu[i] > lim ? lim : s->hu[i];
-            s->hg[i] = (u + 1.0f) * (g / (1.0f + expf(-g * alpha)));
-        }
-    }
+    gate_act(c, s->hg, s->hu, (size_t)n_tok * F);
     model_matmuls(m, 1, &down, &y, k, s->hg, n_tok);
     if (bias) add_bias_row(y, &bias->down_b, brow, n_tok, c->hidden);
 }
@@ -443,26 +450,99 @@ static void shared_expert(emoe_model *m, int l, int n_tok) {
     }
 }
 
+/* The tokens routed to stored expert e into etok / ew (its summed weight per token); returns their number. */
+static int expert_tokens(const emoe_model *m, int e, int n_tok, int *etok, float *ew) {
+    const int K = m->cfg.top_k;
+    int n_e = 0;
+    for (int t = 0; t < n_tok; t++) {
+        int hit = 0;
+        float w = 0.0f; /* merged: the weights of all selected members of the group, summed in slot order */
+        for (int j = 0; j < K; j++)
+            if (m->s.topk_idx[(size_t)t * K + j] == e) hit = 1, w += m->s.topk_w[(size_t)t * K + j];
+        if (hit) {
+            etok[n_e] = t;
+            ew[n_e++] = w;
+        }
+    }
+    return n_e;
+}
+
+/* All routed experts at once (their gathered rows fit the scratch: decode, small batches): one dispatch for every
+ * expert's gate and up, one for every down, instead of two per expert; each input quantized once (a decode token's
+ * for all gate/up matrices). Per (row, token) the same kernels compute the same values, and the weighted sums run
+ * in the same order (expert, then token) as the per-expert path, so the result is identical. Returns 0 (nothing
+ * done) if the rows do not fit. */
+static int moe_batched(emoe_model *m, int l, int n_tok) {
+    const emoe_config *c = &m->cfg;
+    const layer_weights *L = &m->layers[l];
+    run_state *s = &m->s;
+    const int H = c->hidden;
+    enum { MAXE = 32 };
+    int ex[MAXE], off[MAXE + 1], n_x = 0, rows = 0;
+    for (int e = 0; e < L->n_stored; e++) {
+        if (n_x == MAXE || rows + n_tok > EMOE_BLOCK) return 0; /* might not fit: the per-expert path */
+        const int n_e = expert_tokens(m, e, n_tok, s->etok + rows, s->ew + rows);
+        if (!n_e) continue;
+        ex[n_x] = e, off[n_x++] = rows;
+        rows += n_e;
+    }
+    off[n_x] = rows;
+    if (!n_x) return 1;
+    const int F = (int)expert_weights(m, l, ex[0]).gate->rows; /* every expert's (the tensor table's shapes) */
+    model_mm mm[2 * MAXE];
+    mm_input in[MAXE];
+    in[0] = (mm_input){.x = s->xn, .n_tok = 1}; /* one decode token: every expert reads it, quantized once */
+    for (int i = 0; i < n_x; i++) {
+        const expert_mats em = expert_weights(m, l, ex[i]);
+        const int n_e = off[i + 1] - off[i], xi = n_tok == 1 ? 0 : i;
+        if (n_tok > 1) { /* gather the expert's tokens */
+            float *xg = s->xg + (size_t)off[i] * H;
+            for (int r = 0; r < n_e; r++)
+                memcpy(xg + (size_t)r * H, s->xn + (size_t)s->etok[off[i] + r] * H, (size_t)H * sizeof(float));
+            in[i] = (mm_input){.x = xg, .n_tok = n_e};
+        }
+        mm[2 * i] = (model_mm){.w = em.gate, .y = s->hg + (size_t)off[i] * F, .ldy = (size_t)F, .xi = xi, .k = em.k};
+        mm[2 * i + 1] = (model_mm){.w = em.up, .y = s->hu + (size_t)off[i] * F, .ldy = (size_t)F, .xi = xi, .k = em.k};
+    }
+    model_matmuls_multi(m, 2 * n_x, mm, in, n_tok == 1 ? 1 : n_x);
+    for (int i = 0; L->gate_b.data && i < n_x; i++) {
+        const int n_e = off[i + 1] - off[i];
+        add_bias_row(s->hg + (size_t)off[i] * F, &L->gate_b, ex[i], n_e, F);
+        add_bias_row(s->hu + (size_t)off[i] * F, &L->up_b, ex[i], n_e, F);
+    }
+    gate_act(c, s->hg, s->hu, (size_t)rows * F);
+    for (int i = 0; i < n_x; i++) {
+        const expert_mats em = expert_weights(m, l, ex[i]);
+        in[i] = (mm_input){.x = s->hg + (size_t)off[i] * F, .n_tok = off[i + 1] - off[i]};
+        mm[i] = (model_mm){.w = em.down, .y = s->yg + (size_t)off[i] * H, .ldy = (size_t)H, .xi = i, .k = em.k};
+    }
+    model_matmuls_multi(m, n_x, mm, in, n_x);
+    for (int i = 0; i < n_x; i++) {
+        const int n_e = off[i + 1] - off[i];
+        if (L->down_b.data) add_bias_row(s->yg + (size_t)off[i] * H, &L->down_b, ex[i], n_e, H);
+        for (int r = off[i]; r < off[i + 1]; r++) {
+            float *dst = s->tmp + (size_t)s->etok[r] * H;
+            const float *src = s->yg + (size_t)r * H;
+            for (int d = 0; d < H; d++) dst[d] += s->ew[r] * src[d];
+        }
+    }
+    return 1;
+}
+
 static void moe(emoe_model *m, int l, int n_tok) {
     const emoe_config *c = &m->cfg;
     const layer_weights *L = &m->layers[l];
     run_state *s = &m->s;
-    const int H = c->hidden, K = c->top_k;
+    const int H = c->hidden;
     if (c->router_input == EMOE_ROUTER_IN_FFN_NORM) router_logits(m, l, s->xn, n_tok);
     route(m, l, n_tok);
     memset(s->tmp, 0, (size_t)n_tok * H * sizeof(float));
+    if (moe_batched(m, l, n_tok)) {
+        shared_expert(m, l, n_tok);
+        return;
+    }
     for (int e = 0; e < L->n_stored; e++) {
-        int n_e = 0;
-        for (int t = 0; t < n_tok; t++) {
-            int hit = 0;
-            float w = 0.0f; /* merged: the weights of all selected members of the group, summed in slot order */
-            for (int j = 0; j < K; j++)
-                if (s->topk_idx[(size_t)t * K + j] == e) hit = 1, w += s->topk_w[(size_t)t * K + j];
-            if (hit) {
-                s->etok[n_e] = t;
-                s->ew[n_e++] = w;
-            }
-        }
+        const int n_e = expert_tokens(m, e, n_tok, s->etok, s->ew);
         if (!n_e) continue;
         for (int i = 0; i < n_e; i++)
             memcpy(s->xg + (size_t)i * H, s->xn + (size_t)s->etok[i] * H, (size_t)H * sizeof(float));

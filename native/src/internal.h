@@ -123,12 +123,23 @@ typedef struct {
     int64_t rows;
     float *y;          /* [n_tok, ldy] */
     size_t ldy;        /* floats between token rows of y */
+    int xi;            /* mm_run_multi: the input it reads (index into `in`); mm_run: 0 */
 } mm_job;
+/* One input of a multi-input dispatch: n_tok rows of cols floats. */
+typedef struct {
+    const float *x;
+    int n_tok;
+} mm_input;
 /* Run several matmuls that share the same input X [n_tok, cols] f32 (e.g. q/k/v, or gate/up) in one dispatch.
  * Q8_0 jobs quantize X to qbuf (n_tok * cols/32 blocks) first, unless q8_f32_act (then X stays f32 and qbuf may be
  * NULL). */
 void mm_run(emoe_pool *pool, const emoe_kernels *k, const mm_job *jobs, int n_jobs, const float *x, int64_t cols,
             int n_tok, block_q8_act *qbuf, int q8_f32_act);
+/* The same for jobs reading different inputs (job j reads in[jobs[j].xi]; every input has cols columns), e.g. the
+ * down projections of all routed experts: each input is quantized once (qbuf holds the sum of the inputs' n_tok
+ * rows), then one dispatch runs every job. Each (row, token) result is the one mm_run gives. */
+void mm_run_multi(emoe_pool *pool, const emoe_kernels *k, const mm_job *jobs, int n_jobs, const mm_input *in,
+                  int n_in, int64_t cols, block_q8_act *qbuf, int q8_f32_act);
 
 /* ---- MWQ bit planes (mwq.c, kernels_mwq_*.c; byte layout: docs/FORMAT.md "MWQ bit planes") ----
  * An [rows, cols] matrix in groups of g along the input dimension (ng = cols / g per row), stored as planes
@@ -225,12 +236,18 @@ typedef struct {
     mwq_matrix w;
     float *y;   /* [n_tok, ldy] */
     size_t ldy;
+    int xi;     /* mwq_run_multi: the input it reads; mwq_run: 0 */
 } mwq_job;
 /* Run several MWQ matmuls that share the input X [n_tok, cols] f32 in one dispatch (kernels of isa).
  * Int8 path (f32_act = 0): X is quantized into qbuf (n_tok * ceil(cols/32) blocks) and, for the SIMD kernels, laid
  * out into xpbuf (n_tok * mwq_xp_bytes(b1, cols) bytes, 32-byte aligned; may be NULL when f32_act). */
 void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_jobs, const float *x, int64_t cols,
              int n_tok, block_q8_act *qbuf, uint8_t *xpbuf, int f32_act);
+/* Jobs reading different inputs (job j reads in[jobs[j].xi], n_tok rows of cols floats each), like mm_run_multi:
+ * qbuf and xpbuf hold the sum of the inputs' rows. One dispatch when every job takes the table-lookup kernels (the
+ * default for base 2), else one mwq_run per input. Each (row, token) result is the one mwq_run gives. */
+void mwq_run_multi(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_jobs, const mm_input *in,
+                   int n_in, int64_t cols, block_q8_act *qbuf, uint8_t *xpbuf, int f32_act);
 /* Bytes of xpbuf mwq_run needs for n_tok tokens of cols inputs, any b1 (+ 32 for alignment). */
 size_t mwq_xpbuf_bytes(int64_t cols, int n_tok);
 

@@ -20,8 +20,11 @@
 
 /* Decode walks R rows at once; when rows are short (<= 4 KiB) those are R short interleaved streams that the hardware
  * prefetcher catches too late (measured: 4 GB/s on 512x1024 Q8_0 matrices, 10-13 GB/s with this), so the decode tiles
- * prefetch the next tile (the R rows that follow, contiguous in memory) linearly while computing this one. */
+ * prefetch the next tile (the R rows that follow, contiguous in memory) linearly while computing this one. Into L2
+ * (T1), not L1: from DRAM that streamed 6-40 % more (BENCHMARKS.md, issue 16 dispatch section), the L1 fill buffers
+ * being the limit when every line is prefetched into L1. */
 #define PREFETCH_MAX_STRIDE 4096
+#define DECODE_PF_HINT _MM_HINT_T1
 
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
@@ -55,7 +58,7 @@ AVX2_INLINE void tile_float(int f16, int R, int TT, int64_t cols, const char *w,
         if (TT == 1 && w_stride <= PREFETCH_MAX_STRIDE && i % 16 == 0) { /* see PREFETCH_MAX_STRIDE */
             const uintptr_t next = (uintptr_t)w + (size_t)R * w_stride + (size_t)i * esz * R;
             for (int k = 0; k < R * 16 * (int)esz; k += 64)
-                _mm_prefetch((const char *)(next + (uintptr_t)k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(next + (uintptr_t)k), DECODE_PF_HINT);
         }
         __m256 wv[4];
 #pragma GCC unroll 4
@@ -109,7 +112,7 @@ AVX2_INLINE void tile_q8(int R, int TT, int64_t nb, const char *w, size_t w_stri
             if (w_stride <= PREFETCH_MAX_STRIDE) {
                 const uintptr_t next = (uintptr_t)w + (size_t)R * w_stride + (size_t)b * R * sizeof(block_q8_0);
                 for (int k = 0; k < R * (int)sizeof(block_q8_0); k += 64)
-                    _mm_prefetch((const char *)(next + (uintptr_t)k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(next + (uintptr_t)k), DECODE_PF_HINT);
             }
             const block_q8_act *xb = (const block_q8_act *)x + b;
             const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->qs);

@@ -26,6 +26,7 @@
 #define V512_FN __attribute__((target(V512_TARGET)))
 #define V512_INLINE static inline __attribute__((always_inline, target(V512_TARGET)))
 #define PREFETCH_MAX_STRIDE 4096 /* as in kernels_avx2.c: short rows are prefetched a tile ahead */
+#define DECODE_PF_HINT _MM_HINT_T1       /* as in kernels_avx2.c: into L2 */
 
 /* 8 vectors of 8 int32 -> one vector whose lane r is the sum of v[r]'s lanes (exact integer adds). */
 V512_INLINE __m256i hsum8x8(const __m256i v[8]) {
@@ -50,7 +51,7 @@ V512_INLINE void tile_q8(int R, int TT, int64_t nb, const char *w, size_t w_stri
         if (TT == 1 && w_stride <= PREFETCH_MAX_STRIDE) {
             const uintptr_t next = (uintptr_t)w + (size_t)R * w_stride + (size_t)b * R * sizeof(block_q8_0);
             for (int k = 0; k < R * (int)sizeof(block_q8_0); k += 64)
-                _mm_prefetch((const char *)(next + (uintptr_t)k), _MM_HINT_T0);
+                _mm_prefetch((const char *)(next + (uintptr_t)k), DECODE_PF_HINT);
         }
         /* the 8 rows' f16 scales: a gather of the dwords at the blocks' starts, low halves packed, widened */
         const __m256i dd = R == 8 ? _mm256_i32gather_epi32((const int *)wb, vidx, 1)

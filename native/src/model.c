@@ -393,29 +393,39 @@ expert_mats expert_weights(emoe_model *m, int layer, int expert) {
     return (expert_mats){&e[0], &e[1], &e[2], mwq ? m->precision : 0};
 }
 
+void model_matmuls_multi(emoe_model *m, int n, const model_mm *mm, const mm_input *in, int n_in) {
+    enum { MAXN = 32 }; /* all routed experts' gate and up at top-k 16 in one dispatch */
+    for (; n > MAXN; n -= MAXN, mm += MAXN) model_matmuls_multi(m, MAXN, mm, in, n_in);
+    if (n <= 0) return;
+    mm_job dj[MAXN];
+    mwq_job qj[MAXN];
+    int nd = 0, nq = 0;
+    const int64_t cols = mm[0].w->cols;
+    for (int j = 0; j < n; j++) {
+        const tensor_ref *t = mm[j].w;
+        if (t->dtype != TENSOR_MWQ) {
+            dj[nd++] = (mm_job){.wtype = t->dtype, .w = t->data, .rows = t->rows, .y = mm[j].y, .ldy = mm[j].ldy,
+                                .xi = mm[j].xi};
+            continue;
+        }
+        const mwq_layout *L = t->mwq;
+        const int k = mm[j].k, kk = k <= 0 || k > L->n_planes ? L->n_planes : k;
+        qj[nq] = (mwq_job){.y = mm[j].y, .ldy = mm[j].ldy, .xi = mm[j].xi};
+        /* validated by emoe_model_set_expert_mwq, cannot fail */
+        (void)mwq_matrix_init(&qj[nq++].w, t->data, L->plane_off, kk, L->base_bits, L->group, t->rows, t->cols);
+    }
+    if (nd) mm_run_multi(m->pool, m->k, dj, nd, in, n_in, cols, m->s.qbuf, m->q8_f32_act);
+    if (nq) mwq_run_multi(m->pool, m->k, qj, nq, in, n_in, cols, m->s.qbuf, m->s.mwq_xp, m->q8_f32_act);
+}
+
 void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *const *y, int k, const float *x,
                    int n_tok) {
     enum { MAXN = 8 };
     for (; n > MAXN; n -= MAXN, w += MAXN, y += MAXN) model_matmuls(m, MAXN, w, y, k, x, n_tok);
-    mm_job dj[MAXN];
-    mwq_job qj[MAXN];
-    int nd = 0, nq = 0;
-    const int64_t cols = w[0]->cols;
-    for (int j = 0; j < n; j++) {
-        const tensor_ref *t = w[j];
-        if (t->dtype != TENSOR_MWQ) {
-            dj[nd++] = (mm_job){.wtype = t->dtype, .w = t->data, .rows = t->rows, .y = y[j], .ldy = (size_t)t->rows};
-            continue;
-        }
-        const mwq_layout *L = t->mwq;
-        const int kk = k <= 0 || k > L->n_planes ? L->n_planes : k;
-        /* validated by emoe_model_set_expert_mwq, cannot fail */
-        (void)mwq_matrix_init(&qj[nq].w, t->data, L->plane_off, kk, L->base_bits, L->group, t->rows, t->cols);
-        qj[nq].y = y[j];
-        qj[nq++].ldy = (size_t)t->rows;
-    }
-    if (nd) mm_run(m->pool, m->k, dj, nd, x, cols, n_tok, m->s.qbuf, m->q8_f32_act);
-    if (nq) mwq_run(m->pool, m->k, qj, nq, x, cols, n_tok, m->s.qbuf, m->s.mwq_xp, m->q8_f32_act);
+    model_mm mm[MAXN];
+    for (int j = 0; j < n; j++) mm[j] = (model_mm){.w = w[j], .y = y[j], .ldy = (size_t)w[j]->rows, .k = k};
+    const mm_input in = {.x = x, .n_tok = n_tok};
+    model_matmuls_multi(m, n, mm, &in, 1);
 }
 
 /* ---- tensor names: the tensor table (tensor_table.c) ---- */

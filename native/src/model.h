@@ -168,6 +168,17 @@ int model_mwq_buffers(emoe_model *m);
  * dispatch, MWQ ones at k planes (k = 0: all stored) in one mwq_run dispatch. y[j] has ldy = w[j]->rows. */
 void model_matmuls(emoe_model *m, int n, const tensor_ref *const *w, float *const *y, int k, const float *x,
                    int n_tok);
+/* One matmul of model_matmuls_multi: y (ldy floats between tokens) = w in[xi], MWQ at k planes (0: all stored). */
+typedef struct {
+    const tensor_ref *w;
+    float *y;
+    size_t ldy;
+    int xi, k;
+} model_mm;
+/* n matmuls with the same cols reading n_in inputs (in[i]: n_tok rows; the inputs' rows sum to at most EMOE_BLOCK,
+ * the scratch's size): each input quantized once, the dense ones in one dispatch, the MWQ ones in one more
+ * (mm_run_multi, mwq_run_multi). Each result is the one model_matmuls gives. */
+void model_matmuls_multi(emoe_model *m, int n, const model_mm *mm, const mm_input *in, int n_in);
 /* Bytes of the per-sequence state of n_seq sequences: the KV cache of the attention layers (MLA: its latent cache),
  * the conv and the DeltaNet state. */
 int64_t model_state_bytes(const emoe_model *m, int n_seq);

@@ -9,7 +9,8 @@
 
 #define MIN_CHUNK_ROWS 16
 #define TASKS_PER_THREAD 8
-#define MAX_JOBS 8
+#define MAX_JOBS 32 /* as in matmul.c */
+#define MAX_INPUTS 32
 
 int64_t mwq_plane_bytes(int plane, int base_bits, int group, int64_t rows, int64_t cols) {
     if (plane < 1 || plane > MWQ_MAX_PLANES || (base_bits != 2 && base_bits != 4 && base_bits != 8)) return 0;
@@ -152,7 +153,7 @@ size_t mwq_xpbuf_bytes(int64_t cols, int n_tok) {
 typedef struct {
     const mwq_kernels *mk;
     const mwq_job *jobs;
-    const mwq_act *act;
+    const mwq_act *acts; /* job j reads acts[jobs[j].xi] */
     int f32_act;
     int64_t chunk;
     int task_start[MAX_JOBS + 1];
@@ -167,15 +168,15 @@ static void mwq_task(void *arg, int task, int thread) {
     const int64_t r0 = (int64_t)(task - c->task_start[j]) * c->chunk;
     const int64_t r1 = r0 + c->chunk < jb->w.rows ? r0 + c->chunk : jb->w.rows;
     const mwq_fn fn = c->f32_act ? c->mk->matmul_f32 : c->mk->matmul_q8;
-    fn(&jb->w, c->act, jb->y, jb->ldy, r0, r1);
+    fn(&jb->w, &c->acts[jb->xi], jb->y, jb->ldy, r0, r1);
 }
 
-/* Jobs [0, n) all have the same base_bits (the xp layout is ready for it). */
-static void dispatch(emoe_pool *pool, const mwq_kernels *mk, const mwq_job *jobs, int n, const mwq_act *act,
+/* Jobs [0, n) all have the same base_bits (the xp layout is ready for it); job j reads acts[jobs[j].xi]. */
+static void dispatch(emoe_pool *pool, const mwq_kernels *mk, const mwq_job *jobs, int n, const mwq_act *acts,
                      int f32_act) {
     while (n > 0) {
         const int nj = n < MAX_JOBS ? n : MAX_JOBS;
-        mwq_ctx c = {.mk = mk, .jobs = jobs, .act = act, .f32_act = f32_act};
+        mwq_ctx c = {.mk = mk, .jobs = jobs, .acts = acts, .f32_act = f32_act};
         int64_t total = 0;
         for (int j = 0; j < nj; j++) total += jobs[j].w.rows;
         const int nt = emoe_pool_threads(pool);
@@ -251,6 +252,60 @@ void mwq_run(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_
         dispatch(pool, act.xp || !need_xp ? mj : &mwq_kernels_scalar, jobs + j0, j1 - j0, &act, 0);
         j0 = j1;
     }
+}
+
+void mwq_run_multi(emoe_pool *pool, const emoe_kernels *k, const mwq_job *jobs, int n_jobs, const mm_input *in,
+                   int n_in, int64_t cols, block_q8_act *qbuf, uint8_t *xpbuf, int f32_act) {
+    if (n_jobs <= 0 || n_in <= 0) return;
+    const int no_lut = (f32_act & MWQ_RUN_NO_LUT) != 0;
+    f32_act &= ~MWQ_RUN_NO_LUT;
+    const mwq_kernels *mk = mwq_kernels_get(k->isa);
+    if (!mk) mk = &mwq_kernels_scalar;
+    mwq_act acts[MAX_INPUTS];
+    for (int i = 0; i < n_in && i < MAX_INPUTS; i++)
+        acts[i] = (mwq_act){.n_tok = in[i].n_tok, .x = in[i].x, .x_stride = (size_t)cols};
+    if (f32_act && n_in <= MAX_INPUTS) {
+        dispatch(pool, mk, jobs, n_jobs, acts, 1);
+        return;
+    }
+    uint8_t *xp = xpbuf ? (uint8_t *)(((uintptr_t)xpbuf + 63) & ~(uintptr_t)63) : NULL;
+    const mwq_kernels *lk = no_lut || !xp || f32_act ? NULL : mwq_lut_kernels_get(k->isa);
+    int all_lut = lk && n_in <= MAX_INPUTS;
+    for (int j = 0; j < n_jobs && all_lut; j++) all_lut = mwq_lut_ok(&jobs[j].w);
+    if (!all_lut) { /* the per-b1 activation layouts of the other kernels: one mwq_run per input */
+        const int flags = f32_act | (no_lut ? MWQ_RUN_NO_LUT : 0);
+        for (int i = 0; i < n_in; i++) {
+            mwq_job sub[MAX_JOBS];
+            int n = 0;
+            for (int j = 0; j < n_jobs; j++) {
+                if (jobs[j].xi == i) {
+                    sub[n] = jobs[j];
+                    sub[n++].xi = 0;
+                }
+                if (n && (n == MAX_JOBS || j == n_jobs - 1)) {
+                    mwq_run(pool, k, sub, n, in[i].x, cols, in[i].n_tok, qbuf, xpbuf, flags);
+                    n = 0;
+                }
+            }
+        }
+        return;
+    }
+    /* every input quantized and its tables built once, then one dispatch for all jobs */
+    const size_t nb = (size_t)((cols + QK - 1) / QK), ls = mwq_lut_bytes(cols);
+    size_t rows = 0;
+    for (int i = 0; i < n_in; i++) {
+        for (int t = 0; t < in[i].n_tok; t++) {
+            block_q8_act *q = qbuf + (rows + (size_t)t) * nb;
+            quantize_row(k, in[i].x + (size_t)t * (size_t)cols, cols, q);
+            mwq_lut_build(q, cols, xp + (rows + (size_t)t) * ls);
+        }
+        acts[i].xq = qbuf + rows * nb;
+        acts[i].xq_stride = nb;
+        acts[i].xp = xp + rows * ls;
+        acts[i].xp_stride = ls;
+        rows += (size_t)in[i].n_tok;
+    }
+    dispatch(pool, lk, jobs, n_jobs, acts, 0);
 }
 
 /* ---- public entry point ---- */

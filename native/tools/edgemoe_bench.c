@@ -667,6 +667,10 @@ int main(int argc, char **argv) {
         goto done;
     }
     const double load_s = now_s() - t_open;
+    if (!o.stream && o.so.precision && emoe_model_set_precision(m, o.so.precision)) { /* resident MWQ experts */
+        fprintf(stderr, "edgemoe-bench: --precision %d: %s\n", o.so.precision, emoe_model_last_error(m));
+        goto done;
+    }
     if (o.isa != EMOE_ISA_AUTO && emoe_model_set_isa(m, o.isa)) {
         fprintf(stderr, "edgemoe-bench: %s\n", emoe_model_last_error(m));
         goto done;
