@@ -257,6 +257,7 @@ def _regmean(ws: list, grams: list, prior: np.ndarray, ridge: float = 0.1) -> np
     have = [i for i, gm in enumerate(grams) if gm is not None]
     if not have:
         return prior
+    grams = [None if gm is None else np.asarray(gm, np.float64) for gm in grams]  # calibration stores float32
     nb, gs, _ = grams[have[0]].shape
     out = np.empty(prior.shape, np.float64)
     for b in range(nb):

@@ -64,10 +64,10 @@ def merge_stage(cal: LayerCalibration, spec: ArchSpec, n_groups: int, method: st
             continue
         out.tokens[g] += int(tokens[e])
         if e in cal.gram_in:
-            out.gram_in[g] = out.gram_in[g] + cal.gram_in[e] if g in out.gram_in else cal.gram_in[e].copy()
+            out.gram_in[g] = out.gram_in[g] + cal.gram_in[e] if g in out.gram_in else cal.gram_in[e].astype(np.float64)
         if e in cal.gram_mid:
             gm = cal.gram_mid[e] if perms[e] is None else permute_gram_blocks(cal.gram_mid[e], perms[e])
-            out.gram_mid[g] = out.gram_mid[g] + gm if g in out.gram_mid else gm.copy()
+            out.gram_mid[g] = out.gram_mid[g] + gm if g in out.gram_mid else gm.astype(np.float64)  # sums in f64
     return out
 
 

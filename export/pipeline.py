@@ -239,7 +239,9 @@ def expert_layers(ckpt, plan: Plan, seqs, rec: ExportRecorder, show_progress: bo
         if plan.predictor:
             with rec.clock.stage("predictor"):
                 el.predictor, el.predictor_report = fit_layer(cal, spec)
-        cal.experts, cal.gram_in, cal.gram_mid, cal.hidden_out = {}, {}, {}, None  # the stream keeps `cal` alive
+        # the stream (and this loop) keep `cal` alive while the next layer is calibrated: drop its big parts
+        cal.experts, cal.gram_in, cal.gram_mid, cal.hidden_out = {}, {}, {}, None
+        cal.pre_attn_input = cal.router_logits = None
         yield el
 
 
@@ -366,7 +368,8 @@ def write_container(ckpt, out: Path, layers: Iterable[ExpertLayer], metadata: di
                 report["predictor"].append(el.predictor_report)
             if show_progress:
                 print(f"  layer {el.layer}: {el.n_stored} experts encoded in {dt:.1f} s", file=sys.stderr)
-            el.experts.clear()
+            el.experts.clear()  # `el` stays referenced while the next layer is calibrated
+            el.gram_in, el.gram_mid = {}, {}
         missing = [i for i in range(spec.n_layers) if merged and spec.is_moe_layer(i) and not out_spec.expert_map[i]]
         if missing:  # raised inside the writer: the partial file is removed
             raise EdgeMoEError(f"{out}: no experts were written for layers {missing}")

@@ -151,11 +151,12 @@ def test_regmean_merge_is_the_blockwise_least_squares_fit():
     grams = [gram_blocks(rng.normal(size=(40, 16)) * rng.uniform(0.2, 3, 16), 8) for _ in range(2)] + [None]
     prior = sum(ws) / 3
     w = _regmean(ws, grams, prior, ridge=0.1)
+    g64 = [g.astype(np.float64) for g in grams[:2]]  # calibration stores float32 blocks; the solve is in float64
     for b in range(2):  # the gradient of sum_i ||(W - W_i) X_i^T||^2 + lam ||W - prior||^2 vanishes per block
         sl = slice(8 * b, 8 * b + 8)
-        G = grams[0][b] + grams[1][b]
+        G = g64[0][b] + g64[1][b]
         lam = 0.1 * np.trace(G) / 8
-        grad = sum((w[:, sl] - ws[i][:, sl]) @ grams[i][b] for i in range(2)) + lam * (w[:, sl] - prior[:, sl])
+        grad = sum((w[:, sl] - ws[i][:, sl]) @ g64[i][b] for i in range(2)) + lam * (w[:, sl] - prior[:, sl])
         assert np.abs(grad).max() < 1e-9 * np.abs(lam * prior).max()
     # a group of an expert and its permuted copy merges back to the expert, whatever the Grams
     spec = _spec(E=2, H=16, I=8)
