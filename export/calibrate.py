@@ -11,7 +11,7 @@ states of the calibration tokens are carried from layer to layer.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,12 +126,15 @@ def load_calibration_ids(tokenizer_json: bytes | None, path: str | Path | None, 
 
 def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, sample_tokens: int = 8192,
               collect_grams: bool = True, show_progress: bool = True,
-              collect_saliency: bool = False) -> Iterator[LayerCalibration]:
+              collect_saliency: bool = False,
+              on_expert_done: Callable[[LayerCalibration, int], None] | None = None) -> Iterator[LayerCalibration]:
     """Yield one LayerCalibration per layer, in order. The caller may modify `experts` before the next layer.
 
     The layer is computed by the reference forward pass (`edgemoe.reference`: the layer's blocks, `moe`); its hooks
     hand over the routing and each expert's routed inputs, from which the statistics are taken. collect_saliency:
     also REAP's saliency per expert (`expert_saliency`; one more down projection per expert, so only on request).
+    on_expert_done(cal, e): called as soon as expert e's statistics are complete (its forward pass is done), while
+    the layer's other experts still run: the exporter starts fitting e's planes then.
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
@@ -179,6 +182,8 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
                     gate_w = np.where(ids == e, weights, 0.0).sum(axis=1)
                     down = w(expert_tensor_name(layer, e, "down"))
                     cal.saliency[e] = expert_saliency(gate_w, act, down)
+                if on_expert_done is not None:
+                    on_expert_done(cal, e)
 
             # the layer input is only read again when the router reads it (SmallThinker): else it is freed here, one
             # [tokens, H] array less while the experts run

@@ -38,6 +38,7 @@ class ExpertLayer:
     tokens: np.ndarray | None = None  # [G] routed (token, slot) pairs per stored expert (members summed)
     predictor: np.ndarray | None = None  # f32 [E, H]: the fitted pre-attention router (predictor.py)
     predictor_report: dict | None = None
+    pending: dict | None = None  # g -> Future of its encoded matrices: fitted while the layer was calibrated
 
     @property
     def n_stored(self) -> int:

@@ -230,3 +230,33 @@ def test_dense_q8_0_by_row_blocks_is_the_whole_matrix_quantization(monkeypatch):
     a = np.random.default_rng(0).standard_normal((1001, 256)).astype(np.float32)
     monkeypatch.setattr(pipeline, "Q8_0_CHUNK", 256 * 7)  # 143 row blocks, the last one short
     assert pipeline._q8_0_by_rows(a).tobytes() == quantize_q8_0(a).tobytes()
+
+
+def test_experts_fitted_during_calibration_equal_the_ones_fitted_after(bare_dir, tmp_path, monkeypatch):
+    """The default MWQ export fits each expert while the rest of its layer is calibrated (pipeline.FitOverlap, one
+    BLAS thread, two fit workers); switched off, every expert is fitted after its layer: the same bytes."""
+    from edgemoe_export import export, pipeline
+
+    calib = tmp_path / "text.txt"
+    calib.write_text(TEXT)
+    opts = {"bits": 4, "calib": calib, "calib_tokens": 1024, "seq_len": 64, "show_progress": False}
+    submitted = []
+    real_submit = pipeline.FitOverlap.submit
+    monkeypatch.setattr(pipeline.FitOverlap, "submit", lambda self, cal, e: (submitted.append(e),
+                                                                            real_submit(self, cal, e)))
+    overlapped = open_container(export(bare_dir, tmp_path / "overlap.emoe", **opts))
+    assert submitted  # the overlap ran
+    real_init = pipeline.FitOverlap.__init__
+
+    def sequential(self, plan):
+        real_init(self, plan)
+        self.active = False
+
+    monkeypatch.setattr(pipeline.FitOverlap, "__init__", sequential)
+    after = open_container(export(bare_dir, tmp_path / "after.emoe", **opts))
+    experts = [n for n, t in after.tensors.items() if t.kind == "expert"]
+    assert experts and all(after.tensors[n].dtype == "mwq" for n in experts)
+    assert set(experts) == {n for n, t in overlapped.tensors.items() if t.kind == "expert"}
+    for n in experts:
+        assert all(np.array_equal(a, b) for a, b in zip(after.planes(n), overlapped.planes(n))), n
+        assert after.tensors[n].quant == overlapped.tensors[n].quant
