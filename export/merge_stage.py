@@ -90,11 +90,12 @@ def mwq_encoder(total_bits: int, base_bits: int = 2, group_size: int = 128, nest
 
 
 def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer: int | None = None,
-                  method: str = "mcsmoe", calib_path=None, calib_tokens: int = 16384, bits: int = 16,
+                  method: str | None = None, calib_path=None, calib_tokens: int = 16384, bits: int = 16,
                   dense_bits: int | None = None, low_rank: int | None = None, seq_len: int = 256,
                   group_size: int | None = None, base_bits: int = 2, show_progress: bool = True,
                   predictor: bool | None = None) -> Path:
-    """`pipeline.export` with merging (exactly one of `merge_ratio` and `experts_per_layer`)."""
+    """`pipeline.export` with merging (exactly one of `merge_ratio` and `experts_per_layer`; method None: the
+    export's default, `merge.DEFAULT_METHOD`)."""
     from .pipeline import export
 
     if merge_ratio is None and experts_per_layer is None:

@@ -35,6 +35,7 @@ from edgemoe.container import ContainerWriter
 from edgemoe.errors import EdgeMoEError
 from edgemoe.quant import Q8_0_BLOCK, quantize_q8_0
 
+from .merge import DEFAULT_METHOD as DEFAULT_MERGE_METHOD
 from .merge_stage import ExpertLayer, merge_stage
 from .mwq import NESTINGS, check_bits, choose_group_size, quantize_matrix
 from .progress import progress
@@ -65,7 +66,7 @@ def min_calib_tokens(group_size: int) -> int:
 
 @dataclass
 class MergePlan:
-    method: str = "mcsmoe"
+    method: str = DEFAULT_MERGE_METHOD
     merge_ratio: float | None = None
     experts_per_layer: int | None = None
     low_rank: int | None = None
@@ -483,20 +484,20 @@ def _report_metadata(plan: Plan, report: dict) -> dict:
 def export(src: str | Path, out: str | Path, bits: int = 32, dense_bits: int | None = None,
            show_progress: bool = True, base_bits: int = 2, group_size: int | None = None, nesting: str = "mwq",
            calib: str | Path | None = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-           merge_ratio: float | None = None, experts_per_layer: int | None = None, merge_method: str = "mcsmoe",
+           merge_ratio: float | None = None, experts_per_layer: int | None = None, merge_method: str | None = None,
            low_rank: int | None = None, predictor: bool | None = None, seq_len: int = CALIB_SEQ_LEN) -> Path:
     """Convert a MoE checkpoint (Hugging Face directory or .gguf) into an .emoe container.
 
     bits: 32 / 16 store the experts as floats; 8..2 store them as MWQ bit planes (a `base_bits` base plane plus
     bits - base_bits binary residual planes). calib: FILE, "none" (weight-only fitting), or None = `src`/calib.txt
     when it exists, else the shipped default text. merge_ratio / experts_per_layer: merge the experts
-    (`merge_method` mcsmoe | average | prune) before quantizing. predictor: None = fitted when calibration runs.
+    (`merge_method` reap | mcsmoe | average | prune; None = `merge.DEFAULT_METHOD`, reap) before quantizing. predictor: None = fitted when calibration runs.
     dense_bits: storage of the dense matrices (default: = bits for float exports, 8 = Q8_0 for MWQ experts).
     group_size: None = 128, or the largest power of two below it that divides the expert input dimensions.
     """
     merge = None
     if merge_ratio is not None or experts_per_layer is not None:
-        merge = MergePlan(merge_method, merge_ratio, experts_per_layer, low_rank)
+        merge = MergePlan(merge_method or DEFAULT_MERGE_METHOD, merge_ratio, experts_per_layer, low_rank)
     elif low_rank is not None:
         raise EdgeMoEError("--low-rank approximates merged experts: give --merge-ratio or --experts-per-layer too")
     check_options(bits, dense_bits, base_bits, nesting, calib_tokens, merge, seq_len)

@@ -241,8 +241,8 @@ def _duplicate_groups(src, dst):
 def test_group_dispatch_equals_duplicated_experts(family, tiny_dir, calib_file, tmp_path):
     from edgemoe_export.merge_stage import export_merged
 
-    merged = export_merged(tiny_dir(family), tmp_path / "m.emoe", merge_ratio=0.5, calib_path=calib_file,
-                           calib_tokens=512, seq_len=64, bits=32, show_progress=False)
+    merged = export_merged(tiny_dir(family), tmp_path / "m.emoe", merge_ratio=0.5, method="mcsmoe",
+                           calib_path=calib_file, calib_tokens=512, seq_len=64, bits=32, show_progress=False)
     dup = _duplicate_groups(merged, tmp_path / "dup.emoe")
     with edgemoe.load(merged, engine="numpy") as a, edgemoe.load(dup, engine="numpy") as b:
         assert any(len(set(m)) < len(m) for m in a.spec.expert_map)  # some group really has several members
