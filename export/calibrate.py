@@ -11,6 +11,7 @@ states of the calibration tokens are carried from layer to layer.
 from __future__ import annotations
 
 import functools
+from collections import ChainMap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,8 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
     hand over the routing and each expert's routed inputs, from which the statistics are taken. collect_saliency:
     also REAP's saliency per expert (`expert_saliency`; one more down projection per expert, so only on request).
     on_expert_done(cal, e): called as soon as expert e's statistics are complete (its forward pass is done), while
-    the layer's other experts still run: the exporter starts fitting e's planes then.
+    the layer's other experts still run: the exporter starts fitting e's planes then, and may drop e's matrices from
+    `cal.experts` once fitted (the pass never reads them again).
     """
     spec: ArchSpec = ckpt.spec
     embed = next(arr for name, arr in ckpt.global_tensor_items() if name == GLOBAL_TENSORS["embed"])
@@ -150,7 +152,7 @@ def calibrate(ckpt: Checkpoint, seqs: list[np.ndarray], group_size: int = 128, s
     for layer in progress(range(spec.n_layers), "calibrating layers", show_progress):
         dense = ckpt.layer_dense(layer)
         experts = layer_experts(ckpt, layer) if spec.is_moe_layer(layer) else {}
-        weights = {**dense, **experts}
+        weights = ChainMap(dense, experts)  # a view: an expert dropped from `experts` (fitted, see on_expert_done) is gone
         w = functools.partial(as_f32, weights)
         names = dense_tensor_names(spec, layer)
         cal = LayerCalibration(layer, dense, experts, n_tokens=total)

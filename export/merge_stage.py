@@ -42,7 +42,10 @@ class ExpertLayer:
 
     @property
     def n_stored(self) -> int:
-        return max(self.expert_map) + 1 if self.expert_map is not None else len(self.experts) // 3
+        if self.expert_map is not None:
+            return max(self.expert_map) + 1
+        # the routed-token counts, when calibrated: FitOverlap drops an expert's weights once its planes are fitted
+        return len(self.tokens) if self.tokens is not None else len(self.experts) // 3
 
 
 MergedLayer = ExpertLayer  # the former name (bench/merge_study.py)

@@ -262,7 +262,8 @@ class FitOverlap:
     wall time). So calibration runs on one BLAS thread, and the other core fits the experts whose forward pass is
     done (`calibrate`'s on_expert_done), one matrix per C call on one thread, two workers (the C fit releases the
     GIL). An expert's planes depend only on its weights and Gram blocks, so they are the same as fitted afterwards.
-    Memory: a layer's encoded planes (~0.23 GB at OLMoE's shape at 4 bits) wait for the writer beside its experts.
+    Memory: a layer's encoded planes (~0.23 GB at OLMoE's shape at 4 bits) wait for the writer; each fitted expert's
+    weights are dropped (the calibration pass reads the layer's weights through a view of the same dict).
     """
 
     def __init__(self, plan: Plan):
@@ -290,8 +291,14 @@ class FitOverlap:
             self.limit.__exit__(None, None, None)
 
     def submit(self, cal, e: int) -> None:
-        self.jobs[e] = self.pool.submit(encode_expert, cal.experts, cal.layer, e, cal.gram_in.get(e),
-                                        cal.gram_mid.get(e), int(cal.expert_tokens[e]), self.plan, 1)
+        self.jobs[e] = self.pool.submit(self._fit, cal.experts, cal.layer, e, cal.gram_in.get(e), cal.gram_mid.get(e),
+                                        int(cal.expert_tokens[e]))
+
+    def _fit(self, experts: dict, layer: int, e: int, gram_in, gram_mid, tokens: int) -> list[Encoded]:
+        out = encode_expert(experts, layer, e, gram_in, gram_mid, tokens, self.plan, 1)
+        for m in EXPERT_MATRICES:  # fitted: its f16 weights (12 MB at OLMoE's shape) are not needed any more
+            experts.pop(expert_tensor_name(layer, e, m), None)
+        return out
 
     def take(self) -> dict | None:
         jobs, self.jobs = self.jobs, {}
