@@ -154,8 +154,7 @@ def ffn_hidden(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray,
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
     """Causal self-attention over x [T, H], or over a batch of equal-length fresh sequences x [S, T, H] at once (the
-    exporter's calibration: one projection matmul for all of them). Scores and weighted sums are batched BLAS
-    products over (sequence, head); the softmax runs in place on the scores."""
+    exporter's calibration: one projection matmul for all of them). The softmax runs in place on the scores."""
     T, lead = x.shape[-2], x.shape[:-2]
     nh, nkv, hd = spec.n_heads, spec.layer_kv_heads(layer), spec.layer_head_dim(layer)
     q, k = x @ w(names["wq"]).T, x @ w(names["wk"]).T
@@ -176,9 +175,9 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         q, k = rope(q, pos, spec), rope(k, pos, spec)
     rep = nh // nkv
     k, v = np.repeat(k, rep, axis=-2), np.repeat(v, rep, axis=-2)  # [..., T, nh, hd]
-    # [..., nh, T, hd] contiguous, so each (sequence, head) product is one BLAS call
-    qh, kh, vh = (np.ascontiguousarray(np.swapaxes(a, -3, -2)) for a in (q, k, v))
-    scores = qh @ np.swapaxes(kh, -1, -2)  # [..., nh, T, T]
+    # einsum, not BLAS: one sequence gives the same bits as always (the C core's int8-activation tests compare
+    # against this within rounding; a BLAS product's other summation order flipped a near-tied routing choice)
+    scores = np.einsum("...thd,...shd->...hts", q, k)  # [..., nh, T, T]
     if spec.attn_scale:
         scores *= np.float32(spec.attn_scale)
     else:
@@ -196,7 +195,7 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         probs = scores
-    out = np.swapaxes(probs @ vh, -3, -2).reshape(*lead, T, nh * hd)  # [..., T, nh * hd]
+    out = np.einsum("...hts,...shd->...thd", probs, v).reshape(*lead, T, nh * hd)
     if spec.attn_gate:  # Qwen3.5 / Next: gated attention output
         out = out / (np.float32(1) + np.exp(-(x @ w(names["attn_gate"]).T)))
     out = out @ w(names["wo"]).T

@@ -213,7 +213,7 @@ def mixer_all(spec: ArchSpec, layer: int, x: np.ndarray, lengths: list[int], w, 
     """`attention_block` over every calibration sequence (x: [tokens, H], the sequences one after the other).
 
     Equal-length sequences go through plain attention in batches of ATTN_CHUNK_TOKENS tokens ([S, T, H]: one
-    projection matmul per batch, batched score products); other layer kinds and unequal lengths one sequence at a
+    projection matmul per batch); other layer kinds and unequal lengths one sequence at a
     time. Same arithmetic either way (tests/test_calibrate.py)."""
     out = np.empty_like(x)
     T = lengths[0]
