@@ -485,12 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the pre-attention expert predictor the runtime prefetches with; default: yes when "
                         "calibration runs (MWQ --bits 2..8 or merging), no otherwise")
     e.add_argument("--merge-ratio", type=float, default=None, metavar="R",
-                   help="MC-SMoE: keep this fraction of all experts (per-layer counts by routing frequency); "
-                        "members of a group share one merged expert, the router keeps every row")
-    e.add_argument("--experts-per-layer", type=int, default=None, metavar="N", help="merge to N experts per layer")
-    e.add_argument("--merge-method", default="mcsmoe", choices=("mcsmoe", "average", "prune", "reap"),
-                   help="mcsmoe: align + frequency-weighted merge (default); average: plain mean; prune: drop the "
-                        "least-used experts; reap: drop the experts of least router-weighted output (REAP)")
+                   help="keep this fraction of all experts (per-layer counts by routing frequency): the others are "
+                        "dropped from routing (reap, prune) or merged into a group's shared expert (mcsmoe, "
+                        "average; the router keeps every row); see --merge-method")
+    e.add_argument("--experts-per-layer", type=int, default=None, metavar="N",
+                   help="keep N experts per layer (as --merge-ratio)")
+    e.add_argument("--merge-method", default=None, choices=("reap", "mcsmoe", "average", "prune"),
+                   help="reap (default: the best measured, BENCHMARKS.md): drop the experts of least router-weighted "
+                        "output (REAP); mcsmoe: align + frequency-weighted merge of groups; average: plain mean of "
+                        "groups; prune: drop the least-used experts. Every method needs calibration text (not "
+                        "--calib none)")
     e.add_argument("--low-rank", type=int, default=None, metavar="r", help="approximate merged experts at rank r")
     e.add_argument("--gguf", metavar="OUT.gguf", default=None,
                    help="also write a GGUF that llama.cpp runs (from the container's weights; a merged model's "

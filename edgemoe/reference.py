@@ -153,7 +153,9 @@ def ffn_hidden(spec: ArchSpec, x: np.ndarray, gate: np.ndarray, up: np.ndarray,
 
 
 def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dict[str, str]) -> np.ndarray:
-    T = x.shape[0]
+    """Causal self-attention over x [T, H], or over a batch of equal-length fresh sequences x [S, T, H] at once (the
+    exporter's calibration: one projection matmul for all of them). The softmax runs in place on the scores."""
+    T, lead = x.shape[-2], x.shape[:-2]
     nh, nkv, hd = spec.n_heads, spec.layer_kv_heads(layer), spec.layer_head_dim(layer)
     q, k = x @ w(names["wq"]).T, x @ w(names["wk"]).T
     v = x @ w(names["wv"]).T if "wv" in names else k  # Gemma-4's global_k_eq_v: values = the raw keys
@@ -161,7 +163,7 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         q, k, v = q + w(names["bq"]), k + w(names["bk"]), v + w(names["bv"])
     if spec.qk_norm == "full":
         q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
-    q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+    q, k, v = q.reshape(*lead, T, nh, hd), k.reshape(*lead, T, nkv, hd), v.reshape(*lead, T, nkv, hd)
     if spec.qk_norm == "head":
         q, k = rms_norm(q, w(names["q_norm"]), spec.norm_eps), rms_norm(k, w(names["k_norm"]), spec.norm_eps)
     if spec.v_norm:  # Gemma-4: values RMS-normalized per head, no weight
@@ -172,24 +174,38 @@ def attention(spec: ArchSpec, layer: int, x: np.ndarray, w: WeightFn, names: dic
         pos = np.arange(T)
         q, k = rope(q, pos, spec), rope(k, pos, spec)
     rep = nh // nkv
-    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # [T, nh, hd]
-    scores = np.einsum("thd,shd->hts", q, k)
-    scores = scores * np.float32(spec.attn_scale) if spec.attn_scale else scores / np.float32(np.sqrt(hd))
+    k, v = np.repeat(k, rep, axis=-2), np.repeat(v, rep, axis=-2)  # [..., T, nh, hd]
+    # einsum, not BLAS: one sequence gives the same bits as always (the C core's int8-activation tests compare
+    # against this within rounding; a BLAS product's other summation order flipped a near-tied routing choice)
+    scores = np.einsum("...thd,...shd->...hts", q, k)  # [..., nh, T, T]
+    if spec.attn_scale:
+        scores *= np.float32(spec.attn_scale)
+    else:
+        scores /= np.float32(np.sqrt(hd))
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     mask = j > i
     if spec.sliding_window and layer in spec.swa_layers:
         mask |= j <= i - spec.sliding_window
-    scores = np.where(mask[None], -np.inf, scores)
+    np.copyto(scores, np.float32(-np.inf), where=mask)
     if spec.attn_sinks:  # gpt-oss: a per-head logit joins the softmax, its probability is dropped
-        sinks = np.broadcast_to(w(names["sinks"])[:, None, None], (nh, T, 1))
+        sinks = np.broadcast_to(w(names["sinks"])[:, None, None], (*lead, nh, T, 1))
         probs = softmax(np.concatenate([scores, sinks], axis=-1))[..., :T]
-    else:
-        probs = softmax(scores)
-    out = np.einsum("hts,shd->thd", probs, v).reshape(T, nh * hd)
+    else:  # softmax in place: the scores are this function's own array
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        probs = scores
+    out = np.einsum("...hts,...shd->...thd", probs, v).reshape(*lead, T, nh * hd)
     if spec.attn_gate:  # Qwen3.5 / Next: gated attention output
         out = out / (np.float32(1) + np.exp(-(x @ w(names["attn_gate"]).T)))
     out = out @ w(names["wo"]).T
     return out + w(names["bo"]) if spec.o_bias else out
+
+
+def batched_mixer(spec: ArchSpec, layer: int) -> bool:
+    """Whether the layer's token mixer takes a batch of equal-length sequences [S, T, H] (plain attention); the
+    other layer kinds (linear attention, short convolution, MLA) run one sequence at a time."""
+    return layer not in spec.linear_attn_layers and layer not in spec.conv_layers and not spec.kv_lora_rank
 
 
 def _l2norm(x: np.ndarray) -> np.ndarray:

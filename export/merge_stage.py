@@ -38,10 +38,14 @@ class ExpertLayer:
     tokens: np.ndarray | None = None  # [G] routed (token, slot) pairs per stored expert (members summed)
     predictor: np.ndarray | None = None  # f32 [E, H]: the fitted pre-attention router (predictor.py)
     predictor_report: dict | None = None
+    pending: dict | None = None  # g -> Future of its encoded matrices: fitted while the layer was calibrated
 
     @property
     def n_stored(self) -> int:
-        return max(self.expert_map) + 1 if self.expert_map is not None else len(self.experts) // 3
+        if self.expert_map is not None:
+            return max(self.expert_map) + 1
+        # the routed-token counts, when calibrated: FitOverlap drops an expert's weights once its planes are fitted
+        return len(self.tokens) if self.tokens is not None else len(self.experts) // 3
 
 
 MergedLayer = ExpertLayer  # the former name (bench/merge_study.py)
@@ -64,10 +68,10 @@ def merge_stage(cal: LayerCalibration, spec: ArchSpec, n_groups: int, method: st
             continue
         out.tokens[g] += int(tokens[e])
         if e in cal.gram_in:
-            out.gram_in[g] = out.gram_in[g] + cal.gram_in[e] if g in out.gram_in else cal.gram_in[e].copy()
+            out.gram_in[g] = out.gram_in[g] + cal.gram_in[e] if g in out.gram_in else cal.gram_in[e].astype(np.float64)
         if e in cal.gram_mid:
             gm = cal.gram_mid[e] if perms[e] is None else permute_gram_blocks(cal.gram_mid[e], perms[e])
-            out.gram_mid[g] = out.gram_mid[g] + gm if g in out.gram_mid else gm.copy()
+            out.gram_mid[g] = out.gram_mid[g] + gm if g in out.gram_mid else gm.astype(np.float64)  # sums in f64
     return out
 
 
@@ -89,11 +93,12 @@ def mwq_encoder(total_bits: int, base_bits: int = 2, group_size: int = 128, nest
 
 
 def export_merged(src, out, merge_ratio: float | None = None, experts_per_layer: int | None = None,
-                  method: str = "mcsmoe", calib_path=None, calib_tokens: int = 16384, bits: int = 16,
+                  method: str | None = None, calib_path=None, calib_tokens: int = 16384, bits: int = 16,
                   dense_bits: int | None = None, low_rank: int | None = None, seq_len: int = 256,
                   group_size: int | None = None, base_bits: int = 2, show_progress: bool = True,
                   predictor: bool | None = None) -> Path:
-    """`pipeline.export` with merging (exactly one of `merge_ratio` and `experts_per_layer`)."""
+    """`pipeline.export` with merging (exactly one of `merge_ratio` and `experts_per_layer`; method None: the
+    export's default, `merge.DEFAULT_METHOD`)."""
     from .pipeline import export
 
     if merge_ratio is None and experts_per_layer is None:

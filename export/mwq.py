@@ -40,7 +40,6 @@ encoding, one thread); the planes are the same up to float rounding at near-ties
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +54,8 @@ from edgemoe.mwq import (
     encode_base_plane,
     encode_residual_plane,
 )
+
+from .blas import one_blas_thread
 
 NESTINGS = ("mwq", "msb")
 IMPLS = ("c", "numpy")  # the mwq search: native/src/mwq_fit.c (the default) or `_fit_mwq` below (the reference)
@@ -90,17 +91,6 @@ class QuantizedMatrix:
     def quant_params(self) -> dict:
         return {"base_bits": self.base_bits, "group_size": self.group_size, "nesting": self.nesting,
                 "weighted": self.weighted}
-
-
-def _one_blas_thread():
-    """The products here are many small [rows, g] @ [g, g] matmuls: a multithreaded BLAS spends more time syncing
-    than computing on them (measured 16x slower on a busy 2-core machine). threadpoolctl, when installed, pins BLAS to
-    one thread while a matrix is fitted."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def n_planes_for(base_bits: int, total_bits: int) -> int:
@@ -398,7 +388,7 @@ def quantize_matrix(W: np.ndarray, gram: np.ndarray | None = None, base_bits: in
     else:
         # rows are independent: fit blocks of rows so the candidates' stacked arrays stay a few tens of MB
         step = max(1, CHUNK_ELEMENTS // (2 * (len(SPANS) + 1) * in_))
-        with _one_blas_thread():
+        with one_blas_thread():
             parts = [_fit_mwq(Wg[r : r + step], M, base_bits, K, iters) for r in range(0, out, step)]
         s1, m1, q = (np.concatenate([p[i] for p in parts]) for i in range(3))
         res = [(np.concatenate([p[3][k][0] for p in parts]), np.concatenate([p[3][k][1] for p in parts]))

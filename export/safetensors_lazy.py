@@ -108,12 +108,21 @@ class SafetensorsFile:
     def dtype(self, name: str) -> str:
         return self.entries[name]["dtype"]
 
-    def get_f32(self, name: str) -> np.ndarray:
+    def get_f32(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor as float32 (a copy), or with `index` only its slice [index] along the first dimension (a
+        layer's stacked experts are read one expert at a time: the whole [E, ...] tensor in float32 is GBs)."""
         e = self.entries[name]
         if e["dtype"] not in FLOAT_DTYPES:
             raise FormatError(f"{self.path}: tensor '{name}' is stored as {e['dtype']}; weights must be floating point "
                               f"({', '.join(FLOAT_DTYPES)})")
         start, end = e["data_offsets"]
+        if index is not None:
+            n = e["shape"][0]
+            if not 0 <= index < n:
+                raise IndexError(f"{self.path}: tensor '{name}' has {n} slices, asked for {index}")
+            step = (end - start) // n
+            start, end = start + index * step, start + (index + 1) * step
+            e = {**e, "shape": e["shape"][1:]}
         arr = np.frombuffer(self._mm, dtype=_NP_DTYPES[e["dtype"]], count=(end - start) // np.dtype(
             _NP_DTYPES[e["dtype"]]).itemsize, offset=self._base + start)
         if e["dtype"] == "BF16":  # bf16 is the top half of an f32
@@ -218,10 +227,11 @@ class SafetensorsSet:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(self.real_name(name))
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, index: int | None = None) -> np.ndarray:
+        """float32 copy of a tensor, or of its slice [index] along the first dimension."""
         if name not in self._where:
             raise FormatError(f"checkpoint is missing tensor '{name}'")
-        return self._where[name].get_f32(self.real_name(name))
+        return self._where[name].get_f32(self.real_name(name), index)
 
     def get_u8(self, name: str) -> np.ndarray:
         if name not in self._where:

@@ -107,6 +107,7 @@ def test_merge_from_a_gguf_source_equals_the_merge_from_its_directory(tmp_path):
 
     from edgemoe_export import export
     from edgemoe_export.gguf_export import export_gguf
+    from edgemoe_export.merge import DEFAULT_METHOD
     from tiny_models_gguf import build_gguf_variant
 
     src = build_gguf_variant("olmoe_mha", tmp_path / "hf")
@@ -122,7 +123,7 @@ def test_merge_from_a_gguf_source_equals_the_merge_from_its_directory(tmp_path):
     with edgemoe.load(from_dir, engine="numpy") as a, edgemoe.load(from_gguf, engine="numpy") as b:
         assert a.spec.expert_map == b.spec.expert_map
         assert sum(a.spec.stored_experts(i) for i in range(a.spec.n_layers)) < a.spec.n_experts * a.spec.n_layers
-        assert b.container.metadata["merge"]["method"] == "mcsmoe"
+        assert b.container.metadata["merge"]["method"] == DEFAULT_METHOD == "reap"  # the best measured (BENCHMARKS)
         assert any(n.endswith("ffn_gate_inp_pre.weight") for n in b.container.tensors)  # predictor: default on
         la, lb = a.logits(ids), b.logits(ids)
         assert np.abs(la - lb).max() <= 1e-4 * np.abs(la).max()
@@ -230,3 +231,55 @@ def test_dense_q8_0_by_row_blocks_is_the_whole_matrix_quantization(monkeypatch):
     a = np.random.default_rng(0).standard_normal((1001, 256)).astype(np.float32)
     monkeypatch.setattr(pipeline, "Q8_0_CHUNK", 256 * 7)  # 143 row blocks, the last one short
     assert pipeline._q8_0_by_rows(a).tobytes() == quantize_q8_0(a).tobytes()
+
+
+def test_experts_fitted_during_calibration_equal_the_ones_fitted_after(bare_dir, tmp_path, monkeypatch):
+    """The default MWQ export fits each expert while the rest of its layer is calibrated (pipeline.FitOverlap, one
+    BLAS thread, two fit workers); switched off, every expert is fitted after its layer: the same bytes."""
+    from edgemoe_export import export, pipeline
+
+    calib = tmp_path / "text.txt"
+    calib.write_text(TEXT)
+    opts = {"bits": 4, "calib": calib, "calib_tokens": 1024, "seq_len": 64, "show_progress": False}
+    submitted = []
+    real_submit = pipeline.FitOverlap.submit
+    monkeypatch.setattr(pipeline.FitOverlap, "submit", lambda self, cal, e: (submitted.append(e),
+                                                                            real_submit(self, cal, e)))
+    overlapped = open_container(export(bare_dir, tmp_path / "overlap.emoe", **opts))
+    assert submitted  # the overlap ran
+    real_init = pipeline.FitOverlap.__init__
+
+    def sequential(self, plan):
+        real_init(self, plan)
+        self.active = False
+
+    monkeypatch.setattr(pipeline.FitOverlap, "__init__", sequential)
+    after = open_container(export(bare_dir, tmp_path / "after.emoe", **opts))
+    experts = [n for n, t in after.tensors.items() if t.kind == "expert"]
+    assert experts and all(after.tensors[n].dtype == "mwq" for n in experts)
+    assert set(experts) == {n for n, t in overlapped.tensors.items() if t.kind == "expert"}
+    for n in experts:
+        assert all(np.array_equal(a, b) for a, b in zip(after.planes(n), overlapped.planes(n))), n
+        assert after.tensors[n].quant == overlapped.tensors[n].quant
+
+
+def test_stacked_experts_are_read_one_slice_at_a_time(tmp_path):
+    """A layer's stacked experts ([E, 2F, H], transformers 5's fused layout) are read one expert's slice at a time
+    (the whole tensor in float32 was 1.6 GB per layer at Qwen3-30B-A3B's shape): each slice is the same numbers."""
+    import torch
+    from edgemoe_export.safetensors_lazy import SafetensorsSet
+    from safetensors.torch import save_file
+
+    rng = torch.Generator().manual_seed(0)
+    t = {"a": torch.randn(5, 6, 8, generator=rng, dtype=torch.float32).to(torch.bfloat16),
+         "b": torch.randn(5, 8, 3, generator=rng, dtype=torch.float32).to(torch.float16)}
+    save_file(t, str(tmp_path / "model.safetensors"))
+    ts = SafetensorsSet(tmp_path)
+    for name, ref in t.items():
+        whole = ts.get(name)
+        assert whole.shape == tuple(ref.shape)
+        np.testing.assert_array_equal(whole, ref.float().numpy())
+        for e in range(ref.shape[0]):
+            np.testing.assert_array_equal(ts.get(name, e), whole[e])
+    with pytest.raises(IndexError, match="5 slices"):
+        ts.get("a", 5)

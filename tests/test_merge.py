@@ -151,11 +151,12 @@ def test_regmean_merge_is_the_blockwise_least_squares_fit():
     grams = [gram_blocks(rng.normal(size=(40, 16)) * rng.uniform(0.2, 3, 16), 8) for _ in range(2)] + [None]
     prior = sum(ws) / 3
     w = _regmean(ws, grams, prior, ridge=0.1)
+    g64 = [g.astype(np.float64) for g in grams[:2]]  # calibration stores float32 blocks; the solve is in float64
     for b in range(2):  # the gradient of sum_i ||(W - W_i) X_i^T||^2 + lam ||W - prior||^2 vanishes per block
         sl = slice(8 * b, 8 * b + 8)
-        G = grams[0][b] + grams[1][b]
+        G = g64[0][b] + g64[1][b]
         lam = 0.1 * np.trace(G) / 8
-        grad = sum((w[:, sl] - ws[i][:, sl]) @ grams[i][b] for i in range(2)) + lam * (w[:, sl] - prior[:, sl])
+        grad = sum((w[:, sl] - ws[i][:, sl]) @ g64[i][b] for i in range(2)) + lam * (w[:, sl] - prior[:, sl])
         assert np.abs(grad).max() < 1e-9 * np.abs(lam * prior).max()
     # a group of an expert and its permuted copy merges back to the expert, whatever the Grams
     spec = _spec(E=2, H=16, I=8)
@@ -240,8 +241,8 @@ def _duplicate_groups(src, dst):
 def test_group_dispatch_equals_duplicated_experts(family, tiny_dir, calib_file, tmp_path):
     from edgemoe_export.merge_stage import export_merged
 
-    merged = export_merged(tiny_dir(family), tmp_path / "m.emoe", merge_ratio=0.5, calib_path=calib_file,
-                           calib_tokens=512, seq_len=64, bits=32, show_progress=False)
+    merged = export_merged(tiny_dir(family), tmp_path / "m.emoe", merge_ratio=0.5, method="mcsmoe",
+                           calib_path=calib_file, calib_tokens=512, seq_len=64, bits=32, show_progress=False)
     dup = _duplicate_groups(merged, tmp_path / "dup.emoe")
     with edgemoe.load(merged, engine="numpy") as a, edgemoe.load(dup, engine="numpy") as b:
         assert any(len(set(m)) < len(m) for m in a.spec.expert_map)  # some group really has several members

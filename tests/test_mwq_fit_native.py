@@ -92,3 +92,22 @@ def test_bad_arguments_are_refused():
         mwq_native.fit(W, None, 2, 9, 4, 64)  # 9 planes: more than the format has
     with pytest.raises(ValueError, match="impl"):
         quantize_matrix(W, None, 2, 4, 64, impl="fortran")
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_the_gram_product_tiles_give_the_same_planes_bit_for_bit(group):
+    """The Gram products' SIMD tiles (AVX-512 8 x 32 for groups of 32k, 6 x 16, AVX2 4 x 8) differ in how many rows
+    and columns share a step, never in the FMA chain of an output: every ISA gives the same planes."""
+    from edgemoe_export import mwq_native
+    from edgemoe_export.mwq import _Metric
+
+    from edgemoe import _native
+
+    isas = [i for i in (_native.ISA_AVX2, _native.ISA_AVX512VNNI) if _native.isa_supported(i)]
+    if len(isas) < 2:
+        pytest.skip("needs a CPU with both AVX2 and AVX-512 to compare their tiles")
+    W = weights("heavy", out=45, in_=256)  # 45 rows: a partial row block and tile remainders
+    G32 = _Metric(gram_of(256, group), 256 // group, group).G32
+    fits = [mwq_native.fit(W, G32, 2, 3, 4, group, threads=1, isa=i) for i in isas]
+    flat = [[*f[:3], *(x for plane in f[3] for x in plane)] for f in fits]  # s1, m1, codes, (scale, signs) per plane
+    assert len(flat[0]) == 7 and all(np.array_equal(a, b) for a, b in zip(*flat))
