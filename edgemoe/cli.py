@@ -46,7 +46,20 @@ def cmd_export(args) -> int:
         return _export(exporter, args)
 
 
+# merge methods that drop experts: llama.cpp's router cannot exclude one, so no GGUF computes their result
+PRUNING_MERGE_METHODS = ("reap", "prune")
+
+
 def _export(exporter, args) -> int:
+    merging = args.merge_ratio is not None or args.experts_per_layer is not None
+    if args.gguf and merging:  # refused before any work, not after the container is written
+        from edgemoe_export.merge import DEFAULT_METHOD
+
+        method = args.merge_method or DEFAULT_METHOD
+        if method in PRUNING_MERGE_METHODS:
+            raise EdgeMoEError(f"--gguf with --merge-method {method}{' (the default)' if not args.merge_method else ''}: "
+                               "it prunes experts, which llama.cpp's router cannot exclude, so no GGUF computes the "
+                               "result; pass --merge-method mcsmoe (or average) to write the GGUF too, or drop --gguf")
     t0 = time.perf_counter()
     out = exporter.export(args.src, args.output, bits=args.bits, dense_bits=args.dense_bits,
                           show_progress=not args.quiet, base_bits=args.base_bits, group_size=args.group_size,

@@ -196,6 +196,17 @@ def test_budget_whose_context_starves_the_expert_cache_is_said(tmp_path, tiny_em
     assert r.returncode == 0 and "KV cache takes" not in r.stderr
 
 
+def test_gguf_of_a_pruning_merge_is_refused_before_any_work(tmp_path, tiny_dir):
+    """REAP (the default merge) and prune drop experts, which no GGUF can express: `--gguf` with them is refused at
+    once, naming the method that can, and nothing is written (it used to fail after writing the container)."""
+    for method in ([], ["--merge-method", "prune"]):
+        r = edgemoe(tmp_path, "export", tiny_dir("olmoe"), "-o", tmp_path / "m.emoe", "--merge-ratio", "0.5",
+                    "--gguf", tmp_path / "m.gguf", *method)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "--merge-method mcsmoe" in r.stderr and r.stderr.strip().count("\n") == 0
+        assert not list(tmp_path.glob("m.*"))
+
+
 @pytest.mark.parametrize("command", ["export", "info", "run", "chat", "ppl", "bench", "analyze", "fit", "demo"])
 def test_every_subcommand_explains_itself_with_examples(tmp_path, command):
     r = edgemoe(tmp_path, command, "--help")
