@@ -16,7 +16,9 @@ END = "<!-- end of the generated arch keys -->"
 TENSORS_BEGIN = ("<!-- tensor names: generated from native/src/tensor_table.c by `python -m edgemoe.arch_doc`; edit "
                  "there -->")
 TENSORS_END = "<!-- end of the generated tensor names -->"
-FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+# the checkout's (an editable install or the source tree); from a wheel, docs/FORMAT.md of the current directory
+_CHECKOUT_FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+FORMAT_MD = _CHECKOUT_FORMAT_MD if _CHECKOUT_FORMAT_MD.exists() else Path("docs") / "FORMAT.md"
 INT32_MAX = 2**31 - 1
 
 

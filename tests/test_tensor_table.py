@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from edgemoe.arch import (
 )
 from edgemoe.container import ContainerWriter, open_container
 
+FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"  # this checkout's, installed or not
 CALIB = "the quick brown fox jumps over the lazy dog. to be or not to be, that is the question. " * 60
 BASE = {"n_layers": 4, "hidden": 64, "vocab": 50, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "n_experts": 6,
         "top_k": 2, "expert_ffn": 32}
@@ -256,7 +258,7 @@ def test_an_old_core_without_the_table_is_one_clear_error(monkeypatch):
 
 
 def test_format_md_tensor_names_are_the_generated_ones(tmp_path):
-    text = arch_doc.FORMAT_MD.read_text()
+    text = FORMAT_MD.read_text()
     assert arch_doc.updated(text) == text, "docs/FORMAT.md's tensor names are out of date: run python -m " \
                                            "edgemoe.arch_doc"
     table = arch_doc.render_tensor_table()
