@@ -7,6 +7,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "edgemoe_container.h"
 
+#include "crc32.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -579,12 +581,12 @@ int emoe_container_verify(const emoe_container *c, char *err, size_t errlen) {
     for (size_t i = 0; i < c->n_tensors; i++) {
         const emoe_tensor_info *t = &c->tensors[i];
         for (int k = 0; k < t->n_planes; k++) /* per-plane checksums first: they say which plane is damaged */
-            if (emoe_crc32(0, c->map + t->planes[k].offset, (size_t)t->planes[k].nbytes) != t->planes[k].crc32) {
+            if (emoe_crc32_fast(0, c->map + t->planes[k].offset, (size_t)t->planes[k].nbytes) != t->planes[k].crc32) {
                 set_err(err, errlen, "%s: checksum mismatch in plane %d of %d of tensor '%s' (the file is corrupt; "
                         "re-export it)", c->path, k + 1, t->n_planes, t->name);
                 return EMOE_ERR_CORRUPT;
             }
-        if (emoe_crc32(0, c->map + t->offset, (size_t)t->nbytes) != t->crc32) {
+        if (emoe_crc32_fast(0, c->map + t->offset, (size_t)t->nbytes) != t->crc32) {
             set_err(err, errlen, "%s: checksum mismatch in tensor '%s' (the file is corrupt; re-export it)", c->path,
                     t->name);
             return EMOE_ERR_CORRUPT;

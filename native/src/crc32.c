@@ -62,22 +62,23 @@ uint32_t emoe_crc32(uint32_t crc, const void *data, size_t len) {
     return ~crc;
 }
 
-/* ---- slicing-by-8: eight bytes per step, for the expert pieces read while the model runs ---- */
+/* ---- slicing-by-8: eight bytes per step; the register-level loop under every fast path (crc32_fold.c) ---- */
 
 static uint32_t slice_tab[8][256];
 static pthread_once_t slice_once = PTHREAD_ONCE_INIT;
+static int fold_level; /* what the CPU can fold with (crc32_fold.c), found once with the tables */
 
 static void slice_init(void) { /* slice_tab[t][i]: the CRC of byte i followed by t zero bytes */
     memcpy(slice_tab[0], crc_table, sizeof crc_table);
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++)
             slice_tab[t][i] = (slice_tab[t - 1][i] >> 8) ^ slice_tab[0][slice_tab[t - 1][i] & 0xFF];
+    fold_level = emoe_crc32_fold_level();
 }
 
-uint32_t emoe_crc32_fast(uint32_t crc, const void *data, size_t len) {
+uint32_t emoe_crc32_bytes(uint32_t c, const void *data, size_t len) {
     pthread_once(&slice_once, slice_init);
     const unsigned char *p = data;
-    uint32_t c = ~crc;
     while (len && ((uintptr_t)p & 7)) c = slice_tab[0][(c ^ *p++) & 0xFF] ^ (c >> 8), len--;
     while (len >= 8) {
         uint32_t lo, hi;
@@ -95,5 +96,15 @@ uint32_t emoe_crc32_fast(uint32_t crc, const void *data, size_t len) {
         len -= 8;
     }
     while (len--) c = slice_tab[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
-    return ~c;
+    return c;
+}
+
+uint32_t emoe_crc32_fast(uint32_t crc, const void *data, size_t len) {
+    pthread_once(&slice_once, slice_init);
+    return emoe_crc32_fold(fold_level, crc, data, len);
+}
+
+int emoe_crc32_fast_level(void) {
+    pthread_once(&slice_once, slice_init);
+    return fold_level;
 }

@@ -11,6 +11,7 @@
 #include "check.h"
 #include "arch.h" /* emoe_config, emoe_model_new: the core's private config */
 #include "internal.h"
+#include "crc32.h"
 
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -243,7 +244,32 @@ static void test_pool_stress(void) {
     }
 }
 
+/* every folding level this CPU has, against the byte table: lengths around each path's block sizes (16, 64, 256),
+ * every alignment, a nonzero starting CRC, and one long buffer */
+static void test_crc_fold(void) {
+    enum { N = 1 << 17 };
+    unsigned char *buf = malloc(N);
+    for (int i = 0; i < N; i++) buf[i] = (unsigned char)(rnd_u32() >> 7);
+    const int top = emoe_crc32_fold_level();
+    printf("crc32 folding level here: %d\n", top);
+    for (int level = 0; level <= top; level++) {
+        int bad = 0, n = 0;
+        for (size_t len = 0; len < 1100; len += len < 300 ? 1 : 37)
+            for (size_t off = 0; off < 64; off += 1 + (off > 8) * 13, n++) {
+                const uint32_t seed = (len + off) % 3 ? 0 : rnd_u32();
+                bad += emoe_crc32_fold(level, seed, buf + off, len) != emoe_crc32(seed, buf + off, len);
+            }
+        bad += emoe_crc32_fold(level, 7, buf + 3, N - 3) != emoe_crc32(7, buf + 3, N - 3);
+        CHECK(!bad, "crc32 folding level %d: %d of %d lengths/offsets differ from the byte table", level, bad, n + 1);
+        CHECK(emoe_crc32_fold(level, 0, "123456789", 9) == 0xCBF43926u, "crc32 level %d check value", level);
+    }
+    CHECK(emoe_crc32_fast(0, buf, N) == emoe_crc32(0, buf, N) && emoe_crc32_fast_level() == top,
+          "crc32_fast takes the best level");
+    free(buf);
+}
+
 static void test_crc_and_quant(void) {
+    test_crc_fold();
     CHECK(emoe_crc32(0, "123456789", 9) == 0xCBF43926u, "crc32 check value");
     CHECK(emoe_crc32(emoe_crc32(0, "1234", 4), "56789", 5) == 0xCBF43926u, "crc32 continuation");
     CHECK(emoe_crc32(0, "", 0) == 0, "crc32 empty");
