@@ -406,7 +406,7 @@ EPILOGS = {
         model); the KV cache keeps earlier turns, so each turn only runs the new text. When the conversation
         outgrows the context, the oldest turns are dropped; a reply that fills the context stops there, or with
         --context-shift drops the oldest half of the context and goes on. With --budget and no --max-ctx, the
-        context is the largest the budget holds (said on stderr).
+        context is the largest whose KV cache leaves the experts at least as much of the budget (said on stderr).
         """,
     "ppl": """
         examples:

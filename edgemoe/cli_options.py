@@ -104,8 +104,8 @@ def context_opts(sp, chat: bool = False) -> None:
     g = sp.add_argument_group("context")
     g.add_argument("--max-ctx", type=int, default=None, metavar="N",
                    help="context length: prompt + new tokens (default: the model's, at most 4096; with --budget, the "
-                        "largest power of two the budget holds, said on stderr); a smaller one lowers the KV cache's "
-                        "share of the budget")
+                        "largest power of two whose KV cache leaves the expert cache at least as much of the budget, "
+                        "said on stderr); a smaller one lowers the KV cache's share of the budget")
     g.add_argument("--context-shift", action="store_true",
                    help="when the context is full, drop the oldest half of it (after --keep tokens) and go on, "
                         "re-running the kept tokens (llama.cpp's context shift); default: stop there"
@@ -120,7 +120,7 @@ def context_opts(sp, chat: bool = False) -> None:
 
 def load_args(args) -> dict:
     """The keyword arguments of edgemoe.load from the runtime options (--budget, --threads, --engine, --mode,
-    --precision, --max-ctx). With a budget and no --max-ctx, the context is the largest the budget holds, said on stderr."""
+    --precision, --max-ctx). With a budget and no --max-ctx, the context is context_for_budget's, said on stderr."""
     parse_bytes(args.budget)  # a bad size is reported before anything is opened
     check_model_path(args.model)
     kw = {"memory_budget": args.budget, "threads": args.threads, "engine": args.engine}
@@ -142,33 +142,10 @@ def load_args(args) -> dict:
         if ctx is not None and ctx < full:  # None: load() refuses the budget and says what it needs
             kw["max_ctx"] = ctx
             budget = format_size_like(parse_bytes(args.budget), args.budget)
-            print(f"edgemoe: context {ctx} tokens (of the model's {full}): the largest power of two the {budget} "
-                  f"budget holds beside the dense weights and scratch; --max-ctx N chooses (a shorter context "
-                  f"leaves more expert cache)", file=sys.stderr)
-        if ctx is not None:
-            _warn_if_kv_starves_the_cache(args, ctx, kw.get("mode", "exact"), kw.get("precision"))
+            print(f"edgemoe: context {ctx} tokens (of the model's {full}): the largest power of two whose KV cache "
+                  f"the {budget} budget holds while leaving the expert cache at least as much; --max-ctx N chooses "
+                  f"(a longer context leaves less expert cache: more reads per token)", file=sys.stderr)
     return kw
-
-
-def _warn_if_kv_starves_the_cache(args, ctx: int, mode: str, precision) -> None:
-    """The context chosen for a budget can leave the experts less cache than its KV cache takes (measured: a 4096
-    context took 268 of 630 MB, the hit rate fell from 63 % to 21 % against --max-ctx 256): say so, and what helps."""
-    from .model import MIN_AUTO_CTX, budget_plan
-
-    small = max(MIN_AUTO_CTX, ctx // 8)
-    if small >= ctx:  # no shorter context to suggest
-        return
-    budget = parse_bytes(args.budget)
-    plan = budget_plan(args.model, ctx, args.threads or 1, mode, precision, 1)
-    cache = budget - (plan["dense_bytes"] + plan["kv_bytes"] + plan["scratch_bytes"])
-    if plan["kv_bytes"] <= cache:
-        return
-    freed = plan["kv_bytes"] - budget_plan(args.model, small, args.threads or 1, mode, precision, 1)["kv_bytes"]
-    typed = args.budget
-    print(f"edgemoe: the {ctx}-token context's KV cache takes {format_size_like(plan['kv_bytes'], typed)} of the "
-          f"{format_size_like(budget, typed)} budget, more than the {format_size_like(max(cache, 0), typed)} left "
-          f"for the expert cache; for shorter texts --max-ctx {small} gives the experts "
-          f"{format_size_like(freed, typed)} more (fewer reads per token)", file=sys.stderr)
 
 
 def generate_kwargs(args) -> dict:

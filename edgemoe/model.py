@@ -265,7 +265,8 @@ class Model:
 
         n_seq = int(opts.get("n_seq") or 1)
         fits = context_for_budget(self.container.path, self.memory_budget, threads=self.threads or 1, mode=self.mode,
-                                  precision=self.precision, n_seq=n_seq, limit=self.max_ctx - 1)
+                                  precision=self.precision, n_seq=n_seq, limit=self.max_ctx - 1,
+                                  leave_experts=False)
         seqs = f" x {n_seq} sequences" if n_seq > 1 else ""
         msg = (f"memory budget {size(self.memory_budget)} ({self.memory_budget} bytes) is below the minimum "
                f"{size(plan['minimum_bytes'])} ({plan['minimum_bytes']} bytes) for "
@@ -787,10 +788,14 @@ def budget_plan(path, max_ctx: int, threads: int, mode: str, precision: int | No
 
 
 def context_for_budget(path: str | Path, memory_budget, threads: int = 1, mode: str = "exact",
-                       precision: int | None = None, n_seq: int = 1, limit: int | None = None) -> int | None:
-    """The largest context (a power of two from MIN_AUTO_CTX up to the model's default, or `limit`) whose KV cache
-    the budget holds beside the dense weights, scratch and the smallest expert cache; None if none does. The
-    rest of the budget is expert cache: a shorter context leaves more of it (and fewer reads per token)."""
+                       precision: int | None = None, n_seq: int = 1, limit: int | None = None,
+                       leave_experts: bool = True) -> int | None:
+    """The context a budget gets when none is asked for: the largest power of two from MIN_AUTO_CTX up to the
+    model's default (or `limit`) whose KV cache the budget holds beside the dense weights and scratch while leaving
+    the expert cache at least as much as the KV cache takes (leave_experts=False: the largest it holds at all); if no
+    context leaves that much, the largest the budget holds; None if none does. The rest of the budget is expert
+    cache, and a starved expert cache costs reads on every token (measured: a 4096 context took 268 of 630 MB, hit
+    rate 21 % against 63 % at 256)."""
     budget = parse_bytes(memory_budget)
     c = open_container(path, verify=False)
     try:
@@ -802,10 +807,16 @@ def context_for_budget(path: str | Path, memory_budget, threads: int = 1, mode: 
     if budget is None:
         return top
     ctx = 1 << (max(top, 1).bit_length() - 1)
+    fitting = None
     for c in ([top] if top != ctx else []) + [ctx >> i for i in range(ctx.bit_length()) if ctx >> i >= MIN_AUTO_CTX]:
-        if budget_plan(path, c, threads, mode, precision, n_seq)["minimum_bytes"] <= budget:
+        plan = budget_plan(path, c, threads, mode, precision, n_seq)
+        if plan["minimum_bytes"] > budget:
+            continue
+        fitting = fitting or c
+        if not leave_experts or plan["kv_bytes"] <= budget - (plan["dense_bytes"] + plan["kv_bytes"] +
+                                                                plan["scratch_bytes"]):
             return c
-    return None
+    return fitting
 
 
 def load(path: str | Path, memory_budget=None, threads: int | None = None, engine: str = "auto",
