@@ -118,9 +118,10 @@ def context_opts(sp, chat: bool = False) -> None:
                             "room for -n new tokens (at least half the context is kept); default: an error")
 
 
-def load_args(args) -> dict:
+def load_args(args, n_seq: int = 1) -> dict:
     """The keyword arguments of edgemoe.load from the runtime options (--budget, --threads, --engine, --mode,
-    --precision, --max-ctx). With a budget and no --max-ctx, the context is context_for_budget's, said on stderr."""
+    --precision, --max-ctx). With a budget and no --max-ctx, the context is context_for_budget's (for n_seq KV
+    caches), said on stderr."""
     parse_bytes(args.budget)  # a bad size is reported before anything is opened
     check_model_path(args.model)
     kw = {"memory_budget": args.budget, "threads": args.threads, "engine": args.engine}
@@ -135,15 +136,16 @@ def load_args(args) -> dict:
         from .model import context_for_budget, default_max_ctx
 
         ctx = context_for_budget(args.model, args.budget, threads=args.threads or 1, mode=kw.get("mode", "exact"),
-                                 precision=kw.get("precision"))
+                                 precision=kw.get("precision"), n_seq=n_seq)
         c = open_container(args.model, verify=False)
         full = default_max_ctx(c.spec)
         c.close()
         if ctx is not None and ctx < full:  # None: load() refuses the budget and says what it needs
             kw["max_ctx"] = ctx
             budget = format_size_like(parse_bytes(args.budget), args.budget)
-            print(f"edgemoe: context {ctx} tokens (of the model's {full}): the largest power of two whose KV cache "
-                  f"the {budget} budget holds while leaving the expert cache at least as much; --max-ctx N chooses "
+            each = f" per sequence ({n_seq} KV caches)" if n_seq > 1 else ""
+            print(f"edgemoe: context {ctx} tokens{each} (of the model's {full}): the largest power of two whose KV "
+                  f"cache the {budget} budget holds while leaving the expert cache at least as much; --max-ctx N chooses "
                   f"(a longer context leaves less expert cache: more reads per token)", file=sys.stderr)
     return kw
 

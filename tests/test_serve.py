@@ -53,6 +53,7 @@ class ServerProcess:
             if not line and (self.proc.poll() is not None or time.monotonic() > deadline):
                 self.proc.kill()
                 raise AssertionError(f"the server did not start: {self.proc.stderr.read()}")
+        self.banner = line
         self.base = line.split("on ")[-1].strip()  # http://127.0.0.1:PORT/v1
         self.root = self.base[: -len("/v1")]
 
@@ -355,6 +356,28 @@ def test_disconnect_frees_the_slot(server):
     while server.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.health()["running"] == 0
+
+
+def test_a_budget_without_max_ctx_serves_the_context_its_slots_fit(model_path):
+    """serve --budget without --max-ctx: the context is the one run/chat would take for --n-seq KV caches (the
+    model's own would not fit), said on stderr and in the banner; requests are served at it."""
+    from edgemoe.container import open_container
+    from edgemoe.model import budget_plan, context_for_budget, default_max_ctx
+
+    c = open_container(model_path, verify=False)
+    full = default_max_ctx(c.spec)
+    c.close()
+    budget = budget_plan(model_path, full, 1, "exact", None, 4)["minimum_bytes"] - 1  # 4 full contexts do not fit
+    want = context_for_budget(model_path, budget, threads=1, n_seq=4)
+    assert want is not None and want < full
+    s = ServerProcess(model_path, "--n-seq", "4", "--budget", f"{budget}B", "--threads", "1")
+    try:
+        assert f"context {want})" in s.banner
+        r = s.client().completions.create(model="tiny", prompt="the quick", max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4
+    finally:
+        s.stop()
+    assert f"context {want} tokens per sequence (4 KV caches)" in s.proc.stderr.read()
 
 
 def test_queue_full_and_sigterm(model_path):

@@ -33,7 +33,9 @@ def add_serve_parser(sub, runtime_opts) -> None:
     s.add_argument("--n-seq", type=int, default=4, metavar="N",
                    help="requests decoded together (sequence slots; each holds a KV cache of --max-ctx; default 4)")
     s.add_argument("--max-ctx", type=int, default=None, metavar="N",
-                   help="context per request: prompt + reply (default: the model's, at most 4096)")
+                   help="context per request: prompt + reply (default: the model's, at most 4096; with --budget, "
+                        "the largest whose --n-seq KV caches leave the expert cache at least as much, said on "
+                        "stderr)")
     s.add_argument("--api-key", default=os.environ.get("EDGEMOE_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $EDGEMOE_API_KEY; none = open)")
     s.add_argument("--model-name", default=None, metavar="NAME",
@@ -52,12 +54,12 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise EdgeMoEError(f"edgemoe serve needs the server extra ({e.name} is missing): "
                            f"pip install 'edgemoe[server]'") from None
+    from ..cli_options import load_args
     from ..model import load
-    from ..units import parse_bytes
 
     if args.n_seq < 1 or args.queue < 0 or not 0 <= args.port <= 65535:
         raise EdgeMoEError("--n-seq must be >= 1, --queue >= 0 and --port 0..65535")
-    parse_bytes(args.budget)
+    kw = load_args(args, n_seq=args.n_seq)  # checks the budget and the file; with a budget, the context that fits
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:  # bound before the model loads: a busy port is reported at once
@@ -66,8 +68,7 @@ def cmd_serve(args) -> int:
         sock.close()
         raise EdgeMoEError(f"cannot listen on {args.host}:{args.port}: {e.strerror} (choose another --port)") from None
     try:
-        model = load(args.model, memory_budget=args.budget, threads=args.threads, engine=args.engine,
-                     max_ctx=args.max_ctx, mode=args.mode, n_seq=args.n_seq, precision=args.precision)
+        model = load(args.model, n_seq=args.n_seq, **kw)
     except BaseException:
         sock.close()
         raise
